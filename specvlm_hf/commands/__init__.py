@@ -1,0 +1,1 @@
+"""Sub-commands of the `specvlm` command line (see `specvlm_hf.cli`)."""
