@@ -1,0 +1,130 @@
+"""Chain mode: one draft token per step, verified by transformers' own assisted-decoding loop.
+
+`SpecVLMChainCandidateGenerator` is a transformers `CandidateGenerator`. The stock loop runs the target
+(its first forward is the prefill, for which no candidates are proposed); `FeatureTap` records the
+target's features of every forward; each `get_candidates` call feeds the draft the true features of the
+tokens accepted since the last call, then drafts `chain_length` tokens one by one (greedy, or sampled from
+the draft's processed distribution so that transformers' speculative sampling stays exact).
+
+Candidates are cut after the first token on which the stopping criteria fire, so an accepted stop string
+or EOS ends generation exactly where plain decoding would.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers.generation.candidate_generator import CandidateGenerator
+
+from .speculative import SpecVLMStats, _Clock, _DraftRunner, prefix_positions
+from .target import FeatureTap
+
+
+class SpecVLMChainCandidateGenerator(CandidateGenerator):
+    """Drafts a chain of tokens with a SpecVLM draft for transformers' assisted-decoding loop.
+
+    Args:
+        draft: a bound `SpecVLMDraftModel`.
+        tap: the active `FeatureTap` on the target.
+        input_ids: `(1, n)` the prompt.
+        model_kwargs: `generate`'s model kwargs (for the prompt's attention mask).
+        generation_config: the target's generation config (`do_sample`, `max_length`).
+        logits_processor: the target's logits processors, applied to the draft's logits when sampling.
+        stopping_criteria: the target's stopping criteria (candidates are cut after the first stop).
+    """
+
+    def __init__(self, draft, tap: FeatureTap, input_ids, model_kwargs, generation_config, logits_processor, stopping_criteria):
+        self.draft = draft
+        self.tap = tap
+        self.generation_config = generation_config
+        self.logits_processor = logits_processor
+        self.stopping_criteria = stopping_criteria
+        self.do_sample = bool(generation_config.do_sample)
+        self.prompt_length = input_ids.shape[1]
+        self.prompt_mask, self.prompt_positions = prefix_positions(input_ids, model_kwargs)
+        self.prompt_embeds = None
+        self.runner = _DraftRunner(draft, self.prompt_mask.new_zeros(0))
+        self.stats = draft.stats = SpecVLMStats(mode="chain", prompt_tokens=self.prompt_length)
+        self.clock = _Clock(input_ids.device)
+        self.start = self.clock.last
+        self.verified_once = False
+
+    def _position(self, index: int) -> int:
+        """Position id of sequence index `index`."""
+        if index < self.prompt_length:
+            return int(self.prompt_positions[index])
+        return int(self.prompt_positions[-1]) + index - self.prompt_length + 1
+
+    def _token_embeds(self, input_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """`(1, end - start, d)` embeddings of tokens start..end-1 (the target's merged ones in the prompt)."""
+        parts = []
+        if start < self.prompt_length:
+            parts.append(self.prompt_embeds[:, start : min(end, self.prompt_length)])
+        if end > self.prompt_length:
+            parts.append(self.draft.embed(input_ids[:, max(start, self.prompt_length) : end]))
+        return torch.cat(parts, dim=1)
+
+    def _catch_up(self, input_ids: torch.Tensor):
+        """Feeds the draft the target's features of every token verified since the last call."""
+        n = input_ids.shape[1]
+        start = self.runner.mask.numel()  # first position the last target forward processed
+        features = self.tap.last_hidden_state[:, : n - 1 - start]
+        positions = torch.tensor([self._position(i) for i in range(start, n - 1)], device=input_ids.device)
+        real = self.prompt_mask[start : n - 1]
+        real = torch.cat([real, real.new_ones(n - 1 - start - real.numel())])
+        return self.runner.catch_up(self._token_embeds(input_ids, start + 1, n), features, positions, real=real)
+
+    def _choose(self, sequence: torch.Tensor, log_probs: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        if not self.do_sample:
+            return int(log_probs.argmax()), None
+        scores = self.logits_processor(sequence, log_probs[None].clone())[0]
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), 1)), scores
+
+    @torch.no_grad()
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs):
+        """Returns `(1, n + c)` ids with `c` drafted tokens appended, and their draft scores when sampling."""
+        self.clock.lap()
+        if self.prompt_embeds is None:
+            if self.tap.inputs_embeds is None:
+                return input_ids, None  # before the prefill: let the target produce the first token
+            self.prompt_embeds = self.tap.inputs_embeds[:, : self.prompt_length]
+        n = input_ids.shape[1]
+        budget = min(self.draft.config.chain_length, self.generation_config.max_length - n - 1)
+        if budget <= 0:
+            return input_ids, None
+
+        hidden, log_probs = self._catch_up(input_ids)
+        step = self.runner.tree_step_fn(self._position(n - 1))
+        sequence = input_ids
+        draft_scores = []
+        for level in range(1, budget + 1):
+            token, scores = self._choose(sequence, log_probs)
+            sequence = torch.cat([sequence, sequence.new_tensor([[token]])], dim=1)
+            if scores is not None:
+                draft_scores.append(scores)
+            if level == budget or bool(self.stopping_criteria(sequence, None).any()):
+                break
+            ancestors = torch.ones(1, level, dtype=torch.bool, device=input_ids.device)
+            hidden, log_probs = step(sequence[0, -1:], hidden[None], level, ancestors)
+            hidden, log_probs = hidden[0], log_probs[0]
+        self.runner.rewind()
+        self.stats.draft_seconds += self.clock.lap()
+        candidate_logits = torch.stack(draft_scores)[None] if draft_scores else None
+        return sequence, candidate_logits
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
+        """Records the round in `draft.stats` (the first call follows the prefill)."""
+        elapsed = self.clock.lap()
+        if not self.verified_once:
+            self.verified_once = True
+            self.stats.prefill_seconds += elapsed
+            return
+        self.stats.verify_seconds += elapsed
+        self.stats.rounds += 1
+        self.stats.accepted_per_round.append(int(num_matches) + 1)
+
+    def finish(self, sequences: torch.Tensor) -> None:
+        """Completes `draft.stats` after the loop (`sequences`: the returned ids)."""
+        self.stats.new_tokens = sequences.shape[1] - self.prompt_length
+        self.stats.total_seconds = time.perf_counter() - self.start

@@ -1,0 +1,90 @@
+"""Configuration of the SpecVLM / EagleVLM draft model."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+DECODING_MODES = ("tree", "chain")
+
+
+class SpecVLMDraftConfig(PretrainedConfig):
+    r"""Configuration of a [`SpecVLMDraftModel`]: a small draft that predicts the target's next final hidden
+    state from [token embedding ; target's final hidden state], for lossless speculative decoding.
+
+    The draft is `fc(2d -> d)` -> RMSNorm -> `num_draft_layers` decoder layers of the target's own text
+    architecture -> the target's (frozen, shared) `lm_head`. Embedding and `lm_head` belong to the target and
+    are not stored in the draft.
+
+    Args:
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            The target's text-model configuration (architecture, sizes, GQA, RoPE settings). Its
+            `num_hidden_layers` is replaced by `num_draft_layers`. Defaults to a Llama configuration.
+        num_draft_layers (`int`, *optional*, defaults to 1):
+            Number of decoder layers in the draft (EAGLE and SpecVLM use 1).
+        target (`dict`, *optional*):
+            What the draft was made for: `model_type`, `architecture`, `vocab_size`, `hidden_size`,
+            `num_hidden_layers`, `name_or_path`. Checked when the draft is bound to a target.
+        tree_top_k (`int`, *optional*, defaults to 10):
+            Children proposed per expanded node, and size of the frontier (EAGLE-2 `top_k`).
+        tree_depth (`int`, *optional*, defaults to 7):
+            Expansion steps after the first draft step; the deepest node has depth `tree_depth + 1`.
+        tree_total_tokens (`int`, *optional*, defaults to 60):
+            Nodes verified per round, root included.
+        decoding_mode (`str`, *optional*, defaults to `"tree"`):
+            `"tree"`: EAGLE-2 dynamic tree verified in one target forward. `"chain"`: one draft token per
+            step, `chain_length` tokens, verified by transformers' own assisted-decoding loop.
+        chain_length (`int`, *optional*, defaults to 5):
+            Draft tokens per round in chain mode.
+        input_norm (`bool`, *optional*, defaults to `True`):
+            Apply an RMSNorm after `fc` (SpecVLM's change to EAGLE's draft, for stable low-precision training).
+    """
+
+    model_type = "specvlm_draft"
+    sub_configs = {"text_config": AutoConfig}
+
+    text_config: dict | PretrainedConfig | None = None
+    num_draft_layers: int = 1
+    target: dict | None = None
+    tree_top_k: int = 10
+    tree_depth: int = 7
+    tree_total_tokens: int = 60
+    decoding_mode: str = "tree"
+    chain_length: int = 5
+    input_norm: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.text_config, dict):
+            text = dict(self.text_config)
+            text_type = text.pop("model_type", "llama")
+            self.text_config = CONFIG_MAPPING[text_type](**text)
+        elif self.text_config is None:
+            self.text_config = CONFIG_MAPPING["llama"]()
+        self.text_config.num_hidden_layers = self.num_draft_layers
+        layer_types = getattr(self.text_config, "layer_types", None)
+        if isinstance(layer_types, (list, tuple)):
+            self.text_config.layer_types = list(layer_types[: self.num_draft_layers])
+        if self.target is None:
+            self.target = {}
+        self.validate_decoding_settings()
+        super().__post_init__(**kwargs)
+
+    def validate_decoding_settings(self) -> None:
+        """Raises a `ValueError` naming the bad setting when the tree / chain settings are invalid."""
+        if self.decoding_mode not in DECODING_MODES:
+            raise ValueError(f"decoding_mode must be one of {DECODING_MODES}, got {self.decoding_mode!r}")
+        if self.num_draft_layers < 1:
+            raise ValueError(f"num_draft_layers must be >= 1, got {self.num_draft_layers}")
+        if self.tree_top_k < 1 or self.tree_depth < 0 or self.tree_total_tokens < 2:
+            raise ValueError(
+                "tree settings need tree_top_k >= 1, tree_depth >= 0 and tree_total_tokens >= 2; got "
+                f"top_k={self.tree_top_k}, depth={self.tree_depth}, total_tokens={self.tree_total_tokens}"
+            )
+        if self.chain_length < 1:
+            raise ValueError(f"chain_length must be >= 1, got {self.chain_length}")
+
+
+SpecVLMDraftConfig.register_for_auto_class()
+
+__all__ = ["SpecVLMDraftConfig"]

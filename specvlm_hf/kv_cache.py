@@ -1,0 +1,88 @@
+"""KV-cache bookkeeping for tree decoding: keep the accepted tree nodes, drop the rest.
+
+After the target scores a tree of `T` nodes appended after a prefix of `L` cached tokens, its cache
+holds `L + T` entries, of which only the root and the accepted nodes (scattered in the tree block)
+belong to the sequence. `compact_kv` moves them to the slots right after the prefix and cuts the rest.
+transformers' `Cache.crop` only drops a suffix, so this is a gather per layer.
+
+Works on the layers of a `DynamicCache` (tensors `keys` / `values`) and of a `StaticCache` (fixed
+buffers whose write position is `cumulative_length`).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+def cache_layers(cache) -> list:
+    """The per-layer objects of a transformers cache, refusing the kinds tree decoding cannot rewind."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"unsupported cache type {type(cache).__name__}: expected a transformers Cache with `.layers`")
+    for layer in layers:
+        name = type(layer).__name__
+        if "Sliding" in name or "Chunked" in name or "Indexed" in name or getattr(layer, "is_sliding", False):
+            raise ValueError(
+                f"tree decoding cannot rewind a {name} cache layer (sliding-window / chunked attention). Use a "
+                "target whose text model has full attention, or set `text_config.sliding_window=None` when every "
+                "prompt plus generation fits in the window."
+            )
+    return list(layers)
+
+
+def cache_length(cache) -> int:
+    """Number of tokens held by the cache (its first layer)."""
+    return int(cache.get_seq_length())
+
+
+def compact_kv(cache, prefix_length: int, kept_nodes: torch.Tensor | list[int]) -> None:
+    """Keeps `prefix_length` cached tokens plus the tree entries `kept_nodes`, in that order.
+
+    Args:
+        cache: a transformers `DynamicCache` or `StaticCache`, holding `prefix_length + T` tokens where
+            the last `T` are the tree nodes in node order.
+        prefix_length: tokens cached before the tree.
+        kept_nodes: node indices to keep (root first, then the accepted path), ascending.
+    """
+    layers = cache_layers(cache)
+    if not layers:
+        return
+    device = layers[0].keys.device
+    kept = torch.as_tensor(kept_nodes, dtype=torch.long, device=device)
+    src = kept + prefix_length
+    new_length = prefix_length + kept.numel()
+    for layer in layers:
+        if layer.keys.device != src.device:  # layers split over several GPUs
+            src = src.to(layer.keys.device)
+        if hasattr(layer, "cumulative_length") and torch.is_tensor(layer.cumulative_length):
+            # static layer: fixed buffers, rewrite in place and move the write position back
+            dst = torch.arange(prefix_length, new_length, device=src.device)
+            layer.keys.index_copy_(2, dst, layer.keys.index_select(2, src))
+            layer.values.index_copy_(2, dst, layer.values.index_select(2, src))
+            layer.cumulative_length.fill_(new_length)
+        else:
+            kept_keys = layer.keys.index_select(-2, src)
+            kept_values = layer.values.index_select(-2, src)
+            layer.keys = torch.cat([layer.keys[..., :prefix_length, :], kept_keys], dim=-2)
+            layer.values = torch.cat([layer.values[..., :prefix_length, :], kept_values], dim=-2)
+
+
+def crop_kv(cache, length: int) -> None:
+    """Drops every cached token after the first `length` (no-op when the cache is not longer)."""
+    extra = cache_length(cache) - length
+    if extra <= 0:
+        return
+    for layer in cache_layers(cache):
+        if hasattr(layer, "cumulative_length") and torch.is_tensor(layer.cumulative_length):
+            layer.cumulative_length.fill_(length)  # static layer: 5.17 has no `crop` for it
+        else:
+            layer.crop(-extra)  # a negative count drops a suffix on every transformers 5.x release
+
+
+def cache_argument_name(forward) -> str:
+    """The keyword a model's forward takes its cache under: `cache` from transformers 5.24, else
+    `past_key_values`."""
+    parameters = inspect.signature(forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"

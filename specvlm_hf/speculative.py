@@ -1,0 +1,376 @@
+"""The tree-decoding loop: prefill, then rounds of draft tree -> one target forward -> accept -> compact.
+
+`tree_assisted_decoding` has the signature of transformers' `GenerationMixin._assisted_decoding`, so
+`generate` prepares everything (cache, attention mask, position ids, logits processors, stopping criteria,
+streamer) and then hands over to it. Each round is a few plain functions from sibling modules:
+
+    build_dynamic_tree (tree.py) -> target forward over the tree -> processed_scores ->
+    accept_greedy / accept_sampling (verify.py) -> append_until_stop -> compact_kv (kv_cache.py) ->
+    draft catch-up on the target's true features of the accepted tokens
+
+The same functions serve the GPU fast path and the tests.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .kv_cache import cache_argument_name, cache_layers, cache_length, compact_kv, crop_kv
+from .target import FeatureTap, unwrap_target
+from .tree import DraftTree, additive_mask, build_dynamic_tree, tree_attention_mask, tree_position_ids
+from .verify import accept_greedy, accept_sampling
+
+
+@dataclass
+class SpecVLMStats:
+    """What the last `generate` call with a SpecVLM draft did (`draft.stats`).
+
+    Attributes:
+        mode: "tree" or "chain".
+        rounds: target verification forwards after the prefill.
+        accepted_per_round: tokens each round added to the output, the target's own token included.
+        prompt_tokens / new_tokens: lengths of the prompt and of the generated continuation.
+        prefill_seconds, draft_seconds, verify_seconds, total_seconds: wall time spent in the target's
+            prefill, in drafting (tree building and draft catch-up), in target verification and
+            acceptance, and in the whole call.
+    """
+
+    mode: str = ""
+    rounds: int = 0
+    accepted_per_round: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def sigma(self) -> float:
+        """Mean tokens accepted per target forward, the target's own token included."""
+        return sum(self.accepted_per_round) / len(self.accepted_per_round) if self.accepted_per_round else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "sigma": self.sigma}
+
+
+class _Clock:
+    """Wall-clock phases; synchronises CUDA so that asynchronous kernels are charged to their phase."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.last = self.now()
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self.now()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+def model_cache(model_kwargs: dict):
+    """The generation cache in `model_kwargs` (`cache` from transformers 5.24, else `past_key_values`)."""
+    for key in ("cache", "past_key_values"):
+        if model_kwargs.get(key) is not None:
+            return model_kwargs[key]
+    raise RuntimeError("SpecVLM tree decoding needs the generation cache; do not pass use_cache=False")
+
+
+def prefix_positions(input_ids: torch.Tensor, model_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask `(n,)` bool and position ids `(n,)` of a batch-1 prompt, as `generate` prepared them.
+
+    Only left padding is accepted: positions count real tokens, padded slots are masked.
+    """
+    n = input_ids.shape[1]
+    mask = model_kwargs.get("attention_mask")
+    mask = torch.ones(n, dtype=torch.bool, device=input_ids.device) if mask is None else mask[0].bool()
+    first_real = int(mask.float().argmax()) if bool(mask.any()) else n
+    if not bool(mask[first_real:].all()):
+        raise ValueError(
+            "SpecVLM decoding supports left padding only: the attention mask has a zero after the first real token. "
+            "Pad on the left (`processor.tokenizer.padding_side = 'left'`) or drop the padding for batch size 1."
+        )
+    positions = (mask.long().cumsum(0) - 1).clamp(min=0)
+    return mask, positions
+
+
+def processed_scores(
+    tree: DraftTree, prefix_ids: torch.Tensor, logits: torch.Tensor, logits_processor
+) -> torch.Tensor:
+    """The target's logits at every tree node after `generate`'s logits processors.
+
+    Each node is processed with its own sequence (prefix + path to the node), exactly as step-by-step
+    decoding would; nodes of one depth share a length and are processed as one batch.
+
+    Args:
+        tree: `T` nodes; the root is the last token of `prefix_ids`.
+        prefix_ids: `(1, n)` the sequence so far, root included.
+        logits: `(T, V)` float32 target logits; row i scores the token after node i.
+    Returns:
+        `(T, V)` processed scores.
+    """
+    if logits_processor is None or len(logits_processor) == 0:
+        return logits
+    out = torch.empty_like(logits)
+    for depth in range(tree.max_depth + 1):
+        nodes = (tree.depths == depth).nonzero().flatten()
+        if nodes.numel() == 0:
+            continue
+        path_tokens = tree.tokens[None, :].expand(nodes.numel(), -1)[tree.ancestor_mask[nodes]]
+        path_tokens = path_tokens.view(nodes.numel(), depth + 1)[:, 1:]  # drop the root, already in prefix
+        sequences = torch.cat([prefix_ids.expand(nodes.numel(), -1), path_tokens], dim=1)
+        out[nodes] = logits_processor(sequences, logits[nodes].clone())
+    return out
+
+
+def append_until_stop(input_ids: torch.Tensor, tokens: list[int], stopping_criteria) -> tuple[torch.Tensor, int, bool]:
+    """Appends `tokens` one by one, stopping right after the first one on which `stopping_criteria` fires
+    (EOS, max length, stop strings, user criteria), as step-by-step decoding would.
+
+    Returns:
+        the new `(1, n + j)` ids, the number `j` of tokens appended, and whether generation is finished.
+    """
+    for j, token in enumerate(tokens, start=1):
+        input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
+        if bool(stopping_criteria(input_ids, None).any()):
+            return input_ids, j, True
+    return input_ids, len(tokens), False
+
+
+def _select_token(scores: torch.Tensor, do_sample: bool) -> int:
+    if do_sample:
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), 1))
+    return int(scores.argmax())
+
+
+class _DraftRunner:
+    """Runs the draft over its own KV cache: catch-up on the target's features, then tree steps."""
+
+    def __init__(self, draft, mask: torch.Tensor):
+        self.draft = draft
+        self.cache = DynamicCache(config=draft.config.text_config)
+        self.mask = mask  # (Ld,) bool, real (non-padding) cached draft entries
+        self.dtype = draft.fc.weight.dtype
+
+    def catch_up(
+        self,
+        token_embeds: torch.Tensor,
+        features: torch.Tensor,
+        positions: torch.Tensor,
+        real: torch.Tensor | None = None,
+    ):
+        """Appends pairs (x_{t+1}, f_t) to the draft cache.
+
+        Args:
+            token_embeds: `(1, q, d)` embeddings of x_{t+1}.
+            features: `(1, q, d)` target features f_t.
+            positions: `(q,)` position ids.
+            real: `(q,)` bool, False for left-padding slots (default: all real).
+        Returns:
+            the last pair's predicted feature `(d,)` and its draft log-probabilities `(V,)`.
+        """
+        q = token_embeds.shape[1]
+        real = self.mask.new_ones(q) if real is None else real
+        self.mask = torch.cat([self.mask, real])
+        out = self.draft(
+            inputs_embeds=token_embeds,
+            hidden_states=features,
+            attention_mask=self.mask[None].long(),
+            position_ids=positions[None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        last = out.last_hidden_state[0, -1]
+        return last, torch.log_softmax(self.draft.lm_head(last).float(), dim=-1)
+
+    def tree_step_fn(self, root_position: int):
+        """The `draft_step` callable of `build_dynamic_tree` for a round whose root is at `root_position`."""
+        prefix = self.mask
+
+        def step(tokens, parent_hidden, level, ancestor_mask):
+            n = tokens.shape[0]
+            visible = torch.cat([prefix[None, :].expand(n, -1), ancestor_mask], dim=1)
+            out = self.draft(
+                inputs_embeds=self.draft.embed(tokens)[None],
+                hidden_states=parent_hidden[None],
+                attention_mask=additive_mask(visible, self.dtype)[None, None],
+                position_ids=torch.full((1, n), root_position - 1 + level, device=tokens.device),
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+            hidden = out.last_hidden_state[0]
+            return hidden, torch.log_softmax(self.draft.lm_head(hidden).float(), dim=-1)
+
+        return step
+
+    def rewind(self):
+        """Drops the tree entries drafted this round."""
+        crop_kv(self.cache, self.mask.numel())
+
+
+def _validate(target, draft, input_ids, generation_config, synced_gpus):
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"SpecVLM speculative decoding supports batch size 1 (got {input_ids.shape[0]}). Call `generate` once per "
+            "example, or drop `assistant_model` for batched decoding."
+        )
+    if synced_gpus:
+        raise ValueError("SpecVLM speculative decoding does not support `synced_gpus` (DeepSpeed ZeRO-3 / FSDP).")
+    if generation_config.output_attentions or generation_config.output_hidden_states:
+        raise ValueError(
+            "SpecVLM tree decoding cannot return attentions or hidden states (the target scores a tree, not a "
+            "sequence). Drop `output_attentions` / `output_hidden_states`, or generate without `assistant_model`."
+        )
+    attn = getattr(unwrap_target(target).config.get_text_config(decoder=True), "_attn_implementation", None)
+    if attn not in (None, "sdpa", "eager"):
+        raise ValueError(
+            f"SpecVLM tree decoding needs arbitrary 4-D attention masks, which the {attn!r} attention backend cannot "
+            "take. Load the target with attn_implementation='sdpa' (or 'eager'), or set "
+            "`draft.config.decoding_mode = 'chain'`."
+        )
+
+
+@torch.no_grad()
+def tree_assisted_decoding(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    assistant_model=None,
+    **model_kwargs,
+):
+    """EAGLE-2 tree speculative decoding with a SpecVLM draft (`assistant_model`), lossless.
+
+    Arguments are those `generate` passes to a decoding method; see `GenerationMixin._assisted_decoding`.
+    Returns what `generate` returns: the sequences, or a `GenerateDecoderOnlyOutput` when
+    `return_dict_in_generate=True` (with `scores` / `logits` per new token when requested).
+    """
+    draft = assistant_model
+    for unused in ("inputs_tensor", "assistant_tokenizer", "tokenizer"):
+        model_kwargs.pop(unused, None)
+    _validate(model, draft, input_ids, generation_config, synced_gpus)
+    draft.bind_target(model)
+    config = draft.config
+    do_sample = bool(generation_config.do_sample)
+    want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
+    want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
+    scores_out, logits_out = [], []
+
+    stats = draft.stats = SpecVLMStats(mode="tree", prompt_tokens=input_ids.shape[1])
+    clock = _Clock(input_ids.device)
+    start = clock.last
+    cache = model_cache(model_kwargs)
+    cache_layers(cache)  # refuses sliding-window caches early
+    cache_kw = cache_argument_name(unwrap_target(model).forward)
+    prompt_mask, prompt_positions = prefix_positions(input_ids, model_kwargs)
+
+    with FeatureTap(model) as tap:
+        # 1. prefill: the same call plain `generate` makes, so the first token is bit-identical
+        outputs = model._prefill(input_ids, generation_config, model_kwargs)
+        first_logits = outputs.logits[:, -1].to(dtype=torch.float32, copy=True)
+        first_scores = logits_processor(input_ids, first_logits)
+        token = _select_token(first_scores[0], do_sample)
+        prompt_embeds, prompt_features = tap.inputs_embeds, tap.last_hidden_state
+        del outputs
+        if want_scores:
+            scores_out.append(first_scores)
+        if want_logits:
+            logits_out.append(first_logits)
+        input_ids, _, finished = append_until_stop(input_ids, [token], stopping_criteria)
+        if streamer is not None:
+            streamer.put(input_ids[:, -1:].cpu())
+        stats.prefill_seconds = clock.lap()
+
+        # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
+        runner = _DraftRunner(draft, prompt_mask.new_zeros(0))
+        prefix_mask = prompt_mask.clone()
+        root_position = int(prompt_positions[-1]) + 1
+        if not finished:
+            token_embeds = torch.cat([prompt_embeds[:, 1:], draft.embed(input_ids[:, -1:])], dim=1)
+            root_hidden, root_log_probs = runner.catch_up(
+                token_embeds, prompt_features, prompt_positions, real=prompt_mask
+            )
+            stats.draft_seconds += clock.lap()
+
+        # 3. rounds
+        while not finished:
+            tree = build_dynamic_tree(
+                input_ids[0, -1],
+                root_log_probs,
+                root_hidden,
+                runner.tree_step_fn(root_position),
+                top_k=config.tree_top_k,
+                depth=config.tree_depth,
+                total_tokens=config.tree_total_tokens,
+            )
+            runner.rewind()
+            stats.draft_seconds += clock.lap()
+
+            prefix_length = cache_length(cache)
+            outputs = model(
+                input_ids=tree.tokens[None],
+                attention_mask=tree_attention_mask(tree, prefix_mask, prompt_embeds.dtype),
+                position_ids=tree_position_ids(tree, root_position),
+                use_cache=True,
+                **{cache_kw: cache},
+            )
+            logits = outputs.logits[0].float()
+            features = tap.last_hidden_state[0]
+            del outputs
+            scores = processed_scores(tree, input_ids, logits, logits_processor)
+            if do_sample:
+                acceptance = accept_sampling(tree, torch.softmax(scores, dim=-1))
+            else:
+                acceptance = accept_greedy(tree, scores)
+            nodes = acceptance.nodes
+            new_tokens = tree.tokens[nodes[1:]].tolist() + [acceptance.next_token]
+            input_ids, appended, finished = append_until_stop(input_ids, new_tokens, stopping_criteria)
+            kept = nodes[:appended]  # the cache holds every token but the newest
+            compact_kv(cache, prefix_length, kept)
+            prefix_mask = torch.cat([prefix_mask, prefix_mask.new_ones(len(kept))])
+            if streamer is not None:
+                streamer.put(input_ids[:, -appended:].cpu())
+            if want_scores:
+                scores_out.extend(scores[n][None] for n in kept)
+            if want_logits:
+                logits_out.extend(logits[n][None] for n in kept)
+            stats.rounds += 1
+            stats.accepted_per_round.append(appended)
+            stats.verify_seconds += clock.lap()
+            if finished:
+                break
+
+            # draft catch-up on the target's true features of the root and the accepted nodes
+            kept_index = torch.tensor(kept, device=features.device)
+            root_hidden, root_log_probs = runner.catch_up(
+                draft.embed(input_ids[:, -appended:]),
+                features[kept_index][None],
+                torch.arange(root_position, root_position + appended, device=input_ids.device),
+            )
+            root_position += appended
+            stats.draft_seconds += clock.lap()
+
+    if streamer is not None:
+        streamer.end()
+    stats.new_tokens = input_ids.shape[1] - stats.prompt_tokens
+    stats.total_seconds = clock.now() - start
+    if generation_config.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(
+            sequences=input_ids,
+            scores=tuple(scores_out) if want_scores else None,
+            logits=tuple(logits_out) if want_logits else None,
+            past_key_values=cache,
+        )
+    return input_ids

@@ -1,0 +1,145 @@
+"""Verification of a draft tree against the target's scores: which nodes are accepted, and the next token.
+
+Both rules keep the target's output exactly:
+
+- `accept_greedy`: along every root-to-leaf path keep the longest prefix whose tokens equal the target's
+  choice at their parent; take the best path; the next token is the target's choice after it. This is
+  what plain greedy decoding would have produced, token for token.
+- `accept_sampling`: the drafted tokens are deterministic (top-k), so each is a one-hot proposal. At each
+  accepted node the children are tried in order: child x is accepted with probability
+  p(x) / (remaining mass), where the remaining mass excludes the children already rejected; if none is
+  accepted, the next token is drawn from p with every rejected child removed and renormalised. At a
+  leaf the next token is drawn from p. This is recursive rejection sampling with one-hot proposals and
+  samples exactly from the target's distribution.
+
+The functions work on tensors of the tree's device and call `.tolist()` once at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tree import DraftTree
+
+
+@dataclass
+class Acceptance:
+    """Result of verifying one tree.
+
+    Attributes:
+        nodes: accepted node indices, root first (the root is always accepted: it is the target's own
+            token from the previous round).
+        next_token: the token the target produces after the last accepted node (the "bonus" token when
+            a whole path was accepted, the correction otherwise).
+    """
+
+    nodes: list[int]
+    next_token: int
+
+    @property
+    def num_accepted_drafts(self) -> int:
+        """Accepted draft tokens, not counting the root."""
+        return len(self.nodes) - 1
+
+
+def accept_greedy(tree: DraftTree, target_scores: torch.Tensor) -> Acceptance:
+    """Greedy verification.
+
+    Args:
+        tree: the draft tree, `T` nodes.
+        target_scores: `(T, V)` target scores after the logits processors; row i scores the token that
+            follows node i.
+    """
+    choice = target_scores.argmax(dim=-1)  # (T,)
+    matches = torch.ones_like(tree.tokens, dtype=torch.bool)
+    matches[1:] = tree.tokens[1:] == choice[tree.parents[1:]]
+    valid = tree.paths >= 0
+    path_ok = matches[tree.paths.clamp(min=0)] & valid  # (P, D+1)
+    accepted_len = path_ok.long().cumprod(dim=-1).sum(dim=-1)  # counts the root
+    best = accepted_len.argmax()
+    nodes = tree.paths[best, : int(accepted_len[best])]
+    next_token = choice[nodes[-1]]
+    return Acceptance(nodes=nodes.tolist(), next_token=int(next_token))
+
+
+def sibling_acceptance_probs(tree: DraftTree, target_probs: torch.Tensor) -> torch.Tensor:
+    """Probability that each node is accepted, given that it is reached and its earlier siblings failed.
+
+    For a child x of node p with earlier siblings S: p_p(x) / (1 - sum_{s in S} p_p(s)).
+
+    Args:
+        tree: the draft tree, `T` nodes (siblings ordered as they are tried).
+        target_probs: `(T, V)` target probabilities; row i is the distribution after node i.
+    Returns:
+        `(T,)` acceptance probabilities (1 for the root).
+    """
+    num_nodes = tree.num_nodes
+    probs = torch.ones(num_nodes, dtype=target_probs.dtype, device=target_probs.device)
+    if num_nodes == 1:
+        return probs
+    parents = tree.parents[1:]
+    own = target_probs[parents, tree.tokens[1:]]  # p_parent(x) for each non-root node
+    # mass of the earlier siblings: a cumulative sum over nodes of the same parent, in node order
+    same_parent = parents[:, None] == parents[None, :]
+    earlier = torch.tril(same_parent, diagonal=-1)
+    prior = (earlier.to(own.dtype) * own[None, :]).sum(dim=-1)
+    remaining = (1.0 - prior).clamp(min=0.0)
+    probs[1:] = torch.where(remaining > 0, (own / remaining.clamp(min=torch.finfo(own.dtype).tiny)).clamp(max=1.0), 0.0)
+    return probs
+
+
+def residual_distribution(probs: torch.Tensor, rejected_tokens: torch.Tensor) -> torch.Tensor:
+    """The target distribution with the rejected draft tokens removed and the rest renormalised.
+
+    Args:
+        probs: `(V,)` target probabilities at a node.
+        rejected_tokens: `(r,)` token ids of the children rejected there.
+    """
+    residual = probs.clone()
+    residual[rejected_tokens] = 0.0
+    total = residual.sum()
+    if total <= 0:  # only reachable through rounding: every token was drafted and rejected
+        return probs
+    return residual / total
+
+
+def accept_sampling(
+    tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None = None
+) -> Acceptance:
+    """Lossless sampling verification of a deterministic (top-k) draft tree.
+
+    Args:
+        tree: the draft tree, `T` nodes, siblings in the order they are tried.
+        target_probs: `(T, V)` target probabilities after the logits processors (temperature, top-k,
+            top-p...); row i is the distribution of the token after node i.
+        generator: optional torch generator for the uniforms and the final draw.
+    """
+    device = target_probs.device
+    accept_prob = sibling_acceptance_probs(tree, target_probs)
+    uniforms = torch.rand(tree.num_nodes, device=device, generator=generator, dtype=target_probs.dtype)
+    accepted = uniforms < accept_prob
+    accepted[0] = True
+
+    # first accepted child of every node (num_nodes where none), then walk down from the root
+    num_nodes = tree.num_nodes
+    candidate = torch.where(accepted[1:], torch.arange(1, num_nodes, device=device), num_nodes)
+    first_child = torch.full((num_nodes + 1,), num_nodes, dtype=torch.long, device=device)
+    if num_nodes > 1:
+        first_child.scatter_reduce_(0, tree.parents[1:], candidate, reduce="amin")
+    walk = [torch.zeros((), dtype=torch.long, device=device)]
+    for _ in range(tree.max_depth):
+        walk.append(first_child[walk[-1]])
+    walk_list = torch.stack(walk).tolist()
+    nodes = []
+    for node in walk_list:
+        if node == num_nodes:
+            break
+        nodes.append(node)
+
+    last = nodes[-1]
+    rejected = tree.tokens[tree.parents == last]
+    distribution = residual_distribution(target_probs[last], rejected)
+    next_token = torch.multinomial(distribution, 1, generator=generator)
+    return Acceptance(nodes=nodes, next_token=int(next_token))
