@@ -41,11 +41,15 @@ def vision_config():
     )
 
 
-def tiny_llava(seed: int = 0, gqa: bool = False, tied: bool = False, attn: str = "sdpa", scale: float = 1.0):
-    """A random `LlavaForConditionalGeneration` (16 image tokens per image) in fp32 eval mode."""
+def tiny_llava(
+    seed: int = 0, gqa: bool = False, tied: bool = False, attn: str = "sdpa", scale: float = 1.0, vocab: int = VOCAB
+):
+    """A random `LlavaForConditionalGeneration` (16 image tokens per image, image token `vocab - 1`) in fp32
+    eval mode; `scale` multiplies the lm_head so that next-token distributions are peaked like a trained
+    model's rather than nearly uniform."""
     torch.manual_seed(seed)
     config = LlavaConfig(
-        vision_config=vision_config(), text_config=text_config(gqa, tied), image_token_index=IMAGE_TOKEN,
+        vision_config=vision_config(), text_config=text_config(gqa, tied, vocab=vocab), image_token_index=vocab - 1,
         image_seq_length=(IMAGE_SIZE // PATCH) ** 2, vision_feature_select_strategy="default", vision_feature_layer=-1,
         tie_word_embeddings=tied,
     )
@@ -55,11 +59,13 @@ def tiny_llava(seed: int = 0, gqa: bool = False, tied: bool = False, attn: str =
     return model.eval()
 
 
-def tiny_llava_next(seed: int = 0, gqa: bool = False, tied: bool = False, attn: str = "sdpa", scale: float = 1.0):
+def tiny_llava_next(
+    seed: int = 0, gqa: bool = False, tied: bool = False, attn: str = "sdpa", scale: float = 1.0, vocab: int = VOCAB
+):
     """A random `LlavaNextForConditionalGeneration` (AnyRes tiles) in fp32 eval mode."""
     torch.manual_seed(seed)
     config = LlavaNextConfig(
-        vision_config=vision_config(), text_config=text_config(gqa, tied), image_token_index=IMAGE_TOKEN,
+        vision_config=vision_config(), text_config=text_config(gqa, tied, vocab=vocab), image_token_index=vocab - 1,
         image_grid_pinpoints=[[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]],
         vision_feature_select_strategy="default", vision_feature_layer=-1, tie_word_embeddings=tied,
     )
@@ -74,3 +80,73 @@ def _sharpen(model, scale):
     if scale != 1.0:
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(scale)
+
+
+def oracle_draft(target, noise: float = 0.0, seed: int = 0, **overrides):
+    """A draft that copies the target's decoder layers, so that it usually predicts the target's next token.
+
+    `fc` passes the token embedding through and ignores the feature input; with `input_norm=False` the draft
+    then runs the target's own layers (and, unlike a real draft, its final norm) on the token stream (shifted
+    by one position, which RoPE ignores), missing only the first prompt token. `noise` perturbs every draft
+    weight to lower the acceptance rate. A test double: its extra final norm is not part of the draft design.
+    """
+    import copy
+
+    from specvlm_hf import SpecVLMDraftModel
+    from specvlm_hf.target import text_model_of
+
+    text = target.config.get_text_config()
+    overrides.setdefault("num_draft_layers", text.num_hidden_layers)
+    overrides.setdefault("input_norm", False)
+    draft = SpecVLMDraftModel.from_target(target, **overrides)
+    hidden = text.hidden_size
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        draft.fc.weight.zero_()
+        draft.fc.weight[:, :hidden] = torch.eye(hidden)
+        draft.fc.bias.zero_()
+        for mine, theirs in zip(draft.model.layers, text_model_of(target).layers):
+            mine.load_state_dict(theirs.state_dict())
+        draft.model.norm = copy.deepcopy(text_model_of(target).norm)
+        if noise:
+            for parameter in draft.parameters():
+                parameter.add_(noise * torch.randn(parameter.shape, generator=generator))
+    return draft
+
+
+def image_token_count(model, pixel_values, image_sizes=None) -> int:
+    """Number of image tokens the model expects for one image (AnyRes layouts vary with the image size)."""
+    if image_sizes is None:
+        return (IMAGE_SIZE // PATCH) ** 2
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)
+    features = getattr(features, "pooler_output", features)
+    return features[0].shape[0]
+
+
+def random_inputs(model, generator: torch.Generator, text_tokens: int = 6, image: bool = True) -> dict:
+    """A random prompt for a tiny target: BOS, some text, one image's placeholder tokens, more text."""
+    config = model.config
+    vocab = config.get_text_config().vocab_size
+    image_token = config.image_token_index
+    words = torch.randint(3, image_token, (text_tokens,), generator=generator)
+    split = int(torch.randint(0, text_tokens + 1, (1,), generator=generator))
+    inputs = {}
+    pieces = [torch.tensor([1]), words[:split]]
+    if image:
+        if config.model_type == "llava_next":
+            tall = bool(torch.randint(0, 2, (1,), generator=generator))
+            sizes = torch.tensor([[2 * IMAGE_SIZE, IMAGE_SIZE] if tall else [IMAGE_SIZE, 2 * IMAGE_SIZE]])
+            pixel_values = torch.randn(1, 3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+            inputs["image_sizes"] = sizes
+        else:
+            sizes = None
+            pixel_values = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+        inputs["pixel_values"] = pixel_values
+        pieces.append(torch.full((image_token_count(model, pixel_values, sizes),), image_token))
+    pieces.append(words[split:])
+    input_ids = torch.cat(pieces)[None]
+    assert int(input_ids.max()) < vocab
+    inputs["input_ids"] = input_ids
+    inputs["attention_mask"] = torch.ones_like(input_ids)
+    return inputs

@@ -1,0 +1,111 @@
+"""Greedy SpecVLM decoding is token-identical to plain `generate` (fp32, CPU), over many random cases.
+
+Targets: tiny random LLaVA and LLaVA-NeXT, with and without GQA, tied and untied embeddings, sdpa and eager.
+Drafts: an oracle that copies the target's layers (long accepted paths), a perturbed oracle (short ones)
+and a freshly initialised draft (almost nothing accepted), so every acceptance length is exercised.
+Paths: `enable` + `assistant_model=`, and `custom_generate=<saved draft folder>`; tree and chain mode.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import specvlm_hf
+from specvlm_hf import SpecVLMDraftModel
+from tiny_models import oracle_draft, random_inputs, tiny_llava, tiny_llava_next
+
+TARGETS = {
+    "llava": dict(kind="llava"),
+    "llava-gqa": dict(kind="llava", gqa=True),
+    "llava-tied": dict(kind="llava", tied=True),
+    "llava-eager-gqa-tied": dict(kind="llava", gqa=True, tied=True, attn="eager"),
+    "next": dict(kind="next"),
+    "next-gqa": dict(kind="next", gqa=True),
+    "next-tied": dict(kind="next", tied=True),
+    "next-gqa-tied": dict(kind="next", gqa=True, tied=True),
+}
+DRAFTS = ("oracle", "noisy", "fresh")
+
+
+def build_target(name: str, seed: int = 0):
+    spec = dict(TARGETS[name])
+    factory = tiny_llava_next if spec.pop("kind") == "next" else tiny_llava
+    return specvlm_hf.enable(factory(seed=seed, scale=32.0, **spec))
+
+
+def build_draft(target, kind: str, mode: str):
+    if kind == "oracle":
+        draft = oracle_draft(target)
+    elif kind == "noisy":
+        draft = oracle_draft(target, noise=0.003)
+    else:
+        torch.manual_seed(1)
+        draft = SpecVLMDraftModel.from_target(target)
+    draft.config.decoding_mode = mode
+    return draft
+
+
+def generation_kwargs(case: int) -> dict:
+    """Vary the budget, and whether EOS may end a case early (min_new_tokens adds a logits processor)."""
+    kwargs = {"do_sample": False, "max_new_tokens": 20 + 4 * (case % 3)}
+    if case % 2 == 0:
+        kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
+    return kwargs
+
+
+def assert_same(target, inputs, kwargs, **spec_kwargs):
+    reference = target.generate(**inputs, **kwargs)
+    speculative = target.generate(**inputs, **kwargs, **spec_kwargs)
+    assert speculative.tolist() == reference.tolist()
+
+
+@pytest.mark.parametrize("target_name", list(TARGETS))
+@pytest.mark.parametrize("mode", ["tree", "chain"])
+def test_greedy_matches_plain_generate_through_enable(target_name, mode):
+    target = build_target(target_name)
+    generator = torch.Generator().manual_seed(list(TARGETS).index(target_name))
+    accepted = []
+    for case, draft_kind in enumerate(DRAFTS + DRAFTS[:1]):  # 4 cases per target and mode
+        draft = build_draft(target, draft_kind, mode)
+        inputs = random_inputs(target, generator, text_tokens=3 + case, image=case != 3)
+        assert_same(target, inputs, generation_kwargs(case), assistant_model=draft)
+        assert draft.stats.mode == mode
+        accepted.append(max(draft.stats.accepted_per_round, default=0))
+    assert max(accepted) >= 3, "the oracle draft should have accepted several tokens in one round"
+
+
+@pytest.mark.parametrize("target_name", ["llava", "llava-gqa", "next", "next-gqa-tied"])
+@pytest.mark.parametrize("mode", ["tree", "chain"])
+def test_greedy_matches_plain_generate_through_custom_generate(target_name, mode, tmp_path):
+    target = build_target(target_name)
+    specvlm_hf.disable(target)  # custom_generate needs no prior enable
+    draft = build_draft(target, "noisy", mode)
+    draft.save_pretrained(tmp_path / "draft")
+    generator = torch.Generator().manual_seed(7)
+    for case in range(2):
+        inputs = random_inputs(target, generator, text_tokens=4 + case)
+        assert_same(
+            target, inputs, generation_kwargs(case), custom_generate=str(tmp_path / "draft"), trust_remote_code=True
+        )
+    assert not hasattr(type(target), "_specvlm_base_class"), "custom_generate leaves the target as it found it"
+    loaded = [
+        draft
+        for name, module in sys.modules.items()
+        if name.endswith("custom_generate.generate")
+        for draft in getattr(module, "_LOADED_DRAFTS", {}).values()
+    ]
+    assert loaded and loaded[-1].stats.mode == mode and loaded[-1].stats.rounds > 0, "the remote loop really ran"
+
+
+def test_tree_settings_change_the_tree_not_the_output():
+    target = build_target("llava")
+    generator = torch.Generator().manual_seed(3)
+    inputs = random_inputs(target, generator)
+    for top_k, depth, total in [(1, 0, 2), (2, 3, 8), (4, 5, 30), (10, 7, 60), (12, 9, 100)]:
+        draft = build_draft(target, "oracle", "tree")
+        draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = top_k, depth, total
+        assert_same(target, inputs, {"do_sample": False, "max_new_tokens": 24, "min_new_tokens": 24}, assistant_model=draft)
+        assert max(draft.stats.accepted_per_round) <= depth + 2
