@@ -1,0 +1,122 @@
+"""Sampling with a SpecVLM draft keeps the target's distribution (statistical tests, fp32, CPU).
+
+End to end: the joint distribution of the first three generated tokens with the draft is compared with
+plain sampling by a chi-square test of homogeneity. The same test run with a deliberately broken
+acceptance rule (no renormalisation after a rejection, rejected tokens not removed) must fail, which shows
+the test has the power to catch a wrong rule. A verify-level test checks the rule alone against exact
+probabilities.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+import specvlm_hf
+from specvlm_hf import verify
+from specvlm_hf.tree import tree_from_parents
+from tiny_models import oracle_draft, random_inputs, tiny_llava
+
+SAMPLES = 1200
+P_THRESHOLD = 1e-3
+
+
+def chi_square_p_value(a: list[tuple], b: list[tuple]) -> float:
+    """p-value of a chi-square test that two samples of outcomes come from one distribution (cells with fewer
+    than 10 observations in total are pooled)."""
+    count_a, count_b = collections.Counter(a), collections.Counter(b)
+    totals = {key: count_a[key] + count_b[key] for key in set(count_a) | set(count_b)}
+    rare = [key for key, total in totals.items() if total < 10]
+    rows = [(count_a[key], count_b[key]) for key, total in totals.items() if total >= 10]
+    rows.append((sum(count_a[key] for key in rare), sum(count_b[key] for key in rare)))
+    rows = [row for row in rows if sum(row) > 0]
+    n_a, n_b = len(a), len(b)
+    statistic = 0.0
+    for x, y in rows:
+        expected_a = (x + y) * n_a / (n_a + n_b)
+        expected_b = (x + y) * n_b / (n_a + n_b)
+        statistic += (x - expected_a) ** 2 / expected_a + (y - expected_b) ** 2 / expected_b
+    dof = torch.tensor((len(rows) - 1) / 2.0, dtype=torch.float64)
+    return float(torch.special.gammaincc(dof, torch.tensor(statistic / 2.0, dtype=torch.float64)))
+
+
+def broken_sibling_acceptance(tree, target_probs):
+    probs = torch.ones(tree.num_nodes, dtype=target_probs.dtype)
+    probs[1:] = target_probs[tree.parents[1:], tree.tokens[1:]]  # p(x), never renormalised
+    return probs
+
+
+def break_acceptance_rule(monkeypatch):
+    monkeypatch.setattr(verify, "sibling_acceptance_probs", broken_sibling_acceptance)
+    monkeypatch.setattr(verify, "residual_distribution", lambda probs, rejected: probs)
+
+
+def sample_first_tokens(settings: dict, mode: str = "tree"):
+    """(plain samples, speculative samples, mean accepted tokens per round) of the first 3 new tokens."""
+    target = specvlm_hf.enable(tiny_llava(seed=0, scale=8.0, vocab=12))
+    draft = oracle_draft(target)
+    draft.config.decoding_mode = mode
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 4, 3, 20
+    inputs = random_inputs(target, torch.Generator().manual_seed(0), text_tokens=4)
+    start = inputs["input_ids"].shape[1]
+    kwargs = dict(do_sample=True, max_new_tokens=3, min_new_tokens=3, **settings)
+    torch.manual_seed(0)
+    batch = {key: value.expand(SAMPLES, *value.shape[1:]) for key, value in inputs.items()}
+    plain = target.generate(**batch, **kwargs)[:, start:]
+    speculative, sigmas = [], []
+    for _ in range(SAMPLES):
+        speculative.append(target.generate(**inputs, **kwargs, assistant_model=draft)[0, start:])
+        sigmas.append(draft.stats.sigma)
+    return [tuple(row) for row in plain.tolist()], [tuple(row.tolist()) for row in speculative], sum(sigmas) / len(sigmas)
+
+
+SETTINGS = {
+    "temperature": dict(temperature=1.0),
+    "top-k-top-p": dict(temperature=0.7, top_k=5, top_p=0.9),
+}
+
+
+@pytest.mark.parametrize("name,mode", [("temperature", "tree"), ("top-k-top-p", "tree"), ("temperature", "chain")])
+def test_speculative_sampling_matches_plain_sampling(name, mode):
+    plain, speculative, sigma = sample_first_tokens(SETTINGS[name], mode)
+    assert sigma > 1.2, "the draft must get tokens accepted for the test to mean anything"
+    assert chi_square_p_value(plain, speculative) > P_THRESHOLD
+
+
+def test_the_sampling_test_catches_a_broken_acceptance_rule(monkeypatch):
+    break_acceptance_rule(monkeypatch)
+    plain, speculative, _ = sample_first_tokens(SETTINGS["temperature"])
+    assert chi_square_p_value(plain, speculative) < P_THRESHOLD
+
+
+def _first_token_frequencies(tree, probs, draws: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(probs.shape[-1])
+    for _ in range(draws):
+        acceptance = verify.accept_sampling(tree, probs, generator=generator)
+        first = tree.tokens[acceptance.nodes[1]] if len(acceptance.nodes) > 1 else acceptance.next_token
+        counts[int(first)] += 1
+    return counts / draws
+
+
+def _two_level_tree():
+    # root with children tokens 0, 1, 2 (tried in that order); node 1 (token 0) has children 1 and 3
+    tokens = torch.tensor([5, 0, 1, 2, 1, 3])
+    parents = torch.tensor([-1, 0, 0, 0, 1, 1])
+    probs = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.05, 0.05]).repeat(6, 1)
+    return tree_from_parents(tokens, parents), probs
+
+
+def test_acceptance_rule_emits_the_target_distribution_exactly():
+    tree, probs = _two_level_tree()
+    frequencies = _first_token_frequencies(tree, probs, draws=20000, seed=0)
+    assert torch.allclose(frequencies, probs[0], atol=0.012)
+
+
+def test_acceptance_rule_without_renormalisation_is_biased(monkeypatch):
+    break_acceptance_rule(monkeypatch)
+    tree, probs = _two_level_tree()
+    frequencies = _first_token_frequencies(tree, probs, draws=20000, seed=0)
+    assert (frequencies - probs[0]).abs().max() > 0.05
