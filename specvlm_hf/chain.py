@@ -6,8 +6,9 @@ target's features of every forward; each `get_candidates` call feeds the draft t
 tokens accepted since the last call, then drafts `chain_length` tokens one by one (greedy, or sampled from
 the draft's processed distribution so that transformers' speculative sampling stays exact).
 
-Candidates are cut after the first token on which the stopping criteria fire, so an accepted stop string
-or EOS ends generation exactly where plain decoding would.
+Candidates stop before the first token on which the stopping criteria fire (EOS, stop strings, ...): the
+target then produces that token itself as the round's last, and generation ends exactly where plain
+decoding would, whatever transformers release runs the loop.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         model_kwargs: `generate`'s model kwargs (for the prompt's attention mask).
         generation_config: the target's generation config (`do_sample`, `max_length`).
         logits_processor: the target's logits processors, applied to the draft's logits when sampling.
-        stopping_criteria: the target's stopping criteria (candidates are cut after the first stop).
+        stopping_criteria: the target's stopping criteria (candidates end before the first stop).
     """
 
     def __init__(self, draft, tap: FeatureTap, input_ids, model_kwargs, generation_config, logits_processor, stopping_criteria):
@@ -100,10 +101,13 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         draft_scores = []
         for level in range(1, budget + 1):
             token, scores = self._choose(sequence, log_probs)
-            sequence = torch.cat([sequence, sequence.new_tensor([[token]])], dim=1)
+            extended = torch.cat([sequence, sequence.new_tensor([[token]])], dim=1)
+            if bool(self.stopping_criteria(extended, None).any()):
+                break  # leave the stopping token to the target, so the loop ends right after it
+            sequence = extended
             if scores is not None:
                 draft_scores.append(scores)
-            if level == budget or bool(self.stopping_criteria(sequence, None).any()):
+            if level == budget:
                 break
             ancestors = torch.ones(1, level, dtype=torch.bool, device=input_ids.device)
             hidden, log_probs = step(sequence[0, -1:], hidden[None], level, ancestors)

@@ -12,10 +12,12 @@ from __future__ import annotations
 from torch import nn
 
 from .chain import SpecVLMChainCandidateGenerator
-from .speculative import tree_assisted_decoding
+from .speculative import check_images, tree_assisted_decoding, validate_request
 from .target import FeatureTap, check_draft_fits, unwrap_target
 
 DRAFT_MODEL_TYPE = "specvlm_draft"
+# keyword arguments of `_assisted_decoding` that are not model inputs
+_DECODING_ARGUMENTS = {"synced_gpus", "streamer", "inputs_tensor", "assistant_model", "assistant_tokenizer", "tokenizer"}
 
 
 def is_specvlm_draft(model) -> bool:
@@ -27,6 +29,14 @@ class SpecVLMGenerationMixin:
     """Overrides of `GenerationMixin` methods, active only when the assistant is a SpecVLM draft."""
 
     _specvlm_base_class: type
+
+    def generate(self, *args, **kwargs):
+        if is_specvlm_draft(kwargs.get("assistant_model")):
+            # before transformers encodes the images (5.23+), so that a wrong image count is explained
+            input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            if input_ids is not None and input_ids.dim() == 2:
+                check_images(unwrap_target(self).config, input_ids, kwargs)
+        return super().generate(*args, **kwargs)
 
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
         draft = generation_mode_kwargs.get("assistant_model")
@@ -41,8 +51,8 @@ class SpecVLMGenerationMixin:
             return super()._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
         if draft.config.decoding_mode == "tree":
             return tree_assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
-        if kwargs.get("synced_gpus"):
-            raise ValueError("SpecVLM speculative decoding does not support `synced_gpus` (DeepSpeed ZeRO-3 / FSDP).")
+        model_kwargs = {key: value for key, value in kwargs.items() if key not in _DECODING_ARGUMENTS}
+        validate_request(self, input_ids, model_kwargs, generation_config, kwargs.get("synced_gpus", False))
         draft.bind_target(self)
         with FeatureTap(self) as tap:
             self._specvlm_chain_context = (tap, stopping_criteria)

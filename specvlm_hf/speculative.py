@@ -217,7 +217,12 @@ class _DraftRunner:
         crop_kv(self.cache, self.mask.numel())
 
 
-def _validate(target, draft, input_ids, generation_config, synced_gpus):
+def validate_request(target, input_ids: torch.Tensor, model_kwargs: dict, generation_config, synced_gpus=False) -> None:
+    """Checks a speculative `generate` call before any work, raising an error that names the problem and the fix.
+
+    Covers: batch size, DeepSpeed/FSDP sync, outputs a tree cannot give, and the total length against the
+    model's positions (the images are checked earlier, by `check_images`, before transformers encodes them).
+    """
     if input_ids.shape[0] != 1:
         raise ValueError(
             f"SpecVLM speculative decoding supports batch size 1 (got {input_ids.shape[0]}). Call `generate` once per "
@@ -227,16 +232,62 @@ def _validate(target, draft, input_ids, generation_config, synced_gpus):
         raise ValueError("SpecVLM speculative decoding does not support `synced_gpus` (DeepSpeed ZeRO-3 / FSDP).")
     if generation_config.output_attentions or generation_config.output_hidden_states:
         raise ValueError(
-            "SpecVLM tree decoding cannot return attentions or hidden states (the target scores a tree, not a "
-            "sequence). Drop `output_attentions` / `output_hidden_states`, or generate without `assistant_model`."
+            "SpecVLM speculative decoding cannot return attentions or hidden states (the target scores a tree, not "
+            "a sequence). Drop `output_attentions` / `output_hidden_states`, or generate without `assistant_model`."
         )
-    attn = getattr(unwrap_target(target).config.get_text_config(decoder=True), "_attn_implementation", None)
-    if attn not in (None, "sdpa", "eager"):
+    config = unwrap_target(target).config
+    text = config.get_text_config(decoder=True)
+    max_positions = getattr(text, "max_position_embeddings", None)
+    if max_positions is not None and generation_config.max_length > max_positions:
         raise ValueError(
-            f"SpecVLM tree decoding needs arbitrary 4-D attention masks, which the {attn!r} attention backend cannot "
-            "take. Load the target with attn_implementation='sdpa' (or 'eager'), or set "
-            "`draft.config.decoding_mode = 'chain'`."
+            f"The prompt ({input_ids.shape[1]} tokens) plus the new tokens reach {generation_config.max_length} "
+            f"positions, more than the model's max_position_embeddings ({max_positions}). Shorten the prompt or "
+            "lower `max_new_tokens`."
         )
+
+
+def check_images(config, input_ids: torch.Tensor, model_kwargs: dict) -> None:
+    """Raises when a batch-1 prompt's image placeholders do not match the images given (`pixel_values`)."""
+    image_token = getattr(config, "image_token_id", None)
+    if image_token is None or input_ids.shape[0] != 1:
+        return
+    is_image = input_ids[0] == image_token
+    placeholders = int(is_image.sum())
+    runs = int((is_image[1:] & ~is_image[:-1]).sum()) + int(is_image[0]) if placeholders else 0
+    pixel_values = model_kwargs.get("pixel_values")
+    if placeholders and pixel_values is None and model_kwargs.get("inputs_embeds") is None:
+        raise ValueError(
+            f"The prompt has {placeholders} image tokens but no image was given. Pass the image (`pixel_values`, "
+            "e.g. `processor(images=image, text=prompt, return_tensors='pt')`), or remove `<image>` from the prompt."
+        )
+    if pixel_values is None:
+        return
+    num_images = pixel_values.shape[0]
+    if not placeholders:
+        raise ValueError(
+            f"{num_images} image(s) were given but the prompt has no image token. Put `<image>` in the prompt (the "
+            "processor's chat template does this for you), or do not pass `pixel_values`."
+        )
+    per_image = getattr(config, "image_seq_length", None) if config.model_type == "llava" else None
+    if runs > num_images or (per_image and placeholders != num_images * per_image and placeholders % per_image == 0):
+        raise ValueError(
+            f"The prompt has {runs} image placeholder(s) ({placeholders} image tokens) but {num_images} image(s) "
+            "were given. Give exactly one image per `<image>` in the prompt, and build the prompt with the model's "
+            "processor so that each `<image>` is expanded to the right number of tokens."
+        )
+
+
+def check_attention_backend(target, draft) -> None:
+    """Tree verification passes arbitrary 4-D masks: only the eager and sdpa backends take them."""
+    for name, model in (("target", unwrap_target(target)), ("draft", draft)):
+        config = model.config.get_text_config(decoder=True) if name == "target" else model.config
+        attn = getattr(config, "_attn_implementation", None)
+        if attn not in (None, "sdpa", "eager"):
+            raise ValueError(
+                f"SpecVLM tree decoding needs arbitrary 4-D attention masks, which the {name}'s {attn!r} attention "
+                "backend cannot take. Load it with attn_implementation='sdpa' (or 'eager'), or use chain mode: "
+                "`draft.config.decoding_mode = 'chain'`."
+            )
 
 
 @torch.no_grad()
@@ -260,7 +311,8 @@ def tree_assisted_decoding(
     draft = assistant_model
     for unused in ("inputs_tensor", "assistant_tokenizer", "tokenizer"):
         model_kwargs.pop(unused, None)
-    _validate(model, draft, input_ids, generation_config, synced_gpus)
+    validate_request(model, input_ids, model_kwargs, generation_config, synced_gpus)
+    check_attention_backend(model, draft)
     draft.bind_target(model)
     config = draft.config
     do_sample = bool(generation_config.do_sample)

@@ -1,0 +1,255 @@
+"""What `generate` users rely on keeps working with a SpecVLM draft, and user errors are explained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.generation.streamers import BaseStreamer
+
+import specvlm_hf
+from specvlm_hf import DraftTargetMismatchError, SpecVLMDraftModel
+from tiny_models import oracle_draft, random_inputs, tiny_llava, tiny_llava_next
+
+MODES = ["tree", "chain"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target = specvlm_hf.enable(tiny_llava(scale=32.0))
+    inputs = random_inputs(target, torch.Generator().manual_seed(11), text_tokens=5)
+    return target, inputs
+
+
+def draft_for(target, mode, noise=0.0):
+    draft = oracle_draft(target, noise=noise)
+    draft.config.decoding_mode = mode
+    return draft
+
+
+def plain_and_spec(target, inputs, mode, **kwargs):
+    plain = target.generate(**inputs, **kwargs)
+    draft = draft_for(target, mode)
+    spec = target.generate(**inputs, **kwargs, assistant_model=draft)
+    return plain, spec, draft
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eos_token_lists_stop_generation_where_plain_generate_stops(setup, mode):
+    target, inputs = setup
+    reference = target.generate(**inputs, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    new = reference[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = [new[9], new[14]]  # two tokens the continuation produces: it must stop at the first of them
+    plain, spec, _ = plain_and_spec(target, inputs, mode, max_new_tokens=30, do_sample=False, eos_token_id=eos,
+                                    pad_token_id=0)
+    assert spec.tolist() == plain.tolist()
+    assert spec[0, -1].item() in eos and spec.shape[1] < reference.shape[1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("limit", ["max_new_tokens", "max_length"])
+def test_length_limits_are_exact(setup, mode, limit):
+    target, inputs = setup
+    prompt = inputs["input_ids"].shape[1]
+    for budget in (1, 2, 7, 13):
+        kwargs = {limit: budget if limit == "max_new_tokens" else prompt + budget}
+        plain, spec, _ = plain_and_spec(target, inputs, mode, min_new_tokens=budget, do_sample=False, **kwargs)
+        assert spec.tolist() == plain.tolist() and spec.shape[1] == prompt + budget
+
+
+def piece_tokenizer(vocab: int):
+    """A real fast tokenizer: ids 0-25 are the letters a-z, the others 2-character pieces ("Ab", "Ac", ...)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    letters = [chr(97 + i) for i in range(26)]
+    pairs = [chr(65 + i // 26) + chr(97 + i % 26) for i in range(vocab - 26)]
+    pieces = {piece: i for i, piece in enumerate(letters + pairs)}
+    backend = Tokenizer(models.BPE(pieces, merges=[], unk_token="a"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stop_strings_stop_at_the_same_token(setup, mode):
+    target, inputs = setup
+    tokenizer = piece_tokenizer(target.config.text_config.vocab_size)
+    reference = target.generate(**inputs, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    new = reference[0, inputs["input_ids"].shape[1]:].tolist()
+    stop = tokenizer.decode(new[6:8])[1:]  # spans a token boundary
+    plain, spec, _ = plain_and_spec(target, inputs, mode, max_new_tokens=30, do_sample=False, stop_strings=[stop],
+                                    tokenizer=tokenizer)
+    assert spec.tolist() == plain.tolist()
+    assert plain.shape[1] < reference.shape[1]
+
+
+class RecordingStreamer(BaseStreamer):
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streamer_receives_every_token_in_order(setup, mode):
+    target, inputs = setup
+    streamer = RecordingStreamer()
+    draft = draft_for(target, mode)
+    out = target.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False, assistant_model=draft,
+                          streamer=streamer)
+    assert streamer.ended
+    assert streamer.puts[0] == inputs["input_ids"][0].tolist(), "the prompt first, as plain generate does"
+    streamed = [token for chunk in streamer.puts[1:] for token in chunk]
+    assert streamed == out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert max(len(chunk) for chunk in streamer.puts[1:]) > 1, "accepted tokens are pushed together, per round"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_return_dict_in_generate_with_scores_and_logits(setup, mode):
+    target, inputs = setup
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, return_dict_in_generate=True,
+                  output_scores=True, output_logits=True, repetition_penalty=1.3)
+    plain, spec, _ = plain_and_spec(target, inputs, mode, **kwargs)
+    assert spec.sequences.tolist() == plain.sequences.tolist()
+    assert len(spec.scores) == len(plain.scores) == 12 and len(spec.logits) == 12
+    for mine, theirs in zip(spec.scores, plain.scores):
+        finite = torch.isfinite(theirs)
+        assert torch.equal(finite, torch.isfinite(mine))
+        assert torch.allclose(mine[finite], theirs[finite], atol=1e-4)
+    for mine, theirs in zip(spec.logits, plain.logits):
+        assert torch.allclose(mine, theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_left_padded_attention_mask(setup, mode):
+    target, inputs = setup
+    padded = dict(inputs)
+    padded["input_ids"] = torch.cat([torch.zeros(1, 3, dtype=torch.long), inputs["input_ids"]], dim=1)
+    padded["attention_mask"] = torch.cat([torch.zeros(1, 3, dtype=torch.long), inputs["attention_mask"]], dim=1)
+    plain, spec, draft = plain_and_spec(target, padded, mode, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert spec.tolist() == plain.tolist()
+    unpadded = target.generate(**inputs, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert spec[0, 3:].tolist() == unpadded[0].tolist(), "padding changes nothing but the prefix"
+
+
+def test_stats_describe_the_last_call(setup):
+    target, inputs = setup
+    draft = draft_for(target, "tree")
+    out = target.generate(**inputs, max_new_tokens=30, min_new_tokens=30, do_sample=False, assistant_model=draft)
+    stats = draft.stats
+    assert stats.mode == "tree" and stats.new_tokens == 30 == out.shape[1] - inputs["input_ids"].shape[1]
+    assert stats.rounds == len(stats.accepted_per_round) and stats.rounds < 29
+    assert sum(stats.accepted_per_round) == 29, "every token but the prefill's comes from a round"
+    assert stats.sigma == pytest.approx(29 / stats.rounds) and stats.sigma > 2
+    assert stats.draft_seconds > 0 and stats.verify_seconds > 0 and stats.total_seconds >= stats.draft_seconds
+    assert set(stats.as_dict()) >= {"rounds", "accepted_per_round", "sigma", "draft_seconds", "verify_seconds"}
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def test_draft_for_another_target_is_refused_with_both_names():
+    target = specvlm_hf.enable(tiny_llava())
+    other = tiny_llava(vocab=64)
+    other.config._name_or_path = "org/other-llava"
+    draft = SpecVLMDraftModel.from_target(other)
+    inputs = random_inputs(target, torch.Generator().manual_seed(0))
+    with pytest.raises(DraftTargetMismatchError, match=r"org/other-llava.*vocab size 64 \(draft\) vs 96 \(target\)"):
+        target.generate(**inputs, max_new_tokens=5, assistant_model=draft)
+
+
+def test_hidden_size_and_architecture_mismatch_are_named():
+    target = tiny_llava()
+    draft = SpecVLMDraftModel.from_target(target)
+    draft.config.text_config = LlamaConfig(vocab_size=96, hidden_size=32, model_type="llama")
+    with pytest.raises(DraftTargetMismatchError, match="hidden size 32"):
+        draft.bind_target(target)
+    draft.config.text_config.hidden_size = 64
+    draft.config.text_config.model_type = "mistral"
+    with pytest.raises(DraftTargetMismatchError, match="text architecture 'mistral'"):
+        draft.bind_target(target)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_size_above_one_names_the_limit(setup, mode):
+    target, inputs = setup
+    batch = {key: torch.cat([value, value]) for key, value in inputs.items()}
+    with pytest.raises(ValueError, match="batch size 1 \\(got 2\\)"):
+        target.generate(**batch, max_new_tokens=5, assistant_model=draft_for(target, mode))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_missing_image_is_refused(setup, mode):
+    target, inputs = setup
+    no_image = {key: value for key, value in inputs.items() if key != "pixel_values"}
+    with pytest.raises(ValueError, match="image tokens but no image was given"):
+        target.generate(**no_image, max_new_tokens=5, assistant_model=draft_for(target, mode))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_too_many_images_is_refused(setup, mode):
+    target, inputs = setup
+    two_images = dict(inputs, pixel_values=torch.cat([inputs["pixel_values"]] * 2))
+    with pytest.raises(ValueError, match="1 image placeholder\\(s\\) .* but 2 image\\(s\\) were given"):
+        target.generate(**two_images, max_new_tokens=5, assistant_model=draft_for(target, mode))
+
+
+def test_image_without_placeholder_is_refused(setup):
+    target, inputs = setup
+    text_only = random_inputs(target, torch.Generator().manual_seed(1), image=False)
+    with pytest.raises(ValueError, match="no image token"):
+        target.generate(**text_only, pixel_values=inputs["pixel_values"], max_new_tokens=5,
+                        assistant_model=draft_for(target, "tree"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prompt_longer_than_the_positions_is_refused(setup, mode):
+    target, inputs = setup
+    long = dict(inputs)
+    long["input_ids"] = torch.cat([inputs["input_ids"], torch.full((1, 240), 5)], dim=1)
+    long["attention_mask"] = torch.ones_like(long["input_ids"])
+    with pytest.raises(ValueError, match="max_position_embeddings \\(256\\)"):
+        target.generate(**long, max_new_tokens=10, assistant_model=draft_for(target, mode))
+
+
+def test_unsupported_attention_backend_is_refused(setup):
+    target, inputs = setup
+    draft = draft_for(target, "tree")
+    draft.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2.*'sdpa'"):
+        target.generate(**inputs, max_new_tokens=5, assistant_model=draft)
+
+
+def test_draft_cannot_generate_alone_and_an_unenabled_target_explains():
+    target = tiny_llava()
+    draft = SpecVLMDraftModel.from_target(target)
+    with pytest.raises(RuntimeError, match="specvlm_hf.enable\\(target\\)"):
+        draft.generate(torch.ones(1, 3, dtype=torch.long))
+    inputs = random_inputs(target, torch.Generator().manual_seed(0), image=False)
+    with pytest.raises(RuntimeError, match="specvlm_hf.enable\\(target\\)"):
+        target.generate(**inputs, max_new_tokens=5, assistant_model=draft)
+
+
+def test_bad_tree_settings_are_named(setup):
+    target, inputs = setup
+    draft = draft_for(target, "tree")
+    draft.config.tree_total_tokens = 1
+    with pytest.raises(ValueError, match="tree_total_tokens >= 2"):
+        target.generate(**inputs, max_new_tokens=5, assistant_model=draft)
+    draft.config.tree_total_tokens = 60
+    draft.config.decoding_mode = "beam"
+    with pytest.raises(ValueError, match="decoding_mode must be one of"):
+        target.generate(**inputs, max_new_tokens=5, assistant_model=draft)
+
+
+def test_llava_next_sampling_and_greedy_run_through_the_tree():
+    target = specvlm_hf.enable(tiny_llava_next(scale=32.0, gqa=True))
+    inputs = random_inputs(target, torch.Generator().manual_seed(5))
+    draft = oracle_draft(target)
+    greedy = target.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False, assistant_model=draft)
+    assert greedy.tolist() == target.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False).tolist()
+    sampled = target.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=True, temperature=0.8,
+                              assistant_model=draft)
+    assert sampled.shape[1] == greedy.shape[1] and draft.stats.rounds > 0
