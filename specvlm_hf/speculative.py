@@ -146,6 +146,22 @@ def append_until_stop(input_ids: torch.Tensor, tokens: list[int], stopping_crite
     return input_ids, len(tokens), False
 
 
+def score_tree(model, tap: FeatureTap, tree: DraftTree, cache, prefix_mask, root_position: int, cache_kw: str):
+    """One target forward over all tree nodes after the cached prefix.
+
+    Returns:
+        `(T, V)` float32 logits and `(T, d)` final hidden states (the draft's true features) of the nodes.
+    """
+    outputs = model(
+        input_ids=tree.tokens[None],
+        attention_mask=tree_attention_mask(tree, prefix_mask, tap.text_model.dtype),
+        position_ids=tree_position_ids(tree, root_position),
+        use_cache=True,
+        **{cache_kw: cache},
+    )
+    return outputs.logits[0].float(), tap.last_hidden_state[0]
+
+
 def _select_token(scores: torch.Tensor, do_sample: bool) -> int:
     if do_sample:
         return int(torch.multinomial(torch.softmax(scores, dim=-1), 1))
@@ -346,8 +362,7 @@ def tree_assisted_decoding(
         stats.prefill_seconds = clock.lap()
 
         # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
-        runner = _DraftRunner(draft, prompt_mask.new_zeros(0))
-        prefix_mask = prompt_mask.clone()
+        runner = _DraftRunner(draft, prompt_mask.new_zeros(0))  # its mask doubles as the target cache's
         root_position = int(prompt_positions[-1]) + 1
         if not finished:
             token_embeds = torch.cat([prompt_embeds[:, 1:], draft.embed(input_ids[:, -1:])], dim=1)
@@ -371,16 +386,7 @@ def tree_assisted_decoding(
             stats.draft_seconds += clock.lap()
 
             prefix_length = cache_length(cache)
-            outputs = model(
-                input_ids=tree.tokens[None],
-                attention_mask=tree_attention_mask(tree, prefix_mask, prompt_embeds.dtype),
-                position_ids=tree_position_ids(tree, root_position),
-                use_cache=True,
-                **{cache_kw: cache},
-            )
-            logits = outputs.logits[0].float()
-            features = tap.last_hidden_state[0]
-            del outputs
+            logits, features = score_tree(model, tap, tree, cache, runner.mask, root_position, cache_kw)
             scores = processed_scores(tree, input_ids, logits, logits_processor)
             if do_sample:
                 acceptance = accept_sampling(tree, torch.softmax(scores, dim=-1))
@@ -391,7 +397,6 @@ def tree_assisted_decoding(
             input_ids, appended, finished = append_until_stop(input_ids, new_tokens, stopping_criteria)
             kept = nodes[:appended]  # the cache holds every token but the newest
             compact_kv(cache, prefix_length, kept)
-            prefix_mask = torch.cat([prefix_mask, prefix_mask.new_ones(len(kept))])
             if streamer is not None:
                 streamer.put(input_ids[:, -appended:].cpu())
             if want_scores:
