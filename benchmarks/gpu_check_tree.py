@@ -70,6 +70,10 @@ class TokenClock(BaseStreamer):
         pass
 
 
+def first_difference(a: list, b: list):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -79,10 +83,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--out", default="results/gpu_check_tree.json")
     args = parser.parse_args()
     device = "cpu" if TINY else "cuda"
-    dtype = torch.float32 if TINY else torch.bfloat16
+    dtype = torch.float32 if TINY else getattr(torch, args.dtype)
 
     target = specvlm_hf.enable(llava_7b_shaped(device, dtype))
     draft = SpecVLMDraftModel.from_target(target)
@@ -107,14 +112,19 @@ def main():
             spec = target.generate(**inputs, **kwargs, assistant_model=draft)
             sync()
             spec_seconds = time.perf_counter() - start
+            # the same computation at batch 2 (other kernels, same maths): how stable is plain decoding itself?
+            pair = {k: torch.cat([v, v]) for k, v in inputs.items()}
+            plain_batch2 = target.generate(**pair, **kwargs)[0]
         stats = draft.stats
-        new_plain = plain.sequences[0, input_ids.shape[1]:].tolist()
-        new_spec = spec[0, input_ids.shape[1]:].tolist()
-        first_diff = next((i for i, (a, b) in enumerate(zip(new_plain, new_spec)) if a != b), None)
-        gap = None
+        start_new = input_ids.shape[1]
+        new_plain = plain.sequences[0, start_new:].tolist()
+        new_spec = spec[0, start_new:].tolist()
+        first_diff = first_difference(new_plain, new_spec)
+        gap = spec_is_plain_runner_up = None
         if first_diff is not None:
-            top2 = plain.logits[first_diff][0].float().topk(2).values
-            gap = float(top2[0] - top2[1])
+            top2 = plain.logits[first_diff][0].float().topk(2)
+            gap = float(top2.values[0] - top2.values[1])
+            spec_is_plain_runner_up = new_spec[first_diff] == int(top2.indices[1])
         if prompt == 0:
             continue
         rows.append({
@@ -122,6 +132,8 @@ def main():
             "identical": first_diff is None,
             "first_difference_at": first_diff,
             "plain_top2_logit_gap_there": gap,
+            "spec_token_is_plain_runner_up": spec_is_plain_runner_up,
+            "plain_batch1_vs_batch2_first_difference_at": first_difference(new_plain, plain_batch2[start_new:].tolist()),
             "plain_ms_per_token_median": 1000 * steps[len(steps) // 2],
             "plain_seconds": plain_seconds,
             "spec_seconds": spec_seconds,
@@ -135,7 +147,8 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
 
     result = {
-        "what": "tree loop on a LLaVA-1.5-7B-shaped target, random bf16 weights, fresh 1-layer draft, greedy",
+        "what": f"tree loop on a LLaVA-1.5-7B-shaped target, random {args.dtype} weights, fresh 1-layer draft, greedy",
+        "dtype": args.dtype,
         "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
