@@ -18,7 +18,7 @@ import time
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
-from .speculative import SpecVLMStats, _Clock, _DraftRunner, prefix_positions
+from .speculative import SpecVLMStats, _Clock, _DraftRunner, prefix_positions, prompt_pairs
 from .target import FeatureTap
 
 
@@ -36,6 +36,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
     """
 
     def __init__(self, draft, tap: FeatureTap, input_ids, model_kwargs, generation_config, logits_processor, stopping_criteria):
+        self.target = tap.owner
         self.draft = draft
         self.tap = tap
         self.generation_config = generation_config
@@ -43,8 +44,11 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.stopping_criteria = stopping_criteria
         self.do_sample = bool(generation_config.do_sample)
         self.prompt_length = input_ids.shape[1]
+        self.prompt_ids = input_ids
+        self.image_sizes = model_kwargs.get("image_sizes")
         self.prompt_mask, self.prompt_positions = prefix_positions(input_ids, model_kwargs)
         self.prompt_embeds = None
+        self.fed = 0  # sequence positions whose pairs the draft has read
         self.runner = _DraftRunner(draft, self.prompt_mask.new_zeros(0))
         self.stats = draft.stats = SpecVLMStats(mode="chain", prompt_tokens=self.prompt_length)
         self.clock = _Clock(input_ids.device)
@@ -57,24 +61,27 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             return int(self.prompt_positions[index])
         return int(self.prompt_positions[-1]) + index - self.prompt_length + 1
 
-    def _token_embeds(self, input_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """`(1, end - start, d)` embeddings of tokens start..end-1 (the target's merged ones in the prompt)."""
-        parts = []
-        if start < self.prompt_length:
-            parts.append(self.prompt_embeds[:, start : min(end, self.prompt_length)])
-        if end > self.prompt_length:
-            parts.append(self.draft.embed(input_ids[:, max(start, self.prompt_length) : end]))
-        return torch.cat(parts, dim=1)
-
     def _catch_up(self, input_ids: torch.Tensor):
         """Feeds the draft the target's features of every token verified since the last call."""
         n = input_ids.shape[1]
-        start = self.runner.mask.numel()  # first position the last target forward processed
-        features = self.tap.last_hidden_state[:, : n - 1 - start]
-        positions = torch.tensor([self._position(i) for i in range(start, n - 1)], device=input_ids.device)
-        real = self.prompt_mask[start : n - 1]
-        real = torch.cat([real, real.new_ones(n - 1 - start - real.numel())])
-        return self.runner.catch_up(self._token_embeds(input_ids, start + 1, n), features, positions, real=real)
+        count = n - 1 - self.fed  # pairs (x_{t+1}, f_t) for t = fed .. n-2
+        features = self.tap.last_hidden_state[:, :count]
+        if self.fed == 0:  # the prompt, straight after the prefill: compressed image, if any
+            pairs = prompt_pairs(
+                self.target, self.draft, self.prompt_ids, self.prompt_embeds, features, input_ids[:, n - 1 : n],
+                self.prompt_mask, self.prompt_positions, self.image_sizes,
+            )
+            hidden, log_probs, info = self.runner.prefill(pairs)
+            self.stats.visual_branch = info["branch"]
+            self.stats.draft_visual_tokens = info["draft_visual_tokens"]
+            self.stats.target_visual_tokens = info["target_visual_tokens"]
+        else:
+            positions = torch.tensor([self._position(i) for i in range(self.fed, n - 1)], device=input_ids.device)
+            hidden, log_probs = self.runner.catch_up(
+                self.draft.embed(input_ids[:, self.fed + 1 : n]), features, positions
+            )
+        self.fed = n - 1
+        return hidden, log_probs
 
     def _choose(self, sequence: torch.Tensor, log_probs: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         if not self.do_sample:

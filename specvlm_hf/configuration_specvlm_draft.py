@@ -38,6 +38,12 @@ class SpecVLMDraftConfig(PretrainedConfig):
             Draft tokens per round in chain mode.
         input_norm (`bool`, *optional*, defaults to `True`):
             Apply an RMSNorm after `fc` (SpecVLM's change to EAGLE's draft, for stable low-precision training).
+        compressor (`dict`, *optional*):
+            The elastic visual compressor (see `specvlm_hf.compressor`): `{"mode": "none" | "fixed" | "select" |
+            "weighted" | "concat", "branches": [...], "fixed": "pool@4", "ratio": 3, "gumbel_temperature": 1.0,
+            "gate_hidden": 256, "cost_weight": 0.0}`. Defaults to `{"mode": "none"}` (EagleVLM: the draft reads
+            every visual token). `cost_weight` is the training penalty on the gate's expected visual-token
+            fraction.
     """
 
     model_type = "specvlm_draft"
@@ -52,6 +58,7 @@ class SpecVLMDraftConfig(PretrainedConfig):
     decoding_mode: str = "tree"
     chain_length: int = 5
     input_norm: bool = True
+    compressor: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -67,6 +74,8 @@ class SpecVLMDraftConfig(PretrainedConfig):
             self.text_config.layer_types = list(layer_types[: self.num_draft_layers])
         if self.target is None:
             self.target = {}
+        if self.compressor is None:
+            self.compressor = {"mode": "none"}
         self.validate_decoding_settings()
         super().__post_init__(**kwargs)
 
@@ -83,6 +92,11 @@ class SpecVLMDraftConfig(PretrainedConfig):
             )
         if self.chain_length < 1:
             raise ValueError(f"chain_length must be >= 1, got {self.chain_length}")
+        mode = (self.compressor or {}).get("mode", "none")
+        if mode not in ("none", "fixed", "select", "weighted", "concat"):
+            raise ValueError(
+                f"compressor mode must be one of none, fixed, select, weighted, concat; got {mode!r}"
+            )
 
 
 SpecVLMDraftConfig.register_for_auto_class()

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from .compressor import VisualCompressor, image_spans
 from .configuration_specvlm_draft import SpecVLMDraftConfig
 from .kv_cache import cache_argument_name
 from .packaging import write_custom_generate
@@ -104,6 +105,11 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
         self.model = AutoModel.from_config(layers_config, attn_implementation=config._attn_implementation)
         self.model.embed_tokens = None
         self.model.norm = nn.Identity()
+        self.compressor = (
+            VisualCompressor(config.compressor, hidden, text_config.num_attention_heads)
+            if config.compressor.get("mode", "none") != "none"
+            else None
+        )
         self._no_split_modules = list(getattr(self.model, "_no_split_modules", None) or [])
         self._cache_argument = cache_argument_name(self.model.forward)
 
@@ -170,6 +176,23 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
         return self._borrowed()[1](hidden_states)
 
     # ----------------------------------------------------------------------------------------------------
+    def fuse(self, inputs_embeds: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The draft's input vectors: RMSNorm(fc([embedding ; feature])), `(..., 2d) -> (..., d)`."""
+        fused = self.fc(torch.cat([inputs_embeds, hidden_states.to(inputs_embeds.dtype)], dim=-1))
+        return self.input_norm(fused)
+
+    def decode(self, fused, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None, **kwargs):
+        """Runs the decoder layers on fused input vectors `(batch, seq, d)`; returns their outputs."""
+        outputs = self.model(
+            inputs_embeds=fused,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **{self._cache_argument: past_key_values},
+            **kwargs,
+        )
+        return outputs.last_hidden_state
+
     def forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -181,7 +204,7 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
         compute_logits: bool = False,
         **kwargs,
     ) -> SpecVLMDraftOutput:
-        """Predicts the target's next final hidden states.
+        """Predicts the target's next final hidden states (no visual compression: see `compress_prompt`).
 
         Args:
             inputs_embeds: `(batch, seq, d)` embeddings of tokens x_{t+1} (target's table; image features at
@@ -194,19 +217,63 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
             past_key_values: the draft's KV cache (a transformers `DynamicCache`).
             compute_logits: also apply the target's `lm_head`.
         """
-        fused = self.fc(torch.cat([inputs_embeds, hidden_states.to(inputs_embeds.dtype)], dim=-1))
-        fused = self.input_norm(fused)
-        outputs = self.model(
-            inputs_embeds=fused,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=use_cache,
-            **{self._cache_argument: past_key_values},
-            **kwargs,
+        predicted = self.decode(
+            self.fuse(inputs_embeds, hidden_states), attention_mask, position_ids, past_key_values, use_cache, **kwargs
         )
-        predicted = outputs.last_hidden_state
         logits = self.lm_head(predicted) if compute_logits else None
         return SpecVLMDraftOutput(last_hidden_state=predicted, logits=logits)
+
+    def compress_prompt(
+        self,
+        fused: torch.Tensor,
+        positions: torch.Tensor,
+        real: torch.Tensor,
+        visual: torch.Tensor,
+        layouts: list,
+        question: torch.Tensor | None,
+    ):
+        """Replaces each image's fused draft inputs by the compressor's output (no-op without a compressor).
+
+        Args:
+            fused: `(n, d)` fused inputs of one prompt (`fuse` output).
+            positions: `(n,)` their position ids; real: `(n,)` bool, False on left padding.
+            visual: `(n,)` bool, True where the pair's token is an image token.
+            layouts: one `VisualLayout` per image span of `visual`, in order.
+            question: `(d,)` pooled target features of the prompt's text (the gate's input).
+        Returns:
+            `(fused (m, d), positions (m,), real (m,), info)` with `info` = dict(branch, draft_visual_tokens,
+            target_visual_tokens, expected_fraction).
+        """
+        spans = image_spans(visual)
+        info = {"branch": "none", "draft_visual_tokens": int(visual.sum()), "target_visual_tokens": int(visual.sum()),
+                "expected_fraction": None}
+        if self.compressor is None or not spans:
+            return fused, positions, real, info
+        if len(layouts) != len(spans):
+            raise ValueError(f"{len(spans)} image spans in the prompt but {len(layouts)} layouts")
+        pieces, piece_positions, piece_real, branches, expected = [], [], [], [], []
+        cursor = 0
+        for (start, end), layout in zip(spans, layouts):
+            pieces.append(fused[cursor:start])
+            piece_positions.append(positions[cursor:start])
+            piece_real.append(real[cursor:start])
+            result = self.compressor(fused[start:end], layout, question)
+            kept = result.tokens.shape[0]
+            pieces.append(result.tokens)
+            piece_positions.append(positions[end - kept : end])  # the last positions of the image's span
+            piece_real.append(real[end - kept : end])
+            branches.append(result.branch)
+            if result.expected_fraction is not None:
+                expected.append(result.expected_fraction)
+            cursor = end
+        pieces.append(fused[cursor:])
+        piece_positions.append(positions[cursor:])
+        piece_real.append(real[cursor:])
+        out = torch.cat(pieces)
+        info["branch"] = branches[0] if len(set(branches)) == 1 else ",".join(branches)
+        info["draft_visual_tokens"] = int(out.shape[0] - (fused.shape[0] - int(visual.sum())))
+        info["expected_fraction"] = torch.stack(expected).mean() if expected else None
+        return out, torch.cat(piece_positions), torch.cat(piece_real), info
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves weights (safetensors; the target's embedding and `lm_head` are not included), the config with

@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .compressor import prompt_layouts, question_features
 from .kv_cache import cache_argument_name, cache_layers, cache_length, compact_kv, crop_kv
 from .target import FeatureTap, unwrap_target
 from .tree import DraftTree, additive_mask, build_dynamic_tree, tree_attention_mask, tree_position_ids
@@ -38,6 +39,8 @@ class SpecVLMStats:
         prefill_seconds, draft_seconds, verify_seconds, total_seconds: wall time spent in the target's
             prefill, in drafting (tree building and draft catch-up), in target verification and
             acceptance, and in the whole call.
+        visual_branch: the compressor branch the draft used for the prompt's image ("none" without one).
+        draft_visual_tokens / target_visual_tokens: visual tokens in the draft's cache and in the target's.
     """
 
     mode: str = ""
@@ -49,6 +52,9 @@ class SpecVLMStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     total_seconds: float = 0.0
+    visual_branch: str = "none"
+    draft_visual_tokens: int = 0
+    target_visual_tokens: int = 0
 
     @property
     def sigma(self) -> float:
@@ -168,6 +174,52 @@ def _select_token(scores: torch.Tensor, do_sample: bool) -> int:
     return int(scores.argmax())
 
 
+@dataclass
+class PromptPairs:
+    """A prompt as the draft reads it: pairs (x_{t+1}, f_t) for t = 0..n-1, x_n being the first new token.
+
+    Attributes:
+        token_embeds: `(1, n, d)` the target's input embeddings of x_1..x_n (image features at image tokens).
+        features: `(1, n, d)` the target's final hidden states f_0..f_{n-1}.
+        positions: `(n,)` position ids; real: `(n,)` bool, False on left padding.
+        visual: `(n,)` bool, True where x_{t+1} is an image token.
+        layouts: one `VisualLayout` per image; question: `(d,)` the compressor gate's input.
+    """
+
+    token_embeds: torch.Tensor
+    features: torch.Tensor
+    positions: torch.Tensor
+    real: torch.Tensor
+    visual: torch.Tensor
+    layouts: list
+    question: torch.Tensor | None
+
+
+def prompt_pairs(target, draft, prompt_ids, prompt_embeds, prompt_features, first_token_ids, mask, positions, image_sizes):
+    """Builds the draft's view of a prompt from the target's prefill (see `PromptPairs`).
+
+    Args:
+        prompt_ids: `(1, n)` prompt; prompt_embeds / prompt_features: `(1, n, d)` from the target's prefill.
+        first_token_ids: `(1, 1)` the first generated token x_n.
+        mask, positions: `(n,)` the prompt's attention mask (bool) and position ids.
+        image_sizes: `generate`'s `image_sizes` (LLaVA-NeXT) or None.
+    """
+    config = unwrap_target(target).config
+    image_token = getattr(config, "image_token_id", None)
+    is_image = prompt_ids[0] == image_token if image_token is not None else torch.zeros_like(mask)
+    visual = torch.cat([is_image[1:], is_image.new_zeros(1)])
+    compressing = draft.compressor is not None and bool(is_image.any())
+    return PromptPairs(
+        token_embeds=torch.cat([prompt_embeds[:, 1:], draft.embed(first_token_ids)], dim=1),
+        features=prompt_features,
+        positions=positions,
+        real=mask,
+        visual=visual,
+        layouts=prompt_layouts(config, visual, image_sizes) if compressing else [],
+        question=question_features(prompt_features[0], mask, is_image) if compressing else None,
+    )
+
+
 class _DraftRunner:
     """Runs the draft over its own KV cache: catch-up on the target's features, then tree steps."""
 
@@ -207,6 +259,24 @@ class _DraftRunner:
         )
         last = out.last_hidden_state[0, -1]
         return last, torch.log_softmax(self.draft.lm_head(last).float(), dim=-1)
+
+    def prefill(self, prompt: "PromptPairs"):
+        """Runs the draft over a prompt's pairs (visual ones compressed); returns the last pair's predicted
+        feature `(d,)`, its log-probabilities `(V,)` and the compressor's info."""
+        fused = self.draft.fuse(prompt.token_embeds, prompt.features)[0]
+        fused, positions, real, info = self.draft.compress_prompt(
+            fused, prompt.positions, prompt.real, prompt.visual, prompt.layouts, prompt.question
+        )
+        self.mask = torch.cat([self.mask, real])
+        hidden = self.draft.decode(
+            fused[None],
+            attention_mask=self.mask[None].long(),
+            position_ids=positions[None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        last = hidden[0, -1]
+        return last, torch.log_softmax(self.draft.lm_head(last).float(), dim=-1), info
 
     def tree_step_fn(self, root_position: int):
         """The `draft_step` callable of `build_dynamic_tree` for a round whose root is at `root_position`."""
@@ -362,13 +432,18 @@ def tree_assisted_decoding(
         stats.prefill_seconds = clock.lap()
 
         # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
-        runner = _DraftRunner(draft, prompt_mask.new_zeros(0))  # its mask doubles as the target cache's
+        runner = _DraftRunner(draft, prompt_mask.new_zeros(0))
+        target_mask = prompt_mask.clone()  # real tokens of the target's cache (the draft's may be compressed)
         root_position = int(prompt_positions[-1]) + 1
         if not finished:
-            token_embeds = torch.cat([prompt_embeds[:, 1:], draft.embed(input_ids[:, -1:])], dim=1)
-            root_hidden, root_log_probs = runner.catch_up(
-                token_embeds, prompt_features, prompt_positions, real=prompt_mask
+            pairs = prompt_pairs(
+                model, draft, input_ids[:, :-1], prompt_embeds, prompt_features, input_ids[:, -1:],
+                prompt_mask, prompt_positions, model_kwargs.get("image_sizes"),
             )
+            root_hidden, root_log_probs, info = runner.prefill(pairs)
+            stats.visual_branch = info["branch"]
+            stats.draft_visual_tokens = info["draft_visual_tokens"]
+            stats.target_visual_tokens = info["target_visual_tokens"]
             stats.draft_seconds += clock.lap()
 
         # 3. rounds
@@ -386,7 +461,7 @@ def tree_assisted_decoding(
             stats.draft_seconds += clock.lap()
 
             prefix_length = cache_length(cache)
-            logits, features = score_tree(model, tap, tree, cache, runner.mask, root_position, cache_kw)
+            logits, features = score_tree(model, tap, tree, cache, target_mask, root_position, cache_kw)
             scores = processed_scores(tree, input_ids, logits, logits_processor)
             if do_sample:
                 acceptance = accept_sampling(tree, torch.softmax(scores, dim=-1))
@@ -397,6 +472,7 @@ def tree_assisted_decoding(
             input_ids, appended, finished = append_until_stop(input_ids, new_tokens, stopping_criteria)
             kept = nodes[:appended]  # the cache holds every token but the newest
             compact_kv(cache, prefix_length, kept)
+            target_mask = torch.cat([target_mask, target_mask.new_ones(len(kept))])
             if streamer is not None:
                 streamer.put(input_ids[:, -appended:].cpu())
             if want_scores:

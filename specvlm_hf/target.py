@@ -88,6 +88,7 @@ class FeatureTap:
     """
 
     def __init__(self, target: nn.Module):
+        self.owner = target
         self.text_model = text_model_of(target)
         self.inputs_embeds: torch.Tensor | None = None
         self.last_hidden_state: torch.Tensor | None = None
