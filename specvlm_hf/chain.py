@@ -13,12 +13,10 @@ decoding would, whatever transformers release runs the loop.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
-from .speculative import SpecVLMStats, _Clock, _DraftRunner, prefix_positions, prompt_pairs
+from .speculative import PhaseClock, SpecVLMStats, _DraftRunner, prefix_positions, prompt_pairs
 from .target import FeatureTap
 
 
@@ -51,8 +49,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.fed = 0  # sequence positions whose pairs the draft has read
         self.runner = _DraftRunner(draft, self.prompt_mask.new_zeros(0))
         self.stats = draft.stats = SpecVLMStats(mode="chain", prompt_tokens=self.prompt_length)
-        self.clock = _Clock(input_ids.device)
-        self.start = self.clock.last
+        self.clock = PhaseClock(input_ids.device)
         self.verified_once = False
 
     def _position(self, index: int) -> int:
@@ -92,7 +89,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
     @torch.no_grad()
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs):
         """Returns `(1, n + c)` ids with `c` drafted tokens appended, and their draft scores when sampling."""
-        self.clock.lap()
+        self.clock.lap("verify" if self.verified_once else "setup")  # transformers' bookkeeping since the last round
         if self.prompt_embeds is None:
             if self.tap.inputs_embeds is None:
                 return input_ids, None  # before the prefill: let the target produce the first token
@@ -120,22 +117,21 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             hidden, log_probs = step(sequence[0, -1:], hidden[None], level, ancestors)
             hidden, log_probs = hidden[0], log_probs[0]
         self.runner.rewind()
-        self.stats.draft_seconds += self.clock.lap()
+        self.clock.lap("draft")
         candidate_logits = torch.stack(draft_scores)[None] if draft_scores else None
         return sequence, candidate_logits
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
         """Records the round in `draft.stats` (the first call follows the prefill)."""
-        elapsed = self.clock.lap()
         if not self.verified_once:
             self.verified_once = True
-            self.stats.prefill_seconds += elapsed
+            self.clock.lap("prefill")
             return
-        self.stats.verify_seconds += elapsed
+        self.clock.lap("verify")
         self.stats.rounds += 1
         self.stats.accepted_per_round.append(int(num_matches) + 1)
 
     def finish(self, sequences: torch.Tensor) -> None:
         """Completes `draft.stats` after the loop (`sequences`: the returned ids)."""
         self.stats.new_tokens = sequences.shape[1] - self.prompt_length
-        self.stats.total_seconds = time.perf_counter() - self.start
+        self.clock.fill(self.stats)

@@ -65,22 +65,49 @@ class SpecVLMStats:
         return {**asdict(self), "sigma": self.sigma}
 
 
-class _Clock:
-    """Wall-clock phases; synchronises CUDA so that asynchronous kernels are charged to their phase."""
+class PhaseClock:
+    """Wall time per phase ("prefill", "draft", "verify", ...). `lap(phase)` charges the time since the previous
+    lap to `phase`. On CUDA it records events instead of synchronising, so timing adds no host sync; the
+    totals are read once, by `totals()`."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.last = self.now()
+        self.start = time.perf_counter()
+        self.last = self.start
+        self.seconds: dict[str, float] = {}
+        self.marks: list = [(None, self._event())] if self.cuda else []
 
-    def now(self) -> float:
+    @staticmethod
+    def _event():
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def lap(self, phase: str) -> None:
+        if self.cuda:
+            self.marks.append((phase, self._event()))
+            return
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per phase, and "total" (wall time since the clock started)."""
+        seconds = dict(self.seconds)
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter()
+            for (_, before), (phase, after) in zip(self.marks, self.marks[1:]):
+                seconds[phase] = seconds.get(phase, 0.0) + before.elapsed_time(after) / 1000
+        seconds["total"] = time.perf_counter() - self.start
+        return seconds
 
-    def lap(self) -> float:
-        now = self.now()
-        elapsed, self.last = now - self.last, now
-        return elapsed
+    def fill(self, stats: "SpecVLMStats") -> None:
+        """Writes the phase totals into `stats`."""
+        totals = self.totals()
+        stats.prefill_seconds = totals.get("prefill", 0.0)
+        stats.draft_seconds = totals.get("draft", 0.0)
+        stats.verify_seconds = totals.get("verify", 0.0)
+        stats.total_seconds = totals["total"]
 
 
 def model_cache(model_kwargs: dict):
@@ -109,13 +136,21 @@ def prefix_positions(input_ids: torch.Tensor, model_kwargs: dict) -> tuple[torch
     return mask, positions
 
 
+# warpers that read only the scores, never the sequence: the whole tree is processed in one call
+_SEQUENCE_FREE_PROCESSORS = {
+    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper",
+    "EpsilonLogitsWarper", "EtaLogitsWarper",
+}
+
+
 def processed_scores(
     tree: DraftTree, prefix_ids: torch.Tensor, logits: torch.Tensor, logits_processor
 ) -> torch.Tensor:
     """The target's logits at every tree node after `generate`'s logits processors.
 
     Each node is processed with its own sequence (prefix + path to the node), exactly as step-by-step
-    decoding would; nodes of one depth share a length and are processed as one batch.
+    decoding would; nodes of one depth share a length and are processed as one batch (processors that
+    only read the scores, such as temperature / top-k / top-p, process the whole tree at once).
 
     Args:
         tree: `T` nodes; the root is the last token of `prefix_ids`.
@@ -126,6 +161,8 @@ def processed_scores(
     """
     if logits_processor is None or len(logits_processor) == 0:
         return logits
+    if all(type(processor).__name__ in _SEQUENCE_FREE_PROCESSORS for processor in logits_processor):
+        return logits_processor(prefix_ids.expand(tree.num_nodes, -1), logits.clone())
     out = torch.empty_like(logits)
     for depth in range(tree.max_depth + 1):
         nodes = (tree.depths == depth).nonzero().flatten()
@@ -138,13 +175,41 @@ def processed_scores(
     return out
 
 
-def append_until_stop(input_ids: torch.Tensor, tokens: list[int], stopping_criteria) -> tuple[torch.Tensor, int, bool]:
-    """Appends `tokens` one by one, stopping right after the first one on which `stopping_criteria` fires
+def host_stop_rule(stopping_criteria) -> tuple[int | None, set[int]] | None:
+    """`(max_length, eos ids)` when the stopping criteria are only a length limit and EOS tokens (they can then
+    be checked on the host without a device sync per token); None otherwise."""
+    max_length, eos = None, set()
+    for criterion in stopping_criteria or []:
+        name = type(criterion).__name__
+        if name == "MaxLengthCriteria":
+            max_length = criterion.max_length
+        elif name == "EosTokenCriteria":
+            eos |= set(criterion.eos_token_id.flatten().tolist())
+        else:
+            return None
+    return max_length, eos
+
+
+def append_until_stop(
+    input_ids: torch.Tensor, tokens: list[int], stopping_criteria, host_rule=None
+) -> tuple[torch.Tensor, int, bool]:
+    """Appends `tokens` one by one, stopping right after the first one on which `stopping_criteria` fire
     (EOS, max length, stop strings, user criteria), as step-by-step decoding would.
 
+    Args:
+        host_rule: `host_stop_rule(stopping_criteria)`, to decide on the host when possible.
     Returns:
         the new `(1, n + j)` ids, the number `j` of tokens appended, and whether generation is finished.
     """
+    if host_rule is not None:
+        max_length, eos = host_rule
+        length = input_ids.shape[1]
+        count, finished = len(tokens), False
+        for j, token in enumerate(tokens, start=1):
+            if token in eos or (max_length is not None and length + j >= max_length):
+                count, finished = j, True
+                break
+        return torch.cat([input_ids, input_ids.new_tensor([tokens[:count]])], dim=1), count, finished
     for j, token in enumerate(tokens, start=1):
         input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
         if bool(stopping_criteria(input_ids, None).any()):
@@ -407,8 +472,8 @@ def tree_assisted_decoding(
     scores_out, logits_out = [], []
 
     stats = draft.stats = SpecVLMStats(mode="tree", prompt_tokens=input_ids.shape[1])
-    clock = _Clock(input_ids.device)
-    start = clock.last
+    clock = PhaseClock(input_ids.device)
+    host_rule = host_stop_rule(stopping_criteria)
     cache = model_cache(model_kwargs)
     cache_layers(cache)  # refuses sliding-window caches early
     cache_kw = cache_argument_name(unwrap_target(model).forward)
@@ -426,10 +491,10 @@ def tree_assisted_decoding(
             scores_out.append(first_scores)
         if want_logits:
             logits_out.append(first_logits)
-        input_ids, _, finished = append_until_stop(input_ids, [token], stopping_criteria)
+        input_ids, _, finished = append_until_stop(input_ids, [token], stopping_criteria, host_rule)
         if streamer is not None:
             streamer.put(input_ids[:, -1:].cpu())
-        stats.prefill_seconds = clock.lap()
+        clock.lap("prefill")
 
         # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
         runner = _DraftRunner(draft, prompt_mask.new_zeros(0))
@@ -444,7 +509,7 @@ def tree_assisted_decoding(
             stats.visual_branch = info["branch"]
             stats.draft_visual_tokens = info["draft_visual_tokens"]
             stats.target_visual_tokens = info["target_visual_tokens"]
-            stats.draft_seconds += clock.lap()
+            clock.lap("draft")
 
         # 3. rounds
         while not finished:
@@ -458,7 +523,7 @@ def tree_assisted_decoding(
                 total_tokens=config.tree_total_tokens,
             )
             runner.rewind()
-            stats.draft_seconds += clock.lap()
+            clock.lap("draft")
 
             prefix_length = cache_length(cache)
             logits, features = score_tree(model, tap, tree, cache, target_mask, root_position, cache_kw)
@@ -469,7 +534,7 @@ def tree_assisted_decoding(
                 acceptance = accept_greedy(tree, scores)
             nodes = acceptance.nodes
             new_tokens = tree.tokens[nodes[1:]].tolist() + [acceptance.next_token]
-            input_ids, appended, finished = append_until_stop(input_ids, new_tokens, stopping_criteria)
+            input_ids, appended, finished = append_until_stop(input_ids, new_tokens, stopping_criteria, host_rule)
             kept = nodes[:appended]  # the cache holds every token but the newest
             compact_kv(cache, prefix_length, kept)
             target_mask = torch.cat([target_mask, target_mask.new_ones(len(kept))])
@@ -481,7 +546,7 @@ def tree_assisted_decoding(
                 logits_out.extend(logits[n][None] for n in kept)
             stats.rounds += 1
             stats.accepted_per_round.append(appended)
-            stats.verify_seconds += clock.lap()
+            clock.lap("verify")
             if finished:
                 break
 
@@ -493,12 +558,12 @@ def tree_assisted_decoding(
                 torch.arange(root_position, root_position + appended, device=input_ids.device),
             )
             root_position += appended
-            stats.draft_seconds += clock.lap()
+            clock.lap("draft")
 
     if streamer is not None:
         streamer.end()
     stats.new_tokens = input_ids.shape[1] - stats.prompt_tokens
-    stats.total_seconds = clock.now() - start
+    clock.fill(stats)
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(
             sequences=input_ids,

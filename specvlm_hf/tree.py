@@ -3,7 +3,7 @@
 A round of tree decoding drafts a tree of candidate continuations rooted at the last token the target
 produced, then verifies every node in one target forward. This module owns the tree itself:
 
-- `DraftTree`: tokens, parents, depths, scores, the ancestor mask and the root-to-leaf paths;
+- `DraftTree`: tokens, parents, depths, scores, the ancestor mask and the root-to-node paths;
 - `build_dynamic_tree`: EAGLE-2's expand-then-rerank construction, driven by a `draft_step` callable so
   that it does not depend on how the draft model is run (eager, compiled, on CPU or GPU);
 - `tree_attention_mask` / `tree_position_ids`: what the target needs to score all nodes at once.
@@ -30,7 +30,8 @@ class DraftTree:
         depths: `(T,)` depth of each node (root 0).
         scores: `(T,)` cumulative draft log-probability of the path to each node (root 0).
         ancestor_mask: `(T, T)` bool, `[i, j]` is True when node j is node i or one of its ancestors.
-        paths: `(P, D + 1)` node indices of each root-to-leaf path, right-padded with `-1`.
+        paths: `(T, D + 1)` node indices of the path from the root to each node, right-padded with `-1`
+            (`D` is an upper bound on the depth, fixed for trees of one configuration).
     """
 
     tokens: torch.Tensor
@@ -46,6 +47,7 @@ class DraftTree:
 
     @property
     def max_depth(self) -> int:
+        """Upper bound on the depth (the deepest node may be shallower)."""
         return self.paths.shape[1] - 1
 
     def children(self, node: int) -> list[int]:
@@ -53,45 +55,41 @@ class DraftTree:
         return (self.parents == node).nonzero().flatten().tolist()
 
 
-def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor | None = None) -> DraftTree:
-    """Builds a `DraftTree` from per-node tokens and parent indices.
+def tree_from_parents(
+    tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor | None = None, max_depth: int | None = None
+) -> DraftTree:
+    """Builds a `DraftTree` from per-node tokens and parent indices, on their device without host syncs.
 
     Args:
         tokens: `(T,)` token ids; node 0 is the root.
         parents: `(T,)` parent indices, `parents[0] == -1` and `parents[i] < i` for every other node.
         scores: optional `(T,)` cumulative draft scores (zeros when omitted).
+        max_depth: an upper bound on the tree's depth (default `T - 1`); `paths` gets `max_depth + 1` columns,
+            so a fixed bound gives fixed shapes.
     """
     num_nodes = tokens.shape[0]
-    parents_list = parents.tolist()
-    if parents_list[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents_list) if i > 0):
-        raise ValueError("tree parents must satisfy parents[0] == -1 and 0 <= parents[i] < i")
     device = tokens.device
-    depths = [0] * num_nodes
-    ancestors = torch.zeros(num_nodes, num_nodes, dtype=torch.bool)
-    ancestors[0, 0] = True
-    for i in range(1, num_nodes):
-        p = parents_list[i]
-        depths[i] = depths[p] + 1
-        ancestors[i] = ancestors[p]
-        ancestors[i, i] = True
-    is_leaf = torch.ones(num_nodes, dtype=torch.bool)
-    is_leaf[parents[1:].cpu()] = False
-    leaves = is_leaf.nonzero().flatten().tolist()
-    max_depth = max(depths)
-    paths = torch.full((len(leaves), max_depth + 1), -1, dtype=torch.long)
-    for row, leaf in enumerate(leaves):
-        chain = ancestors[leaf].nonzero().flatten()  # ancestors are in index order = depth order
-        paths[row, : chain.numel()] = chain
+    parents = parents.to(device)
+    if max_depth is None:
+        max_depth = num_nodes - 1
+        if not (parents[0] == -1 and bool((parents[1:] < torch.arange(1, num_nodes, device=device)).all())
+                and bool((parents[1:] >= 0).all())):
+            raise ValueError("tree parents must satisfy parents[0] == -1 and 0 <= parents[i] < i")
+    index = torch.arange(num_nodes, device=device)
+    ancestors = torch.eye(num_nodes, dtype=torch.bool, device=device)
+    depths = torch.zeros(num_nodes, dtype=torch.long, device=device)
+    current = parents.clone()
+    for _ in range(max_depth):  # walk every node up to the root at once
+        valid = current >= 0
+        ancestors |= (index[None, :] == current[:, None]) & valid[:, None]
+        depths += valid.long()
+        current = torch.where(valid, parents[current.clamp(min=0)], current)
+    # path to every node: its ancestors in index order (= depth order), padded with -1
+    ordered = torch.where(ancestors, index[None, :], num_nodes).sort(dim=1).values[:, : max_depth + 1]
+    paths = torch.where(ordered < num_nodes, ordered, -1)
     if scores is None:
         scores = torch.zeros(num_nodes, device=device)
-    return DraftTree(
-        tokens=tokens,
-        parents=parents.to(device),
-        depths=torch.tensor(depths, device=device),
-        scores=scores,
-        ancestor_mask=ancestors.to(device),
-        paths=paths.to(device),
-    )
+    return DraftTree(tokens=tokens, parents=parents, depths=depths, scores=scores, ancestor_mask=ancestors, paths=paths)
 
 
 # draft_step(tokens (n,), parent_hidden (n, d), position (int), ancestor_mask (n, m)) -> (hidden (n, d), log_probs (n, V))
@@ -183,15 +181,13 @@ def build_dynamic_tree(
     node_of_candidate = torch.full((tokens.shape[0] + 1,), -2, dtype=torch.long, device=device)
     node_of_candidate[keep] = torch.arange(1, keep_count + 1, device=device)
     node_of_candidate[-1] = 0  # parent -1 (the root) indexes the last slot
-    node_parents = node_of_candidate[parents[keep]]
-    if bool((node_parents < 0).any()):
-        raise RuntimeError("internal error: the kept draft candidates do not form a connected tree")
+    node_parents = node_of_candidate[parents[keep]]  # a node never outranks its parent, so all are kept
 
     root = torch.as_tensor(root_token, dtype=torch.long, device=device).reshape(1)
     node_tokens = torch.cat([root, tokens[keep]])
     node_scores = torch.cat([torch.zeros(1, device=device), scores[keep]])
     node_parents = torch.cat([torch.full((1,), -1, dtype=torch.long, device=device), node_parents])
-    return tree_from_parents(node_tokens, node_parents, node_scores)
+    return tree_from_parents(node_tokens, node_parents, node_scores, max_depth=depth + 1)
 
 
 def tree_attention_mask(

@@ -45,7 +45,7 @@ class Acceptance:
 
 
 def accept_greedy(tree: DraftTree, target_scores: torch.Tensor) -> Acceptance:
-    """Greedy verification.
+    """Greedy verification (one device-to-host transfer).
 
     Args:
         tree: the draft tree, `T` nodes.
@@ -56,12 +56,17 @@ def accept_greedy(tree: DraftTree, target_scores: torch.Tensor) -> Acceptance:
     matches = torch.ones_like(tree.tokens, dtype=torch.bool)
     matches[1:] = tree.tokens[1:] == choice[tree.parents[1:]]
     valid = tree.paths >= 0
-    path_ok = matches[tree.paths.clamp(min=0)] & valid  # (P, D+1)
+    path_ok = matches[tree.paths.clamp(min=0)] & valid  # (T, D+1): path to each node
     accepted_len = path_ok.long().cumprod(dim=-1).sum(dim=-1)  # counts the root
     best = accepted_len.argmax()
-    nodes = tree.paths[best, : int(accepted_len[best])]
-    next_token = choice[nodes[-1]]
-    return Acceptance(nodes=nodes.tolist(), next_token=int(next_token))
+    last = tree.paths[best].gather(0, (accepted_len[best] - 1).reshape(1))
+    return _to_host(tree.paths[best], accepted_len[best], choice[last[0]])
+
+
+def _to_host(path: torch.Tensor, length: torch.Tensor, next_token: torch.Tensor) -> Acceptance:
+    """Packs the accepted path and the next token into one transfer."""
+    packed = torch.cat([length.reshape(1), next_token.reshape(1), path]).tolist()
+    return Acceptance(nodes=packed[2 : 2 + packed[0]], next_token=packed[1])
 
 
 def sibling_acceptance_probs(tree: DraftTree, target_probs: torch.Tensor) -> torch.Tensor:
@@ -90,25 +95,23 @@ def sibling_acceptance_probs(tree: DraftTree, target_probs: torch.Tensor) -> tor
     return probs
 
 
-def residual_distribution(probs: torch.Tensor, rejected_tokens: torch.Tensor) -> torch.Tensor:
+def residual_distribution(probs: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """The target distribution with the rejected draft tokens removed and the rest renormalised.
 
     Args:
         probs: `(V,)` target probabilities at a node.
-        rejected_tokens: `(r,)` token ids of the children rejected there.
+        rejected: `(V,)` bool, the tokens of the children rejected there.
     """
-    residual = probs.clone()
-    residual[rejected_tokens] = 0.0
+    residual = probs.masked_fill(rejected, 0.0)
     total = residual.sum()
-    if total <= 0:  # only reachable through rounding: every token was drafted and rejected
-        return probs
-    return residual / total
+    # only through rounding can every token have been drafted and rejected: fall back to p itself
+    return torch.where(total > 0, residual / total.clamp(min=torch.finfo(probs.dtype).tiny), probs)
 
 
 def accept_sampling(
     tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None = None
 ) -> Acceptance:
-    """Lossless sampling verification of a deterministic (top-k) draft tree.
+    """Lossless sampling verification of a deterministic (top-k) draft tree (one device-to-host transfer).
 
     Args:
         tree: the draft tree, `T` nodes, siblings in the order they are tried.
@@ -117,29 +120,30 @@ def accept_sampling(
         generator: optional torch generator for the uniforms and the final draw.
     """
     device = target_probs.device
+    num_nodes = tree.num_nodes
     accept_prob = sibling_acceptance_probs(tree, target_probs)
-    uniforms = torch.rand(tree.num_nodes, device=device, generator=generator, dtype=target_probs.dtype)
+    uniforms = torch.rand(num_nodes, device=device, generator=generator, dtype=target_probs.dtype)
     accepted = uniforms < accept_prob
     accepted[0] = True
 
     # first accepted child of every node (num_nodes where none), then walk down from the root
-    num_nodes = tree.num_nodes
     candidate = torch.where(accepted[1:], torch.arange(1, num_nodes, device=device), num_nodes)
     first_child = torch.full((num_nodes + 1,), num_nodes, dtype=torch.long, device=device)
     if num_nodes > 1:
         first_child.scatter_reduce_(0, tree.parents[1:], candidate, reduce="amin")
-    walk = [torch.zeros((), dtype=torch.long, device=device)]
+    node = torch.zeros((), dtype=torch.long, device=device)
+    walk = [node]
     for _ in range(tree.max_depth):
-        walk.append(first_child[walk[-1]])
-    walk_list = torch.stack(walk).tolist()
-    nodes = []
-    for node in walk_list:
-        if node == num_nodes:
-            break
-        nodes.append(node)
+        node = torch.where(node < num_nodes, first_child[node.clamp(max=num_nodes)], node)
+        walk.append(node)
+    walk = torch.stack(walk)
+    length = (walk < num_nodes).sum()
+    last = walk[length - 1]
 
-    last = nodes[-1]
-    rejected = tree.tokens[tree.parents == last]
+    # every child of the last accepted node was rejected: draw from p there without them
+    is_child = (tree.parents == last).long()
+    rejected = torch.zeros(target_probs.shape[-1], dtype=torch.long, device=device)
+    rejected = rejected.scatter_reduce(0, tree.tokens, is_child, reduce="amax").bool()
     distribution = residual_distribution(target_probs[last], rejected)
     next_token = torch.multinomial(distribution, 1, generator=generator)
-    return Acceptance(nodes=nodes, next_token=int(next_token))
+    return _to_host(walk.clamp(max=num_nodes - 1), length, next_token)

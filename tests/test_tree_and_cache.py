@@ -89,7 +89,7 @@ def test_tree_mask_and_positions():
         [False, True, True, True, True, False, True],
     ]
     assert tree_position_ids(tree, 10).tolist() == [[10, 11, 11, 12]]
-    assert sorted(tree.paths.tolist()) == [[0, 1, 3], [0, 2, -1]]
+    assert tree.paths.tolist() == [[0, -1, -1, -1], [0, 1, -1, -1], [0, 2, -1, -1], [0, 1, 3, -1]]
 
 
 def test_tree_from_parents_rejects_a_child_before_its_parent():
