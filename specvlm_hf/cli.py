@@ -14,6 +14,8 @@ import sys
 # command name -> module exposing `register(subparsers)`
 COMMANDS = {
     "generate": "specvlm_hf.commands.generate",
+    "push": "specvlm_hf.commands.push",
+    "demo": "specvlm_hf.commands.demo",
 }
 
 
