@@ -41,13 +41,14 @@ COLOURS = {
     "orange": (245, 135, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-SIZES = {"small": 0.22, "large": 0.36}  # radius as a fraction of a grid cell's side
+SIZES = {"small": 0.27, "large": 0.42}  # radius as a fraction of a grid cell's side
+SIZE_WORDS = {"small": ("small", "small", "little"), "large": ("large", "large", "big")}
 BACKGROUNDS = {"white": (245, 245, 245), "light grey": (195, 195, 195), "dark grey": (60, 60, 60)}
 PAPERS = {"white": (250, 248, 240), "pale yellow": (250, 240, 190), "pale blue": (215, 230, 250)}
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "centre", "right")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-TASK_WEIGHTS = {"scene": 0.25, "count": 0.17, "colour": 0.13, "position": 0.1, "read": 0.15, "text": 0.2}
+TASK_WEIGHTS = {"scene": 0.25, "count": 0.22, "colour": 0.15, "position": 0.12, "read": 0.12, "text": 0.14}
 MAX_SHAPES = 6
 MAX_ANSWER_CHARS = 700  # about 200 tokens of the mini tokenizer
 
@@ -162,16 +163,20 @@ def draw_scene(scene: Scene, rng: random.Random, image_size: int = IMAGE_SIZE) -
 
 def describe_shape(shape: Shape, rng: random.Random) -> str:
     """One sentence about one shape, in one of several wordings."""
-    thing = f"{shape.size} {shape.colour} {shape.kind}"
+    thing = f"{rng.choice(SIZE_WORDS[shape.size])} {shape.colour} {shape.kind}"
     place = where(shape, rng)
-    template = rng.randrange(4)
+    template = rng.randrange(6)
     if template == 0:
         return f"{capitalise(place)} there is {with_article(thing)}."
     if template == 1:
-        return f"{capitalise(with_article(thing))} sits {place}."
+        return f"{capitalise(with_article(thing))} {rng.choice(['sits', 'is placed', 'appears'])} {place}."
     if template == 2:
-        return f"{capitalise(place)} we see {with_article(thing)}."
-    return f"There is {with_article(thing)} {place}."
+        return f"{capitalise(place)} {rng.choice(['we see', 'you can see', 'I can see'])} {with_article(thing)}."
+    if template == 3:
+        return f"There is {with_article(thing)} {place}."
+    if template == 4:
+        return f"{capitalise(place)} is {with_article(thing)}."
+    return f"The {shape.kind} {place} is {shape.colour} and {shape.size}."
 
 
 def count_summary(scene: Scene) -> str:
@@ -191,10 +196,20 @@ def describe_scene(scene: Scene, rng: random.Random) -> str:
             f"This picture contains {number_word(n)} {plural('shape', n)} drawn on a {scene.background} background.",
             f"There {'is' if n == 1 else 'are'} {number_word(n)} {plural('shape', n)} in this image, set against a {scene.background} background.",
             f"I can see {number_word(n)} {plural('shape', n)} on a plain {scene.background} background.",
+            f"On a {scene.background} background, the image has {number_word(n)} simple {plural('shape', n)}.",
+            f"This is a simple drawing of {number_word(n)} {plural('shape', n)} over a {scene.background} background.",
         ]
     )
-    body = [describe_shape(shape, rng) for shape in scene.shapes]
-    closers = [f"In total there {'is' if n == 1 else 'are'} {count_summary(scene)}.", ""]
+    # Shapes are described in a random order: which one comes next is a genuine choice (not a template).
+    order = list(scene.shapes)
+    if rng.random() < 0.7:
+        rng.shuffle(order)
+    body = [describe_shape(shape, rng) for shape in order]
+    closers = [
+        f"In total there {'is' if n == 1 else 'are'} {count_summary(scene)}.",
+        f"Altogether the picture has {count_summary(scene)}.",
+        "",
+    ]
     colours = sorted({s.colour for s in scene.shapes})
     if n > 1:
         closers.append(f"The colours used are {join_words(colours)}.")
@@ -226,7 +241,9 @@ def count_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
         )
     k = len(matches)
     if k == 0:
-        others = count_summary(scene)
+        shuffled = list(scene.shapes)
+        rng.shuffle(shuffled)
+        others = join_words([with_article(f"{s.name} {where(s, rng)}") for s in shuffled])
         answer = rng.choice(
             [
                 f"There are zero {noun}s in the image. The picture only contains {others}.",
@@ -241,12 +258,16 @@ def count_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
             f"The answer is {number_word(k)}.",
         ]
     )
-    details = [f"{with_article(f'{s.size} {s.colour} {s.kind}')} {where(s, rng)}" for s in matches]
+    details = [f"{with_article(f'{rng.choice(SIZE_WORDS[s.size])} {s.colour} {s.kind}')} {where(s, rng)}" for s in matches]
+    rng.shuffle(details)
     explanation = rng.choice(
         [f"Looking at the image, I can see {join_words(details)}.", f"Specifically, there is {join_words(details)}."]
     )
-    if mode != "all" and len(matches) < len(scene.shapes):
-        explanation += f" The other {plural('shape', len(scene.shapes) - k)} in the picture {'is' if len(scene.shapes) - k == 1 else 'are'} not counted."
+    rest = [s for s in scene.shapes if s not in matches]
+    if rest:
+        rng.shuffle(rest)
+        names = join_words([with_article(s.name) for s in rest])
+        explanation += rng.choice([f" The rest of the picture, {names}, is not counted.", f" I did not count {names}."])
     return question, f"{first} {explanation}", str(k)
 
 
@@ -272,6 +293,7 @@ def colour_question(scene: Scene, rng: random.Random) -> tuple[str, str, str] | 
         ]
     )
     others = [s for s in scene.shapes if s != shape]
+    rng.shuffle(others)
     if others:
         answer += f" The image also contains {join_words([with_article(s.name) for s in others])}."
     return question, answer, shape.colour
@@ -366,7 +388,7 @@ def text_task(rng: random.Random) -> tuple[str, str]:
     """A text-only instruction answered from the documentation corpus."""
     topic = rng.choice(load_corpus())
     paragraphs = topic["paragraphs"]
-    mode = rng.choice(["explain", "continue", "continue", "source"])
+    mode = rng.choice(["explain", "quote", "continue", "continue", "source"])
     if mode == "explain":
         question = rng.choice(
             [
@@ -375,8 +397,15 @@ def text_task(rng: random.Random) -> tuple[str, str]:
                 f"Give me a short explanation of {topic['title']} from the Python reference.",
             ]
         )
-        return question, _truncate_sentences([s for p in paragraphs for s in p], MAX_ANSWER_CHARS // 2)
+        first = rng.randrange(min(3, len(paragraphs)))  # one of the opening paragraphs
+        return question, _truncate_sentences([s for p in paragraphs[first:] for s in p], MAX_ANSWER_CHARS // 2)
     flat = [s for p in paragraphs for s in p]
+    if mode == "quote":
+        question = rng.choice(
+            [f"Quote a sentence from the Python documentation about {topic['title']}.", f"Give me one line of the Python reference on {topic['title']}."]
+        )
+        return question, f'Here is one: "{rng.choice(flat)}" It comes from the section "{topic["title"]}".'
+
     i = rng.randrange(len(flat))
     if mode == "source" or i == len(flat) - 1:
         question = f'Which part of the Python documentation does this sentence come from? "{flat[i]}"'
