@@ -32,9 +32,17 @@ def cache_layers(cache) -> list:
     return list(layers)
 
 
+def is_static_layer(layer) -> bool:
+    return hasattr(layer, "cumulative_length") and torch.is_tensor(layer.cumulative_length)
+
+
 def cache_length(cache) -> int:
-    """Number of tokens held by the cache (its first layer)."""
-    return int(cache.get_seq_length())
+    """Number of tokens held by the cache (read from tensor shapes for dynamic caches: no device sync)."""
+    layer = cache_layers(cache)[0]
+    if is_static_layer(layer):
+        return int(cache.get_seq_length())
+    keys = getattr(layer, "keys", None)
+    return 0 if keys is None or keys.dim() < 2 else keys.shape[-2]
 
 
 def compact_kv(cache, prefix_length: int, kept_nodes: torch.Tensor | list[int]) -> None:
@@ -56,7 +64,7 @@ def compact_kv(cache, prefix_length: int, kept_nodes: torch.Tensor | list[int]) 
     for layer in layers:
         if layer.keys.device != src.device:  # layers split over several GPUs
             src = src.to(layer.keys.device)
-        if hasattr(layer, "cumulative_length") and torch.is_tensor(layer.cumulative_length):
+        if is_static_layer(layer):
             # static layer: fixed buffers, rewrite in place and move the write position back
             dst = torch.arange(prefix_length, new_length, device=src.device)
             layer.keys.index_copy_(2, dst, layer.keys.index_select(2, src))
@@ -71,13 +79,13 @@ def compact_kv(cache, prefix_length: int, kept_nodes: torch.Tensor | list[int]) 
 
 def crop_kv(cache, length: int) -> None:
     """Drops every cached token after the first `length` (no-op when the cache is not longer)."""
-    extra = cache_length(cache) - length
-    if extra <= 0:
-        return
     for layer in cache_layers(cache):
-        if hasattr(layer, "cumulative_length") and torch.is_tensor(layer.cumulative_length):
-            layer.cumulative_length.fill_(length)  # static layer: 5.17 has no `crop` for it
-        else:
+        if is_static_layer(layer):
+            if layer.is_initialized:
+                layer.cumulative_length.fill_(length)  # no device sync; 5.17 has no `crop` for static layers
+            continue
+        extra = (layer.keys.shape[-2] if getattr(layer, "keys", None) is not None and layer.keys.dim() > 1 else 0) - length
+        if extra > 0:
             layer.crop(-extra)  # a negative count drops a suffix on every transformers 5.x release
 
 

@@ -17,13 +17,20 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .compressor import prompt_layouts, question_features
-from .kv_cache import cache_argument_name, cache_layers, cache_length, compact_kv, crop_kv
-from .target import FeatureTap, unwrap_target
-from .tree import DraftTree, additive_mask, build_dynamic_tree, tree_attention_mask, tree_position_ids
+from .kv_cache import cache_argument_name, cache_layers, compact_kv, crop_kv
+from .target import FeatureTap, text_model_of, unwrap_target
+from .tree import (
+    DraftTree,
+    additive_mask,
+    build_dynamic_tree,
+    tree_attention_mask,
+    tree_position_ids,
+    visible_slots,
+)
 from .verify import accept_greedy, accept_sampling
 
 
@@ -217,20 +224,39 @@ def append_until_stop(
     return input_ids, len(tokens), False
 
 
-def score_tree(model, tap: FeatureTap, tree: DraftTree, cache, prefix_mask, root_position: int, cache_kw: str):
-    """One target forward over all tree nodes after the cached prefix.
+class TreeVerifier:
+    """Scores a tree with the target: one forward of its text model over all nodes after the cached prefix.
 
-    Returns:
-        `(T, V)` float32 logits and `(T, d)` final hidden states (the draft's true features) of the nodes.
+    The text model is called directly (the VLM wrapper adds nothing once the image is in the cache), so the
+    final hidden states come back with the logits. With `compile=True` (CUDA, static cache) the forward is
+    compiled with CUDA graphs: every round has the same shapes (a fixed tree size, masks as wide as the cache).
     """
-    outputs = model(
-        input_ids=tree.tokens[None],
-        attention_mask=tree_attention_mask(tree, prefix_mask, tap.text_model.dtype),
-        position_ids=tree_position_ids(tree, root_position),
-        use_cache=True,
-        **{cache_kw: cache},
-    )
-    return outputs.logits[0].float(), tap.last_hidden_state[0]
+
+    def __init__(self, target, static_length: int | None = None, compile: bool = False):
+        model = unwrap_target(target)
+        self.text_model = text_model_of(model)
+        self.lm_head = model.get_output_embeddings()
+        self.cache_kw = cache_argument_name(self.text_model.forward)
+        self.static_length = static_length
+        self.dtype = self.lm_head.weight.dtype
+        self.forward = torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if compile else self._forward
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache):
+        hidden = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+            **{self.cache_kw: cache},
+        ).last_hidden_state
+        return self.lm_head(hidden).float(), hidden
+
+    def __call__(self, tree: DraftTree, cache, prefix_mask: torch.Tensor, root_position: int):
+        """Returns `(T, V)` float32 logits and `(T, d)` final hidden states (the draft's true features)."""
+        logits, hidden = self.forward(
+            tree.tokens[None],
+            tree_attention_mask(tree, prefix_mask, self.dtype, self.static_length),
+            tree_position_ids(tree, root_position),
+            cache,
+        )
+        return logits[0].clone(), hidden[0].clone()  # copies: compiled outputs are reused by the next replay
 
 
 def _select_token(scores: torch.Tensor, do_sample: bool) -> int:
@@ -285,12 +311,59 @@ def prompt_pairs(target, draft, prompt_ids, prompt_embeds, prompt_features, firs
     )
 
 
-class _DraftRunner:
-    """Runs the draft over its own KV cache: catch-up on the target's features, then tree steps."""
+def draft_tree_step(draft, token_embeds, parent_hidden, attention_mask, position_ids, cache):
+    """One draft forward over a tree level: `(1, n, d)` inputs -> `(n, d)` hidden states, `(n, V)` log-probs."""
+    hidden = draft.decode(
+        draft.fuse(token_embeds, parent_hidden), attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=cache, use_cache=True,
+    )[0]
+    return hidden, torch.log_softmax(draft.lm_head(hidden).float(), dim=-1)
 
-    def __init__(self, draft, mask: torch.Tensor):
+
+class StaticState:
+    """The fast path's fixed buffers: static KV caches for target and draft, and the tree verifier and draft
+    step, compiled with CUDA graphs on a GPU. Kept on the draft and reused by later `generate` calls with the
+    same target and length, so the graphs are captured once.
+
+    Args:
+        target, draft: the models.
+        length: slots of each static cache (`max_length` plus room for one tree).
+        compile: compile the tree verifier and the draft's tree step (`mode="reduce-overhead"`).
+    """
+
+    def __init__(self, target, draft, length: int, compile: bool):
+        self.key = (id(target), length, compile)
+        self.length = length
+        text_config = unwrap_target(target).config.get_text_config(decoder=True)
+        self.target_cache = StaticCache(config=text_config, max_cache_len=length)
+        self.draft_cache = StaticCache(config=draft.config.text_config, max_cache_len=length)
+        self.verifier = TreeVerifier(target, length, compile)
+        self.draft_step = torch.compile(draft_tree_step, mode="reduce-overhead", dynamic=False) if compile else draft_tree_step
+
+    @classmethod
+    def for_call(cls, target, draft, needed_length: int, compile: bool) -> "StaticState":
+        """The draft's state for this call (rebuilt only when the target, the length or `compile` changes;
+        lengths are rounded up to a multiple of 256 so that nearby budgets share one set of graphs)."""
+        length = -(-needed_length // 256) * 256
+        state = getattr(draft, "_specvlm_static_state", None)
+        if state is None or state.key != (id(target), length, compile):
+            state = cls(target, draft, length, compile)
+            draft._specvlm_static_state = state
+        state.target_cache.reset()
+        state.draft_cache.reset()
+        return state
+
+
+class _DraftRunner:
+    """Runs the draft over its own KV cache: prompt prefill and catch-up on the target's features, then tree
+    steps. With `static_length`, the cache is a `StaticCache` of that length and tree-step masks span it; with
+    `compile=True` (CUDA) the tree step, whose shapes are the same at every depth, runs as a CUDA graph."""
+
+    def __init__(self, draft, mask: torch.Tensor, static: "StaticState | None" = None):
         self.draft = draft
-        self.cache = DynamicCache(config=draft.config.text_config)
+        self.cache = static.draft_cache if static else DynamicCache(config=draft.config.text_config)
+        self.static_length = static.length if static else None
+        self.step = static.draft_step if static else draft_tree_step
         self.mask = mask  # (Ld,) bool, real (non-padding) cached draft entries
         self.dtype = draft.fc.weight.dtype
 
@@ -311,19 +384,9 @@ class _DraftRunner:
         Returns:
             the last pair's predicted feature `(d,)` and its draft log-probabilities `(V,)`.
         """
-        q = token_embeds.shape[1]
-        real = self.mask.new_ones(q) if real is None else real
-        self.mask = torch.cat([self.mask, real])
-        out = self.draft(
-            inputs_embeds=token_embeds,
-            hidden_states=features,
-            attention_mask=self.mask[None].long(),
-            position_ids=positions[None],
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        last = out.last_hidden_state[0, -1]
-        return last, torch.log_softmax(self.draft.lm_head(last).float(), dim=-1)
+        fused = self.draft.fuse(token_embeds, features)[0]
+        real = self.mask.new_ones(fused.shape[0]) if real is None else real
+        return self._append(fused, positions, real)
 
     def prefill(self, prompt: "PromptPairs"):
         """Runs the draft over a prompt's pairs (visual ones compressed); returns the last pair's predicted
@@ -332,16 +395,23 @@ class _DraftRunner:
         fused, positions, real, info = self.draft.compress_prompt(
             fused, prompt.positions, prompt.real, prompt.visual, prompt.layouts, prompt.question
         )
-        self.mask = torch.cat([self.mask, real])
+        return (*self._append(fused, positions, real), info)
+
+    def _append(self, fused: torch.Tensor, positions: torch.Tensor, real: torch.Tensor):
+        past = self.mask
+        self.mask = torch.cat([past, real])
+        q = fused.shape[0]
+        causal = torch.ones(q, q, dtype=torch.bool, device=fused.device).tril()
+        visible = visible_slots(past, causal & real[None, :], self.static_length)
         hidden = self.draft.decode(
             fused[None],
-            attention_mask=self.mask[None].long(),
+            attention_mask=additive_mask(visible, self.dtype)[None, None],
             position_ids=positions[None],
             past_key_values=self.cache,
             use_cache=True,
         )
         last = hidden[0, -1]
-        return last, torch.log_softmax(self.draft.lm_head(last).float(), dim=-1), info
+        return last, torch.log_softmax(self.draft.lm_head(last).float(), dim=-1)
 
     def tree_step_fn(self, root_position: int):
         """The `draft_step` callable of `build_dynamic_tree` for a round whose root is at `root_position`."""
@@ -349,17 +419,16 @@ class _DraftRunner:
 
         def step(tokens, parent_hidden, level, ancestor_mask):
             n = tokens.shape[0]
-            visible = torch.cat([prefix[None, :].expand(n, -1), ancestor_mask], dim=1)
-            out = self.draft(
-                inputs_embeds=self.draft.embed(tokens)[None],
-                hidden_states=parent_hidden[None],
-                attention_mask=additive_mask(visible, self.dtype)[None, None],
-                position_ids=torch.full((1, n), root_position - 1 + level, device=tokens.device),
-                past_key_values=self.cache,
-                use_cache=True,
+            visible = visible_slots(prefix, ancestor_mask, self.static_length)
+            hidden, log_probs = self.step(
+                self.draft,
+                self.draft.embed(tokens)[None],
+                parent_hidden[None],
+                additive_mask(visible, self.dtype)[None, None],
+                torch.full((1, n), root_position - 1 + level, device=tokens.device),
+                self.cache,
             )
-            hidden = out.last_hidden_state[0]
-            return hidden, torch.log_softmax(self.draft.lm_head(hidden).float(), dim=-1)
+            return hidden.clone(), log_probs.clone()  # compiled outputs are reused by the next replay
 
         return step
 
@@ -474,91 +543,98 @@ def tree_assisted_decoding(
     stats = draft.stats = SpecVLMStats(mode="tree", prompt_tokens=input_ids.shape[1])
     clock = PhaseClock(input_ids.device)
     host_rule = host_stop_rule(stopping_criteria)
+    prompt_mask, prompt_positions = prefix_positions(input_ids, model_kwargs)
+    static = None
+    if generation_config.cache_implementation == "static":  # the fast path: static caches (+ CUDA graphs)
+        compile = input_ids.device.type == "cuda" and not getattr(generation_config, "disable_compile", False)
+        needed = generation_config.max_length + max(config.tree_total_tokens, config.tree_depth * config.tree_top_k + 1)
+        static = StaticState.for_call(model, draft, needed, compile)
+        cache_key = next(key for key in ("cache", "past_key_values") if model_kwargs.get(key) is not None)
+        model_kwargs[cache_key] = static.target_cache
     cache = model_cache(model_kwargs)
     cache_layers(cache)  # refuses sliding-window caches early
-    cache_kw = cache_argument_name(unwrap_target(model).forward)
-    prompt_mask, prompt_positions = prefix_positions(input_ids, model_kwargs)
+    verifier = static.verifier if static else TreeVerifier(model)
 
+    # 1. prefill: the same call plain `generate` makes, so the first token is bit-identical; the tap records
+    # the prompt's merged input embeddings and final hidden states for the draft
     with FeatureTap(model) as tap:
-        # 1. prefill: the same call plain `generate` makes, so the first token is bit-identical
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
-        first_logits = outputs.logits[:, -1].to(dtype=torch.float32, copy=True)
-        first_scores = logits_processor(input_ids, first_logits)
-        token = _select_token(first_scores[0], do_sample)
         prompt_embeds, prompt_features = tap.inputs_embeds, tap.last_hidden_state
-        del outputs
-        if want_scores:
-            scores_out.append(first_scores)
-        if want_logits:
-            logits_out.append(first_logits)
-        input_ids, _, finished = append_until_stop(input_ids, [token], stopping_criteria, host_rule)
+    first_logits = outputs.logits[:, -1].to(dtype=torch.float32, copy=True)
+    first_scores = logits_processor(input_ids, first_logits)
+    token = _select_token(first_scores[0], do_sample)
+    del outputs
+    if want_scores:
+        scores_out.append(first_scores)
+    if want_logits:
+        logits_out.append(first_logits)
+    input_ids, _, finished = append_until_stop(input_ids, [token], stopping_criteria, host_rule)
+    if streamer is not None:
+        streamer.put(input_ids[:, -1:].cpu())
+    clock.lap("prefill")
+
+    # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
+    runner = _DraftRunner(draft, prompt_mask.new_zeros(0), static)
+    target_mask = prompt_mask.clone()  # real tokens of the target's cache (the draft's may be compressed)
+    root_position = int(prompt_positions[-1]) + 1
+    if not finished:
+        pairs = prompt_pairs(
+            model, draft, input_ids[:, :-1], prompt_embeds, prompt_features, input_ids[:, -1:],
+            prompt_mask, prompt_positions, model_kwargs.get("image_sizes"),
+        )
+        root_hidden, root_log_probs, info = runner.prefill(pairs)
+        stats.visual_branch = info["branch"]
+        stats.draft_visual_tokens = info["draft_visual_tokens"]
+        stats.target_visual_tokens = info["target_visual_tokens"]
+        clock.lap("draft")
+
+    # 3. rounds
+    while not finished:
+        tree = build_dynamic_tree(
+            input_ids[0, -1],
+            root_log_probs,
+            root_hidden,
+            runner.tree_step_fn(root_position),
+            top_k=config.tree_top_k,
+            depth=config.tree_depth,
+            total_tokens=config.tree_total_tokens,
+        )
+        runner.rewind()
+        clock.lap("draft")
+
+        prefix_length = target_mask.numel()
+        logits, features = verifier(tree, cache, target_mask, root_position)
+        scores = processed_scores(tree, input_ids, logits, logits_processor)
+        if do_sample:
+            acceptance = accept_sampling(tree, torch.softmax(scores, dim=-1))
+        else:
+            acceptance = accept_greedy(tree, scores)
+        nodes = acceptance.nodes
+        input_ids, appended, finished = append_until_stop(input_ids, acceptance.tokens, stopping_criteria, host_rule)
+        kept = nodes[:appended]  # the cache holds every token but the newest
+        compact_kv(cache, prefix_length, kept)
+        target_mask = torch.cat([target_mask, target_mask.new_ones(len(kept))])
         if streamer is not None:
-            streamer.put(input_ids[:, -1:].cpu())
-        clock.lap("prefill")
+            streamer.put(input_ids[:, -appended:].cpu())
+        if want_scores:
+            scores_out.extend(scores[n][None] for n in kept)
+        if want_logits:
+            logits_out.extend(logits[n][None] for n in kept)
+        stats.rounds += 1
+        stats.accepted_per_round.append(appended)
+        clock.lap("verify")
+        if finished:
+            break
 
-        # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
-        runner = _DraftRunner(draft, prompt_mask.new_zeros(0))
-        target_mask = prompt_mask.clone()  # real tokens of the target's cache (the draft's may be compressed)
-        root_position = int(prompt_positions[-1]) + 1
-        if not finished:
-            pairs = prompt_pairs(
-                model, draft, input_ids[:, :-1], prompt_embeds, prompt_features, input_ids[:, -1:],
-                prompt_mask, prompt_positions, model_kwargs.get("image_sizes"),
-            )
-            root_hidden, root_log_probs, info = runner.prefill(pairs)
-            stats.visual_branch = info["branch"]
-            stats.draft_visual_tokens = info["draft_visual_tokens"]
-            stats.target_visual_tokens = info["target_visual_tokens"]
-            clock.lap("draft")
-
-        # 3. rounds
-        while not finished:
-            tree = build_dynamic_tree(
-                input_ids[0, -1],
-                root_log_probs,
-                root_hidden,
-                runner.tree_step_fn(root_position),
-                top_k=config.tree_top_k,
-                depth=config.tree_depth,
-                total_tokens=config.tree_total_tokens,
-            )
-            runner.rewind()
-            clock.lap("draft")
-
-            prefix_length = cache_length(cache)
-            logits, features = score_tree(model, tap, tree, cache, target_mask, root_position, cache_kw)
-            scores = processed_scores(tree, input_ids, logits, logits_processor)
-            if do_sample:
-                acceptance = accept_sampling(tree, torch.softmax(scores, dim=-1))
-            else:
-                acceptance = accept_greedy(tree, scores)
-            nodes = acceptance.nodes
-            new_tokens = tree.tokens[nodes[1:]].tolist() + [acceptance.next_token]
-            input_ids, appended, finished = append_until_stop(input_ids, new_tokens, stopping_criteria, host_rule)
-            kept = nodes[:appended]  # the cache holds every token but the newest
-            compact_kv(cache, prefix_length, kept)
-            target_mask = torch.cat([target_mask, target_mask.new_ones(len(kept))])
-            if streamer is not None:
-                streamer.put(input_ids[:, -appended:].cpu())
-            if want_scores:
-                scores_out.extend(scores[n][None] for n in kept)
-            if want_logits:
-                logits_out.extend(logits[n][None] for n in kept)
-            stats.rounds += 1
-            stats.accepted_per_round.append(appended)
-            clock.lap("verify")
-            if finished:
-                break
-
-            # draft catch-up on the target's true features of the root and the accepted nodes
-            kept_index = torch.tensor(kept, device=features.device)
-            root_hidden, root_log_probs = runner.catch_up(
-                draft.embed(input_ids[:, -appended:]),
-                features[kept_index][None],
-                torch.arange(root_position, root_position + appended, device=input_ids.device),
-            )
-            root_position += appended
-            clock.lap("draft")
+        # draft catch-up on the target's true features of the root and the accepted nodes
+        kept_index = torch.tensor(kept, device=features.device)
+        root_hidden, root_log_probs = runner.catch_up(
+            draft.embed(input_ids[:, -appended:]),
+            features[kept_index][None],
+            torch.arange(root_position, root_position + appended, device=input_ids.device),
+        )
+        root_position += appended
+        clock.lap("draft")
 
     if streamer is not None:
         streamer.end()

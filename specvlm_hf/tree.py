@@ -194,6 +194,7 @@ def tree_attention_mask(
     tree: DraftTree,
     prefix_mask: torch.Tensor,
     dtype: torch.dtype,
+    width: int | None = None,
 ) -> torch.Tensor:
     """Additive 4-D attention mask for scoring the tree after a cached prefix.
 
@@ -202,13 +203,20 @@ def tree_attention_mask(
         prefix_mask: `(L,)` bool, which cached prefix positions are real tokens (False for left padding).
         dtype: floating dtype of the model (the mask is additive: 0 where visible, the dtype's minimum
             elsewhere, which both the eager and the sdpa attention accept).
+        width: for a static cache, its length: the slots after the tree are masked.
     Returns:
-        `(1, 1, T, L + T)` mask.
+        `(1, 1, T, L + T)` mask, or `(1, 1, T, width)`.
     """
-    visible = torch.cat(
-        [prefix_mask.to(tree.ancestor_mask.device)[None, :].expand(tree.num_nodes, -1), tree.ancestor_mask], dim=1
-    )
-    return additive_mask(visible, dtype)[None, None]
+    return additive_mask(visible_slots(prefix_mask, tree.ancestor_mask, width), dtype)[None, None]
+
+
+def visible_slots(prefix_mask: torch.Tensor, block_mask: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """`(q, width)` bool: every query sees the real prefix slots, then its own block columns; padded to `width`."""
+    q = block_mask.shape[0]
+    parts = [prefix_mask.to(block_mask.device)[None, :].expand(q, -1), block_mask]
+    if width is not None:
+        parts.append(block_mask.new_zeros(q, width - prefix_mask.shape[0] - block_mask.shape[1]))
+    return torch.cat(parts, dim=1)
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -33,10 +33,12 @@ class Acceptance:
             token from the previous round).
         next_token: the token the target produces after the last accepted node (the "bonus" token when
             a whole path was accepted, the correction otherwise).
+        tokens: the tokens the round adds: those of the accepted nodes after the root, then `next_token`.
     """
 
     nodes: list[int]
     next_token: int
+    tokens: list[int]
 
     @property
     def num_accepted_drafts(self) -> int:
@@ -60,13 +62,17 @@ def accept_greedy(tree: DraftTree, target_scores: torch.Tensor) -> Acceptance:
     accepted_len = path_ok.long().cumprod(dim=-1).sum(dim=-1)  # counts the root
     best = accepted_len.argmax()
     last = tree.paths[best].gather(0, (accepted_len[best] - 1).reshape(1))
-    return _to_host(tree.paths[best], accepted_len[best], choice[last[0]])
+    return _to_host(tree, tree.paths[best], accepted_len[best], choice[last[0]])
 
 
-def _to_host(path: torch.Tensor, length: torch.Tensor, next_token: torch.Tensor) -> Acceptance:
-    """Packs the accepted path and the next token into one transfer."""
-    packed = torch.cat([length.reshape(1), next_token.reshape(1), path]).tolist()
-    return Acceptance(nodes=packed[2 : 2 + packed[0]], next_token=packed[1])
+def _to_host(tree: DraftTree, path: torch.Tensor, length: torch.Tensor, next_token: torch.Tensor) -> Acceptance:
+    """Packs the accepted path, its tokens and the next token into one device-to-host transfer."""
+    path = path.clamp(min=0)
+    packed = torch.cat([length.reshape(1), next_token.reshape(1), path, tree.tokens[path]]).tolist()
+    length, next_token, width = packed[0], packed[1], path.numel()
+    nodes = packed[2 : 2 + length]
+    tokens = packed[2 + width + 1 : 2 + width + length] + [next_token]
+    return Acceptance(nodes=nodes, next_token=next_token, tokens=tokens)
 
 
 def sibling_acceptance_probs(tree: DraftTree, target_probs: torch.Tensor) -> torch.Tensor:
@@ -146,4 +152,4 @@ def accept_sampling(
     rejected = rejected.scatter_reduce(0, tree.tokens, is_child, reduce="amax").bool()
     distribution = residual_distribution(target_probs[last], rejected)
     next_token = torch.multinomial(distribution, 1, generator=generator)
-    return _to_host(walk.clamp(max=num_nodes - 1), length, next_token)
+    return _to_host(tree, walk.clamp(max=num_nodes - 1), length, next_token)

@@ -109,3 +109,19 @@ def test_tree_settings_change_the_tree_not_the_output():
         draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = top_k, depth, total
         assert_same(target, inputs, {"do_sample": False, "max_new_tokens": 24, "min_new_tokens": 24}, assistant_model=draft)
         assert max(draft.stats.accepted_per_round) <= depth + 2
+
+
+@pytest.mark.parametrize("target_name", ["llava", "llava-eager-gqa-tied", "next-gqa"])
+def test_static_cache_fast_path_matches_plain_generate(target_name):
+    """`cache_implementation="static"` selects the fast path (static caches; CUDA graphs on a GPU)."""
+    target = build_target(target_name)
+    generator = torch.Generator().manual_seed(21)
+    for case, draft_kind in enumerate(DRAFTS + ("oracle",)):
+        draft = build_draft(target, draft_kind, "tree")
+        inputs = random_inputs(target, generator, text_tokens=3 + case)
+        kwargs = generation_kwargs(case)
+        reference = target.generate(**inputs, **kwargs)
+        fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+        assert fast.tolist() == reference.tolist()
+        assert draft._specvlm_static_state.length >= kwargs["max_new_tokens"] + inputs["input_ids"].shape[1]
+    assert max(draft.stats.accepted_per_round) >= 3
