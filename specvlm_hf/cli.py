@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": "specvlm_hf.commands.generate",
     "push": "specvlm_hf.commands.push",
     "demo": "specvlm_hf.commands.demo",
+    "train": "specvlm_hf.commands.train",
 }
 
 

@@ -1,0 +1,41 @@
+"""`specvlm train`: train a SpecVLM / EagleVLM draft for a VLM target by online logit distillation.
+
+    specvlm train --data data.json --output-dir out                      # EagleVLM draft for the mini VLM
+    specvlm train --target llava-hf/llava-1.5-7b-hf --data mix665k.json --image-folder images \
+        --compressor select --num-epochs 3 --output-dir llava-draft
+    accelerate launch --num_processes 2 -m specvlm_hf.cli train ...       # data-parallel on 2 GPUs
+
+Every option comes from `specvlm_hf.training.DistillConfig` (the Python API takes the same fields).
+"""
+
+from __future__ import annotations
+
+
+def register(subparsers):
+    from specvlm_hf.training.config import add_config_arguments
+
+    parser = subparsers.add_parser(
+        "train", help="Train a draft for a target by online logit distillation.", description=__doc__.split("\n\n")[0]
+    )
+    add_config_arguments(parser)
+    parser.set_defaults(func=_run)
+
+
+def _run(args):
+    import torch
+
+    from specvlm_hf.training import DistillTrainer
+    from specvlm_hf.training.config import config_from_args
+
+    config = config_from_args(args)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    metrics = DistillTrainer(config).train()
+    evals = metrics.get("eval", [])
+    if evals:
+        last = evals[-1]
+        print("sigma by epoch: " + "; ".join(
+            f"{e['epoch']:g}: " + ", ".join(f"{m} {s:.2f}" for m, s in e["sigma"].items()) for e in evals))
+        print(f"final depth agreement: {' '.join(f'{a:.3f}' for a in last['depth_agreement'])}")
+    print(f"draft saved to {metrics.get('final_draft')}; metrics in {config.output_dir}/metrics.json")
+    return 0

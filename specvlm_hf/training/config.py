@@ -1,0 +1,143 @@
+"""`DistillConfig`: every option of draft training, defined once (the Python API and `specvlm train` share it).
+
+`add_config_arguments(parser, DistillConfig)` turns the dataclass into command-line options (one per field,
+with its default and help); `config_from_args` turns parsed arguments back into the dataclass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+
+def option(default, help: str, choices: tuple | None = None):
+    """A dataclass field with its help text (and allowed values) for the command line."""
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class DistillConfig:
+    """Online logit distillation of a SpecVLM / EagleVLM draft from a frozen VLM target (one config per run).
+
+    Loss on assistant tokens: `lambda_logit * soft-CE(draft logits, teacher logits) + lambda_feat *
+    SmoothL1(draft feature, target feature)` (+ `cost_weight * expected visual fraction` with a gated
+    compressor). See `docs/training.md`.
+    """
+
+    # ---- models
+    target: str = option("mini", "Target VLM: a folder or Hub id of a LLaVA-style model, or 'mini' for the built-in mini VLM.")
+    target_dtype: str = option("float32", "dtype the target is loaded in.", ("float32", "bfloat16", "float16"))
+    adapter: str | None = option(None, "A PEFT adapter (folder) applied to the target; the adapted model is the teacher.")
+    attn_implementation: str = option("sdpa", "Attention backend of the target and the draft.", ("sdpa", "eager"))
+    draft: str | None = option(None, "Continue from this draft folder (its config, compressor included, is kept); default: a fresh draft sized to the target.")
+    num_draft_layers: int = option(1, "Decoder layers of a fresh draft.")
+    compressor: str = option("none", "Visual compressor of a fresh draft ('none' = EagleVLM).", ("none", "fixed", "select", "weighted", "concat"))
+    compressor_branches: str | None = option(None, "Comma-separated branches for select/concat, e.g. 'prune@4,pool@4,conv@3,resampler@2,text' (default: the compressor's).")
+    compressor_fixed: str = option("pool@4", "The branch of compressor='fixed'.")
+    compressor_ratio: float = option(3.0, "Compression ratio of compressor='weighted'.")
+    gumbel_temperature: float = option(1.0, "Gumbel-softmax temperature of the gated compressor.")
+    cost_weight: float = option(0.0, "Penalty on the gate's expected fraction of visual tokens kept (a fresh draft's compressor cost_weight).")
+    # ---- data
+    data: str = option("", "Training data: a LLaVA-format JSON file (with --image-folder) or a Hugging Face `datasets` folder.")
+    image_folder: str | None = option(None, "Folder that the records' 'image' paths are relative to (default: the JSON file's folder, then its images/ subfolder).")
+    eval_data: str | None = option(None, "Held-out data for evaluation (same formats); default: the last --eval-examples records of --data.")
+    eval_examples: int = option(16, "Held-out prompts for the per-epoch evaluation.")
+    max_examples: int | None = option(None, "Use at most this many training records.")
+    max_length: int = option(2048, "Longest training sequence in tokens (longer ones are cut).")
+    # ---- optimisation
+    output_dir: str = option("specvlm-draft", "Folder for checkpoints, the final draft, metrics.json and the scaling-curve plot.")
+    num_epochs: int = option(1, "Passes over the training data.")
+    max_steps: int | None = option(None, "Stop after this many optimizer steps (default: num_epochs full passes).")
+    per_device_batch_size: int = option(8, "Sequences per micro-batch on each device.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step (global batch = this x per-device batch x devices).")
+    learning_rate: float = option(8e-5, "Peak AdamW learning rate (the paper: 8e-5 for 7B targets).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.95, "AdamW beta2.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    lr_scheduler: str = option("constant", "Learning-rate schedule after warm-up.", ("constant", "linear", "cosine"))
+    warmup_steps: int = option(0, "Linear warm-up steps.")
+    max_grad_norm: float = option(0.5, "Gradient clipping norm (0 disables).")
+    lambda_logit: float = option(0.1, "Weight of the soft cross-entropy against the teacher's logits.")
+    lambda_feat: float = option(1.0, "Weight of the SmoothL1 regression of the target's final features.")
+    feature_noise: float = option(0.0, "Augmentation: noise added to the target features the draft reads (0 disables).")
+    feature_noise_type: str = option("uniform", "Noise distribution: uniform in [-a/2, a/2] or gaussian with std a.", ("uniform", "gaussian"))
+    unroll_steps: int = option(1, "Train k >= 1 steps ahead: step j feeds the draft its own step j-1 predictions as the features of the answer tokens (beyond the paper).")
+    unroll_detach: bool = option(True, "Stop gradients through the fed-back predictions of unrolled steps.")
+    bf16: bool = option(True, "bf16 autocast on CUDA (ignored on CPU).")
+    seed: int = option(0, "Seed of the initialisation, the data order and the augmentation.")
+    # ---- checkpoints, logging, evaluation
+    save_steps: int = option(500, "Write a checkpoint every this many optimizer steps (and at the end of each epoch).")
+    save_total_limit: int = option(2, "Checkpoints kept (older ones are deleted).")
+    resume: bool = option(False, "Continue from the latest checkpoint in output_dir (weights, optimizer, scheduler, RNG, data position).")
+    log_steps: int = option(10, "Record the loss every this many optimizer steps.")
+    eval_each_epoch: bool = option(True, "After each epoch: measure sigma with the real decoder on held-out prompts, and per-depth agreement.")
+    eval_before_training: bool = option(False, "Also evaluate the untrained draft (epoch 0).")
+    eval_modes: str = option("tree", "Comma-separated decoding modes measured at each evaluation: tree, chain.")
+    eval_max_new_tokens: int = option(64, "New tokens per held-out prompt when measuring sigma.")
+    eval_depths: int = option(4, "Depths of the per-depth top-1 agreement.")
+    num_workers: int = option(0, "Data-loader worker processes per device.")
+    device: str = option("auto", "'auto' (the Accelerate device: cuda if available), 'cpu' or 'cuda'.")
+    progress_bar: bool = option(True, "Show a progress bar with loss and token agreement.")
+
+    def __post_init__(self):
+        if self.unroll_steps < 1:
+            raise ValueError(f"unroll_steps must be >= 1, got {self.unroll_steps}")
+        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("per_device_batch_size and gradient_accumulation_steps must be >= 1")
+        modes = [m for m in self.eval_modes.split(",") if m]
+        if any(m not in ("tree", "chain") for m in modes):
+            raise ValueError(f"eval_modes takes tree and/or chain, got {self.eval_modes!r}")
+
+    def compressor_settings(self) -> dict:
+        """The `compressor` dict of a fresh draft's config."""
+        settings = {"mode": self.compressor, "gumbel_temperature": self.gumbel_temperature, "cost_weight": self.cost_weight}
+        if self.compressor_branches:
+            settings["branches"] = [b.strip() for b in self.compressor_branches.split(",") if b.strip()]
+        if self.compressor == "fixed":
+            settings["fixed"] = self.compressor_fixed
+        if self.compressor == "weighted":
+            settings["ratio"] = self.compressor_ratio
+        return settings
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------- command line
+def _base_type(annotation):
+    """`int | None` -> (int, True); `str` -> (str, False). Annotations are strings under `from __future__`."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"typing": typing}, {})  # our own field annotations only
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        kinds = [a for a in args if a is not type(None)]
+        return kinds[0], True
+    return annotation, False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=DistillConfig) -> argparse.ArgumentParser:
+    """Adds one `--option-name` per dataclass field (its default, help and choices)."""
+    for f in dataclasses.fields(cls):
+        kind, optional = _base_type(f.type)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(
+                flag, dest=f.name, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text,
+                metavar=f.name.upper() if f.metadata.get("choices") is None else None,
+            )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, cls=DistillConfig):
+    """The dataclass from parsed arguments (extra attributes such as `func` are ignored)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

@@ -1,0 +1,253 @@
+"""The distillation objective: the frozen target's teacher pass, the draft's view of the batch, and the loss.
+
+For a sequence x_0..x_{n-1} the target yields merged input embeddings e_t and final post-norm features f_t.
+The draft reads pairs (e_{t+1}, f_t), t = 0..n-2, at the target's position ids; its output at pair t
+predicts f_{t+1} (SmoothL1) and, through the target's `lm_head`, the distribution of x_{t+2} (soft
+cross-entropy against the teacher's logits there). The loss is taken where x_{t+2} is an answer token.
+
+With a visual compressor the prompt pairs go through `draft.compress_prompt` exactly as at inference
+(`speculative.prompt_pairs` + `_DraftRunner.prefill`); the answer pairs follow uncompressed, as the
+draft's catch-up on accepted tokens does.
+
+Unrolled training (`unroll_steps = k > 1`, beyond the paper): step j feeds the draft, at every answer pair,
+its own step j-1 prediction of that pair's feature instead of the target's, as inside a draft tree; the
+prompt keeps the target's features (at inference the prefix always has them). This is an approximation:
+the draft's context holds predicted features for all earlier answer tokens too, where a tree's context
+holds them only for the node's ancestors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compressor import prompt_layouts, question_features
+from ..target import FeatureTap, unwrap_target
+
+
+@dataclass
+class TeacherOutputs:
+    """What the frozen target gives a batch: `inputs_embeds` and `features` `(B, L, d)`."""
+
+    inputs_embeds: torch.Tensor
+    features: torch.Tensor
+
+
+@torch.no_grad()
+def teacher_forward(target: nn.Module, batch: dict) -> TeacherOutputs:
+    """One no-grad target forward over a right-padded batch, recording e and f with `FeatureTap`."""
+    model = unwrap_target(target)
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False, "logits_to_keep": 1}
+    if batch.get("pixel_values") is not None:
+        kwargs["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    if batch.get("image_sizes") is not None:
+        kwargs["image_sizes"] = batch["image_sizes"]
+    with FeatureTap(target) as tap:
+        target(**kwargs)
+        return TeacherOutputs(tap.inputs_embeds.detach(), tap.last_hidden_state.detach())
+
+
+@dataclass
+class DraftSequences:
+    """The draft's input rows for a batch (prompt compressed when the draft has a compressor).
+
+    Attributes:
+        fused: `(B, S, d)` fused inputs (target features); token_embeds: `(B, S, d)` e_{t+1} of each answer
+            row (zero elsewhere), to refuse rows with fed-back features when unrolling.
+        attention_mask: `(B, S)` long; position_ids: `(B, S)`.
+        answer_rows: `(B, S)` bool, rows of answer pairs (t >= first answer token index).
+        loss_rows: `(N, 2)` (b, row) of the rows with a loss; loss_pairs: `(N, 2)` (b, t) of their pairs.
+        expected_fraction: per compressed example, the gate's expected kept fraction (differentiable).
+    """
+
+    fused: torch.Tensor
+    token_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    answer_rows: torch.Tensor
+    loss_rows: torch.Tensor
+    loss_pairs: torch.Tensor
+    expected_fraction: list = field(default_factory=list)
+
+
+def _noise(features: torch.Tensor, amount: float, kind: str) -> torch.Tensor:
+    if amount <= 0:
+        return features
+    if kind == "gaussian":
+        return features + amount * torch.randn_like(features)
+    return features + amount * (torch.rand_like(features) - 0.5)
+
+
+def draft_sequences(draft, target_config, batch: dict, teacher: TeacherOutputs, noise: float = 0.0, noise_type: str = "uniform") -> DraftSequences:
+    """Builds the draft's input rows for a batch (see the module docstring)."""
+    input_ids, mask, labels = batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]
+    dtype = draft.fc.weight.dtype
+    embeds = teacher.inputs_embeds.to(dtype)
+    features = _noise(teacher.features.to(dtype), noise, noise_type)
+    token_embeds = embeds[:, 1:]  # (B, L-1, d): e_{t+1}
+    fused = draft.fuse(token_embeds, features[:, :-1])
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, :-1]
+    pair_real = mask[:, 1:]
+    pair_loss = torch.zeros_like(pair_real)
+    pair_loss[:, :-1] = labels[:, 2:] & mask[:, 2:]  # pair t predicts x_{t+2}
+    lengths = mask.sum(-1)
+    # index of the first answer token per example (= number of prompt pairs, as at inference)
+    has_answer = labels.any(-1)
+    prompt_pairs = torch.where(has_answer, labels.float().argmax(-1), lengths - 1)
+    pair_index = torch.arange(pair_real.shape[1], device=mask.device)[None]
+    answer_rows = (pair_index >= prompt_pairs[:, None]) & pair_real
+
+    if draft.compressor is None:
+        return DraftSequences(
+            fused=fused,
+            token_embeds=token_embeds * answer_rows[..., None],
+            attention_mask=pair_real.long(),
+            position_ids=positions,
+            answer_rows=answer_rows,
+            loss_rows=pair_loss.nonzero(),
+            loss_pairs=pair_loss.nonzero(),
+        )
+
+    image_token = getattr(target_config, "image_token_id", None)
+    images_per_example = batch.get("images_per_example")
+    image_sizes = batch.get("image_sizes")
+    first_image = 0
+    rows, row_embeds, row_positions, row_answer, loss_rows, loss_pairs, expected = [], [], [], [], [], [], []
+    for b in range(input_ids.shape[0]):
+        n_pairs = int(lengths[b]) - 1
+        n_prompt = int(prompt_pairs[b])
+        is_image = input_ids[b, :n_prompt] == image_token
+        visual = input_ids[b, 1 : n_prompt + 1] == image_token
+        count = int(images_per_example[b]) if images_per_example is not None else 0
+        sizes = image_sizes[first_image : first_image + count] if image_sizes is not None else None
+        first_image += count
+        real = torch.ones(n_prompt, dtype=torch.bool, device=mask.device)
+        if bool(visual.any()):
+            compressed, compressed_positions, _, info = draft.compress_prompt(
+                fused[b, :n_prompt], positions[b, :n_prompt], real, visual,
+                prompt_layouts(target_config, visual, sizes),
+                question_features(teacher.features[b, :n_prompt], real, is_image),
+            )
+            if info["expected_fraction"] is not None:
+                expected.append(info["expected_fraction"])
+            last_visual = int(visual.nonzero().max())
+        else:
+            compressed, compressed_positions, last_visual = fused[b, :n_prompt], positions[b, :n_prompt], -1
+        m = compressed.shape[0]
+        rows.append(torch.cat([compressed, fused[b, n_prompt:n_pairs]]))
+        row_positions.append(torch.cat([compressed_positions, positions[b, n_prompt:n_pairs]]))
+        row_embeds.append(torch.cat([torch.zeros_like(compressed), token_embeds[b, n_prompt:n_pairs]]))
+        row_answer.append(torch.arange(m + n_pairs - n_prompt, device=mask.device) >= m)
+        pairs = pair_loss[b, :n_pairs].nonzero().flatten()
+        pairs = pairs[pairs > last_visual]  # pairs inside the compressed image do not exist for the draft
+        loss_pairs.append(torch.stack([torch.full_like(pairs, b), pairs], -1))
+        loss_rows.append(torch.stack([torch.full_like(pairs, b), pairs - n_prompt + m], -1))
+    width = max(r.shape[0] for r in rows)
+
+    def pad(pieces, value=0):
+        return torch.stack([F.pad(p, (0, 0, 0, width - p.shape[0]) if p.dim() == 2 else (0, width - p.shape[0]), value=value) for p in pieces])
+
+    real_rows = torch.stack([torch.arange(width, device=mask.device) < r.shape[0] for r in rows])
+    return DraftSequences(
+        fused=pad(rows),
+        token_embeds=pad(row_embeds),
+        attention_mask=real_rows.long(),
+        position_ids=pad(row_positions),
+        answer_rows=pad(row_answer, False),
+        loss_rows=torch.cat(loss_rows),
+        loss_pairs=torch.cat(loss_pairs),
+        expected_fraction=expected,
+    )
+
+
+@dataclass
+class ObjectiveOutput:
+    """Loss and metrics of one micro-batch (metrics are detached floats; per-step lists have one entry per
+    unrolled step)."""
+
+    loss: torch.Tensor
+    logit_loss: float = 0.0
+    feature_loss: float = 0.0
+    cost: float = 0.0
+    agreement: list = field(default_factory=list)  # top-1 agreement with the teacher at each step
+    rows: list = field(default_factory=list)  # answer tokens scored at each step
+    visual_fraction: float | None = None
+
+
+class DistillationObjective(nn.Module):
+    """The draft plus its training loss, as one module (what Accelerate / DDP wraps).
+
+    The target is not a submodule: it stays frozen and unreplicated; only its text config is kept here
+    (the draft borrows its embedding and `lm_head`).
+
+    Args:
+        draft: a `SpecVLMDraftModel` bound to the target.
+        target_config: the target's config (image token id, LLaVA-NeXT grid settings).
+        lambda_logit, lambda_feat: loss weights. feature_noise, feature_noise_type: augmentation.
+        unroll_steps, unroll_detach: unrolled training (see the module docstring).
+    """
+
+    def __init__(self, draft, target_config, lambda_logit=0.1, lambda_feat=1.0, feature_noise=0.0,
+                 feature_noise_type="uniform", unroll_steps=1, unroll_detach=True):
+        super().__init__()
+        self.draft = draft
+        self.target_config = target_config
+        self.lambda_logit, self.lambda_feat = lambda_logit, lambda_feat
+        self.feature_noise, self.feature_noise_type = feature_noise, feature_noise_type
+        self.unroll_steps, self.unroll_detach = unroll_steps, unroll_detach
+        self.cost_weight = float((draft.config.compressor or {}).get("cost_weight", 0.0) or 0.0)
+
+    def forward(self, batch: dict, teacher: TeacherOutputs, unroll_steps: int | None = None) -> ObjectiveOutput:
+        draft = self.draft
+        steps = unroll_steps or self.unroll_steps
+        noise = self.feature_noise if self.training else 0.0
+        seq = draft_sequences(draft, self.target_config, batch, teacher, noise, self.feature_noise_type)
+        b_pair, t_pair = seq.loss_pairs[:, 0], seq.loss_pairs[:, 1]
+        b_row, r_row = seq.loss_rows[:, 0], seq.loss_rows[:, 1]
+        target_features = teacher.features[b_pair, t_pair + 1]
+        head = draft.get_output_embeddings()
+        with torch.no_grad():
+            teacher_logits = head(target_features).float()
+            teacher_probs = teacher_logits.softmax(-1)
+            teacher_top1 = teacher_logits.argmax(-1)
+
+        fused = seq.fused
+        total = fused.new_zeros((), dtype=torch.float32)
+        out = ObjectiveOutput(loss=total)
+        logit_sum = feature_sum = 0.0
+        for step in range(1, steps + 1):
+            predicted = draft.decode(fused, attention_mask=seq.attention_mask, position_ids=seq.position_ids, use_cache=False)
+            keep = torch.ones_like(b_row, dtype=torch.bool) if step == 1 else seq.answer_rows[b_row, r_row]
+            rows = predicted[b_row[keep], r_row[keep]]
+            if rows.shape[0]:
+                logits = draft.lm_head(rows.to(head.weight.dtype)).float()
+                logit_loss = -(teacher_probs[keep] * logits.log_softmax(-1)).sum(-1).mean()
+                feature_loss = F.smooth_l1_loss(rows.float(), target_features[keep].float())
+                total = total + self.lambda_logit * logit_loss + self.lambda_feat * feature_loss
+                agree = (logits.argmax(-1) == teacher_top1[keep]).float().mean().item()
+                logit_sum += logit_loss.item()
+                feature_sum += feature_loss.item()
+            else:  # no answer token in this micro-batch: keep the graph (and DDP's gradient sync) intact
+                total = total + 0.0 * predicted.float().sum()
+                agree = 0.0
+            out.agreement.append(agree)
+            out.rows.append(int(rows.shape[0]))
+            if step < steps:  # feed the predictions back as the next step's answer features
+                fed = predicted.detach() if self.unroll_detach else predicted
+                previous = torch.cat([torch.zeros_like(fed[:, :1]), fed[:, :-1]], dim=1)  # row r reads row r-1's output
+                refused = draft.fuse(seq.token_embeds, previous)
+                fused = torch.where(seq.answer_rows[..., None], refused, seq.fused)
+        total = total / steps
+        if seq.expected_fraction:
+            fraction = torch.stack(seq.expected_fraction).mean()
+            out.visual_fraction = fraction.item()
+            if self.cost_weight:
+                cost = self.cost_weight * fraction
+                total = total + cost
+                out.cost = cost.item()
+        out.loss = total
+        out.logit_loss, out.feature_loss = logit_sum / steps, feature_sum / steps
+        return out

@@ -1,0 +1,403 @@
+"""`DistillTrainer`: online logit distillation of a draft from a frozen VLM target, on Hugging Face Accelerate.
+
+    from specvlm_hf.training import DistillConfig, DistillTrainer
+    DistillTrainer(DistillConfig(data="data.json", output_dir="out", num_epochs=3)).train()
+
+Each optimizer step, on every process: the target (frozen, no grad) reads a micro-batch and gives the
+teacher's features; the draft (and its compressor) learns from them (`objective.DistillationObjective`).
+`accelerate launch --num_processes N -m specvlm_hf.cli train ...` runs the same code data-parallel (DDP):
+each process takes its slice of every global batch, so a global batch holds the same examples for any
+number of processes. After each epoch the main process measures sigma with the real decoder on held-out
+prompts (`evaluation.measure_sigma`) and per-depth agreement, and redraws the scaling curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from ..modeling_specvlm_draft import SpecVLMDraftModel
+from ..target import unwrap_target
+from .checkpoint import latest_checkpoint, load_draft_weights, rng_state, save_checkpoint, set_rng_state
+from .config import DistillConfig
+from .data import Collator, ConversationDataset, ImageResolver, first_prompt, load_records, record_images
+from .evaluation import measure_sigma, plot_scaling_curve, prompt_inputs
+from .objective import DistillationObjective, teacher_forward
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN / inf loss or gradient; the last good checkpoint is kept."""
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_target(config: DistillConfig, device="cpu"):
+    """The frozen target and its processor: the built-in mini VLM or a LLaVA-style folder / Hub id (with an
+    optional PEFT adapter)."""
+    dtype = DTYPES[config.target_dtype]
+    if config.target == "mini":
+        from ..mini import load
+
+        target, processor = load(dtype=dtype, device=device)
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        target = AutoModelForImageTextToText.from_pretrained(
+            config.target, dtype=dtype, attn_implementation=config.attn_implementation
+        ).to(device)
+        processor = AutoProcessor.from_pretrained(config.target)
+    if config.adapter:
+        from peft import PeftModel
+
+        target = PeftModel.from_pretrained(target, config.adapter)
+    return target, processor
+
+
+def eos_token_ids(target, processor) -> set[int]:
+    ids = set()
+    for source in (getattr(unwrap_target(target), "generation_config", None), getattr(processor, "tokenizer", processor)):
+        value = getattr(source, "eos_token_id", None)
+        ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+    return ids
+
+
+class DistillTrainer:
+    """Trains a SpecVLM / EagleVLM draft for a target (see the module docstring).
+
+    Args:
+        config: every option of the run.
+        target, processor: a loaded target and processor (default: loaded from `config.target`).
+        draft: a draft to train (default: `config.draft`, or a fresh one sized to the target).
+        train_records, eval_records: records instead of `config.data` / `config.eval_data`.
+    """
+
+    def __init__(self, config: DistillConfig, target=None, processor=None, draft=None, train_records=None, eval_records=None):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.config = config
+        cuda = torch.cuda.is_available() and config.device != "cpu"
+        self.accelerator = Accelerator(
+            cpu=not cuda,
+            mixed_precision="bf16" if (config.bf16 and cuda) else "no",
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.compressor != "none" or draft is not None)],
+        )
+        device = self.accelerator.device
+        torch.manual_seed(config.seed)
+        if target is None:
+            target, processor = load_target(config, device)
+        self.target = target.to(device).eval().requires_grad_(False)
+        self.processor = processor
+        if draft is None:
+            if config.draft:
+                draft = SpecVLMDraftModel.from_pretrained(config.draft)
+            else:
+                draft = SpecVLMDraftModel.from_target(
+                    self.target, num_draft_layers=config.num_draft_layers, compressor=config.compressor_settings(),
+                    attn_implementation=config.attn_implementation,
+                )
+        draft.bind_target(self.target)
+        self.draft = draft.to(device=device, dtype=torch.float32).train()  # fp32 master weights; bf16 via autocast
+
+        # data
+        if train_records is None:
+            if not config.data:
+                raise ValueError("No training data: pass --data (a LLaVA JSON file or a datasets folder).")
+            train_records = load_records(config.data, config.max_examples)
+        if eval_records is None:
+            if config.eval_data:
+                eval_records = load_records(config.eval_data, config.eval_examples)
+            else:
+                held = min(config.eval_examples, max(len(train_records) // 10, 1))
+                train_records, eval_records = train_records[:-held], train_records[-held:]
+        self.resolver = ImageResolver(config.image_folder, config.data or config.eval_data)
+        self.resolver.check(train_records + eval_records)
+        self.eos_ids = eos_token_ids(self.target, processor)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.collate = Collator(pad)
+        self.train_set = ConversationDataset(train_records, processor, self.resolver, self.eos_ids, config.max_length)
+        self.eval_set = ConversationDataset(eval_records, processor, self.resolver, self.eos_ids, config.max_length)
+        world = self.accelerator.num_processes
+        self.global_batch = config.per_device_batch_size * config.gradient_accumulation_steps * world
+        self.steps_per_epoch = len(self.train_set) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.train_set)} training records are fewer than one global batch ({self.global_batch} = "
+                f"{config.per_device_batch_size} per device x {config.gradient_accumulation_steps} accumulation x {world} "
+                "processes); lower the batch size or add data."
+            )
+        self.total_steps = self.steps_per_epoch * config.num_epochs
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+
+        # optimisation
+        self.objective = DistillationObjective(
+            self.draft, unwrap_target(self.target).config, config.lambda_logit, config.lambda_feat,
+            config.feature_noise, config.feature_noise_type, config.unroll_steps, config.unroll_detach,
+        )
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.draft.parameters() if p.requires_grad], lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, weight_decay=config.weight_decay,
+        )
+        from transformers import get_scheduler
+
+        name = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
+        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=self.total_steps)
+        self.model = self.accelerator.prepare(self.objective)
+
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.metrics = {"config": config.to_dict(), "processes": world, "global_batch": self.global_batch, "train": [], "eval": []}
+        self.output_dir = Path(config.output_dir)
+        if config.resume:
+            self._resume()
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _batches(self, epoch: int, start: int):
+        """This process's micro-batches of `epoch` from optimizer step `start` on (index lists, in order)."""
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train_set), generator=generator).tolist()
+        per, accum = self.config.per_device_batch_size, self.config.gradient_accumulation_steps
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        for step in range(start, self.steps_per_epoch):
+            chunk = order[step * self.global_batch : (step + 1) * self.global_batch]
+            for k in range(accum):
+                first = (k * world + rank) * per
+                yield chunk[first : first + per]
+
+    def _loader(self, dataset, batches):
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=list(batches), collate_fn=self.collate, num_workers=self.config.num_workers,
+            generator=torch.Generator().manual_seed(0),  # never draw from the global RNG (exact resume)
+            persistent_workers=False,
+        )
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {
+            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "metrics": self.metrics,
+        }
+
+    def save(self) -> Path | None:
+        """Writes a checkpoint of the current step (main process writes; every process's RNG is kept)."""
+        states = self.accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if self.accelerator.num_processes > 1 else [rng_state()]
+        path = None
+        if self.accelerator.is_main_process:
+            path = save_checkpoint(self.output_dir, self.step, self.accelerator.unwrap_model(self.model).draft, self._state(),
+                                   states, self.config.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _resume(self) -> None:
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            self.accelerator.print(f"--resume: no checkpoint in {self.output_dir}; starting from scratch.")
+            return
+        load_draft_weights(self.accelerator.unwrap_model(self.model).draft, checkpoint / "draft")
+        state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.metrics = state["metrics"]
+        rng_file = checkpoint / f"rng_state_{self.accelerator.process_index}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        self.accelerator.print(f"resumed from {checkpoint} (step {self.step}, epoch {self.epoch}, step {self.step_in_epoch} of it)")
+
+    def _write_metrics(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.output_dir / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(self.metrics, indent=1, default=str) + "\n")
+        os.replace(tmp, self.output_dir / "metrics.json")
+
+    # ------------------------------------------------------------------------------------------- training
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; returns its metrics."""
+        accum = len(micro_batches)
+        sums = {"loss": 0.0, "logit_loss": 0.0, "feature_loss": 0.0, "agreement": 0.0, "rows": 0, "tokens": 0}
+        fractions = []
+        for k, batch in enumerate(micro_batches):
+            with self.accelerator.autocast():
+                teacher = teacher_forward(self.target, batch)
+            sync = nullcontext() if k == accum - 1 else self.accelerator.no_sync(self.model)
+            with sync:
+                out = self.model(batch, teacher)
+                self.accelerator.backward(out.loss / accum)
+            sums["loss"] += out.loss.item() / accum
+            sums["logit_loss"] += out.logit_loss / accum
+            sums["feature_loss"] += out.feature_loss / accum
+            sums["agreement"] += out.agreement[0] * out.rows[0]
+            sums["rows"] += out.rows[0]
+            sums["tokens"] += int(batch["attention_mask"].sum())
+            if out.visual_fraction is not None:
+                fractions.append(out.visual_fraction)
+        grad_norm = None
+        if self.config.max_grad_norm:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
+        check = torch.tensor([sums["loss"], grad_norm if grad_norm is not None else 0.0], device=self.accelerator.device)
+        check = self.accelerator.reduce(check, reduction="sum")
+        if not bool(torch.isfinite(check).all()):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = latest_checkpoint(self.output_dir)
+            raise NonFiniteLossError(
+                f"Non-finite loss or gradient at step {self.step + 1} (loss {sums['loss']}, gradient norm {grad_norm}); "
+                f"stopped without updating the weights. The last good checkpoint is {last or 'none (no checkpoint yet)'}; "
+                "lower --learning-rate or --max-grad-norm, check the data, then continue with --resume."
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss": sums["loss"], "logit_loss": sums["logit_loss"], "feature_loss": sums["feature_loss"],
+            "agreement": sums["agreement"] / max(sums["rows"], 1), "grad_norm": grad_norm, "tokens": sums["tokens"],
+            "visual_fraction": sum(fractions) / len(fractions) if fractions else None,
+        }
+
+    def train(self) -> dict:
+        """Runs (or continues) training; returns the metrics (also in `output_dir/metrics.json`)."""
+        config, accelerator = self.config, self.accelerator
+        if config.eval_before_training and not self.metrics["eval"] and self.step == 0:
+            self.evaluate(epoch=0)
+        progress = None
+        if config.progress_bar and accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.step, desc="distill", dynamic_ncols=True)
+        window = {"loss": 0.0, "agreement": 0.0, "logit_loss": 0.0, "feature_loss": 0.0, "n": 0, "tokens": 0, "start": time.perf_counter()}
+        while self.epoch < config.num_epochs and self.step < self.total_steps:
+            micro = iter(self._loader(self.train_set, self._batches(self.epoch, self.step_in_epoch)))
+            while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+                batches = [self._to_device(next(micro)) for _ in range(config.gradient_accumulation_steps)]
+                result = self.train_step(batches)
+                self.step += 1
+                self.step_in_epoch += 1
+                for key in ("loss", "agreement", "logit_loss", "feature_loss"):
+                    window[key] += result[key]
+                window["n"] += 1
+                window["tokens"] += result["tokens"]
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{result['loss']:.4f}", agree=f"{result['agreement']:.3f}", epoch=self.epoch + 1)
+                if self.step % config.log_steps == 0 or self.step == self.total_steps:
+                    self._log(window, result)
+                    window = {k: 0 for k in window} | {"start": time.perf_counter()}
+                if config.save_steps and self.step % config.save_steps == 0:
+                    self.save()
+            if self.step_in_epoch >= self.steps_per_epoch or self.step >= self.total_steps:
+                epoch_done = self.step_in_epoch >= self.steps_per_epoch
+                fraction = self.step_in_epoch / self.steps_per_epoch
+                if config.eval_each_epoch:
+                    self.evaluate(epoch=self.epoch + fraction)
+                if epoch_done:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                self.save()
+                if not epoch_done:
+                    break
+        if progress is not None:
+            progress.close()
+        if accelerator.is_main_process:
+            final = self.output_dir / "draft"
+            accelerator.unwrap_model(self.model).draft.save_pretrained(final)
+            self.metrics["final_draft"] = str(final)
+        self._write_metrics()
+        accelerator.wait_for_everyone()
+        return self.metrics
+
+    def _log(self, window: dict, last: dict) -> None:
+        n = max(window["n"], 1)
+        seconds = time.perf_counter() - window["start"]
+        tokens = self.accelerator.reduce(torch.tensor(float(window["tokens"]), device=self.accelerator.device), "sum").item()
+        entry = {
+            "step": self.step, "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
+            "loss": window["loss"] / n, "logit_loss": window["logit_loss"] / n, "feature_loss": window["feature_loss"] / n,
+            "agreement": window["agreement"] / n, "lr": self.scheduler.get_last_lr()[0], "grad_norm": last["grad_norm"],
+            "tokens_per_second": tokens / max(seconds, 1e-9), "steps_per_second": n / max(seconds, 1e-9),
+        }
+        if last.get("visual_fraction") is not None:
+            entry["visual_fraction"] = last["visual_fraction"]
+        self.metrics["train"].append(entry)
+        self._write_metrics()
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def eval_prompts(self) -> list[dict]:
+        """Model inputs of the held-out records' first user turns."""
+        model = unwrap_target(self.target)
+        prompts = []
+        for index, record in enumerate(self.eval_set.records):
+            images = [self.resolver.open(image, record, index) for image in record_images(record)]
+            prompts.append(prompt_inputs(self.processor, first_prompt(self.processor, record), images, self.accelerator.device, model.dtype))
+        return prompts
+
+    @torch.no_grad()
+    def depth_agreement(self) -> tuple[list[float], float]:
+        """Top-1 agreement with the target at depths 1..eval_depths (unrolled, see `objective`) and the depth-1
+        loss, on the held-out conversations (teacher-forced)."""
+        objective = self.accelerator.unwrap_model(self.model)
+        objective.eval()
+        agree = [0.0] * self.config.eval_depths
+        rows = [0] * self.config.eval_depths
+        loss, batches = 0.0, 0
+        loader = self._loader(self.eval_set, [list(range(i, min(i + self.config.per_device_batch_size, len(self.eval_set))))
+                                              for i in range(0, len(self.eval_set), self.config.per_device_batch_size)])
+        for batch in loader:
+            batch = self._to_device(batch)
+            with self.accelerator.autocast():
+                teacher = teacher_forward(self.target, batch)
+                out = objective(batch, teacher, unroll_steps=self.config.eval_depths)
+            for d in range(self.config.eval_depths):
+                agree[d] += out.agreement[d] * out.rows[d]
+                rows[d] += out.rows[d]
+            loss += out.loss.item()
+            batches += 1
+        objective.train()
+        return [a / max(r, 1) for a, r in zip(agree, rows)], loss / max(batches, 1)
+
+    def evaluate(self, epoch: float) -> dict | None:
+        """Sigma per decoding mode with the real decoder, per-depth agreement; appended to the metrics and
+        drawn to `output_dir/scaling_curve.png`. Runs on the main process; the RNG of training is untouched."""
+        accelerator = self.accelerator
+        result = None
+        if accelerator.is_main_process:
+            devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                start = time.perf_counter()
+                draft = accelerator.unwrap_model(self.model).draft
+                prompts = self.eval_prompts()
+                sigma, details = {}, {}
+                for mode in [m for m in self.config.eval_modes.split(",") if m]:
+                    measured = measure_sigma(self.target, draft, prompts, mode, self.config.eval_max_new_tokens)
+                    sigma[mode] = measured["sigma"]
+                    details[mode] = measured
+                depth, eval_loss = self.depth_agreement()
+                result = {"epoch": epoch, "step": self.step, "sigma": sigma, "depth_agreement": depth, "eval_loss": eval_loss,
+                          "decoding": details, "seconds": time.perf_counter() - start}
+            self.metrics["eval"].append(result)
+            accelerator.print(
+                f"epoch {epoch:g}: sigma " + ", ".join(f"{m} {s:.3f}" for m, s in sigma.items())
+                + " | depth agreement " + " ".join(f"{a:.3f}" for a in depth)
+            )
+            self._write_metrics()
+            plot_scaling_curve(self.metrics, self.output_dir / "scaling_curve.png")
+        accelerator.wait_for_everyone()
+        return result
+
+
+def train(config: DistillConfig, **kwargs) -> dict:
+    """Builds a `DistillTrainer` and runs it; returns the metrics."""
+    return DistillTrainer(config, **kwargs).train()
