@@ -1,6 +1,6 @@
 """Train the mini VLM from scratch on generated data: tokenizer, processor and a stock LLaVA.
 
-    python -m specvlm_hf.mini.train --output_dir mini-vlm            # the shipped model (one H100, ~10 min)
+    python -m specvlm_hf.mini.train --output_dir mini-vlm            # the shipped recipe (one H100, ~7 min)
     python -m specvlm_hf.mini.train --help                           # every option of `MiniTrainConfig`
 
 Steps: (1) train the tokenizer on generated text and save the processor folder; (2) generate and encode
@@ -39,7 +39,7 @@ class MiniTrainConfig:
 
     output_dir: str = field(default="mini-vlm", metadata={"help": "Folder for the model and processor."})
     seed: int = field(default=0, metadata={"help": "Seed of the training data, the initialisation and the batch order."})
-    num_train_examples: int = field(default=200_000, metadata={"help": "Generated training examples (indices 0..N-1 of `seed`)."})
+    num_train_examples: int = field(default=350_000, metadata={"help": "Generated training examples (indices 0..N-1 of `seed`)."})
     tokenizer_examples: int = field(default=20_000, metadata={"help": "Examples whose text trains the tokenizer."})
     vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size, special tokens included."})
     image_size: int = field(default=128, metadata={"help": "Side of the square input images, in pixels."})
@@ -54,14 +54,14 @@ class MiniTrainConfig:
     num_kv_heads: int = field(default=4, metadata={"help": "Key/value heads of the Llama text model (GQA)."})
     max_position_embeddings: int = field(default=1024, metadata={"help": "Longest sequence the text model supports."})
     max_length: int = field(default=384, metadata={"help": "Training sequences are cut to this many tokens."})
-    batch_size: int = field(default=128, metadata={"help": "Examples per optimizer step."})
+    batch_size: int = field(default=256, metadata={"help": "Examples per optimizer step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     min_lr_ratio: float = field(default=0.05, metadata={"help": "Final learning rate as a fraction of the peak (cosine decay)."})
-    warmup_steps: int = field(default=200, metadata={"help": "Linear warm-up steps."})
+    warmup_steps: int = field(default=300, metadata={"help": "Linear warm-up steps."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on matrices."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    max_steps: int = field(default=8000, metadata={"help": "Optimizer steps (the run ends earlier if max_minutes is reached)."})
-    max_minutes: float = field(default=6.5, metadata={"help": "Wall-clock budget of the training loop, in minutes."})
+    max_steps: int = field(default=3200, metadata={"help": "Optimizer steps (the run ends earlier if max_minutes is reached)."})
+    max_minutes: float = field(default=10.0, metadata={"help": "Wall-clock budget of the training loop, in minutes."})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cuda' or 'cpu'."})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)."})
     save_dtype: str = field(default="bfloat16", metadata={"help": "dtype of the saved weights: bfloat16 or float32."})
