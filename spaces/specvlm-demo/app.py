@@ -93,7 +93,8 @@ def load_models(target: str | None = None, draft: str | None = None, device: str
     model = AutoModelForImageTextToText.from_pretrained(target, dtype=getattr(torch, dtype)).to(device).eval()
     processor = AutoProcessor.from_pretrained(target)
     spec_draft = SpecVLMDraftModel.from_pretrained(draft, dtype=getattr(torch, dtype)).to(device).eval()
-    return DemoModels(model, processor, spec_draft, str(target))
+    name = Path(target).name if Path(target).is_dir() else target  # a Hub id, or a local folder's name
+    return DemoModels(model, processor, spec_draft, name)
 
 
 # ---- input limits ----
@@ -222,7 +223,8 @@ def render_rounds(tokenizer, rounds: list[list[int]], coloured: bool, running: b
 
 
 def format_stats(plain: dict | None, spec: dict | None, draft=None, identical: bool | None = None) -> str:
-    """Markdown table of tokens/s, speedup, sigma and the compressor's chosen visual branch."""
+    """Markdown table of tokens/s and forwards so far; once both runs are done (`identical` given), the speedup,
+    sigma and the compressor's chosen visual branch of the draft's last call."""
     def tps(run):
         return f"{run['tokens'] / run['seconds']:.1f}" if run and run["seconds"] > 0 else "..."
 
@@ -230,7 +232,7 @@ def format_stats(plain: dict | None, spec: dict | None, draft=None, identical: b
              f"| tokens/s | {tps(plain)} | {tps(spec)} |",
              f"| new tokens | {plain['tokens'] if plain else '...'} | {spec['tokens'] if spec else '...'} |",
              f"| target forwards | {plain['rounds'] if plain else '...'} | {spec['rounds'] if spec else '...'} |"]
-    if plain and spec and spec["seconds"] > 0 and plain["seconds"] > 0:
+    if identical is not None and spec["seconds"] > 0 and plain["seconds"] > 0:
         speedup = (spec["tokens"] / spec["seconds"]) / (plain["tokens"] / plain["seconds"])
         stats = draft.stats
         branch = getattr(stats, "visual_branch", None) or "none"
@@ -238,7 +240,7 @@ def format_stats(plain: dict | None, spec: dict | None, draft=None, identical: b
             "",
             f"**speedup {speedup:.2f}x** &nbsp; **sigma {stats.sigma:.2f}** tokens per target forward &nbsp; "
             f"visual branch: **{branch}**"
-            + ("" if identical is None else f" &nbsp; outputs identical: **{'yes' if identical else 'NO'}**"),
+            + f" &nbsp; outputs identical: **{'yes' if identical else 'NO'}**",
         ]
     return "\n".join(lines)
 
@@ -295,7 +297,8 @@ def warm_up(models: DemoModels) -> None:
 # ---- the page ----
 
 CSS = """
-.tokens {font-family: ui-monospace, monospace; white-space: pre-wrap; min-height: 12em; line-height: 1.6;}
+.tokens {font-family: ui-monospace, monospace; white-space: pre-wrap; overflow-wrap: anywhere; min-height: 12em;
+         line-height: 1.6;}
 .tokens .round {border-radius: 3px; padding: 1px 0;}
 .tokens .cursor {animation: blink 1s steps(1) infinite;}
 @keyframes blink {50% {opacity: 0;}}
@@ -341,7 +344,7 @@ def build_demo(models: DemoModels, max_new_tokens_limit: int = MAX_NEW_TOKENS_LI
                         spec = gr.HTML(elem_id="specvlm-output")
                 stats = gr.Markdown(elem_id="stats")
         button.click(run, [image, prompt, max_new_tokens], [plain, spec, stats], concurrency_limit=1,
-                     concurrency_id="gpu")
+                     concurrency_id="gpu", api_name="compare")
     return demo
 
 
