@@ -17,6 +17,7 @@ COMMANDS = {
     "push": "specvlm_hf.commands.push",
     "demo": "specvlm_hf.commands.demo",
     "train": "specvlm_hf.commands.train",
+    "distill-data": "specvlm_hf.commands.distill_data",
 }
 
 
