@@ -12,7 +12,6 @@ from specvlm_hf.mini.data import (
     Scene,
     Shape,
     count_question,
-    draw_scene,
     make_example,
     write_dataset,
 )
