@@ -47,9 +47,7 @@ def _run(args):
             f"The demo app was not found at {APP_FILE}: `specvlm demo` runs spaces/specvlm-demo/app.py of a source "
             "checkout of specvlm-hf (git clone, then `pip install -e \".[demo]\"`)."
         )
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise SystemExit('The demo needs Gradio: pip install "specvlm-hf[demo]"') from None
+    if importlib.util.find_spec("gradio") is None:  # not imported here: the app sets Gradio's cache folder first
+        raise SystemExit('The demo needs Gradio: pip install "specvlm-hf[demo]"')
     app.run_from_args(args)
     return 0
