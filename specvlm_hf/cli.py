@@ -14,6 +14,7 @@ import sys
 # command name -> module exposing `register(subparsers)`
 COMMANDS = {
     "generate": "specvlm_hf.commands.generate",
+    "bench": "specvlm_hf.commands.bench",
     "push": "specvlm_hf.commands.push",
     "demo": "specvlm_hf.commands.demo",
     "train": "specvlm_hf.commands.train",

@@ -1,0 +1,267 @@
+"""`specvlm bench`: every decoding method side by side, in one process, on the same prompts.
+
+Methods (each skipped with a reason when what it needs is missing):
+
+| name | what |
+|---|---|
+| `plain` | `generate`, eager (the reference for the equality check) |
+| `plain-static` | `generate(cache_implementation="static")`: transformers compiles the decode step on a GPU |
+| `assisted-lm` | transformers' assisted generation with a small draft language model (`assistant_lm`) |
+| `prompt-lookup` | transformers' prompt-lookup decoding (`prompt_lookup_num_tokens=10`) |
+| `specvlm-chain` | a SpecVLM draft in chain mode, through transformers' assisted loop |
+| `eaglevlm-tree` | the EagleVLM draft (no compressor), EAGLE-2 tree |
+| `specvlm-tree` | the SpecVLM draft (with its compressor), EAGLE-2 tree |
+| `*-tree-static` | the same on the fast path (static caches; CUDA graphs on a GPU) |
+
+For each: tokens/s, speed-up over each baseline, sigma (tokens per target forward: rounds are counted
+from the streamer, so it is measured for every method), draft / verify time per round, peak GPU memory,
+the draft's KV-cache size, and whether greedy outputs equal plain `generate`. `projected_sigma` adds, for
+the tree methods, the speed-up that the measured round cost would give at that sigma (a projection,
+labelled as such), for targets whose real weights are not available here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+METHODS = (
+    "plain", "plain-static", "assisted-lm", "prompt-lookup", "specvlm-chain", "eaglevlm-tree", "specvlm-tree",
+    "eaglevlm-tree-static", "specvlm-tree-static",
+)
+
+
+class RoundCounter(BaseStreamer):
+    """Counts `put` calls after the prompt: one per target forward for every decoding method."""
+
+    def __init__(self):
+        self.puts = -1  # the first put is the prompt
+        self.tokens = 0
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts > 0:
+            self.tokens += value.numel()
+
+    def end(self):
+        pass
+
+
+@dataclass
+class MethodResult:
+    method: str
+    status: str = "ok"
+    new_tokens: int = 0
+    seconds: float = 0.0
+    target_forwards: int = 0
+    tokens_per_second: float = 0.0
+    sigma: float | None = None
+    speedup: dict = field(default_factory=dict)
+    draft_ms_per_round: float | None = None
+    verify_ms_per_round: float | None = None
+    round_ms: float | None = None
+    peak_memory_gb: float | None = None
+    draft_kv_mb: float | None = None
+    visual_branch: str | None = None
+    matches_plain: bool | None = None
+    projected: dict | None = None
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _draft_kv_mb(draft, stats) -> float:
+    """Bytes of the draft's KV cache at the end of a call: every cached pair (compressed image included)."""
+    text = draft.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * draft.fc.weight.element_size()
+    cached = stats.prompt_tokens - stats.target_visual_tokens + stats.draft_visual_tokens + stats.new_tokens
+    return cached * per_token / 2**20
+
+
+def method_kwargs(method: str, drafts: dict, assistant_lm=None) -> dict | str:
+    """`generate` kwargs of a method, or the reason it cannot run."""
+    if method == "plain":
+        return {}
+    if method == "plain-static":
+        return {"cache_implementation": "static"}
+    if method == "prompt-lookup":
+        return {"prompt_lookup_num_tokens": 10}
+    if method == "assisted-lm":
+        return {"assistant_model": assistant_lm} if assistant_lm is not None else "no --assistant-lm given"
+    family, mode = method.split("-")[0], method.split("-")[1]
+    draft = drafts.get(family)
+    if draft is None:
+        return f"no {family} draft given"
+    draft = copy.copy(draft)  # shares weights; its own config so that modes do not leak between methods
+    draft.config = copy.deepcopy(draft.config)
+    draft.config.decoding_mode = mode
+    kwargs = {"assistant_model": draft}
+    if method.endswith("-static"):
+        kwargs["cache_implementation"] = "static"
+    return kwargs
+
+
+def run_bench(
+    target,
+    cases: list[dict],
+    drafts: dict | None = None,
+    methods=METHODS,
+    max_new_tokens: int = 64,
+    assistant_lm=None,
+    projected_sigma: float | None = None,
+    warmup: bool = True,
+) -> dict:
+    """Runs every method on every case (greedy) and returns `{"methods": [MethodResult...], ...}`.
+
+    Args:
+        target: a VLM, `specvlm_hf.enable`d here.
+        cases: `generate` inputs (batch 1), e.g. from a processor.
+        drafts: `{"eaglevlm": draft, "specvlm": draft}` (either may be missing).
+        methods: names from `METHODS`.
+        projected_sigma: also project the tree methods' speed-up at this sigma.
+        warmup: run each method once, untimed, before measuring (compilation, caches).
+    """
+    import specvlm_hf
+
+    specvlm_hf.enable(target)
+    drafts = drafts or {}
+    device = next(target.parameters()).device
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown bench methods {sorted(unknown)}; choose from {list(METHODS)}")
+    reference = {}
+    results = []
+    for method in ["plain"] + [m for m in methods if m != "plain"]:
+        kwargs = method_kwargs(method, drafts, assistant_lm)
+        result = MethodResult(method)
+        if isinstance(kwargs, str):
+            result.status = f"skipped: {kwargs}"
+            results.append(result)
+            continue
+        draft = kwargs.get("assistant_model") if "tree" in method or "chain" in method else None
+        draft_seconds = verify_seconds = rounds = 0.0
+        kv, branches, equal = [], set(), True
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for index, inputs in enumerate(cases):
+                generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+                if warmup and index == 0:
+                    with torch.inference_mode():
+                        target.generate(**inputs, **generate_kwargs)
+                counter = RoundCounter()
+                _sync(device)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    output = target.generate(**inputs, streamer=counter, **generate_kwargs)
+                _sync(device)
+                result.seconds += time.perf_counter() - start
+                new = output[0, inputs["input_ids"].shape[1]:].tolist()
+                result.new_tokens += len(new)
+                result.target_forwards += counter.puts
+                if method == "plain":
+                    reference[index] = new
+                else:
+                    equal &= new == reference[index]
+                if draft is not None:
+                    stats = draft.stats
+                    draft_seconds += stats.draft_seconds
+                    verify_seconds += stats.verify_seconds
+                    rounds += stats.rounds
+                    kv.append(_draft_kv_mb(draft, stats))
+                    branches.add(stats.visual_branch)
+        except Exception as error:  # one failing method must not hide the others
+            result.status = f"failed: {type(error).__name__}: {error}"[:300]
+            results.append(result)
+            continue
+        result.tokens_per_second = result.new_tokens / result.seconds if result.seconds else 0.0
+        result.sigma = result.new_tokens / result.target_forwards if result.target_forwards else None
+        result.matches_plain = None if method == "plain" else equal
+        if device.type == "cuda":
+            result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
+        if draft is not None and rounds:
+            result.draft_ms_per_round = 1000 * draft_seconds / rounds
+            result.verify_ms_per_round = 1000 * verify_seconds / rounds
+            result.round_ms = result.draft_ms_per_round + result.verify_ms_per_round
+            result.draft_kv_mb = max(kv)
+            result.visual_branch = ",".join(sorted(branches))
+        results.append(result)
+
+    by_name = {r.method: r for r in results if r.status == "ok"}
+    for result in by_name.values():
+        for base in ("plain", "plain-static"):
+            if base in by_name and by_name[base].tokens_per_second:
+                result.speedup[base] = result.tokens_per_second / by_name[base].tokens_per_second
+        if projected_sigma and result.round_ms and "plain" in by_name:
+            plain_ms = 1000 / by_name["plain"].tokens_per_second
+            result.projected = {"sigma": projected_sigma, "label": "projection",
+                                "speedup_over_plain": projected_sigma * plain_ms / result.round_ms}
+            if "plain-static" in by_name:
+                static_ms = 1000 / by_name["plain-static"].tokens_per_second
+                result.projected["speedup_over_plain_static"] = projected_sigma * static_ms / result.round_ms
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
+        "max_new_tokens": max_new_tokens,
+        "cases": len(cases),
+        "methods": [asdict(r) for r in results],
+    }
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table of a bench report."""
+    header = f"{'method':<22}{'tok/s':>9}{'x plain':>9}{'x static':>9}{'sigma':>7}{'round ms':>10}{'draft KV MB':>12}  equal  status"
+    lines = [f"device: {report['device']}  dtype: {report['dtype']}  cases: {report['cases']}  "
+             f"max_new_tokens: {report['max_new_tokens']}", header]
+    for r in report["methods"]:
+        def num(value, fmt):
+            return format(value, fmt) if isinstance(value, (int, float)) else "-"
+        equal = "-" if r["matches_plain"] is None else ("yes" if r["matches_plain"] else "NO")
+        lines.append(
+            f"{r['method']:<22}{num(r['tokens_per_second'] or None, '9.1f'):>9}{num(r['speedup'].get('plain'), '9.2f'):>9}"
+            f"{num(r['speedup'].get('plain-static'), '9.2f'):>9}{num(r['sigma'], '7.2f'):>7}{num(r['round_ms'], '10.1f'):>10}"
+            f"{num(r['draft_kv_mb'], '12.2f'):>12}  {equal:<5}  {r['status']}"
+        )
+        if r.get("projected"):
+            lines.append(f"{'':<22}projection at sigma {r['projected']['sigma']}: "
+                         + ", ".join(f"{k} {v:.2f}x" for k, v in r["projected"].items() if k.startswith("speedup")))
+    return "\n".join(lines)
+
+
+def save_report(report: dict, json_path: str, png_path: str | None = None) -> None:
+    """Writes the JSON report and, when matplotlib is installed and `png_path` is given, bar charts."""
+    with open(json_path, "w") as handle:
+        json.dump(report, handle, indent=1)
+    if not png_path:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG written (pip install matplotlib)")
+        return
+    rows = [r for r in report["methods"] if r["status"] == "ok"]
+    names = [r["method"] for r in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
+    axes[0].bar(names, [r["tokens_per_second"] for r in rows], color="tab:blue")
+    axes[0].set_ylabel("tokens / s")
+    axes[1].bar(names, [r["sigma"] or 0 for r in rows], color="tab:green")
+    axes[1].set_ylabel("sigma (tokens per target forward)")
+    for axis in axes:
+        axis.tick_params(axis="x", rotation=45)
+        for label in axis.get_xticklabels():
+            label.set_horizontalalignment("right")
+    figure.suptitle(f"specvlm bench — {report['device']}, {report['dtype']}, {report['cases']} prompts")
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
