@@ -209,6 +209,16 @@ def test_the_app_serves_no_file_outside_its_folder(server):
         assert http_status(f"{url}/gradio_api/file={outside}") in (403, 404), outside
 
 
+def test_a_refused_upload_shows_the_reason_to_the_user(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, _ = server
+    Image.new("RGB", (32, 32)).save(tmp_path / "scan.tiff")
+    client = Client(url, verbose=False)
+    with pytest.raises(Exception, match="TIFF images are not accepted; use one of PNG, JPEG"):
+        client.predict(handle_file(str(tmp_path / "scan.tiff")), "Describe this image.", 16, api_name="/compare")
+
+
 def test_concurrent_users_are_queued_one_at_a_time(server, models, monkeypatch):
     from gradio_client import Client, handle_file
 
