@@ -81,6 +81,29 @@ def tree_round(target, draft, inputs, new_tokens, **kwargs):
     }
 
 
+def profile_fast_path(target, draft, inputs, table_path, new_tokens=32):
+    """A torch.profiler table of fast-path rounds (warm graphs): where the round's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof, torch.inference_mode():
+        target.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                        assistant_model=draft, cache_implementation="static")
+    sync()
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=40)
+    if DEVICE == "cuda":
+        table += "\n\n" + averages.table(sort_by="self_cuda_time_total", row_limit=25)
+    if table_path:
+        with open(table_path, "w") as handle:
+            handle.write(table)
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in averages)
+    cpu_us = sum(e.self_cpu_time_total for e in averages)
+    rounds = max(draft.stats.rounds, 1)
+    return {"rounds": rounds, "gpu_kernel_ms_per_round": gpu_us / 1000 / rounds,
+            "cpu_self_ms_per_round": cpu_us / 1000 / rounds, "table": table_path}
+
+
 def weight_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -143,8 +166,9 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--sigma", type=float, default=3.67, help="acceptance length for the projection")
     parser.add_argument("--copy-bandwidth", type=float, default=3.0e12, help="bytes/s (read + write) measured here")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: plain,static,tree,fast,compressor")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: plain,static,tree,fast,profile,compressor")
     parser.add_argument("--out", default="results/gpu_fast_path.json")
+    parser.add_argument("--profile-out", default=None, help="write the profiler tables of fast-path rounds here")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -184,6 +208,13 @@ def main():
     section("tree", lambda: [tree_round(target, draft, inputs, args.new_tokens) for _ in range(2)][-1])
     section("fast", lambda: [tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static")
                              for _ in range(3)][-1])
+
+    if "profile" not in skip and "ms_per_round" in results.get("fast", {}):
+        try:
+            results["profile"] = profile_fast_path(target, draft, inputs, args.profile_out)
+        except Exception as error:
+            results["profile"] = {"error": repr(error)[:800]}
+            traceback.print_exc()
 
     fast = results.get("fast", {})
     if "ms_per_round" in fast:

@@ -170,15 +170,13 @@ def processed_scores(
         return logits
     if all(type(processor).__name__ in _SEQUENCE_FREE_PROCESSORS for processor in logits_processor):
         return logits_processor(prefix_ids.expand(tree.num_nodes, -1), logits.clone())
-    out = torch.empty_like(logits)
-    for depth in range(tree.max_depth + 1):
-        nodes = (tree.depths == depth).nonzero().flatten()
-        if nodes.numel() == 0:
-            continue
-        path_tokens = tree.tokens[None, :].expand(nodes.numel(), -1)[tree.ancestor_mask[nodes]]
-        path_tokens = path_tokens.view(nodes.numel(), depth + 1)[:, 1:]  # drop the root, already in prefix
-        sequences = torch.cat([prefix_ids.expand(nodes.numel(), -1), path_tokens], dim=1)
-        out[nodes] = logits_processor(sequences, logits[nodes].clone())
+    # every node's own sequence: the prefix, then the tokens on its path after the root (padded past its depth)
+    path_tokens = tree.tokens[tree.paths[:, 1:].clamp(min=0)]
+    sequences = torch.cat([prefix_ids.expand(tree.num_nodes, -1), path_tokens], dim=1)
+    out = logits
+    for depth in range(tree.max_depth + 1):  # all rows at once, kept for the nodes of this depth: no syncs
+        processed = logits_processor(sequences[:, : prefix_ids.shape[1] + depth], logits.clone())
+        out = torch.where((tree.depths == depth)[:, None], processed, out)
     return out
 
 
@@ -339,6 +337,8 @@ class StaticState:
         self.draft_cache = StaticCache(config=draft.config.text_config, max_cache_len=length)
         self.verifier = TreeVerifier(target, length, compile)
         self.draft_step = torch.compile(draft_tree_step, mode="reduce-overhead", dynamic=False) if compile else draft_tree_step
+        # the per-round catch-up reads at most depth + 2 pairs; compiled, it is padded to that many
+        self.catch_up_width = draft.config.tree_depth + 2 if compile else None
 
     @classmethod
     def for_call(cls, target, draft, needed_length: int, compile: bool) -> "StaticState":
@@ -364,6 +364,7 @@ class _DraftRunner:
         self.cache = static.draft_cache if static else DynamicCache(config=draft.config.text_config)
         self.static_length = static.length if static else None
         self.step = static.draft_step if static else draft_tree_step
+        self.catch_up_width = static.catch_up_width if static else None
         self.mask = mask  # (Ld,) bool, real (non-padding) cached draft entries
         self.dtype = draft.fc.weight.dtype
 
@@ -384,9 +385,34 @@ class _DraftRunner:
         Returns:
             the last pair's predicted feature `(d,)` and its draft log-probabilities `(V,)`.
         """
-        fused = self.draft.fuse(token_embeds, features)[0]
-        real = self.mask.new_ones(fused.shape[0]) if real is None else real
-        return self._append(fused, positions, real)
+        q = token_embeds.shape[1]
+        real = self.mask.new_ones(q) if real is None else real
+        if self.catch_up_width is not None and q <= self.catch_up_width:
+            return self._append_padded(token_embeds, features, positions, real)
+        return self._append(self.draft.fuse(token_embeds, features)[0], positions, real)
+
+    def _append_padded(self, token_embeds, features, positions, real):
+        """`catch_up` through the compiled step: inputs padded to `catch_up_width` rows, whose cache writes
+        land after the real ones and are dropped (the write position is moved back) before anything reads
+        them."""
+        q, width = token_embeds.shape[1], self.catch_up_width
+        pad = width - q
+        past = self.mask
+        self.mask = torch.cat([past, real])
+        causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
+        block = causal & torch.cat([real, real.new_zeros(pad)])[None, :]
+        block[q:, q:] |= torch.eye(pad, dtype=torch.bool, device=real.device)  # padded rows see themselves
+        visible = visible_slots(past, block, self.static_length)
+        hidden, log_probs = self.step(
+            self.draft,
+            torch.cat([token_embeds, token_embeds.new_zeros(1, pad, token_embeds.shape[-1])], dim=1),
+            torch.cat([features, features.new_zeros(1, pad, features.shape[-1])], dim=1),
+            additive_mask(visible, self.dtype)[None, None],
+            torch.cat([positions, positions[-1:].expand(pad)])[None],
+            self.cache,
+        )
+        crop_kv(self.cache, self.mask.numel())  # drop the padded rows' entries
+        return hidden[q - 1].clone(), log_probs[q - 1].clone()
 
     def prefill(self, prompt: "PromptPairs"):
         """Runs the draft over a prompt's pairs (visual ones compressed); returns the last pair's predicted

@@ -125,3 +125,22 @@ def test_static_cache_fast_path_matches_plain_generate(target_name):
         assert fast.tolist() == reference.tolist()
         assert draft._specvlm_static_state.length >= kwargs["max_new_tokens"] + inputs["input_ids"].shape[1]
     assert max(draft.stats.accepted_per_round) >= 3
+
+
+def test_padded_catch_up_of_the_compiled_path_is_exact():
+    """On a GPU the per-round catch-up runs padded to a fixed width through the compiled step; the padding's
+    cache writes must never be read. Forced here without compilation."""
+    target = build_target("llava-gqa")
+    generator = torch.Generator().manual_seed(5)
+    draft = build_draft(target, "oracle", "tree")
+    inputs = random_inputs(target, generator)
+    kwargs = {"do_sample": False, "max_new_tokens": 30, "min_new_tokens": 30}
+    reference = target.generate(**inputs, **kwargs)
+    target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+    draft._specvlm_static_state.catch_up_width = draft.config.tree_depth + 2
+    for noise_draft in (draft, build_draft(target, "noisy", "tree")):
+        if noise_draft is not draft:
+            noise_draft._specvlm_static_state = draft._specvlm_static_state
+        fast = target.generate(**inputs, **kwargs, assistant_model=noise_draft, cache_implementation="static")
+        assert fast.tolist() == reference.tolist()
+    assert max(draft.stats.accepted_per_round) >= 3
