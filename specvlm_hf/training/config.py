@@ -54,6 +54,7 @@ class DistillConfig:
     output_dir: str = option("specvlm-draft", "Folder for checkpoints, the final draft, metrics.json and the scaling-curve plot.")
     num_epochs: int = option(1, "Passes over the training data.")
     max_steps: int | None = option(None, "Stop after this many optimizer steps (default: num_epochs full passes).")
+    max_train_minutes: float | None = option(None, "Stop (evaluate, checkpoint, save the draft) once training has run this long.")
     per_device_batch_size: int = option(8, "Sequences per micro-batch on each device.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step (global batch = this x per-device batch x devices).")
     learning_rate: float = option(8e-5, "Peak AdamW learning rate (the paper: 8e-5 for 7B targets).")

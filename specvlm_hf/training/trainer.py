@@ -117,14 +117,16 @@ class DistillTrainer:
             else:
                 held = min(config.eval_examples, max(len(train_records) // 10, 1))
                 train_records, eval_records = train_records[:-held], train_records[-held:]
-        self.resolver = ImageResolver(config.image_folder, config.data or config.eval_data)
-        self.resolver.check(train_records + eval_records)
+        self.resolver = ImageResolver(config.image_folder, config.data or None)
+        self.eval_resolver = ImageResolver(config.image_folder, config.eval_data) if config.eval_data else self.resolver
+        self.resolver.check(train_records)
+        self.eval_resolver.check(eval_records)
         self.eos_ids = eos_token_ids(self.target, processor)
         tokenizer = getattr(processor, "tokenizer", processor)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.collate = Collator(pad)
         self.train_set = ConversationDataset(train_records, processor, self.resolver, self.eos_ids, config.max_length)
-        self.eval_set = ConversationDataset(eval_records, processor, self.resolver, self.eos_ids, config.max_length)
+        self.eval_set = ConversationDataset(eval_records, processor, self.eval_resolver, self.eos_ids, config.max_length)
         world = self.accelerator.num_processes
         self.global_batch = config.per_device_batch_size * config.gradient_accumulation_steps * world
         self.steps_per_epoch = len(self.train_set) // self.global_batch
@@ -278,10 +280,13 @@ class DistillTrainer:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=self.total_steps, initial=self.step, desc="distill", dynamic_ncols=True)
+        started = time.perf_counter()
+        budget = config.max_train_minutes * 60 if config.max_train_minutes else math.inf
+        out_of_time = False
         window = {"loss": 0.0, "agreement": 0.0, "logit_loss": 0.0, "feature_loss": 0.0, "n": 0, "tokens": 0, "start": time.perf_counter()}
         while self.epoch < config.num_epochs and self.step < self.total_steps:
             micro = iter(self._loader(self.train_set, self._batches(self.epoch, self.step_in_epoch)))
-            while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+            while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps and not out_of_time:
                 batches = [self._to_device(next(micro)) for _ in range(config.gradient_accumulation_steps)]
                 result = self.train_step(batches)
                 self.step += 1
@@ -298,7 +303,8 @@ class DistillTrainer:
                     window = {k: 0 for k in window} | {"start": time.perf_counter()}
                 if config.save_steps and self.step % config.save_steps == 0:
                     self.save()
-            if self.step_in_epoch >= self.steps_per_epoch or self.step >= self.total_steps:
+                out_of_time = self._agree(time.perf_counter() - started > budget)
+            if self.step_in_epoch >= self.steps_per_epoch or self.step >= self.total_steps or out_of_time:
                 epoch_done = self.step_in_epoch >= self.steps_per_epoch
                 fraction = self.step_in_epoch / self.steps_per_epoch
                 if config.eval_each_epoch:
@@ -307,7 +313,9 @@ class DistillTrainer:
                     self.epoch += 1
                     self.step_in_epoch = 0
                 self.save()
-                if not epoch_done:
+                if not epoch_done or out_of_time:
+                    if out_of_time:
+                        accelerator.print(f"max_train_minutes reached at step {self.step} (epoch {self.epoch + fraction:.2f}).")
                     break
         if progress is not None:
             progress.close()
@@ -318,6 +326,12 @@ class DistillTrainer:
         self._write_metrics()
         accelerator.wait_for_everyone()
         return self.metrics
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every process when it is True on any (all processes stop at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor(float(flag), device=self.accelerator.device), "sum").item())
 
     def _log(self, window: dict, last: dict) -> None:
         n = max(window["n"], 1)
@@ -340,7 +354,7 @@ class DistillTrainer:
         model = unwrap_target(self.target)
         prompts = []
         for index, record in enumerate(self.eval_set.records):
-            images = [self.resolver.open(image, record, index) for image in record_images(record)]
+            images = [self.eval_resolver.open(image, record, index) for image in record_images(record)]
             prompts.append(prompt_inputs(self.processor, first_prompt(self.processor, record), images, self.accelerator.device, model.dtype))
         return prompts
 
