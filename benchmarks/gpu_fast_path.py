@@ -81,8 +81,9 @@ def tree_round(target, draft, inputs, new_tokens, **kwargs):
     }
 
 
-def profile_fast_path(target, draft, inputs, table_path, new_tokens=32):
-    """A torch.profiler table of fast-path rounds (warm graphs): where the round's time goes."""
+def profile_fast_path(target, draft, inputs, table_path, new_tokens):
+    """A torch.profiler table of fast-path rounds: where the round's time goes. Use the measured run's
+    `new_tokens`, so that the static buffers and graphs are reused (another length recompiles)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
@@ -211,7 +212,7 @@ def main():
 
     if "profile" not in skip and "ms_per_round" in results.get("fast", {}):
         try:
-            results["profile"] = profile_fast_path(target, draft, inputs, args.profile_out)
+            results["profile"] = profile_fast_path(target, draft, inputs, args.profile_out, args.new_tokens)
         except Exception as error:
             results["profile"] = {"error": repr(error)[:800]}
             traceback.print_exc()
