@@ -237,6 +237,7 @@ class TreeVerifier:
         self.cache_kw = cache_argument_name(self.text_model.forward)
         self.static_length = static_length
         self.dtype = self.lm_head.weight.dtype
+        self.compiled = compile
         self.forward = torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if compile else self._forward
 
     def _forward(self, input_ids, attention_mask, position_ids, cache):
@@ -254,7 +255,9 @@ class TreeVerifier:
             tree_position_ids(tree, root_position),
             cache,
         )
-        return logits[0].clone(), hidden[0].clone()  # copies: compiled outputs are reused by the next replay
+        if self.compiled:  # CUDA-graph outputs are overwritten by the next replay
+            return logits[0].clone(), hidden[0].clone()
+        return logits[0], hidden[0]
 
 
 def _select_token(scores: torch.Tensor, do_sample: bool) -> int:
@@ -573,7 +576,10 @@ def tree_assisted_decoding(
     static = None
     if generation_config.cache_implementation == "static":  # the fast path: static caches (+ CUDA graphs)
         compile = input_ids.device.type == "cuda" and not getattr(generation_config, "disable_compile", False)
-        needed = generation_config.max_length + max(config.tree_total_tokens, config.tree_depth * config.tree_top_k + 1)
+        # room for one tree in the target's cache, and for a round's draft entries (or a padded catch-up)
+        needed = generation_config.max_length + max(
+            config.tree_total_tokens, config.tree_depth * config.tree_top_k + config.tree_depth + 2
+        )
         static = StaticState.for_call(model, draft, needed, compile)
         cache_key = next(key for key in ("cache", "past_key_values") if model_kwargs.get(key) is not None)
         model_kwargs[cache_key] = static.target_cache
