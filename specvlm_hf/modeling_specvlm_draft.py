@@ -168,8 +168,9 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
         return self._target_modules[1] if self._target_modules is not None else None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings from the target's (frozen) table."""
-        return self._borrowed()[0](input_ids)
+        """Token embeddings from the target's (frozen) table, on the draft's device (the table may sit on
+        another GPU when the target is split with `device_map`)."""
+        return self._borrowed()[0](input_ids).to(self.fc.weight.device)
 
     def lm_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits from the target's (frozen) `lm_head`."""
@@ -178,7 +179,9 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------------------------------------------
     def fuse(self, inputs_embeds: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """The draft's input vectors: RMSNorm(fc([embedding ; feature])), `(..., 2d) -> (..., d)`."""
-        fused = self.fc(torch.cat([inputs_embeds, hidden_states.to(inputs_embeds.dtype)], dim=-1))
+        weight = self.fc.weight
+        inputs_embeds = inputs_embeds.to(weight.device)
+        fused = self.fc(torch.cat([inputs_embeds, hidden_states.to(weight.device, inputs_embeds.dtype)], dim=-1))
         return self.input_norm(fused)
 
     def decode(self, fused, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None, **kwargs):

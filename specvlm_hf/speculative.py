@@ -301,9 +301,10 @@ def prompt_pairs(target, draft, prompt_ids, prompt_embeds, prompt_features, firs
     is_image = prompt_ids[0] == image_token if image_token is not None else torch.zeros_like(mask)
     visual = torch.cat([is_image[1:], is_image.new_zeros(1)])
     compressing = draft.compressor is not None and bool(is_image.any())
+    first = draft.embed(first_token_ids)
     return PromptPairs(
-        token_embeds=torch.cat([prompt_embeds[:, 1:], draft.embed(first_token_ids)], dim=1),
-        features=prompt_features,
+        token_embeds=torch.cat([prompt_embeds[:, 1:].to(first.device), first], dim=1),
+        features=prompt_features.to(first.device),
         positions=positions,
         real=mask,
         visual=visual,
@@ -368,7 +369,8 @@ class _DraftRunner:
         self.static_length = static.length if static else None
         self.step = static.draft_step if static else draft_tree_step
         self.catch_up_width = static.catch_up_width if static else None
-        self.mask = mask  # (Ld,) bool, real (non-padding) cached draft entries
+        self.device = draft.fc.weight.device  # may differ from the inputs' when the target is split over GPUs
+        self.mask = mask.to(self.device)  # (Ld,) bool, real (non-padding) cached draft entries
         self.dtype = draft.fc.weight.dtype
 
     def catch_up(
@@ -389,7 +391,8 @@ class _DraftRunner:
             the last pair's predicted feature `(d,)` and its draft log-probabilities `(V,)`.
         """
         q = token_embeds.shape[1]
-        real = self.mask.new_ones(q) if real is None else real
+        real = self.mask.new_ones(q) if real is None else real.to(self.device)
+        positions = positions.to(self.device)
         if self.catch_up_width is not None and q <= self.catch_up_width:
             return self._append_padded(token_embeds, features, positions, real)
         return self._append(self.draft.fuse(token_embeds, features)[0], positions, real)
@@ -422,7 +425,8 @@ class _DraftRunner:
         feature `(d,)`, its log-probabilities `(V,)` and the compressor's info."""
         fused = self.draft.fuse(prompt.token_embeds, prompt.features)[0]
         fused, positions, real, info = self.draft.compress_prompt(
-            fused, prompt.positions, prompt.real, prompt.visual, prompt.layouts, prompt.question
+            fused, prompt.positions.to(self.device), prompt.real.to(self.device), prompt.visual.to(self.device),
+            prompt.layouts, prompt.question,
         )
         return (*self._append(fused, positions, real), info)
 
