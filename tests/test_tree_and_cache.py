@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaModel, StaticCache
 
-from specvlm_hf.kv_cache import compact_kv, crop_kv
+from specvlm_hf.kv_cache import cache_argument_name, compact_kv, crop_kv
 from specvlm_hf.tree import build_dynamic_tree, tree_attention_mask, tree_from_parents, tree_position_ids
 from specvlm_hf.verify import accept_greedy
 
@@ -133,12 +133,18 @@ def _tiny_llama():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaModel(config).eval(), config
+    model = LlamaModel(config).eval()
+    name = cache_argument_name(model.forward)  # `cache` from transformers 5.24, `past_key_values` before
+
+    def run(cache, **kwargs):
+        return model(**kwargs, use_cache=True, **{name: cache})
+
+    return run, config
 
 
 @pytest.mark.parametrize("static", [False, True])
 def test_compacted_cache_equals_recomputing_the_accepted_sequence(static):
-    model, config = _tiny_llama()
+    run, config = _tiny_llama()
     prefix = torch.randint(0, 50, (1, 7))
     tree = tree_from_parents(torch.tensor([4, 8, 9, 10, 11]), torch.tensor([-1, 0, 0, 2, 3]))
     kept = [0, 2, 3]
@@ -147,29 +153,28 @@ def test_compacted_cache_equals_recomputing_the_accepted_sequence(static):
     else:
         cache = DynamicCache(config=config)
     with torch.no_grad():
-        model(input_ids=prefix, past_key_values=cache, use_cache=True)
+        run(cache, input_ids=prefix)
         if static:
             mask = tree_attention_mask(tree, torch.ones(7, dtype=torch.bool), torch.float32)
             mask = torch.cat([mask, torch.full((1, 1, 5, 32 - 12), torch.finfo(torch.float32).min)], dim=-1)
         else:
             mask = tree_attention_mask(tree, torch.ones(7, dtype=torch.bool), torch.float32)
-        model(input_ids=tree.tokens[None], attention_mask=mask, position_ids=tree_position_ids(tree, 7),
-              past_key_values=cache, use_cache=True)
+        run(cache, input_ids=tree.tokens[None], attention_mask=mask, position_ids=tree_position_ids(tree, 7))
         compact_kv(cache, 7, kept)
         assert int(cache.get_seq_length()) == 10
 
         reference = DynamicCache(config=config)
-        model(input_ids=torch.cat([prefix, tree.tokens[kept][None]], dim=1), past_key_values=reference, use_cache=True)
+        run(reference, input_ids=torch.cat([prefix, tree.tokens[kept][None]], dim=1))
     for layer, ref in zip(cache.layers, reference.layers):
         assert torch.allclose(layer.keys[..., :10, :], ref.keys, atol=1e-5)
         assert torch.allclose(layer.values[..., :10, :], ref.values, atol=1e-5)
 
 
 def test_crop_drops_a_suffix_only():
-    model, config = _tiny_llama()
+    run, config = _tiny_llama()
     cache = DynamicCache(config=config)
     with torch.no_grad():
-        model(input_ids=torch.randint(0, 50, (1, 9)), past_key_values=cache, use_cache=True)
+        run(cache, input_ids=torch.randint(0, 50, (1, 9)))
     keys = cache.layers[0].keys.clone()
     crop_kv(cache, 5)
     assert cache.get_seq_length() == 5 and torch.equal(cache.layers[0].keys, keys[..., :5, :])
