@@ -2,8 +2,11 @@
 
     specvlm generate                                        # describe the bundled example image
     specvlm generate --image photo.png --prompt "How many circles are there?"
+    specvlm generate --draft eaglevlm --mode chain          # another shipped draft, chain decoding
+    specvlm generate --draft none                           # plain greedy decoding only
 
-Prints the answer and the decoding speed in tokens per second.
+With the built-in mini VLM, speculative decoding uses its shipped default draft (`specvlm_hf.mini.drafts`).
+Prints the answer, sigma (tokens accepted per target forward) and the speedup over plain `generate`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ def register(subparsers):
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="Weights dtype.")
     parser.add_argument("--seed", type=int, default=0, help="Random seed (matters only for sampling).")
+    parser.add_argument(
+        "--draft", default="default",
+        help="Draft for speculative decoding: 'default' (the mini VLM's shipped draft; none for --model), a shipped "
+        "draft name ('specvlm', 'eaglevlm'), a draft folder, or 'none' for plain decoding only.",
+    )
+    parser.add_argument("--mode", default=None, choices=["tree", "chain"], help="Decoding mode (default: the draft's).")
     parser.set_defaults(func=_run)
 
 
@@ -101,12 +110,47 @@ def _run(args):
     processor = AutoProcessor.from_pretrained(model_dir)
     image = None if args.no_image else load_image(args.image or EXAMPLE_IMAGE)
 
+    draft = _load_draft(args.draft, model, using_mini=args.model is None)
+    if draft is not None and args.mode:
+        draft.config.decoding_mode = args.mode
+
     # One short warm-up call, so that the reported speed is that of decoding, not of first-call set-up.
     run_generate(model, processor, image, args.prompt, max_new_tokens=2)
     text, stats = run_generate(model, processor, image, args.prompt, args.max_new_tokens)
-    print(text.strip())
+    if draft is None:
+        print(text.strip())
+        print(
+            f"\n[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: {stats['tokens_per_second']:.1f} tokens/s "
+            f"on {device} ({args.dtype})]"
+        )
+        return 0
+    import specvlm_hf
+
+    specvlm_hf.enable(model)
+    run_generate(model, processor, image, args.prompt, max_new_tokens=2, assistant_model=draft)
+    spec_text, spec_stats = run_generate(model, processor, image, args.prompt, args.max_new_tokens, assistant_model=draft)
+    print(spec_text.strip())
+    same = "identical to" if spec_text == text else "DIFFERENT from"
     print(
-        f"\n[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: {stats['tokens_per_second']:.1f} tokens/s "
-        f"on {device} ({args.dtype})]"
+        f"\n[{spec_stats['new_tokens']} tokens in {spec_stats['seconds']:.2f} s: {spec_stats['tokens_per_second']:.1f} tokens/s "
+        f"with the {args.draft if args.draft != 'default' else 'default'} draft ({draft.config.decoding_mode}) on {device} "
+        f"({args.dtype}); sigma {draft.stats.sigma:.2f} tokens per target forward; speedup "
+        f"{stats['seconds'] / spec_stats['seconds']:.2f}x over plain generate ({stats['tokens_per_second']:.1f} tokens/s), "
+        f"output {same} plain greedy decoding]"
     )
     return 0
+
+
+def _load_draft(name: str, model, using_mini: bool):
+    """The draft `--draft` names, bound to `model` (None for plain decoding)."""
+    if name == "none" or (name == "default" and not using_mini):
+        return None
+    from specvlm_hf.mini.drafts import DEFAULT_DRAFT, DRAFT_NAMES, load_draft
+
+    if name in ("default", *DRAFT_NAMES):
+        return load_draft(model, DEFAULT_DRAFT if name == "default" else name)
+    if not Path(name, "config.json").exists():
+        raise SystemExit(f"No draft found in {name}; pass a draft folder, a shipped draft name {DRAFT_NAMES}, or 'none'.")
+    from specvlm_hf import SpecVLMDraftModel
+
+    return SpecVLMDraftModel.from_pretrained(name).bind_target(model).eval()

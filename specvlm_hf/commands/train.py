@@ -31,6 +31,8 @@ def _run(args):
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     metrics = DistillTrainer(config).train()
+    if "final_draft" not in metrics:  # not the main process
+        return 0
     evals = metrics.get("eval", [])
     if evals:
         last = evals[-1]

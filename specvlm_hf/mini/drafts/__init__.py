@@ -1,0 +1,43 @@
+"""The mini VLM's trained drafts, shipped with the package (trained by `benchmarks/train_mini_drafts.py`).
+
+- `eaglevlm/` (the default): EagleVLM draft, reads every visual token; 5 epochs on 12k generated examples;
+- `specvlm/`: SpecVLM draft with the elastic visual compressor (the gate selects one branch per image);
+  2.1 epochs in the same 4-minute budget (its per-example compression is slower to train).
+
+The default is the one measured faster (`results/train_mini_drafts_bench_h100.json`): the mini VLM's images
+have only 64 visual tokens, so compressing them saves little.
+
+    >>> from specvlm_hf.mini import load
+    >>> from specvlm_hf.mini.drafts import load_draft
+    >>> target, processor = load()
+    >>> draft = load_draft(target)               # the default draft, bound to the target
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DRAFTS_DIR = Path(__file__).parent
+DRAFT_NAMES = ("eaglevlm", "specvlm")
+DEFAULT_DRAFT = "eaglevlm"
+
+
+def draft_path(name: str = DEFAULT_DRAFT) -> Path:
+    """Folder of a shipped draft (`from_pretrained`-loadable)."""
+    if name not in DRAFT_NAMES:
+        raise ValueError(f"unknown mini draft {name!r}; choose one of {DRAFT_NAMES}")
+    path = DRAFTS_DIR / name
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(
+            f"The mini draft {name!r} is missing from {path}; reinstall specvlm-hf, or train one with "
+            "`python benchmarks/train_mini_drafts.py --out DIR`."
+        )
+    return path
+
+
+def load_draft(target=None, name: str = DEFAULT_DRAFT):
+    """Loads a shipped draft (bound to `target` when given: on its device and dtype)."""
+    from ...modeling_specvlm_draft import SpecVLMDraftModel
+
+    draft = SpecVLMDraftModel.from_pretrained(draft_path(name)).eval()
+    return draft.bind_target(target) if target is not None else draft
