@@ -147,3 +147,33 @@ def test_distill_data_replaces_answers_with_the_targets_greedy_answers(processor
         inputs = processor(text=first_prompt(processor, old), images=images or None, return_tensors="pt")
         out = target.generate(**inputs, max_new_tokens=12, do_sample=False)
         assert record["conversations"][1]["value"] == processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_the_shipped_default_draft_is_lossless_and_accepts_several_tokens_per_forward_on_the_mini_vlm():
+    import specvlm_hf
+    from PIL import Image
+
+    from specvlm_hf.mini import EXAMPLE_IMAGE, load
+    from specvlm_hf.mini.drafts import DRAFT_NAMES, load_draft
+
+    target, processor = load()
+    specvlm_hf.enable(target)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    inputs = processor(images=Image.open(EXAMPLE_IMAGE).convert("RGB"), text=text, return_tensors="pt")
+    expected = target.generate(**inputs, max_new_tokens=40, do_sample=False)
+    for name in DRAFT_NAMES:
+        draft = load_draft(target, name)
+        out = target.generate(**inputs, assistant_model=draft, max_new_tokens=40, do_sample=False)
+        assert torch.equal(out, expected), name
+        assert draft.stats.sigma > 2.0, (name, draft.stats.sigma)
+
+
+def test_specvlm_generate_uses_the_default_draft_and_reports_sigma_and_speedup(capsys):
+    from specvlm_hf.cli import main
+
+    assert main(["generate", "--max-new-tokens", "16", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "sigma" in printed and "speedup" in printed and "identical to plain" in printed
