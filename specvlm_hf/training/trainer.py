@@ -84,10 +84,19 @@ class DistillTrainer:
 
         self.config = config
         cuda = torch.cuda.is_available() and config.device != "cpu"
+        if draft is not None:
+            compressing = draft.compressor is not None
+        elif config.draft:
+            from ..configuration_specvlm_draft import SpecVLMDraftConfig
+
+            compressing = SpecVLMDraftConfig.from_pretrained(config.draft).compressor.get("mode", "none") != "none"
+        else:
+            compressing = config.compressor != "none"
         self.accelerator = Accelerator(
             cpu=not cuda,
             mixed_precision="bf16" if (config.bf16 and cuda) else "no",
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.compressor != "none" or draft is not None)],
+            # a gated compressor runs one branch per image: the others get no gradient in that step
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=compressing)],
         )
         device = self.accelerator.device
         torch.manual_seed(config.seed)
