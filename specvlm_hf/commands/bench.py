@@ -82,17 +82,10 @@ def _load_target(name, device, dtype):
 
 
 def _mini_drafts(target) -> dict:
-    """The mini VLM's shipped drafts, when the package has them."""
-    from pathlib import Path
+    """The mini VLM's shipped drafts."""
+    from specvlm_hf.mini.drafts import DRAFT_NAMES, load_draft
 
-    from specvlm_hf import SpecVLMDraftModel
-
-    folder = Path(__file__).resolve().parent.parent / "mini" / "drafts"
-    drafts = {}
-    for name in ("eaglevlm", "specvlm"):
-        if (folder / name / "config.json").exists():
-            drafts[name] = SpecVLMDraftModel.from_pretrained(folder / name).bind_target(target).eval()
-    return drafts
+    return {name: load_draft(target, name) for name in DRAFT_NAMES}
 
 
 def _mini_cases(processor, count, device, dtype) -> list[dict]:

@@ -18,6 +18,9 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.png"
 """A bundled scene of shapes, described by `specvlm generate` when no image is given."""
 
+DRAFT_DIR = Path(__file__).parent / "drafts" / "eaglevlm"
+"""The default shipped draft for the mini VLM (see `specvlm_hf.mini.drafts`)."""
+
 
 def load(dtype=None, device="cpu"):
     """Load the shipped mini VLM and its processor.
