@@ -207,8 +207,15 @@ def run_bench(
             if "plain-static" in by_name:
                 static_ms = 1000 / by_name["plain-static"].tokens_per_second
                 result.projected["speedup_over_plain_static"] = projected_sigma * static_ms / result.round_ms
+    import platform
+
+    import transformers
+
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
         "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
         "max_new_tokens": max_new_tokens,
         "cases": len(cases),
