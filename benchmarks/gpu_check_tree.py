@@ -159,8 +159,13 @@ def main():
         "identical_outputs": f"{sum(r['identical'] for r in rows)}/{len(rows)}",
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
+    write_result(result, args.out)
+
+
+def write_result(result: dict, path: str) -> None:
+    """Writes a benchmark's JSON and prints its summary (everything but the per-prompt rows)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
         json.dump(result, handle, indent=1)
     print("SUMMARY", json.dumps({k: v for k, v in result.items() if k != "rows"}))
 

@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import specvlm_hf  # noqa: E402
-from gpu_check_tree import TINY, first_difference, llava_7b_shaped  # noqa: E402
+from gpu_check_tree import TINY, first_difference, llava_7b_shaped, write_result  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
 
 
@@ -83,10 +83,7 @@ def main():
         "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
         "identical_outputs": f"{sum(r['identical'] for r in rows)}/{len(rows)}", "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=1)
-    print("SUMMARY", json.dumps({k: v for k, v in result.items() if k != "rows"}))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

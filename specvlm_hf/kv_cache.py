@@ -36,15 +36,6 @@ def is_static_layer(layer) -> bool:
     return hasattr(layer, "cumulative_length") and torch.is_tensor(layer.cumulative_length)
 
 
-def cache_length(cache) -> int:
-    """Number of tokens held by the cache (read from tensor shapes for dynamic caches: no device sync)."""
-    layer = cache_layers(cache)[0]
-    if is_static_layer(layer):
-        return int(cache.get_seq_length())
-    keys = getattr(layer, "keys", None)
-    return 0 if keys is None or keys.dim() < 2 else keys.shape[-2]
-
-
 def compact_kv(cache, prefix_length: int, kept_nodes: torch.Tensor | list[int]) -> None:
     """Keeps `prefix_length` cached tokens plus the tree entries `kept_nodes`, in that order.
 

@@ -253,3 +253,20 @@ def test_llava_next_sampling_and_greedy_run_through_the_tree():
     sampled = target.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=True, temperature=0.8,
                               assistant_model=draft)
     assert sampled.shape[1] == greedy.shape[1] and draft.stats.rounds > 0
+
+
+def test_sliding_window_target_is_refused_with_the_fix():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+
+    from tiny_models import vision_config
+
+    text = MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, sliding_window=8, max_position_embeddings=256)
+    torch.manual_seed(0)
+    target = specvlm_hf.enable(LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=vision_config(), text_config=text, image_token_index=95, image_seq_length=16,
+        vision_feature_select_strategy="default", vision_feature_layer=-1)).eval())
+    draft = SpecVLMDraftModel.from_target(target)
+    inputs = random_inputs(target, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="sliding-window.*sliding_window=None"):
+        target.generate(**inputs, max_new_tokens=5, assistant_model=draft)
