@@ -64,7 +64,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_remote_code_loads_and_generates_in_a_fresh_process_without_the_package(tmp_path):
     target = tiny_llava(scale=32.0)
     target.save_pretrained(tmp_path / "target")
-    draft = SpecVLMDraftModel.from_target(target)
+    draft = SpecVLMDraftModel.from_target(target, compressor={"mode": "select"})  # the compressor travels too
     draft.save_pretrained(tmp_path / "draft")
     script = textwrap.dedent(
         f"""
@@ -88,6 +88,7 @@ def test_remote_code_loads_and_generates_in_a_fresh_process_without_the_package(
             raise SystemExit("loading remote code without trust_remote_code should fail")
         draft = AutoModel.from_pretrained({str(tmp_path / "draft")!r}, trust_remote_code=True)
         assert type(draft).__module__.startswith("transformers_modules"), type(draft).__module__
+        assert draft.compressor is not None and draft.config.compressor["mode"] == "select"
         target = LlavaForConditionalGeneration.from_pretrained({str(tmp_path / "target")!r}).eval()
         inputs = random_inputs(target, torch.Generator().manual_seed(0))
         plain = target.generate(**inputs, max_new_tokens=12, do_sample=False)
