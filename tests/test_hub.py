@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -69,12 +70,7 @@ def test_card_numbers_are_read_from_eval_results(saved, tmp_path):
     assert "not measured" not in card
 
     changed = {**EVAL_RESULTS, "device": "another device", "modes": {"tree": {"sigma": 1.5, "speedup": 0.9}}}
-    draft = tmp_path / "draft"
-    draft.mkdir()
-    for path in saved[1].rglob("*"):
-        if path.is_file():
-            (draft / path.relative_to(saved[1])).parent.mkdir(parents=True, exist_ok=True)
-            (draft / path.relative_to(saved[1])).write_bytes(path.read_bytes())
+    draft = shutil.copytree(saved[1], tmp_path / "draft")
     (draft / "eval_results.json").write_text(json.dumps(changed))
     card = render_model_card(draft, "me/tiny-draft")
     assert "| tree (default) | 1.50 | 0.90x |" in card and "another device" in card
@@ -116,12 +112,7 @@ def test_publishing_a_folder_that_is_not_a_saved_draft_says_how_to_save_one(tmp_
 
 
 def test_dry_run_writes_the_card_and_uploads_nothing(saved, tmp_path, capsys):
-    draft = tmp_path / "draft"
-    draft.mkdir()
-    for path in saved[1].rglob("*"):
-        if path.is_file():
-            (draft / path.relative_to(saved[1])).parent.mkdir(parents=True, exist_ok=True)
-            (draft / path.relative_to(saved[1])).write_bytes(path.read_bytes())
+    draft = shutil.copytree(saved[1], tmp_path / "draft")
     assert cli_main(["push", str(draft), "me/tiny-draft", "--base-model", "tiny/llava", "--dry-run"]) == 0
     assert "| tree (default) | 3.22 |" in (draft / "README.md").read_text()
     out = capsys.readouterr().out

@@ -94,6 +94,18 @@ class HubServer:
             def _json(self, status: int, payload, headers: dict | None = None):
                 self._send(status, json.dumps(payload).encode(), headers)
 
+            def _snapshot(self, repo_id: str, revision: str):
+                """`(repo, sha, files)` of a repo at a revision, or None after answering the Hub's 404."""
+                repo = hub.repos.get(repo_id)
+                if repo is None:
+                    self._error(404, "RepoNotFound", f"Repository not found: {repo_id}")
+                    return None
+                found = repo.snapshot(revision)
+                if found is None:
+                    self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+                    return None
+                return (repo, *found)
+
             def _error(self, status: int, code: str, message: str):
                 self._json(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message})
 
@@ -207,13 +219,10 @@ class HubServer:
                 self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
 
             def _model_info(self, repo_id: str, revision: str):
-                repo = hub.repos.get(repo_id)
-                if repo is None:
-                    return self._error(404, "RepoNotFound", f"Repository not found: {repo_id}")
-                found = repo.snapshot(revision)
+                found = self._snapshot(repo_id, revision)
                 if found is None:
-                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-                sha, files = found
+                    return
+                repo, sha, files = found
                 card = card_metadata(files["README.md"]) if "README.md" in files else None
                 self._json(200, {
                     "id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
@@ -223,13 +232,10 @@ class HubServer:
                 })
 
             def _resolve(self, repo_id: str, revision: str, filename: str):
-                repo = hub.repos.get(repo_id)
-                if repo is None:
-                    return self._error(404, "RepoNotFound", f"Repository not found: {repo_id}")
-                found = repo.snapshot(revision)
+                found = self._snapshot(repo_id, revision)
                 if found is None:
-                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-                sha, files = found
+                    return
+                repo, sha, files = found
                 if filename not in files:
                     return self._send(404, b"Entry not found", {
                         "X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found", "X-Repo-Commit": sha,
