@@ -68,6 +68,31 @@ def compact_kv(cache, prefix_length: int, kept_nodes: torch.Tensor | list[int]) 
             layer.values = torch.cat([layer.values[..., :prefix_length, :], kept_values], dim=-2)
 
 
+def compact_static_kv(cache, start: torch.Tensor, nodes: torch.Tensor, count: torch.Tensor) -> None:
+    """`compact_kv` for static caches with the prefix length and the kept nodes on the device: no host sync and
+    fixed shapes, so it can run inside a CUDA graph.
+
+    Args:
+        cache: a `StaticCache` holding `start + T` entries, the last `T` being tree nodes in node order.
+        start: `()` long, entries cached before the tree.
+        nodes: `(P,)` node indices to keep, root first; only the first `count` are kept, the rest (any valid
+            node index) are copied after them and lie beyond the new length.
+        count: `()` long, how many of `nodes` to keep.
+    """
+    for layer in cache_layers(cache):
+        src = (nodes + start).to(layer.keys.device)
+        dst = start.to(layer.keys.device) + torch.arange(nodes.shape[0], device=layer.keys.device)
+        layer.keys.index_copy_(2, dst, layer.keys.index_select(2, src))
+        layer.values.index_copy_(2, dst, layer.values.index_select(2, src))
+        layer.cumulative_length.copy_(start + count)
+
+
+def set_static_length(cache, length: torch.Tensor) -> None:
+    """Moves every static layer's write position to `length` (a device scalar), dropping what lies after it."""
+    for layer in cache_layers(cache):
+        layer.cumulative_length.copy_(length)
+
+
 def crop_kv(cache, length: int) -> None:
     """Drops every cached token after the first `length` (no-op when the cache is not longer)."""
     for layer in cache_layers(cache):

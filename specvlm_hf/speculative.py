@@ -5,10 +5,12 @@
 streamer) and then hands over to it. Each round is a few plain functions from sibling modules:
 
     build_dynamic_tree (tree.py) -> target forward over the tree -> processed_scores ->
-    accept_greedy / accept_sampling (verify.py) -> append_until_stop -> compact_kv (kv_cache.py) ->
+    greedy_path / sampling_path (verify.py) -> append_until_stop -> compact_kv (kv_cache.py) ->
     draft catch-up on the target's true features of the accepted tokens
 
-The same functions serve the GPU fast path and the tests.
+Two loops run them: the eager loop below (dynamic caches, any device), and the fast path
+(`cache_implementation="static"`, `static_round.StaticRound`), which runs the same tree, acceptance and
+compaction functions with fixed shapes and device-side state, captured as CUDA graphs on a GPU.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .compressor import prompt_layouts, question_features
@@ -31,7 +33,8 @@ from .tree import (
     tree_position_ids,
     visible_slots,
 )
-from .verify import accept_greedy, accept_sampling
+from .static_round import StaticRound, draft_tree_step
+from .verify import Acceptance, greedy_path, pack_acceptance, sampling_path, to_host, unpack_acceptance
 
 
 @dataclass
@@ -223,41 +226,60 @@ def append_until_stop(
 
 
 class TreeVerifier:
-    """Scores a tree with the target: one forward of its text model over all nodes after the cached prefix.
+    """Scores a tree with the target (eager loop): one forward of its text model over all nodes after the cached
+    prefix. The text model is called directly (the VLM wrapper adds nothing once the image is in the cache), so
+    the final hidden states come back with the logits. The fast path's counterpart is `StaticRound.verify`."""
 
-    The text model is called directly (the VLM wrapper adds nothing once the image is in the cache), so the
-    final hidden states come back with the logits. With `compile=True` (CUDA, static cache) the forward is
-    compiled with CUDA graphs: every round has the same shapes (a fixed tree size, masks as wide as the cache).
-    """
-
-    def __init__(self, target, static_length: int | None = None, compile: bool = False):
+    def __init__(self, target):
         model = unwrap_target(target)
         self.text_model = text_model_of(model)
         self.lm_head = model.get_output_embeddings()
         self.cache_kw = cache_argument_name(self.text_model.forward)
-        self.static_length = static_length
         self.dtype = self.lm_head.weight.dtype
-        self.compiled = compile
-        self.forward = torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if compile else self._forward
-
-    def _forward(self, input_ids, attention_mask, position_ids, cache):
-        hidden = self.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-            **{self.cache_kw: cache},
-        ).last_hidden_state
-        return self.lm_head(hidden).float(), hidden
 
     def __call__(self, tree: DraftTree, cache, prefix_mask: torch.Tensor, root_position: int):
         """Returns `(T, V)` float32 logits and `(T, d)` final hidden states (the draft's true features)."""
-        logits, hidden = self.forward(
-            tree.tokens[None],
-            tree_attention_mask(tree, prefix_mask, self.dtype, self.static_length),
-            tree_position_ids(tree, root_position),
-            cache,
-        )
-        if self.compiled:  # CUDA-graph outputs are overwritten by the next replay
-            return logits[0].clone(), hidden[0].clone()
-        return logits[0], hidden[0]
+        hidden = self.text_model(
+            input_ids=tree.tokens[None],
+            attention_mask=tree_attention_mask(tree, prefix_mask, self.dtype),
+            position_ids=tree_position_ids(tree, root_position),
+            use_cache=True,
+            **{self.cache_kw: cache},
+        ).last_hidden_state[0]
+        return self.lm_head(hidden).float(), hidden
+
+
+def fast_path_options(target, draft, device: torch.device, generation_config) -> tuple[bool, bool]:
+    """`(graphs, compile)` for the fast path: CUDA graphs when the target and the draft sit on one CUDA device;
+    `torch.compile` kernel fusion before capture unless `generate(..., disable_compile=True)`."""
+    devices = {p.device for p in unwrap_target(target).parameters()} | {p.device for p in draft.parameters()}
+    graphs = device.type == "cuda" and len(devices) == 1
+    return graphs, graphs and not getattr(generation_config, "disable_compile", False)
+
+
+class PendingAcceptance:
+    """The round's one device-to-host transfer (a `pack_acceptance` tensor), started without waiting: on CUDA
+    it is copied into pinned memory behind an event, so the host can queue more work before it waits."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = self.event = self.values = None
+
+    def send(self, packed: torch.Tensor) -> None:
+        if not self.cuda:
+            self.values = packed.tolist()
+            return
+        if self.host is None or self.host.shape != packed.shape:
+            self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        self.host.copy_(packed, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def receive(self) -> Acceptance:
+        if self.cuda:
+            self.event.synchronize()
+            self.values = self.host.tolist()
+        return unpack_acceptance(self.values)
 
 
 def _select_token(scores: torch.Tensor, do_sample: bool) -> int:
@@ -313,112 +335,31 @@ def prompt_pairs(target, draft, prompt_ids, prompt_embeds, prompt_features, firs
     )
 
 
-def draft_tree_step(draft, token_embeds, parent_hidden, attention_mask, position_ids, cache):
-    """One draft forward over a tree level: `(1, n, d)` inputs -> `(n, d)` hidden states, `(n, V)` log-probs."""
-    hidden = draft.decode(
-        draft.fuse(token_embeds, parent_hidden), attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=cache, use_cache=True,
-    )[0]
-    return hidden, torch.log_softmax(draft.lm_head(hidden).float(), dim=-1)
-
-
-class StaticState:
-    """The fast path's fixed buffers: static KV caches for target and draft, and the tree verifier and draft
-    step, compiled with CUDA graphs on a GPU. Kept on the draft and reused by later `generate` calls with the
-    same target and length, so the graphs are captured once.
-
-    Args:
-        target, draft: the models.
-        length: slots of each static cache (`max_length` plus room for one tree).
-        compile: compile the tree verifier and the draft's tree step (`mode="reduce-overhead"`).
-    """
-
-    def __init__(self, target, draft, length: int, compile: bool):
-        self.key = (id(target), length, compile)
-        self.length = length
-        text_config = unwrap_target(target).config.get_text_config(decoder=True)
-        self.target_cache = StaticCache(config=text_config, max_cache_len=length)
-        self.draft_cache = StaticCache(config=draft.config.text_config, max_cache_len=length)
-        self.verifier = TreeVerifier(target, length, compile)
-        self.draft_step = torch.compile(draft_tree_step, mode="reduce-overhead", dynamic=False) if compile else draft_tree_step
-        # the per-round catch-up reads at most depth + 2 pairs; compiled, it is padded to that many
-        self.catch_up_width = draft.config.tree_depth + 2 if compile else None
-
-    @classmethod
-    def for_call(cls, target, draft, needed_length: int, compile: bool) -> "StaticState":
-        """The draft's state for this call (rebuilt only when the target, the length or `compile` changes;
-        lengths are rounded up to a multiple of 256 so that nearby budgets share one set of graphs)."""
-        length = -(-needed_length // 256) * 256
-        state = getattr(draft, "_specvlm_static_state", None)
-        if state is None or state.key != (id(target), length, compile):
-            state = cls(target, draft, length, compile)
-            draft._specvlm_static_state = state
-        state.target_cache.reset()
-        state.draft_cache.reset()
-        return state
-
-
 class _DraftRunner:
-    """Runs the draft over its own KV cache: prompt prefill and catch-up on the target's features, then tree
-    steps. With `static_length`, the cache is a `StaticCache` of that length and tree-step masks span it; with
-    `compile=True` (CUDA) the tree step, whose shapes are the same at every depth, runs as a CUDA graph."""
+    """Runs the draft over its own KV cache: prompt prefill, then (eager loop) catch-up on the target's features
+    and tree steps. With a `StaticRound` the cache is its static draft cache and prefill masks span it (the
+    rounds then run in `StaticRound`)."""
 
-    def __init__(self, draft, mask: torch.Tensor, static: "StaticState | None" = None):
+    def __init__(self, draft, mask: torch.Tensor, static: "StaticRound | None" = None):
         self.draft = draft
         self.cache = static.draft_cache if static else DynamicCache(config=draft.config.text_config)
         self.static_length = static.length if static else None
-        self.step = static.draft_step if static else draft_tree_step
-        self.catch_up_width = static.catch_up_width if static else None
         self.device = draft.fc.weight.device  # may differ from the inputs' when the target is split over GPUs
         self.mask = mask.to(self.device)  # (Ld,) bool, real (non-padding) cached draft entries
         self.dtype = draft.fc.weight.dtype
 
-    def catch_up(
-        self,
-        token_embeds: torch.Tensor,
-        features: torch.Tensor,
-        positions: torch.Tensor,
-        real: torch.Tensor | None = None,
-    ):
+    def catch_up(self, token_embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor):
         """Appends pairs (x_{t+1}, f_t) to the draft cache.
 
         Args:
             token_embeds: `(1, q, d)` embeddings of x_{t+1}.
             features: `(1, q, d)` target features f_t.
             positions: `(q,)` position ids.
-            real: `(q,)` bool, False for left-padding slots (default: all real).
         Returns:
             the last pair's predicted feature `(d,)` and its draft log-probabilities `(V,)`.
         """
-        q = token_embeds.shape[1]
-        real = self.mask.new_ones(q) if real is None else real.to(self.device)
-        positions = positions.to(self.device)
-        if self.catch_up_width is not None and q <= self.catch_up_width:
-            return self._append_padded(token_embeds, features, positions, real)
-        return self._append(self.draft.fuse(token_embeds, features)[0], positions, real)
-
-    def _append_padded(self, token_embeds, features, positions, real):
-        """`catch_up` through the compiled step: inputs padded to `catch_up_width` rows, whose cache writes
-        land after the real ones and are dropped (the write position is moved back) before anything reads
-        them."""
-        q, width = token_embeds.shape[1], self.catch_up_width
-        pad = width - q
-        past = self.mask
-        self.mask = torch.cat([past, real])
-        causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
-        block = causal & torch.cat([real, real.new_zeros(pad)])[None, :]
-        block[q:, q:] |= torch.eye(pad, dtype=torch.bool, device=real.device)  # padded rows see themselves
-        visible = visible_slots(past, block, self.static_length)
-        hidden, log_probs = self.step(
-            self.draft,
-            torch.cat([token_embeds, token_embeds.new_zeros(1, pad, token_embeds.shape[-1])], dim=1),
-            torch.cat([features, features.new_zeros(1, pad, features.shape[-1])], dim=1),
-            additive_mask(visible, self.dtype)[None, None],
-            torch.cat([positions, positions[-1:].expand(pad)])[None],
-            self.cache,
-        )
-        crop_kv(self.cache, self.mask.numel())  # drop the padded rows' entries
-        return hidden[q - 1].clone(), log_probs[q - 1].clone()
+        real = self.mask.new_ones(token_embeds.shape[1])
+        return self._append(self.draft.fuse(token_embeds, features)[0], positions.to(self.device), real)
 
     def prefill(self, prompt: "PromptPairs"):
         """Runs the draft over a prompt's pairs (visual ones compressed); returns the last pair's predicted
@@ -452,8 +393,8 @@ class _DraftRunner:
 
         def step(tokens, parent_hidden, level, ancestor_mask):
             n = tokens.shape[0]
-            visible = visible_slots(prefix, ancestor_mask, self.static_length)
-            hidden, log_probs = self.step(
+            visible = visible_slots(prefix, ancestor_mask)
+            return draft_tree_step(
                 self.draft,
                 self.draft.embed(tokens)[None],
                 parent_hidden[None],
@@ -461,7 +402,6 @@ class _DraftRunner:
                 torch.full((1, n), root_position - 1 + level, device=tokens.device),
                 self.cache,
             )
-            return hidden.clone(), log_probs.clone()  # compiled outputs are reused by the next replay
 
         return step
 
@@ -578,18 +518,17 @@ def tree_assisted_decoding(
     host_rule = host_stop_rule(stopping_criteria)
     prompt_mask, prompt_positions = prefix_positions(input_ids, model_kwargs)
     static = None
-    if generation_config.cache_implementation == "static":  # the fast path: static caches (+ CUDA graphs)
-        compile = input_ids.device.type == "cuda" and not getattr(generation_config, "disable_compile", False)
-        # room for one tree in the target's cache, and for a round's draft entries (or a padded catch-up)
+    if generation_config.cache_implementation == "static":  # the fast path: static caches, CUDA graphs
+        graphs, compile = fast_path_options(model, draft, input_ids.device, generation_config)
+        # room for one tree in the target's cache, and for a round's draft entries (tree levels, catch-up)
         needed = generation_config.max_length + max(
             config.tree_total_tokens, config.tree_depth * config.tree_top_k + config.tree_depth + 2
         )
-        static = StaticState.for_call(model, draft, needed, compile)
+        static = StaticRound.for_call(model, draft, needed, graphs, compile)
         cache_key = next(key for key in ("cache", "past_key_values") if model_kwargs.get(key) is not None)
         model_kwargs[cache_key] = static.target_cache
     cache = model_cache(model_kwargs)
     cache_layers(cache)  # refuses sliding-window caches early
-    verifier = static.verifier if static else TreeVerifier(model)
 
     # 1. prefill: the same call plain `generate` makes, so the first token is bit-identical; the tap records
     # the prompt's merged input embeddings and final hidden states for the draft
@@ -611,7 +550,6 @@ def tree_assisted_decoding(
 
     # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
     runner = _DraftRunner(draft, prompt_mask.new_zeros(0), static)
-    target_mask = prompt_mask.clone()  # real tokens of the target's cache (the draft's may be compressed)
     root_position = int(prompt_positions[-1]) + 1
     if not finished:
         pairs = prompt_pairs(
@@ -624,8 +562,46 @@ def tree_assisted_decoding(
         stats.target_visual_tokens = info["target_visual_tokens"]
         clock.lap("draft")
 
-    # 3. rounds
-    while not finished:
+    # 3. rounds: draft a tree, score it with the target, accept, keep the accepted path, catch the draft up
+    def accept(tree, logits):
+        scores = processed_scores(tree, input_ids, logits, logits_processor)
+        path = sampling_path(tree, torch.softmax(scores, dim=-1)) if do_sample else greedy_path(tree, scores)
+        return scores, path
+
+    def record(acceptance, scores, logits):
+        """Appends the accepted tokens; returns how many were appended and whether generation is done."""
+        nonlocal input_ids
+        input_ids, appended, done = append_until_stop(input_ids, acceptance.tokens, stopping_criteria, host_rule)
+        if streamer is not None:
+            streamer.put(input_ids[:, -appended:].cpu())
+        if want_scores or want_logits:
+            rows = torch.tensor(acceptance.nodes[:appended], device=logits.device)
+            if want_scores:
+                scores_out.extend(scores[rows].split(1))
+            if want_logits:
+                logits_out.extend(logits[rows].split(1))
+        stats.rounds += 1
+        stats.accepted_per_round.append(appended)
+        return appended, done
+
+    if static is not None and not finished:
+        static.start(prompt_mask, runner.mask, token, root_position, root_hidden, root_log_probs)
+        pending = PendingAcceptance(input_ids.device)
+        while not finished:
+            tree = static.draft_tree()
+            clock.lap("draft")
+            logits, _ = static.verify()
+            scores, path = accept(tree, logits)
+            pending.send(pack_acceptance(tree, *path))
+            clock.lap("verify")
+            static.commit(*path)  # runs on the device while the host waits for the acceptance
+            clock.lap("draft")
+            acceptance = pending.receive()
+            _, finished = record(acceptance, scores, logits)
+
+    verifier = TreeVerifier(model)
+    target_mask = prompt_mask.clone()  # real tokens of the target's cache (the draft's may be compressed)
+    while static is None and not finished:
         tree = build_dynamic_tree(
             input_ids[0, -1],
             root_log_probs,
@@ -640,24 +616,12 @@ def tree_assisted_decoding(
 
         prefix_length = target_mask.numel()
         logits, features = verifier(tree, cache, target_mask, root_position)
-        scores = processed_scores(tree, input_ids, logits, logits_processor)
-        if do_sample:
-            acceptance = accept_sampling(tree, torch.softmax(scores, dim=-1))
-        else:
-            acceptance = accept_greedy(tree, scores)
-        nodes = acceptance.nodes
-        input_ids, appended, finished = append_until_stop(input_ids, acceptance.tokens, stopping_criteria, host_rule)
-        kept = nodes[:appended]  # the cache holds every token but the newest
+        scores, path = accept(tree, logits)
+        acceptance = to_host(tree, *path)
+        appended, finished = record(acceptance, scores, logits)
+        kept = acceptance.nodes[:appended]  # the cache holds every token but the newest
         compact_kv(cache, prefix_length, kept)
         target_mask = torch.cat([target_mask, target_mask.new_ones(len(kept))])
-        if streamer is not None:
-            streamer.put(input_ids[:, -appended:].cpu())
-        if want_scores:
-            scores_out.extend(scores[n][None] for n in kept)
-        if want_logits:
-            logits_out.extend(logits[n][None] for n in kept)
-        stats.rounds += 1
-        stats.accepted_per_round.append(appended)
         clock.lap("verify")
         if finished:
             break

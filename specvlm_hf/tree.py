@@ -219,6 +219,24 @@ def visible_slots(prefix_mask: torch.Tensor, block_mask: torch.Tensor, width: in
     return torch.cat(parts, dim=1)
 
 
+def window_visibility(real: torch.Tensor, start: torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
+    """`visible_slots` for a fixed-width cache whose length is a device scalar (no host sync, fixed shapes).
+
+    Args:
+        real: `(W,)` bool, which cache slots hold real tokens (False for left padding); read below `start`.
+        start: `()` long, the number of cached entries; the block's own entries are at `start`, `start + 1`, ...
+        block_mask: `(q, m)` bool, which of the block's `m` entries each query sees.
+    Returns:
+        `(q, W)` bool: the real slots before `start`, the block's columns from `start` on, nothing after.
+    """
+    width, block = real.shape[0], block_mask.shape[1]
+    slots = torch.arange(width, device=real.device)
+    offset = slots - start
+    inside = (offset >= 0) & (offset < block)
+    from_block = block_mask[:, offset.clamp(0, block - 1)] & inside[None, :]
+    return (real & (slots < start))[None, :] | from_block
+
+
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Turns a bool visibility matrix into an additive mask (0 visible, dtype minimum hidden)."""
     mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)

@@ -54,6 +54,12 @@ def accept_greedy(tree: DraftTree, target_scores: torch.Tensor) -> Acceptance:
         target_scores: `(T, V)` target scores after the logits processors; row i scores the token that
             follows node i.
     """
+    return to_host(tree, *greedy_path(tree, target_scores))
+
+
+def greedy_path(tree: DraftTree, target_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The device half of `accept_greedy`: `(path (P,), length (), next_token ())`, where the first `length`
+    entries of `path` are the accepted nodes (root first) and the rest padding (`P = tree.max_depth + 1`)."""
     choice = target_scores.argmax(dim=-1)  # (T,)
     matches = torch.ones_like(tree.tokens, dtype=torch.bool)
     matches[1:] = tree.tokens[1:] == choice[tree.parents[1:]]
@@ -61,18 +67,30 @@ def accept_greedy(tree: DraftTree, target_scores: torch.Tensor) -> Acceptance:
     path_ok = matches[tree.paths.clamp(min=0)] & valid  # (T, D+1): path to each node
     accepted_len = path_ok.long().cumprod(dim=-1).sum(dim=-1)  # counts the root
     best = accepted_len.argmax()
-    last = tree.paths[best].gather(0, (accepted_len[best] - 1).reshape(1))
-    return _to_host(tree, tree.paths[best], accepted_len[best], choice[last[0]])
+    path = tree.paths[best].clamp(min=0)
+    length = accepted_len[best]
+    return path, length, choice[path.gather(0, (length - 1).reshape(1))[0]]
 
 
-def _to_host(tree: DraftTree, path: torch.Tensor, length: torch.Tensor, next_token: torch.Tensor) -> Acceptance:
-    """Packs the accepted path, its tokens and the next token into one device-to-host transfer."""
+def pack_acceptance(tree: DraftTree, path: torch.Tensor, length: torch.Tensor, next_token: torch.Tensor) -> torch.Tensor:
+    """One small device tensor holding an acceptance (length, next token, path, the path's tokens), so that a
+    single transfer brings it to the host; `unpack_acceptance` reads it there."""
     path = path.clamp(min=0)
-    packed = torch.cat([length.reshape(1), next_token.reshape(1), path, tree.tokens[path]]).tolist()
-    length, next_token, width = packed[0], packed[1], path.numel()
+    return torch.cat([length.reshape(1), next_token.reshape(1), path, tree.tokens[path]])
+
+
+def unpack_acceptance(packed: list[int]) -> Acceptance:
+    """The `Acceptance` in a `pack_acceptance` result, as a host list."""
+    length, next_token = packed[0], packed[1]
+    width = (len(packed) - 2) // 2
     nodes = packed[2 : 2 + length]
     tokens = packed[2 + width + 1 : 2 + width + length] + [next_token]
     return Acceptance(nodes=nodes, next_token=next_token, tokens=tokens)
+
+
+def to_host(tree: DraftTree, path: torch.Tensor, length: torch.Tensor, next_token: torch.Tensor) -> Acceptance:
+    """Brings a device-side acceptance (`greedy_path` / `sampling_path`) to the host in one transfer."""
+    return unpack_acceptance(pack_acceptance(tree, path, length, next_token).tolist())
 
 
 def sibling_acceptance_probs(tree: DraftTree, target_probs: torch.Tensor) -> torch.Tensor:
@@ -125,6 +143,13 @@ def accept_sampling(
             top-p...); row i is the distribution of the token after node i.
         generator: optional torch generator for the uniforms and the final draw.
     """
+    return to_host(tree, *sampling_path(tree, target_probs, generator))
+
+
+def sampling_path(
+    tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The device half of `accept_sampling`: `(path (P,), length (), next_token ())` as in `greedy_path`."""
     device = target_probs.device
     num_nodes = tree.num_nodes
     accept_prob = sibling_acceptance_probs(tree, target_probs)
@@ -151,5 +176,5 @@ def accept_sampling(
     rejected = torch.zeros(target_probs.shape[-1], dtype=torch.long, device=device)
     rejected = rejected.scatter_reduce(0, tree.tokens, is_child, reduce="amax").bool()
     distribution = residual_distribution(target_probs[last], rejected)
-    next_token = torch.multinomial(distribution, 1, generator=generator)
-    return _to_host(tree, walk.clamp(max=num_nodes - 1), length, next_token)
+    next_token = torch.multinomial(distribution, 1, generator=generator)[0]
+    return walk.clamp(max=num_nodes - 1), length, next_token

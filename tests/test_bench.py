@@ -41,17 +41,18 @@ def test_bench_reports_every_method(tmp_path):
 
 def test_bench_flags_a_corrupted_draft_path(monkeypatch):
     target, drafts, cases = setup_models()
-    real = verify.accept_greedy
+    real = verify.greedy_path
 
     def corrupted(tree, scores):  # accepts the draft's first child blindly: a lossy rule
-        acceptance = real(tree, scores)
+        path, length, next_token = real(tree, scores)
         children = tree.children(0)
-        if children and len(acceptance.nodes) == 1:
-            wrong = int(tree.tokens[children[0]])
-            return verify.Acceptance(nodes=[0, children[0]], next_token=wrong, tokens=[wrong, wrong])
-        return acceptance
+        if children and int(length) == 1:
+            path = path.clone()
+            path[1] = children[0]
+            return path, length + 1, tree.tokens[children[0]]
+        return path, length, next_token
 
-    monkeypatch.setattr("specvlm_hf.speculative.accept_greedy", corrupted)
+    monkeypatch.setattr("specvlm_hf.speculative.greedy_path", corrupted)
     drafts["eaglevlm"] = oracle_draft(target, noise=0.003)  # short accepted paths, so the corruption triggers
     report = bench.run_bench(target, cases, drafts, methods=("plain", "eaglevlm-tree"), max_new_tokens=16)
     rows = {row["method"]: row for row in report["methods"]}

@@ -130,12 +130,13 @@ def compressing_draft(target, settings, mode="tree"):
 def test_greedy_output_with_every_compressor_mode_equals_plain_generate(name, kind):
     target = specvlm_hf.enable((tiny_llava if kind == "llava" else tiny_llava_next)(scale=32.0, gqa=True))
     generator = torch.Generator().manual_seed(len(name))
-    for case, mode in enumerate(["tree", "chain", "tree"]):
-        draft = compressing_draft(target, MODES[name], mode)
+    for case, mode in enumerate(["tree", "chain", "tree", "tree-static"]):  # tree-static: the fast path
+        draft = compressing_draft(target, MODES[name], mode.split("-")[0])
         inputs = random_inputs(target, generator, text_tokens=3 + case)
         kwargs = dict(max_new_tokens=16, min_new_tokens=16 if case != 1 else 0, do_sample=False)
         plain = target.generate(**inputs, **kwargs)
-        spec = target.generate(**inputs, **kwargs, assistant_model=draft)
+        fast = {"cache_implementation": "static"} if mode == "tree-static" else {}
+        spec = target.generate(**inputs, **kwargs, assistant_model=draft, **fast)
         assert spec.tolist() == plain.tolist()
         image_tokens = int((inputs["input_ids"] == target.config.image_token_index).sum())
         assert draft.stats.target_visual_tokens == image_tokens

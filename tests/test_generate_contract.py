@@ -11,7 +11,7 @@ import specvlm_hf
 from specvlm_hf import DraftTargetMismatchError, SpecVLMDraftModel
 from tiny_models import oracle_draft, random_inputs, tiny_llava, tiny_llava_next
 
-MODES = ["tree", "chain"]
+MODES = ["tree", "chain", "tree-static"]  # tree-static: the fast path (`cache_implementation="static"`)
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +23,19 @@ def setup():
 
 def draft_for(target, mode, noise=0.0):
     draft = oracle_draft(target, noise=noise)
-    draft.config.decoding_mode = mode
+    draft.config.decoding_mode = mode.split("-")[0]
     return draft
+
+
+def path_kwargs(mode) -> dict:
+    """The `generate` arguments that select the decoding path of `mode`."""
+    return {"cache_implementation": "static"} if mode.endswith("static") else {}
 
 
 def plain_and_spec(target, inputs, mode, **kwargs):
     plain = target.generate(**inputs, **kwargs)
     draft = draft_for(target, mode)
-    spec = target.generate(**inputs, **kwargs, assistant_model=draft)
+    spec = target.generate(**inputs, **kwargs, assistant_model=draft, **path_kwargs(mode))
     return plain, spec, draft
 
 
@@ -100,7 +105,7 @@ def test_streamer_receives_every_token_in_order(setup, mode):
     streamer = RecordingStreamer()
     draft = draft_for(target, mode)
     out = target.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False, assistant_model=draft,
-                          streamer=streamer)
+                          streamer=streamer, **path_kwargs(mode))
     assert streamer.ended
     assert streamer.puts[0] == inputs["input_ids"][0].tolist(), "the prompt first, as plain generate does"
     streamed = [token for chunk in streamer.puts[1:] for token in chunk]

@@ -123,24 +123,40 @@ def test_static_cache_fast_path_matches_plain_generate(target_name):
         reference = target.generate(**inputs, **kwargs)
         fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
         assert fast.tolist() == reference.tolist()
-        assert draft._specvlm_static_state.length >= kwargs["max_new_tokens"] + inputs["input_ids"].shape[1]
+        assert draft._specvlm_static_round.length >= kwargs["max_new_tokens"] + inputs["input_ids"].shape[1]
     assert max(draft.stats.accepted_per_round) >= 3
 
 
-def test_padded_catch_up_of_the_compiled_path_is_exact():
-    """On a GPU the per-round catch-up runs padded to a fixed width through the compiled step; the padding's
-    cache writes must never be read. Forced here without compilation."""
+def test_fast_path_state_is_reused_across_calls_and_lengths():
+    """The fast path keeps its buffers (and, on a GPU, its graphs) on the draft: later calls of one length reuse
+    them, with other prompts and other drafts' acceptance lengths; a longer budget builds a new one."""
     target = build_target("llava-gqa")
     generator = torch.Generator().manual_seed(5)
     draft = build_draft(target, "oracle", "tree")
-    inputs = random_inputs(target, generator)
     kwargs = {"do_sample": False, "max_new_tokens": 30, "min_new_tokens": 30}
-    reference = target.generate(**inputs, **kwargs)
-    target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
-    draft._specvlm_static_state.catch_up_width = draft.config.tree_depth + 2
-    for noise_draft in (draft, build_draft(target, "noisy", "tree")):
-        if noise_draft is not draft:
-            noise_draft._specvlm_static_state = draft._specvlm_static_state
-        fast = target.generate(**inputs, **kwargs, assistant_model=noise_draft, cache_implementation="static")
+    rounds = []
+    for case in range(4):
+        inputs = random_inputs(target, generator, text_tokens=2 + 3 * case, image=case != 2)
+        if case == 3:
+            kwargs = {"do_sample": False, "max_new_tokens": 200, "min_new_tokens": 200}
+        reference = target.generate(**inputs, **kwargs)
+        fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
         assert fast.tolist() == reference.tolist()
-    assert max(draft.stats.accepted_per_round) >= 3
+        rounds.append(draft._specvlm_static_round)
+        draft.load_state_dict(build_draft(target, "noisy" if case % 2 == 0 else "oracle", "tree").state_dict())
+    assert rounds[0] is rounds[1] is rounds[2] and rounds[3] is not rounds[0]
+    assert rounds[3].length >= 200 + inputs["input_ids"].shape[1]
+
+
+def test_fast_path_works_inside_and_outside_inference_mode():
+    """Buffers made under `torch.inference_mode` cannot be updated outside it: the fast path keeps one set per mode."""
+    target = build_target("llava")
+    draft = build_draft(target, "oracle", "tree")
+    inputs = random_inputs(target, torch.Generator().manual_seed(8))
+    kwargs = {"do_sample": False, "max_new_tokens": 12, "assistant_model": draft, "cache_implementation": "static"}
+    with torch.inference_mode():
+        inside = target.generate(**inputs, **kwargs)
+    outside = target.generate(**inputs, **kwargs)
+    with torch.inference_mode():
+        again = target.generate(**inputs, **kwargs)
+    assert inside.tolist() == outside.tolist() == again.tolist() == target.generate(**inputs, max_new_tokens=12).tolist()

@@ -57,7 +57,7 @@ def sample_first_tokens(settings: dict, mode: str = "tree"):
     """(plain samples, speculative samples, mean accepted tokens per round) of the first 3 new tokens."""
     target = specvlm_hf.enable(tiny_llava(seed=0, scale=8.0, vocab=12))
     draft = oracle_draft(target)
-    draft.config.decoding_mode = mode
+    draft.config.decoding_mode = mode.split("-")[0]
     draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 4, 3, 20
     inputs = random_inputs(target, torch.Generator().manual_seed(0), text_tokens=4)
     start = inputs["input_ids"].shape[1]
@@ -67,7 +67,8 @@ def sample_first_tokens(settings: dict, mode: str = "tree"):
     plain = target.generate(**batch, **kwargs)[:, start:]
     speculative, sigmas = [], []
     for _ in range(SAMPLES):
-        speculative.append(target.generate(**inputs, **kwargs, assistant_model=draft)[0, start:])
+        fast = {"cache_implementation": "static"} if mode == "tree-static" else {}
+        speculative.append(target.generate(**inputs, **kwargs, assistant_model=draft, **fast)[0, start:])
         sigmas.append(draft.stats.sigma)
     return [tuple(row) for row in plain.tolist()], [tuple(row.tolist()) for row in speculative], sum(sigmas) / len(sigmas)
 
@@ -78,7 +79,10 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("name,mode", [("temperature", "tree"), ("top-k-top-p", "tree"), ("temperature", "chain")])
+@pytest.mark.parametrize(
+    "name,mode",
+    [("temperature", "tree"), ("top-k-top-p", "tree"), ("temperature", "chain"), ("top-k-top-p", "tree-static")],
+)
 def test_speculative_sampling_matches_plain_sampling(name, mode):
     plain, speculative, sigma = sample_first_tokens(SETTINGS[name], mode)
     assert sigma > 1.2, "the draft must get tokens accepted for the test to mean anything"

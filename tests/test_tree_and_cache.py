@@ -6,8 +6,15 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaModel, StaticCache
 
-from specvlm_hf.kv_cache import cache_argument_name, compact_kv, crop_kv
-from specvlm_hf.tree import build_dynamic_tree, tree_attention_mask, tree_from_parents, tree_position_ids
+from specvlm_hf.kv_cache import cache_argument_name, compact_kv, compact_static_kv, crop_kv
+from specvlm_hf.tree import (
+    build_dynamic_tree,
+    tree_attention_mask,
+    tree_from_parents,
+    tree_position_ids,
+    visible_slots,
+    window_visibility,
+)
 from specvlm_hf.verify import accept_greedy
 
 
@@ -142,7 +149,20 @@ def _tiny_llama():
     return run, config
 
 
-@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_fixed_width_masks_equal_the_concatenated_ones(seed):
+    """The fast path's masks (device-side length, fixed width) equal the eager loop's, padded to the width."""
+    generator = torch.Generator().manual_seed(seed)
+    width = 40
+    length = int(torch.randint(0, 25, (1,), generator=generator))
+    queries, block = int(torch.randint(1, 8, (1,), generator=generator)), int(torch.randint(1, 12, (1,), generator=generator))
+    real = torch.rand(width, generator=generator) > 0.3
+    block_mask = torch.rand(queries, block, generator=generator) > 0.5
+    expected = visible_slots(real[:length], block_mask, width)
+    assert torch.equal(window_visibility(real, torch.tensor(length), block_mask), expected)
+
+
+@pytest.mark.parametrize("static", [False, True, "device"])
 def test_compacted_cache_equals_recomputing_the_accepted_sequence(static):
     run, config = _tiny_llama()
     prefix = torch.randint(0, 50, (1, 7))
@@ -160,7 +180,10 @@ def test_compacted_cache_equals_recomputing_the_accepted_sequence(static):
         else:
             mask = tree_attention_mask(tree, torch.ones(7, dtype=torch.bool), torch.float32)
         run(cache, input_ids=tree.tokens[None], attention_mask=mask, position_ids=tree_position_ids(tree, 7))
-        compact_kv(cache, 7, kept)
+        if static == "device":  # the fast path's form: lengths and nodes on the device, padded to a fixed width
+            compact_static_kv(cache, torch.tensor(7), torch.tensor(kept + [4, 1]), torch.tensor(len(kept)))
+        else:
+            compact_kv(cache, 7, kept)
         assert int(cache.get_seq_length()) == 10
 
         reference = DynamicCache(config=config)
