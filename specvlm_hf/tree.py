@@ -180,7 +180,7 @@ def build_dynamic_tree(
     # remap candidate parent indices to node indices (root = node 0, kept candidate i -> node i + 1)
     node_of_candidate = torch.full((tokens.shape[0] + 1,), -2, dtype=torch.long, device=device)
     node_of_candidate[keep] = torch.arange(1, keep_count + 1, device=device)
-    node_of_candidate[-1] = 0  # parent -1 (the root) indexes the last slot
+    node_of_candidate[-1:].zero_()  # parent -1 (the root) indexes the last slot (no host value: graph-safe)
     node_parents = node_of_candidate[parents[keep]]  # a node never outranks its parent, so all are kept
 
     root = torch.as_tensor(root_token, dtype=torch.long, device=device).reshape(1)
