@@ -5,6 +5,7 @@
 - `objective`: the teacher pass and the loss (soft CE + SmoothL1 on answer tokens, compressor included);
 - `trainer.DistillTrainer`: the loop on Hugging Face Accelerate (DDP with `accelerate launch`), atomic
   checkpoints and exact `--resume`, NaN guard, per-epoch sigma with the real decoder;
+- `sharding`: `--shard-target`, the frozen target's language-model layers sharded over the processes (FSDP2);
 - `evaluation`: sigma measurement and the training-time scaling curve;
 - `distill_data`: regenerate answers with the target itself (self-distillation data).
 """

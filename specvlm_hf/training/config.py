@@ -35,6 +35,7 @@ class DistillConfig:
     target_dtype: str = option("float32", "dtype the target is loaded in.", ("float32", "bfloat16", "float16"))
     adapter: str | None = option(None, "A PEFT adapter (folder) applied to the target; the adapted model is the teacher.")
     attn_implementation: str = option("sdpa", "Attention backend of the target and the draft.", ("sdpa", "eager"))
+    shard_target: bool = option(False, "Shard the frozen target over the processes of `accelerate launch --num_processes N` (FSDP2: each process holds 1/N of every decoder layer of its language model; the embedding, lm_head and vision tower stay whole on every process) instead of replicating it, for targets that do not fit one GPU. The draft still trains data-parallel. Needs N >= 2 processes and torch >= 2.7; each process loads the target into host memory once before sharding it.")
     draft: str | None = option(None, "Continue from this draft folder (its config, compressor included, is kept); default: a fresh draft sized to the target.")
     num_draft_layers: int = option(1, "Decoder layers of a fresh draft.")
     compressor: str = option("none", "Visual compressor of a fresh draft ('none' = EagleVLM).", ("none", "fixed", "select", "weighted", "concat"))

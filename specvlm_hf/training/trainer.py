@@ -7,8 +7,10 @@ Each optimizer step, on every process: the target (frozen, no grad) reads a micr
 teacher's features; the draft (and its compressor) learns from them (`objective.DistillationObjective`).
 `accelerate launch --num_processes N -m specvlm_hf.cli train ...` runs the same code data-parallel (DDP):
 each process takes its slice of every global batch, so a global batch holds the same examples for any
-number of processes. After each epoch the main process measures sigma with the real decoder on held-out
-prompts (`evaluation.measure_sigma`) and per-depth agreement, and redraws the scaling curve.
+number of processes. With `--shard-target` the target's language-model layers are sharded over the
+processes (FSDP2, `sharding.py`) instead of replicated; the draft stays data-parallel. After each epoch
+the main process measures sigma with the real decoder on held-out prompts (`evaluation.measure_sigma`)
+and per-depth agreement, and redraws the scaling curve.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .config import DistillConfig
 from .data import Collator, ConversationDataset, ImageResolver, first_prompt, load_records, record_images
 from .evaluation import measure_sigma, plot_scaling_curve, prompt_inputs
 from .objective import DistillationObjective, teacher_forward
+from .sharding import Lockstep, shard_target, target_memory
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,10 +102,19 @@ class DistillTrainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=compressing)],
         )
         device = self.accelerator.device
+        if config.shard_target:
+            self._check_sharding()
         torch.manual_seed(config.seed)
         if target is None:
-            target, processor = load_target(config, device)
-        self.target = target.to(device).eval().requires_grad_(False)
+            # a sharded target is loaded into host memory first: its layers reach the device one shard at a time
+            target, processor = load_target(config, "cpu" if config.shard_target else device)
+        self.lockstep = None
+        if config.shard_target:
+            self.target = target.eval().requires_grad_(False)
+            shard_target(self.target, device, self.accelerator.num_processes)
+            self.lockstep = Lockstep(self.target, device)
+        else:
+            self.target = target.to(device).eval().requires_grad_(False)
         self.processor = processor
         if draft is None:
             if config.draft:
@@ -167,10 +179,34 @@ class DistillTrainer:
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
-        self.metrics = {"config": config.to_dict(), "processes": world, "global_batch": self.global_batch, "train": [], "eval": []}
+        self.metrics = {"config": config.to_dict(), "processes": world, "global_batch": self.global_batch,
+                        "target_weight_bytes": target_memory(self.target), "train": [], "eval": []}
         self.output_dir = Path(config.output_dir)
         if config.resume:
             self._resume()
+
+    def _check_sharding(self) -> None:
+        """`shard_target` needs several processes of a plain multi-process launch (not Accelerate's own FSDP /
+        DeepSpeed, which would shard the small trained draft rather than the frozen target)."""
+        from accelerate.utils import DistributedType
+
+        accelerator = self.accelerator
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ValueError(
+                f"--shard-target shards the frozen target itself; this run was launched with Accelerate's "
+                f"{accelerator.distributed_type.value} plugin, which would wrap the small trained draft instead. Launch "
+                "without --use_fsdp / --use_deepspeed: `accelerate launch --multi_gpu --num_processes N -m "
+                "specvlm_hf.cli train ... --shard-target`."
+            )
+        if accelerator.num_processes < 2:
+            where = f"{torch.cuda.device_count()} GPU(s) visible" if torch.cuda.is_available() else "no GPU visible"
+            raise ValueError(
+                "--shard-target shards the target over the processes of a multi-process launch, but this run has "
+                f"1 process ({where}). Launch it with `accelerate launch --multi_gpu --num_processes N -m "
+                "specvlm_hf.cli train ... --shard-target` (N >= 2, one process per GPU; on CPUs: `torchrun --nproc_per_node N "
+                "-m specvlm_hf.cli train --device cpu ...`), "
+                "or drop --shard-target to train with a whole target on one device."
+            )
 
     # ------------------------------------------------------------------------------------------------ data
     def _batches(self, epoch: int, start: int):
@@ -328,6 +364,9 @@ class DistillTrainer:
                     break
         if progress is not None:
             progress.close()
+        if accelerator.device.type == "cuda":
+            peak = torch.tensor([float(torch.cuda.max_memory_allocated(accelerator.device))], device=accelerator.device)
+            self.metrics["peak_memory_bytes"] = [int(v) for v in accelerator.gather(peak).tolist()]  # per process
         if accelerator.is_main_process:
             final = self.output_dir / "draft"
             accelerator.unwrap_model(self.model).draft.save_pretrained(final)
@@ -345,11 +384,16 @@ class DistillTrainer:
     def _log(self, window: dict, last: dict) -> None:
         n = max(window["n"], 1)
         seconds = time.perf_counter() - window["start"]
-        tokens = self.accelerator.reduce(torch.tensor(float(window["tokens"]), device=self.accelerator.device), "sum").item()
+        device = self.accelerator.device
+        tokens = self.accelerator.reduce(torch.tensor(float(window["tokens"]), device=device), "sum").item()
+        # the mean over processes: each process's loss is that of its own slice of the global batch
+        keys = ("loss", "logit_loss", "feature_loss", "agreement")
+        means = torch.tensor([window[k] / n for k in keys], dtype=torch.float64, device=device)
+        means = dict(zip(keys, self.accelerator.reduce(means, "mean").tolist()))
         entry = {
             "step": self.step, "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
-            "loss": window["loss"] / n, "logit_loss": window["logit_loss"] / n, "feature_loss": window["feature_loss"] / n,
-            "agreement": window["agreement"] / n, "lr": self.scheduler.get_last_lr()[0], "grad_norm": last["grad_norm"],
+            "loss": means["loss"], "logit_loss": means["logit_loss"], "feature_loss": means["feature_loss"],
+            "agreement": means["agreement"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": last["grad_norm"],
             "tokens_per_second": tokens / max(seconds, 1e-9), "steps_per_second": n / max(seconds, 1e-9),
         }
         if last.get("visual_fraction") is not None:
@@ -393,7 +437,20 @@ class DistillTrainer:
 
     def evaluate(self, epoch: float) -> dict | None:
         """Sigma per decoding mode with the real decoder, per-depth agreement; appended to the metrics and
-        drawn to `output_dir/scaling_curve.png`. Runs on the main process; the RNG of training is untouched."""
+        drawn to `output_dir/scaling_curve.png`. Runs on the main process; the RNG of training is untouched.
+        With a sharded target the other processes follow the main process's target forwards (`Lockstep`)."""
+        if self.lockstep is None:
+            result = self._evaluate_on_main(epoch)
+        elif self.accelerator.is_main_process:
+            with self.lockstep.lead():
+                result = self._evaluate_on_main(epoch)
+        else:
+            self.lockstep.follow()
+            result = None
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def _evaluate_on_main(self, epoch: float) -> dict | None:
         accelerator = self.accelerator
         result = None
         if accelerator.is_main_process:
@@ -417,7 +474,6 @@ class DistillTrainer:
             )
             self._write_metrics()
             plot_scaling_curve(self.metrics, self.output_dir / "scaling_curve.png")
-        accelerator.wait_for_everyone()
         return result
 
 
