@@ -205,7 +205,7 @@ def main():
             start = time.perf_counter()
             results[name] = fn()
             results[name]["section_seconds"] = time.perf_counter() - start
-            print(name, json.dumps(results[name]), flush=True)
+            print(name, json.dumps({k: v for k, v in results[name].items() if k != "tokens"}), flush=True)
         except Exception as error:  # keep the other measurements
             results[name] = {"error": repr(error)[:800]}
             traceback.print_exc()
@@ -217,10 +217,22 @@ def main():
     # the fast path: CUDA graphs over eager kernels, then over kernels fused by torch.compile
     section("fast_graphs", lambda: [tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static",
                                                disable_compile=True) for _ in range(3)][-1])
+    def without_cudnn_attention():  # sdpa's other kernels for the masked tree attention (fresh graphs)
+        previous = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        draft.__dict__.pop("_specvlm_static_round", None)
+        try:
+            return [tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static",
+                               disable_compile=True) for _ in range(3)][-1]
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(previous)
+            draft.__dict__.pop("_specvlm_static_round", None)
+
+    section("fast_graphs_no_cudnn", without_cudnn_attention)
     section("fast", lambda: [tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static")
                              for _ in range(3)][-1])
     if "tokens" in results.get("tree", {}):  # same maths, other kernels: bf16 may differ only at near-ties
-        for name in ("fast_graphs", "fast"):
+        for name in ("fast_graphs", "fast_graphs_no_cudnn", "fast"):
             if "tokens" in results.get(name, {}):
                 a, b = results["tree"]["tokens"], results[name]["tokens"]
                 results[name]["same_tokens_as_eager_tree"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
@@ -236,7 +248,7 @@ def main():
             results["profile"] = {"error": repr(error)[:800]}
             traceback.print_exc()
 
-    for name in ("fast_graphs", "fast"):
+    for name in ("fast_graphs", "fast_graphs_no_cudnn", "fast"):
         fast = results.get(name, {})
         if "ms_per_round" in fast:
             round_s = fast["median_ms_per_round"] / 1000
@@ -247,7 +259,7 @@ def main():
             fast["fraction_of_copy_bandwidth"] = round_bytes / round_s / args.copy_bandwidth
     projection = {"sigma": args.sigma, "label": "projection: measured round cost x assumed sigma"}
     for base in ("plain", "static"):
-        for loop in ("tree", "fast_graphs", "fast"):
+        for loop in ("tree", "fast_graphs", "fast_graphs_no_cudnn", "fast"):
             if "ms_per_token" in results.get(base, {}) and "ms_per_round" in results.get(loop, {}):
                 round_ms = results[loop]["median_ms_per_round"]
                 projection[f"{loop}_over_{base}"] = args.sigma * results[base]["ms_per_token"] / round_ms
@@ -255,7 +267,7 @@ def main():
     results["projection"] = projection
     print("projection", json.dumps(projection), flush=True)
 
-    for name in ("tree", "fast_graphs", "fast"):
+    for name in ("tree", "fast_graphs", "fast_graphs_no_cudnn", "fast"):
         results.get(name, {}).pop("tokens", None)
     if "compressor" not in skip:
         try:

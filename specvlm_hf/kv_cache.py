@@ -68,7 +68,26 @@ def compact_kv(cache, prefix_length: int, kept_nodes: torch.Tensor | list[int]) 
             layer.values = torch.cat([layer.values[..., :prefix_length, :], kept_values], dim=-2)
 
 
-def compact_static_kv(cache, start: torch.Tensor, nodes: torch.Tensor, count: torch.Tensor) -> None:
+def stack_static_layers(cache) -> torch.Tensor | None:
+    """Moves the initialised layers of a `StaticCache` into one `(layers, 2, batch, heads, W, head_dim)` tensor
+    (each layer's keys and values become views of it) so that compaction is one gather for all layers; returns
+    it, or None when the layers differ in shape, dtype or device (then they stay as they are)."""
+    layers = cache_layers(cache)
+    if not layers or not all(is_static_layer(layer) and getattr(layer, "is_initialized", False) for layer in layers):
+        return None
+    first = layers[0].keys
+    if any(t.shape != first.shape or t.dtype != first.dtype or t.device != first.device
+           for layer in layers for t in (layer.keys, layer.values)):
+        return None
+    stacked = torch.stack([torch.stack([layer.keys, layer.values]) for layer in layers])
+    for index, layer in enumerate(layers):
+        layer.keys, layer.values = stacked[index, 0], stacked[index, 1]
+    return stacked
+
+
+def compact_static_kv(
+    cache, start: torch.Tensor, nodes: torch.Tensor, count: torch.Tensor, stacked: torch.Tensor | None = None
+) -> None:
     """`compact_kv` for static caches with the prefix length and the kept nodes on the device: no host sync and
     fixed shapes, so it can run inside a CUDA graph.
 
@@ -78,12 +97,19 @@ def compact_static_kv(cache, start: torch.Tensor, nodes: torch.Tensor, count: to
         nodes: `(P,)` node indices to keep, root first; only the first `count` are kept, the rest (any valid
             node index) are copied after them and lie beyond the new length.
         count: `()` long, how many of `nodes` to keep.
+        stacked: the `stack_static_layers` tensor of `cache`, if any: one gather instead of one per layer.
     """
-    for layer in cache_layers(cache):
-        src = (nodes + start).to(layer.keys.device)
-        dst = start.to(layer.keys.device) + torch.arange(nodes.shape[0], device=layer.keys.device)
-        layer.keys.index_copy_(2, dst, layer.keys.index_select(2, src))
-        layer.values.index_copy_(2, dst, layer.values.index_select(2, src))
+    layers = cache_layers(cache)
+    if stacked is not None:
+        src = nodes + start
+        dst = start + torch.arange(nodes.shape[0], device=start.device)
+        stacked.index_copy_(4, dst, stacked.index_select(4, src))
+    for layer in layers:
+        if stacked is None:
+            src = (nodes + start).to(layer.keys.device)
+            dst = start.to(layer.keys.device) + torch.arange(nodes.shape[0], device=layer.keys.device)
+            layer.keys.index_copy_(2, dst, layer.keys.index_select(2, src))
+            layer.values.index_copy_(2, dst, layer.values.index_select(2, src))
         layer.cumulative_length.copy_(start + count)
 
 

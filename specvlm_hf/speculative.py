@@ -153,14 +153,38 @@ _SEQUENCE_FREE_PROCESSORS = {
 }
 
 
+def _length_rule_active(processor, length: int) -> bool | None:
+    """For processors that read only the sequence's length (minimum-length rules): whether they act on a
+    sequence of `length` tokens; None for any other processor."""
+    name = type(processor).__name__
+    if name == "MinLengthLogitsProcessor":
+        return length < processor.min_length
+    if name == "MinNewTokensLengthLogitsProcessor":
+        return length - processor.prompt_length_to_skip < processor.min_new_tokens
+    return None
+
+
+def _same_for_every_node(logits_processor, prefix_length: int, max_depth: int) -> bool:
+    """True when the processors treat every tree node alike: each reads only the scores, or only the length and
+    acts (or not) on the shortest and the longest sequence of the tree alike (minimum-length rules are monotone)."""
+    for processor in logits_processor:
+        if type(processor).__name__ in _SEQUENCE_FREE_PROCESSORS:
+            continue
+        shortest = _length_rule_active(processor, prefix_length)
+        if shortest is None or shortest != _length_rule_active(processor, prefix_length + max_depth):
+            return False
+    return True
+
+
 def processed_scores(
     tree: DraftTree, prefix_ids: torch.Tensor, logits: torch.Tensor, logits_processor
 ) -> torch.Tensor:
     """The target's logits at every tree node after `generate`'s logits processors.
 
     Each node is processed with its own sequence (prefix + path to the node), exactly as step-by-step
-    decoding would; nodes of one depth share a length and are processed as one batch (processors that
-    only read the scores, such as temperature / top-k / top-p, process the whole tree at once).
+    decoding would; nodes of one depth share a length and are processed as one batch. The whole tree is
+    processed at once when that gives the same: processors that only read the scores (temperature, top-k,
+    top-p...) and minimum-length rules that act on all of the tree's lengths or on none.
 
     Args:
         tree: `T` nodes; the root is the last token of `prefix_ids`.
@@ -171,7 +195,7 @@ def processed_scores(
     """
     if logits_processor is None or len(logits_processor) == 0:
         return logits
-    if all(type(processor).__name__ in _SEQUENCE_FREE_PROCESSORS for processor in logits_processor):
+    if _same_for_every_node(logits_processor, prefix_ids.shape[1], tree.max_depth):
         return logits_processor(prefix_ids.expand(tree.num_nodes, -1), logits.clone())
     # every node's own sequence: the prefix, then the tokens on its path after the root (padded past its depth)
     path_tokens = tree.tokens[tree.paths[:, 1:].clamp(min=0)]
@@ -198,6 +222,15 @@ def host_stop_rule(stopping_criteria) -> tuple[int | None, set[int]] | None:
     return max_length, eos
 
 
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of host `values` on `device`; on CUDA through pinned memory, so the copy does not wait for
+    the work already queued on the stream (a copy from pageable memory would)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def append_until_stop(
     input_ids: torch.Tensor, tokens: list[int], stopping_criteria, host_rule=None
 ) -> tuple[torch.Tensor, int, bool]:
@@ -217,7 +250,7 @@ def append_until_stop(
             if token in eos or (max_length is not None and length + j >= max_length):
                 count, finished = j, True
                 break
-        return torch.cat([input_ids, input_ids.new_tensor([tokens[:count]])], dim=1), count, finished
+        return torch.cat([input_ids, to_device(tokens[:count], input_ids.device)[None]], dim=1), count, finished
     for j, token in enumerate(tokens, start=1):
         input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
         if bool(stopping_criteria(input_ids, None).any()):
@@ -572,8 +605,8 @@ def tree_assisted_decoding(
         """Appends the accepted tokens; returns how many were appended and whether generation is done."""
         nonlocal input_ids
         input_ids, appended, done = append_until_stop(input_ids, acceptance.tokens, stopping_criteria, host_rule)
-        if streamer is not None:
-            streamer.put(input_ids[:, -appended:].cpu())
+        if streamer is not None:  # from the host's copy: `.cpu()` on the device ids would wait for the GPU
+            streamer.put(torch.tensor([acceptance.tokens[:appended]]))
         if want_scores or want_logits:
             rows = torch.tensor(acceptance.nodes[:appended], device=logits.device)
             if want_scores:

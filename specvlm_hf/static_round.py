@@ -22,12 +22,13 @@ so the varying prefix length never changes a shape.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from transformers import StaticCache
 
-from .kv_cache import cache_argument_name, compact_static_kv, set_static_length
+from .kv_cache import cache_argument_name, compact_static_kv, set_static_length, stack_static_layers
 from .target import text_model_of, unwrap_target
 from .tree import DraftTree, additive_mask, build_dynamic_tree, window_visibility
 
@@ -45,20 +46,37 @@ class GraphedCall:
     """Runs a function of no arguments (it reads and writes fixed buffers) eagerly on its first call, which also
     warms up kernels and `torch.compile`; captures it as a CUDA graph on the second; replays the graph after.
 
+    Args:
+        fn: the function.
+        graphs: capture and replay (CUDA); otherwise every call runs `fn`.
+        compile: run `torch.compile(fn)` instead; if compilation fails (a compiler error is raised before the
+            function runs), warn and go on with `fn`.
     The result of a replay lives in the graph's own memory and is overwritten by the next replay.
     """
 
-    def __init__(self, fn, enabled: bool):
-        self.fn = fn
-        self.enabled = enabled
+    def __init__(self, fn, graphs: bool, compile: bool = False):
+        self.eager_fn = fn
+        self.fn = torch.compile(fn, dynamic=False) if compile else fn
+        self.enabled = graphs
         self.calls = 0
         self.graph = None
         self.output = None
 
+    def _run(self):
+        if self.fn is self.eager_fn:
+            return self.fn()
+        try:
+            return self.fn()
+        except torch._dynamo.exc.TorchDynamoException as error:  # raised while compiling, before any state changed
+            warnings.warn(f"torch.compile failed on the SpecVLM fast path ({type(error).__name__}: {error}); "
+                          "running its CUDA graphs over eager kernels instead.", stacklevel=3)
+            self.fn = self.eager_fn
+            return self.fn()
+
     def __call__(self):
         self.calls += 1
         if not self.enabled or self.calls == 1:
-            return self.fn()
+            return self._run()
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -124,14 +142,11 @@ class StaticRound:
         self.top_k, self.depth, self.total_tokens = config.tree_top_k, config.tree_depth, config.tree_total_tokens
         self.path_width = config.tree_depth + 2  # root + one node per tree depth (depths 1..depth + 1)
         self.graphs, self.compiled = graphs, compile
-        self.target_forward = self._target_forward
-        self.draft_step = draft_tree_step
-        if compile:
-            self.target_forward = torch.compile(self._target_forward, dynamic=False)
-            self.draft_step = torch.compile(draft_tree_step, dynamic=False)
-        self.draft_call = GraphedCall(self._draft, graphs)
-        self.verify_call = GraphedCall(self._verify, graphs)
-        self.commit_call = GraphedCall(self._commit, graphs)
+        # each round function is compiled whole (kernels fused across the tree bookkeeping, masks and layers)
+        self.draft_call = GraphedCall(self._draft, graphs, compile)
+        self.verify_call = GraphedCall(self._verify, graphs, compile)
+        self.commit_call = GraphedCall(self._commit, graphs, compile)
+        self.stacked_kv: torch.Tensor | None = None  # the target cache's layers as one tensor (one-gather compaction)
         self.state: RoundState | None = None
         self.tree: DraftTree | None = None
         self.logits = self.features = None
@@ -164,6 +179,8 @@ class StaticRound:
             root_hidden, root_log_probs: `(d,)` and `(V,)` the draft's prediction after it.
         """
         device = root_hidden.device
+        if self.stacked_kv is None:  # once, after the first prefill initialised the layers; later calls reuse it
+            self.stacked_kv = stack_static_layers(self.target_cache)
         if self.state is None:  # allocated once: the graphs read these addresses
             long = dict(dtype=torch.long, device=device)
             self.state = RoundState(
@@ -187,7 +204,7 @@ class StaticRound:
         state.root_log_probs.copy_(root_log_probs)
 
     def draft_tree(self) -> DraftTree:
-        self.tree = self.draft_call()
+        self.tree = DraftTree(*self.draft_call())
         return self.tree
 
     def verify(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,13 +223,13 @@ class StaticRound:
 
     # ----------------------------------------------------------------------------------------------------
     # the round functions: fixed shapes, no host syncs
-    def _draft(self) -> DraftTree:
+    def _draft(self) -> tuple[torch.Tensor, ...]:
         state, draft = self.state, self.draft
 
         def step(tokens, parent_hidden, level, ancestor_mask):
             visible = window_visibility(state.draft_real, state.draft_length, ancestor_mask)
             positions = (state.root_position + (level - 1)).expand(1, tokens.shape[0])
-            return self.draft_step(
+            return draft_tree_step(
                 draft, draft.embed(tokens)[None], parent_hidden[None],
                 additive_mask(visible, self.draft_dtype)[None, None], positions, self.draft_cache,
             )
@@ -222,27 +239,24 @@ class StaticRound:
             top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens,
         )
         set_static_length(self.draft_cache, state.draft_length)  # drop the tree entries drafted this round
-        return tree
-
-    def _target_forward(self, input_ids, attention_mask, position_ids):
-        hidden = self.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-            **{self.cache_kw: self.target_cache},
-        ).last_hidden_state[0]
-        return self.target_head(hidden).float(), hidden
+        return tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestor_mask, tree.paths
 
     def _verify(self):
         state, tree = self.state, self.tree
         visible = window_visibility(state.target_real, state.target_length, tree.ancestor_mask)
-        return self.target_forward(
-            tree.tokens[None], additive_mask(visible, self.target_dtype)[None, None],
-            (tree.depths + state.root_position)[None],
-        )
+        hidden = self.text_model(
+            input_ids=tree.tokens[None],
+            attention_mask=additive_mask(visible, self.target_dtype)[None, None],
+            position_ids=(tree.depths + state.root_position)[None],
+            use_cache=True,
+            **{self.cache_kw: self.target_cache},
+        ).last_hidden_state[0]
+        return self.target_head(hidden).float(), hidden
 
     def _commit(self) -> None:
         state, tree, features, draft = self.state, self.tree, self.features, self.draft
         count, width = state.count, self.path_width
-        compact_static_kv(self.target_cache, state.target_length, state.path, count)
+        compact_static_kv(self.target_cache, state.target_length, state.path, count, self.stacked_kv)
         rows = torch.arange(width, device=count.device)
         state.target_real.index_fill_(0, state.target_length + rows, True)
 
@@ -253,7 +267,7 @@ class StaticRound:
         tokens = torch.where(rows == count - 1, state.next_token, tokens)
         causal = torch.ones(width, width, dtype=torch.bool, device=count.device).tril()
         visible = window_visibility(state.draft_real, state.draft_length, causal)
-        hidden, log_probs = self.draft_step(
+        hidden, log_probs = draft_tree_step(
             draft, draft.embed(tokens)[None], features[state.path][None],
             additive_mask(visible, self.draft_dtype)[None, None], (state.root_position + rows)[None],
             self.draft_cache,

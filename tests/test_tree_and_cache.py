@@ -203,3 +203,37 @@ def test_crop_drops_a_suffix_only():
     assert cache.get_seq_length() == 5 and torch.equal(cache.layers[0].keys, keys[..., :5, :])
     crop_kv(cache, 8)  # longer than the cache: nothing happens
     assert cache.get_seq_length() == 5
+
+
+def test_logits_processors_see_each_nodes_own_sequence():
+    """`processed_scores` equals running the processors on every node's own sequence, also where a minimum-length
+    rule acts on some of the tree's depths and not on others (and where it takes the one-call shortcut)."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinLengthLogitsProcessor,
+        MinNewTokensLengthLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+    )
+
+    from specvlm_hf.speculative import processed_scores
+
+    generator = torch.Generator().manual_seed(0)
+    tree = tree_from_parents(torch.tensor([4, 2, 9, 2, 7, 2]), torch.tensor([-1, 0, 0, 1, 2, 4]), max_depth=4)
+    logits = torch.randn(tree.num_nodes, 12, generator=generator)
+    ids = torch.randint(3, 12, (1, 14), generator=generator)
+    rule_sets = {
+        "length rules": lambda: [MinNewTokensLengthLogitsProcessor(4, 3, eos_token_id=2), MinLengthLogitsProcessor(9, 2),
+                                 TemperatureLogitsWarper(0.7)],
+        "sequence rule": lambda: [RepetitionPenaltyLogitsProcessor(1.5), MinLengthLogitsProcessor(9, 2)],
+    }
+    for name, make in rule_sets.items():
+        for prefix_length in range(4, 14):
+            processors = LogitsProcessorList(make())
+            prefix = ids[:, :prefix_length]
+            out = processed_scores(tree, prefix, logits, processors)
+            for node in range(tree.num_nodes):
+                path = [int(i) for i in tree.paths[node] if i > 0]
+                sequence = torch.cat([prefix, tree.tokens[path][None]], dim=1)
+                expected = processors(sequence, logits[node : node + 1].clone())[0]
+                assert torch.equal(out[node], expected), (name, prefix_length, node)
