@@ -88,6 +88,27 @@ def tree_round(target, draft, inputs, new_tokens, **kwargs):
     }
 
 
+def count_host_syncs(target, draft, inputs, new_tokens, **kwargs):
+    """Implicit host-device synchronisations (`.item()`, indexing with a device scalar, copies to pageable memory)
+    of one fast-path call, counted with `torch.cuda.set_sync_debug_mode`; the round's intended wait on its
+    acceptance (an event) is not one of them, so the loop's own count should be zero per round."""
+    import warnings
+
+    if DEVICE != "cuda":
+        return {"skipped": "CPU"}
+    with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            target.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            assistant_model=draft, cache_implementation="static", **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+    return {"implicit_syncs": len(syncs), "rounds": draft.stats.rounds,
+            "implicit_syncs_per_round": len(syncs) / max(draft.stats.rounds, 1), "first": syncs[:3]}
+
+
 def profile_fast_path(target, draft, inputs, table_path, new_tokens, **fast_kwargs):
     """A torch.profiler table of fast-path rounds: where the round's time goes. Use the measured run's
     `new_tokens`, so that the static buffers and graphs are reused (another length recompiles)."""
@@ -239,6 +260,9 @@ def main():
 
     best = min((name for name in ("fast_graphs", "fast") if "ms_per_round" in results.get(name, {})),
                key=lambda name: results[name]["median_ms_per_round"], default=None)
+    if best:
+        section("syncs", lambda: count_host_syncs(target, draft, inputs, args.new_tokens,
+                                                  **({"disable_compile": True} if best == "fast_graphs" else {})))
     if "profile" not in skip and best:
         try:
             options = {"disable_compile": True} if best == "fast_graphs" else {}

@@ -66,10 +66,11 @@ def greedy_path(tree: DraftTree, target_scores: torch.Tensor) -> tuple[torch.Ten
     valid = tree.paths >= 0
     path_ok = matches[tree.paths.clamp(min=0)] & valid  # (T, D+1): path to each node
     accepted_len = path_ok.long().cumprod(dim=-1).sum(dim=-1)  # counts the root
-    best = accepted_len.argmax()
-    path = tree.paths[best].clamp(min=0)
-    length = accepted_len[best]
-    return path, length, choice[path.gather(0, (length - 1).reshape(1))[0]]
+    # index_select / gather with 1-element tensors: indexing with a 0-d tensor would read it on the host (a sync)
+    best = accepted_len.argmax().reshape(1)
+    path = tree.paths.index_select(0, best)[0].clamp(min=0)
+    length = accepted_len.index_select(0, best)[0]
+    return path, length, choice.index_select(0, path.gather(0, (length - 1).reshape(1)))[0]
 
 
 def pack_acceptance(tree: DraftTree, path: torch.Tensor, length: torch.Tensor, next_token: torch.Tensor) -> torch.Tensor:
@@ -154,27 +155,27 @@ def sampling_path(
     num_nodes = tree.num_nodes
     accept_prob = sibling_acceptance_probs(tree, target_probs)
     uniforms = torch.rand(num_nodes, device=device, generator=generator, dtype=target_probs.dtype)
-    accepted = uniforms < accept_prob
-    accepted[0] = True
+    accepted = uniforms < accept_prob  # (the root's entry is never read)
 
-    # first accepted child of every node (num_nodes where none), then walk down from the root
+    # first accepted child of every node (num_nodes where none), then walk down from the root; 1-element index
+    # tensors throughout (indexing with a 0-d tensor would read it on the host)
     candidate = torch.where(accepted[1:], torch.arange(1, num_nodes, device=device), num_nodes)
     first_child = torch.full((num_nodes + 1,), num_nodes, dtype=torch.long, device=device)
     if num_nodes > 1:
         first_child.scatter_reduce_(0, tree.parents[1:], candidate, reduce="amin")
-    node = torch.zeros((), dtype=torch.long, device=device)
+    node = torch.zeros(1, dtype=torch.long, device=device)
     walk = [node]
     for _ in range(tree.max_depth):
-        node = torch.where(node < num_nodes, first_child[node.clamp(max=num_nodes)], node)
+        node = torch.where(node < num_nodes, first_child.index_select(0, node.clamp(max=num_nodes)), node)
         walk.append(node)
-    walk = torch.stack(walk)
+    walk = torch.cat(walk)
     length = (walk < num_nodes).sum()
-    last = walk[length - 1]
+    last = walk.gather(0, (length - 1).reshape(1))
 
     # every child of the last accepted node was rejected: draw from p there without them
     is_child = (tree.parents == last).long()
     rejected = torch.zeros(target_probs.shape[-1], dtype=torch.long, device=device)
     rejected = rejected.scatter_reduce(0, tree.tokens, is_child, reduce="amax").bool()
-    distribution = residual_distribution(target_probs[last], rejected)
+    distribution = residual_distribution(target_probs.index_select(0, last)[0], rejected)
     next_token = torch.multinomial(distribution, 1, generator=generator)[0]
     return walk.clamp(max=num_nodes - 1), length, next_token
