@@ -154,7 +154,8 @@ def run_bench(
                 torch.cuda.reset_peak_memory_stats(device)
             for index, inputs in enumerate(cases):
                 generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
-                if warmup and index == 0:
+                # static caches compile per length: warm up every case there, the first elsewhere
+                if warmup and (index == 0 or generate_kwargs.get("cache_implementation") == "static"):
                     with torch.inference_mode():
                         target.generate(**inputs, **generate_kwargs)
                 counter = RoundCounter()
