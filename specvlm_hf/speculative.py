@@ -195,16 +195,20 @@ def processed_scores(
     """
     if logits_processor is None or len(logits_processor) == 0:
         return logits
+    # processors run where `generate` keeps the ids (with a target split over GPUs, the logits come from the
+    # last one), as plain `generate` runs them; the scores go back to the tree's device
+    home, logits = logits.device, logits.to(prefix_ids.device)
     if _same_for_every_node(logits_processor, prefix_ids.shape[1], tree.max_depth):
-        return logits_processor(prefix_ids.expand(tree.num_nodes, -1), logits.clone())
+        return logits_processor(prefix_ids.expand(tree.num_nodes, -1), logits.clone()).to(home)
     # every node's own sequence: the prefix, then the tokens on its path after the root (padded past its depth)
-    path_tokens = tree.tokens[tree.paths[:, 1:].clamp(min=0)]
+    path_tokens = tree.tokens[tree.paths[:, 1:].clamp(min=0)].to(prefix_ids.device)
     sequences = torch.cat([prefix_ids.expand(tree.num_nodes, -1), path_tokens], dim=1)
+    depths = tree.depths.to(prefix_ids.device)
     out = logits
     for depth in range(tree.max_depth + 1):  # all rows at once, kept for the nodes of this depth: no syncs
         processed = logits_processor(sequences[:, : prefix_ids.shape[1] + depth], logits.clone())
-        out = torch.where((tree.depths == depth)[:, None], processed, out)
-    return out
+        out = torch.where((depths == depth)[:, None], processed, out)
+    return out.to(home)
 
 
 def host_stop_rule(stopping_criteria) -> tuple[int | None, set[int]] | None:
@@ -568,7 +572,7 @@ def tree_assisted_decoding(
     with FeatureTap(model) as tap:
         outputs = model._prefill(input_ids, generation_config, model_kwargs)
         prompt_embeds, prompt_features = tap.inputs_embeds, tap.last_hidden_state
-    first_logits = outputs.logits[:, -1].to(dtype=torch.float32, copy=True)
+    first_logits = outputs.logits[:, -1].to(dtype=torch.float32, device=input_ids.device, copy=True)
     first_scores = logits_processor(input_ids, first_logits)
     token = _select_token(first_scores[0], do_sample)
     del outputs
