@@ -35,6 +35,8 @@ def main(argv=None):
     parser.add_argument("--bench-prompts", type=int, default=24)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--extra", default="", help="extra `specvlm train` options for both runs")
+    parser.add_argument("--only", default=None, choices=["eaglevlm", "specvlm"],
+                        help="train this draft only; the bench then takes the other one from the shipped drafts")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,8 @@ def main(argv=None):
         "--max-train-minutes", str(args.minutes), "--device", args.device,
     ] + args.extra.split()
     runs = {"eaglevlm": ["--compressor", "none"], "specvlm": ["--compressor", "select"]}
+    if args.only:
+        runs = {args.only: runs[args.only]}
     processes = {}
     for name, options in runs.items():
         log = open(out / f"{name}.log", "w")
@@ -69,9 +73,12 @@ def main(argv=None):
     print(f"training done in {time.perf_counter() - start:.1f} s", flush=True)
     if failed:
         sys.exit(1)
+    from specvlm_hf.mini.drafts import draft_path
+
+    drafts = {name: out / name / "draft" if name in runs else draft_path(name) for name in ("eaglevlm", "specvlm")}
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "train_bench_drafts.py"), "--drafts",
-         f"eaglevlm={out / 'eaglevlm' / 'draft'}", f"specvlm={out / 'specvlm' / 'draft'}",
+         f"eaglevlm={drafts['eaglevlm']}", f"specvlm={drafts['specvlm']}",
          "--data", str(out / "heldout" / "data.json"), "--skip", str(args.eval_prompts), "--prompts", str(args.bench_prompts),
          "--device", args.device, "--out", str(out / "bench.json")],
         env=env, check=True,
