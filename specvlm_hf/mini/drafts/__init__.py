@@ -2,7 +2,7 @@
 
 - `eaglevlm/` (the default): EagleVLM draft, reads every visual token; 5 epochs on 12k generated examples;
 - `specvlm/`: SpecVLM draft with the elastic visual compressor (the gate selects one branch per image);
-  2.1 epochs in the same 4-minute budget (its per-example compression is slower to train).
+  3 epochs on the same data (its per-example compression is slower to train).
 
 The default is the one measured faster (`results/train_mini_drafts_bench_h100.json`): the mini VLM's images
 have only 64 visual tokens, so compressing them saves little.
