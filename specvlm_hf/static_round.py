@@ -42,6 +42,10 @@ def draft_tree_step(draft, token_embeds, parent_hidden, attention_mask, position
     return hidden, torch.log_softmax(draft.lm_head(hidden).float(), dim=-1)
 
 
+# options of the `torch.compile` calls of the fast path (tests swap in a CPU backend to check tracing)
+COMPILE_OPTIONS = {"dynamic": False}
+
+
 class GraphedCall:
     """Runs a function of no arguments (it reads and writes fixed buffers) eagerly on its first call, which also
     warms up kernels and `torch.compile`; captures it as a CUDA graph on the second; replays the graph after.
@@ -56,7 +60,7 @@ class GraphedCall:
 
     def __init__(self, fn, graphs: bool, compile: bool = False):
         self.eager_fn = fn
-        self.fn = torch.compile(fn, dynamic=False) if compile else fn
+        self.fn = torch.compile(fn, **COMPILE_OPTIONS) if compile else fn
         self.enabled = graphs
         self.calls = 0
         self.graph = None

@@ -160,3 +160,44 @@ def test_fast_path_works_inside_and_outside_inference_mode():
     with torch.inference_mode():
         again = target.generate(**inputs, **kwargs)
     assert inside.tolist() == outside.tolist() == again.tolist() == target.generate(**inputs, max_new_tokens=12).tolist()
+
+
+def test_fast_path_round_functions_compile_whole_and_stay_exact(monkeypatch):
+    """On a GPU the three round functions are compiled whole before capture. Traced here on the CPU (AOT
+    autograd, no code generation): no graph breaks, and the outputs still equal plain `generate`."""
+    import torch._dynamo
+
+    from specvlm_hf import speculative, static_round
+
+    monkeypatch.setattr(static_round, "COMPILE_OPTIONS", {"dynamic": False, "backend": "aot_eager"})
+    monkeypatch.setattr(speculative, "fast_path_options", lambda *args: (False, True))  # compile, no CUDA graphs
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    generator = torch.Generator().manual_seed(4)
+    for case in range(2):
+        inputs = random_inputs(target, generator, text_tokens=3 + case)
+        kwargs = {"do_sample": False, "max_new_tokens": 16, "min_new_tokens": 16}
+        fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+        assert fast.tolist() == target.generate(**inputs, **kwargs).tolist()
+    assert draft._specvlm_static_round.compiled and draft.stats.rounds > 1
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    torch._dynamo.reset()
+
+
+def test_fast_path_falls_back_to_eager_kernels_when_compilation_fails(monkeypatch):
+    import torch._dynamo
+
+    from specvlm_hf import static_round
+
+    def failing_compile(fn, **options):
+        def compiled():
+            raise torch._dynamo.exc.TorchDynamoException("the compiler gave up")
+        return compiled
+
+    monkeypatch.setattr(static_round.torch, "compile", failing_compile)
+    call = static_round.GraphedCall(lambda: 7, graphs=False, compile=True)
+    with pytest.warns(UserWarning, match="torch.compile failed on the SpecVLM fast path"):
+        assert call() == 7
+    assert call() == 7 and call.fn is call.eager_fn
