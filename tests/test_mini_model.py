@@ -65,6 +65,14 @@ def test_generate_command_describes_the_example_image(capsys):
     assert "shapes" in out and "tokens/s" in out
 
 
+def test_generate_command_fast_path(capsys):
+    from specvlm_hf.cli import main
+
+    assert main(["generate", "--max-new-tokens", "24", "--device", "cpu", "--fast", "--mode", "tree"]) == 0
+    out = capsys.readouterr().out
+    assert "fast path" in out and "identical to plain" in out and "(static cache)" in out
+
+
 def test_generate_command_answers_a_text_only_prompt(capsys):
     from specvlm_hf.cli import main
 

@@ -4,6 +4,7 @@
     specvlm generate --image photo.png --prompt "How many circles are there?"
     specvlm generate --draft eaglevlm --mode chain          # another shipped draft, chain decoding
     specvlm generate --draft none                           # plain greedy decoding only
+    specvlm generate --fast --mode tree                     # static caches: the fast path (CUDA graphs on a GPU)
 
 With the built-in mini VLM, speculative decoding uses its shipped default draft (`specvlm_hf.mini.drafts`).
 Prints the answer, sigma (tokens accepted per target forward) and the speedup over plain `generate`.
@@ -38,6 +39,11 @@ def register(subparsers):
         "--mode", default=None, choices=["tree", "chain"],
         help="Decoding mode (default: tree on a GPU, chain on the CPU, where scoring a 60-token tree costs more than it "
         "saves: results/train_mini_drafts_bench_cpu.json).",
+    )
+    parser.add_argument(
+        "--fast", action="store_true",
+        help="Static KV caches for both runs: plain decoding with transformers' compiled static cache against the "
+        "SpecVLM fast path (CUDA graphs on a GPU). The untimed warm-up call compiles (tens of seconds on a GPU).",
     )
     parser.set_defaults(func=_run)
 
@@ -118,9 +124,12 @@ def _run(args):
     if draft is not None:
         draft.config.decoding_mode = args.mode or ("tree" if device.startswith("cuda") else "chain")
 
-    # One short warm-up call, so that the reported speed is that of decoding, not of first-call set-up.
-    run_generate(model, processor, image, args.prompt, max_new_tokens=2)
-    text, stats = run_generate(model, processor, image, args.prompt, args.max_new_tokens)
+    # One untimed warm-up call, so that the reported speed is that of decoding, not of first-call set-up (with
+    # --fast, of the full length: static caches are compiled and graphed per length)
+    fast = {"cache_implementation": "static"} if args.fast else {}
+    warmup_tokens = args.max_new_tokens if args.fast else 2
+    run_generate(model, processor, image, args.prompt, max_new_tokens=warmup_tokens, **fast)
+    text, stats = run_generate(model, processor, image, args.prompt, args.max_new_tokens, **fast)
     if draft is None:
         print(text.strip())
         print(
@@ -131,15 +140,18 @@ def _run(args):
     import specvlm_hf
 
     specvlm_hf.enable(model)
-    run_generate(model, processor, image, args.prompt, max_new_tokens=2, assistant_model=draft)
-    spec_text, spec_stats = run_generate(model, processor, image, args.prompt, args.max_new_tokens, assistant_model=draft)
+    run_generate(model, processor, image, args.prompt, max_new_tokens=warmup_tokens, assistant_model=draft, **fast)
+    spec_text, spec_stats = run_generate(model, processor, image, args.prompt, args.max_new_tokens, assistant_model=draft,
+                                         **fast)
     print(spec_text.strip())
     same = "identical to" if spec_text == text else "DIFFERENT from"
     print(
         f"\n[{spec_stats['new_tokens']} tokens in {spec_stats['seconds']:.2f} s: {spec_stats['tokens_per_second']:.1f} tokens/s "
-        f"with the {args.draft if args.draft != 'default' else 'default'} draft ({draft.config.decoding_mode}) on {device} "
+        f"with the {args.draft if args.draft != 'default' else 'default'} draft ({draft.config.decoding_mode}"
+        f"{', fast path' if args.fast and draft.config.decoding_mode == 'tree' else ''}) on {device} "
         f"({args.dtype}); sigma {draft.stats.sigma:.2f} tokens per target forward; speedup "
-        f"{stats['seconds'] / spec_stats['seconds']:.2f}x over plain generate ({stats['tokens_per_second']:.1f} tokens/s), "
+        f"{stats['seconds'] / spec_stats['seconds']:.2f}x over plain generate{' (static cache)' if args.fast else ''} "
+        f"({stats['tokens_per_second']:.1f} tokens/s), "
         f"output {same} plain greedy decoding]"
     )
     return 0
