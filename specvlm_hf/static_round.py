@@ -130,7 +130,7 @@ class StaticRound:
     """
 
     def __init__(self, target, draft, length: int, graphs: bool, compile: bool):
-        self.key = self.key_of(target, length, graphs, compile)
+        self.key = self.key_of(target, draft, length, graphs, compile)
         self.length = length
         self.draft = draft
         model = unwrap_target(target)
@@ -156,9 +156,15 @@ class StaticRound:
         self.logits = self.features = None
 
     @staticmethod
-    def key_of(target, length: int, graphs: bool, compile: bool) -> tuple:
-        # buffers made under `torch.inference_mode` cannot be written outside it (and vice versa): one set each
-        return id(target), length, graphs, compile, torch.is_inference_mode_enabled()
+    def key_of(target, draft, length: int, graphs: bool, compile: bool) -> tuple:
+        """What a `StaticRound` is built for: a new one is built when any of it changes. The graphs read the
+        weights where they were captured, so the weights' addresses are part of it (moving or replacing a
+        parameter rebuilds); the tree settings fix the shapes; buffers made under `torch.inference_mode` cannot
+        be written outside it (and vice versa)."""
+        config = draft.config
+        weights = hash(tuple(p.data_ptr() for p in (*unwrap_target(target).parameters(), *draft.parameters())))
+        return (id(target), length, graphs, compile, torch.is_inference_mode_enabled(), config.tree_top_k,
+                config.tree_depth, config.tree_total_tokens, weights)
 
     @classmethod
     def for_call(cls, target, draft, needed_length: int, graphs: bool, compile: bool) -> "StaticRound":
@@ -166,7 +172,7 @@ class StaticRound:
         lengths are rounded up to a multiple of 256 so that nearby budgets share one set of graphs)."""
         length = -(-needed_length // 256) * 256
         current = getattr(draft, "_specvlm_static_round", None)
-        if current is None or current.key != cls.key_of(target, length, graphs, compile):
+        if current is None or current.key != cls.key_of(target, draft, length, graphs, compile):
             current = cls(target, draft, length, graphs, compile)
             draft._specvlm_static_round = current
         current.target_cache.reset()

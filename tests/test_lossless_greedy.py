@@ -147,6 +147,18 @@ def test_fast_path_state_is_reused_across_calls_and_lengths():
     assert rounds[0] is rounds[1] is rounds[2] and rounds[3] is not rounds[0]
     assert rounds[3].length >= 200 + inputs["input_ids"].shape[1]
 
+    # other tree settings, or a parameter in new memory (graphs read the old addresses): a new one, still exact
+    kwargs = {"do_sample": False, "max_new_tokens": 30, "min_new_tokens": 30}
+    reference = target.generate(**inputs, **kwargs)
+    for change in ("tree", "weights"):
+        before = draft._specvlm_static_round
+        if change == "tree":
+            draft.config.tree_top_k, draft.config.tree_total_tokens = 4, 20
+        else:
+            draft.fc.weight = torch.nn.Parameter(draft.fc.weight.detach().clone())
+        fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+        assert fast.tolist() == reference.tolist() and draft._specvlm_static_round is not before
+
 
 def test_fast_path_works_inside_and_outside_inference_mode():
     """Buffers made under `torch.inference_mode` cannot be updated outside it: the fast path keeps one set per mode."""
