@@ -520,6 +520,105 @@ def check_attention_backend(target, draft) -> None:
             )
 
 
+class _Decoding:
+    """What one `generate` call accumulates and how it grows: the ids, streamed tokens, per-token scores and
+    logits, stopping, and the round statistics. Shared by the eager loop and the fast path."""
+
+    def __init__(self, input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats):
+        self.input_ids = input_ids
+        self.logits_processor = logits_processor
+        self.stopping_criteria = stopping_criteria
+        self.host_rule = host_stop_rule(stopping_criteria)
+        self.streamer = streamer
+        self.stats = stats
+        self.do_sample = bool(generation_config.do_sample)
+        self.want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
+        self.want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
+        self.scores, self.logits = [], []
+        self.finished = False
+
+    def append(self, tokens: list[int]) -> int:
+        """Appends `tokens` up to the first that stops generation; streams them; returns how many were appended."""
+        self.input_ids, appended, self.finished = append_until_stop(
+            self.input_ids, tokens, self.stopping_criteria, self.host_rule
+        )
+        if self.streamer is not None:  # from the host's copy: `.cpu()` on the device ids would wait for the GPU
+            self.streamer.put(torch.tensor([tokens[:appended]]))
+        return appended
+
+    def accept(self, tree: DraftTree, logits: torch.Tensor):
+        """`(scores, (path, length, next_token))`: the processed target scores at every node and the acceptance,
+        on the device."""
+        scores = processed_scores(tree, self.input_ids, logits, self.logits_processor)
+        if self.do_sample:
+            return scores, sampling_path(tree, torch.softmax(scores, dim=-1))
+        return scores, greedy_path(tree, scores)
+
+    def record(self, acceptance: Acceptance, scores: torch.Tensor, logits: torch.Tensor) -> int:
+        """Appends a round's accepted tokens (and their scores / logits when asked for); returns how many."""
+        appended = self.append(acceptance.tokens)
+        if self.want_scores or self.want_logits:
+            rows = torch.tensor(acceptance.nodes[:appended], device=logits.device)  # a copy, even of graph memory
+            if self.want_scores:
+                self.scores.extend(scores[rows].split(1))
+            if self.want_logits:
+                self.logits.extend(logits[rows].split(1))
+        self.stats.rounds += 1
+        self.stats.accepted_per_round.append(appended)
+        return appended
+
+
+def _eager_rounds(decoding: _Decoding, target, draft, cache, runner: "_DraftRunner", target_mask, root_position,
+                  root_hidden, root_log_probs, clock: PhaseClock) -> None:
+    """The eager loop (dynamic caches, any device): tree, verify, accept, compact, catch up, until finished."""
+    config = draft.config
+    verifier = TreeVerifier(target)
+    while not decoding.finished:
+        tree = build_dynamic_tree(
+            decoding.input_ids[0, -1], root_log_probs, root_hidden, runner.tree_step_fn(root_position),
+            top_k=config.tree_top_k, depth=config.tree_depth, total_tokens=config.tree_total_tokens,
+        )
+        runner.rewind()
+        clock.lap("draft")
+
+        prefix_length = target_mask.numel()
+        logits, features = verifier(tree, cache, target_mask, root_position)
+        scores, path = decoding.accept(tree, logits)
+        acceptance = to_host(tree, *path)
+        appended = decoding.record(acceptance, scores, logits)
+        kept = acceptance.nodes[:appended]  # the cache holds every token but the newest
+        compact_kv(cache, prefix_length, kept)
+        target_mask = torch.cat([target_mask, target_mask.new_ones(len(kept))])
+        clock.lap("verify")
+        if decoding.finished:
+            break
+
+        # draft catch-up on the target's true features of the root and the accepted nodes
+        root_hidden, root_log_probs = runner.catch_up(
+            draft.embed(decoding.input_ids[:, -appended:]),
+            features[torch.tensor(kept, device=features.device)][None],
+            torch.arange(root_position, root_position + appended, device=decoding.input_ids.device),
+        )
+        root_position += appended
+        clock.lap("draft")
+
+
+def _fast_rounds(decoding: _Decoding, static: StaticRound, clock: PhaseClock) -> None:
+    """The fast path's loop (state already loaded by `static.start`): three graphed round functions, acceptance
+    between verify and commit, and one wait per round, on the acceptance, while commit runs."""
+    pending = PendingAcceptance(decoding.input_ids.device)
+    while not decoding.finished:
+        tree = static.draft_tree()
+        clock.lap("draft")
+        logits, _ = static.verify()
+        scores, path = decoding.accept(tree, logits)
+        pending.send(pack_acceptance(tree, *path))
+        clock.lap("verify")
+        static.commit(*path)
+        clock.lap("draft")
+        decoding.record(pending.receive(), scores, logits)
+
+
 @torch.no_grad()
 def tree_assisted_decoding(
     model,
@@ -545,14 +644,8 @@ def tree_assisted_decoding(
     check_attention_backend(model, draft)
     draft.bind_target(model)
     config = draft.config
-    do_sample = bool(generation_config.do_sample)
-    want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
-    want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
-    scores_out, logits_out = [], []
-
     stats = draft.stats = SpecVLMStats(mode="tree", prompt_tokens=input_ids.shape[1])
     clock = PhaseClock(input_ids.device)
-    host_rule = host_stop_rule(stopping_criteria)
     prompt_mask, prompt_positions = prefix_positions(input_ids, model_kwargs)
     static = None
     if generation_config.cache_implementation == "static":  # the fast path: static caches, CUDA graphs
@@ -566,6 +659,7 @@ def tree_assisted_decoding(
         model_kwargs[cache_key] = static.target_cache
     cache = model_cache(model_kwargs)
     cache_layers(cache)  # refuses sliding-window caches early
+    decoding = _Decoding(input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats)
 
     # 1. prefill: the same call plain `generate` makes, so the first token is bit-identical; the tap records
     # the prompt's merged input embeddings and final hidden states for the draft
@@ -574,23 +668,20 @@ def tree_assisted_decoding(
         prompt_embeds, prompt_features = tap.inputs_embeds, tap.last_hidden_state
     first_logits = outputs.logits[:, -1].to(dtype=torch.float32, device=input_ids.device, copy=True)
     first_scores = logits_processor(input_ids, first_logits)
-    token = _select_token(first_scores[0], do_sample)
+    token = _select_token(first_scores[0], decoding.do_sample)
     del outputs
-    if want_scores:
-        scores_out.append(first_scores)
-    if want_logits:
-        logits_out.append(first_logits)
-    input_ids, _, finished = append_until_stop(input_ids, [token], stopping_criteria, host_rule)
-    if streamer is not None:
-        streamer.put(input_ids[:, -1:].cpu())
+    if decoding.want_scores:
+        decoding.scores.append(first_scores)
+    if decoding.want_logits:
+        decoding.logits.append(first_logits)
+    decoding.append([token])
     clock.lap("prefill")
 
-    # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
-    runner = _DraftRunner(draft, prompt_mask.new_zeros(0), static)
-    root_position = int(prompt_positions[-1]) + 1
-    if not finished:
+    if not decoding.finished:
+        # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
+        runner = _DraftRunner(draft, prompt_mask.new_zeros(0), static)
         pairs = prompt_pairs(
-            model, draft, input_ids[:, :-1], prompt_embeds, prompt_features, input_ids[:, -1:],
+            model, draft, input_ids, prompt_embeds, prompt_features, decoding.input_ids[:, -1:],
             prompt_mask, prompt_positions, model_kwargs.get("image_sizes"),
         )
         root_hidden, root_log_probs, info = runner.prefill(pairs)
@@ -599,89 +690,24 @@ def tree_assisted_decoding(
         stats.target_visual_tokens = info["target_visual_tokens"]
         clock.lap("draft")
 
-    # 3. rounds: draft a tree, score it with the target, accept, keep the accepted path, catch the draft up
-    def accept(tree, logits):
-        scores = processed_scores(tree, input_ids, logits, logits_processor)
-        path = sampling_path(tree, torch.softmax(scores, dim=-1)) if do_sample else greedy_path(tree, scores)
-        return scores, path
-
-    def record(acceptance, scores, logits):
-        """Appends the accepted tokens; returns how many were appended and whether generation is done."""
-        nonlocal input_ids
-        input_ids, appended, done = append_until_stop(input_ids, acceptance.tokens, stopping_criteria, host_rule)
-        if streamer is not None:  # from the host's copy: `.cpu()` on the device ids would wait for the GPU
-            streamer.put(torch.tensor([acceptance.tokens[:appended]]))
-        if want_scores or want_logits:
-            rows = torch.tensor(acceptance.nodes[:appended], device=logits.device)
-            if want_scores:
-                scores_out.extend(scores[rows].split(1))
-            if want_logits:
-                logits_out.extend(logits[rows].split(1))
-        stats.rounds += 1
-        stats.accepted_per_round.append(appended)
-        return appended, done
-
-    if static is not None and not finished:
-        static.start(prompt_mask, runner.mask, token, root_position, root_hidden, root_log_probs)
-        pending = PendingAcceptance(input_ids.device)
-        while not finished:
-            tree = static.draft_tree()
-            clock.lap("draft")
-            logits, _ = static.verify()
-            scores, path = accept(tree, logits)
-            pending.send(pack_acceptance(tree, *path))
-            clock.lap("verify")
-            static.commit(*path)  # runs on the device while the host waits for the acceptance
-            clock.lap("draft")
-            acceptance = pending.receive()
-            _, finished = record(acceptance, scores, logits)
-
-    verifier = TreeVerifier(model)
-    target_mask = prompt_mask.clone()  # real tokens of the target's cache (the draft's may be compressed)
-    while static is None and not finished:
-        tree = build_dynamic_tree(
-            input_ids[0, -1],
-            root_log_probs,
-            root_hidden,
-            runner.tree_step_fn(root_position),
-            top_k=config.tree_top_k,
-            depth=config.tree_depth,
-            total_tokens=config.tree_total_tokens,
-        )
-        runner.rewind()
-        clock.lap("draft")
-
-        prefix_length = target_mask.numel()
-        logits, features = verifier(tree, cache, target_mask, root_position)
-        scores, path = accept(tree, logits)
-        acceptance = to_host(tree, *path)
-        appended, finished = record(acceptance, scores, logits)
-        kept = acceptance.nodes[:appended]  # the cache holds every token but the newest
-        compact_kv(cache, prefix_length, kept)
-        target_mask = torch.cat([target_mask, target_mask.new_ones(len(kept))])
-        clock.lap("verify")
-        if finished:
-            break
-
-        # draft catch-up on the target's true features of the root and the accepted nodes
-        kept_index = torch.tensor(kept, device=features.device)
-        root_hidden, root_log_probs = runner.catch_up(
-            draft.embed(input_ids[:, -appended:]),
-            features[kept_index][None],
-            torch.arange(root_position, root_position + appended, device=input_ids.device),
-        )
-        root_position += appended
-        clock.lap("draft")
+        # 3. rounds: draft a tree, score it with the target, accept, keep the accepted path, catch the draft up
+        root_position = int(prompt_positions[-1]) + 1
+        if static is not None:
+            static.start(prompt_mask, runner.mask, token, root_position, root_hidden, root_log_probs)
+            _fast_rounds(decoding, static, clock)
+        else:
+            _eager_rounds(decoding, model, draft, cache, runner, prompt_mask.clone(), root_position, root_hidden,
+                          root_log_probs, clock)
 
     if streamer is not None:
         streamer.end()
-    stats.new_tokens = input_ids.shape[1] - stats.prompt_tokens
+    stats.new_tokens = decoding.input_ids.shape[1] - stats.prompt_tokens
     clock.fill(stats)
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(
-            sequences=input_ids,
-            scores=tuple(scores_out) if want_scores else None,
-            logits=tuple(logits_out) if want_logits else None,
+            sequences=decoding.input_ids,
+            scores=tuple(decoding.scores) if decoding.want_scores else None,
+            logits=tuple(decoding.logits) if decoding.want_logits else None,
             past_key_values=cache,
         )
-    return input_ids
+    return decoding.input_ids
