@@ -50,22 +50,19 @@ def compact_kv(cache, prefix_length: int, kept_nodes: torch.Tensor | list[int]) 
         return
     device = layers[0].keys.device
     kept = torch.as_tensor(kept_nodes, dtype=torch.long, device=device)
+    if all(is_static_layer(layer) for layer in layers):
+        # fixed buffers: rewritten in place, write position moved back (the fast path's function, host lengths)
+        start = torch.tensor(prefix_length, device=device)
+        compact_static_kv(cache, start, kept, torch.tensor(kept.numel(), device=device))
+        return
     src = kept + prefix_length
-    new_length = prefix_length + kept.numel()
     for layer in layers:
         if layer.keys.device != src.device:  # layers split over several GPUs
             src = src.to(layer.keys.device)
-        if is_static_layer(layer):
-            # static layer: fixed buffers, rewrite in place and move the write position back
-            dst = torch.arange(prefix_length, new_length, device=src.device)
-            layer.keys.index_copy_(2, dst, layer.keys.index_select(2, src))
-            layer.values.index_copy_(2, dst, layer.values.index_select(2, src))
-            layer.cumulative_length.fill_(new_length)
-        else:
-            kept_keys = layer.keys.index_select(-2, src)
-            kept_values = layer.values.index_select(-2, src)
-            layer.keys = torch.cat([layer.keys[..., :prefix_length, :], kept_keys], dim=-2)
-            layer.values = torch.cat([layer.values[..., :prefix_length, :], kept_values], dim=-2)
+        kept_keys = layer.keys.index_select(-2, src)
+        kept_values = layer.values.index_select(-2, src)
+        layer.keys = torch.cat([layer.keys[..., :prefix_length, :], kept_keys], dim=-2)
+        layer.values = torch.cat([layer.values[..., :prefix_length, :], kept_values], dim=-2)
 
 
 def stack_static_layers(cache) -> torch.Tensor | None:
