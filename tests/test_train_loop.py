@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoProcessor
 
 from specvlm_hf import SpecVLMDraftModel
 from specvlm_hf.mini import WEIGHTS_DIR
@@ -15,25 +15,15 @@ from specvlm_hf.training import DistillConfig, DistillTrainer, NonFiniteLossErro
 from specvlm_hf.training.checkpoint import latest_checkpoint
 from specvlm_hf.training.data import Collator, ConversationDataset, ImageResolver, load_records
 from specvlm_hf.training.objective import draft_sequences, teacher_forward
-from tiny_models import text_config
+from tiny_models import mini_processor_llava, text_config
 
 
 def tiny_target(seed=0):
     """A random LLaVA that takes the mini VLM's processor (vocab 4096, 128 px images -> 64 image tokens)."""
-    torch.manual_seed(seed)
     text = text_config(vocab=4096, hidden=64, layers=2)
     text.pad_token_id, text.bos_token_id, text.eos_token_id = 0, None, 1
     text.max_position_embeddings = 512
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=128, patch_size=16, projection_dim=64)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=2, image_seq_length=64,
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
-    model = LlavaForConditionalGeneration(config)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)  # peaked next-token distributions, like a trained model
-    model.generation_config.eos_token_id = 1
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    return mini_processor_llava(text, seed)
 
 
 @pytest.fixture(scope="module")

@@ -150,3 +150,19 @@ def random_inputs(model, generator: torch.Generator, text_tokens: int = 6, image
     inputs["input_ids"] = input_ids
     inputs["attention_mask"] = torch.ones_like(input_ids)
     return inputs
+
+
+def mini_processor_llava(text: LlamaConfig, seed: int = 0):
+    """A random LLaVA around `text` that takes the mini VLM's processor (128 px images -> 64 image tokens, image
+    token 2, EOS 1, pad 0), with a scaled `lm_head` for peaked next-token distributions, like a trained model."""
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=128, patch_size=16, projection_dim=64)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=2, image_seq_length=64,
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.generation_config.eos_token_id = 1
+    model.generation_config.pad_token_id = 0
+    return model.eval()

@@ -1,12 +1,7 @@
 """Shared by `test_train_fsdp.py` and its two-process worker: the target and the run settings."""
 
-import torch
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-)
+from tiny_models import mini_processor_llava
+from transformers import LlamaConfig
 
 # records [0, train) train, [train, eval_end) are held out
 TRAIN = {"train": 16, "eval_end": 18}
@@ -15,19 +10,9 @@ TRAIN = {"train": 16, "eval_end": 18}
 def tiny_sharding_target(seed: int = 0):
     """A random LLaVA that takes the mini VLM's processor (vocab 4096, 64 image tokens), with 3 decoder layers
     and an MLP width (99) that 2 processes cannot split evenly (FSDP pads the last shard)."""
-    torch.manual_seed(seed)
     text = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=99, num_hidden_layers=3, num_attention_heads=4,
                        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=None, eos_token_id=1)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=128, patch_size=16, projection_dim=64)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=2, image_seq_length=64,
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
-    model = LlavaForConditionalGeneration(config)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)  # peaked next-token distributions, like a trained model
-    model.generation_config.eos_token_id = 1
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    return mini_processor_llava(text, seed)
 
 
 def config_settings(data_path: str, output_dir: str, **overrides) -> dict:
