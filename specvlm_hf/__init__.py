@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel
 from .configuration_specvlm_draft import SpecVLMDraftConfig
 from .integration import disable, enable, is_specvlm_draft
 from .modeling_specvlm_draft import SpecVLMDraftModel, SpecVLMDraftOutput
-from .speculative import SpecVLMStats
+from .stats import SpecVLMStats
 from .target import DraftTargetMismatchError
 
 __version__ = "0.1.0"

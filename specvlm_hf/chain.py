@@ -16,7 +16,12 @@ from __future__ import annotations
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
-from .speculative import PhaseClock, SpecVLMStats, _DraftRunner, prefix_positions, prompt_pairs
+from transformers import DynamicCache
+
+from .draft_runner import DraftRunner, prompt_pairs
+from .kv_cache import GrowingWindow
+from .request_checks import prefix_positions
+from .stats import PhaseClock, SpecVLMStats
 from .target import FeatureTap
 
 
@@ -25,6 +30,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
 
     Args:
         draft: a bound `SpecVLMDraftModel`.
+        adapter: the target's `TargetAdapter` (image token and visual layouts).
         tap: the active `FeatureTap` on the target.
         input_ids: `(1, n)` the prompt.
         model_kwargs: `generate`'s model kwargs (for the prompt's attention mask).
@@ -33,8 +39,8 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         stopping_criteria: the target's stopping criteria (candidates end before the first stop).
     """
 
-    def __init__(self, draft, tap: FeatureTap, input_ids, model_kwargs, generation_config, logits_processor, stopping_criteria):
-        self.target = tap.owner
+    def __init__(self, draft, adapter, tap: FeatureTap, input_ids, model_kwargs, generation_config, logits_processor, stopping_criteria):
+        self.adapter = adapter
         self.draft = draft
         self.tap = tap
         self.generation_config = generation_config
@@ -43,11 +49,12 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.do_sample = bool(generation_config.do_sample)
         self.prompt_length = input_ids.shape[1]
         self.prompt_ids = input_ids
-        self.image_sizes = model_kwargs.get("image_sizes")
+        self.model_kwargs = model_kwargs
         self.prompt_mask, self.prompt_positions = prefix_positions(input_ids, model_kwargs)
         self.prompt_embeds = None
         self.fed = 0  # sequence positions whose pairs the draft has read
-        self.runner = _DraftRunner(draft, self.prompt_mask.new_zeros(0))
+        self.runner = DraftRunner(draft, GrowingWindow(DynamicCache(config=draft.config.text_config),
+                                                       self.prompt_mask.new_zeros(0)))
         self.stats = draft.stats = SpecVLMStats(mode="chain", prompt_tokens=self.prompt_length)
         self.clock = PhaseClock(input_ids.device)
         self.verified_once = False
@@ -65,8 +72,8 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         features = self.tap.last_hidden_state[:, :count]
         if self.fed == 0:  # the prompt, straight after the prefill: compressed image, if any
             pairs = prompt_pairs(
-                self.target, self.draft, self.prompt_ids, self.prompt_embeds, features, input_ids[:, n - 1 : n],
-                self.prompt_mask, self.prompt_positions, self.image_sizes,
+                self.adapter, self.draft, self.prompt_ids, self.prompt_embeds, features, input_ids[:, n - 1 : n],
+                self.prompt_mask, self.prompt_positions, self.model_kwargs,
             )
             hidden, log_probs, info = self.runner.prefill(pairs)
             self.stats.visual_branch = info["branch"]
@@ -74,9 +81,8 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             self.stats.target_visual_tokens = info["target_visual_tokens"]
         else:
             positions = torch.tensor([self._position(i) for i in range(self.fed, n - 1)], device=input_ids.device)
-            hidden, log_probs = self.runner.catch_up(
-                self.draft.embed(input_ids[:, self.fed + 1 : n]), features, positions
-            )
+            hidden, log_probs = self.runner.append(self.draft.embed(input_ids[:, self.fed + 1 : n]), features, positions)
+            hidden, log_probs = hidden[-1], log_probs[-1]
         self.fed = n - 1
         return hidden, log_probs
 

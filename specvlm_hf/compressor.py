@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hf_internals import anyres_grid
+
 COMPRESSOR_MODES = ("none", "fixed", "select", "weighted", "concat")
 DEFAULT_BRANCHES = ("prune@4", "pool@4", "conv@3", "resampler@2", "text")
 DEFAULT_CONCAT = ("prune@20", "pool@20", "conv@3", "resampler@2")
@@ -82,15 +84,9 @@ def image_layout(target_config, num_tokens: int, image_size=None) -> VisualLayou
     each row; computed with transformers' own AnyRes helpers from `image_size` (height, width).
     """
     if getattr(target_config, "model_type", None) == "llava_next" and image_size is not None:
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
         vision = target_config.vision_config
         side = vision.image_size // vision.patch_size
-        grid_h, grid_w = get_anyres_image_grid_shape(
-            [int(v) for v in image_size], target_config.image_grid_pinpoints, vision.image_size
-        )
-        tiles = unpad_image(torch.empty(1, grid_h * side, grid_w * side), torch.as_tensor(image_size))
-        rows, cols = tiles.shape[-2:]
+        rows, cols = anyres_grid(target_config, image_size)
         base = GridSegment(0, side, side)
         layout = VisualLayout([base, GridSegment(base.length, rows, cols, newline=True)])
         if layout.num_tokens == num_tokens:

@@ -8,6 +8,18 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 DECODING_MODES = ("tree", "chain")
 
 
+def full_attention_only(text_config):
+    """Makes a draft's text configuration full attention in every layer (no sliding windows, attention chunks or
+    per-layer attention types, whatever the target's text model uses), so that the draft's cache can be rewound
+    and its masks are plain tree masks. Returns it."""
+    if getattr(text_config, "layer_types", None) is not None:
+        text_config.layer_types = ["full_attention"] * text_config.num_hidden_layers
+    for name, value in (("sliding_window", None), ("use_sliding_window", False), ("attention_chunk_size", None)):
+        if getattr(text_config, name, None) is not None:
+            setattr(text_config, name, value)
+    return text_config
+
+
 class SpecVLMDraftConfig(PretrainedConfig):
     r"""Configuration of a [`SpecVLMDraftModel`]: a small draft that predicts the target's next final hidden
     state from [token embedding ; target's final hidden state], for lossless speculative decoding.
@@ -69,9 +81,7 @@ class SpecVLMDraftConfig(PretrainedConfig):
         elif self.text_config is None:
             self.text_config = CONFIG_MAPPING["llama"]()
         self.text_config.num_hidden_layers = self.num_draft_layers
-        layer_types = getattr(self.text_config, "layer_types", None)
-        if isinstance(layer_types, (list, tuple)):
-            self.text_config.layer_types = list(layer_types[: self.num_draft_layers])
+        full_attention_only(self.text_config)
         if self.target is None:
             self.target = {}
         if self.compressor is None:

@@ -2,15 +2,17 @@
 
 `target.generate(**inputs, custom_generate="<draft folder or Hub id>", trust_remote_code=True)` runs this
 `generate` in place of transformers' own, with no install of specvlm-hf: it loads the draft from the folder
-that carries this file, enables SpecVLM decoding on the target for the call, and runs the target's
-`generate` with the draft as `assistant_model`. Passing `assistant_model=` yourself skips the loading.
+or Hub repo recorded next to this file (`draft_location.py`, written when the draft was saved or pushed),
+enables SpecVLM decoding on the target for the call, and runs the target's `generate` with the draft as
+`assistant_model`. Passing `assistant_model=` yourself skips the loading.
 """
 
 from __future__ import annotations
 
-import inspect
+import hashlib
 import os
 
+from .draft_location import CONFIG_SHA256, LOCATION
 from .integration import disable, enable, is_specvlm_draft
 from .modeling_specvlm_draft import SpecVLMDraftModel
 
@@ -18,19 +20,19 @@ _LOADED_DRAFTS: dict = {}
 
 
 def _draft_location() -> str:
-    """The `custom_generate` argument of the enclosing `GenerationMixin.generate` call.
-
-    transformers does not pass it on to this function, so it is read from the caller's frame.
-    """
-    frame = inspect.currentframe()
-    while frame is not None:
-        value = frame.f_locals.get("custom_generate")
-        if isinstance(value, (str, os.PathLike)):
-            return os.fspath(value)
-        frame = frame.f_back
+    """The folder or Hub repo this file's draft lives in, as `save_pretrained` / `specvlm push` recorded it."""
+    if LOCATION is not None and not os.path.isdir(LOCATION):
+        return LOCATION  # a Hub repo id
+    if LOCATION is not None and CONFIG_SHA256 is not None:
+        config = os.path.join(LOCATION, "config.json")
+        if os.path.isfile(config):
+            with open(config, "rb") as handle:
+                if hashlib.sha256(handle.read()).hexdigest() == CONFIG_SHA256:
+                    return LOCATION
     raise RuntimeError(
-        "Could not find which draft this custom_generate belongs to; pass the draft explicitly: "
-        "`target.generate(..., custom_generate=<folder>, trust_remote_code=True, assistant_model=draft)`."
+        f"This custom_generate cannot find its draft (recorded at {LOCATION!r}, which has moved or changed). Pass "
+        "the draft explicitly: `target.generate(..., custom_generate=<folder>, trust_remote_code=True, "
+        "assistant_model=SpecVLMDraftModel.from_pretrained(<folder>))`, or save the draft again."
     )
 
 

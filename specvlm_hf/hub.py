@@ -35,6 +35,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .packaging import LOCATION_FILE, draft_location_source
+
 logger = logging.getLogger(__name__)
 
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -353,7 +355,10 @@ def publish_draft(
     card = render_model_card(folder, repo_id, base_model=base_model, license=license, template=template)
     api = HfApi(endpoint=endpoint, token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    operations = [CommitOperationAdd(path.as_posix(), str(folder / path)) for path in files_to_publish(folder)]
+    operations = [CommitOperationAdd(path.as_posix(), str(folder / path)) for path in files_to_publish(folder)
+                  if path.as_posix() != LOCATION_FILE]
+    # custom_generate finds the draft by this repo's id
+    operations.append(CommitOperationAdd(LOCATION_FILE, draft_location_source(repo_id).encode("utf-8")))
     operations.append(CommitOperationAdd("README.md", card.encode("utf-8")))
     return api.create_commit(
         repo_id,

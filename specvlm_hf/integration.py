@@ -4,15 +4,20 @@ transformers looks the decoding method up on the model's *class*, so `enable` gi
 a subclass (same name and module, so saving and `isinstance` are unchanged) whose `_assisted_decoding`
 runs the tree loop when the assistant is a SpecVLM draft in tree mode, and whose
 `_get_candidate_generator` returns the SpecVLM chain generator in chain mode. Any other assistant falls
-through to transformers' own code.
+through to transformers' own code. The overridden hooks are named in `hf_internals`.
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 from torch import nn
 
+from .adapters import adapter_for
 from .chain import SpecVLMChainCandidateGenerator
-from .speculative import check_images, tree_assisted_decoding, validate_request
+from .decoding import tree_assisted_decoding
+from .hf_internals import ASSISTED_DECODING, CANDIDATE_GENERATOR, VALIDATE_GENERATION_MODE
+from .request_checks import validate_request
 from .target import FeatureTap, check_draft_fits, unwrap_target
 
 DRAFT_MODEL_TYPE = "specvlm_draft"
@@ -20,9 +25,26 @@ DRAFT_MODEL_TYPE = "specvlm_draft"
 _DECODING_ARGUMENTS = {"synced_gpus", "streamer", "inputs_tensor", "assistant_model", "assistant_tokenizer", "tokenizer"}
 
 
+class _ChainCall:
+    """What a chain-mode `generate` call hands from `_assisted_decoding` to `_get_candidate_generator` (which
+    transformers calls without the stopping criteria), and the generator it made."""
+
+    def __init__(self, adapter, tap: FeatureTap, stopping_criteria):
+        self.adapter, self.tap, self.stopping_criteria = adapter, tap, stopping_criteria
+        self.generator: SpecVLMChainCandidateGenerator | None = None
+
+
+# the chain-mode call in progress in this thread / task (None outside one)
+_CHAIN_CALL: ContextVar[_ChainCall | None] = ContextVar("specvlm_chain_call", default=None)
+
+
 def is_specvlm_draft(model) -> bool:
     """Whether `model` is a SpecVLM draft (by config, so remote-code copies of the class count too)."""
     return getattr(getattr(model, "config", None), "model_type", None) == DRAFT_MODEL_TYPE
+
+
+def _uses_tree(draft) -> bool:
+    return draft.config.decoding_mode == "tree"
 
 
 class SpecVLMGenerationMixin:
@@ -31,62 +53,69 @@ class SpecVLMGenerationMixin:
     _specvlm_base_class: type
 
     def generate(self, *args, **kwargs):
-        if is_specvlm_draft(kwargs.get("assistant_model")):
+        draft = kwargs.get("assistant_model")
+        if is_specvlm_draft(draft):
             # before transformers encodes the images (5.23+), so that a wrong image count is explained
             input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            adapter = adapter_for(self, tree=_uses_tree(draft))  # refuses an unverified family in tree mode
             if input_ids is not None and input_ids.dim() == 2:
-                check_images(unwrap_target(self).config, input_ids, kwargs)
+                adapter.check_images(input_ids, kwargs)
         return super().generate(*args, **kwargs)
 
-    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
-        draft = generation_mode_kwargs.get("assistant_model")
-        if is_specvlm_draft(draft):
-            draft.config.validate_decoding_settings()
-            check_draft_fits(draft.config, self)  # a clear error before transformers' tokenizer checks
-        return super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
 
-    def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
-        draft = kwargs.get("assistant_model")
-        if not is_specvlm_draft(draft):
-            return super()._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
-        if draft.config.decoding_mode == "tree":
-            return tree_assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
-        model_kwargs = {key: value for key, value in kwargs.items() if key not in _DECODING_ARGUMENTS}
-        validate_request(self, input_ids, model_kwargs, generation_config, kwargs.get("synced_gpus", False))
-        draft.bind_target(self)
-        with FeatureTap(self) as tap:
-            self._specvlm_chain_context = (tap, stopping_criteria)
-            try:
-                result = super()._assisted_decoding(
-                    input_ids, logits_processor, stopping_criteria, generation_config, **kwargs
-                )
-            finally:
-                generator = getattr(self, "_specvlm_chain_generator", None)
-                del self._specvlm_chain_context
-                self._specvlm_chain_generator = None
-        sequences = result if not hasattr(result, "sequences") else result.sequences
-        if generator is not None:
-            generator.finish(sequences)
-        return result
+def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+    draft = generation_mode_kwargs.get("assistant_model")
+    if is_specvlm_draft(draft):
+        draft.config.validate_decoding_settings()
+        check_draft_fits(draft.config, self)  # a clear error before transformers' tokenizer checks
+    return super(SpecVLMGenerationMixin, self)._validate_generation_mode(
+        generation_mode, generation_config, generation_mode_kwargs
+    )
 
-    def _get_candidate_generator(self, *args, **kwargs):
-        draft = kwargs.get("assistant_model")
-        context = getattr(self, "_specvlm_chain_context", None)
-        if not is_specvlm_draft(draft) or context is None:
-            return super()._get_candidate_generator(*args, **kwargs)
-        tap, stopping_criteria = context
-        generator = SpecVLMChainCandidateGenerator(
-            draft,
-            tap,
-            input_ids=kwargs["input_ids"],
-            model_kwargs=kwargs["model_kwargs"],
-            generation_config=kwargs["generation_config"],
-            logits_processor=kwargs["logits_processor"],
-            stopping_criteria=stopping_criteria,
-        )
-        self._specvlm_chain_generator = generator
-        return generator
 
+def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
+    draft = kwargs.get("assistant_model")
+    base = super(SpecVLMGenerationMixin, self)._assisted_decoding
+    if not is_specvlm_draft(draft):
+        return base(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
+    if _uses_tree(draft):
+        return tree_assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
+    validate_request(self, input_ids, generation_config, kwargs.get("synced_gpus", False))
+    draft.bind_target(self)
+    with FeatureTap(self) as tap:
+        call = _ChainCall(adapter_for(self, tree=False), tap, stopping_criteria)
+        token = _CHAIN_CALL.set(call)
+        try:
+            result = base(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
+        finally:
+            _CHAIN_CALL.reset(token)
+    if call.generator is not None:
+        call.generator.finish(result if not hasattr(result, "sequences") else result.sequences)
+    return result
+
+
+def _get_candidate_generator(self, *args, **kwargs):
+    draft = kwargs.get("assistant_model")
+    call = _CHAIN_CALL.get()
+    if not is_specvlm_draft(draft) or call is None:
+        return super(SpecVLMGenerationMixin, self)._get_candidate_generator(*args, **kwargs)
+    call.generator = SpecVLMChainCandidateGenerator(
+        draft,
+        call.adapter,
+        call.tap,
+        input_ids=kwargs["input_ids"],
+        model_kwargs=kwargs["model_kwargs"],
+        generation_config=kwargs["generation_config"],
+        logits_processor=kwargs["logits_processor"],
+        stopping_criteria=call.stopping_criteria,
+    )
+    return call.generator
+
+
+# the hooks go in under transformers' own (private) names, kept in `hf_internals`
+setattr(SpecVLMGenerationMixin, VALIDATE_GENERATION_MODE, _validate_generation_mode)
+setattr(SpecVLMGenerationMixin, ASSISTED_DECODING, _assisted_decoding)
+setattr(SpecVLMGenerationMixin, CANDIDATE_GENERATOR, _get_candidate_generator)
 
 _ENABLED_CLASSES: dict[type, type] = {}
 
@@ -101,8 +130,8 @@ def enable(target: nn.Module) -> nn.Module:
     cls = type(model)
     if issubclass(cls, SpecVLMGenerationMixin):
         return target
-    if not hasattr(cls, "_assisted_decoding"):
-        raise TypeError(f"{cls.__name__} is not a transformers generative model (no `_assisted_decoding`).")
+    if not hasattr(cls, ASSISTED_DECODING):
+        raise TypeError(f"{cls.__name__} is not a transformers generative model (no `{ASSISTED_DECODING}`).")
     enabled = _ENABLED_CLASSES.get(cls)
     if enabled is None:
         enabled = type(

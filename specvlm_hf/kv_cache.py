@@ -1,19 +1,43 @@
-"""KV-cache bookkeeping for tree decoding: keep the accepted tree nodes, drop the rest.
+"""KV-cache bookkeeping for tree decoding: which cached slots are real, keeping accepted tree nodes, rewinding.
 
-After the target scores a tree of `T` nodes appended after a prefix of `L` cached tokens, its cache
-holds `L + T` entries, of which only the root and the accepted nodes (scattered in the tree block)
-belong to the sequence. `compact_kv` moves them to the slots right after the prefix and cuts the rest.
-transformers' `Cache.crop` only drops a suffix, so this is a gather per layer.
+After the target scores a tree of `T` nodes appended after `L` cached entries, its cache holds `L + T` entries,
+of which only the root and the accepted nodes (scattered in the tree block) belong to the sequence. They are
+moved to the slots right after the prefix and the rest is dropped; transformers' `Cache.crop` only drops a
+suffix, so this is a gather per layer (one gather over all layers when a static cache's layers are stacked).
 
-Works on the layers of a `DynamicCache` (tensors `keys` / `values`) and of a `StaticCache` (fixed
-buffers whose write position is `cumulative_length`).
+A `CacheWindow` holds a cache together with which of its slots hold real tokens (False on left padding) and how
+many entries it holds, and answers the questions a round asks of it: which slots a block of new queries sees,
+keep some entries of the block just written, rewind. Two kinds, one interface:
+
+- `GrowingWindow`: a `DynamicCache` (eager loop, CPU, targets split over devices); lengths are host ints.
+- `FixedWindow`: a `StaticCache` (the fast path); the length is a device scalar and masks are as wide as the
+  cache, so every shape is fixed and a round can be captured as a CUDA graph.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
+
+from .hf_internals import (
+    cache_argument_name,
+    is_initialized,
+    is_static_layer,
+    layer_tensors,
+    set_layer_tensors,
+    set_static_write_position,
+)
+
+__all__ = [
+    "CacheWindow",
+    "FixedWindow",
+    "GrowingWindow",
+    "cache_argument_name",
+    "cache_layers",
+    "compact_kv",
+    "compact_static_kv",
+    "crop_kv",
+    "stack_static_layers",
+]
 
 
 def cache_layers(cache) -> list:
@@ -32,37 +56,33 @@ def cache_layers(cache) -> list:
     return list(layers)
 
 
-def is_static_layer(layer) -> bool:
-    return hasattr(layer, "cumulative_length") and torch.is_tensor(layer.cumulative_length)
-
-
 def compact_kv(cache, prefix_length: int, kept_nodes: torch.Tensor | list[int]) -> None:
-    """Keeps `prefix_length` cached tokens plus the tree entries `kept_nodes`, in that order.
+    """Keeps `prefix_length` cached entries plus the tree entries `kept_nodes`, in that order.
 
     Args:
-        cache: a transformers `DynamicCache` or `StaticCache`, holding `prefix_length + T` tokens where
-            the last `T` are the tree nodes in node order.
-        prefix_length: tokens cached before the tree.
-        kept_nodes: node indices to keep (root first, then the accepted path), ascending.
+        cache: a transformers `DynamicCache` or `StaticCache` holding `prefix_length + T` entries, the last `T`
+            being the tree nodes in node order.
+        prefix_length: entries cached before the tree.
+        kept_nodes: node indices to keep (root first, then the accepted path).
     """
     layers = cache_layers(cache)
     if not layers:
         return
-    device = layers[0].keys.device
+    device = layer_tensors(layers[0])[0].device
     kept = torch.as_tensor(kept_nodes, dtype=torch.long, device=device)
+    count = kept.numel()
     if all(is_static_layer(layer) for layer in layers):
-        # fixed buffers: rewritten in place, write position moved back (the fast path's function, host lengths)
-        start = torch.tensor(prefix_length, device=device)
-        compact_static_kv(cache, start, kept, torch.tensor(kept.numel(), device=device))
+        compact_static_kv(cache, torch.tensor(prefix_length, device=device), kept, torch.tensor(count, device=device))
         return
     src = kept + prefix_length
     for layer in layers:
-        if layer.keys.device != src.device:  # layers split over several GPUs
-            src = src.to(layer.keys.device)
-        kept_keys = layer.keys.index_select(-2, src)
-        kept_values = layer.values.index_select(-2, src)
-        layer.keys = torch.cat([layer.keys[..., :prefix_length, :], kept_keys], dim=-2)
-        layer.values = torch.cat([layer.values[..., :prefix_length, :], kept_values], dim=-2)
+        keys, values = layer_tensors(layer)
+        src = src.to(keys.device)  # layers split over several GPUs
+        set_layer_tensors(
+            layer,
+            torch.cat([keys[..., :prefix_length, :], keys.index_select(-2, src)], dim=-2),
+            torch.cat([values[..., :prefix_length, :], values.index_select(-2, src)], dim=-2),
+        )
 
 
 def stack_static_layers(cache) -> torch.Tensor | None:
@@ -70,15 +90,15 @@ def stack_static_layers(cache) -> torch.Tensor | None:
     (each layer's keys and values become views of it) so that compaction is one gather for all layers; returns
     it, or None when the layers differ in shape, dtype or device (then they stay as they are)."""
     layers = cache_layers(cache)
-    if not layers or not all(is_static_layer(layer) and getattr(layer, "is_initialized", False) for layer in layers):
+    if not layers or not all(is_static_layer(layer) and is_initialized(layer) for layer in layers):
         return None
-    first = layers[0].keys
-    if any(t.shape != first.shape or t.dtype != first.dtype or t.device != first.device
-           for layer in layers for t in (layer.keys, layer.values)):
+    tensors = [layer_tensors(layer) for layer in layers]
+    first = tensors[0][0]
+    if any(t.shape != first.shape or t.dtype != first.dtype or t.device != first.device for kv in tensors for t in kv):
         return None
-    stacked = torch.stack([torch.stack([layer.keys, layer.values]) for layer in layers])
+    stacked = torch.stack([torch.stack(kv) for kv in tensors])
     for index, layer in enumerate(layers):
-        layer.keys, layer.values = stacked[index, 0], stacked[index, 1]
+        set_layer_tensors(layer, stacked[index, 0], stacked[index, 1])
     return stacked
 
 
@@ -103,33 +123,118 @@ def compact_static_kv(
         stacked.index_copy_(4, dst, stacked.index_select(4, src))
     for layer in layers:
         if stacked is None:
-            src = (nodes + start).to(layer.keys.device)
-            dst = start.to(layer.keys.device) + torch.arange(nodes.shape[0], device=layer.keys.device)
-            layer.keys.index_copy_(2, dst, layer.keys.index_select(2, src))
-            layer.values.index_copy_(2, dst, layer.values.index_select(2, src))
-        layer.cumulative_length.copy_(start + count)
+            keys, values = layer_tensors(layer)
+            src = (nodes + start).to(keys.device)
+            dst = start.to(keys.device) + torch.arange(nodes.shape[0], device=keys.device)
+            keys.index_copy_(2, dst, keys.index_select(2, src))
+            values.index_copy_(2, dst, values.index_select(2, src))
+        set_static_write_position(layer, start + count)
 
 
-def set_static_length(cache, length: torch.Tensor) -> None:
-    """Moves every static layer's write position to `length` (a device scalar), dropping what lies after it."""
-    for layer in cache_layers(cache):
-        layer.cumulative_length.copy_(length)
-
-
-def crop_kv(cache, length: int) -> None:
-    """Drops every cached token after the first `length` (no-op when the cache is not longer)."""
+def crop_kv(cache, length: int | torch.Tensor) -> None:
+    """Drops every cached entry after the first `length` (an int, or a device scalar for static caches)."""
     for layer in cache_layers(cache):
         if is_static_layer(layer):
-            if layer.is_initialized:
-                layer.cumulative_length.fill_(length)  # no device sync; 5.17 has no `crop` for static layers
+            if is_initialized(layer):
+                set_static_write_position(layer, length)
             continue
-        extra = (layer.keys.shape[-2] if getattr(layer, "keys", None) is not None and layer.keys.dim() > 1 else 0) - length
+        keys = layer_tensors(layer)[0]
+        extra = (keys.shape[-2] if keys is not None and keys.dim() > 1 else 0) - int(length)
         if extra > 0:
             layer.crop(-extra)  # a negative count drops a suffix on every transformers 5.x release
 
 
-def cache_argument_name(forward) -> str:
-    """The keyword a model's forward takes its cache under: `cache` from transformers 5.24, else
-    `past_key_values`."""
-    parameters = inspect.signature(forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+# ----------------------------------------------------------------------------------------------------------------
+class CacheWindow:
+    """A KV cache with the bookkeeping a speculative round needs (see the module docstring).
+
+    Attributes:
+        cache: the transformers cache.
+        real: `(W,)` bool, which slots hold real tokens (False on left padding); read below the length.
+    """
+
+    cache = None
+    real: torch.Tensor
+
+    def visible(self, block_mask: torch.Tensor) -> torch.Tensor:
+        """`(q, width)` bool: which slots each of `q` new queries sees. The queries' own block is written after
+        the cached entries; `block_mask` `(q, m)` says which of the block's `m` entries each query sees."""
+        raise NotImplementedError
+
+    def extend(self, block_real: torch.Tensor, count) -> None:
+        """Of the `P` entries just written after the cached ones (`block_real` `(P,)` bool: which are real
+        tokens), keeps the first `count` (an int, or a device scalar) and drops the rest."""
+        raise NotImplementedError
+
+    def keep(self, nodes: torch.Tensor, count, stacked=None) -> None:
+        """Keeps, of the tree block just written, the entries `nodes[:count]` (`nodes` `(P,)`), in that order."""
+        raise NotImplementedError
+
+    def rewind(self) -> None:
+        """Drops every entry written after the cached ones (e.g. a round's draft tree levels)."""
+        raise NotImplementedError
+
+
+class GrowingWindow(CacheWindow):
+    """A `DynamicCache` whose length is a host int (`real.numel()`)."""
+
+    def __init__(self, cache, real: torch.Tensor):
+        self.cache = cache
+        self.real = real.bool()
+
+    @property
+    def length(self) -> int:
+        return self.real.numel()
+
+    def visible(self, block_mask):
+        prefix = self.real.to(block_mask.device)[None, :].expand(block_mask.shape[0], -1)
+        return torch.cat([prefix, block_mask], dim=1)
+
+    def extend(self, block_real, count):
+        self.real = torch.cat([self.real, block_real[: int(count)].to(self.real.device).bool()])
+        crop_kv(self.cache, self.length)
+
+    def keep(self, nodes, count, stacked=None):
+        count = int(count)
+        compact_kv(self.cache, self.length, nodes[:count])
+        self.real = torch.cat([self.real, self.real.new_ones(count)])
+
+    def rewind(self):
+        crop_kv(self.cache, self.length)
+
+
+class FixedWindow(CacheWindow):
+    """A `StaticCache` of `W` slots whose length is a device scalar; masks span all `W` slots."""
+
+    def __init__(self, cache, width: int, device: torch.device):
+        self.cache = cache
+        self.real = torch.zeros(width, dtype=torch.bool, device=device)
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+
+    def load(self, real: torch.Tensor) -> None:
+        """Starts a call: the cache holds `real.numel()` entries (the prompt), `real` marking the real ones."""
+        self.real.zero_()
+        self.real[: real.numel()] = real.to(self.real.device)
+        self.length.fill_(real.numel())
+
+    def visible(self, block_mask):
+        width, block = self.real.shape[0], block_mask.shape[1]
+        slots = torch.arange(width, device=self.real.device)
+        offset = slots - self.length
+        inside = (offset >= 0) & (offset < block)
+        from_block = block_mask[:, offset.clamp(0, block - 1)] & inside[None, :]
+        return (self.real & (slots < self.length))[None, :] | from_block
+
+    def extend(self, block_real, count):
+        rows = torch.arange(block_real.shape[0], device=self.real.device)
+        self.real.index_copy_(0, self.length + rows, block_real.to(self.real.device).bool())
+        self.length.add_(count)
+        crop_kv(self.cache, self.length)
+
+    def keep(self, nodes, count, stacked=None):
+        compact_static_kv(self.cache, self.length, nodes, count, stacked)
+        self.real.index_fill_(0, self.length + torch.arange(nodes.shape[0], device=self.real.device), True)
+        self.length.add_(count)
+
+    def rewind(self):
+        crop_kv(self.cache, self.length)

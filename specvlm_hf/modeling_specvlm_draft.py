@@ -24,9 +24,9 @@ from transformers.utils import ModelOutput
 
 from .compressor import VisualCompressor, image_spans
 from .configuration_specvlm_draft import SpecVLMDraftConfig
-from .kv_cache import cache_argument_name
+from .hf_internals import cache_argument_name
 from .packaging import write_custom_generate
-from .speculative import SpecVLMStats
+from .stats import SpecVLMStats
 from .target import check_draft_fits, describe_target, target_text_config, unwrap_target
 
 

@@ -7,6 +7,7 @@ since transformers loads `custom_generate/generate.py` with only the files of th
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -29,11 +30,30 @@ def relative_import_closure(module_file: str) -> list[str]:
     return seen
 
 
+LOCATION_FILE = "custom_generate/draft_location.py"
+
+
+def draft_location_source(location: str, config_file: str | None = None) -> str:
+    """The text of `custom_generate/draft_location.py` for a draft found at `location` (a folder or a Hub repo
+    id); `config_file`: the draft's `config.json`, fingerprinted so that a stale folder path is never used."""
+    digest = None
+    if config_file is not None:
+        with open(config_file, "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
+    return (
+        '"""Where this draft\'s custom_generate loads it from (written by specvlm-hf)."""\n\n'
+        f"LOCATION = {location!r}\nCONFIG_SHA256 = {digest!r}\n"
+    )
+
+
 def write_custom_generate(save_directory: str) -> None:
-    """Writes `custom_generate/generate.py` and the modules it imports into a draft folder."""
+    """Writes `custom_generate/generate.py`, the modules it imports, and where the draft lives (this folder)."""
     entry = os.path.join(_HERE, "custom_generate_entry.py")
     target_dir = os.path.join(save_directory, "custom_generate")
     os.makedirs(target_dir, exist_ok=True)
     for name in relative_import_closure(entry):
         destination = "generate.py" if name == "custom_generate_entry.py" else name
         shutil.copyfile(os.path.join(_HERE, name), os.path.join(target_dir, destination))
+    folder = os.path.abspath(save_directory)
+    with open(os.path.join(folder, LOCATION_FILE), "w", encoding="utf-8") as handle:
+        handle.write(draft_location_source(folder, os.path.join(folder, "config.json")))

@@ -6,7 +6,7 @@ produced, then verifies every node in one target forward. This module owns the t
 - `DraftTree`: tokens, parents, depths, scores, the ancestor mask and the root-to-node paths;
 - `build_dynamic_tree`: EAGLE-2's expand-then-rerank construction, driven by a `draft_step` callable so
   that it does not depend on how the draft model is run (eager, compiled, on CPU or GPU);
-- `tree_attention_mask` / `tree_position_ids`: what the target needs to score all nodes at once.
+- `additive_mask`: a bool visibility matrix as the additive mask attention layers take.
 
 Node 0 is always the root. Nodes are ordered so that a parent precedes its children and siblings
 appear in descending draft score (verification visits them in that order).
@@ -190,59 +190,7 @@ def build_dynamic_tree(
     return tree_from_parents(node_tokens, node_parents, node_scores, max_depth=depth + 1)
 
 
-def tree_attention_mask(
-    tree: DraftTree,
-    prefix_mask: torch.Tensor,
-    dtype: torch.dtype,
-    width: int | None = None,
-) -> torch.Tensor:
-    """Additive 4-D attention mask for scoring the tree after a cached prefix.
-
-    Args:
-        tree: the draft tree (`T` nodes).
-        prefix_mask: `(L,)` bool, which cached prefix positions are real tokens (False for left padding).
-        dtype: floating dtype of the model (the mask is additive: 0 where visible, the dtype's minimum
-            elsewhere, which both the eager and the sdpa attention accept).
-        width: for a static cache, its length: the slots after the tree are masked.
-    Returns:
-        `(1, 1, T, L + T)` mask, or `(1, 1, T, width)`.
-    """
-    return additive_mask(visible_slots(prefix_mask, tree.ancestor_mask, width), dtype)[None, None]
-
-
-def visible_slots(prefix_mask: torch.Tensor, block_mask: torch.Tensor, width: int | None = None) -> torch.Tensor:
-    """`(q, width)` bool: every query sees the real prefix slots, then its own block columns; padded to `width`."""
-    q = block_mask.shape[0]
-    parts = [prefix_mask.to(block_mask.device)[None, :].expand(q, -1), block_mask]
-    if width is not None:
-        parts.append(block_mask.new_zeros(q, width - prefix_mask.shape[0] - block_mask.shape[1]))
-    return torch.cat(parts, dim=1)
-
-
-def window_visibility(real: torch.Tensor, start: torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
-    """`visible_slots` for a fixed-width cache whose length is a device scalar (no host sync, fixed shapes).
-
-    Args:
-        real: `(W,)` bool, which cache slots hold real tokens (False for left padding); read below `start`.
-        start: `()` long, the number of cached entries; the block's own entries are at `start`, `start + 1`, ...
-        block_mask: `(q, m)` bool, which of the block's `m` entries each query sees.
-    Returns:
-        `(q, W)` bool: the real slots before `start`, the block's columns from `start` on, nothing after.
-    """
-    width, block = real.shape[0], block_mask.shape[1]
-    slots = torch.arange(width, device=real.device)
-    offset = slots - start
-    inside = (offset >= 0) & (offset < block)
-    from_block = block_mask[:, offset.clamp(0, block - 1)] & inside[None, :]
-    return (real & (slots < start))[None, :] | from_block
-
-
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Turns a bool visibility matrix into an additive mask (0 visible, dtype minimum hidden)."""
     mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
     return mask.masked_fill_(~visible, torch.finfo(dtype).min)
-
-
-def tree_position_ids(tree: DraftTree, root_position: int) -> torch.Tensor:
-    """`(1, T)` position ids: the root's position plus each node's depth."""
-    return (tree.depths + root_position)[None]

@@ -52,7 +52,7 @@ def test_bench_flags_a_corrupted_draft_path(monkeypatch):
             return path, length + 1, tree.tokens[children[0]]
         return path, length, next_token
 
-    monkeypatch.setattr("specvlm_hf.speculative.greedy_path", corrupted)
+    monkeypatch.setattr("specvlm_hf.decoding.greedy_path", corrupted)
     drafts["eaglevlm"] = oracle_draft(target, noise=0.003)  # short accepted paths, so the corruption triggers
     report = bench.run_bench(target, cases, drafts, methods=("plain", "eaglevlm-tree"), max_new_tokens=16)
     rows = {row["method"]: row for row in report["methods"]}

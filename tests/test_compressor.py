@@ -149,21 +149,21 @@ def test_draft_cache_holds_the_reduced_visual_positions(name, expected):
     draft = compressing_draft(target, MODES[name])
     inputs = random_inputs(target, torch.Generator().manual_seed(3), text_tokens=5)
     captured = {}
-    from specvlm_hf import speculative
+    from specvlm_hf import draft_runner
 
-    original = speculative._DraftRunner.prefill
+    original = draft_runner.DraftRunner.prefill
 
     def spy(self, prompt):
         out = original(self, prompt)
-        captured["cache"] = self.cache.get_seq_length()
+        captured["cache"] = self.window.cache.get_seq_length()
         captured["prompt"] = prompt.token_embeds.shape[1]
         return out
 
-    speculative._DraftRunner.prefill = spy
+    draft_runner.DraftRunner.prefill = spy
     try:
         target.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, assistant_model=draft)
     finally:
-        speculative._DraftRunner.prefill = original
+        draft_runner.DraftRunner.prefill = original
     visual = 16
     if expected is None:  # concat: the sum of its branches
         expected = sum(branch.num_tokens(VisualLayout.grid(visual)) for branch in draft.compressor.branches)

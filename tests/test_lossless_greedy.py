@@ -179,10 +179,10 @@ def test_fast_path_round_functions_compile_whole_and_stay_exact(monkeypatch):
     autograd, no code generation): no graph breaks, and the outputs still equal plain `generate`."""
     import torch._dynamo
 
-    from specvlm_hf import speculative, static_round
+    from specvlm_hf import decoding, round as round_module
 
-    monkeypatch.setattr(static_round, "COMPILE_OPTIONS", {"dynamic": False, "backend": "aot_eager"})
-    monkeypatch.setattr(speculative, "fast_path_options", lambda *args: (False, True))  # compile, no CUDA graphs
+    monkeypatch.setattr(round_module, "COMPILE_OPTIONS", {"dynamic": False, "backend": "aot_eager"})
+    monkeypatch.setattr(decoding, "fast_path_options", lambda *args: (False, True))  # compile, no CUDA graphs
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     target = build_target("llava-gqa")
@@ -201,15 +201,15 @@ def test_fast_path_round_functions_compile_whole_and_stay_exact(monkeypatch):
 def test_fast_path_falls_back_to_eager_kernels_when_compilation_fails(monkeypatch):
     import torch._dynamo
 
-    from specvlm_hf import static_round
+    from specvlm_hf import round as round_module
 
     def failing_compile(fn, **options):
         def compiled():
             raise torch._dynamo.exc.TorchDynamoException("the compiler gave up")
         return compiled
 
-    monkeypatch.setattr(static_round.torch, "compile", failing_compile)
-    call = static_round.GraphedCall(lambda: 7, graphs=False, compile=True)
+    monkeypatch.setattr(round_module.torch, "compile", failing_compile)
+    call = round_module.GraphedCall(lambda: 7, graphs=False, compile=True)
     with pytest.warns(UserWarning, match="torch.compile failed on the SpecVLM fast path"):
         assert call() == 7
     assert call() == 7 and call.fn is call.eager_fn

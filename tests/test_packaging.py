@@ -47,7 +47,8 @@ def test_save_and_load_round_trip(tmp_path):
         "AutoModel": "modeling_specvlm_draft.SpecVLMDraftModel",
     }
     for name in ("modeling_specvlm_draft.py", "configuration_specvlm_draft.py", "tree.py", "verify.py",
-                 "custom_generate/generate.py", "custom_generate/speculative.py"):
+                 "custom_generate/generate.py", "custom_generate/decoding.py", "custom_generate/round.py",
+                 "custom_generate/draft_location.py"):
         assert (tmp_path / name).exists(), name
 
     loaded = AutoModel.from_pretrained(tmp_path)

@@ -5,11 +5,14 @@ import math
 
 import pytest
 import torch
+from transformers import DynamicCache
 from transformers import AutoProcessor
 
 from specvlm_hf import SpecVLMDraftModel
 from specvlm_hf.mini import WEIGHTS_DIR
-from specvlm_hf.speculative import _DraftRunner, prompt_pairs
+from specvlm_hf.adapters import adapter_for
+from specvlm_hf.draft_runner import DraftRunner, prompt_pairs
+from specvlm_hf.kv_cache import GrowingWindow
 from specvlm_hf.target import FeatureTap
 from specvlm_hf.training import DistillConfig, DistillTrainer, NonFiniteLossError
 from specvlm_hf.training.checkpoint import latest_checkpoint
@@ -69,12 +72,14 @@ def test_training_rows_equal_the_drafts_inference_outputs(processor, data, compr
                 target(input_ids=ids[:, :n_prompt], pixel_values=pixels)
                 embeds, features = tap.inputs_embeds, tap.last_hidden_state
             mask, positions = torch.ones(n_prompt, dtype=torch.bool), torch.arange(n_prompt)
-            runner = _DraftRunner(draft, mask.new_zeros(0))
-            last, _, _ = runner.prefill(prompt_pairs(target, draft, ids[:, :n_prompt], embeds, features,
-                                                     ids[:, n_prompt : n_prompt + 1], mask, positions, None))
+            runner = DraftRunner(draft, GrowingWindow(DynamicCache(config=draft.config.text_config), mask[:0]))
+            last, _, _ = runner.prefill(prompt_pairs(adapter_for(target), draft, ids[:, :n_prompt], embeds, features,
+                                                     ids[:, n_prompt : n_prompt + 1], mask, positions, {}))
             inference = [last]
             for t in range(n_prompt, n - 1):
-                last, _ = runner.catch_up(draft.embed(ids[:, t + 1 : t + 2]), teacher.features[b : b + 1, t : t + 1], torch.tensor([t]))
+                last, _ = runner.append(draft.embed(ids[:, t + 1 : t + 2]), teacher.features[b : b + 1, t : t + 1],
+                                        torch.tensor([t]))
+                last = last[-1]
                 inference.append(last)
             inference = torch.stack(inference)  # pairs n_prompt - 1 .. n - 2
             mine = seq.loss_pairs[:, 0] == b

@@ -6,15 +6,15 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaModel, StaticCache
 
-from specvlm_hf.kv_cache import cache_argument_name, compact_kv, compact_static_kv, crop_kv
-from specvlm_hf.tree import (
-    build_dynamic_tree,
-    tree_attention_mask,
-    tree_from_parents,
-    tree_position_ids,
-    visible_slots,
-    window_visibility,
+from specvlm_hf.kv_cache import (
+    FixedWindow,
+    GrowingWindow,
+    cache_argument_name,
+    compact_kv,
+    compact_static_kv,
+    crop_kv,
 )
+from specvlm_hf.tree import additive_mask, build_dynamic_tree, tree_from_parents
 from specvlm_hf.verify import accept_greedy
 
 
@@ -85,17 +85,16 @@ def test_draft_steps_see_their_ancestors_only():
         assert bool(mask[:, -2:].equal(torch.eye(2, dtype=torch.bool)))
 
 
-def test_tree_mask_and_positions():
+def test_tree_mask_and_depths():
     tree = tree_from_parents(torch.tensor([9, 1, 2, 3]), torch.tensor([-1, 0, 0, 1]))
-    mask = tree_attention_mask(tree, torch.tensor([False, True, True]), torch.float32)
-    visible = mask[0, 0] == 0
+    visible = GrowingWindow(None, torch.tensor([False, True, True])).visible(tree.ancestor_mask)
     assert visible.tolist() == [
         [False, True, True, True, False, False, False],
         [False, True, True, True, True, False, False],
         [False, True, True, True, False, True, False],
         [False, True, True, True, True, False, True],
     ]
-    assert tree_position_ids(tree, 10).tolist() == [[10, 11, 11, 12]]
+    assert tree.depths.tolist() == [0, 1, 1, 2]
     assert tree.paths.tolist() == [[0, -1, -1, -1], [0, 1, -1, -1], [0, 2, -1, -1], [0, 1, 3, -1]]
 
 
@@ -151,15 +150,20 @@ def _tiny_llama():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_fixed_width_masks_equal_the_concatenated_ones(seed):
-    """The fast path's masks (device-side length, fixed width) equal the eager loop's, padded to the width."""
+    """The fast path's window (device-side length, fixed width) shows the same slots as the eager loop's growing
+    window, padded to the width."""
     generator = torch.Generator().manual_seed(seed)
     width = 40
     length = int(torch.randint(0, 25, (1,), generator=generator))
     queries, block = int(torch.randint(1, 8, (1,), generator=generator)), int(torch.randint(1, 12, (1,), generator=generator))
     real = torch.rand(width, generator=generator) > 0.3
     block_mask = torch.rand(queries, block, generator=generator) > 0.5
-    expected = visible_slots(real[:length], block_mask, width)
-    assert torch.equal(window_visibility(real, torch.tensor(length), block_mask), expected)
+    growing = GrowingWindow(None, real[:length]).visible(block_mask)
+    expected = torch.cat([growing, growing.new_zeros(queries, width - length - block)], dim=1)
+    fixed = FixedWindow(None, width, torch.device("cpu"))
+    fixed.load(real[:length])
+    fixed.real[length:] = real[length:]  # stale flags past the length must not show
+    assert torch.equal(fixed.visible(block_mask), expected)
 
 
 @pytest.mark.parametrize("static", [False, True, "device"])
@@ -174,12 +178,11 @@ def test_compacted_cache_equals_recomputing_the_accepted_sequence(static):
         cache = DynamicCache(config=config)
     with torch.no_grad():
         run(cache, input_ids=prefix)
+        visible = GrowingWindow(None, torch.ones(7, dtype=torch.bool)).visible(tree.ancestor_mask)
         if static:
-            mask = tree_attention_mask(tree, torch.ones(7, dtype=torch.bool), torch.float32)
-            mask = torch.cat([mask, torch.full((1, 1, 5, 32 - 12), torch.finfo(torch.float32).min)], dim=-1)
-        else:
-            mask = tree_attention_mask(tree, torch.ones(7, dtype=torch.bool), torch.float32)
-        run(cache, input_ids=tree.tokens[None], attention_mask=mask, position_ids=tree_position_ids(tree, 7))
+            visible = torch.cat([visible, visible.new_zeros(5, 32 - 12)], dim=1)
+        mask = additive_mask(visible, torch.float32)[None, None]
+        run(cache, input_ids=tree.tokens[None], attention_mask=mask, position_ids=(tree.depths + 7)[None])
         if static == "device":  # the fast path's form: lengths and nodes on the device, padded to a fixed width
             compact_static_kv(cache, torch.tensor(7), torch.tensor(kept + [4, 1]), torch.tensor(len(kept)))
         else:
@@ -216,7 +219,7 @@ def test_logits_processors_see_each_nodes_own_sequence():
         TemperatureLogitsWarper,
     )
 
-    from specvlm_hf.speculative import processed_scores
+    from specvlm_hf.decoding import processed_scores
 
     generator = torch.Generator().manual_seed(0)
     tree = tree_from_parents(torch.tensor([4, 2, 9, 2, 7, 2]), torch.tensor([-1, 0, 0, 1, 2, 4]), max_depth=4)
