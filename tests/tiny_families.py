@@ -77,7 +77,7 @@ def tiny_qwen3_vl(seed: int = 0, scale: float = 8.0):
     return _finish(Qwen3VLForConditionalGeneration(config), scale)
 
 
-def tiny_paligemma(seed: int = 0, scale: float = 8.0):
+def tiny_paligemma(seed: int = 0, scale: float = 1.0):
     torch.manual_seed(seed)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=PALI_IMAGE_SIZE, patch_size=PALI_PATCH, projection_dim=64)

@@ -1,0 +1,126 @@
+"""Lossless decoding on the modern VLM families (fp32, CPU): Qwen2-VL, Qwen2.5-VL, Qwen3-VL (M-RoPE positions with
+`rope_deltas` after images) and PaliGemma (positions counted from 1), token for token against plain `generate` in
+tree, static and chain mode; untested families refused in tree mode with a message that names them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+import specvlm_hf
+from specvlm_hf import SpecVLMDraftModel
+from specvlm_hf.adapters import UnsupportedTargetError, adapter_for
+from tiny_families import FAMILIES, family_inputs
+from tiny_models import oracle_draft
+
+MODES = {"tree": {}, "static": {"cache_implementation": "static"}, "chain": {}}
+
+
+def make_draft(target, kind: str, mode: str):
+    if kind == "oracle":
+        draft = oracle_draft(target)
+    elif kind == "noisy":
+        draft = oracle_draft(target, noise=0.003, seed=1)
+    else:
+        torch.manual_seed(1)
+        draft = SpecVLMDraftModel.from_target(target)
+    draft.config.decoding_mode = "chain" if mode == "chain" else "tree"
+    return draft
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_matches_plain_generate(family, mode):
+    target = specvlm_hf.enable(FAMILIES[family](seed=0))
+    generator = torch.Generator().manual_seed(len(family) + 7 * list(MODES).index(mode))
+    accepted = []
+    for case, (kind, images) in enumerate([("oracle", 1), ("noisy", 2), ("fresh", 1), ("oracle", 0), ("noisy", 1)]):
+        inputs = family_inputs(target, generator, images=images, text_tokens=3 + case)
+        kwargs = {"do_sample": False, "max_new_tokens": 18 + 3 * case, **MODES[mode]}
+        if case % 2:
+            kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
+        draft = make_draft(target, kind, mode)
+        reference = target.generate(**inputs, **kwargs)
+        speculative = target.generate(**inputs, **kwargs, assistant_model=draft)
+        assert speculative.tolist() == reference.tolist(), (family, mode, case)
+        accepted.append(max(draft.stats.accepted_per_round, default=0))
+    assert max(accepted) >= 3, "the oracle draft should have accepted several tokens in one round"
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "paligemma", "qwen3_vl"])
+def test_logits_match_plain_generate(family):
+    """Not only the argmax: every returned logit equals plain decoding's (the position offset is exact)."""
+    target = specvlm_hf.enable(FAMILIES[family](seed=2))
+    inputs = family_inputs(target, torch.Generator().manual_seed(5), images=1)
+    kwargs = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12, return_dict_in_generate=True,
+                  output_logits=True)
+    reference = target.generate(**inputs, **kwargs)
+    speculative = target.generate(**inputs, **kwargs, assistant_model=oracle_draft(target, noise=0.002))
+    assert speculative.sequences.tolist() == reference.sequences.tolist()
+    for mine, theirs in zip(speculative.logits, reference.logits):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)  # a position off by one: ~2e-4
+
+
+def test_position_offset_is_a_device_buffer_reused_across_images():
+    """The fast path keeps the M-RoPE offset in its state, so one set of buffers serves images of other sizes."""
+    target = specvlm_hf.enable(FAMILIES["qwen2_vl"](seed=3))
+    draft = make_draft(target, "oracle", "static")
+    generator = torch.Generator().manual_seed(11)
+    rounds, offsets = set(), set()
+    for images in (1, 2, 1, 0):
+        inputs = family_inputs(target, generator, images=images)
+        kwargs = dict(do_sample=False, max_new_tokens=16, min_new_tokens=16, cache_implementation="static")
+        assert target.generate(**inputs, **kwargs, assistant_model=draft).tolist() == \
+            target.generate(**inputs, **kwargs).tolist()
+        rounds.add(id(draft._specvlm_static_round))
+        offsets.add(int(draft._specvlm_static_round.state.position_offset))
+    assert len(rounds) == 1 and len(offsets) >= 2
+
+
+def tiny_gemma3():
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    config = Gemma3Config(
+        text_config=dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                         max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"]),
+        vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=95, boi_token_index=93,
+        eoi_token_index=94,
+    )
+    model = Gemma3ForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def test_unverified_family_is_refused_in_tree_mode_with_what_to_do():
+    target = specvlm_hf.enable(tiny_gemma3())
+    draft = SpecVLMDraftModel.from_target(target)
+    ids = torch.randint(3, 90, (1, 9))
+    with pytest.raises(UnsupportedTargetError) as error:
+        target.generate(input_ids=ids, max_new_tokens=4, do_sample=False, assistant_model=draft)
+    message = str(error.value)
+    assert "Gemma3ForConditionalGeneration" in message and "decoding_mode = 'chain'" in message
+    assert adapter_for(target, tree=False).tree_verified is False
+
+
+def test_unverified_family_runs_exact_in_chain_mode_with_a_full_attention_draft():
+    """Chain mode is verified by transformers' own loop; the draft of a sliding-window target is full attention."""
+    target = specvlm_hf.enable(tiny_gemma3())
+    draft = SpecVLMDraftModel.from_target(target, decoding_mode="chain")
+    assert set(draft.config.text_config.layer_types) == {"full_attention"}
+    assert draft.config.text_config.sliding_window is None
+    ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=16, do_sample=False)
+    reference = target.generate(input_ids=ids, **kwargs)
+    assert target.generate(input_ids=ids, **kwargs, assistant_model=draft).tolist() == reference.tolist()
+
+
+def test_qwen_image_count_comes_from_the_grid():
+    target = specvlm_hf.enable(FAMILIES["qwen2_5_vl"](seed=0))
+    draft = make_draft(target, "fresh", "tree")
+    inputs = family_inputs(target, torch.Generator().manual_seed(0), images=2)
+    inputs["image_grid_thw"] = inputs["image_grid_thw"][:1]
+    with pytest.raises(ValueError, match="2 image placeholder run"):
+        target.generate(**inputs, max_new_tokens=4, assistant_model=draft)
