@@ -17,7 +17,8 @@ import torch
 import specvlm_hf
 from specvlm_hf import verify
 from specvlm_hf.tree import tree_from_parents
-from tiny_models import oracle_draft, random_inputs, tiny_llava
+from tiny_families import family_inputs, tiny_qwen2_5_vl
+from tiny_models import oracle_draft, random_inputs, tiny_llava, tiny_llava_next
 
 SAMPLES = 1200
 P_THRESHOLD = 1e-3
@@ -53,18 +54,40 @@ def break_acceptance_rule(monkeypatch):
     monkeypatch.setattr(verify, "residual_distribution", lambda probs, rejected: probs)
 
 
-def sample_first_tokens(settings: dict, mode: str = "tree"):
+def _target_and_inputs(family: str):
+    """A small-vocabulary target of `family` (peaked distributions, so that three tokens have few outcomes) and a
+    prompt with one image."""
+    generator = torch.Generator().manual_seed(0)
+    if family == "qwen2_5_vl":
+        target = tiny_qwen2_5_vl(seed=0, scale=24.0)
+        return target, family_inputs(target, generator, images=1, text_tokens=4)
+    build = tiny_llava_next if family == "next" else tiny_llava
+    target = build(seed=0, scale=8.0, vocab=12)
+    return target, random_inputs(target, generator, text_tokens=4)
+
+
+def _batch_of(inputs: dict, size: int) -> dict:
+    """`size` copies of a batch-1 prompt as one batch (Qwen's image patch rows and grids are concatenated)."""
+    batch = {}
+    for key, value in inputs.items():
+        if key in ("pixel_values", "image_grid_thw") and "image_grid_thw" in inputs:
+            batch[key] = value.repeat(size, *([1] * (value.dim() - 1)))
+        else:
+            batch[key] = value.expand(size, *value.shape[1:])
+    return batch
+
+
+def sample_first_tokens(settings: dict, mode: str = "tree", family: str = "llava"):
     """(plain samples, speculative samples, mean accepted tokens per round) of the first 3 new tokens."""
-    target = specvlm_hf.enable(tiny_llava(seed=0, scale=8.0, vocab=12))
+    target, inputs = _target_and_inputs(family)
+    specvlm_hf.enable(target)
     draft = oracle_draft(target)
     draft.config.decoding_mode = mode.split("-")[0]
     draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 4, 3, 20
-    inputs = random_inputs(target, torch.Generator().manual_seed(0), text_tokens=4)
     start = inputs["input_ids"].shape[1]
     kwargs = dict(do_sample=True, max_new_tokens=3, min_new_tokens=3, **settings)
     torch.manual_seed(0)
-    batch = {key: value.expand(SAMPLES, *value.shape[1:]) for key, value in inputs.items()}
-    plain = target.generate(**batch, **kwargs)[:, start:]
+    plain = target.generate(**_batch_of(inputs, SAMPLES), **kwargs)[:, start:]
     speculative, sigmas = [], []
     for _ in range(SAMPLES):
         fast = {"cache_implementation": "static"} if mode == "tree-static" else {}
@@ -89,9 +112,18 @@ def test_speculative_sampling_matches_plain_sampling(name, mode):
     assert chi_square_p_value(plain, speculative) > P_THRESHOLD
 
 
-def test_the_sampling_test_catches_a_broken_acceptance_rule(monkeypatch):
+@pytest.mark.parametrize("family", ["next", "qwen2_5_vl"])
+def test_speculative_sampling_matches_plain_sampling_on_other_families(family):
+    """LLaVA-NeXT (AnyRes layout) and Qwen2.5-VL (M-RoPE offsets after the image) keep the distribution too."""
+    plain, speculative, sigma = sample_first_tokens(SETTINGS["temperature"], "tree", family)
+    assert sigma > 1.2, "the draft must get tokens accepted for the test to mean anything"
+    assert chi_square_p_value(plain, speculative) > P_THRESHOLD
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_the_sampling_test_catches_a_broken_acceptance_rule(monkeypatch, family):
     break_acceptance_rule(monkeypatch)
-    plain, speculative, _ = sample_first_tokens(SETTINGS["temperature"])
+    plain, speculative, _ = sample_first_tokens(SETTINGS["temperature"], "tree", family)
     assert chi_square_p_value(plain, speculative) < P_THRESHOLD
 
 
