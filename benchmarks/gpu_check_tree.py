@@ -84,6 +84,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--static", action="store_true", help="run the fast path (cache_implementation='static')")
     parser.add_argument("--out", default="results/gpu_check_tree.json")
     args = parser.parse_args()
     device = "cpu" if TINY else "cuda"
@@ -109,7 +110,8 @@ def main():
             plain_seconds = time.perf_counter() - start
             steps = sorted(b - a for a, b in zip(clock.times[2:-1], clock.times[3:]))
             start = time.perf_counter()
-            spec = target.generate(**inputs, **kwargs, assistant_model=draft)
+            spec = target.generate(**inputs, **kwargs, assistant_model=draft,
+                                   **({"cache_implementation": "static"} if args.static else {}))
             sync()
             spec_seconds = time.perf_counter() - start
             # the same computation at batch 2 (other kernels, same maths): how stable is plain decoding itself?

@@ -186,7 +186,6 @@ def compressor_prefill(target, hidden, results):
                 "branch_parameters": sum(p.numel() for p in draft.compressor.parameters()) if draft.compressor else 0,
             })
             print(json.dumps(rows[-1]), flush=True)
-            del draft
     results["compressor_prefill"] = rows
 
 

@@ -34,8 +34,25 @@ def test_branch_output_matches_its_reported_count(layout, spec):
     tokens = torch.randn(layout.num_tokens, HIDDEN)
     out = branch(tokens, layout)
     assert out.shape == (branch.num_tokens(layout), HIDDEN)
-    assert branch.flops(layout, HIDDEN) >= 0
-    assert branch.num_parameters == sum(p.numel() for p in branch.parameters())
+
+
+@pytest.mark.parametrize("layout", [LLAVA15, ANYRES, VisualLayout.sequence(50)], ids=["1.5", "anyres", "1d"])
+@pytest.mark.parametrize("spec", ["prune@4", "pool@4", "conv@3", "conv@9", "resampler@2", "resampler@8", "text"])
+def test_reported_cost_matches_the_counted_computation(layout, spec):
+    """The FLOPs a branch reports (used for the gate's cost penalty and the bench) are those torch counts when it
+    runs; only the learned branches have parameters."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    branch = build_branch(spec, HIDDEN, heads=4).eval()
+    with FlopCounterMode(display=False) as counter:
+        branch(torch.randn(layout.num_tokens, HIDDEN), layout)
+    counted, reported = counter.get_total_flops(), branch.flops(layout, HIDDEN)
+    learned = spec.split("@")[0] in ("conv", "resampler")
+    assert (branch.num_parameters > 0) == learned
+    if learned:
+        assert 0.5 * counted <= reported <= 2 * counted, (counted, reported)
+    else:  # parameter-free: at most a few operations per visual token
+        assert reported <= 4 * layout.num_tokens * HIDDEN
 
 
 def test_pooling_ratios_shrink_the_llava15_grid_as_advertised():

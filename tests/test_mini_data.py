@@ -30,7 +30,9 @@ def test_same_seed_and_index_give_identical_record_and_pixels():
 
 
 def test_different_seeds_give_different_examples():
-    answers = lambda seed: [make_example(seed, i)[0]["conversations"][1]["value"] for i in range(20)]
+    def answers(seed):
+        return [make_example(seed, i)[0]["conversations"][1]["value"] for i in range(20)]
+
     assert answers(0) != answers(1)
 
 

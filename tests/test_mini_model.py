@@ -1,7 +1,5 @@
 """The shipped mini VLM: a stock LLaVA that loads offline, fits the size budget and sees its images."""
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +8,6 @@ from specvlm_hf.mini import EXAMPLE_IMAGE, WEIGHTS_DIR, load
 from specvlm_hf.mini.data import make_example
 from specvlm_hf.mini.evaluate import greedy_answers, parse_short_answer
 
-RESULTS = Path(__file__).parents[1] / "results" / "mini_vlm.json"
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +84,14 @@ def test_generate_command_names_a_missing_image_file():
         main(["generate", "--image", "/nonexistent/picture.png"])
 
 
-def test_recorded_results_show_a_model_that_uses_its_images():
-    results = json.loads(RESULTS.read_text())
+def test_held_out_evaluation_shows_a_model_that_uses_its_images(mini):
+    """The evaluation behind `results/mini_vlm.json`, rerun small on held-out seeds: the right image lowers the
+    answer loss a lot, and the answers beat the majority baseline on every image task."""
+    from specvlm_hf.mini.evaluate import evaluate
+
+    model, _ = mini
+    results = evaluate(model, str(WEIGHTS_DIR), eval_seed=17, num_examples=48, num_questions=24, batch_size=24)
     dependence = results["image_dependence"]
     assert dependence["loss_mismatched_image"]["all"] > 2 * dependence["loss_right_image"]["all"]
     for task in ("count", "colour", "position"):
-        assert results["accuracy"][task]["accuracy"] > results["accuracy"][task]["majority_baseline"] + 0.2
+        assert results["accuracy"][task]["accuracy"] > results["accuracy"][task]["majority_baseline"] + 0.2, task

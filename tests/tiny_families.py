@@ -121,7 +121,7 @@ def family_inputs(model, generator: torch.Generator, images: int = 1, text_token
         inputs["token_type_ids"] = torch.zeros_like(ids)
         return inputs
     split = int(torch.randint(0, text_tokens + 1, (1,), generator=generator))
-    pieces, types, pixel_rows, grids = [torch.tensor([1]), words[:split]], [], [], []
+    pieces, pixel_rows, grids = [torch.tensor([1]), words[:split]], [], []
     for _ in range(images):
         side_h = 2 * int(torch.randint(1, 4, (1,), generator=generator))
         side_w = 2 * int(torch.randint(1, 4, (1,), generator=generator))
