@@ -6,7 +6,7 @@ predicts f_{t+1} (SmoothL1) and, through the target's `lm_head`, the distributio
 cross-entropy against the teacher's logits there). The loss is taken where x_{t+2} is an answer token.
 
 With a visual compressor the prompt pairs go through `draft.compress_prompt` exactly as at inference
-(`speculative.prompt_pairs` + `_DraftRunner.prefill`); the answer pairs follow uncompressed, as the
+(`draft_runner.prompt_pairs` + `DraftRunner.prefill`); the answer pairs follow uncompressed, as the
 draft's catch-up on accepted tokens does.
 
 Unrolled training (`unroll_steps = k > 1`, beyond the paper): step j feeds the draft, at every answer pair,

@@ -1,0 +1,140 @@
+"""Contracts of every private transformers / torch internal that `specvlm_hf.hf_internals` borrows.
+
+Each test names the symbol it checks, so an upgrade that changes one fails here, loudly, rather than as a wrong
+answer somewhere in the loop.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaModel, StaticCache
+from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+
+from specvlm_hf import hf_internals
+from tiny_families import family_inputs, tiny_qwen2_vl
+from tiny_models import random_inputs, tiny_llava, tiny_llava_next
+
+PACKAGE = pathlib.Path(hf_internals.__file__).parent
+
+
+def test_generate_hooks_exist_with_the_arguments_we_pass():
+    """GenerationMixin._assisted_decoding / _get_candidate_generator / _validate_generation_mode."""
+    hf_internals.check_overridable()
+
+
+def test_prefill_runs_generates_own_prompt_forward():
+    """GenerationMixin._prefill: fills the cache with the prompt and returns the last position's logits."""
+    model = tiny_llava()
+    inputs = random_inputs(model, torch.Generator().manual_seed(0))
+    captured = {}
+
+    def decoding(model_, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        out = hf_internals.prefill(model_, input_ids, generation_config, kwargs)
+        captured.update(length=cache.get_seq_length(), logits=out.logits[:, -1])
+        return input_ids
+
+    model.generate(**inputs, max_new_tokens=2, do_sample=False, custom_generate=decoding)
+    assert captured["length"] == inputs["input_ids"].shape[1]
+    plain = model(**inputs).logits[:, -1]
+    torch.testing.assert_close(captured["logits"], plain, atol=1e-5, rtol=1e-5)
+
+
+def test_mrope_deltas_are_left_on_the_model_by_generate():
+    """Qwen-VL: `model.model.rope_deltas` after `generate` prepared a prompt with an image."""
+    model = tiny_qwen2_vl()
+    inputs = family_inputs(model, torch.Generator().manual_seed(1), images=2)
+    model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    deltas = hf_internals.mrope_deltas(model)
+    assert deltas is not None and deltas.shape == (1, 1) and int(deltas) < 0
+
+
+def _tiny_llama_cache(static: bool):
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaModel(config).eval()
+    cache = StaticCache(config=config, max_cache_len=16) if static else DynamicCache(config=config)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 50, (1, 5)), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def test_dynamic_cache_layers_expose_keys_and_values():
+    """DynamicLayer.keys / .values (reassigned after a reorder) and .crop(negative)."""
+    cache = _tiny_llama_cache(static=False)
+    layer = cache.layers[0]
+    keys, values = hf_internals.layer_tensors(layer)
+    assert keys.shape[-2] == 5 and values.shape == keys.shape
+    assert not hf_internals.is_static_layer(layer)
+    hf_internals.set_layer_tensors(layer, keys[..., :3, :], values[..., :3, :])
+    assert cache.layers[0].get_seq_length() == 3
+    layer.crop(-1)
+    assert cache.layers[0].get_seq_length() == 2
+
+
+def test_static_cache_write_position_is_a_device_tensor():
+    """StaticLayer.cumulative_length (its write position) and .is_initialized."""
+    cache = _tiny_llama_cache(static=True)
+    layer = cache.layers[0]
+    assert hf_internals.is_static_layer(layer) and hf_internals.is_initialized(layer)
+    assert int(layer.cumulative_length) == 5
+    hf_internals.set_static_write_position(layer, torch.tensor(3))
+    assert int(cache.get_seq_length()) == 3
+    hf_internals.set_static_write_position(layer, 4)
+    assert int(layer.cumulative_length) == 4
+
+
+def test_length_rules_read_the_processors_fields():
+    """MinLengthLogitsProcessor.min_length; MinNewTokensLengthLogitsProcessor.prompt_length_to_skip, .min_new_tokens."""
+    assert hf_internals.length_rule_active(MinLengthLogitsProcessor(9, 2), 8) is True
+    assert hf_internals.length_rule_active(MinLengthLogitsProcessor(9, 2), 9) is False
+    rule = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=4, min_new_tokens=3, eos_token_id=2)
+    assert [hf_internals.length_rule_active(rule, n) for n in (6, 7)] == [True, False]
+    assert hf_internals.length_rule_active(torch.nn.Identity(), 3) is None
+
+
+def test_host_stop_rule_reads_the_criteria_fields():
+    """MaxLengthCriteria.max_length; EosTokenCriteria.eos_token_id."""
+    criteria = StoppingCriteriaList([MaxLengthCriteria(max_length=30), EosTokenCriteria(eos_token_id=[2, 7])])
+    assert hf_internals.host_stop_rule(criteria) == (30, {2, 7})
+    assert hf_internals.host_stop_rule(StoppingCriteriaList([lambda ids, scores: False])) is None
+
+
+def test_anyres_grid_matches_llava_next_feature_count():
+    """llava_next's get_anyres_image_grid_shape / unpad_image."""
+    model = tiny_llava_next()
+    inputs = random_inputs(model, torch.Generator().manual_seed(0))
+    rows, cols = hf_internals.anyres_grid(model.config, inputs["image_sizes"][0].tolist())
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    features = getattr(features, "pooler_output", features)
+    assert features[0].shape[0] == side * side + rows * (cols + 1)
+
+
+def test_dynamo_error_type_is_what_a_failing_compile_raises():
+    """torch._dynamo.exc.TorchDynamoException."""
+    assert issubclass(hf_internals.dynamo_error_types()[0], Exception)
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "hf_internals.py"))
+def test_no_other_module_touches_private_internals(path):
+    """Private attributes of transformers or torch objects are reached only through `hf_internals`."""
+    tree = ast.parse((PACKAGE / path).read_text())
+    private = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(("transformers", "torch")):
+            private |= {alias.name for alias in node.names if alias.name.startswith("_")}
+            if any(part.startswith("_") for part in node.module.split(".")):
+                private.add(node.module)
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            name = base.id if isinstance(base, ast.Name) else getattr(base, "attr", "")
+            if name in ("torch", "transformers", "model", "target", "layer", "cache"):
+                private.add(f"{name}.{node.attr}")
+    assert not private, f"{path} uses private internals {sorted(private)}; move them into hf_internals.py"
