@@ -2,7 +2,7 @@
 
 At position t the draft reads the pair (x_{t+1}, f_t): the target's input embedding of the next token and the
 target's final hidden state at t. `prompt_pairs` builds a prompt's pairs from the target's prefill;
-`DraftRunner` runs the draft over blocks of pairs on a `CacheWindow` (dynamic or static cache), and is shared
+`DraftRunner` runs the draft over blocks of pairs on a cache window (`kv_cache.py`: dynamic or static cache), and is shared
 by the tree round (`round.SpeculativeRound`), chain mode (`chain.py`) and training (`training/objective.py`).
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .compressor import question_features
-from .kv_cache import CacheWindow
+from .kv_cache import FixedWindow, GrowingWindow
 from .tree import additive_mask
 
 
@@ -70,10 +70,10 @@ class DraftRunner:
 
     Args:
         draft: a bound `SpecVLMDraftModel`.
-        window: the draft cache's `CacheWindow` (a `GrowingWindow` over a `DynamicCache`, or a `FixedWindow`).
+        window: the draft cache's window (a `GrowingWindow` over a `DynamicCache`, or a `FixedWindow`).
     """
 
-    def __init__(self, draft, window: CacheWindow):
+    def __init__(self, draft, window: GrowingWindow | FixedWindow):
         self.draft = draft
         self.window = window
         self.device = draft.fc.weight.device  # may differ from the target's when the target is split over GPUs

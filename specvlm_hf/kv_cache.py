@@ -5,9 +5,17 @@ of which only the root and the accepted nodes (scattered in the tree block) belo
 moved to the slots right after the prefix and the rest is dropped; transformers' `Cache.crop` only drops a
 suffix, so this is a gather per layer (one gather over all layers when a static cache's layers are stacked).
 
-A `CacheWindow` holds a cache together with which of its slots hold real tokens (False on left padding) and how
-many entries it holds, and answers the questions a round asks of it: which slots a block of new queries sees,
-keep some entries of the block just written, rewind. Two kinds, one interface:
+A cache window holds a cache (`.cache`), which of its slots hold real tokens (`.real`, False on left padding) and
+how many entries it holds, and answers what a round asks of it:
+
+- `visible(block_mask)`: `(q, width)` bool, the slots each of `q` new queries sees; their own block is written
+  after the cached entries and `block_mask` `(q, m)` says which of the block's `m` entries each query sees;
+- `keep(nodes, count)`: of the tree block just written, keep the entries `nodes[:count]` (`nodes` `(P,)`);
+- `extend(block_real, count)`: of the `P` entries just written (`block_real` `(P,)`: which are real tokens),
+  keep the first `count` (an int, or a device scalar);
+- `rewind()`: drop every entry written after the cached ones (a round's draft tree levels).
+
+Two kinds, one interface:
 
 - `GrowingWindow`: a `DynamicCache` (eager loop, CPU, targets split over devices); lengths are host ints.
 - `FixedWindow`: a `StaticCache` (the fast path); the length is a device scalar and masks are as wide as the
@@ -19,26 +27,12 @@ from __future__ import annotations
 import torch
 
 from .hf_internals import (
-    cache_argument_name,
     is_initialized,
     is_static_layer,
     layer_tensors,
     set_layer_tensors,
     set_static_write_position,
 )
-
-__all__ = [
-    "CacheWindow",
-    "FixedWindow",
-    "GrowingWindow",
-    "cache_argument_name",
-    "cache_layers",
-    "compact_kv",
-    "compact_static_kv",
-    "crop_kv",
-    "stack_static_layers",
-]
-
 
 def cache_layers(cache) -> list:
     """The per-layer objects of a transformers cache, refusing the kinds tree decoding cannot rewind."""
@@ -60,21 +54,13 @@ def compact_kv(cache, prefix_length: int, kept_nodes: torch.Tensor | list[int]) 
     """Keeps `prefix_length` cached entries plus the tree entries `kept_nodes`, in that order.
 
     Args:
-        cache: a transformers `DynamicCache` or `StaticCache` holding `prefix_length + T` entries, the last `T`
-            being the tree nodes in node order.
+        cache: a transformers `DynamicCache` holding `prefix_length + T` entries, the last `T` being the tree
+            nodes in node order (static caches: `compact_static_kv`).
         prefix_length: entries cached before the tree.
         kept_nodes: node indices to keep (root first, then the accepted path).
     """
     layers = cache_layers(cache)
-    if not layers:
-        return
-    device = layer_tensors(layers[0])[0].device
-    kept = torch.as_tensor(kept_nodes, dtype=torch.long, device=device)
-    count = kept.numel()
-    if all(is_static_layer(layer) for layer in layers):
-        compact_static_kv(cache, torch.tensor(prefix_length, device=device), kept, torch.tensor(count, device=device))
-        return
-    src = kept + prefix_length
+    src = torch.as_tensor(kept_nodes, dtype=torch.long) + prefix_length
     for layer in layers:
         keys, values = layer_tensors(layer)
         src = src.to(keys.device)  # layers split over several GPUs
@@ -145,37 +131,7 @@ def crop_kv(cache, length: int | torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-class CacheWindow:
-    """A KV cache with the bookkeeping a speculative round needs (see the module docstring).
-
-    Attributes:
-        cache: the transformers cache.
-        real: `(W,)` bool, which slots hold real tokens (False on left padding); read below the length.
-    """
-
-    cache = None
-    real: torch.Tensor
-
-    def visible(self, block_mask: torch.Tensor) -> torch.Tensor:
-        """`(q, width)` bool: which slots each of `q` new queries sees. The queries' own block is written after
-        the cached entries; `block_mask` `(q, m)` says which of the block's `m` entries each query sees."""
-        raise NotImplementedError
-
-    def extend(self, block_real: torch.Tensor, count) -> None:
-        """Of the `P` entries just written after the cached ones (`block_real` `(P,)` bool: which are real
-        tokens), keeps the first `count` (an int, or a device scalar) and drops the rest."""
-        raise NotImplementedError
-
-    def keep(self, nodes: torch.Tensor, count, stacked=None) -> None:
-        """Keeps, of the tree block just written, the entries `nodes[:count]` (`nodes` `(P,)`), in that order."""
-        raise NotImplementedError
-
-    def rewind(self) -> None:
-        """Drops every entry written after the cached ones (e.g. a round's draft tree levels)."""
-        raise NotImplementedError
-
-
-class GrowingWindow(CacheWindow):
+class GrowingWindow:
     """A `DynamicCache` whose length is a host int (`real.numel()`)."""
 
     def __init__(self, cache, real: torch.Tensor):
@@ -203,7 +159,7 @@ class GrowingWindow(CacheWindow):
         crop_kv(self.cache, self.length)
 
 
-class FixedWindow(CacheWindow):
+class FixedWindow:
     """A `StaticCache` of `W` slots whose length is a device scalar; masks span all `W` slots."""
 
     def __init__(self, cache, width: int, device: torch.device):

@@ -6,14 +6,8 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaModel, StaticCache
 
-from specvlm_hf.kv_cache import (
-    FixedWindow,
-    GrowingWindow,
-    cache_argument_name,
-    compact_kv,
-    compact_static_kv,
-    crop_kv,
-)
+from specvlm_hf.hf_internals import cache_argument_name
+from specvlm_hf.kv_cache import FixedWindow, GrowingWindow, compact_kv, compact_static_kv, crop_kv
 from specvlm_hf.tree import additive_mask, build_dynamic_tree, tree_from_parents
 from specvlm_hf.verify import accept_greedy
 
@@ -183,8 +177,9 @@ def test_compacted_cache_equals_recomputing_the_accepted_sequence(static):
             visible = torch.cat([visible, visible.new_zeros(5, 32 - 12)], dim=1)
         mask = additive_mask(visible, torch.float32)[None, None]
         run(cache, input_ids=tree.tokens[None], attention_mask=mask, position_ids=(tree.depths + 7)[None])
-        if static == "device":  # the fast path's form: lengths and nodes on the device, padded to a fixed width
-            compact_static_kv(cache, torch.tensor(7), torch.tensor(kept + [4, 1]), torch.tensor(len(kept)))
+        if static:  # the fast path's form: lengths and nodes on the device, padded to a fixed width
+            compact_static_kv(cache, torch.tensor(7), torch.tensor(kept + [4, 1] if static == "device" else kept),
+                              torch.tensor(len(kept)))
         else:
             compact_kv(cache, 7, kept)
         assert int(cache.get_seq_length()) == 10
