@@ -41,6 +41,37 @@ def image_token_of(config) -> int | None:
     return getattr(config, "image_token_index", None) if token is None else token
 
 
+ADAPTERS: dict[str, type] = {}  # model_type -> adapter class, filled by `register`
+
+
+def register(cls):
+    """Class decorator: `cls` serves the targets whose `config.model_type` is in `cls.model_types`."""
+    for model_type in cls.model_types:
+        ADAPTERS[model_type] = cls
+    return cls
+
+
+def adapter_for(target: nn.Module, tree: bool = True) -> TargetAdapter:
+    """The adapter of `target`'s family.
+
+    Args:
+        tree: the caller verifies trees itself (tree or static mode): refuse a family not verified exact.
+    Raises:
+        UnsupportedTargetError: naming the model class and what to do instead.
+    """
+    model = unwrap_target(target)
+    cls = ADAPTERS.get(getattr(model.config, "model_type", None), TargetAdapter)
+    if tree and not cls.tree_verified:
+        raise UnsupportedTargetError(
+            f"SpecVLM tree decoding is not verified for {type(model).__name__} (model_type "
+            f"{model.config.model_type!r}): its positions, masks or caches may differ from what the tree verifier "
+            f"assumes, and a wrong answer would be silent. Supported in tree mode: {', '.join(sorted(ADAPTERS))}. "
+            "Use chain mode, which transformers' own loop verifies (`draft.config.decoding_mode = 'chain'`), or "
+            f"open an issue at {ISSUES_URL}."
+        )
+    return cls(model)
+
+
 class TargetAdapter:
     """The generic adapter: a decoder-only text model with 1-D positions counted from 0, full attention, one
     `lm_head`, one placeholder run per image. Families subclass it and override what differs.
@@ -149,6 +180,7 @@ class TargetAdapter:
         return [VisualLayout.grid(end - start) for start, end in image_spans(is_image)]
 
 
+@register
 class LlavaAdapter(TargetAdapter):
     """LLaVA-1.5: one square grid of `image_seq_length` tokens per image, one run per image."""
 
@@ -161,6 +193,7 @@ class LlavaAdapter(TargetAdapter):
         return runs > num_images or bool(wrong_count)
 
 
+@register
 class LlavaNextAdapter(TargetAdapter):
     """LLaVA-NeXT (AnyRes): the base grid, then the unpadded tiles with a newline token after each row."""
 
@@ -175,6 +208,7 @@ class LlavaNextAdapter(TargetAdapter):
         ]
 
 
+@register
 class QwenVLAdapter(TargetAdapter):
     """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: M-RoPE positions (text after an image sits at `index + rope_deltas`);
     images counted from `image_grid_thw` (`pixel_values` are patch rows); each image's tokens are its merged
@@ -213,6 +247,7 @@ class QwenVLAdapter(TargetAdapter):
         return layouts
 
 
+@register
 class PaliGemmaAdapter(TargetAdapter):
     """PaliGemma 1 (Gemma text model, full attention): positions counted from 1; all images first, in one run of
     `num_image_tokens` per image."""
@@ -243,32 +278,3 @@ class PaliGemmaAdapter(TargetAdapter):
             else:
                 layouts.append(VisualLayout.grid(count))
         return layouts
-
-
-ADAPTERS: dict[str, type[TargetAdapter]] = {
-    model_type: cls
-    for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, PaliGemmaAdapter)
-    for model_type in cls.model_types
-}
-
-
-def adapter_for(target: nn.Module, tree: bool = True) -> TargetAdapter:
-    """The adapter of `target`'s family.
-
-    Args:
-        tree: the caller verifies trees itself (tree or static mode): refuse a family not verified exact.
-    Raises:
-        UnsupportedTargetError: naming the model class and what to do instead.
-    """
-    model = unwrap_target(target)
-    cls = ADAPTERS.get(getattr(model.config, "model_type", None), TargetAdapter)
-    if tree and not cls.tree_verified:
-        raise UnsupportedTargetError(
-            f"SpecVLM tree decoding is not verified for {type(model).__name__} (model_type "
-            f"{model.config.model_type!r}): its positions, masks or caches may differ from what the tree verifier "
-            f"assumes, and a wrong answer would be silent. Supported in tree mode: {', '.join(sorted(ADAPTERS))}. "
-            "Use chain mode, which transformers' own loop verifies (`draft.config.decoding_mode = 'chain'`), or "
-            f"open an issue at {ISSUES_URL}."
-        )
-    return cls(model)
-
