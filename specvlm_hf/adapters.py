@@ -17,12 +17,14 @@ Tree and static decoding run only on families whose adapter is tested token for 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
+from .configuration_specvlm_draft import full_attention_only
 from .compressor import GridSegment, VisualLayout, image_layout, image_spans
 from .hf_internals import cache_argument_name, mrope_deltas
 from .kv_cache import cache_layers
@@ -109,35 +111,42 @@ class TargetAdapter:
         prepared the call (valid for the generated tokens)."""
         return 0
 
-    def verify_mask(self, visible: torch.Tensor):
-        """The attention mask for a verify forward from `(q, W)` bool slot visibility: a `(1, 1, q, W)` additive
-        mask (hybrid text models take a dict keyed by layer type)."""
+    def verify_mask(self, visible: torch.Tensor, depths: torch.Tensor, cache_length):
+        """The attention mask of a verify forward: a `(1, 1, q, W)` additive mask from `(q, W)` bool slot visibility
+        (hybrid text models take a dict keyed by layer type, which needs each query's `depths` `(q,)` in the tree
+        and the `cache_length` (entries cached before the tree, an int or a device scalar))."""
         return additive_mask(visible, self.dtype)[None, None]
 
-    def verify(self, tokens: torch.Tensor, visible: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    def verify(self, tokens, depths, visible, positions, cache_length, cache) -> torch.Tensor:
         """One text-model forward over tree nodes after the cached prefix.
 
         Args:
-            tokens: `(T,)` node tokens; visible: `(T, W)` bool slot visibility; positions: `(T,)` position ids.
+            tokens / depths: `(T,)` node tokens and depths; visible: `(T, W)` bool slot visibility;
+            positions: `(T,)` position ids; cache_length: entries cached before the tree; cache: the target cache.
         Returns:
             `(T, d)` final hidden states (the draft's true features).
         """
         return self.text_model(
             input_ids=tokens[None],
-            attention_mask=self.verify_mask(visible),
+            attention_mask=self.verify_mask(visible, depths, cache_length),
             position_ids=positions[None],
             use_cache=True,
             **{self.cache_kw: cache},
         ).last_hidden_state[0]
 
     # ---------------------------------------------------------------------------------------------- caches
-    def check_cache(self, cache) -> None:
-        """Raises when the loop could not rewind `cache` (sliding-window or chunked layers)."""
+    def rewindable_cache(self, cache):
+        """The cache the loop verifies on, given the one `generate` made for the call (before the prefill): the
+        same one, unless the family's layers keep only a window (see `HybridAttentionAdapter`). Raises when the
+        loop could not rewind it (sliding-window or chunked layers)."""
         cache_layers(cache)
+        return cache
 
     def static_cache(self, length: int) -> StaticCache:
-        """The fast path's target cache of `length` slots."""
-        return StaticCache(config=self.text_config, max_cache_len=length)
+        """The fast path's target cache of `length` slots (refused when it could not be rewound)."""
+        cache = StaticCache(config=self.text_config, max_cache_len=length)
+        cache_layers(cache)
+        return cache
 
     # ---------------------------------------------------------------------------------------------- images
     def check_images(self, input_ids: torch.Tensor, model_kwargs: dict) -> None:
@@ -278,3 +287,51 @@ class PaliGemmaAdapter(TargetAdapter):
             else:
                 layouts.append(VisualLayout.grid(count))
         return layouts
+
+
+class HybridAttentionAdapter(TargetAdapter):
+    """Text models mixing full-attention and sliding-window layers (`config.layer_types`): the loop verifies on a
+    cache whose layers are all full attention (so it can be rewound; the sliding layers then keep all their keys,
+    which costs memory, not exactness), and passes the mask as a dict keyed by layer type, the sliding layers'
+    mask adding the window: a query at sequence slot `q` sees slot `k` only if `k > q - window`. A tree node of
+    depth `d` sits at slot `cache_length + d`; its ancestors lie within the window whenever the tree is shallower
+    than the window, so only prefix slots are cut."""
+
+    def __init__(self, target):
+        super().__init__(target)
+        self.window = self.text_config.sliding_window
+        self.full_config = full_attention_only(copy.deepcopy(self.text_config))
+
+    def verify_mask(self, visible, depths, cache_length):
+        slots = torch.arange(visible.shape[1], device=visible.device)
+        in_window = (slots[None, :] >= cache_length) | (slots[None, :] > cache_length + depths[:, None] - self.window)
+        return {
+            "full_attention": additive_mask(visible, self.dtype)[None, None],
+            "sliding_attention": additive_mask(visible & in_window, self.dtype)[None, None],
+        }
+
+    def rewindable_cache(self, cache):
+        if cache.get_seq_length() != 0:
+            raise ValueError(f"{self.name}: SpecVLM tree decoding cannot continue from a filled cache; pass none.")
+        return DynamicCache(config=self.full_config)
+
+    def static_cache(self, length: int) -> StaticCache:
+        return StaticCache(config=self.full_config, max_cache_len=length)
+
+
+@register
+class Gemma3Adapter(HybridAttentionAdapter):
+    """Gemma 3: 5 sliding-window layers per global one; image tokens attend bidirectionally only in the prefill
+    (transformers' own prefill does that); no final logit softcap in the VLM forward; one square grid of
+    `mm_tokens_per_image` tokens per image, between begin- and end-of-image tokens."""
+
+    model_types = ("gemma3",)
+    tree_verified = True
+
+    def visual_layouts(self, is_image, model_kwargs):
+        per_image = getattr(self.config, "mm_tokens_per_image", 0)
+        side = math.isqrt(per_image) if per_image else 0
+        return [
+            VisualLayout([GridSegment(0, side, side)]) if side * side == end - start else VisualLayout.grid(end - start)
+            for start, end in image_spans(is_image)
+        ]

@@ -274,7 +274,8 @@ def tree_assisted_decoding(
         )
         fast = SpeculativeRound.static(adapter, draft, needed, graphs, compile)
         model_kwargs[cache_key] = fast.target_window.cache
-    adapter.check_cache(model_kwargs[cache_key])
+    else:
+        model_kwargs[cache_key] = adapter.rewindable_cache(model_kwargs[cache_key])
     decoding = Decoding(input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats)
 
     # 1. prefill: the same call plain `generate` makes, so the first token is bit-identical; the tap records

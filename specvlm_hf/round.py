@@ -248,7 +248,8 @@ class SpeculativeRound:
         state, tree = self.state, self.tree
         visible = self.target_window.visible(tree.ancestor_mask)
         positions = tree.depths + state.root_position + state.position_offset
-        hidden = self.adapter.verify(tree.tokens, visible, positions, self.target_window.cache)
+        hidden = self.adapter.verify(tree.tokens, tree.depths, visible, positions, self.target_window.length,
+                                     self.target_window.cache)
         return self.adapter.logits(hidden), hidden
 
     def _commit(self) -> None:

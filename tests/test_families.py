@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
 import specvlm_hf
 from specvlm_hf import SpecVLMDraftModel
@@ -48,7 +47,7 @@ def test_greedy_matches_plain_generate(family, mode):
     assert max(accepted) >= 3, "the oracle draft should have accepted several tokens in one round"
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "paligemma", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "paligemma", "qwen3_vl", "gemma3"])
 def test_logits_match_plain_generate(family):
     """Not only the argmax: every returned logit equals plain decoding's (the position offset is exact)."""
     target = specvlm_hf.enable(FAMILIES[family](seed=2))
@@ -78,36 +77,41 @@ def test_position_offset_is_a_device_buffer_reused_across_images():
     assert len(rounds) == 1 and len(offsets) >= 2
 
 
-def tiny_gemma3():
+def tiny_unverified():
+    """A VLM family without a verified adapter: LLaVA-NeXT-Video (its adapter is not written yet)."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    from tiny_models import text_config, vision_config
+
     torch.manual_seed(0)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=32, patch_size=8)
-    config = Gemma3Config(
-        text_config=dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
-                         max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"]),
-        vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=95, boi_token_index=93,
-        eoi_token_index=94,
-    )
-    model = Gemma3ForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = 0
-    return model
+    config = LlavaNextVideoConfig(vision_config=vision_config(), text_config=text_config(), image_token_index=95,
+                                  video_token_index=94, image_grid_pinpoints=[[32, 64], [64, 32]])
+    return LlavaNextVideoForConditionalGeneration(config).eval()
 
 
 def test_unverified_family_is_refused_in_tree_mode_with_what_to_do():
-    target = specvlm_hf.enable(tiny_gemma3())
+    target = specvlm_hf.enable(tiny_unverified())
     draft = SpecVLMDraftModel.from_target(target)
     ids = torch.randint(3, 90, (1, 9))
     with pytest.raises(UnsupportedTargetError) as error:
         target.generate(input_ids=ids, max_new_tokens=4, do_sample=False, assistant_model=draft)
     message = str(error.value)
-    assert "Gemma3ForConditionalGeneration" in message and "decoding_mode = 'chain'" in message
+    assert "LlavaNextVideoForConditionalGeneration" in message and "decoding_mode = 'chain'" in message
     assert adapter_for(target, tree=False).tree_verified is False
 
 
-def test_unverified_family_runs_exact_in_chain_mode_with_a_full_attention_draft():
-    """Chain mode is verified by transformers' own loop; the draft of a sliding-window target is full attention."""
-    target = specvlm_hf.enable(tiny_gemma3())
+def test_unverified_family_runs_exact_in_chain_mode():
+    target = specvlm_hf.enable(tiny_unverified())
+    draft = SpecVLMDraftModel.from_target(target, decoding_mode="chain")
+    ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=16, do_sample=False)
+    reference = target.generate(input_ids=ids, **kwargs)
+    assert target.generate(input_ids=ids, **kwargs, assistant_model=draft).tolist() == reference.tolist()
+
+
+def test_sliding_window_target_gets_a_full_attention_draft():
+    """The draft of a hybrid (sliding-window) target is full attention in every layer, with no window."""
+    target = specvlm_hf.enable(FAMILIES["gemma3"]())
     draft = SpecVLMDraftModel.from_target(target, decoding_mode="chain")
     assert set(draft.config.text_config.layer_types) == {"full_attention"}
     assert draft.config.text_config.sliding_window is None

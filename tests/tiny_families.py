@@ -13,6 +13,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     SiglipVisionConfig,
 )
 
@@ -92,11 +94,33 @@ def tiny_paligemma(seed: int = 0, scale: float = 1.0):
     return _finish(PaliGemmaForConditionalGeneration(config), scale)
 
 
+GEMMA_VOCAB, GEMMA_IMAGE, GEMMA_BOI, GEMMA_EOI = 96, 95, 93, 94
+GEMMA_TOKENS_PER_IMAGE = 4
+
+
+def tiny_gemma3(seed: int = 0, scale: float = 1.0, sliding_window: int = 8):
+    """Gemma 3 with one sliding-window layer (window `sliding_window`, shorter than the test prompts plus their
+    continuations) before one global layer; 4 tokens per image."""
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    config = Gemma3Config(
+        text_config=dict(vocab_size=GEMMA_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=sliding_window,
+                         max_position_embeddings=512, layer_types=["sliding_attention", "full_attention"],
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vision_config=vision.to_dict(), mm_tokens_per_image=GEMMA_TOKENS_PER_IMAGE, image_token_index=GEMMA_IMAGE,
+        boi_token_index=GEMMA_BOI, eoi_token_index=GEMMA_EOI,
+    )
+    return _finish(Gemma3ForConditionalGeneration(config), scale)
+
+
 FAMILIES = {
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "qwen3_vl": tiny_qwen3_vl,
     "paligemma": tiny_paligemma,
+    "gemma3": tiny_gemma3,
 }
 
 
@@ -111,7 +135,7 @@ def family_inputs(model, generator: torch.Generator, images: int = 1, text_token
     """A random prompt for a tiny target of `FAMILIES`: text, then `images` images (each in the model's own
     placeholder layout), more text. Qwen prompts carry `mm_token_type_ids` as the processor gives them."""
     kind = model.config.model_type
-    words = torch.randint(3, 100 if kind != "paligemma" else PALI_IMAGE - 1, (text_tokens,), generator=generator)
+    words = torch.randint(3, 90 if kind in ("paligemma", "gemma3") else 100, (text_tokens,), generator=generator)
     if kind == "paligemma":
         count = (PALI_IMAGE_SIZE // PALI_PATCH) ** 2
         ids = torch.cat([torch.full((count * images,), PALI_IMAGE), torch.tensor([1]), words])[None]
@@ -119,6 +143,18 @@ def family_inputs(model, generator: torch.Generator, images: int = 1, text_token
         if images:
             inputs["pixel_values"] = torch.randn(images, 3, PALI_IMAGE_SIZE, PALI_IMAGE_SIZE, generator=generator)
         inputs["token_type_ids"] = torch.zeros_like(ids)
+        return inputs
+    if kind == "gemma3":
+        split = int(torch.randint(0, text_tokens + 1, (1,), generator=generator))
+        pieces = [torch.tensor([1]), words[:split]]
+        for _ in range(images):
+            pieces += [torch.tensor([GEMMA_BOI]), torch.full((GEMMA_TOKENS_PER_IMAGE,), GEMMA_IMAGE),
+                       torch.tensor([GEMMA_EOI])]
+        pieces.append(words[split:])
+        ids = torch.cat(pieces)[None]
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": (ids == GEMMA_IMAGE).long()}
+        if images:
+            inputs["pixel_values"] = torch.randn(images, 3, 32, 32, generator=generator)
         return inputs
     split = int(torch.randint(0, text_tokens + 1, (1,), generator=generator))
     pieces, pixel_rows, grids = [torch.tensor([1]), words[:split]], [], []
