@@ -17,7 +17,7 @@ import torch
 import specvlm_hf
 from specvlm_hf import verify
 from specvlm_hf.tree import tree_from_parents
-from tiny_families import family_inputs, tiny_qwen2_5_vl
+from tiny_families import family_inputs, tiny_gemma3, tiny_qwen2_5_vl
 from tiny_models import oracle_draft, random_inputs, tiny_llava, tiny_llava_next
 
 SAMPLES = 1200
@@ -58,8 +58,8 @@ def _target_and_inputs(family: str):
     """A small-vocabulary target of `family` (peaked distributions, so that three tokens have few outcomes) and a
     prompt with one image."""
     generator = torch.Generator().manual_seed(0)
-    if family == "qwen2_5_vl":
-        target = tiny_qwen2_5_vl(seed=0, scale=24.0)
+    if family in ("qwen2_5_vl", "gemma3"):
+        target = tiny_qwen2_5_vl(seed=0, scale=24.0) if family == "qwen2_5_vl" else tiny_gemma3(seed=0, scale=64.0, tied=False)
         return target, family_inputs(target, generator, images=1, text_tokens=4)
     build = tiny_llava_next if family == "next" else tiny_llava
     target = build(seed=0, scale=8.0, vocab=12)
@@ -112,15 +112,16 @@ def test_speculative_sampling_matches_plain_sampling(name, mode):
     assert chi_square_p_value(plain, speculative) > P_THRESHOLD
 
 
-@pytest.mark.parametrize("family", ["next", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["next", "qwen2_5_vl", "gemma3"])
 def test_speculative_sampling_matches_plain_sampling_on_other_families(family):
-    """LLaVA-NeXT (AnyRes layout) and Qwen2.5-VL (M-RoPE offsets after the image) keep the distribution too."""
+    """LLaVA-NeXT (AnyRes layout), Qwen2.5-VL (M-RoPE offsets after the image) and Gemma 3 (sliding-window layers)
+    keep the distribution too."""
     plain, speculative, sigma = sample_first_tokens(SETTINGS["temperature"], "tree", family)
     assert sigma > 1.2, "the draft must get tokens accepted for the test to mean anything"
     assert chi_square_p_value(plain, speculative) > P_THRESHOLD
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3"])
 def test_the_sampling_test_catches_a_broken_acceptance_rule(monkeypatch, family):
     break_acceptance_rule(monkeypatch)
     plain, speculative, _ = sample_first_tokens(SETTINGS["temperature"], "tree", family)

@@ -98,9 +98,10 @@ GEMMA_VOCAB, GEMMA_IMAGE, GEMMA_BOI, GEMMA_EOI = 96, 95, 93, 94
 GEMMA_TOKENS_PER_IMAGE = 4
 
 
-def tiny_gemma3(seed: int = 0, scale: float = 1.0, sliding_window: int = 8):
+def tiny_gemma3(seed: int = 0, scale: float = 1.0, sliding_window: int = 8, tied: bool = True):
     """Gemma 3 with one sliding-window layer (window `sliding_window`, shorter than the test prompts plus their
-    continuations) before one global layer; 4 tokens per image."""
+    continuations) before one global layer; 4 tokens per image. `tied=False` unties the `lm_head` from the
+    embeddings, so that `scale` sharpens the next-token distributions alone."""
     torch.manual_seed(seed)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                 image_size=32, patch_size=8)
@@ -110,8 +111,9 @@ def tiny_gemma3(seed: int = 0, scale: float = 1.0, sliding_window: int = 8):
                          max_position_embeddings=512, layer_types=["sliding_attention", "full_attention"],
                          bos_token_id=1, eos_token_id=2, pad_token_id=0),
         vision_config=vision.to_dict(), mm_tokens_per_image=GEMMA_TOKENS_PER_IMAGE, image_token_index=GEMMA_IMAGE,
-        boi_token_index=GEMMA_BOI, eoi_token_index=GEMMA_EOI,
+        boi_token_index=GEMMA_BOI, eoi_token_index=GEMMA_EOI, tie_word_embeddings=tied,
     )
+    config.text_config.tie_word_embeddings = tied
     return _finish(Gemma3ForConditionalGeneration(config), scale)
 
 
