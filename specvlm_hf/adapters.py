@@ -256,39 +256,6 @@ class QwenVLAdapter(TargetAdapter):
         return layouts
 
 
-@register
-class PaliGemmaAdapter(TargetAdapter):
-    """PaliGemma 1 (Gemma text model, full attention): positions counted from 1; all images first, in one run of
-    `num_image_tokens` per image."""
-
-    model_types = ("paligemma",)
-    tree_verified = True
-
-    def __init__(self, target):
-        super().__init__(target)
-        if self.text_config.model_type != "gemma":
-            raise UnsupportedTargetError(
-                f"{self.name} with a {self.text_config.model_type!r} text model (PaliGemma 2) is not verified for "
-                "SpecVLM tree decoding (its sliding-window layers need a hybrid cache). Use chain mode "
-                "(`draft.config.decoding_mode = 'chain'`), or open an issue at " + ISSUES_URL + "."
-            )
-
-    def position_offset(self) -> int:
-        return 1
-
-    def visual_layouts(self, is_image, model_kwargs):
-        per_image = getattr(self.text_config, "num_image_tokens", None) or getattr(self.config, "image_seq_length", 0)
-        layouts = []
-        for start, end in image_spans(is_image):
-            count = end - start
-            side = math.isqrt(per_image) if per_image else 0
-            if per_image and side * side == per_image and count % per_image == 0:
-                layouts.append(VisualLayout([GridSegment(i * per_image, side, side) for i in range(count // per_image)]))
-            else:
-                layouts.append(VisualLayout.grid(count))
-        return layouts
-
-
 class HybridAttentionAdapter(TargetAdapter):
     """Text models mixing full-attention and sliding-window layers (`config.layer_types`): the loop verifies on a
     cache whose layers are all full attention (so it can be rewound; the sliding layers then keep all their keys,
@@ -299,10 +266,13 @@ class HybridAttentionAdapter(TargetAdapter):
 
     def __init__(self, target):
         super().__init__(target)
-        self.window = self.text_config.sliding_window
+        self.hybrid = "sliding_attention" in (getattr(self.text_config, "layer_types", None) or [])
+        self.window = getattr(self.text_config, "sliding_window", None)
         self.full_config = full_attention_only(copy.deepcopy(self.text_config))
 
     def verify_mask(self, visible, depths, cache_length):
+        if not self.hybrid:
+            return super().verify_mask(visible, depths, cache_length)
         slots = torch.arange(visible.shape[1], device=visible.device)
         in_window = (slots[None, :] >= cache_length) | (slots[None, :] > cache_length + depths[:, None] - self.window)
         return {
@@ -311,6 +281,8 @@ class HybridAttentionAdapter(TargetAdapter):
         }
 
     def rewindable_cache(self, cache):
+        if not self.hybrid:
+            return super().rewindable_cache(cache)
         if cache.get_seq_length() != 0:
             raise ValueError(f"{self.name}: SpecVLM tree decoding cannot continue from a filled cache; pass none.")
         return DynamicCache(config=self.full_config)
@@ -335,3 +307,28 @@ class Gemma3Adapter(HybridAttentionAdapter):
             VisualLayout([GridSegment(0, side, side)]) if side * side == end - start else VisualLayout.grid(end - start)
             for start, end in image_spans(is_image)
         ]
+
+
+@register
+class PaliGemmaAdapter(HybridAttentionAdapter):
+    """PaliGemma 1 (Gemma text model, full attention) and 2 (Gemma 2: sliding-window layers, attention softcap;
+    the VLM forward applies no final softcap): positions counted from 1; all images first, in one run of
+    `num_image_tokens` per image."""
+
+    model_types = ("paligemma",)
+    tree_verified = True
+
+    def position_offset(self) -> int:
+        return 1
+
+    def visual_layouts(self, is_image, model_kwargs):
+        per_image = getattr(self.text_config, "num_image_tokens", None) or getattr(self.config, "image_seq_length", 0)
+        layouts = []
+        for start, end in image_spans(is_image):
+            count = end - start
+            side = math.isqrt(per_image) if per_image else 0
+            if per_image and side * side == per_image and count % per_image == 0:
+                layouts.append(VisualLayout([GridSegment(i * per_image, side, side) for i in range(count // per_image)]))
+            else:
+                layouts.append(VisualLayout.grid(count))
+        return layouts

@@ -28,8 +28,12 @@ def make_draft(target, kind: str, mode: str):
     return draft
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("family", list(FAMILIES))
+# transformers 5.17's own `generate` fails on PaliGemma 2 with a static cache (its forward gets the per-layer-type
+# mask dict where it expects a tensor), so there is no plain static run to compare with
+CASES = [(family, mode) for family in FAMILIES for mode in MODES if (family, mode) != ("paligemma2", "static")]
+
+
+@pytest.mark.parametrize("family,mode", CASES)
 def test_greedy_matches_plain_generate(family, mode):
     target = specvlm_hf.enable(FAMILIES[family](seed=0))
     generator = torch.Generator().manual_seed(len(family) + 7 * list(MODES).index(mode))
@@ -47,7 +51,7 @@ def test_greedy_matches_plain_generate(family, mode):
     assert max(accepted) >= 3, "the oracle draft should have accepted several tokens in one round"
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "paligemma", "qwen3_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "paligemma", "qwen3_vl", "gemma3", "paligemma2"])
 def test_logits_match_plain_generate(family):
     """Not only the argmax: every returned logit equals plain decoding's (the position offset is exact)."""
     target = specvlm_hf.enable(FAMILIES[family](seed=2))

@@ -117,11 +117,29 @@ def tiny_gemma3(seed: int = 0, scale: float = 1.0, sliding_window: int = 8, tied
     return _finish(Gemma3ForConditionalGeneration(config), scale)
 
 
+def tiny_paligemma2(seed: int = 0, scale: float = 1.0):
+    """PaliGemma 2: a Gemma 2 text model (sliding window 8 on every other layer, attention softcap)."""
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=PALI_IMAGE_SIZE, patch_size=PALI_PATCH, projection_dim=64)
+    config = PaliGemmaConfig(
+        vision_config=vision.to_dict(),
+        text_config=dict(model_type="gemma2", vocab_size=PALI_VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                         sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        image_token_index=PALI_IMAGE, projection_dim=64,
+    )
+    config.text_config.num_image_tokens = (PALI_IMAGE_SIZE // PALI_PATCH) ** 2
+    return _finish(PaliGemmaForConditionalGeneration(config), scale)
+
+
 FAMILIES = {
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "qwen3_vl": tiny_qwen3_vl,
     "paligemma": tiny_paligemma,
+    "paligemma2": tiny_paligemma2,
     "gemma3": tiny_gemma3,
 }
 
@@ -138,7 +156,7 @@ def family_inputs(model, generator: torch.Generator, images: int = 1, text_token
     placeholder layout), more text. Qwen prompts carry `mm_token_type_ids` as the processor gives them."""
     kind = model.config.model_type
     words = torch.randint(3, 90 if kind in ("paligemma", "gemma3") else 100, (text_tokens,), generator=generator)
-    if kind == "paligemma":
+    if kind == "paligemma":  # PaliGemma 1 and 2
         count = (PALI_IMAGE_SIZE // PALI_PATCH) ** 2
         ids = torch.cat([torch.full((count * images,), PALI_IMAGE), torch.tensor([1]), words])[None]
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
