@@ -87,6 +87,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         return hidden, log_probs
 
     def _choose(self, sequence: torch.Tensor, log_probs: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        log_probs = self.draft.full_vocab(log_probs)  # a reduced vocabulary's columns back to token ids
         if not self.do_sample:
             return int(log_probs.argmax()), None
         scores = self.logits_processor(sequence, log_probs[None].clone())[0]

@@ -50,6 +50,11 @@ class SpecVLMDraftConfig(PretrainedConfig):
             Draft tokens per round in chain mode.
         input_norm (`bool`, *optional*, defaults to `True`):
             Apply an RMSNorm after `fc` (SpecVLM's change to EAGLE's draft, for stable low-precision training).
+        draft_vocab_size (`int`, *optional*):
+            Score only this many target tokens in the draft (a reduced vocabulary: the most frequent tokens of the
+            target's outputs, stored in the draft's `draft_vocab` buffer); the draft's `lm_head` read per tree level
+            shrinks by `vocab_size / draft_vocab_size`. Decoding stays lossless: the target scores the full
+            vocabulary. Default: the full vocabulary.
         compressor (`dict`, *optional*):
             The elastic visual compressor (see `specvlm_hf.compressor`): `{"mode": "none" | "fixed" | "select" |
             "weighted" | "concat", "branches": [...], "fixed": "pool@4", "ratio": 3, "gumbel_temperature": 1.0,
@@ -70,6 +75,7 @@ class SpecVLMDraftConfig(PretrainedConfig):
     decoding_mode: str = "tree"
     chain_length: int = 5
     input_norm: bool = True
+    draft_vocab_size: int | None = None
     compressor: dict | None = None
     tie_word_embeddings: bool = False
 
@@ -100,6 +106,9 @@ class SpecVLMDraftConfig(PretrainedConfig):
                 "tree settings need tree_top_k >= 1, tree_depth >= 0 and tree_total_tokens >= 2; got "
                 f"top_k={self.tree_top_k}, depth={self.tree_depth}, total_tokens={self.tree_total_tokens}"
             )
+        vocab = self.text_config.vocab_size
+        if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= vocab:
+            raise ValueError(f"draft_vocab_size must be in 1..{vocab} (the target's vocabulary), got {self.draft_vocab_size}")
         if self.chain_length < 1:
             raise ValueError(f"chain_length must be >= 1, got {self.chain_length}")
         mode = (self.compressor or {}).get("mode", "none")

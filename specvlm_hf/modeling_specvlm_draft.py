@@ -110,6 +110,12 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
             if config.compressor.get("mode", "none") != "none"
             else None
         )
+        if config.draft_vocab_size is not None:  # target token ids the draft scores (set by `set_draft_vocab`)
+            self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size), persistent=True)
+        else:
+            self.draft_vocab = None
+        self._head_rows: torch.Tensor | None = None  # the target lm_head's rows of `draft_vocab`
+        self._head_rows_key = None
         self._no_split_modules = list(getattr(self.model, "_no_split_modules", None) or [])
         self._cache_argument = cache_argument_name(self.model.forward)
 
@@ -147,7 +153,39 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
         weight = head.weight
         if self.fc.weight.device != weight.device or self.fc.weight.dtype != weight.dtype:
             self.to(device=weight.device, dtype=weight.dtype)
+        self._gather_head_rows()
         return self
+
+    def set_draft_vocab(self, token_ids) -> "SpecVLMDraftModel":
+        """Sets the reduced vocabulary: the `draft_vocab_size` target token ids the draft scores (e.g. from
+        `specvlm_hf.draft_vocab.choose_draft_vocab`)."""
+        if self.draft_vocab is None:
+            raise ValueError("this draft scores the full vocabulary; build it with `draft_vocab_size=N` first")
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long)
+        if token_ids.shape != self.draft_vocab.shape or len(set(token_ids.tolist())) != token_ids.numel():
+            raise ValueError(f"need {self.draft_vocab.numel()} distinct token ids, got shape {tuple(token_ids.shape)}")
+        if int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.text_config.vocab_size:
+            raise ValueError(f"draft vocabulary ids must lie in 0..{self.config.text_config.vocab_size - 1}")
+        with torch.no_grad():
+            self.draft_vocab.copy_(token_ids.to(self.draft_vocab.device))
+        self._head_rows = None
+        self._gather_head_rows()
+        return self
+
+    def _gather_head_rows(self) -> None:
+        """Copies the target `lm_head`'s rows of the reduced vocabulary (read once per tree level instead of the
+        whole head)."""
+        if self.draft_vocab is None or self._target_modules is None:
+            return
+        head = self._target_modules[1]
+        key = (id(head), head.weight.data_ptr(), self.draft_vocab.data_ptr(), self.fc.weight.device)
+        if self._head_rows is not None and self._head_rows_key == key:
+            return  # the same rows: keep their address (captured fast-path graphs read it)
+        self._head_rows_key = key
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("a reduced draft vocabulary needs an lm_head without bias")
+        rows = head.weight.detach().index_select(0, self.draft_vocab.to(head.weight.device))
+        self._head_rows = rows.to(self.fc.weight.device)
 
     @property
     def is_bound(self) -> bool:
@@ -173,8 +211,19 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
         return self._borrowed()[0](input_ids).to(self.fc.weight.device)
 
     def lm_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Logits from the target's (frozen) `lm_head`."""
-        return self._borrowed()[1](hidden_states)
+        """Logits from the target's (frozen) `lm_head`: over the full vocabulary, or over `draft_vocab` (column i
+        scores target token `draft_vocab[i]`) for a draft with a reduced vocabulary."""
+        head = self._borrowed()[1]
+        if self._head_rows is None:
+            return head(hidden_states)
+        return torch.nn.functional.linear(hidden_states.to(self._head_rows.dtype), self._head_rows)
+
+    def full_vocab(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Draft log-probabilities over the target's full vocabulary (-inf outside a reduced vocabulary)."""
+        if self.draft_vocab is None:
+            return log_probs
+        full = log_probs.new_full((*log_probs.shape[:-1], self.config.text_config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.draft_vocab.to(log_probs.device), log_probs)
 
     # ----------------------------------------------------------------------------------------------------
     def fuse(self, inputs_embeds: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -136,7 +136,8 @@ class SpeculativeRound:
         self.top_k, self.depth, self.total_tokens = config.tree_top_k, config.tree_depth, config.tree_total_tokens
         self.path_width = config.tree_depth + 2  # root + one node per tree depth (depths 1..depth + 1)
         device = draft.fc.weight.device
-        self.state = RoundState.allocate(config.text_config.hidden_size, config.text_config.vocab_size,
+        vocab = config.draft_vocab_size or config.text_config.vocab_size  # columns of the draft's log-probs
+        self.state = RoundState.allocate(config.text_config.hidden_size, vocab,
                                          self.path_width, draft.fc.weight.dtype, device)
         self.stacked_kv: torch.Tensor | None = None  # static target layers as one tensor (one-gather compaction)
         self.graphs, self.compiled = graphs, compile
@@ -181,7 +182,9 @@ class SpeculativeRound:
         rebuilds); the tree settings fix the shapes; buffers made under `torch.inference_mode` cannot be written
         outside it (and vice versa)."""
         config = draft.config
-        weights = hash(tuple(p.data_ptr() for p in (*adapter.model.parameters(), *draft.parameters())))
+        tensors = (*adapter.model.parameters(), *draft.parameters(), *draft.buffers(),
+                   *([draft._head_rows] if draft._head_rows is not None else []))
+        weights = hash(tuple(t.data_ptr() for t in tensors))
         return (id(adapter.model), type(adapter), length, graphs, compile, torch.is_inference_mode_enabled(),
                 config.tree_top_k, config.tree_depth, config.tree_total_tokens, weights)
 
@@ -239,7 +242,7 @@ class SpeculativeRound:
         state = self.state
         tree = build_dynamic_tree(
             state.root_token, state.root_log_probs, state.root_hidden, self.runner.tree_step_fn(state.root_position),
-            top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens,
+            top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens, vocab_map=self.draft.draft_vocab,
         )
         self.runner.rewind()  # drop the tree entries drafted this round
         return tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestor_mask, tree.paths

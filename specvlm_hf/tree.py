@@ -105,6 +105,7 @@ def build_dynamic_tree(
     top_k: int = 10,
     depth: int = 7,
     total_tokens: int = 60,
+    vocab_map: torch.Tensor | None = None,
 ) -> DraftTree:
     """EAGLE-2 dynamic draft tree.
 
@@ -126,6 +127,8 @@ def build_dynamic_tree(
             themselves). The callable owns the draft's KV cache and positions; `position` is the tree
             depth of the nodes being run (1 for the depth-1 nodes).
         top_k, depth, total_tokens: EAGLE-2 hyper-parameters (paper: 10, 7, 60).
+        vocab_map: for a draft with a reduced vocabulary, `(N,)` the token id of each of its `N` log-probability
+            columns (`draft.draft_vocab`); None when the columns are the token ids.
     Returns:
         A `DraftTree` with at most `total_tokens` nodes.
     """
@@ -137,6 +140,8 @@ def build_dynamic_tree(
 
     # candidate buffers (creation order); parent index -1 means "the root"
     first_scores, first_tokens = root_log_probs.float().topk(k)
+    if vocab_map is not None:
+        first_tokens = vocab_map[first_tokens]
     cand_tokens = [first_tokens]
     cand_scores = [first_scores]
     cand_parents = [torch.full((k,), -1, dtype=torch.long, device=device)]
@@ -153,6 +158,8 @@ def build_dynamic_tree(
         ancestor_mask = torch.cat([frontier_ancestors, torch.eye(n, dtype=torch.bool, device=device)], dim=1)
         hidden, log_probs = draft_step(frontier_tokens, frontier_hidden, level, ancestor_mask)
         child_logp, child_tokens = log_probs.float().topk(k, dim=-1)  # (n, k)
+        if vocab_map is not None:
+            child_tokens = vocab_map[child_tokens]
         child_scores = frontier_scores[:, None] + child_logp  # (n, k)
         child_parents = frontier_ids[:, None].expand(n, k)
 

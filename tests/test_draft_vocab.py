@@ -1,0 +1,83 @@
+"""A reduced draft vocabulary: the draft scores N target tokens; decoding stays lossless (greedy token for token,
+sampling by chi-square), the vocabulary is saved with the draft, and bad settings are named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specvlm_hf
+from specvlm_hf import SpecVLMDraftModel
+from specvlm_hf.draft_vocab import choose_draft_vocab, count_tokens
+from specvlm_hf.tree import build_dynamic_tree
+from test_lossless_sampling import P_THRESHOLD, SETTINGS, chi_square_p_value, sample_first_tokens
+from tiny_families import family_inputs, tiny_qwen2_5_vl
+from tiny_models import oracle_draft, random_inputs, tiny_llava
+
+
+def test_choose_keeps_the_required_tokens_then_the_most_frequent():
+    counts = count_tokens([torch.tensor([5, 5, 5, 7, 7, 1]), [9, 9, 9, 9]], vocab_size=12)
+    assert counts[9] == 4 and counts[5] == 3 and counts.sum() == 10
+    assert choose_draft_vocab(counts, 3, always=[2]).tolist() == [2, 5, 9]
+    with pytest.raises(ValueError, match="does not fit"):
+        choose_draft_vocab(counts, 13)
+
+
+def test_tree_tokens_are_mapped_through_the_vocabulary():
+    vocab_map = torch.tensor([3, 8, 11])
+    root = torch.log_softmax(torch.tensor([0.0, 2.0, 1.0]), dim=-1)
+
+    def step(tokens, hidden, level, mask):
+        return hidden, torch.log_softmax(torch.tensor([[3.0, 0.0, 1.0]]).expand(tokens.shape[0], -1), dim=-1)
+
+    tree = build_dynamic_tree(0, root, torch.zeros(4), step, top_k=2, depth=1, total_tokens=5, vocab_map=vocab_map)
+    assert set(tree.tokens[1:].tolist()) <= {3, 8, 11}
+    assert tree.tokens[1].item() == 8, "the root's best child is column 1, token 8"
+
+
+def _reduced_oracle(target, inputs, size: int):
+    """An oracle draft that scores `size` tokens: those of plain decoding's continuation first (as the target's own
+    outputs on training data would give), then the rest by id."""
+    reference = target.generate(**inputs, max_new_tokens=24, do_sample=False)
+    vocab = target.config.get_text_config().vocab_size
+    counts = count_tokens([reference[0, inputs["input_ids"].shape[1]:]], vocab)
+    draft = oracle_draft(target, draft_vocab_size=size)
+    return draft.set_draft_vocab(choose_draft_vocab(counts, size))
+
+
+@pytest.mark.parametrize("mode", ["tree", "static", "chain"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_greedy_matches_plain_generate_with_a_reduced_vocabulary(family, mode):
+    target = specvlm_hf.enable(tiny_llava(scale=32.0) if family == "llava" else tiny_qwen2_5_vl(seed=1))
+    generator = torch.Generator().manual_seed(4)
+    accepted = []
+    for case in range(3):
+        inputs = (random_inputs(target, generator, text_tokens=4 + case) if family == "llava"
+                  else family_inputs(target, generator, images=1 + case % 2))
+        draft = _reduced_oracle(target, inputs, size=24)
+        draft.config.decoding_mode = "chain" if mode == "chain" else "tree"
+        kwargs = dict(do_sample=False, max_new_tokens=24, **({"cache_implementation": "static"} if mode == "static" else {}))
+        assert target.generate(**inputs, **kwargs, assistant_model=draft).tolist() == \
+            target.generate(**inputs, **kwargs).tolist()
+        accepted.append(draft.stats.sigma)
+    assert max(accepted) > 2, "the reduced vocabulary holds the continuation: the oracle should be accepted"
+
+
+def test_sampling_keeps_the_distribution_with_a_reduced_vocabulary():
+    plain, speculative, sigma = sample_first_tokens(SETTINGS["temperature"], "tree", draft_vocab=list(range(0, 12, 2)))
+    assert sigma > 1.1
+    assert chi_square_p_value(plain, speculative) > P_THRESHOLD
+
+
+def test_reduced_vocabulary_is_saved_and_bad_settings_are_named(tmp_path):
+    target = specvlm_hf.enable(tiny_llava())
+    draft = SpecVLMDraftModel.from_target(target, draft_vocab_size=10).set_draft_vocab(range(20, 30))
+    draft.save_pretrained(tmp_path)
+    loaded = SpecVLMDraftModel.from_pretrained(tmp_path).bind_target(target)
+    assert loaded.draft_vocab.tolist() == list(range(20, 30))
+    hidden = torch.randn(3, target.config.text_config.hidden_size)
+    torch.testing.assert_close(loaded.lm_head(hidden), target.lm_head(hidden)[:, 20:30])
+    with pytest.raises(ValueError, match="draft_vocab_size must be in 1..96"):
+        SpecVLMDraftModel.from_target(target, draft_vocab_size=500)
+    with pytest.raises(ValueError, match="10 distinct token ids"):
+        draft.set_draft_vocab([1] * 10)
