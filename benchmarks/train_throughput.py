@@ -408,10 +408,10 @@ def default_plan(tiny: bool, baseline: bool) -> list[dict]:
     """(code, shape, configurations) in order of importance; one process builds one target for its configurations.
 
     Each process starts with a kernel warm-up pass over the micro-batches that its configurations will measure:
-    PyTorch's cuDNN attention builds (and JIT-compiles, on a fresh machine) a kernel for every new sequence length,
-    which costs up to a second per new length. A real run pays that once per length in its first few hundred
-    micro-batches (then the driver's cache keeps the kernels across runs); steady state is after it. Without the
-    pass, the first configuration of the first process measured half the steady-state rate on an H200.
+    PyTorch's cuDNN attention builds a kernel for every new sequence length (more slowly on a fresh machine). A
+    real run pays that once per length in its first few hundred micro-batches; steady state is after it. Without
+    the pass, the first configuration of the first process measured half the steady-state rate on an H200, and the
+    first configuration of later processes about 80% of it.
     """
     b, accum = (2, 2) if tiny else (16, 4)
     workers = 0 if tiny else 4
