@@ -72,6 +72,7 @@ class DistillConfig:
     feature_noise_type: str = option("uniform", "Noise distribution: uniform in [-a/2, a/2] or gaussian with std a.", ("uniform", "gaussian"))
     unroll_steps: int = option(1, "Train k >= 1 steps ahead: step j feeds the draft its own step j-1 predictions as the features of the answer tokens (beyond the paper).")
     unroll_detach: bool = option(True, "Stop gradients through the fed-back predictions of unrolled steps.")
+    loss_chunk_rows: int = option(1024, "Answer tokens scored through the lm_head at once by the soft cross-entropy (memory: a few chunk x vocabulary fp32 tensors; the loss is the same for any value).")
     bf16: bool = option(True, "bf16 autocast on CUDA (ignored on CPU).")
     seed: int = option(0, "Seed of the initialisation, the data order and the augmentation.")
     # ---- checkpoints, logging, evaluation

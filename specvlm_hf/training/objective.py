@@ -26,6 +26,7 @@ from torch import nn
 
 from ..compressor import prompt_layouts, question_features
 from ..target import FeatureTap, unwrap_target
+from .fused_loss import soft_cross_entropy
 
 
 @dataclass
@@ -36,18 +37,26 @@ class TeacherOutputs:
     features: torch.Tensor
 
 
-@torch.no_grad()
-def teacher_forward(target: nn.Module, batch: dict) -> TeacherOutputs:
-    """One no-grad target forward over a right-padded batch, recording e and f with `FeatureTap`."""
+def teacher_forward(target: nn.Module, batch: dict, inference_mode: bool = True) -> TeacherOutputs:
+    """One target forward over a right-padded batch without autograd, recording e and f with `FeatureTap`.
+
+    It runs under `torch.inference_mode` (no autograd bookkeeping at all; the two recorded tensors are copied
+    out of it so that the draft's graph may save them), or under `torch.no_grad` with `inference_mode=False`:
+    a target sharded with FSDP2 needs that (its all-gather buffers, made in one forward, are written in place in
+    later ones, which inference tensors forbid outside inference mode).
+    """
     model = unwrap_target(target)
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False, "logits_to_keep": 1}
     if batch.get("pixel_values") is not None:
         kwargs["pixel_values"] = batch["pixel_values"].to(model.dtype)
     if batch.get("image_sizes") is not None:
         kwargs["image_sizes"] = batch["image_sizes"]
-    with FeatureTap(target) as tap:
+    with torch.inference_mode() if inference_mode else torch.no_grad(), FeatureTap(target) as tap:
         target(**kwargs)
-        return TeacherOutputs(tap.inputs_embeds.detach(), tap.last_hidden_state.detach())
+        embeds, features = tap.inputs_embeds, tap.last_hidden_state
+    if inference_mode:
+        return TeacherOutputs(embeds.clone(), features.clone())
+    return TeacherOutputs(embeds.detach(), features.detach())
 
 
 @dataclass
@@ -165,16 +174,17 @@ def draft_sequences(draft, target_config, batch: dict, teacher: TeacherOutputs, 
 
 @dataclass
 class ObjectiveOutput:
-    """Loss and metrics of one micro-batch (metrics are detached floats; per-step lists have one entry per
-    unrolled step)."""
+    """Loss and metrics of one micro-batch. The metrics are detached 0-d tensors (read them with `float`; the
+    trainer reads a whole step's at once, so that the GPU never waits for the host in between); per-step lists
+    have one entry per unrolled step."""
 
     loss: torch.Tensor
-    logit_loss: float = 0.0
-    feature_loss: float = 0.0
-    cost: float = 0.0
+    logit_loss: torch.Tensor | float = 0.0
+    feature_loss: torch.Tensor | float = 0.0
+    cost: torch.Tensor | float = 0.0
     agreement: list = field(default_factory=list)  # top-1 agreement with the teacher at each step
-    rows: list = field(default_factory=list)  # answer tokens scored at each step
-    visual_fraction: float | None = None
+    rows: list = field(default_factory=list)  # answer tokens scored at each step (ints)
+    visual_fraction: torch.Tensor | None = None
 
 
 class DistillationObjective(nn.Module):
@@ -188,16 +198,18 @@ class DistillationObjective(nn.Module):
         target_config: the target's config (image token id, LLaVA-NeXT grid settings).
         lambda_logit, lambda_feat: loss weights. feature_noise, feature_noise_type: augmentation.
         unroll_steps, unroll_detach: unrolled training (see the module docstring).
+        loss_chunk_rows: answer rows scored through the `lm_head` at once (`fused_loss.soft_cross_entropy`).
     """
 
     def __init__(self, draft, target_config, lambda_logit=0.1, lambda_feat=1.0, feature_noise=0.0,
-                 feature_noise_type="uniform", unroll_steps=1, unroll_detach=True):
+                 feature_noise_type="uniform", unroll_steps=1, unroll_detach=True, loss_chunk_rows=1024):
         super().__init__()
         self.draft = draft
         self.target_config = target_config
         self.lambda_logit, self.lambda_feat = lambda_logit, lambda_feat
         self.feature_noise, self.feature_noise_type = feature_noise, feature_noise_type
         self.unroll_steps, self.unroll_detach = unroll_steps, unroll_detach
+        self.loss_chunk_rows = loss_chunk_rows
         self.cost_weight = float((draft.config.compressor or {}).get("cost_weight", 0.0) or 0.0)
 
     def forward(self, batch: dict, teacher: TeacherOutputs, unroll_steps: int | None = None) -> ObjectiveOutput:
@@ -209,30 +221,28 @@ class DistillationObjective(nn.Module):
         b_row, r_row = seq.loss_rows[:, 0], seq.loss_rows[:, 1]
         target_features = teacher.features[b_pair, t_pair + 1]
         head = draft.get_output_embeddings()
-        with torch.no_grad():
-            teacher_logits = head(target_features).float()
-            teacher_probs = teacher_logits.softmax(-1)
-            teacher_top1 = teacher_logits.argmax(-1)
 
         fused = seq.fused
         total = fused.new_zeros((), dtype=torch.float32)
         out = ObjectiveOutput(loss=total)
-        logit_sum = feature_sum = 0.0
+        logit_sum = feature_sum = total.detach()
         for step in range(1, steps + 1):
             predicted = draft.decode(fused, attention_mask=seq.attention_mask, position_ids=seq.position_ids, use_cache=False)
-            keep = torch.ones_like(b_row, dtype=torch.bool) if step == 1 else seq.answer_rows[b_row, r_row]
-            rows = predicted[b_row[keep], r_row[keep]]
+            if step == 1:  # every loss row (no boolean mask: it would wait for the GPU)
+                rows, targets = predicted[b_row, r_row], target_features
+            else:
+                keep = seq.answer_rows[b_row, r_row]
+                rows, targets = predicted[b_row[keep], r_row[keep]], target_features[keep]
             if rows.shape[0]:
-                logits = draft.lm_head(rows.to(head.weight.dtype)).float()
-                logit_loss = -(teacher_probs[keep] * logits.log_softmax(-1)).sum(-1).mean()
-                feature_loss = F.smooth_l1_loss(rows.float(), target_features[keep].float())
+                logit_loss, agree = soft_cross_entropy(rows, targets, head, self.loss_chunk_rows)
+                feature_loss = F.smooth_l1_loss(rows.float(), targets.float())
                 total = total + self.lambda_logit * logit_loss + self.lambda_feat * feature_loss
-                agree = (logits.argmax(-1) == teacher_top1[keep]).float().mean().item()
-                logit_sum += logit_loss.item()
-                feature_sum += feature_loss.item()
+                agree = agree.float() / rows.shape[0]
+                logit_sum = logit_sum + logit_loss.detach()
+                feature_sum = feature_sum + feature_loss.detach()
             else:  # no answer token in this micro-batch: keep the graph (and DDP's gradient sync) intact
                 total = total + 0.0 * predicted.float().sum()
-                agree = 0.0
+                agree = total.new_zeros(())
             out.agreement.append(agree)
             out.rows.append(int(rows.shape[0]))
             if step < steps:  # feed the predictions back as the next step's answer features
@@ -243,11 +253,11 @@ class DistillationObjective(nn.Module):
         total = total / steps
         if seq.expected_fraction:
             fraction = torch.stack(seq.expected_fraction).mean()
-            out.visual_fraction = fraction.item()
+            out.visual_fraction = fraction.detach()
             if self.cost_weight:
                 cost = self.cost_weight * fraction
                 total = total + cost
-                out.cost = cost.item()
+                out.cost = cost.detach()
         out.loss = total
         out.logit_loss, out.feature_loss = logit_sum / steps, feature_sum / steps
         return out

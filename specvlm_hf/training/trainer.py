@@ -31,6 +31,7 @@ from .config import DistillConfig
 from .data import Collator, ConversationDataset, ImageResolver, first_prompt, load_records, record_images
 from .evaluation import measure_sigma, plot_scaling_curve, prompt_inputs
 from .objective import DistillationObjective, teacher_forward
+from .prefetch import Prefetcher
 from .sharding import Lockstep, shard_target, target_memory
 
 
@@ -80,6 +81,8 @@ class DistillTrainer:
         draft: a draft to train (default: `config.draft`, or a fresh one sized to the target).
         train_records, eval_records: records instead of `config.data` / `config.eval_data`.
     """
+
+    timer = None  # a `step_timer.StepTimer` to time the phases of every step (benchmarks/train_throughput.py)
 
     def __init__(self, config: DistillConfig, target=None, processor=None, draft=None, train_records=None, eval_records=None):
         from accelerate import Accelerator
@@ -165,10 +168,12 @@ class DistillTrainer:
         self.objective = DistillationObjective(
             self.draft, unwrap_target(self.target).config, config.lambda_logit, config.lambda_feat,
             config.feature_noise, config.feature_noise_type, config.unroll_steps, config.unroll_detach,
+            config.loss_chunk_rows,
         )
         self.optimizer = torch.optim.AdamW(
             [p for p in self.draft.parameters() if p.requires_grad], lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, weight_decay=config.weight_decay,
+            fused=True if device.type == "cuda" else None,  # one kernel for all parameters on a GPU
         )
         from transformers import get_scheduler
 
@@ -229,7 +234,11 @@ class DistillTrainer:
         )
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        # asynchronous from the prefetcher's pinned memory: the copy queues behind the GPU's work
+        return {k: v.to(self.accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _phase(self, name: str, host: bool = False):
+        return self.timer.phase(name, self.step, host) if self.timer is not None else nullcontext()
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
@@ -274,45 +283,57 @@ class DistillTrainer:
 
     # ------------------------------------------------------------------------------------------- training
     def train_step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step over `gradient_accumulation_steps` micro-batches; returns its metrics."""
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; returns its metrics.
+
+        The host reads the step's numbers from the GPU once, after the backward passes (the finite check
+        needs them before the optimizer step), so the GPU is never left waiting between micro-batches.
+        """
         accum = len(micro_batches)
-        sums = {"loss": 0.0, "logit_loss": 0.0, "feature_loss": 0.0, "agreement": 0.0, "rows": 0, "tokens": 0}
-        fractions = []
+        device = self.accelerator.device
+        zero = torch.zeros((), device=device)
+        sums = {"loss": zero, "logit_loss": zero, "feature_loss": zero, "agreement": zero, "tokens": zero}
+        rows, fractions = 0, []
         for k, batch in enumerate(micro_batches):
-            with self.accelerator.autocast():
-                teacher = teacher_forward(self.target, batch)
+            with self._phase("teacher"), self.accelerator.autocast():
+                teacher = teacher_forward(self.target, batch, inference_mode=self.lockstep is None)
             sync = nullcontext() if k == accum - 1 else self.accelerator.no_sync(self.model)
-            with sync:
+            with self._phase("draft"), sync:
                 out = self.model(batch, teacher)
                 self.accelerator.backward(out.loss / accum)
-            sums["loss"] += out.loss.item() / accum
-            sums["logit_loss"] += out.logit_loss / accum
-            sums["feature_loss"] += out.feature_loss / accum
-            sums["agreement"] += out.agreement[0] * out.rows[0]
-            sums["rows"] += out.rows[0]
-            sums["tokens"] += int(batch["attention_mask"].sum())
+            sums["loss"] = sums["loss"] + out.loss.detach() / accum
+            sums["logit_loss"] = sums["logit_loss"] + out.logit_loss / accum
+            sums["feature_loss"] = sums["feature_loss"] + out.feature_loss / accum
+            sums["agreement"] = sums["agreement"] + out.agreement[0] * out.rows[0]
+            sums["tokens"] = sums["tokens"] + batch["attention_mask"].sum()
+            rows += out.rows[0]
             if out.visual_fraction is not None:
                 fractions.append(out.visual_fraction)
-        grad_norm = None
-        if self.config.max_grad_norm:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
-        check = torch.tensor([sums["loss"], grad_norm if grad_norm is not None else 0.0], device=self.accelerator.device)
-        check = self.accelerator.reduce(check, reduction="sum")
-        if not bool(torch.isfinite(check).all()):
+        with self._phase("optimizer"):
+            grad_norm = None
+            if self.config.max_grad_norm:
+                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            check = torch.stack([sums["loss"], grad_norm.float() if grad_norm is not None else zero])
+            check = self.accelerator.reduce(check, reduction="sum")
+            values = torch.stack([check.isfinite().all().float(), sums["loss"], grad_norm.float() if grad_norm is not None else zero,
+                                  sums["logit_loss"], sums["feature_loss"], sums["agreement"], sums["tokens"].float(),
+                                  torch.stack(fractions).mean() if fractions else zero]).tolist()  # the step's one wait
+            finite, loss, norm, logit_loss, feature_loss, agreement, tokens, fraction = values
+            grad_norm = norm if grad_norm is not None else None
+            if not finite:
+                self.optimizer.zero_grad(set_to_none=True)
+                last = latest_checkpoint(self.output_dir)
+                raise NonFiniteLossError(
+                    f"Non-finite loss or gradient at step {self.step + 1} (loss {loss}, gradient norm {grad_norm}); "
+                    f"stopped without updating the weights. The last good checkpoint is {last or 'none (no checkpoint yet)'}; "
+                    "lower --learning-rate or --max-grad-norm, check the data, then continue with --resume."
+                )
+            self.optimizer.step()
+            self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            last = latest_checkpoint(self.output_dir)
-            raise NonFiniteLossError(
-                f"Non-finite loss or gradient at step {self.step + 1} (loss {sums['loss']}, gradient norm {grad_norm}); "
-                f"stopped without updating the weights. The last good checkpoint is {last or 'none (no checkpoint yet)'}; "
-                "lower --learning-rate or --max-grad-norm, check the data, then continue with --resume."
-            )
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return {
-            "loss": sums["loss"], "logit_loss": sums["logit_loss"], "feature_loss": sums["feature_loss"],
-            "agreement": sums["agreement"] / max(sums["rows"], 1), "grad_norm": grad_norm, "tokens": sums["tokens"],
-            "visual_fraction": sum(fractions) / len(fractions) if fractions else None,
+            "loss": loss, "logit_loss": logit_loss, "feature_loss": feature_loss,
+            "agreement": agreement / max(rows, 1), "grad_norm": grad_norm, "tokens": int(tokens),
+            "visual_fraction": fraction if fractions else None,
         }
 
     def train(self) -> dict:
@@ -330,9 +351,11 @@ class DistillTrainer:
         out_of_time = False
         window = {"loss": 0.0, "agreement": 0.0, "logit_loss": 0.0, "feature_loss": 0.0, "n": 0, "tokens": 0, "start": time.perf_counter()}
         while self.epoch < config.num_epochs and self.step < self.total_steps:
-            micro = iter(self._loader(self.train_set, self._batches(self.epoch, self.step_in_epoch)))
+            micro = Prefetcher(self._loader(self.train_set, self._batches(self.epoch, self.step_in_epoch)),
+                               depth=2 * config.gradient_accumulation_steps, pin_memory=accelerator.device.type == "cuda")
             while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps and not out_of_time:
-                batches = [self._to_device(next(micro)) for _ in range(config.gradient_accumulation_steps)]
+                with self._phase("data", host=True):
+                    batches = [self._to_device(next(micro)) for _ in range(config.gradient_accumulation_steps)]
                 result = self.train_step(batches)
                 self.step += 1
                 self.step_in_epoch += 1
@@ -425,10 +448,10 @@ class DistillTrainer:
         for batch in loader:
             batch = self._to_device(batch)
             with self.accelerator.autocast():
-                teacher = teacher_forward(self.target, batch)
+                teacher = teacher_forward(self.target, batch, inference_mode=self.lockstep is None)
                 out = objective(batch, teacher, unroll_steps=self.config.eval_depths)
             for d in range(self.config.eval_depths):
-                agree[d] += out.agreement[d] * out.rows[d]
+                agree[d] += float(out.agreement[d]) * out.rows[d]
                 rows[d] += out.rows[d]
             loss += out.loss.item()
             batches += 1
