@@ -179,6 +179,14 @@ class TargetAdapter:
         """One `VisualLayout` per run of image tokens in a prompt (`is_image` `(n,)` bool)."""
         return [VisualLayout.grid(end - start) for start, end in image_spans(is_image)]
 
+    def visual_mask(self, input_ids: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        """`(n,)` bool over a prompt's tokens `(n,)`: the tokens the draft's compressor may replace, in runs that
+        `visual_layouts` lays out. Default: the image tokens. (Mistral 3 adds each row's `[IMG_BREAK]` /
+        `[IMG_END]`, so that an image is one run and pools as a 2-D grid.)"""
+        if self.image_token is None:
+            return torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        return input_ids == self.image_token
+
 
 @register
 class LlavaAdapter(TargetAdapter):
@@ -424,8 +432,9 @@ class Idefics3Adapter(TargetAdapter):
 class Mistral3Adapter(TargetAdapter):
     """Mistral 3 (Pixtral vision, Mistral text model, 1-D positions): an image of `image_sizes[i]` (h, w) pixels
     is `h // (patch * merge)` rows of `w // (patch * merge)` `[IMG]` tokens, each row ended by `[IMG_BREAK]` (the
-    last by `[IMG_END]`), so each row is its own placeholder run. Images are counted from `image_sizes`; each
-    run's layout is its row (pooling never mixes rows, let alone images)."""
+    last by `[IMG_END]`), so each row is its own run of image tokens. Images are counted from `image_sizes`. For
+    the compressor, `visual_mask` makes each image one run (its tokens and row ends), laid out as its
+    `(rows, cols)` grid; over runs of image tokens alone, each run is laid out as its row."""
 
     model_types = ("mistral3",)
     tree_verified = True
@@ -448,7 +457,32 @@ class Mistral3Adapter(TargetAdapter):
             return True
         return runs != sum(rows for rows, _ in grids) or placeholders != sum(rows * cols for rows, cols in grids)
 
+    def visual_mask(self, input_ids, model_kwargs):
+        """The image tokens and the token ending each row (`[IMG_BREAK]`, or `[IMG_END]` after the last row): one
+        run of `rows x (cols + 1)` tokens per image."""
+        is_image = super().visual_mask(input_ids, model_kwargs)
+        row_end = torch.zeros_like(is_image)
+        row_end[1:] = is_image[:-1] & ~is_image[1:]
+        return is_image | row_end
+
     def visual_layouts(self, is_image, model_kwargs):
-        grids = self.image_grids(model_kwargs) or []
-        rows = [VisualLayout([GridSegment(0, 1, cols)]) for count, cols in grids for _ in range(count)]
-        return layouts_per_run(image_spans(is_image), rows if grids else None)
+        """Per run: whole images (`visual_mask`'s runs; adjacent images share one) are their `(rows, cols)` grids
+        with the row-ending token after each row; a row of image tokens alone (runs of image tokens) is a
+        `1 x cols` grid. Pooling never mixes rows of different images."""
+        pending = [[rows, cols] for rows, cols in self.image_grids(model_kwargs) or []]
+        layouts = []
+        for start, end in image_spans(is_image):
+            length, segments, covered = end - start, [], 0
+            while pending and covered < length and pending[0][0] * (pending[0][1] + 1) <= length - covered:
+                rows, cols = pending.pop(0)  # a whole image
+                segments.append(GridSegment(covered, rows, cols, newline=True))
+                covered += segments[-1].length
+            if not segments and pending and length == pending[0][1]:  # one row
+                segments, covered = [GridSegment(0, 1, length)], length
+                pending[0][0] -= 1
+                if not pending[0][0]:
+                    pending.pop(0)
+            if covered != length:  # not laid out by the processor: this run and the rest fall back
+                pending, segments = [], []
+            layouts.append(VisualLayout(segments) if segments else VisualLayout.grid(length))
+        return layouts

@@ -80,12 +80,11 @@ def test_visual_layouts_cover_each_run_and_a_compressing_draft_stays_exact(famil
     generator = torch.Generator().manual_seed(3)
     for images in (1, 2):
         inputs = family_inputs_more(target, generator, images=images)
-        is_image = inputs["input_ids"][0] == IMAGE
-        layouts = adapter.visual_layouts(is_image, inputs)
-        spans = image_spans(is_image)
-        assert [layout.num_tokens for layout in layouts] == [end - start for start, end in spans]
-        assert all(segment.rows > 1 for layout in layouts for segment in layout.segments if segment.cols > 1) or \
-            family == "mistral3"  # a 2-D geometry, not the 1-D fallback (Mistral 3: one row per run)
+        for is_image in (inputs["input_ids"][0] == IMAGE, adapter.visual_mask(inputs["input_ids"][0], inputs)):
+            layouts = adapter.visual_layouts(is_image, inputs)
+            assert [layout.num_tokens for layout in layouts] == [end - start for start, end in image_spans(is_image)]
+        # the hook's runs get each model's own geometry, never the 1-D fallback
+        assert all(s.rows > 1 or s.newline or s.cols == 1 for layout in layouts for s in layout.segments)
         draft = make_draft(target, "oracle", "tree", compressor={"mode": "fixed", "fixed": "pool@4"})
         kwargs = dict(do_sample=False, max_new_tokens=14, min_new_tokens=14)
         reference = target.generate(**inputs, **kwargs)
@@ -144,6 +143,14 @@ def test_mistral3_rows_are_runs_of_one_image_counted_from_image_sizes():
     assert adapter.num_images(inputs) == 2 and len(image_spans(ids[0] == IMAGE)) == 4
     layouts = adapter.visual_layouts(ids[0] == IMAGE, inputs)
     assert [(s.rows, s.cols) for layout in layouts for s in layout.segments] == [(1, 2)] * 3 + [(1, 4)]
+    whole = adapter.visual_mask(ids[0], inputs)  # each image one run: its tokens and its rows' ends
+    assert image_spans(whole) == [(2, 11), (12, 17)]
+    layouts = adapter.visual_layouts(whole, inputs)
+    assert [(s.start, s.rows, s.cols, s.newline) for layout in layouts for s in layout.segments] == \
+        [(0, 3, 2, True), (0, 1, 4, True)]
+    adjacent = torch.cat([ids[0, :11], ids[0, 12:]])  # no text between the images: one run, two grids
+    layout, = adapter.visual_layouts(adapter.visual_mask(adjacent, inputs), inputs)
+    assert [(s.start, s.rows, s.cols) for s in layout.segments] == [(0, 3, 2), (9, 1, 4)]
     with pytest.raises(ValueError, match="2 image\\(s\\) were given"):  # one image's rows short
         adapter.check_images(ids[:, :-3], inputs)
     with pytest.raises(ValueError, match="1 image\\(s\\) were given"):
@@ -170,3 +177,34 @@ def test_onevision_counts_images_from_image_sizes():
     inputs["batch_num_images"] = torch.tensor([1])
     with pytest.raises(ValueError, match="1 image\\(s\\) were given"):
         target.generate(**inputs, max_new_tokens=4, assistant_model=draft)
+
+
+def test_mistral3_whole_image_grids_through_the_visual_mask_hook(monkeypatch):
+    """With the loop reading `adapter.visual_mask` (wired here as `prompt_pairs` would), each image is compressed
+    as its 2-D grid, and decoding stays exact."""
+    import specvlm_hf.decoding as decoding
+    from specvlm_hf import draft_runner
+
+    original = draft_runner.prompt_pairs
+    seen = []
+
+    def wired(adapter, draft, prompt_ids, *args):
+        pairs = original(adapter, draft, prompt_ids, *args)
+        mask = adapter.visual_mask(prompt_ids[0], args[-1])
+        pairs.visual = torch.cat([mask[1:], mask.new_zeros(1)])
+        pairs.layouts = adapter.visual_layouts(pairs.visual, args[-1])
+        seen.append(pairs.layouts)
+        return pairs
+
+    monkeypatch.setattr(decoding, "prompt_pairs", wired)
+    target = specvlm_hf.enable(FAMILIES_MORE["mistral3"](seed=1))
+    inputs = family_inputs_more(target, torch.Generator().manual_seed(4), images=2)
+    draft = make_draft(target, "noisy", "tree", compressor={"mode": "fixed", "fixed": "pool@4"})
+    kwargs = dict(do_sample=False, max_new_tokens=14, min_new_tokens=14)
+    assert target.generate(**inputs, **kwargs, assistant_model=draft).tolist() == \
+        target.generate(**inputs, **kwargs).tolist()
+    grids = [(s.rows, s.cols) for layout in seen[0] for s in layout.segments]
+    sizes = (inputs["image_sizes"] // 8).tolist()
+    assert grids == [tuple(size) for size in sizes] and all(s.newline for layout in seen[0] for s in layout.segments)
+    image_tokens = sum(rows * cols for rows, cols in sizes)
+    assert draft.stats.draft_visual_tokens < image_tokens

@@ -217,7 +217,7 @@ def family_inputs_more(model, generator: torch.Generator, images: int = 1, text_
     runs, inputs = IMAGE_BUILDERS[model.config.model_type](model, images, generator) if images else ([], {})
     pieces = [torch.tensor([1]), words[:split]]
     for index, run in enumerate(runs):
-        pieces += [run, torch.tensor([NEWLINE if index + 1 < len(runs) else 99])]
+        pieces += [run, torch.tensor([98 if index + 1 < len(runs) else 99])]  # text after each image
     pieces.append(words[split:])
     ids = torch.cat(pieces)[None]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **inputs}
