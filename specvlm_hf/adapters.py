@@ -422,6 +422,21 @@ class Idefics3Adapter(TargetAdapter):
     def placeholders_mismatch(self, runs, placeholders, num_images, model_kwargs):
         return runs != num_images or placeholders != num_images * self.crop_side**2
 
+    def check_images(self, input_ids, model_kwargs):
+        hidden = model_kwargs.get("image_hidden_states")  # a previous call's encoded crops, instead of pixels
+        if hidden is None or model_kwargs.get("pixel_values") is not None:
+            return super().check_images(input_ids, model_kwargs)
+        if self.image_token is None or input_ids.shape[0] != 1:
+            return
+        is_image = input_ids[0] == self.image_token
+        runs, placeholders, crops = len(image_spans(is_image)), int(is_image.sum()), int(hidden.shape[0])
+        if self.placeholders_mismatch(runs, placeholders, crops, model_kwargs):
+            raise ValueError(
+                f"The prompt has {runs} image placeholder run(s) ({placeholders} image tokens) but "
+                f"`image_hidden_states` holds {crops} encoded crop(s): give the states of exactly the prompt's "
+                "images, and build the prompt with the model's processor."
+            )
+
     def visual_layouts(self, is_image, model_kwargs):
         side = self.crop_side
         spans = image_spans(is_image)

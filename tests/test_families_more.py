@@ -208,3 +208,18 @@ def test_mistral3_whole_image_grids_through_the_visual_mask_hook(monkeypatch):
     assert grids == [tuple(size) for size in sizes] and all(s.newline for layout in seen[0] for s in layout.segments)
     image_tokens = sum(rows * cols for rows, cols in sizes)
     assert draft.stats.draft_visual_tokens < image_tokens
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_idefics3_reused_image_hidden_states_are_counted_in_crops(family):
+    target = specvlm_hf.enable(FAMILIES_MORE[family](seed=0))
+    inputs = family_inputs_more(target, torch.Generator().manual_seed(6), images=2)
+    pixel_values = inputs.pop("pixel_values")
+    with torch.no_grad():
+        inputs["image_hidden_states"] = target.model.get_image_features(pixel_values).pooler_output
+    kwargs = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12)
+    reference = target.generate(**inputs, **kwargs)
+    assert target.generate(**inputs, **kwargs, assistant_model=oracle_draft(target)).tolist() == reference.tolist()
+    inputs["image_hidden_states"] = inputs["image_hidden_states"][1:]
+    with pytest.raises(ValueError, match="encoded crop"):
+        target.generate(**inputs, **kwargs, assistant_model=oracle_draft(target))
