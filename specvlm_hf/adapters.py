@@ -429,7 +429,7 @@ class Idefics3Adapter(TargetAdapter):
         if self.image_token is None or input_ids.shape[0] != 1:
             return
         is_image = input_ids[0] == self.image_token
-        runs, placeholders, crops = len(image_spans(is_image)), int(is_image.sum()), int(hidden.shape[0])
+        runs, placeholders, crops = len(image_spans(is_image)), int(is_image.sum()), len(hidden)
         if self.placeholders_mismatch(runs, placeholders, crops, model_kwargs):
             raise ValueError(
                 f"The prompt has {runs} image placeholder run(s) ({placeholders} image tokens) but "
@@ -484,7 +484,10 @@ class Mistral3Adapter(TargetAdapter):
         """Per run: whole images (`visual_mask`'s runs; adjacent images share one) are their `(rows, cols)` grids
         with the row-ending token after each row; a row of image tokens alone (runs of image tokens) is a
         `1 x cols` grid. Pooling never mixes rows of different images."""
-        pending = [[rows, cols] for rows, cols in self.image_grids(model_kwargs) or []]
+        grids = self.image_grids(model_kwargs)
+        if grids is None:  # no geometry (transformers 5.23+ encodes the images before the loop): rows stay rows
+            return [VisualLayout.sequence(end - start) for start, end in image_spans(is_image)]
+        pending = [[rows, cols] for rows, cols in grids]
         layouts = []
         for start, end in image_spans(is_image):
             length, segments, covered = end - start, [], 0
