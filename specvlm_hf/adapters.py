@@ -188,6 +188,14 @@ class TargetAdapter:
         """One `VisualLayout` per run of image tokens in a prompt (`is_image` `(n,)` bool)."""
         return [VisualLayout.grid(end - start) for start, end in image_spans(is_image)]
 
+    def visual_mask(self, input_ids: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        """`(n,)` bool over a prompt's tokens `(n,)`: the tokens the draft's compressor may replace, in runs that
+        `visual_layouts` lays out. Default: the image tokens. (Mistral 3 adds each row's `[IMG_BREAK]` /
+        `[IMG_END]`, so that an image is one run and pools as a 2-D grid.)"""
+        if self.image_token is None:
+            return torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        return input_ids == self.image_token
+
 
 @register
 class LlavaAdapter(TargetAdapter):
@@ -331,4 +339,222 @@ class PaliGemmaAdapter(HybridAttentionAdapter):
                 layouts.append(VisualLayout([GridSegment(i * per_image, side, side) for i in range(count // per_image)]))
             else:
                 layouts.append(VisualLayout.grid(count))
+        return layouts
+
+
+# ------------------------------------------------------------------------------------------ more families
+def layouts_per_run(spans: list[tuple[int, int]], layouts: list[VisualLayout] | None) -> list[VisualLayout]:
+    """One layout per placeholder run from per-image (or per-tile) `layouts` in prompt order: a run holding
+    several adjacent images gets their segments one after the other. Where the token counts disagree (a prompt
+    not laid out by the processor), that run and the ones after it fall back to `VisualLayout.grid`."""
+    out, queue, aligned = [], list(layouts or []), layouts is not None
+    for start, end in spans:
+        length, segments, covered = end - start, [], 0
+        while aligned and queue and covered < length:
+            layout = queue.pop(0)
+            segments += [GridSegment(covered + s.start, s.rows, s.cols, s.newline) for s in layout.segments]
+            covered += layout.num_tokens
+        aligned = aligned and bool(segments) and covered == length
+        out.append(VisualLayout(segments) if aligned else VisualLayout.grid(length))
+    return out
+
+
+def tile_layout(tiles: int, side: int) -> VisualLayout:
+    """`tiles` square grids of `side x side` tokens, one after the other."""
+    return VisualLayout([GridSegment(i * side * side, side, side) for i in range(tiles)])
+
+
+@register
+class LlavaOnevisionAdapter(TargetAdapter):
+    """LLaVA-OneVision (Qwen2 text model, 1-D positions): an image alone in its prompt is AnyRes (the base grid,
+    then the unpadded tiles with a newline token after each row, shrunk past `anyres_max_N`); with several images
+    in a prompt (`batch_num_images`) each is its base grid and one newline token. Images counted from
+    `image_sizes`."""
+
+    model_types = ("llava_onevision",)
+    tree_verified = True
+
+    def num_images(self, model_kwargs):
+        sizes = model_kwargs.get("image_sizes")
+        return int(model_kwargs["pixel_values"].shape[0] if sizes is None else sizes.shape[0])
+
+    def image_layouts(self, model_kwargs) -> list[VisualLayout] | None:
+        """One layout per image, as `LlavaOnevisionModel.get_image_features` packs them (None without sizes)."""
+        from .hf_internals import onevision_grid  # imported here: this section only appends to the module
+
+        sizes = model_kwargs.get("image_sizes")
+        if sizes is None:
+            return None
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        per_sample = model_kwargs.get("batch_num_images")
+        patched = [True] * len(sizes) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(int(n))]
+        base = GridSegment(0, side, side)
+        layouts = []
+        for size, anyres in zip(sizes.tolist(), patched):
+            if anyres:
+                rows, cols = onevision_grid(self.config, size, model_kwargs.get("vision_aspect_ratio"))
+                layouts.append(VisualLayout([base, GridSegment(base.length, rows, cols, newline=True)]))
+            else:  # the base grid and one newline token
+                layouts.append(VisualLayout([base, GridSegment(base.length, 1, 1)]))
+        return layouts
+
+    def placeholders_mismatch(self, runs, placeholders, num_images, model_kwargs):
+        layouts = self.image_layouts(model_kwargs)
+        expected = None if layouts is None else sum(layout.num_tokens for layout in layouts)
+        return runs > num_images or (expected is not None and placeholders != expected)
+
+    def visual_layouts(self, is_image, model_kwargs):
+        return layouts_per_run(image_spans(is_image), self.image_layouts(model_kwargs))
+
+
+@register
+class InternVLAdapter(TargetAdapter):
+    """InternVL (Qwen2 / Llama text model, 1-D positions): an image is 1 to 12 tiles and a thumbnail, each a
+    square grid of `image_seq_length` tokens (16 x 16 after the pixel shuffle), in one run between `<img>` and
+    `</img>`. `pixel_values` holds the tiles of every image, `(tiles, 3, H, W)`."""
+
+    model_types = ("internvl",)
+    tree_verified = True
+
+    @property
+    def tile_side(self) -> int:
+        vision = self.config.vision_config
+        size, patch = vision.image_size, vision.patch_size
+        size, patch = (size[0], patch[0]) if isinstance(size, (list, tuple)) else (size, patch)
+        return int(size // patch * self.config.downsample_ratio)
+
+    def num_images(self, model_kwargs):
+        return int(model_kwargs["pixel_values"].shape[0])  # tiles: an image is one run of one or more tiles
+
+    def check_images(self, input_ids, model_kwargs):
+        super().check_images(input_ids, model_kwargs)
+        pixel_values = model_kwargs.get("pixel_values")
+        if self.image_token is None or input_ids.shape[0] != 1 or pixel_values is None:
+            return
+        per_tile = self.tile_side**2
+        tiles = int(pixel_values.shape[0])
+        runs = [end - start for start, end in image_spans(input_ids[0] == self.image_token)]
+        if sum(runs) != tiles * per_tile or any(run % per_tile for run in runs):
+            raise ValueError(
+                f"The prompt's image placeholder runs hold {runs} image tokens but `pixel_values` holds {tiles} "
+                f"tile(s) of {per_tile} tokens each: each image needs {per_tile} tokens per tile (thumbnail "
+                "included) in one run. Build the prompt with the model's processor, which expands each image "
+                "placeholder to its tiles' tokens."
+            )
+
+    def visual_layouts(self, is_image, model_kwargs):
+        side = self.tile_side
+        return [
+            tile_layout((end - start) // side**2, side) if (end - start) % side**2 == 0 else VisualLayout.grid(end - start)
+            for start, end in image_spans(is_image)
+        ]
+
+
+@register
+class Idefics3Adapter(TargetAdapter):
+    """Idefics3 and SmolVLM (Llama text model under `.text_model`, 1-D positions): an image is split into
+    rows x cols crops and a global image, each a square grid of `image_seq_len` tokens (after the pixel
+    shuffle) in its own placeholder run, the runs separated by text tokens (`<fake_token_around_image>`,
+    `<row_i_col_j>`, `<global-img>`). `pixel_values` `(batch, crops, 3, H, W)` holds every crop of every image
+    (all-zero crops are padding), and each run takes one crop: images are counted in crops, not runs."""
+
+    model_types = ("idefics3", "smolvlm")
+    tree_verified = True
+
+    @property
+    def crop_side(self) -> int:
+        vision = self.config.vision_config
+        return vision.image_size // vision.patch_size // self.config.scale_factor
+
+    def num_images(self, model_kwargs):
+        pixel_values = model_kwargs["pixel_values"]
+        if pixel_values.dim() != 5:
+            return int(pixel_values.shape[0])
+        return int((pixel_values[0].flatten(1) != 0).any(dim=-1).sum())  # real crops of the (batch-1) prompt
+
+    def placeholders_mismatch(self, runs, placeholders, num_images, model_kwargs):
+        return runs != num_images or placeholders != num_images * self.crop_side**2
+
+    def check_images(self, input_ids, model_kwargs):
+        hidden = model_kwargs.get("image_hidden_states")  # a previous call's encoded crops, instead of pixels
+        if hidden is None or model_kwargs.get("pixel_values") is not None:
+            return super().check_images(input_ids, model_kwargs)
+        if self.image_token is None or input_ids.shape[0] != 1:
+            return
+        is_image = input_ids[0] == self.image_token
+        runs, placeholders, crops = len(image_spans(is_image)), int(is_image.sum()), len(hidden)
+        if self.placeholders_mismatch(runs, placeholders, crops, model_kwargs):
+            raise ValueError(
+                f"The prompt has {runs} image placeholder run(s) ({placeholders} image tokens) but "
+                f"`image_hidden_states` holds {crops} encoded crop(s): give the states of exactly the prompt's "
+                "images, and build the prompt with the model's processor."
+            )
+
+    def visual_layouts(self, is_image, model_kwargs):
+        side = self.crop_side
+        spans = image_spans(is_image)
+        return layouts_per_run(spans, [tile_layout(1, side)] * len(spans))
+
+
+@register
+class Mistral3Adapter(TargetAdapter):
+    """Mistral 3 (Pixtral vision, Mistral text model, 1-D positions): an image of `image_sizes[i]` (h, w) pixels
+    is `h // (patch * merge)` rows of `w // (patch * merge)` `[IMG]` tokens, each row ended by `[IMG_BREAK]` (the
+    last by `[IMG_END]`), so each row is its own run of image tokens. Images are counted from `image_sizes`. For
+    the compressor, `visual_mask` makes each image one run (its tokens and row ends), laid out as its
+    `(rows, cols)` grid; over runs of image tokens alone, each run is laid out as its row."""
+
+    model_types = ("mistral3",)
+    tree_verified = True
+
+    def image_grids(self, model_kwargs) -> list[tuple[int, int]] | None:
+        """`(rows, cols)` of tokens of every image (None without `image_sizes`)."""
+        sizes = model_kwargs.get("image_sizes")
+        if sizes is None:
+            return None
+        step = self.config.vision_config.patch_size * self.config.spatial_merge_size
+        return [(int(h) // step, int(w) // step) for h, w in torch.as_tensor(sizes).tolist()]
+
+    def num_images(self, model_kwargs):
+        grids = self.image_grids(model_kwargs)
+        return int(model_kwargs["pixel_values"].shape[0]) if grids is None else len(grids)
+
+    def placeholders_mismatch(self, runs, placeholders, num_images, model_kwargs):
+        grids = self.image_grids(model_kwargs)
+        if grids is None:
+            return True
+        return runs != sum(rows for rows, _ in grids) or placeholders != sum(rows * cols for rows, cols in grids)
+
+    def visual_mask(self, input_ids, model_kwargs):
+        """The image tokens and the token ending each row (`[IMG_BREAK]`, or `[IMG_END]` after the last row): one
+        run of `rows x (cols + 1)` tokens per image."""
+        is_image = super().visual_mask(input_ids, model_kwargs)
+        row_end = torch.zeros_like(is_image)
+        row_end[1:] = is_image[:-1] & ~is_image[1:]
+        return is_image | row_end
+
+    def visual_layouts(self, is_image, model_kwargs):
+        """Per run: whole images (`visual_mask`'s runs; adjacent images share one) are their `(rows, cols)` grids
+        with the row-ending token after each row; a row of image tokens alone (runs of image tokens) is a
+        `1 x cols` grid. Pooling never mixes rows of different images."""
+        grids = self.image_grids(model_kwargs)
+        if grids is None:  # no geometry (transformers 5.23+ encodes the images before the loop): rows stay rows
+            return [VisualLayout.sequence(end - start) for start, end in image_spans(is_image)]
+        pending = [[rows, cols] for rows, cols in grids]
+        layouts = []
+        for start, end in image_spans(is_image):
+            length, segments, covered = end - start, [], 0
+            while pending and covered < length and pending[0][0] * (pending[0][1] + 1) <= length - covered:
+                rows, cols = pending.pop(0)  # a whole image
+                segments.append(GridSegment(covered, rows, cols, newline=True))
+                covered += segments[-1].length
+            if not segments and pending and length == pending[0][1]:  # one row
+                segments, covered = [GridSegment(0, 1, length)], length
+                pending[0][0] -= 1
+                if not pending[0][0]:
+                    pending.pop(0)
+            if covered != length:  # not laid out by the processor: this run and the rest fall back
+                pending, segments = [], []
+            layouts.append(VisualLayout(segments) if segments else VisualLayout.grid(length))
         return layouts

@@ -122,6 +122,29 @@ def anyres_grid(target_config, image_size) -> tuple[int, int]:
     return tuple(tiles.shape[-2:])
 
 
+def onevision_grid(target_config, image_size, vision_aspect_ratio: str | None = None) -> tuple[int, int]:
+    """LLaVA-OneVision's tile grid `(rows, cols)` of patch tokens for one AnyRes image of `image_size` (h, w):
+    the unpadded grid (llava_onevision's get_anyres_image_grid_shape / unpad_image), shrunk like
+    `LlavaOnevisionModel.pack_image_features` when it exceeds `anyres_max_N` tiles by more than 10%."""
+    import math
+
+    from transformers.models.llava_onevision.modeling_llava_onevision import (
+        get_anyres_image_grid_shape,
+        unpad_image,
+    )
+
+    vision = target_config.vision_config
+    side = vision.image_size // vision.patch_size
+    size = [int(v) for v in image_size]
+    grid_h, grid_w = get_anyres_image_grid_shape(size, target_config.image_grid_pinpoints, vision.image_size)
+    rows, cols = unpad_image(torch.empty(1, grid_h * side, grid_w * side), size).shape[-2:]
+    aspect = vision_aspect_ratio or getattr(target_config, "vision_aspect_ratio", None) or "anyres_max_9"
+    ratio = math.sqrt(rows * cols / (int(aspect.strip("anyres_max_")) * side**2))
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return int(rows), int(cols)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # torch
 def dynamo_error_types() -> tuple[type, ...]:

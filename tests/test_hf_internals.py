@@ -138,3 +138,17 @@ def test_no_other_module_touches_private_internals(path):
             if name in ("torch", "transformers", "model", "target", "layer", "cache"):
                 private.add(f"{name}.{node.attr}")
     assert not private, f"{path} uses private internals {sorted(private)}; move them into hf_internals.py"
+
+
+@pytest.mark.parametrize("size", [[64, 64], [90, 30], [30, 90], [20, 70], [100, 100]])
+def test_onevision_grid_matches_llava_onevision_feature_count(size):
+    """llava_onevision's get_anyres_image_grid_shape / unpad_image, and pack_image_features' anyres_max shrink."""
+    from tiny_families_more import tiny_llava_onevision
+
+    model = tiny_llava_onevision(aspect="anyres_max_2")
+    rows, cols = hf_internals.onevision_grid(model.config, size)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    pixel_values = torch.randn(1, 17, 3, 32, 32)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=torch.tensor([size]))
+    assert features.pooler_output[0].shape[0] == side * side + rows * (cols + 1)
