@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -44,6 +46,29 @@ def image_token_of(config) -> int | None:
 
 
 ADAPTERS: dict[str, type] = {}  # model_type -> adapter class, filled by `register`
+
+# inputs describing a call's images; from transformers 5.23 `generate` drops them from the model inputs before
+# the decoding method runs, so the call's own are kept for the compressor's layouts
+IMAGE_GEOMETRY_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "video_grid_thw", "batch_num_images",
+                       "vision_aspect_ratio", "image_hidden_states")
+_CALL_IMAGE_INPUTS: ContextVar[dict] = ContextVar("specvlm_call_image_inputs", default={})
+
+
+@contextmanager
+def keeping_image_inputs(kwargs: dict):
+    """While active, `call_image_inputs` sees the image inputs of `kwargs` (a `generate` call's arguments)."""
+    token = _CALL_IMAGE_INPUTS.set({key: kwargs[key] for key in IMAGE_GEOMETRY_KEYS if kwargs.get(key) is not None})
+    try:
+        yield
+    finally:
+        _CALL_IMAGE_INPUTS.reset(token)
+
+
+def call_image_inputs(model_kwargs: dict) -> dict:
+    """`model_kwargs` completed with the image inputs of the `generate` call in progress that it lacks."""
+    kept = _CALL_IMAGE_INPUTS.get()
+    missing = {key: value for key, value in kept.items() if model_kwargs.get(key) is None}
+    return {**model_kwargs, **missing} if missing else model_kwargs
 
 
 def register(cls):

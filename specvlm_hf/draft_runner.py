@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapters import call_image_inputs
 from .compressor import question_features
 from .kv_cache import FixedWindow, GrowingWindow
 from .tree import additive_mask
@@ -47,10 +48,11 @@ def prompt_pairs(adapter, draft, prompt_ids, prompt_embeds, prompt_features, fir
         prompt_ids: `(1, n)` prompt; prompt_embeds / prompt_features: `(1, n, d)` from the target's prefill.
         first_token_ids: `(1, 1)` the first generated token x_n.
         mask, positions: `(n,)` the prompt's attention mask (bool) and position ids.
-        model_kwargs: `generate`'s model inputs (image sizes and grids for the layouts).
+        model_kwargs: `generate`'s model inputs (image sizes and grids for the layouts; where transformers has
+            dropped them before the loop, those the call was given, see `call_image_inputs`).
     """
-    image_token = adapter.image_token
-    is_image = prompt_ids[0] == image_token if image_token is not None else torch.zeros_like(mask)
+    model_kwargs = call_image_inputs(model_kwargs)
+    is_image = adapter.visual_mask(prompt_ids[0], model_kwargs)
     visual = torch.cat([is_image[1:], is_image.new_zeros(1)])
     compressing = draft.compressor is not None and bool(is_image.any())
     first = draft.embed(first_token_ids)

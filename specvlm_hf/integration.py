@@ -13,7 +13,7 @@ from contextvars import ContextVar
 
 from torch import nn
 
-from .adapters import adapter_for
+from .adapters import adapter_for, keeping_image_inputs
 from .chain import SpecVLMChainCandidateGenerator
 from .decoding import tree_assisted_decoding
 from .hf_internals import ASSISTED_DECODING, CANDIDATE_GENERATOR, VALIDATE_GENERATION_MODE
@@ -60,6 +60,8 @@ class SpecVLMGenerationMixin:
             adapter = adapter_for(self, tree=_uses_tree(draft))  # refuses an unverified family in tree mode
             if input_ids is not None and input_ids.dim() == 2:
                 adapter.check_images(input_ids, kwargs)
+            with keeping_image_inputs(kwargs):
+                return super().generate(*args, **kwargs)
         return super().generate(*args, **kwargs)
 
 

@@ -184,25 +184,20 @@ def test_onevision_counts_images_from_image_sizes():
 
 
 def test_mistral3_whole_image_grids_through_the_visual_mask_hook(monkeypatch):
-    """With the loop reading `adapter.visual_mask` (wired here as `prompt_pairs` would), each image is compressed
-    as its 2-D grid, and decoding stays exact."""
+    """The loop reads `adapter.visual_mask` and the call's image sizes (which transformers 5.23+ drops before the
+    loop): each image is compressed as its 2-D grid, and decoding stays exact."""
     import specvlm_hf.decoding as decoding
     from specvlm_hf import draft_runner
 
     original = draft_runner.prompt_pairs
     seen = []
 
-    def wired(adapter, draft, prompt_ids, *args):
-        pairs = original(adapter, draft, prompt_ids, *args)
-        # the request's image sizes (transformers 5.23+ takes them out of the loop's model kwargs)
-        model_kwargs = {**args[-1], "image_sizes": inputs["image_sizes"]}
-        mask = adapter.visual_mask(prompt_ids[0], model_kwargs)
-        pairs.visual = torch.cat([mask[1:], mask.new_zeros(1)])
-        pairs.layouts = adapter.visual_layouts(pairs.visual, model_kwargs)
+    def spy(*args):
+        pairs = original(*args)
         seen.append(pairs.layouts)
         return pairs
 
-    monkeypatch.setattr(decoding, "prompt_pairs", wired)
+    monkeypatch.setattr(decoding, "prompt_pairs", spy)
     target = specvlm_hf.enable(FAMILIES_MORE["mistral3"](seed=1))
     inputs = family_inputs_more(target, torch.Generator().manual_seed(4), images=2)
     draft = make_draft(target, "noisy", "tree", compressor={"mode": "fixed", "fixed": "pool@4"})
