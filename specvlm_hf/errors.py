@@ -1,4 +1,4 @@
-"""Errors a user can cause and fix, and how the command line shows them.
+"""Errors a user can cause and fix, how the command line shows them, and the file checks that find them early.
 
 `UserError` is a `ValueError` whose message names the problem and the fix in one line; `specvlm` prints it
 as one line (the traceback only with `--debug` or `SPECVLM_DEBUG=1`). Library code raises it (or a subclass)
@@ -8,6 +8,8 @@ wherever the cause is an input, a file or a setting rather than a bug.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 
@@ -42,3 +44,17 @@ def json_error_message(path, error: json.JSONDecodeError, what: str = "", line_o
     if not error.doc.strip():
         return f"{path} is empty, not JSON; {fix}."
     return f"{path} line {error.lineno + line_offset} column {error.colno}: invalid JSON ({error.msg}); {fix}."
+
+
+def check_writable_folder(folder, flag: str = "--output-dir") -> None:
+    """Creates `folder` if needed and writes (then deletes) a probe file in it, so that a folder on a read-only
+    filesystem, without permission, or under a file is refused before any work is done."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise EnvironmentProblem(f"{flag} {folder} is not writable ({error.strerror or error}); pass a folder you can "
+                                 "write to.") from None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import UserError, read_json
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # ------------------------------------------------------------------------------------ devices and modes
@@ -115,7 +115,7 @@ def check_model_folder(name: str, flag: str = "--model"):
                 "LLaVA-style image-text-to-text model folder (with its processor)."
             )
         check_safetensors(path)
-    elif not _HUB_ID.match(name):
+    elif not HUB_ID.match(name):
         raise UserError(f"{flag} {name}: no such folder; pass a model folder or a Hub id such as llava-hf/llava-1.5-7b-hf.")
     try:
         config = AutoConfig.from_pretrained(name)

@@ -21,26 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import EnvironmentProblem, UserError, read_json
+from ..errors import UserError, check_writable_folder, read_json
 
 LATEST = "latest"
 CONFIG_FILE = "training_config.json"
 # what a run writes into its output folder (deleted by overwrite_output_dir)
 RUN_OUTPUTS = ("checkpoint-*", ".checkpoint-*", LATEST, "draft", "metrics.json", ".metrics.json.tmp", "scaling_curve.png")
-
-
-def check_writable_folder(folder, flag: str = "--output-dir") -> None:
-    """Creates `folder` if needed and writes (then deletes) a probe file in it, so that a folder on a read-only
-    filesystem, without permission, or under a file is refused before any work is done."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as error:
-        raise EnvironmentProblem(f"{flag} {folder} is not writable ({error.strerror or error}); pass a folder you can "
-                                 "write to.") from None
 
 
 def prepare_output_dir(output_dir, resume: bool = False, overwrite: bool = False, main_process: bool = True) -> None:
