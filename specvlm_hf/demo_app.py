@@ -346,21 +346,22 @@ CSS = """
 """
 
 
-def image_input_class():
-    """`gr.Image`, except that a file PIL cannot open is refused with a plain message: Gradio's own error names the
-    file's absolute path in the server's upload cache."""
+def refuse_unreadable_uploads(image):
+    """Makes `image` (a `gr.Image`) refuse a file PIL cannot open with a plain message: Gradio's own error names the
+    file's absolute path in the server's upload cache. (An instance override: a `gr.Image` subclass would make
+    Gradio write a `.pyi` stub next to this module.)"""
     import gradio as gr
 
-    class ImageInput(gr.Image):
-        is_template = True  # drawn by the frontend as a plain gr.Image
+    preprocess = image.preprocess
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except Exception:
-                raise gr.Error(NOT_AN_IMAGE.format(formats=", ".join(IMAGE_FORMATS)), title="Input not accepted") from None
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except Exception:
+            raise gr.Error(NOT_AN_IMAGE.format(formats=", ".join(IMAGE_FORMATS)), title="Input not accepted") from None
 
-    return ImageInput
+    image.preprocess = checked
+    return image
 
 
 def build_demo(models: DemoModels, max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT):
@@ -383,7 +384,7 @@ def build_demo(models: DemoModels, max_new_tokens_limit: int = MAX_NEW_TOKENS_LI
         )
         with gr.Row():
             with gr.Column(scale=1):
-                image = image_input_class()(type="filepath", label="Image", sources=["upload"], height=260)
+                image = refuse_unreadable_uploads(gr.Image(type="filepath", label="Image", sources=["upload"], height=260))
                 prompt = gr.Textbox(label="Prompt", value="Describe this image.", max_lines=4,
                                     max_length=MAX_PROMPT_CHARS, elem_id="prompt")
                 max_new_tokens = gr.Slider(1, max_new_tokens_limit, value=min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens_limit),
