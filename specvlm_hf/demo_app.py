@@ -258,7 +258,7 @@ def format_stats(plain: dict | None, spec: dict | None, draft=None, identical: b
     sigma = "..."
     if stats is not None:
         accepted = sum(stats.accepted_per_round)
-        if stats.mode == "tree":  # the prefill's forward gives the first token; it is not a verification round
+        if spec["rounds"] == stats.rounds + 1:  # the prefill's forward gave the first token: it is not a round
             forwards = f"{spec['rounds']} (prefill + {stats.rounds} rounds)"
         sigma = f"{stats.sigma:.2f} ({accepted} tokens / {stats.rounds} rounds)"
     lines = ["| | plain `generate` | SpecVLM |", "|---|---|---|",
