@@ -146,15 +146,44 @@ def test_an_output_dir_that_cannot_be_created_is_refused_before_loading_anything
     assert time.perf_counter() - start < 20
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_output_dir_is_refused_before_the_first_step(tmp_path, data, processor):
-    (tmp_path / "run").mkdir()
-    os.chmod(tmp_path / "run", 0o555)
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody may write: a read-only tmpfs when running as root (root ignores permissions), else mode
+    0555. Skipped where neither can be had."""
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        yield folder
+        os.chmod(folder, 0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only filesystem here: {mounted.stderr.decode().strip()}")
     try:
-        with pytest.raises(EnvironmentProblem, match="is not writable"):
-            trainer(tmp_path, data, processor, max_steps=1, resume=True)
+        yield folder
     finally:
-        os.chmod(tmp_path / "run", 0o755)
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_read_only_filesystem_is_refused_before_the_first_step(read_only_folder, capsys, monkeypatch, data):
+    no_target_loading(monkeypatch)
+    start = time.perf_counter()
+    status, _, lines = cli(capsys, "train", "--data", data[0], "--output-dir", read_only_folder / "run")
+    assert status == 1 and len(lines) == 1, lines
+    assert f"--output-dir {read_only_folder / 'run'} is not writable (" in lines[0]
+    assert time.perf_counter() - start < 20
+
+
+def test_bench_out_on_a_read_only_filesystem_is_refused_before_the_run(read_only_folder, capsys, monkeypatch):
+    from specvlm_hf.commands import bench as command
+
+    monkeypatch.setattr(command, "_load_target", lambda *a, **k: pytest.fail("the target was loaded"))
+    status, _, lines = cli(capsys, "bench", "--out", read_only_folder / "bench.json")
+    assert status == 1 and len(lines) == 1, lines
+    assert f"--out: the folder {read_only_folder} is not writable (" in lines[0]
 
 
 # ---- max_steps is the run's length; checkpoint permissions
