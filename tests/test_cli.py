@@ -67,6 +67,19 @@ def test_generate_refuses_a_text_only_model_folder_in_seconds_naming_its_class(t
     assert seconds < 30, f"refused after {seconds:.0f} s"
 
 
+@pytest.mark.parametrize("argv", [["train", "--target"], ["bench", "--target"], ["demo", "--draft", "x/y", "--target"],
+                                  ["distill-data", "--data", "d.json", "--target"]])
+def test_every_command_refuses_a_text_only_model_before_loading_it(capsys, tmp_path, argv):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    capsys.readouterr()  # the saving's progress bar
+    status, _, err = run(capsys, *argv, tmp_path / "llama", *(["--output-dir", tmp_path / "out"] if argv[0] == "train" else []))
+    assert status == 2
+    assert "holds LlamaForCausalLM (model_type 'llama'), not a vision-language model" in error_line(err)
+
+
 # ---- arguments
 
 
