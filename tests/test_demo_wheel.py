@@ -5,6 +5,7 @@ just long enough to answer HTTP requests on 127.0.0.1."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -44,7 +45,9 @@ def build_wheel(folder: Path) -> Path:
     source = folder / "source"
     shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
         ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".venv*", ".gradio", "results"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+    # with setuptools here, build offline with it; else pip fetches the build backend (as `pip install -e .` did)
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "--quiet",
                     "--wheel-dir", str(folder / "dist"), str(source)], check=True, timeout=300)
     return next((folder / "dist").glob("specvlm_hf-*.whl"))
 
