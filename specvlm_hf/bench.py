@@ -13,9 +13,14 @@ Methods (each skipped with a reason when what it needs is missing):
 | `specvlm-tree` | the SpecVLM draft (with its compressor), EAGLE-2 tree |
 | `*-tree-static` | the same on the fast path (static caches; CUDA graphs on a GPU) |
 
-For each: tokens/s, speed-up over each baseline, sigma (tokens per target forward: rounds are counted
-from the streamer, so it is measured for every method), draft / verify time per round, peak GPU memory,
-the draft's KV-cache size, and whether greedy outputs equal plain `generate`. `projected_sigma` adds, for
+For each: tokens/s, speed-up over each baseline, sigma, draft / verify time per round, peak GPU memory,
+the draft's KV-cache size, and whether greedy outputs equal plain `generate`.
+
+Sigma is the project's one definition (`SpecVLMStats.sigma`): mean tokens accepted per target verification
+forward, the target's own token included. SpecVLM methods report their drafts' stats (in tree mode the
+prefill's forward and its first token are not a round, so they are not counted); for the other methods every
+target forward verifies (plain decoding: 1 token each), so sigma is new tokens over the target forwards counted
+by a streamer. `projected_sigma` adds, for
 the tree methods, the speed-up that the measured round cost would give at that sigma (a projection,
 labelled as such), for targets whose real weights are not available here.
 """
@@ -30,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+SIGMA_DEFINITION = "tokens accepted per target verification forward, the target's own token included (SpecVLMStats.sigma)"
 METHODS = (
     "plain", "plain-static", "assisted-lm", "prompt-lookup", "specvlm-chain", "eaglevlm-tree", "specvlm-tree",
     "eaglevlm-tree-static", "specvlm-tree-static",
@@ -61,6 +67,7 @@ class MethodResult:
     target_forwards: int = 0
     tokens_per_second: float = 0.0
     sigma: float | None = None
+    rounds: int = 0
     speedup: dict = field(default_factory=dict)
     draft_ms_per_round: float | None = None
     verify_ms_per_round: float | None = None
@@ -109,6 +116,18 @@ def method_kwargs(method: str, drafts: dict, assistant_lm=None) -> dict | str:
     return kwargs
 
 
+def failure_reason(method: str, error: Exception) -> str:
+    """The table's status for a method that failed: why, in words, for the failures we know."""
+    message = str(error)
+    if method == "prompt-lookup" and "Image features and image tokens do not match" in message:
+        import transformers
+
+        return (f"failed: transformers {transformers.__version__}'s prompt lookup copies the prompt's image placeholder "
+                "tokens into its candidates, which the model then refuses (a transformers limitation with image inputs)")
+    first_line = message.strip().splitlines()[0] if message.strip() else ""
+    return f"failed: {type(error).__name__}: {first_line}"[:300]
+
+
 def run_bench(
     target,
     cases: list[dict],
@@ -131,6 +150,10 @@ def run_bench(
     """
     import specvlm_hf
 
+    from .errors import UserError
+
+    if not cases:
+        raise UserError("No prompts to benchmark: pass at least one case (--num-prompts 1 or more).")
     specvlm_hf.enable(target)
     drafts = drafts or {}
     device = next(target.parameters()).device
@@ -148,6 +171,7 @@ def run_bench(
             continue
         draft = kwargs.get("assistant_model") if "tree" in method or "chain" in method else None
         draft_seconds = verify_seconds = rounds = 0.0
+        accepted = 0
         kv, branches, equal = [], set(), True
         try:
             if device.type == "cuda":
@@ -177,14 +201,20 @@ def run_bench(
                     draft_seconds += stats.draft_seconds
                     verify_seconds += stats.verify_seconds
                     rounds += stats.rounds
+                    accepted += sum(stats.accepted_per_round)
                     kv.append(_draft_kv_mb(draft, stats))
                     branches.add(stats.visual_branch)
         except Exception as error:  # one failing method must not hide the others
-            result.status = f"failed: {type(error).__name__}: {error}"[:300]
+            result.status = failure_reason(method, error)
             results.append(result)
             continue
         result.tokens_per_second = result.new_tokens / result.seconds if result.seconds else 0.0
-        result.sigma = result.new_tokens / result.target_forwards if result.target_forwards else None
+        if draft is not None:  # SpecVLMStats.sigma over every case
+            result.rounds = int(rounds)
+            result.sigma = accepted / rounds if rounds else None
+        else:
+            result.rounds = result.target_forwards
+            result.sigma = result.new_tokens / result.target_forwards if result.target_forwards else None
         result.matches_plain = None if method == "plain" else equal
         if device.type == "cuda":
             result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
@@ -212,6 +242,8 @@ def run_bench(
 
     import transformers
 
+    from .commands.common import default_decoding_mode
+
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
@@ -220,12 +252,23 @@ def run_bench(
         "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
         "max_new_tokens": max_new_tokens,
         "cases": len(cases),
+        "default_mode": default_decoding_mode(device),
+        "sigma_definition": SIGMA_DEFINITION,
         "methods": [asdict(r) for r in results],
     }
 
 
+def method_mode(method: str) -> str | None:
+    """"tree" or "chain" for a SpecVLM method on the eager loop, else None."""
+    parts = method.split("-")
+    return parts[1] if len(parts) == 2 and parts[0] in ("specvlm", "eaglevlm") else None
+
+
 def format_table(report: dict) -> str:
-    """A plain-text table of a bench report."""
+    """A plain-text table of a bench report, with notes: what sigma is, which mode `specvlm generate` / `specvlm
+    demo` use on this device (marked *), and why outputs may differ from plain `generate`."""
+    from .commands.common import exactness_note
+
     header = f"{'method':<22}{'tok/s':>9}{'x plain':>9}{'x static':>9}{'sigma':>7}{'round ms':>10}{'draft KV MB':>12}  equal  status"
     lines = [f"device: {report['device']}  dtype: {report['dtype']}  cases: {report['cases']}  "
              f"max_new_tokens: {report['max_new_tokens']}", header]
@@ -233,14 +276,21 @@ def format_table(report: dict) -> str:
         def num(value, fmt):
             return format(value, fmt) if isinstance(value, (int, float)) else "-"
         equal = "-" if r["matches_plain"] is None else ("yes" if r["matches_plain"] else "NO")
+        name = r["method"] + (" *" if method_mode(r["method"]) == report.get("default_mode") else "")
         lines.append(
-            f"{r['method']:<22}{num(r['tokens_per_second'] or None, '9.1f'):>9}{num(r['speedup'].get('plain'), '9.2f'):>9}"
+            f"{name:<22}{num(r['tokens_per_second'] or None, '9.1f'):>9}{num(r['speedup'].get('plain'), '9.2f'):>9}"
             f"{num(r['speedup'].get('plain-static'), '9.2f'):>9}{num(r['sigma'], '7.2f'):>7}{num(r['round_ms'], '10.1f'):>10}"
             f"{num(r['draft_kv_mb'], '12.2f'):>12}  {equal:<5}  {r['status']}"
         )
         if r.get("projected"):
             lines.append(f"{'':<22}projection at sigma {r['projected']['sigma']}: "
                          + ", ".join(f"{k} {v:.2f}x" for k, v in r["projected"].items() if k.startswith("speedup")))
+    lines.append(f"sigma: {report.get('sigma_definition', SIGMA_DEFINITION)}.")
+    if report.get("default_mode"):
+        lines.append(f"* the decoding mode `specvlm generate` and `specvlm demo` use here ({report['default_mode']}: chain on "
+                     "the CPU, tree on a GPU).")
+    if any(r["matches_plain"] is False for r in report["methods"]):
+        lines.append("NO: " + exactness_note(report["dtype"], identical=False) + ".")
     return "\n".join(lines)
 
 

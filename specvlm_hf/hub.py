@@ -32,9 +32,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import EnvironmentProblem, UserError
 from .packaging import LOCATION_FILE, draft_location_source
 
 logger = logging.getLogger(__name__)
@@ -50,10 +52,16 @@ TAGS = ["specvlm", "speculative-decoding", "eagle", "draft-model", "vision-langu
 REQUIRED_FILES = ("config.json", "modeling_specvlm_draft.py", "configuration_specvlm_draft.py", "custom_generate/generate.py")
 _SKIPPED_PARTS = {"__pycache__", ".git", ".ipynb_checkpoints"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DEFAULT_TIMEOUT = 30.0
+"""Seconds a Hub request may wait for the server (connect, each read and write) before the upload fails."""
 
 
-class DraftFolderError(ValueError):
+class DraftFolderError(UserError):
     """The folder is not a saved SpecVLM draft, or its `eval_results.json` is malformed."""
+
+
+class HubError(EnvironmentProblem):
+    """The Hub could not be reached, did not answer in time, or refused the request; the message says what to do."""
 
 
 @dataclass
@@ -134,7 +142,9 @@ def load_eval_results(folder) -> EvalResults | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise DraftFolderError(f"{path} is not valid JSON: {error}") from None
+        from .errors import json_error_message
+
+        raise DraftFolderError(json_error_message(path, error, "fix it (schema: see `specvlm_hf.hub`)")) from None
     return EvalResults.from_dict(data, source=str(path))
 
 
@@ -152,8 +162,10 @@ def read_draft_config(folder) -> dict:
             f"{folder} is not a saved SpecVLM draft: {', '.join(missing)} missing. Save the draft with "
             "`draft.save_pretrained(folder)` (it writes the weights, config, remote code and custom_generate/)."
         )
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if config.get("model_type") != "specvlm_draft":
+    from .errors import read_json
+
+    config = read_json(folder / "config.json", "re-save the draft with SpecVLMDraftModel.save_pretrained")
+    if not isinstance(config, dict) or config.get("model_type") != "specvlm_draft":
         raise DraftFolderError(
             f"{folder}/config.json has model_type {config.get('model_type')!r}, not 'specvlm_draft': this is not a "
             "SpecVLM draft."
@@ -321,6 +333,70 @@ def files_to_publish(folder) -> list[Path]:
     return files
 
 
+def require_token(token: str | None = None) -> str:
+    """The Hub token to upload with (`token`, else `HF_TOKEN` or the saved login), checked before any request."""
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise UserError("No Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token (a token with write "
+                        "access to the repo's namespace).")
+    return token
+
+
+@contextmanager
+def request_timeout(seconds: float):
+    """Gives every `huggingface_hub` request in the block a timeout (its client has none by default, so a server
+    that accepts connections but never answers would hang the upload forever)."""
+    import httpx
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http  # the factory in use, to restore it afterwards (no public getter)
+
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+    def factory():
+        client = previous()
+        client.timeout = httpx.Timeout(seconds)
+        return client
+
+    set_client_factory(factory)
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
+def hub_error(error: Exception, endpoint: str, repo_id: str, timeout: float) -> HubError | None:
+    """A one-line `HubError` (what happened, what to do) for a network or Hub error, or None for anything else."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    where = f"the Hub at {endpoint}"
+    if isinstance(error, OfflineModeIsEnabled):
+        return HubError(f"HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it (or set it to 0) to push to {endpoint}.")
+    if isinstance(error, httpx.TimeoutException):
+        return HubError(f"{where} did not answer within {timeout:g} s; check the address (--endpoint / HF_ENDPOINT) and your "
+                        "network, or allow more time with --timeout.")
+    if isinstance(error, httpx.ConnectError):
+        return HubError(f"Could not connect to {where} ({error}); check the address (--endpoint / HF_ENDPOINT) and your network.")
+    if isinstance(error, httpx.TransportError):
+        return HubError(f"The connection to {where} failed ({type(error).__name__}: {error}); check your network and try again.")
+    if isinstance(error, HfHubHTTPError):
+        response = getattr(error, "response", None)
+        status = getattr(response, "status_code", None)
+        server = (getattr(error, "server_message", None) or "").strip().splitlines()
+        said = f": {server[0][:200]}" if server else ""
+        if status == 401:
+            return HubError(f"{where} refused the token (401 Unauthorized{said}); log in again with `hf auth login`, or pass "
+                            "a valid --token / HF_TOKEN.")
+        if status == 403:
+            return HubError(f"{where} refused to write to {repo_id} (403 Forbidden{said}); use a token with write access to "
+                            f"the {repo_id.split('/')[0]} namespace.")
+        return HubError(f"{where} answered {status or 'an error'}{said} while uploading to {repo_id}; check the repo id "
+                        "and try again.")
+    return None
+
+
 def publish_draft(
     folder,
     repo_id: str,
@@ -331,6 +407,7 @@ def publish_draft(
     endpoint: str | None = None,
     commit_message: str | None = None,
     template=None,
+    timeout: float = DEFAULT_TIMEOUT,
 ):
     """Uploads the draft saved in `folder` to the Hub repo `repo_id` (created if needed), in one commit, with
     a `README.md` rendered by `render_model_card`.
@@ -341,27 +418,40 @@ def publish_draft(
         base_model: Hub id of the target (default: read from the draft's config).
         license: Hub license id for the card.
         private: create the repo private.
-        token: Hub token (default: the one `hf auth login` saved, or `HF_TOKEN`).
+        token: Hub token (default: the one `hf auth login` saved, or `HF_TOKEN`); without one, nothing is sent.
         endpoint: Hub URL (default: `HF_ENDPOINT` or https://huggingface.co).
         commit_message: message of the upload commit.
         template: model card template (default: `model_cards/specvlm_draft.md`).
+        timeout: seconds each request may wait for the server.
 
     Returns:
         `huggingface_hub.CommitInfo` of the upload (`.commit_url`, `.oid`, `.repo_url`).
+
+    Raises:
+        DraftFolderError: the folder is not a saved draft (checked before any request).
+        UserError: no token (checked before any request).
+        HubError: the Hub could not be reached, did not answer within `timeout`, or refused the upload.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
 
     folder = Path(folder)
+    if not _HUB_ID.match(repo_id):
+        raise UserError(f"{repo_id!r} is not a Hub repo id; pass 'owner/name', e.g. me/llava-1.5-7b-specvlm-draft.")
+    read_draft_config(folder)  # the folder, then the token, before anything else is said or sent
+    token = require_token(token)
     card = render_model_card(folder, repo_id, base_model=base_model, license=license, template=template)
     api = HfApi(endpoint=endpoint, token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     operations = [CommitOperationAdd(path.as_posix(), str(folder / path)) for path in files_to_publish(folder)
                   if path.as_posix() != LOCATION_FILE]
     # custom_generate finds the draft by this repo's id
     operations.append(CommitOperationAdd(LOCATION_FILE, draft_location_source(repo_id).encode("utf-8")))
     operations.append(CommitOperationAdd("README.md", card.encode("utf-8")))
-    return api.create_commit(
-        repo_id,
-        operations,
-        commit_message=commit_message or "Upload SpecVLM draft",
-    )
+    try:
+        with request_timeout(timeout):
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            return api.create_commit(repo_id, operations, commit_message=commit_message or "Upload SpecVLM draft")
+    except Exception as error:
+        mapped = hub_error(error, endpoint or constants.ENDPOINT, repo_id, timeout)
+        if mapped is None:
+            raise
+        raise mapped from error

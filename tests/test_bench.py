@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 
+import pytest
 import torch
 
 import specvlm_hf
 from specvlm_hf import bench, verify
+from specvlm_hf.cli import main
+from specvlm_hf.errors import UserError
 from tiny_models import oracle_draft, random_inputs, tiny_llava
 
 
@@ -57,4 +61,88 @@ def test_bench_flags_a_corrupted_draft_path(monkeypatch):
     report = bench.run_bench(target, cases, drafts, methods=("plain", "eaglevlm-tree"), max_new_tokens=16)
     rows = {row["method"]: row for row in report["methods"]}
     assert rows["eaglevlm-tree"]["matches_plain"] is False
-    assert "NO" in bench.format_table(report)
+    table = bench.format_table(report)
+    assert "NO" in table and "in float32 they must be equal token for token, so this is a bug" in table
+
+
+# ---- one sigma, one decoding-mode rule, failures explained, bad requests refused before the run
+
+
+def test_bench_sigma_of_a_tree_method_is_the_drafts_own_sigma():
+    target, drafts, cases = setup_models()
+    report = bench.run_bench(target, cases[:1], drafts, methods=("plain", "eaglevlm-tree"), max_new_tokens=16, warmup=False)
+    row = {r["method"]: r for r in report["methods"]}["eaglevlm-tree"]
+    draft = drafts["eaglevlm"]
+    target.generate(**cases[0], assistant_model=draft, max_new_tokens=16, do_sample=False)
+    assert row["sigma"] == pytest.approx(draft.stats.sigma) and row["rounds"] == draft.stats.rounds
+    assert row["target_forwards"] == draft.stats.rounds + 1, "the prefill's forward is not a round"
+    assert row["sigma"] != pytest.approx(row["new_tokens"] / row["target_forwards"])
+    assert "sigma: tokens accepted per target verification forward, the target's own token included" in bench.format_table(report)
+
+
+def test_the_table_marks_the_mode_generate_and_demo_use_on_this_device():
+    target, drafts, cases = setup_models()
+    report = bench.run_bench(target, cases[:1], drafts, methods=("plain", "specvlm-chain", "specvlm-tree"),
+                             max_new_tokens=8, warmup=False)
+    table = bench.format_table(report)
+    assert report["default_mode"] == "chain"
+    assert "specvlm-chain *" in table and "specvlm-tree *" not in table
+    assert "* the decoding mode `specvlm generate` and `specvlm demo` use here (chain: chain on the CPU, tree on a GPU)" in table
+
+
+def test_a_failing_prompt_lookup_is_explained_in_the_table_not_as_a_raw_error():
+    target, drafts, cases = setup_models()
+    report = bench.run_bench(target, cases[:1], drafts, methods=("plain", "prompt-lookup"), max_new_tokens=8, warmup=False)
+    status = {r["method"]: r for r in report["methods"]}["prompt-lookup"]["status"]
+    assert status == "ok" or ("prompt lookup copies the prompt's image placeholder tokens into its candidates" in status
+                              and "ValueError" not in status), status
+    reason = bench.failure_reason("prompt-lookup", ValueError("Image features and image tokens do not match, tokens: 74"))
+    assert reason.startswith("failed: transformers ") and "a transformers limitation with image inputs" in reason
+
+
+def test_bench_without_prompts_is_refused():
+    target, drafts, _ = setup_models()
+    with pytest.raises(UserError, match="No prompts to benchmark"):
+        bench.run_bench(target, [], drafts)
+
+
+def _cli(capsys, *argv):
+    status = main(["bench", *map(str, argv)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return status, lines[0]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    from specvlm_hf.commands import bench as command
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the check")
+
+    monkeypatch.setattr(command, "_load_target", refuse)
+
+
+def test_bench_num_prompts_zero_is_refused_in_one_line(capsys, no_loading):
+    status, line = _cli(capsys, "--num-prompts", 0)
+    assert status == 2
+    assert line.startswith("specvlm bench: error: argument --num-prompts: must be a whole number of at least 1, got 0")
+
+
+def test_bench_out_that_cannot_be_written_is_refused_before_the_run(capsys, no_loading, tmp_path):
+    (tmp_path / "file").write_text("")
+    start = time.perf_counter()
+    status, line = _cli(capsys, "--out", tmp_path / "file" / "bench.json")
+    assert status == 1
+    assert line.startswith(f"specvlm bench: error: --out: the folder {tmp_path / 'file'} is not writable (")
+    assert time.perf_counter() - start < 10
+    status, line = _cli(capsys, "--out", tmp_path)
+    assert status == 2 and f"--out {tmp_path} is a folder; pass a file path such as" in line
+
+
+def test_bench_unknown_methods_and_drafts_are_refused(capsys, no_loading, tmp_path):
+    status, line = _cli(capsys, "--methods", "plain,speculative")
+    assert status == 2 and "--methods: unknown speculative; choose from plain, plain-static" in line
+    status, line = _cli(capsys, "--draft", f"eaglevlm={tmp_path / 'missing'}")
+    assert status == 2 and f"--draft {tmp_path / 'missing'}: no such folder" in line

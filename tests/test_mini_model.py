@@ -77,11 +77,12 @@ def test_generate_command_answers_a_text_only_prompt(capsys):
     assert "tokens/s" in capsys.readouterr().out
 
 
-def test_generate_command_names_a_missing_image_file():
+def test_generate_command_names_a_missing_image_file(capsys):
     from specvlm_hf.cli import main
 
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["generate", "--image", "/nonexistent/picture.png"])
+    assert main(["generate", "--image", "/nonexistent/picture.png"]) == 2
+    assert capsys.readouterr().err == ("specvlm generate: error: Image /nonexistent/picture.png does not exist; pass an "
+                                       "existing file with --image.\n")
 
 
 def test_held_out_evaluation_shows_a_model_that_uses_its_images(mini):

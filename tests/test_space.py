@@ -1,10 +1,12 @@
-"""The Gradio Space demo (`spaces/specvlm-demo/app.py`): input limits, streaming by rounds, the stats, the files
-it serves, queueing, and a headless Chromium driving the page. Runs on a tiny random LLaVA with an oracle
-draft and a character-level processor saved to folders, loaded the way `--target`/`--draft` load them."""
+"""The Gradio demo (`specvlm_hf.demo_app`, served by `specvlm demo` and by the Space's thin `app.py`): input limits,
+streaming by rounds, the stats, the files it serves, queueing, and a headless Chromium driving the page. Runs on
+a tiny random LLaVA with an oracle draft and a character-level processor saved to folders, loaded the way
+`--target`/`--draft` load them; the examples are checked on the mini VLM itself."""
 
 from __future__ import annotations
 
-import os
+import importlib.util
+import json
 import shutil
 import socket
 import string
@@ -19,14 +21,13 @@ import torch
 from PIL import Image
 
 import specvlm_hf
-from specvlm_hf.commands.demo import APP_FILE, load_app
+from specvlm_hf import demo_app as app
 from tiny_models import IMAGE_SIZE, PATCH, oracle_draft, tiny_llava
 
 gradio = pytest.importorskip("gradio", reason='the demo needs Gradio: pip install -e ".[test]" installs it')
 
-app = load_app()
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOT = REPO_ROOT / "docs" / "images" / "space-demo.png"
+SPACE_APP = REPO_ROOT / "spaces" / "specvlm-demo" / "app.py"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -67,8 +68,8 @@ def models(tmp_path_factory):
     return loaded
 
 
-def example(name="example.png"):
-    return str(app.EXAMPLES_DIR / name)
+def example(index=0):
+    return str(app.EXAMPLES_DIR / app.EXAMPLES[index][0])
 
 
 def run_to_end(models, image, prompt="Describe this image.", max_new_tokens=48):
@@ -204,8 +205,9 @@ def http_status(url: str) -> int:
 
 def test_the_app_serves_no_file_outside_its_folder(server):
     url, _ = server
-    assert http_status(f"{url}/gradio_api/file={app.EXAMPLES_DIR / 'example.png'}") == 200
-    for outside in ("/etc/passwd", REPO_ROOT / "README.md", APP_FILE, Path(specvlm_hf.__file__)):
+    assert http_status(f"{url}/gradio_api/file={example()}") == 200
+    for outside in ("/etc/passwd", REPO_ROOT / "README.md", SPACE_APP, Path(app.__file__), Path(specvlm_hf.__file__),
+                    app.EXAMPLES_DIR / "examples.json"):
         assert http_status(f"{url}/gradio_api/file={outside}") in (403, 404), outside
 
 
@@ -273,8 +275,9 @@ def test_a_browser_submits_an_example_and_sees_both_panes_stream_and_the_stats(s
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(url, wait_until="networkidle")
-            page.get_by_text("How many shapes are there?").first.click()  # the second example
-            page.wait_for_function("document.querySelector('#prompt textarea').value === 'How many shapes are there?'")
+            second = app.EXAMPLES[1][1]
+            page.get_by_text(second).first.click()  # the second example
+            page.wait_for_function(f"document.querySelector('#prompt textarea').value === {json.dumps(second)}")
             page.evaluate(RECORD_UPDATES)
             page.click("#generate")
             page.wait_for_selector("#stats >> text=outputs identical", timeout=90_000)
@@ -288,9 +291,89 @@ def test_a_browser_submits_an_example_and_sees_both_panes_stream_and_the_stats(s
             stats = page.inner_text("#stats")
             for shown in ("tokens/s", "speedup", "sigma", "visual branch"):
                 assert shown in stats, shown
-            screenshot = page.screenshot(full_page=True)
-            if os.environ.get("SPECVLM_UPDATE_SCREENSHOT"):
-                SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-                SCREENSHOT.write_bytes(screenshot)
         finally:
             browser.close()
+
+
+# ---- one program: the package's demo, the Space's wrapper and `specvlm demo`
+
+
+def test_the_space_app_is_a_thin_wrapper_over_the_packaged_demo():
+    spec = importlib.util.spec_from_file_location("space_app", SPACE_APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main is app.main
+    assert len(SPACE_APP.read_text().splitlines()) < 25
+
+
+def test_the_examples_ship_in_the_package():
+    assert [name for name, _ in app.EXAMPLES] == ["scene-7070-60.png", "colour-7070-165.png"]
+    assert all((app.EXAMPLES_DIR / name).is_file() for name, _ in app.EXAMPLES)
+    assert app.EXAMPLES_DIR.parent == Path(specvlm_hf.__file__).parent
+
+
+def test_the_mini_vlm_answers_the_examples_correctly():
+    """Each example's answer is the one `benchmarks/pick_demo_examples.py` checked against the drawn scene."""
+    import sys
+
+    from specvlm_hf.commands.generate import run_generate
+    from specvlm_hf.mini import data, load
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from pick_demo_examples import CHECKS
+
+    model, processor = load()
+    for entry in json.loads((app.EXAMPLES_DIR / "examples.json").read_text()):
+        image = app.check_image(app.EXAMPLES_DIR / entry["image"])
+        answer, _ = run_generate(model, processor, image, entry["prompt"], max_new_tokens=128)
+        assert answer.strip() == entry["answer"], entry["image"]
+        scene = data.Scene(tuple(data.Shape(**shape) for shape in entry["scene"]["shapes"]), entry["scene"]["background"])
+        task = entry["image"].split("-")[0]
+        target = {"colour": scene.shapes[-1].colour}.get(task)  # the triangle the colour example asks about
+        assert CHECKS[task](answer.strip(), scene, target) == [], entry
+
+
+def test_the_demo_uses_the_shared_mode_rule_chain_on_the_cpu(models, tmp_path):
+    from specvlm_hf.cli import build_parser
+
+    root = Path(models.target.name_or_path).parent
+    args = build_parser().parse_args(["demo", "--target", str(root / "target"), "--draft", str(root / "draft"),
+                                      "--device", "cpu"])
+    assert app.models_from_args(args).draft.config.decoding_mode == "chain"
+    args.mode = "tree"
+    assert app.models_from_args(args).draft.config.decoding_mode == "tree"
+
+
+def test_sigma_is_shown_once_with_the_counts_it_is_made_of(models):
+    *_, stats = run_to_end(models, example(), max_new_tokens=48)[-1]
+    draft = models.draft.stats
+    accepted = sum(draft.accepted_per_round)
+    assert f"| sigma | 1.00 | {draft.sigma:.2f} ({accepted} tokens / {draft.rounds} rounds) |" in stats
+    assert f"| target forwards | 48 | {draft.rounds + 1} (prefill + {draft.rounds} rounds) |" in stats
+    assert accepted == 48 - 1, "every token but the prefill's came from a round"
+    assert stats.count("sigma ") == 1 + stats.count("| sigma |"), "no second, differently computed sigma"
+
+
+def test_a_non_image_upload_gets_a_plain_message_without_the_servers_path(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, _ = server
+    (tmp_path / "notes.png").write_text("not an image")
+    client = Client(url, verbose=False)
+    with pytest.raises(Exception) as refused:
+        client.predict(handle_file(str(tmp_path / "notes.png")), "Describe this image.", 16, api_name="/compare")
+    message = str(refused.value)
+    assert "This file is not an image the demo can read; use one of PNG, JPEG" in message
+    assert "/" not in message.split("read;")[0] and "gradio" not in message.lower(), message
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-new-tokens-limit", "0"], "argument --max-new-tokens-limit: must be a whole number of at least 1, got 0"),
+    (["--draft", "me/draft"], "Pass both --target and --draft"),
+])
+def test_demo_argument_errors_are_one_line(capsys, argv, message):
+    from specvlm_hf.cli import main
+
+    status = main(["demo", *argv])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and message in lines[0], lines

@@ -10,6 +10,8 @@ import os
 
 
 def register(subparsers):
+    from .common import positive_float, positive_int
+
     parser = subparsers.add_parser("bench", help="Benchmark every decoding method side by side.",
                                    description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="mini", help="LLaVA model + processor folder or Hub id (default: the mini VLM).")
@@ -18,14 +20,15 @@ def register(subparsers):
                              "Default with the mini target: its shipped drafts.")
     parser.add_argument("--assistant-lm", default=None, help="A small causal LM for transformers' assisted generation.")
     parser.add_argument("--methods", default=",".join(_default_methods()), help="Comma-separated methods.")
-    parser.add_argument("--num-prompts", type=int, default=8, help="Held-out mini-VLM prompts to use (default 8).")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--num-prompts", type=positive_int, default=8, help="Held-out mini-VLM prompts to use (default 8).")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=96, help="New tokens per prompt (default 96).")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 on GPU, float32 on CPU.")
-    parser.add_argument("--projected-sigma", type=float, default=None,
+    parser.add_argument("--projected-sigma", type=positive_float, default=None,
                         help="Also project the tree methods' speed-up at this sigma (labelled as a projection).")
-    parser.add_argument("--out", default="bench.json", help="JSON report path (a PNG chart is written next to it).")
+    parser.add_argument("--out", default="bench.json",
+                        help="JSON report path (a PNG chart is written next to it); checked for writing before the run.")
     parser.set_defaults(func=_run)
 
 
@@ -39,19 +42,28 @@ def _run(args):
     import torch
 
     from specvlm_hf import SpecVLMDraftModel
-    from specvlm_hf.bench import format_table, run_bench, save_report
+    from specvlm_hf.bench import METHODS, format_table, run_bench, save_report
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    from ..errors import UserError
+    from .common import check_model_folder, exactness_note, resolve_device
+
+    # everything a user can get wrong is checked before a model is loaded or a prompt decoded
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UserError(f"--methods: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(METHODS)}.")
+    draft_paths = _parse_drafts(args.draft)
+    if args.target != "mini":
+        check_model_folder(args.target, "--target")
+    png = os.path.splitext(args.out)[0] + ".png"
+    _check_out(args.out)
     if device == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     target, processor = _load_target(args.target, device, dtype)
-    drafts = {}
-    for spec in args.draft:
-        name, sep, path = spec.partition("=")
-        if not sep or name not in ("eaglevlm", "specvlm"):
-            raise SystemExit(f"--draft takes NAME=PATH with NAME eaglevlm or specvlm, got {spec!r}")
-        drafts[name] = SpecVLMDraftModel.from_pretrained(path).bind_target(target).eval()
+    cases = _mini_cases(processor, args.num_prompts, device, dtype, target.config, args.max_new_tokens)
+    drafts = {name: SpecVLMDraftModel.from_pretrained(path).bind_target(target).eval() for name, path in draft_paths.items()}
     if not drafts and args.target == "mini":
         drafts = _mini_drafts(target)
     assistant = None
@@ -59,15 +71,41 @@ def _run(args):
         from transformers import AutoModelForCausalLM
 
         assistant = AutoModelForCausalLM.from_pretrained(args.assistant_lm, dtype=dtype).to(device).eval()
-    cases = _mini_cases(processor, args.num_prompts, device, dtype)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     report = run_bench(target, cases, drafts, methods, args.max_new_tokens, assistant, args.projected_sigma)
     report["target"] = args.target
     print(format_table(report))
-    png = os.path.splitext(args.out)[0] + ".png"
     save_report(report, args.out, png)
     print(f"wrote {args.out} and {png}")
-    return 0 if all(r["matches_plain"] is not False for r in report["methods"]) else 1
+    different = [r["method"] for r in report["methods"] if r["matches_plain"] is False]
+    if different and report["dtype"] == "float32":
+        print(f"{', '.join(different)}: {exactness_note('float32', identical=False)}")
+        return 1
+    return 0
+
+
+def _parse_drafts(specs: list[str]) -> dict:
+    """`NAME=PATH` pairs of --draft, each folder checked (Hub ids are checked when loaded)."""
+    from ..errors import UserError
+    from .common import HUB_ID, check_draft_folder
+
+    drafts = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or name not in ("eaglevlm", "specvlm"):
+            raise UserError(f"--draft takes NAME=PATH with NAME eaglevlm or specvlm, got {spec!r}.")
+        if os.path.exists(path) or not HUB_ID.match(path):
+            check_draft_folder(path)
+        drafts[name] = path
+    return drafts
+
+
+def _check_out(out: str) -> None:
+    """--out must be a file path whose folder can be written (checked before the run, not after it)."""
+    from ..errors import UserError, check_writable_folder
+
+    if os.path.isdir(out):
+        raise UserError(f"--out {out} is a folder; pass a file path such as {os.path.join(out, 'bench.json')}.")
+    check_writable_folder(os.path.dirname(os.path.abspath(out)), "--out: the folder")
 
 
 def _load_target(name, device, dtype):
@@ -88,16 +126,22 @@ def _mini_drafts(target) -> dict:
     return {name: load_draft(target, name) for name in DRAFT_NAMES}
 
 
-def _mini_cases(processor, count, device, dtype) -> list[dict]:
-    """Held-out prompts from the mini VLM's data generator (a seed the training data never uses)."""
+def _mini_cases(processor, count, device, dtype, model_config=None, max_new_tokens: int = 0) -> list[dict]:
+    """Held-out prompts from the mini VLM's data generator (a seed the training data never uses), each checked
+    against the model's positions before any decoding."""
     from specvlm_hf.commands.generate import build_inputs
     from specvlm_hf.mini.data import make_example
+
+    from .common import check_positions
 
     cases = []
     for index in range(count):
         record, image = make_example(seed=424242, index=index)
         prompt = record["conversations"][0]["value"].replace("<image>", "").strip()
-        inputs = build_inputs(processor, image, prompt).to(device)
+        inputs = build_inputs(processor, image, prompt)
+        if model_config is not None:
+            check_positions(model_config, inputs["input_ids"].shape[1], max_new_tokens, f"Prompt {index + 1}")
+        inputs = inputs.to(device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         cases.append(dict(inputs))

@@ -25,5 +25,10 @@ def _run(args):
     from specvlm_hf.training.config import config_from_args
     from specvlm_hf.training.distill_data import DistillDataConfig, distill_data
 
-    distill_data(config_from_args(args, DistillDataConfig))
+    from .common import check_model_folder
+
+    config = config_from_args(args, DistillDataConfig)
+    if config.target != "mini":
+        check_model_folder(config.target, "--target")
+    distill_data(config)
     return 0

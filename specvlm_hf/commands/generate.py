@@ -5,9 +5,12 @@
     specvlm generate --draft eaglevlm --mode chain          # another shipped draft, chain decoding
     specvlm generate --draft none                           # plain greedy decoding only
     specvlm generate --fast --mode tree                     # static caches: the fast path (CUDA graphs on a GPU)
+    specvlm generate --do-sample --temperature 0.7 --top-p 0.9 --seed 1    # speculative sampling
 
 With the built-in mini VLM, speculative decoding uses its shipped default draft (`specvlm_hf.mini.drafts`).
-Prints the answer, sigma (tokens accepted per target forward) and the speedup over plain `generate`.
+Prints the answer, sigma (tokens accepted per target forward, the target's own token included) and the speedup
+over plain `generate`, and whether the output equals plain greedy decoding (in float32 it must, token for token;
+in bfloat16 / float16 it can part at near-ties).
 """
 
 from __future__ import annotations
@@ -19,17 +22,26 @@ DEFAULT_PROMPT = "Describe this image."
 
 
 def register(subparsers):
+    from .common import positive_float, positive_int, probability
+
     parser = subparsers.add_parser(
         "generate", help="Generate text for an image and a prompt.", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--image", default=None, help="Image file (default: the mini VLM's bundled example image).")
     parser.add_argument("--no-image", action="store_true", help="Send the prompt alone, without any image.")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"User prompt (default: {DEFAULT_PROMPT!r}).")
-    parser.add_argument("--model", default=None, help="LLaVA model + processor folder (default: the built-in mini VLM).")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="Most tokens to generate (default: 200).")
+    parser.add_argument("--model", default=None,
+                        help="Vision-language model + processor folder, e.g. LLaVA (default: the built-in mini VLM).")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="Most tokens to generate (default: 200).")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="Weights dtype.")
-    parser.add_argument("--seed", type=int, default=0, help="Random seed (matters only for sampling).")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="Weights dtype. Only float32 outputs equal plain greedy decoding token for token; in "
+                        "bfloat16 / float16 they can part at near-ties (default: float32).")
+    parser.add_argument("--do-sample", action="store_true",
+                        help="Sample instead of greedy decoding (speculative sampling keeps the target's distribution).")
+    parser.add_argument("--temperature", type=positive_float, default=1.0, help="Sampling temperature (with --do-sample).")
+    parser.add_argument("--top-p", type=probability, default=1.0, help="Nucleus sampling mass (with --do-sample).")
+    parser.add_argument("--seed", type=int, default=0, help="Random seed of sampling (with --do-sample; default 0).")
     parser.add_argument(
         "--draft", default="default",
         help="Draft for speculative decoding: 'default' (the mini VLM's shipped draft; none for --model), a shipped "
@@ -38,7 +50,7 @@ def register(subparsers):
     parser.add_argument(
         "--mode", default=None, choices=["tree", "chain"],
         help="Decoding mode (default: tree on a GPU, chain on the CPU, where scoring a 60-token tree costs more than it "
-        "saves: results/train_mini_drafts_bench_cpu.json).",
+        "saves; the same rule as `specvlm demo` and `specvlm bench`).",
     )
     parser.add_argument(
         "--fast", action="store_true",
@@ -86,87 +98,122 @@ def run_generate(model, processor, image, prompt: str, max_new_tokens: int = 200
 
 
 def load_image(path):
-    """Open an image file as RGB, with an error that names the file if it cannot be read."""
+    """Open an image file as RGB (decoded whole, so a truncated file fails here), with an error that names the file."""
     from PIL import Image, UnidentifiedImageError
+
+    from ..errors import UserError
 
     path = Path(path)
     if not path.exists():
-        raise SystemExit(f"Image {path} does not exist; pass an existing file with --image.")
+        raise UserError(f"Image {path} does not exist; pass an existing file with --image.")
+    if path.is_dir():
+        raise UserError(f"--image {path} is a folder; pass one image file (PNG or JPEG).")
     try:
-        return Image.open(path).convert("RGB")
+        with Image.open(path) as image:
+            return image.convert("RGB")
     except UnidentifiedImageError:
-        raise SystemExit(f"{path} is not an image PIL can read; pass a PNG or JPEG file with --image.") from None
+        raise UserError(f"{path} is not an image PIL can read; pass a PNG or JPEG file with --image.") from None
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupted pixel data
+        raise UserError(f"{path} cannot be decoded ({error}); the file is truncated or corrupted, pass a whole image "
+                        "with --image.") from None
 
 
 def _run(args):
     import torch
 
-    from specvlm_hf.mini import EXAMPLE_IMAGE, WEIGHTS_DIR
+    from ..errors import UserError
+    from ..mini import EXAMPLE_IMAGE, WEIGHTS_DIR
+    from .common import check_model_folder, check_positions, default_decoding_mode, exactness_note, resolve_device
 
-    torch.manual_seed(args.seed)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device} was asked for but CUDA is not available; use --device cpu.")
+    device = resolve_device(args.device)
+    # everything a user can get wrong is checked before a weight is loaded
+    model_dir = args.model or str(WEIGHTS_DIR)
+    model_config = check_model_folder(model_dir, "--model")
+    draft_folder = _check_draft_name(args.draft)
+    if args.no_image and args.image:
+        raise UserError("--image and --no-image contradict each other; pass one of them.")
+    image = None if args.no_image else load_image(args.image or EXAMPLE_IMAGE)
     dtype = getattr(torch, args.dtype)
 
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model_dir = args.model or WEIGHTS_DIR
-    if not Path(model_dir, "config.json").exists():
-        raise SystemExit(f"No model found in {model_dir}; pass a LLaVA folder with --model.")
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    image = None if args.no_image else load_image(args.image or EXAMPLE_IMAGE)
-
-    draft = _load_draft(args.draft, model, using_mini=args.model is None)
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise UserError(f"--model {model_dir}: cannot load its processor ({type(error).__name__}: "
+                        f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); save the processor "
+                        "into the model folder with processor.save_pretrained.") from None
+    inputs = build_inputs(processor, image, args.prompt)
+    check_positions(model_config, inputs["input_ids"].shape[1], args.max_new_tokens)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    draft = _load_draft(args.draft, draft_folder, model, using_mini=args.model is None)
     if draft is not None:
-        draft.config.decoding_mode = args.mode or ("tree" if device.startswith("cuda") else "chain")
+        draft.config.decoding_mode = args.mode or default_decoding_mode(device)
 
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
     # One untimed warm-up call, so that the reported speed is that of decoding, not of first-call set-up (with
     # --fast, of the full length: static caches are compiled and graphed per length)
     fast = {"cache_implementation": "static"} if args.fast else {}
     warmup_tokens = args.max_new_tokens if args.fast else 2
     run_generate(model, processor, image, args.prompt, max_new_tokens=warmup_tokens, **fast)
-    text, stats = run_generate(model, processor, image, args.prompt, args.max_new_tokens, **fast)
+    torch.manual_seed(args.seed)
+    text, stats = run_generate(model, processor, image, args.prompt, args.max_new_tokens, **fast, **sampling)
     if draft is None:
         print(text.strip())
         print(
             f"\n[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: {stats['tokens_per_second']:.1f} tokens/s "
-            f"on {device} ({args.dtype})]"
+            f"on {device} ({args.dtype}{', sampled' if args.do_sample else ''})]"
         )
         return 0
     import specvlm_hf
 
     specvlm_hf.enable(model)
     run_generate(model, processor, image, args.prompt, max_new_tokens=warmup_tokens, assistant_model=draft, **fast)
+    torch.manual_seed(args.seed)
     spec_text, spec_stats = run_generate(model, processor, image, args.prompt, args.max_new_tokens, assistant_model=draft,
-                                         **fast)
+                                         **fast, **sampling)
     print(spec_text.strip())
-    same = "identical to" if spec_text == text else "DIFFERENT from"
+    if args.do_sample:
+        comparison = (f"sampled at temperature {args.temperature:g}, top-p {args.top_p:g}, seed {args.seed}: the output "
+                      "follows plain sampling's distribution, but is not the same text token for token")
+    else:
+        comparison = exactness_note(args.dtype, spec_text == text)
     print(
         f"\n[{spec_stats['new_tokens']} tokens in {spec_stats['seconds']:.2f} s: {spec_stats['tokens_per_second']:.1f} tokens/s "
         f"with the {args.draft if args.draft != 'default' else 'default'} draft ({draft.config.decoding_mode}"
         f"{', fast path' if args.fast and draft.config.decoding_mode == 'tree' else ''}) on {device} "
         f"({args.dtype}); sigma {draft.stats.sigma:.2f} tokens per target forward; speedup "
         f"{stats['seconds'] / spec_stats['seconds']:.2f}x over plain generate{' (static cache)' if args.fast else ''} "
-        f"({stats['tokens_per_second']:.1f} tokens/s), "
-        f"output {same} plain greedy decoding]"
+        f"({stats['tokens_per_second']:.1f} tokens/s); {comparison}]"
     )
     return 0
 
 
-def _load_draft(name: str, model, using_mini: bool):
+def _check_draft_name(name: str) -> str | None:
+    """The draft folder `--draft` names (None for none or a shipped draft), checked before anything is loaded."""
+    from ..mini.drafts import DRAFT_NAMES
+    from .common import check_draft_folder
+
+    if name in ("none", "default", *DRAFT_NAMES):
+        return None
+    if not Path(name).exists():
+        from ..errors import UserError
+
+        raise UserError(f"--draft {name}: no such folder; pass a draft folder, a shipped draft name "
+                        f"({', '.join(DRAFT_NAMES)}), or 'none'.")
+    check_draft_folder(name)
+    return name
+
+
+def _load_draft(name: str, folder: str | None, model, using_mini: bool):
     """The draft `--draft` names, bound to `model` (None for plain decoding)."""
     if name == "none" or (name == "default" and not using_mini):
         return None
-    from specvlm_hf.mini.drafts import DEFAULT_DRAFT, DRAFT_NAMES, load_draft
+    from ..mini.drafts import DEFAULT_DRAFT, load_draft
 
-    if name in ("default", *DRAFT_NAMES):
+    if folder is None:
         return load_draft(model, DEFAULT_DRAFT if name == "default" else name)
-    if not Path(name, "config.json").exists():
-        raise SystemExit(f"No draft found in {name}; pass a draft folder, a shipped draft name {DRAFT_NAMES}, or 'none'.")
     from specvlm_hf import SpecVLMDraftModel
 
-    return SpecVLMDraftModel.from_pretrained(name).bind_target(model).eval()
+    return SpecVLMDraftModel.from_pretrained(folder).bind_target(model).eval()
+

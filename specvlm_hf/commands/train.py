@@ -28,7 +28,14 @@ def _run(args):
     from specvlm_hf.training import DistillTrainer
     from specvlm_hf.training.config import config_from_args
 
+    from .common import check_draft_folder, check_model_folder
+
     config = config_from_args(args)
+    # the models named are checked before anything is loaded (the output folder is checked by the trainer)
+    if config.target != "mini":
+        check_model_folder(config.target, "--target")
+    if config.draft:
+        check_draft_folder(config.draft)
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     metrics = DistillTrainer(config).train()

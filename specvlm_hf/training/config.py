@@ -12,6 +12,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from ..errors import UserError
+
 
 def option(default, help: str, choices: tuple | None = None):
     """A dataclass field with its help text (and allowed values) for the command line."""
@@ -52,9 +54,10 @@ class DistillConfig:
     max_examples: int | None = option(None, "Use at most this many training records.")
     max_length: int = option(2048, "Longest training sequence in tokens (longer ones are cut).")
     # ---- optimisation
-    output_dir: str = option("specvlm-draft", "Folder for checkpoints, the final draft, metrics.json and the scaling-curve plot.")
-    num_epochs: int = option(1, "Passes over the training data.")
-    max_steps: int | None = option(None, "Stop after this many optimizer steps (default: num_epochs full passes).")
+    output_dir: str = option("specvlm-draft", "Folder for checkpoints, the final draft, metrics.json and the scaling-curve plot. A folder that is not empty is refused unless --resume or --overwrite-output-dir is given; it must be writable (checked before the first step).")
+    overwrite_output_dir: bool = option(False, "Start afresh in a non-empty output_dir: deletes the previous run's checkpoints, draft/, metrics.json and scaling_curve.png first (other files stay).")
+    num_epochs: int = option(1, "Passes over the training data (ignored when max_steps is given).")
+    max_steps: int | None = option(None, "Total optimizer steps; overrides num_epochs as in Hugging Face's Trainer (the data is passed over as often as needed). Default: num_epochs full passes.")
     max_train_minutes: float | None = option(None, "Stop (evaluate, checkpoint, save the draft) once training has run this long.")
     per_device_batch_size: int = option(8, "Sequences per micro-batch on each device.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step (global batch = this x per-device batch x devices).")
@@ -78,7 +81,7 @@ class DistillConfig:
     # ---- checkpoints, logging, evaluation
     save_steps: int = option(500, "Write a checkpoint every this many optimizer steps (and at the end of each epoch).")
     save_total_limit: int = option(2, "Checkpoints kept (older ones are deleted).")
-    resume: bool = option(False, "Continue from the latest checkpoint in output_dir (weights, optimizer, scheduler, RNG, data position).")
+    resume: bool = option(False, "Continue from the latest checkpoint in output_dir (weights, optimizer, scheduler, RNG, data position). The run's settings must be the checkpoint's, except those in RESUME_MAY_CHANGE (the total step count only with the constant schedule).")
     log_steps: int = option(10, "Record the loss every this many optimizer steps.")
     eval_each_epoch: bool = option(True, "After each epoch: measure sigma with the real decoder on held-out prompts, and per-depth agreement.")
     eval_before_training: bool = option(False, "Also evaluate the untrained draft (epoch 0).")
@@ -90,13 +93,21 @@ class DistillConfig:
     progress_bar: bool = option(True, "Show a progress bar with loss and token agreement.")
 
     def __post_init__(self):
-        if self.unroll_steps < 1:
-            raise ValueError(f"unroll_steps must be >= 1, got {self.unroll_steps}")
-        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("per_device_batch_size and gradient_accumulation_steps must be >= 1")
+        for name in ("unroll_steps", "per_device_batch_size", "gradient_accumulation_steps", "num_epochs", "max_steps",
+                     "log_steps", "eval_examples", "eval_max_new_tokens", "eval_depths", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}; pass --{name.replace('_', '-')} 1 or more.")
+        for name in ("save_steps", "save_total_limit", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be 0 or more, got {getattr(self, name)}.")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise UserError(f"max_examples must be at least 1, got {self.max_examples}.")
+        if self.resume and self.overwrite_output_dir:
+            raise UserError("--resume continues the run in output_dir and --overwrite-output-dir deletes it; pass one of them.")
         modes = [m for m in self.eval_modes.split(",") if m]
         if any(m not in ("tree", "chain") for m in modes):
-            raise ValueError(f"eval_modes takes tree and/or chain, got {self.eval_modes!r}")
+            raise UserError(f"eval_modes takes tree and/or chain, got {self.eval_modes!r}")
 
     def compressor_settings(self) -> dict:
         """The `compressor` dict of a fresh draft's config."""
@@ -111,6 +122,28 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+RESUME_MAY_CHANGE = (
+    "output_dir", "resume", "overwrite_output_dir", "num_epochs", "max_steps", "max_train_minutes", "save_steps",
+    "save_total_limit", "log_steps", "eval_each_epoch", "eval_before_training", "eval_modes", "eval_max_new_tokens",
+    "eval_depths", "num_workers", "device", "progress_bar",
+)
+"""Settings a resumed run may change. Every other one shapes the weights, the data order or the batches, so a
+resume with another value is refused. The total step count (from num_epochs / max_steps) may change only with
+lr_scheduler "constant": the other schedules are shaped by it."""
+
+
+def resume_conflicts(saved: dict, config: DistillConfig, saved_total_steps: int | None = None,
+                     total_steps: int | None = None) -> list[str]:
+    """`name: saved -> now` for every setting a resume from a checkpoint written with `saved` may not change."""
+    now = config.to_dict()
+    conflicts = [f"{name}: {saved[name]!r} -> {now[name]!r}" for name in now
+                 if name in saved and name not in RESUME_MAY_CHANGE and saved[name] != now[name]]
+    if (saved_total_steps is not None and total_steps is not None and saved_total_steps != total_steps
+            and config.lr_scheduler != "constant"):
+        conflicts.append(f"total steps with the {config.lr_scheduler} schedule: {saved_total_steps} -> {total_steps}")
+    return conflicts
 
 
 # ------------------------------------------------------------------------------------- command line

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError, json_error_message
+
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class DataRecordError(ValueError):
+class DataRecordError(UserError):
     """A training record that cannot be used; the message names the record and the fix."""
 
 
@@ -96,11 +98,35 @@ def _is_datasets_folder(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
+def _read_json_records(source: Path) -> list[dict]:
+    """The records of a JSON list file or a JSON-lines file; malformed JSON is named by file, line and column."""
+    fix = "fix the file (a LLaVA JSON list, or one JSON record per line)"
+    text = source.read_text(encoding="utf-8")
+    if text.lstrip().startswith("[") or not text.strip():
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataRecordError(json_error_message(source, error, fix)) from None
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DataRecordError(json_error_message(source, error, fix, line_offset=number)) from None
+    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+        raise DataRecordError(f"{source} must hold a list of records (JSON objects); {fix}.")
+    if not records:
+        raise DataRecordError(f"{source} holds no records; pass a file with at least one conversation.")
+    return records
+
+
 def load_records(path: str, max_examples: int | None = None) -> list[dict]:
     """Records from a LLaVA JSON (or JSON-lines) file or a Hugging Face `datasets` folder, each checked."""
     source = Path(path)
     if not source.exists():
-        raise FileNotFoundError(f"Training data {source} does not exist; pass a LLaVA JSON file or a datasets folder.")
+        raise DataRecordError(f"Training data {source} does not exist; pass a LLaVA JSON file or a datasets folder.")
     if source.is_dir():
         import datasets
 
@@ -114,8 +140,7 @@ def load_records(path: str, max_examples: int | None = None) -> list[dict]:
             loaded = loaded.select(range(min(max_examples, len(loaded))))
         records = [dict(row) for row in loaded]
     else:
-        text = source.read_text()
-        records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        records = _read_json_records(source)
         if max_examples is not None:
             records = records[:max_examples]
     for index, record in enumerate(records):

@@ -24,10 +24,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..modeling_specvlm_draft import SpecVLMDraftModel
 from ..target import unwrap_target
-from .checkpoint import latest_checkpoint, load_draft_weights, rng_state, save_checkpoint, set_rng_state
-from .config import DistillConfig
+from .checkpoint import (
+    latest_checkpoint, load_draft_weights, prepare_output_dir, rng_state, save_checkpoint, saved_run, set_rng_state,
+)
+from .config import DistillConfig, resume_conflicts
 from .data import Collator, ConversationDataset, ImageResolver, first_prompt, load_records, record_images
 from .evaluation import measure_sigma, plot_scaling_curve, prompt_inputs
 from .objective import DistillationObjective, teacher_forward
@@ -35,8 +38,10 @@ from .prefetch import Prefetcher
 from .sharding import Lockstep, shard_target, target_memory
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a NaN / inf loss or gradient; the last good checkpoint is kept."""
+
+    exit_status = 1
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -105,6 +110,15 @@ class DistillTrainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=compressing)],
         )
         device = self.accelerator.device
+        # the output folder is checked before anything is loaded or trained: never a late failure, never lost work
+        self.output_dir = Path(config.output_dir)
+        prepare_output_dir(self.output_dir, config.resume, config.overwrite_output_dir, self.accelerator.is_main_process)
+        self.accelerator.wait_for_everyone()
+        resume_from = latest_checkpoint(self.output_dir) if config.resume else None
+        world = self.accelerator.num_processes
+        self.global_batch = config.per_device_batch_size * config.gradient_accumulation_steps * world
+        if resume_from is not None:
+            self._check_resume(resume_from)
         if config.shard_target:
             self._check_sharding()
         torch.manual_seed(config.seed)
@@ -133,7 +147,7 @@ class DistillTrainer:
         # data
         if train_records is None:
             if not config.data:
-                raise ValueError("No training data: pass --data (a LLaVA JSON file or a datasets folder).")
+                raise UserError("No training data: pass --data (a LLaVA JSON file or a datasets folder).")
             train_records = load_records(config.data, config.max_examples)
         if eval_records is None:
             if config.eval_data:
@@ -151,18 +165,15 @@ class DistillTrainer:
         self.collate = Collator(pad)
         self.train_set = ConversationDataset(train_records, processor, self.resolver, self.eos_ids, config.max_length)
         self.eval_set = ConversationDataset(eval_records, processor, self.eval_resolver, self.eos_ids, config.max_length)
-        world = self.accelerator.num_processes
-        self.global_batch = config.per_device_batch_size * config.gradient_accumulation_steps * world
         self.steps_per_epoch = len(self.train_set) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise UserError(
                 f"{len(self.train_set)} training records are fewer than one global batch ({self.global_batch} = "
                 f"{config.per_device_batch_size} per device x {config.gradient_accumulation_steps} accumulation x {world} "
                 "processes); lower the batch size or add data."
             )
-        self.total_steps = self.steps_per_epoch * config.num_epochs
-        if config.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.max_steps)
+        # as in Hugging Face's Trainer: max_steps, when given, is the run's length, however many epochs it takes
+        self.total_steps = config.max_steps if config.max_steps is not None else self.steps_per_epoch * config.num_epochs
 
         # optimisation
         self.objective = DistillationObjective(
@@ -186,9 +197,22 @@ class DistillTrainer:
         self.step_in_epoch = 0
         self.metrics = {"config": config.to_dict(), "processes": world, "global_batch": self.global_batch,
                         "target_weight_bytes": target_memory(self.target), "train": [], "eval": []}
-        self.output_dir = Path(config.output_dir)
         if config.resume:
-            self._resume()
+            self._resume(resume_from)
+
+    def _check_resume(self, checkpoint: Path) -> None:
+        """Refuses to resume `checkpoint` with settings that would change the weights, the data order or the
+        batches (naming each), before anything is loaded."""
+        saved = saved_run(checkpoint)
+        conflicts = resume_conflicts(saved.get("config", {}), self.config)
+        if saved.get("global_batch") not in (None, self.global_batch):
+            conflicts.append(f"global batch (per device x accumulation x {self.accelerator.num_processes} processes): "
+                             f"{saved['global_batch']} -> {self.global_batch}")
+        if conflicts:
+            raise UserError(
+                f"--resume: {checkpoint} was written with other settings ({'; '.join(conflicts)}); resume with the "
+                "checkpoint's settings, or start afresh with --overwrite-output-dir or another --output-dir."
+            )
 
     def _check_sharding(self) -> None:
         """`shard_target` needs several processes of a plain multi-process launch (not Accelerate's own FSDP /
@@ -197,7 +221,7 @@ class DistillTrainer:
 
         accelerator = self.accelerator
         if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise ValueError(
+            raise UserError(
                 f"--shard-target shards the frozen target itself; this run was launched with Accelerate's "
                 f"{accelerator.distributed_type.value} plugin, which would wrap the small trained draft instead. Launch "
                 "without --use_fsdp / --use_deepspeed: `accelerate launch --multi_gpu --num_processes N -m "
@@ -205,7 +229,7 @@ class DistillTrainer:
             )
         if accelerator.num_processes < 2:
             where = f"{torch.cuda.device_count()} GPU(s) visible" if torch.cuda.is_available() else "no GPU visible"
-            raise ValueError(
+            raise UserError(
                 "--shard-target shards the target over the processes of a multi-process launch, but this run has "
                 f"1 process ({where}). Launch it with `accelerate launch --multi_gpu --num_processes N -m "
                 "specvlm_hf.cli train ... --shard-target` (N >= 2, one process per GPU; on CPUs: `torchrun --nproc_per_node N "
@@ -241,10 +265,16 @@ class DistillTrainer:
         return self.timer.phase(name, self.step, host) if self.timer is not None else nullcontext()
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    def _run_settings(self) -> dict:
+        """What a checkpoint records about the run, to check a later resume against (`training_config.json`)."""
+        return {"config": self.config.to_dict(), "global_batch": self.global_batch, "total_steps": self.total_steps,
+                "processes": self.accelerator.num_processes}
+
     def _state(self) -> dict:
         return {
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "metrics": self.metrics,
+            **self._run_settings(),
         }
 
     def save(self) -> Path | None:
@@ -253,17 +283,23 @@ class DistillTrainer:
         path = None
         if self.accelerator.is_main_process:
             path = save_checkpoint(self.output_dir, self.step, self.accelerator.unwrap_model(self.model).draft, self._state(),
-                                   states, self.config.save_total_limit)
+                                   states, self.config.save_total_limit, run=self._run_settings())
         self.accelerator.wait_for_everyone()
         return path
 
-    def _resume(self) -> None:
-        checkpoint = latest_checkpoint(self.output_dir)
+    def _resume(self, checkpoint: Path | None) -> None:
         if checkpoint is None:
             self.accelerator.print(f"--resume: no checkpoint in {self.output_dir}; starting from scratch.")
             return
-        load_draft_weights(self.accelerator.unwrap_model(self.model).draft, checkpoint / "draft")
         state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+        conflicts = resume_conflicts({}, self.config, state.get("total_steps"), self.total_steps)
+        if conflicts:
+            raise UserError(
+                f"--resume: {checkpoint} was written with other settings ({'; '.join(conflicts)}); keep --num-epochs / "
+                "--max-steps as they were (or use --lr-scheduler constant, whose schedule does not depend on the run's "
+                "length), or start afresh with --overwrite-output-dir."
+            )
+        load_draft_weights(self.accelerator.unwrap_model(self.model).draft, checkpoint / "draft")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
@@ -271,7 +307,15 @@ class DistillTrainer:
         rng_file = checkpoint / f"rng_state_{self.accelerator.process_index}.pt"
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
-        self.accelerator.print(f"resumed from {checkpoint} (step {self.step}, epoch {self.epoch}, step {self.step_in_epoch} of it)")
+        self.metrics["config"] = self.config.to_dict()  # the settings of this run (resume_conflicts allowed the changes)
+        if self.step >= self.total_steps:
+            self.accelerator.print(
+                f"resumed from {checkpoint}: it is at step {self.step}, the end of this run ({self.total_steps} steps), so "
+                "there is nothing to train; raise --num-epochs or --max-steps to train further."
+            )
+            return
+        self.accelerator.print(f"resumed from {checkpoint} (step {self.step} of {self.total_steps}, epoch {self.epoch}, "
+                               f"step {self.step_in_epoch} of it)")
 
     def _write_metrics(self) -> None:
         if not self.accelerator.is_main_process:
@@ -350,7 +394,7 @@ class DistillTrainer:
         budget = config.max_train_minutes * 60 if config.max_train_minutes else math.inf
         out_of_time = False
         window = {"loss": 0.0, "agreement": 0.0, "logit_loss": 0.0, "feature_loss": 0.0, "n": 0, "tokens": 0, "start": time.perf_counter()}
-        while self.epoch < config.num_epochs and self.step < self.total_steps:
+        while self.step < self.total_steps:
             micro = Prefetcher(self._loader(self.train_set, self._batches(self.epoch, self.step_in_epoch)),
                                depth=2 * config.gradient_accumulation_steps, pin_memory=accelerator.device.type == "cuda")
             while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps and not out_of_time:
