@@ -10,6 +10,7 @@ enables SpecVLM decoding on the target for the call, and runs the target's `gene
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import os
 
 from .draft_location import CONFIG_SHA256, LOCATION
@@ -21,7 +22,10 @@ _LOADED_DRAFTS: dict = {}
 
 def _draft_location() -> str:
     """The folder or Hub repo this file's draft lives in, as `save_pretrained` / `specvlm push` recorded it."""
-    if LOCATION is not None and not os.path.isdir(LOCATION):
+    if LOCATION is not None and LOCATION.startswith("package:"):  # shipped inside an installed package
+        package, _, folder = LOCATION[len("package:"):].partition("/")
+        return str(importlib.resources.files(package).joinpath(folder))
+    if LOCATION is not None and not os.path.isabs(LOCATION):
         return LOCATION  # a Hub repo id
     if LOCATION is not None and CONFIG_SHA256 is not None:
         config = os.path.join(LOCATION, "config.json")

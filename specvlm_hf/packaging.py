@@ -46,8 +46,10 @@ def draft_location_source(location: str, config_file: str | None = None) -> str:
     )
 
 
-def write_custom_generate(save_directory: str) -> None:
-    """Writes `custom_generate/generate.py`, the modules it imports, and where the draft lives (this folder)."""
+def write_custom_generate(save_directory: str, location: str | None = None) -> None:
+    """Writes `custom_generate/generate.py`, the modules it imports, and where the draft lives: `location` (a Hub
+    repo id, or `package:<package>/<folder>` for a draft shipped inside an installed package), by default this
+    folder, fingerprinted by its `config.json`."""
     entry = os.path.join(_HERE, "custom_generate_entry.py")
     target_dir = os.path.join(save_directory, "custom_generate")
     os.makedirs(target_dir, exist_ok=True)
@@ -55,5 +57,7 @@ def write_custom_generate(save_directory: str) -> None:
         destination = "generate.py" if name == "custom_generate_entry.py" else name
         shutil.copyfile(os.path.join(_HERE, name), os.path.join(target_dir, destination))
     folder = os.path.abspath(save_directory)
+    source = draft_location_source(folder, os.path.join(folder, "config.json")) if location is None else \
+        draft_location_source(location)
     with open(os.path.join(folder, LOCATION_FILE), "w", encoding="utf-8") as handle:
-        handle.write(draft_location_source(folder, os.path.join(folder, "config.json")))
+        handle.write(source)

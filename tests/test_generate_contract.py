@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -269,3 +271,18 @@ def test_sliding_window_target_is_refused_with_the_fix():
     inputs = random_inputs(target, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="sliding-window.*sliding_window=None"):
         target.generate(**inputs, max_new_tokens=5, assistant_model=draft)
+
+
+def test_a_draft_that_accepts_almost_nothing_warns_once(setup):
+    """A draft made for another target (or untrained) makes decoding slower than plain `generate`: one warning per
+    draft says so and what to do; a draft that is accepted says nothing."""
+    target, inputs = setup
+    torch.manual_seed(3)
+    useless = SpecVLMDraftModel.from_target(target)  # fresh weights: nothing accepted
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    with pytest.warns(UserWarning, match="accepted 1.* tokens per target forward.*slower than plain"):
+        target.generate(**inputs, **kwargs, assistant_model=useless)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        target.generate(**inputs, **kwargs, assistant_model=useless)  # once per draft
+        target.generate(**inputs, **kwargs, assistant_model=draft_for(target, "tree"))  # accepted: no warning

@@ -35,6 +35,19 @@ def draft_path(name: str = DEFAULT_DRAFT) -> Path:
     return path
 
 
+def refresh_shipped_files() -> None:
+    """Rewrites each shipped draft folder as `save_pretrained` writes it (weights, config, remote code and
+    `custom_generate/`, which finds the draft inside the installed package). Run after changing the package's
+    remote-code modules: `python -c "from specvlm_hf.mini.drafts import refresh_shipped_files as r; r()"`."""
+    from ...modeling_specvlm_draft import SpecVLMDraftModel
+    from ...packaging import write_custom_generate
+
+    for name in DRAFT_NAMES:
+        folder = draft_path(name)
+        SpecVLMDraftModel.from_pretrained(folder).save_pretrained(folder)
+        write_custom_generate(str(folder), location=f"package:specvlm_hf/mini/drafts/{name}")
+
+
 def load_draft(target=None, name: str = DEFAULT_DRAFT):
     """Loads a shipped draft (bound to `target` when given: on its device and dtype)."""
     from ...modeling_specvlm_draft import SpecVLMDraftModel

@@ -1,0 +1,345 @@
+"""The SpecVLM / EagleVLM draft model.
+
+At position t the draft reads [embedding of token x_{t+1} ; target's final hidden state f_t] and predicts
+the target's next final hidden state f_{t+1}; the target's own (frozen) `lm_head` turns it into logits:
+
+    fc(2d -> d) -> RMSNorm -> N decoder layers of the target's text architecture -> target lm_head
+
+The decoder layers are built by transformers from the target's text configuration (Llama, Mistral,
+Qwen2, ...), with their own RoPE, attention and KV cache. Embedding and `lm_head` stay with the target:
+`bind_target` lends them to the draft without making them part of its weights.
+
+This file, and the flat sibling modules it imports, are also the remote code saved with every draft.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .compressor import VisualCompressor, image_spans
+from .configuration_specvlm_draft import SpecVLMDraftConfig
+from .hf_internals import cache_argument_name
+from .packaging import write_custom_generate
+from .stats import SpecVLMStats
+from .target import check_draft_fits, describe_target, target_text_config, unwrap_target
+
+
+@dataclass
+class SpecVLMDraftOutput(ModelOutput):
+    """Output of [`SpecVLMDraftModel.forward`].
+
+    Attributes:
+        last_hidden_state: `(batch, seq, d)` predicted next target features f^_{t+1}.
+        logits: `(batch, seq, vocab)` the target `lm_head` applied to them (when requested).
+
+    The draft's KV cache is the one passed in (updated in place).
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class SpecVLMRMSNorm(nn.Module):
+    """RMSNorm over the last dimension, computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class SpecVLMDraftPreTrainedModel(PreTrainedModel):
+    config_class = SpecVLMDraftConfig
+    base_model_prefix = "specvlm_draft"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False  # tree masks are arbitrary 4-D masks
+    _supports_flex_attn = False
+
+    def _init_weights(self, module):
+        std = self.config.text_config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, SpecVLMRMSNorm):
+            nn.init.ones_(module.weight)
+        else:
+            super()._init_weights(module)
+
+
+class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
+    """EAGLE-style draft for a VLM target (see the module docstring).
+
+    Use it as `target.generate(**inputs, assistant_model=draft)` after `specvlm_hf.enable(target)`; it is not
+    a standalone language model.
+    """
+
+    def __init__(self, config: SpecVLMDraftConfig):
+        super().__init__(config)
+        text_config = config.text_config
+        hidden = text_config.hidden_size
+        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+        eps = getattr(text_config, "rms_norm_eps", 1e-6)
+        self.input_norm = SpecVLMRMSNorm(hidden, eps=eps) if config.input_norm else nn.Identity()
+
+        # The target architecture's own text model, minus what the draft borrows from the target:
+        # token embeddings (a 1-row table is built, then dropped) and the final norm (the draft regresses
+        # the post-norm feature directly, as EAGLE does).
+        layers_config = copy.deepcopy(text_config)
+        layers_config.vocab_size = 1
+        layers_config.pad_token_id = None
+        layers_config._attn_implementation = config._attn_implementation
+        self.model = AutoModel.from_config(layers_config, attn_implementation=config._attn_implementation)
+        self.model.embed_tokens = None
+        self.model.norm = nn.Identity()
+        self.compressor = (
+            VisualCompressor(config.compressor, hidden, text_config.num_attention_heads)
+            if config.compressor.get("mode", "none") != "none"
+            else None
+        )
+        if config.draft_vocab_size is not None:  # target token ids the draft scores (set by `set_draft_vocab`)
+            self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size), persistent=True)
+        else:
+            self.draft_vocab = None
+        self._head_rows: torch.Tensor | None = None  # the target lm_head's rows of `draft_vocab`
+        self._head_rows_key = None
+        self._no_split_modules = list(getattr(self.model, "_no_split_modules", None) or [])
+        self._cache_argument = cache_argument_name(self.model.forward)
+
+        self._target_modules: tuple[nn.Module, nn.Module] | None = None  # (embed_tokens, lm_head), not owned
+        self.stats = SpecVLMStats()
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------------
+    # binding to a target
+    @classmethod
+    def from_target(cls, target: nn.Module, **overrides) -> "SpecVLMDraftModel":
+        """A freshly initialised draft sized to `target` (its text architecture, sizes, GQA and RoPE settings),
+        bound to it, on its `lm_head`'s device and dtype.
+
+        Args:
+            target: a transformers VLM (e.g. `LlavaForConditionalGeneration`), possibly PEFT-wrapped.
+            overrides: `SpecVLMDraftConfig` fields, e.g. `num_draft_layers=2`, `tree_total_tokens=40`.
+        """
+        text = target_text_config(target).to_dict()
+        attn = overrides.pop("attn_implementation", "sdpa")
+        config = SpecVLMDraftConfig(text_config=text, target=describe_target(target), **overrides)
+        config._attn_implementation = attn
+        draft = cls(config)
+        return draft.bind_target(target)
+
+    def bind_target(self, target: nn.Module) -> "SpecVLMDraftModel":
+        """Lends the target's embedding and `lm_head` to the draft and moves the draft to the `lm_head`'s device
+        and dtype. Raises `DraftTargetMismatchError` when the draft does not fit the target."""
+        check_draft_fits(self.config, target)
+        model = unwrap_target(target)
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if head is None or embed is None:
+            raise TypeError(f"{type(model).__name__} has no input embeddings or lm_head to lend the draft")
+        self._target_modules = (embed, head)
+        weight = head.weight
+        if self.fc.weight.device != weight.device or self.fc.weight.dtype != weight.dtype:
+            self.to(device=weight.device, dtype=weight.dtype)
+        self._gather_head_rows()
+        return self
+
+    def set_draft_vocab(self, token_ids) -> "SpecVLMDraftModel":
+        """Sets the reduced vocabulary: the `draft_vocab_size` target token ids the draft scores (e.g. from
+        `specvlm_hf.draft_vocab.choose_draft_vocab`)."""
+        if self.draft_vocab is None:
+            raise ValueError("this draft scores the full vocabulary; build it with `draft_vocab_size=N` first")
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long)
+        if token_ids.shape != self.draft_vocab.shape or len(set(token_ids.tolist())) != token_ids.numel():
+            raise ValueError(f"need {self.draft_vocab.numel()} distinct token ids, got shape {tuple(token_ids.shape)}")
+        if int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.text_config.vocab_size:
+            raise ValueError(f"draft vocabulary ids must lie in 0..{self.config.text_config.vocab_size - 1}")
+        with torch.no_grad():
+            self.draft_vocab.copy_(token_ids.to(self.draft_vocab.device))
+        self._head_rows = None
+        self._gather_head_rows()
+        return self
+
+    def _gather_head_rows(self) -> None:
+        """Copies the target `lm_head`'s rows of the reduced vocabulary (read once per tree level instead of the
+        whole head)."""
+        if self.draft_vocab is None or self._target_modules is None:
+            return
+        head = self._target_modules[1]
+        key = (id(head), head.weight.data_ptr(), self.draft_vocab.data_ptr(), self.fc.weight.device)
+        if self._head_rows is not None and self._head_rows_key == key:
+            return  # the same rows: keep their address (captured fast-path graphs read it)
+        self._head_rows_key = key
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("a reduced draft vocabulary needs an lm_head without bias")
+        rows = head.weight.detach().index_select(0, self.draft_vocab.to(head.weight.device))
+        self._head_rows = rows.to(self.fc.weight.device)
+
+    @property
+    def is_bound(self) -> bool:
+        return self._target_modules is not None
+
+    def _borrowed(self) -> tuple[nn.Module, nn.Module]:
+        if self._target_modules is None:
+            raise RuntimeError(
+                "This draft is not bound to a target: call `draft.bind_target(target)`, or pass it as "
+                "`assistant_model=` to `target.generate` (after `specvlm_hf.enable(target)`)."
+            )
+        return self._target_modules
+
+    def get_input_embeddings(self):
+        return self._target_modules[0] if self._target_modules is not None else None
+
+    def get_output_embeddings(self):
+        return self._target_modules[1] if self._target_modules is not None else None
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings from the target's (frozen) table, on the draft's device (the table may sit on
+        another GPU when the target is split with `device_map`)."""
+        return self._borrowed()[0](input_ids).to(self.fc.weight.device)
+
+    def lm_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits from the target's (frozen) `lm_head`: over the full vocabulary, or over `draft_vocab` (column i
+        scores target token `draft_vocab[i]`) for a draft with a reduced vocabulary."""
+        head = self._borrowed()[1]
+        if self._head_rows is None:
+            return head(hidden_states)
+        return torch.nn.functional.linear(hidden_states.to(self._head_rows.dtype), self._head_rows)
+
+    def full_vocab(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Draft log-probabilities over the target's full vocabulary (-inf outside a reduced vocabulary)."""
+        if self.draft_vocab is None:
+            return log_probs
+        full = log_probs.new_full((*log_probs.shape[:-1], self.config.text_config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.draft_vocab.to(log_probs.device), log_probs)
+
+    # ----------------------------------------------------------------------------------------------------
+    def fuse(self, inputs_embeds: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The draft's input vectors: RMSNorm(fc([embedding ; feature])), `(..., 2d) -> (..., d)`."""
+        weight = self.fc.weight
+        inputs_embeds = inputs_embeds.to(weight.device)
+        fused = self.fc(torch.cat([inputs_embeds, hidden_states.to(weight.device, inputs_embeds.dtype)], dim=-1))
+        return self.input_norm(fused)
+
+    def decode(self, fused, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None, **kwargs):
+        """Runs the decoder layers on fused input vectors `(batch, seq, d)`; returns their outputs."""
+        outputs = self.model(
+            inputs_embeds=fused,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **{self._cache_argument: past_key_values},
+            **kwargs,
+        )
+        return outputs.last_hidden_state
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        compute_logits: bool = False,
+        **kwargs,
+    ) -> SpecVLMDraftOutput:
+        """Predicts the target's next final hidden states (no visual compression: see `compress_prompt`).
+
+        Args:
+            inputs_embeds: `(batch, seq, d)` embeddings of tokens x_{t+1} (target's table; image features at
+                image positions).
+            hidden_states: `(batch, seq, d)` the target's final hidden states f_t (or the draft's own
+                predictions while drafting ahead).
+            attention_mask: `(batch, seq_total)` padding mask, or a 4-D additive mask `(batch, 1, seq,
+                cached + seq)` for tree steps.
+            position_ids: `(batch, seq)`.
+            past_key_values: the draft's KV cache (a transformers `DynamicCache`).
+            compute_logits: also apply the target's `lm_head`.
+        """
+        predicted = self.decode(
+            self.fuse(inputs_embeds, hidden_states), attention_mask, position_ids, past_key_values, use_cache, **kwargs
+        )
+        logits = self.lm_head(predicted) if compute_logits else None
+        return SpecVLMDraftOutput(last_hidden_state=predicted, logits=logits)
+
+    def compress_prompt(
+        self,
+        fused: torch.Tensor,
+        positions: torch.Tensor,
+        real: torch.Tensor,
+        visual: torch.Tensor,
+        layouts: list,
+        question: torch.Tensor | None,
+    ):
+        """Replaces each image's fused draft inputs by the compressor's output (no-op without a compressor).
+
+        Args:
+            fused: `(n, d)` fused inputs of one prompt (`fuse` output).
+            positions: `(n,)` their position ids; real: `(n,)` bool, False on left padding.
+            visual: `(n,)` bool, True where the pair's token is an image token.
+            layouts: one `VisualLayout` per image span of `visual`, in order.
+            question: `(d,)` pooled target features of the prompt's text (the gate's input).
+        Returns:
+            `(fused (m, d), positions (m,), real (m,), info)` with `info` = dict(branch, draft_visual_tokens,
+            target_visual_tokens, expected_fraction).
+        """
+        spans = image_spans(visual)
+        info = {"branch": "none", "draft_visual_tokens": int(visual.sum()), "target_visual_tokens": int(visual.sum()),
+                "expected_fraction": None}
+        if self.compressor is None or not spans:
+            return fused, positions, real, info
+        if len(layouts) != len(spans):
+            raise ValueError(f"{len(spans)} image spans in the prompt but {len(layouts)} layouts")
+        pieces, piece_positions, piece_real, branches, expected = [], [], [], [], []
+        cursor = 0
+        for (start, end), layout in zip(spans, layouts):
+            pieces.append(fused[cursor:start])
+            piece_positions.append(positions[cursor:start])
+            piece_real.append(real[cursor:start])
+            result = self.compressor(fused[start:end], layout, question)
+            kept = result.tokens.shape[0]
+            pieces.append(result.tokens)
+            piece_positions.append(positions[end - kept : end])  # the last positions of the image's span
+            piece_real.append(real[end - kept : end])
+            branches.append(result.branch)
+            if result.expected_fraction is not None:
+                expected.append(result.expected_fraction)
+            cursor = end
+        pieces.append(fused[cursor:])
+        piece_positions.append(positions[cursor:])
+        piece_real.append(real[cursor:])
+        out = torch.cat(pieces)
+        info["branch"] = branches[0] if len(set(branches)) == 1 else ",".join(branches)
+        info["draft_visual_tokens"] = int(out.shape[0] - (fused.shape[0] - int(visual.sum())))
+        info["expected_fraction"] = torch.stack(expected).mean() if expected else None
+        return out, torch.cat(piece_positions), torch.cat(piece_real), info
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves weights (safetensors; the target's embedding and `lm_head` are not included), the config with
+        `auto_map`, the remote-code files and `custom_generate/`."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_custom_generate(str(save_directory))
+
+    def generate(self, *args, **kwargs):
+        raise RuntimeError(
+            "A SpecVLM draft is not a standalone language model and cannot `generate` by itself. Pass it to the "
+            "target instead: `specvlm_hf.enable(target); target.generate(**inputs, assistant_model=draft)`."
+        )
+
+
+SpecVLMDraftModel.register_for_auto_class("AutoModel")
+
+__all__ = ["SpecVLMDraftModel", "SpecVLMDraftPreTrainedModel", "SpecVLMDraftOutput"]

@@ -1,0 +1,323 @@
+"""The tree-decoding loop inside `generate`: prefill, then rounds of draft tree -> verify -> accept -> commit.
+
+`tree_assisted_decoding` has the signature of transformers' `GenerationMixin._assisted_decoding`, so
+`generate` prepares everything (cache, attention mask, position ids, logits processors, stopping criteria,
+streamer) and then hands over to it. One loop (`run_rounds`) drives both backends of `round.SpeculativeRound`:
+
+    draft_tree -> verify -> processed_scores -> greedy_path / sampling_path (verify.py) -> commit -> append
+
+eager on dynamic caches (any device), or the fast path on static caches (`cache_implementation="static"`),
+captured as CUDA graphs on a GPU. What differs between target families is asked of the target's adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.generation import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    GenerateDecoderOnlyOutput,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+from .adapters import adapter_for
+from .draft_runner import prompt_pairs
+from .hf_internals import host_stop_rule, length_rule_active, prefill
+from .request_checks import check_attention_backend, prefix_positions, validate_request
+from .round import SpeculativeRound, fast_path_options
+from .stats import PhaseClock, SpecVLMStats, warn_if_low_acceptance
+from .target import FeatureTap
+from .tree import DraftTree
+from .verify import Acceptance, greedy_path, pack_acceptance, sampling_path, unpack_acceptance
+
+# warpers that read only the scores, never the sequence: the whole tree is processed in one call
+_SEQUENCE_FREE_PROCESSORS = (
+    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, TypicalLogitsWarper,
+    EpsilonLogitsWarper, EtaLogitsWarper,
+)
+
+
+def _same_for_every_node(logits_processor, prefix_length: int, max_depth: int) -> bool:
+    """True when the processors treat every tree node alike: each reads only the scores, or only the length and
+    acts (or not) on the shortest and the longest sequence of the tree alike (minimum-length rules are monotone)."""
+    for processor in logits_processor:
+        if type(processor) in _SEQUENCE_FREE_PROCESSORS:
+            continue
+        shortest = length_rule_active(processor, prefix_length)
+        if shortest is None or shortest != length_rule_active(processor, prefix_length + max_depth):
+            return False
+    return True
+
+
+def processed_scores(
+    tree: DraftTree, prefix_ids: torch.Tensor, logits: torch.Tensor, logits_processor
+) -> torch.Tensor:
+    """The target's logits at every tree node after `generate`'s logits processors.
+
+    Each node is processed with its own sequence (prefix + path to the node), exactly as step-by-step
+    decoding would; nodes of one depth share a length and are processed as one batch. The whole tree is
+    processed at once when that gives the same: processors that only read the scores (temperature, top-k,
+    top-p...) and minimum-length rules that act on all of the tree's lengths or on none.
+
+    Args:
+        tree: `T` nodes; the root is the last token of `prefix_ids`.
+        prefix_ids: `(1, n)` the sequence so far, root included.
+        logits: `(T, V)` float32 target logits; row i scores the token after node i.
+    Returns:
+        `(T, V)` processed scores.
+    """
+    if logits_processor is None or len(logits_processor) == 0:
+        return logits
+    # processors run where `generate` keeps the ids (with a target split over GPUs, the logits come from the
+    # last one), as plain `generate` runs them; the scores go back to the tree's device
+    home, logits = logits.device, logits.to(prefix_ids.device)
+    if _same_for_every_node(logits_processor, prefix_ids.shape[1], tree.max_depth):
+        return logits_processor(prefix_ids.expand(tree.num_nodes, -1), logits.clone()).to(home)
+    # every node's own sequence: the prefix, then the tokens on its path after the root (padded past its depth)
+    path_tokens = tree.tokens[tree.paths[:, 1:].clamp(min=0)].to(prefix_ids.device)
+    sequences = torch.cat([prefix_ids.expand(tree.num_nodes, -1), path_tokens], dim=1)
+    depths = tree.depths.to(prefix_ids.device)
+    out = logits
+    for depth in range(tree.max_depth + 1):  # all rows at once, kept for the nodes of this depth: no syncs
+        processed = logits_processor(sequences[:, : prefix_ids.shape[1] + depth], logits.clone())
+        out = torch.where((depths == depth)[:, None], processed, out)
+    return out.to(home)
+
+
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of host `values` on `device`; on CUDA through pinned memory, so the copy does not wait for
+    the work already queued on the stream (a copy from pageable memory would)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def append_until_stop(
+    input_ids: torch.Tensor, tokens: list[int], stopping_criteria, host_rule=None
+) -> tuple[torch.Tensor, int, bool]:
+    """Appends `tokens` one by one, stopping right after the first one on which `stopping_criteria` fire
+    (EOS, max length, stop strings, user criteria), as step-by-step decoding would.
+
+    Args:
+        host_rule: `host_stop_rule(stopping_criteria)`, to decide on the host when possible.
+    Returns:
+        the new `(1, n + j)` ids, the number `j` of tokens appended, and whether generation is finished.
+    """
+    if host_rule is not None:
+        max_length, eos = host_rule
+        length = input_ids.shape[1]
+        count, finished = len(tokens), False
+        for j, token in enumerate(tokens, start=1):
+            if token in eos or (max_length is not None and length + j >= max_length):
+                count, finished = j, True
+                break
+        return torch.cat([input_ids, to_device(tokens[:count], input_ids.device)[None]], dim=1), count, finished
+    for j, token in enumerate(tokens, start=1):
+        input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
+        if bool(stopping_criteria(input_ids, None).any()):
+            return input_ids, j, True
+    return input_ids, len(tokens), False
+
+
+class PendingAcceptance:
+    """The round's one device-to-host transfer (a `pack_acceptance` tensor), started without waiting: on CUDA
+    it is copied into pinned memory behind an event, so the host can queue more work before it waits."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = self.event = self.values = None
+
+    def send(self, packed: torch.Tensor) -> None:
+        if not self.cuda:
+            self.values = packed.tolist()
+            return
+        if self.host is None or self.host.shape != packed.shape:
+            self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        self.host.copy_(packed, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def receive(self) -> Acceptance:
+        if self.cuda:
+            self.event.synchronize()
+            self.values = self.host.tolist()
+        return unpack_acceptance(self.values)
+
+
+class Decoding:
+    """What one `generate` call accumulates and how it grows: the ids, streamed tokens, per-token scores and
+    logits, stopping, and the round statistics."""
+
+    def __init__(self, input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats):
+        self.input_ids = input_ids
+        self.logits_processor = logits_processor
+        self.stopping_criteria = stopping_criteria
+        self.host_rule = host_stop_rule(stopping_criteria)
+        self.streamer = streamer
+        self.stats = stats
+        self.do_sample = bool(generation_config.do_sample)
+        self.want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
+        self.want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
+        self.scores, self.logits = [], []
+        self.finished = False
+
+    def append(self, tokens: list[int]) -> int:
+        """Appends `tokens` up to the first that stops generation; streams them; returns how many were appended."""
+        self.input_ids, appended, self.finished = append_until_stop(
+            self.input_ids, tokens, self.stopping_criteria, self.host_rule
+        )
+        if self.streamer is not None:  # from the host's copy: `.cpu()` on the device ids would wait for the GPU
+            self.streamer.put(torch.tensor([tokens[:appended]]))
+        return appended
+
+    def first_token(self, logits: torch.Tensor) -> int:
+        """Chooses and appends the prefill's token from its `(1, V)` float32 logits."""
+        scores = self.logits_processor(self.input_ids, logits)
+        if self.do_sample:
+            token = int(torch.multinomial(torch.softmax(scores[0], dim=-1), 1))
+        else:
+            token = int(scores[0].argmax())
+        if self.want_scores:
+            self.scores.append(scores)
+        if self.want_logits:
+            self.logits.append(logits)
+        self.append([token])
+        return token
+
+    def accept(self, tree: DraftTree, logits: torch.Tensor):
+        """`(scores, (path, length, next_token))`: the processed target scores at every node and the acceptance,
+        on the device."""
+        scores = processed_scores(tree, self.input_ids, logits, self.logits_processor)
+        if self.do_sample:
+            return scores, sampling_path(tree, torch.softmax(scores, dim=-1))
+        return scores, greedy_path(tree, scores)
+
+    def record(self, acceptance: Acceptance, scores: torch.Tensor, logits: torch.Tensor) -> int:
+        """Appends a round's accepted tokens (and their scores / logits when asked for); returns how many."""
+        appended = self.append(acceptance.tokens)
+        if self.want_scores or self.want_logits:
+            rows = torch.tensor(acceptance.nodes[:appended], device=logits.device)  # a copy, even of graph memory
+            if self.want_scores:
+                self.scores.extend(scores[rows].split(1))
+            if self.want_logits:
+                self.logits.extend(logits[rows].split(1))
+        self.stats.rounds += 1
+        self.stats.accepted_per_round.append(appended)
+        return appended
+
+
+def run_rounds(decoding: Decoding, round: SpeculativeRound, clock: PhaseClock) -> None:
+    """Rounds until generation stops: tree, verify, acceptance on the device, one transfer to the host started
+    before the commit, and one wait, on that transfer, while the commit runs."""
+    pending = PendingAcceptance(decoding.input_ids.device)
+    while not decoding.finished:
+        tree = round.draft_tree()
+        clock.lap("draft")
+        logits, _ = round.verify()
+        scores, path = decoding.accept(tree, logits)
+        pending.send(pack_acceptance(tree, *path))
+        clock.lap("verify")
+        round.commit(*path)
+        clock.lap("draft")
+        decoding.record(pending.receive(), scores, logits)
+
+
+def _cache_key(model_kwargs: dict) -> str:
+    for key in ("cache", "past_key_values"):  # `cache` from transformers 5.24
+        if model_kwargs.get(key) is not None:
+            return key
+    raise RuntimeError("SpecVLM tree decoding needs the generation cache; do not pass use_cache=False")
+
+
+@torch.no_grad()
+def tree_assisted_decoding(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    assistant_model=None,
+    **model_kwargs,
+):
+    """EAGLE-2 tree speculative decoding with a SpecVLM draft (`assistant_model`), lossless.
+
+    Arguments are those `generate` passes to a decoding method; see `GenerationMixin._assisted_decoding`.
+    Returns what `generate` returns: the sequences, or a `GenerateDecoderOnlyOutput` when
+    `return_dict_in_generate=True` (with `scores` / `logits` per new token when requested).
+    """
+    draft = assistant_model
+    for unused in ("inputs_tensor", "assistant_tokenizer", "tokenizer"):
+        model_kwargs.pop(unused, None)
+    adapter = adapter_for(model, tree=True)
+    validate_request(model, input_ids, generation_config, synced_gpus)
+    check_attention_backend(model, draft)
+    draft.bind_target(model)
+    config = draft.config
+    stats = draft.stats = SpecVLMStats(mode="tree", prompt_tokens=input_ids.shape[1])
+    clock = PhaseClock(input_ids.device)
+    prompt_mask, prompt_positions = prefix_positions(input_ids, model_kwargs)
+    cache_key = _cache_key(model_kwargs)
+    fast = None
+    if generation_config.cache_implementation == "static":  # the fast path: static caches, CUDA graphs
+        graphs, compile = fast_path_options(model, draft, input_ids.device, generation_config)
+        # room for one tree in the target's cache, and for a round's draft entries (tree levels, catch-up)
+        needed = generation_config.max_length + max(
+            config.tree_total_tokens, config.tree_depth * config.tree_top_k + config.tree_depth + 2
+        )
+        fast = SpeculativeRound.static(adapter, draft, needed, graphs, compile)
+        model_kwargs[cache_key] = fast.target_window.cache
+    else:
+        model_kwargs[cache_key] = adapter.rewindable_cache(model_kwargs[cache_key])
+    decoding = Decoding(input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats)
+
+    # 1. prefill: the same call plain `generate` makes, so the first token is bit-identical; the tap records
+    # the prompt's merged input embeddings and final hidden states for the draft
+    with FeatureTap(model) as tap:
+        outputs = prefill(model, input_ids, generation_config, model_kwargs)
+        prompt_embeds, prompt_features = tap.inputs_embeds, tap.last_hidden_state
+    token = decoding.first_token(outputs.logits[:, -1].to(dtype=torch.float32, device=input_ids.device, copy=True))
+    del outputs
+    clock.lap("prefill")
+
+    if not decoding.finished:
+        # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
+        if fast is None:
+            round = SpeculativeRound.eager(adapter, draft, model_kwargs[cache_key],
+                                           DynamicCache(config=config.text_config), prompt_mask)
+        else:
+            round = fast
+        pairs = prompt_pairs(adapter, draft, input_ids, prompt_embeds, prompt_features, decoding.input_ids[:, -1:],
+                             prompt_mask, prompt_positions, model_kwargs)
+        root_hidden, root_log_probs, info = round.runner.prefill(pairs)
+        stats.visual_branch = info["branch"]
+        stats.draft_visual_tokens = info["draft_visual_tokens"]
+        stats.target_visual_tokens = info["target_visual_tokens"]
+        clock.lap("draft")
+
+        # 3. rounds: draft a tree, score it with the target, accept, keep the accepted path, catch the draft up
+        root_position = int(prompt_positions[-1]) + 1
+        round.start(prompt_mask, token, root_position, adapter.position_offset(), root_hidden, root_log_probs)
+        run_rounds(decoding, round, clock)
+
+    if streamer is not None:
+        streamer.end()
+    stats.new_tokens = decoding.input_ids.shape[1] - stats.prompt_tokens
+    clock.fill(stats)
+    warn_if_low_acceptance(draft, stats)
+    if generation_config.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(
+            sequences=decoding.input_ids,
+            scores=tuple(decoding.scores) if decoding.want_scores else None,
+            logits=tuple(decoding.logits) if decoding.want_logits else None,
+            past_key_values=model_kwargs[cache_key],
+        )
+    return decoding.input_ids
+

@@ -1,0 +1,149 @@
+"""The draft over its own KV cache: the prompt's pairs, prefill (compressed), catch-up and tree steps.
+
+At position t the draft reads the pair (x_{t+1}, f_t): the target's input embedding of the next token and the
+target's final hidden state at t. `prompt_pairs` builds a prompt's pairs from the target's prefill;
+`DraftRunner` runs the draft over blocks of pairs on a cache window (`kv_cache.py`: dynamic or static cache), and is shared
+by the tree round (`round.SpeculativeRound`), chain mode (`chain.py`) and training (`training/objective.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import call_image_inputs
+from .compressor import question_features
+from .kv_cache import FixedWindow, GrowingWindow
+from .tree import additive_mask
+
+
+@dataclass
+class PromptPairs:
+    """A prompt as the draft reads it: pairs (x_{t+1}, f_t) for t = 0..n-1, x_n being the first new token.
+
+    Attributes:
+        token_embeds: `(1, n, d)` the target's input embeddings of x_1..x_n (image features at image tokens).
+        features: `(1, n, d)` the target's final hidden states f_0..f_{n-1}.
+        positions: `(n,)` position ids; real: `(n,)` bool, False on left padding.
+        visual: `(n,)` bool, True where x_{t+1} is an image token.
+        layouts: one `VisualLayout` per image; question: `(d,)` the compressor gate's input.
+    """
+
+    token_embeds: torch.Tensor
+    features: torch.Tensor
+    positions: torch.Tensor
+    real: torch.Tensor
+    visual: torch.Tensor
+    layouts: list
+    question: torch.Tensor | None
+
+
+def prompt_pairs(adapter, draft, prompt_ids, prompt_embeds, prompt_features, first_token_ids, mask, positions,
+                 model_kwargs) -> PromptPairs:
+    """Builds the draft's view of a prompt from the target's prefill (see `PromptPairs`).
+
+    Args:
+        adapter: the target's `TargetAdapter` (image token, visual layouts).
+        prompt_ids: `(1, n)` prompt; prompt_embeds / prompt_features: `(1, n, d)` from the target's prefill.
+        first_token_ids: `(1, 1)` the first generated token x_n.
+        mask, positions: `(n,)` the prompt's attention mask (bool) and position ids.
+        model_kwargs: `generate`'s model inputs (image sizes and grids for the layouts; where transformers has
+            dropped them before the loop, those the call was given, see `call_image_inputs`).
+    """
+    model_kwargs = call_image_inputs(model_kwargs)
+    is_image = adapter.visual_mask(prompt_ids[0], model_kwargs)
+    visual = torch.cat([is_image[1:], is_image.new_zeros(1)])
+    compressing = draft.compressor is not None and bool(is_image.any())
+    first = draft.embed(first_token_ids)
+    return PromptPairs(
+        token_embeds=torch.cat([prompt_embeds[:, 1:].to(first.device), first], dim=1),
+        features=prompt_features.to(first.device),
+        positions=positions,
+        real=mask,
+        visual=visual,
+        layouts=adapter.visual_layouts(visual, model_kwargs) if compressing else [],
+        question=question_features(prompt_features[0], mask, is_image) if compressing else None,
+    )
+
+
+class DraftRunner:
+    """Runs a draft over its cache window.
+
+    Args:
+        draft: a bound `SpecVLMDraftModel`.
+        window: the draft cache's window (a `GrowingWindow` over a `DynamicCache`, or a `FixedWindow`).
+    """
+
+    def __init__(self, draft, window: GrowingWindow | FixedWindow):
+        self.draft = draft
+        self.window = window
+        self.device = draft.fc.weight.device  # may differ from the target's when the target is split over GPUs
+        self.dtype = draft.fc.weight.dtype
+
+    def _forward(self, fused, block_mask, positions):
+        """The draft's layers over `(q, d)` fused inputs written after the cached entries; `block_mask` `(q, m)`
+        says which of the block's entries (this block's, after earlier blocks of this round) each row sees.
+        Returns `(q, d)` predicted features."""
+        visible = self.window.visible(block_mask.to(self.device))
+        return self.draft.decode(
+            fused[None], attention_mask=additive_mask(visible, self.dtype)[None, None],
+            position_ids=positions.to(self.device)[None], past_key_values=self.window.cache, use_cache=True,
+        )[0]
+
+    def log_probs(self, hidden):
+        return torch.log_softmax(self.draft.lm_head(hidden).float(), dim=-1)
+
+    def step(self, token_embeds, features, block_mask, positions):
+        """One draft forward over a block of pairs: `(1, q, d)` token embeddings and features -> `(q, d)`
+        predicted features and `(q, V)` float32 log-probabilities."""
+        hidden = self._forward(self.draft.fuse(token_embeds, features)[0], block_mask, positions)
+        return hidden, self.log_probs(hidden)
+
+    def append(self, token_embeds, features, positions, count=None, real=None):
+        """Appends pairs (x_{t+1}, f_t) to the draft cache, causally.
+
+        Args:
+            token_embeds / features: `(1, q, d)` embeddings of x_{t+1} and target features f_t.
+            positions: `(q,)` position ids.
+            count: how many of the `q` rows to keep (an int or a device scalar; default all): rows past it are
+                padding of a fixed-width block, hidden from the kept rows by causality and dropped after.
+            real: `(q,)` bool, False for left padding (default all real).
+        Returns:
+            `(q, d)` predicted features and `(q, V)` log-probabilities of every row.
+        """
+        q = token_embeds.shape[1]
+        real = torch.ones(q, dtype=torch.bool, device=self.device) if real is None else real.to(self.device)
+        causal = torch.ones(q, q, dtype=torch.bool, device=self.device).tril() & real[None, :]
+        hidden, log_probs = self.step(token_embeds, features, causal, positions)
+        self.window.extend(real, q if count is None else count)
+        return hidden, log_probs
+
+    def prefill(self, prompt: PromptPairs):
+        """Runs the draft over a prompt's pairs (visual ones compressed); returns the last pair's predicted
+        feature `(d,)`, its log-probabilities `(V,)` and the compressor's info."""
+        fused = self.draft.fuse(prompt.token_embeds, prompt.features)[0]
+        fused, positions, real, info = self.draft.compress_prompt(
+            fused, prompt.positions.to(self.device), prompt.real.to(self.device), prompt.visual.to(self.device),
+            prompt.layouts, prompt.question,
+        )
+        q = fused.shape[0]
+        causal = torch.ones(q, q, dtype=torch.bool, device=self.device).tril() & real[None, :]
+        last = self._forward(fused, causal, positions)[-1]
+        self.window.extend(real, q)
+        return last, self.log_probs(last), info
+
+    def tree_step_fn(self, root_position):
+        """The `draft_step` callable of `build_dynamic_tree` for a round whose root sits at `root_position` (an
+        int or a device scalar): the nodes of tree level `level` read pairs at position `root_position - 1 +
+        level`."""
+
+        def step(tokens, parent_hidden, level, ancestor_mask):
+            positions = torch.as_tensor(root_position + (level - 1), device=self.device).expand(tokens.shape[0])
+            return self.step(self.draft.embed(tokens)[None], parent_hidden[None], ancestor_mask, positions)
+
+        return step
+
+    def rewind(self) -> None:
+        """Drops the entries drafted since the last `append` (a round's tree levels)."""
+        self.window.rewind()

@@ -1,0 +1,164 @@
+"""Everything specvlm-hf borrows from transformers' and torch's private internals, in one place.
+
+Each name below depends on something transformers (5.17 to the newest 5.x) or torch does not promise to keep:
+a private method, an attribute of a cache layer, a field of a logits processor. `tests/test_hf_internals.py`
+checks every one of them against the installed versions and fails with the symbol's name when an upgrade
+changes it. The rest of the package calls these functions and never touches the internals directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import GenerationMixin
+from transformers.generation.logits_process import (
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+)
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+# --------------------------------------------------------------------------------------------------------------
+# generate's decoding-method hooks that `integration.SpecVLMGenerationMixin` overrides (looked up on the class)
+ASSISTED_DECODING = "_assisted_decoding"
+CANDIDATE_GENERATOR = "_get_candidate_generator"
+VALIDATE_GENERATION_MODE = "_validate_generation_mode"
+OVERRIDDEN_METHODS = {
+    ASSISTED_DECODING: ("input_ids", "logits_processor", "stopping_criteria", "generation_config"),
+    CANDIDATE_GENERATOR: ("generation_config", "input_ids", "assistant_model", "logits_processor", "model_kwargs"),
+    VALIDATE_GENERATION_MODE: ("generation_mode", "generation_config", "generation_mode_kwargs"),
+}
+
+
+def prefill(model, input_ids: torch.Tensor, generation_config, model_kwargs: dict):
+    """The prompt's forward exactly as `generate` runs it before its first token (`GenerationMixin._prefill`):
+    the same inputs preparation, so the first token is bit-identical to plain decoding. Returns the model output
+    (`.logits`), and leaves the prompt in `model_kwargs`' cache."""
+    return model._prefill(input_ids, generation_config, model_kwargs)
+
+
+def mrope_deltas(model) -> torch.Tensor | None:
+    """`(B, 1)` M-RoPE position offsets that `generate` stored on a Qwen-VL model before decoding (text tokens
+    after the last image sit at `index + delta`), or None where the model keeps none."""
+    inner = getattr(model, "model", None)
+    return getattr(inner, "rope_deltas", None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# cache layers: transformers offers no public way to reorder a layer's entries or to move a static layer's
+# write position (5.17 and 5.23 `StaticLayer` have no `crop`)
+def layer_tensors(layer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A cache layer's `(keys, values)` tensors `(batch, heads, length, head_dim)` (None before first use)."""
+    return getattr(layer, "keys", None), getattr(layer, "values", None)
+
+
+def set_layer_tensors(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replaces a dynamic cache layer's tensors (after a reorder), or a static layer's buffers by views of a
+    stacked tensor holding the same values."""
+    layer.keys, layer.values = keys, values
+
+
+def is_static_layer(layer) -> bool:
+    """Whether a cache layer is a fixed-size (static) buffer with a device-side write position."""
+    return torch.is_tensor(getattr(layer, "cumulative_length", None))
+
+
+def is_initialized(layer) -> bool:
+    return bool(getattr(layer, "is_initialized", False))
+
+
+def set_static_write_position(layer, length: torch.Tensor | int) -> None:
+    """Moves a static layer's write position to `length` (a device scalar or an int), dropping what lies after."""
+    if torch.is_tensor(length):
+        layer.cumulative_length.copy_(length)
+    else:
+        layer.cumulative_length.fill_(length)
+
+
+def cache_argument_name(forward) -> str:
+    """The keyword a model's forward takes its cache under: `cache` from transformers 5.24, else
+    `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# logits processors and stopping criteria whose fields the tree loop reads, to treat a whole tree in one call
+def length_rule_active(processor, length: int) -> bool | None:
+    """For processors that read only the sequence's length (minimum-length rules): whether they act on a
+    sequence of `length` tokens; None for any other processor."""
+    if type(processor) is MinLengthLogitsProcessor:
+        return length < processor.min_length
+    if type(processor) is MinNewTokensLengthLogitsProcessor:
+        return length - processor.prompt_length_to_skip < processor.min_new_tokens
+    return None
+
+
+def host_stop_rule(stopping_criteria) -> tuple[int | None, set[int]] | None:
+    """`(max_length, eos ids)` when the stopping criteria are only a length limit and EOS tokens (they can then
+    be checked on the host without a device sync per token); None otherwise."""
+    max_length, eos = None, set()
+    for criterion in stopping_criteria or []:
+        if type(criterion) is MaxLengthCriteria:
+            max_length = criterion.max_length
+        elif type(criterion) is EosTokenCriteria:
+            eos |= set(criterion.eos_token_id.flatten().tolist())
+        else:
+            return None
+    return max_length, eos
+
+
+# --------------------------------------------------------------------------------------------------------------
+# model geometry helpers that transformers keeps inside modeling files
+def anyres_grid(target_config, image_size) -> tuple[int, int]:
+    """LLaVA-NeXT's unpadded tile grid `(rows, cols)` of patch tokens for an image of `image_size` (h, w)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    vision = target_config.vision_config
+    side = vision.image_size // vision.patch_size
+    grid_h, grid_w = get_anyres_image_grid_shape(
+        [int(v) for v in image_size], target_config.image_grid_pinpoints, vision.image_size
+    )
+    tiles = unpad_image(torch.empty(1, grid_h * side, grid_w * side), torch.as_tensor(image_size))
+    return tuple(tiles.shape[-2:])
+
+
+def onevision_grid(target_config, image_size, vision_aspect_ratio: str | None = None) -> tuple[int, int]:
+    """LLaVA-OneVision's tile grid `(rows, cols)` of patch tokens for one AnyRes image of `image_size` (h, w):
+    the unpadded grid (llava_onevision's get_anyres_image_grid_shape / unpad_image), shrunk like
+    `LlavaOnevisionModel.pack_image_features` when it exceeds `anyres_max_N` tiles by more than 10%."""
+    import math
+
+    from transformers.models.llava_onevision.modeling_llava_onevision import (
+        get_anyres_image_grid_shape,
+        unpad_image,
+    )
+
+    vision = target_config.vision_config
+    side = vision.image_size // vision.patch_size
+    size = [int(v) for v in image_size]
+    grid_h, grid_w = get_anyres_image_grid_shape(size, target_config.image_grid_pinpoints, vision.image_size)
+    rows, cols = unpad_image(torch.empty(1, grid_h * side, grid_w * side), size).shape[-2:]
+    aspect = vision_aspect_ratio or getattr(target_config, "vision_aspect_ratio", None) or "anyres_max_9"
+    ratio = math.sqrt(rows * cols / (int(aspect.strip("anyres_max_")) * side**2))
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return int(rows), int(cols)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch
+def dynamo_error_types() -> tuple[type, ...]:
+    """Errors `torch.compile` raises while compiling (before the compiled function changed any state)."""
+    return (torch._dynamo.exc.TorchDynamoException,)
+
+
+def check_overridable(cls: type = GenerationMixin) -> None:
+    """Raises naming the method when a `generate` hook that SpecVLM overrides is gone or changed its arguments."""
+    for name, parameters in OVERRIDDEN_METHODS.items():
+        method = getattr(cls, name, None)
+        if method is None:
+            raise RuntimeError(f"transformers' GenerationMixin.{name} is gone: specvlm-hf cannot hook into generate")
+        have = inspect.signature(method).parameters
+        missing = [p for p in parameters if p not in have]
+        if missing:
+            raise RuntimeError(f"transformers' GenerationMixin.{name} no longer takes {missing}")

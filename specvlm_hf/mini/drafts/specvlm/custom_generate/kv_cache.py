@@ -1,0 +1,196 @@
+"""KV-cache bookkeeping for tree decoding: which cached slots are real, keeping accepted tree nodes, rewinding.
+
+After the target scores a tree of `T` nodes appended after `L` cached entries, its cache holds `L + T` entries,
+of which only the root and the accepted nodes (scattered in the tree block) belong to the sequence. They are
+moved to the slots right after the prefix and the rest is dropped; transformers' `Cache.crop` only drops a
+suffix, so this is a gather per layer (one gather over all layers when a static cache's layers are stacked).
+
+A cache window holds a cache (`.cache`), which of its slots hold real tokens (`.real`, False on left padding) and
+how many entries it holds, and answers what a round asks of it:
+
+- `visible(block_mask)`: `(q, width)` bool, the slots each of `q` new queries sees; their own block is written
+  after the cached entries and `block_mask` `(q, m)` says which of the block's `m` entries each query sees;
+- `keep(nodes, count)`: of the tree block just written, keep the entries `nodes[:count]` (`nodes` `(P,)`);
+- `extend(block_real, count)`: of the `P` entries just written (`block_real` `(P,)`: which are real tokens),
+  keep the first `count` (an int, or a device scalar);
+- `rewind()`: drop every entry written after the cached ones (a round's draft tree levels).
+
+Two kinds, one interface:
+
+- `GrowingWindow`: a `DynamicCache` (eager loop, CPU, targets split over devices); lengths are host ints.
+- `FixedWindow`: a `StaticCache` (the fast path); the length is a device scalar and masks are as wide as the
+  cache, so every shape is fixed and a round can be captured as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hf_internals import (
+    is_initialized,
+    is_static_layer,
+    layer_tensors,
+    set_layer_tensors,
+    set_static_write_position,
+)
+
+def cache_layers(cache) -> list:
+    """The per-layer objects of a transformers cache, refusing the kinds tree decoding cannot rewind."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"unsupported cache type {type(cache).__name__}: expected a transformers Cache with `.layers`")
+    for layer in layers:
+        name = type(layer).__name__
+        if "Sliding" in name or "Chunked" in name or "Indexed" in name or getattr(layer, "is_sliding", False):
+            raise ValueError(
+                f"tree decoding cannot rewind a {name} cache layer (sliding-window / chunked attention). Use a "
+                "target whose text model has full attention, or set `text_config.sliding_window=None` when every "
+                "prompt plus generation fits in the window."
+            )
+    return list(layers)
+
+
+def compact_kv(cache, prefix_length: int, kept_nodes: torch.Tensor | list[int]) -> None:
+    """Keeps `prefix_length` cached entries plus the tree entries `kept_nodes`, in that order.
+
+    Args:
+        cache: a transformers `DynamicCache` holding `prefix_length + T` entries, the last `T` being the tree
+            nodes in node order (static caches: `compact_static_kv`).
+        prefix_length: entries cached before the tree.
+        kept_nodes: node indices to keep (root first, then the accepted path).
+    """
+    layers = cache_layers(cache)
+    src = torch.as_tensor(kept_nodes, dtype=torch.long) + prefix_length
+    for layer in layers:
+        keys, values = layer_tensors(layer)
+        src = src.to(keys.device)  # layers split over several GPUs
+        set_layer_tensors(
+            layer,
+            torch.cat([keys[..., :prefix_length, :], keys.index_select(-2, src)], dim=-2),
+            torch.cat([values[..., :prefix_length, :], values.index_select(-2, src)], dim=-2),
+        )
+
+
+def stack_static_layers(cache) -> torch.Tensor | None:
+    """Moves the initialised layers of a `StaticCache` into one `(layers, 2, batch, heads, W, head_dim)` tensor
+    (each layer's keys and values become views of it) so that compaction is one gather for all layers; returns
+    it, or None when the layers differ in shape, dtype or device (then they stay as they are)."""
+    layers = cache_layers(cache)
+    if not layers or not all(is_static_layer(layer) and is_initialized(layer) for layer in layers):
+        return None
+    tensors = [layer_tensors(layer) for layer in layers]
+    first = tensors[0][0]
+    if any(t.shape != first.shape or t.dtype != first.dtype or t.device != first.device for kv in tensors for t in kv):
+        return None
+    stacked = torch.stack([torch.stack(kv) for kv in tensors])
+    for index, layer in enumerate(layers):
+        set_layer_tensors(layer, stacked[index, 0], stacked[index, 1])
+    return stacked
+
+
+def compact_static_kv(
+    cache, start: torch.Tensor, nodes: torch.Tensor, count: torch.Tensor, stacked: torch.Tensor | None = None
+) -> None:
+    """`compact_kv` for static caches with the prefix length and the kept nodes on the device: no host sync and
+    fixed shapes, so it can run inside a CUDA graph.
+
+    Args:
+        cache: a `StaticCache` holding `start + T` entries, the last `T` being tree nodes in node order.
+        start: `()` long, entries cached before the tree.
+        nodes: `(P,)` node indices to keep, root first; only the first `count` are kept, the rest (any valid
+            node index) are copied after them and lie beyond the new length.
+        count: `()` long, how many of `nodes` to keep.
+        stacked: the `stack_static_layers` tensor of `cache`, if any: one gather instead of one per layer.
+    """
+    layers = cache_layers(cache)
+    if stacked is not None:
+        src = nodes + start
+        dst = start + torch.arange(nodes.shape[0], device=start.device)
+        stacked.index_copy_(4, dst, stacked.index_select(4, src))
+    for layer in layers:
+        if stacked is None:
+            keys, values = layer_tensors(layer)
+            src = (nodes + start).to(keys.device)
+            dst = start.to(keys.device) + torch.arange(nodes.shape[0], device=keys.device)
+            keys.index_copy_(2, dst, keys.index_select(2, src))
+            values.index_copy_(2, dst, values.index_select(2, src))
+        set_static_write_position(layer, start + count)
+
+
+def crop_kv(cache, length: int | torch.Tensor) -> None:
+    """Drops every cached entry after the first `length` (an int, or a device scalar for static caches)."""
+    for layer in cache_layers(cache):
+        if is_static_layer(layer):
+            if is_initialized(layer):
+                set_static_write_position(layer, length)
+            continue
+        keys = layer_tensors(layer)[0]
+        extra = (keys.shape[-2] if keys is not None and keys.dim() > 1 else 0) - int(length)
+        if extra > 0:
+            layer.crop(-extra)  # a negative count drops a suffix on every transformers 5.x release
+
+
+# ----------------------------------------------------------------------------------------------------------------
+class GrowingWindow:
+    """A `DynamicCache` whose length is a host int (`real.numel()`)."""
+
+    def __init__(self, cache, real: torch.Tensor):
+        self.cache = cache
+        self.real = real.bool()
+
+    @property
+    def length(self) -> int:
+        return self.real.numel()
+
+    def visible(self, block_mask):
+        prefix = self.real.to(block_mask.device)[None, :].expand(block_mask.shape[0], -1)
+        return torch.cat([prefix, block_mask], dim=1)
+
+    def extend(self, block_real, count):
+        self.real = torch.cat([self.real, block_real[: int(count)].to(self.real.device).bool()])
+        crop_kv(self.cache, self.length)
+
+    def keep(self, nodes, count, stacked=None):
+        count = int(count)
+        compact_kv(self.cache, self.length, nodes[:count])
+        self.real = torch.cat([self.real, self.real.new_ones(count)])
+
+    def rewind(self):
+        crop_kv(self.cache, self.length)
+
+
+class FixedWindow:
+    """A `StaticCache` of `W` slots whose length is a device scalar; masks span all `W` slots."""
+
+    def __init__(self, cache, width: int, device: torch.device):
+        self.cache = cache
+        self.real = torch.zeros(width, dtype=torch.bool, device=device)
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+
+    def load(self, real: torch.Tensor) -> None:
+        """Starts a call: the cache holds `real.numel()` entries (the prompt), `real` marking the real ones."""
+        self.real.zero_()
+        self.real[: real.numel()] = real.to(self.real.device)
+        self.length.fill_(real.numel())
+
+    def visible(self, block_mask):
+        width, block = self.real.shape[0], block_mask.shape[1]
+        slots = torch.arange(width, device=self.real.device)
+        offset = slots - self.length
+        inside = (offset >= 0) & (offset < block)
+        from_block = block_mask[:, offset.clamp(0, block - 1)] & inside[None, :]
+        return (self.real & (slots < self.length))[None, :] | from_block
+
+    def extend(self, block_real, count):
+        rows = torch.arange(block_real.shape[0], device=self.real.device)
+        self.real.index_copy_(0, self.length + rows, block_real.to(self.real.device).bool())
+        self.length.add_(count)
+        crop_kv(self.cache, self.length)
+
+    def keep(self, nodes, count, stacked=None):
+        compact_static_kv(self.cache, self.length, nodes, count, stacked)
+        self.real.index_fill_(0, self.length + torch.arange(nodes.shape[0], device=self.real.device), True)
+        self.length.add_(count)
+
+    def rewind(self):
+        crop_kv(self.cache, self.length)

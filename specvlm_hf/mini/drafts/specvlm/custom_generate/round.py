@@ -1,0 +1,284 @@
+"""One speculative round, defined once and run by both backends.
+
+A round is three functions of one `RoundState` and two cache windows (the target's and the draft's):
+
+1. `draft`: the EAGLE-2 tree (`build_dynamic_tree`, each level one draft forward), then the draft cache rewound;
+2. `verify`: one target forward over the tree's nodes (through the target's adapter), giving logits and the
+   draft's true features;
+3. `commit`: after acceptance, the target cache keeps the accepted path, the draft catches up on the target's
+   features of the accepted tokens (a fixed-width block), and the next root is loaded.
+
+Acceptance (`greedy_path` / `sampling_path` after `generate`'s logits processors) runs between 2 and 3, on the
+device. The two backends differ only in their cache windows and in how the functions are called:
+
+- eager (`SpeculativeRound.eager`): `DynamicCache`s (`GrowingWindow`), the functions called directly; any
+  device layout, a target split over GPUs included;
+- fast (`SpeculativeRound.static`, `cache_implementation="static"`): `StaticCache`s (`FixedWindow`, masks as wide
+  as the caches, lengths on the device), fixed shapes and no host synchronisation, so on a GPU each function is
+  captured once as a CUDA graph (`GraphedCall`), optionally over kernels `torch.compile` fused first. It is kept
+  on the draft and reused by later calls with the same target, length and settings.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from transformers import StaticCache
+
+from .draft_runner import DraftRunner
+from .hf_internals import dynamo_error_types
+from .kv_cache import FixedWindow, GrowingWindow, stack_static_layers
+from .target import unwrap_target
+from .tree import DraftTree, build_dynamic_tree
+
+# options of the `torch.compile` calls of the fast path (tests swap in a CPU backend to check tracing)
+COMPILE_OPTIONS = {"dynamic": False}
+# static cache lengths are rounded up to a multiple of this, so that nearby budgets share one set of graphs
+LENGTH_BUCKET = 256
+
+
+class GraphedCall:
+    """Runs a function of no arguments (it reads and writes fixed buffers) eagerly on its first call, which also
+    warms up kernels and `torch.compile`; captures it as a CUDA graph on the second; replays the graph after.
+
+    Args:
+        fn: the function.
+        graphs: capture and replay (CUDA); otherwise every call runs `fn`.
+        compile: run `torch.compile(fn)` instead; if compilation fails (a compiler error is raised before the
+            function runs), warn and go on with `fn`.
+    The result of a replay lives in the graph's own memory and is overwritten by the next replay.
+    """
+
+    def __init__(self, fn, graphs: bool = False, compile: bool = False):
+        self.eager_fn = fn
+        self.fn = torch.compile(fn, **COMPILE_OPTIONS) if compile else fn
+        self.enabled = graphs
+        self.calls = 0
+        self.graph = None
+        self.output = None
+
+    def _run(self):
+        if self.fn is self.eager_fn:
+            return self.fn()
+        try:
+            return self.fn()
+        except dynamo_error_types() as error:  # raised while compiling, before any state changed
+            warnings.warn(f"torch.compile failed on the SpecVLM fast path ({type(error).__name__}: {error}); "
+                          "running its CUDA graphs over eager kernels instead.", stacklevel=3)
+            self.fn = self.eager_fn
+            return self.fn()
+
+    def __call__(self):
+        self.calls += 1
+        if not self.enabled or self.calls == 1:
+            return self._run()
+        if self.graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.output = self.fn()
+            self.graph = graph
+        self.graph.replay()
+        return self.output
+
+
+@dataclass
+class RoundState:
+    """The device tensors a round reads and writes (fixed addresses: captured graphs read them).
+
+    Attributes:
+        root_token: `(1,)` long, the last token the target produced; root_position: `()` long, its sequence
+            position (the draft's position scheme).
+        position_offset: `()` long, what the target adds to a sequence position (Qwen-VL's `rope_deltas`,
+            PaliGemma's 1): a device value, so graphs captured for one image serve another.
+        root_hidden: `(d,)` and root_log_probs: `(V,)` float32, the draft's prediction after the root.
+        path, count, next_token: an acceptance, written before `commit` (`(P,)`, `()`, `()`).
+    """
+
+    root_token: torch.Tensor
+    root_position: torch.Tensor
+    position_offset: torch.Tensor
+    root_hidden: torch.Tensor
+    root_log_probs: torch.Tensor
+    path: torch.Tensor
+    count: torch.Tensor
+    next_token: torch.Tensor
+
+    @classmethod
+    def allocate(cls, hidden: int, vocab: int, path_width: int, dtype, device) -> "RoundState":
+        long = dict(dtype=torch.long, device=device)
+        return cls(
+            root_token=torch.zeros(1, **long), root_position=torch.zeros((), **long),
+            position_offset=torch.zeros((), **long),
+            root_hidden=torch.zeros(hidden, dtype=dtype, device=device),
+            root_log_probs=torch.zeros(vocab, dtype=torch.float32, device=device),
+            path=torch.zeros(path_width, **long), count=torch.ones((), **long), next_token=torch.zeros((), **long),
+        )
+
+
+class SpeculativeRound:
+    """A target and a draft's round functions over their cache windows (see the module docstring).
+
+    Args:
+        adapter: the target's `TargetAdapter`.
+        draft: the bound draft.
+        target_window / draft_window: the two caches' windows.
+        graphs / compile: capture the round functions as CUDA graphs / compile them first (static windows only).
+    """
+
+    def __init__(self, adapter, draft, target_window, draft_window, graphs: bool = False, compile: bool = False):
+        config = draft.config
+        self.adapter = adapter
+        self.draft = draft
+        self.target_window = target_window
+        self.runner = DraftRunner(draft, draft_window)
+        self.top_k, self.depth, self.total_tokens = config.tree_top_k, config.tree_depth, config.tree_total_tokens
+        self.path_width = config.tree_depth + 2  # root + one node per tree depth (depths 1..depth + 1)
+        device = draft.fc.weight.device
+        vocab = config.draft_vocab_size or config.text_config.vocab_size  # columns of the draft's log-probs
+        self.state = RoundState.allocate(config.text_config.hidden_size, vocab,
+                                         self.path_width, draft.fc.weight.dtype, device)
+        self.stacked_kv: torch.Tensor | None = None  # static target layers as one tensor (one-gather compaction)
+        self.graphs, self.compiled = graphs, compile
+        # each round function is compiled whole (kernels fused across the tree bookkeeping, masks and layers)
+        self.draft_call = GraphedCall(self._draft, graphs, compile)
+        self.verify_call = GraphedCall(self._verify, graphs, compile)
+        self.commit_call = GraphedCall(self._commit, graphs, compile)
+        self.tree: DraftTree | None = None
+        self.logits = self.features = None
+
+    # ------------------------------------------------------------------------------------------- building
+    @classmethod
+    def eager(cls, adapter, draft, target_cache, draft_cache, prompt_real: torch.Tensor) -> "SpeculativeRound":
+        """The eager backend over `generate`'s dynamic target cache (already holding the prompt) and a fresh
+        dynamic draft cache."""
+        return cls(adapter, draft, GrowingWindow(target_cache, prompt_real), GrowingWindow(draft_cache, prompt_real[:0]))
+
+    @classmethod
+    def static(cls, adapter, draft, needed_length: int, graphs: bool, compile: bool) -> "SpeculativeRound":
+        """The fast path for a call needing `needed_length` cache slots: the draft's kept one when its key still
+        matches (target, rounded length, options, tree settings, weight addresses), else a new one. Its target
+        cache (`target_window.cache`) must receive the prompt's prefill before `start`."""
+        length = -(-needed_length // LENGTH_BUCKET) * LENGTH_BUCKET
+        key = cls.static_key(adapter, draft, length, graphs, compile)
+        current = getattr(draft, "_specvlm_static_round", None)
+        if current is None or current.key != key:
+            device = draft.fc.weight.device
+            target_window = FixedWindow(adapter.static_cache(length), length, device)
+            draft_window = FixedWindow(StaticCache(config=draft.config.text_config, max_cache_len=length), length, device)
+            current = cls(adapter, draft, target_window, draft_window, graphs, compile)
+            current.key = key
+            draft._specvlm_static_round = current
+        current.target_window.cache.reset()
+        current.runner.window.cache.reset()
+        current.runner.window.load(current.runner.window.real[:0])
+        return current
+
+    @staticmethod
+    def static_key(adapter, draft, length: int, graphs: bool, compile: bool) -> tuple:
+        """What a fast path is built for: a new one is built when any of it changes. The graphs read the weights
+        where they were captured, so the weights' addresses are part of it (moving or replacing a parameter
+        rebuilds); the tree settings fix the shapes; buffers made under `torch.inference_mode` cannot be written
+        outside it (and vice versa)."""
+        config = draft.config
+        tensors = (*adapter.model.parameters(), *draft.parameters(), *draft.buffers(),
+                   *([draft._head_rows] if draft._head_rows is not None else []))
+        weights = hash(tuple(t.data_ptr() for t in tensors))
+        return (id(adapter.model), type(adapter), length, graphs, compile, torch.is_inference_mode_enabled(),
+                config.tree_top_k, config.tree_depth, config.tree_total_tokens, weights)
+
+    @property
+    def is_static(self) -> bool:
+        return isinstance(self.target_window, FixedWindow)
+
+    @property
+    def length(self) -> int:
+        """Slots of each static cache."""
+        return self.target_window.real.shape[0]
+
+    # ------------------------------------------------------------------------------------------- calling
+    def start(self, prompt_real, root_token: int, root_position: int, position_offset: int, root_hidden,
+              root_log_probs) -> None:
+        """Loads the state after the prefills (the target cache holds the prompt, the draft cache its pairs).
+
+        Args:
+            prompt_real: `(n,)` bool, the prompt's real (non-padding) tokens, as in the target cache.
+            root_token, root_position: the first generated token and its sequence position.
+            position_offset: the target's position offset (`TargetAdapter.position_offset`).
+            root_hidden, root_log_probs: `(d,)` and `(V,)` the draft's prediction after the root.
+        """
+        if self.is_static:
+            self.target_window.load(prompt_real)
+            if self.stacked_kv is None:  # once, after the first prefill initialised the layers; later calls reuse it
+                self.stacked_kv = stack_static_layers(self.target_window.cache)
+        state = self.state
+        state.root_token.fill_(root_token)
+        state.root_position.fill_(root_position)
+        state.position_offset.fill_(position_offset)
+        state.root_hidden.copy_(root_hidden)
+        state.root_log_probs.copy_(root_log_probs)
+
+    def draft_tree(self) -> DraftTree:
+        self.tree = DraftTree(*self.draft_call())
+        return self.tree
+
+    def verify(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(T, V)` float32 target logits at every node and `(T, d)` final hidden states (on the fast path, graph
+        memory: read or copy them before the next round)."""
+        self.logits, self.features = self.verify_call()
+        return self.logits, self.features
+
+    def commit(self, path: torch.Tensor, count: torch.Tensor, next_token: torch.Tensor) -> None:
+        """Keeps the accepted path in the target cache, catches the draft up and loads the next root."""
+        state = self.state
+        state.path.copy_(path)
+        state.count.copy_(count)
+        state.next_token.copy_(next_token)
+        self.commit_call()
+
+    # ------------------------------------------------------------------------------------------- the round
+    def _draft(self) -> tuple[torch.Tensor, ...]:
+        state = self.state
+        tree = build_dynamic_tree(
+            state.root_token, state.root_log_probs, state.root_hidden, self.runner.tree_step_fn(state.root_position),
+            top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens, vocab_map=self.draft.draft_vocab,
+        )
+        self.runner.rewind()  # drop the tree entries drafted this round
+        return tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestor_mask, tree.paths
+
+    def _verify(self) -> tuple[torch.Tensor, torch.Tensor]:
+        state, tree = self.state, self.tree
+        visible = self.target_window.visible(tree.ancestor_mask)
+        positions = tree.depths + state.root_position + state.position_offset
+        hidden = self.adapter.verify(tree.tokens, tree.depths, visible, positions, self.target_window.length,
+                                     self.target_window.cache)
+        return self.adapter.logits(hidden), hidden
+
+    def _commit(self) -> None:
+        state, tree, runner = self.state, self.tree, self.runner
+        count, width = state.count, self.path_width
+        self.target_window.keep(state.path, count, self.stacked_kv)
+
+        # draft catch-up on pairs (x_{t+1}, f_t) of the root and the accepted nodes: x is the next node's token,
+        # and after the last accepted node the target's next token; rows from `count` on are padding
+        rows = torch.arange(width, device=count.device)
+        tokens = torch.cat([tree.tokens[state.path[1:]], state.next_token.reshape(1)])
+        tokens = torch.where(rows == count - 1, state.next_token, tokens)
+        features = self.features.index_select(0, state.path.to(self.features.device))
+        hidden, log_probs = runner.append(
+            self.draft.embed(tokens)[None], features[None], state.root_position + rows, count=count
+        )
+        last = (count - 1).reshape(1)
+        state.root_hidden.copy_(hidden.index_select(0, last)[0])
+        state.root_log_probs.copy_(log_probs.index_select(0, last)[0])
+        state.root_position.add_(count)
+        state.root_token.copy_(state.next_token.reshape(1))
+
+
+def fast_path_options(target, draft, device: torch.device, generation_config) -> tuple[bool, bool]:
+    """`(graphs, compile)` for the fast path: CUDA graphs when the target and the draft sit on one CUDA device;
+    `torch.compile` kernel fusion before capture unless `generate(..., disable_compile=True)`."""
+    devices = {p.device for p in unwrap_target(target).parameters()} | {p.device for p in draft.parameters()}
+    graphs = device.type == "cuda" and len(devices) == 1
+    return graphs, graphs and not getattr(generation_config, "disable_compile", False)
