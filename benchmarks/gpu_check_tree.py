@@ -38,13 +38,21 @@ def llava_7b_shaped(device, dtype, seed=0):
     """LLaVA-1.5-7B shapes (CLIP-L/14-336, 576 image tokens, Llama-7B, vocab 32064) with random weights."""
     hidden = 256 if TINY else 4096
     vision = CLIPVisionConfig(
-        hidden_size=64 if TINY else 1024, intermediate_size=128 if TINY else 4096,
-        num_hidden_layers=2 if TINY else 24, num_attention_heads=4 if TINY else 16,
-        image_size=336, patch_size=14, projection_dim=768,
+        hidden_size=64 if TINY else 1024,
+        intermediate_size=128 if TINY else 4096,
+        num_hidden_layers=2 if TINY else 24,
+        num_attention_heads=4 if TINY else 16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
     )
     text = LlamaConfig(
-        hidden_size=hidden, intermediate_size=512 if TINY else 11008, num_hidden_layers=2 if TINY else 32,
-        num_attention_heads=4 if TINY else 32, num_key_value_heads=4 if TINY else 32, vocab_size=32064,
+        hidden_size=hidden,
+        intermediate_size=512 if TINY else 11008,
+        num_hidden_layers=2 if TINY else 32,
+        num_attention_heads=4 if TINY else 32,
+        num_key_value_heads=4 if TINY else 32,
+        vocab_size=32064,
         max_position_embeddings=4096,
     )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000)
@@ -105,13 +113,19 @@ def main():
             clock = TokenClock()
             sync()
             start = time.perf_counter()
-            plain = target.generate(**inputs, **kwargs, streamer=clock, return_dict_in_generate=True, output_logits=True)
+            plain = target.generate(
+                **inputs, **kwargs, streamer=clock, return_dict_in_generate=True, output_logits=True
+            )
             sync()
             plain_seconds = time.perf_counter() - start
             steps = sorted(b - a for a, b in zip(clock.times[2:-1], clock.times[3:]))
             start = time.perf_counter()
-            spec = target.generate(**inputs, **kwargs, assistant_model=draft,
-                                   **({"cache_implementation": "static"} if args.static else {}))
+            spec = target.generate(
+                **inputs,
+                **kwargs,
+                assistant_model=draft,
+                **({"cache_implementation": "static"} if args.static else {}),
+            )
             sync()
             spec_seconds = time.perf_counter() - start
             # the same computation at batch 2 (other kernels, same maths): how stable is plain decoding itself?
@@ -129,23 +143,27 @@ def main():
             spec_is_plain_runner_up = new_spec[first_diff] == int(top2.indices[1])
         if prompt == 0:
             continue
-        rows.append({
-            "prompt": prompt,
-            "identical": first_diff is None,
-            "first_difference_at": first_diff,
-            "plain_top2_logit_gap_there": gap,
-            "spec_token_is_plain_runner_up": spec_is_plain_runner_up,
-            "plain_batch1_vs_batch2_first_difference_at": first_difference(new_plain, plain_batch2[start_new:].tolist()),
-            "plain_ms_per_token_median": 1000 * steps[len(steps) // 2],
-            "plain_seconds": plain_seconds,
-            "spec_seconds": spec_seconds,
-            "rounds": stats.rounds,
-            "sigma": stats.sigma,
-            "ms_per_round": 1000 * (stats.draft_seconds + stats.verify_seconds) / max(stats.rounds, 1),
-            "draft_ms_per_round": 1000 * stats.draft_seconds / max(stats.rounds, 1),
-            "verify_ms_per_round": 1000 * stats.verify_seconds / max(stats.rounds, 1),
-            "prefill_ms": 1000 * stats.prefill_seconds,
-        })
+        rows.append(
+            {
+                "prompt": prompt,
+                "identical": first_diff is None,
+                "first_difference_at": first_diff,
+                "plain_top2_logit_gap_there": gap,
+                "spec_token_is_plain_runner_up": spec_is_plain_runner_up,
+                "plain_batch1_vs_batch2_first_difference_at": first_difference(
+                    new_plain, plain_batch2[start_new:].tolist()
+                ),
+                "plain_ms_per_token_median": 1000 * steps[len(steps) // 2],
+                "plain_seconds": plain_seconds,
+                "spec_seconds": spec_seconds,
+                "rounds": stats.rounds,
+                "sigma": stats.sigma,
+                "ms_per_round": 1000 * (stats.draft_seconds + stats.verify_seconds) / max(stats.rounds, 1),
+                "draft_ms_per_round": 1000 * stats.draft_seconds / max(stats.rounds, 1),
+                "verify_ms_per_round": 1000 * stats.verify_seconds / max(stats.rounds, 1),
+                "prefill_ms": 1000 * stats.prefill_seconds,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     result = {
@@ -156,8 +174,11 @@ def main():
         "transformers": transformers.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "new_tokens": args.new_tokens,
-        "tree": {"top_k": draft.config.tree_top_k, "depth": draft.config.tree_depth,
-                 "total_tokens": draft.config.tree_total_tokens},
+        "tree": {
+            "top_k": draft.config.tree_top_k,
+            "depth": draft.config.tree_depth,
+            "total_tokens": draft.config.tree_total_tokens,
+        },
         "identical_outputs": f"{sum(r['identical'] for r in rows)}/{len(rows)}",
         "rows": rows,
     }

@@ -30,8 +30,14 @@ def split_over_two_gpus(model):
     from accelerate import dispatch_model
 
     layers = len(model.model.language_model.layers)
-    device_map = {"model.vision_tower": 0, "model.multi_modal_projector": 0, "model.language_model.embed_tokens": 0,
-                  "model.language_model.rotary_emb": 0, "model.language_model.norm": 1, "lm_head": 1}
+    device_map = {
+        "model.vision_tower": 0,
+        "model.multi_modal_projector": 0,
+        "model.language_model.embed_tokens": 0,
+        "model.language_model.rotary_emb": 0,
+        "model.language_model.norm": 1,
+        "lm_head": 1,
+    }
     for index in range(layers):
         device_map[f"model.language_model.layers.{index}"] = 0 if index < layers // 2 else 1
     return dispatch_model(model, device_map=device_map)
@@ -56,8 +62,11 @@ def main():
     for prompt in range(args.prompts):
         text = torch.randint(2, 32000, (40,), generator=generator)
         input_ids = torch.cat([text[:5], torch.full((576,), 32000), text[5:]])[None].to(first_device)
-        inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                      pixel_values=torch.randn(1, 3, 336, 336, generator=generator).to(first_device, dtype))
+        inputs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            pixel_values=torch.randn(1, 3, 336, 336, generator=generator).to(first_device, dtype),
+        )
         kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
         with torch.inference_mode():
             start = time.perf_counter()
@@ -72,23 +81,30 @@ def main():
             static = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
             static_s = time.perf_counter() - start
         new = input_ids.shape[1]
-        rows.append({
-            "prompt": prompt,
-            "identical": plain.tolist() == spec.tolist(),
-            "first_difference_at": first_difference(plain[0, new:].tolist(), spec[0, new:].tolist()),
-            "plain_ms_per_token": 1000 * plain_s / args.new_tokens,
-            "tree_ms_per_round": 1000 * (spec_s - spec_stats.prefill_seconds) / max(spec_stats.rounds, 1),
-            "sigma": spec_stats.sigma,
-            "static_loop_identical": plain.tolist() == static.tolist(),
-            "static_loop_ms_per_round": 1000 * (static_s - draft.stats.prefill_seconds) / max(draft.stats.rounds, 1),
-            "draft_device": str(draft.fc.weight.device),
-        })
+        rows.append(
+            {
+                "prompt": prompt,
+                "identical": plain.tolist() == spec.tolist(),
+                "first_difference_at": first_difference(plain[0, new:].tolist(), spec[0, new:].tolist()),
+                "plain_ms_per_token": 1000 * plain_s / args.new_tokens,
+                "tree_ms_per_round": 1000 * (spec_s - spec_stats.prefill_seconds) / max(spec_stats.rounds, 1),
+                "sigma": spec_stats.sigma,
+                "static_loop_identical": plain.tolist() == static.tolist(),
+                "static_loop_ms_per_round": 1000
+                * (static_s - draft.stats.prefill_seconds)
+                / max(draft.stats.rounds, 1),
+                "draft_device": str(draft.fc.weight.device),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     result = {
         "what": f"LLaVA-1.5-7B shape split over two GPUs with device_map, random {args.dtype} weights, greedy",
         "machine": " + ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
-        "identical_outputs": f"{sum(r['identical'] for r in rows)}/{len(rows)}", "rows": rows,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "identical_outputs": f"{sum(r['identical'] for r in rows)}/{len(rows)}",
+        "rows": rows,
     }
     write_result(result, args.out)
 

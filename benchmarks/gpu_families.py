@@ -51,29 +51,64 @@ def qwen2_5_vl_7b():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     hidden = 256 if TINY else 3584
-    text = dict(vocab_size=152064, hidden_size=hidden, intermediate_size=512 if TINY else 18944,
-                num_hidden_layers=2 if TINY else 28, num_attention_heads=4 if TINY else 28, num_key_value_heads=2 if TINY else 4,
-                max_position_embeddings=32768,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                 "mrope_section": [8, 12, 12] if TINY else [16, 24, 24]})
-    vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
-                  fullatt_block_indexes=[0])
-    return build(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, text, vision, image_token_id=151655,
-                 video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    text = dict(
+        vocab_size=152064,
+        hidden_size=hidden,
+        intermediate_size=512 if TINY else 18944,
+        num_hidden_layers=2 if TINY else 28,
+        num_attention_heads=4 if TINY else 28,
+        num_key_value_heads=2 if TINY else 4,
+        max_position_embeddings=32768,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1e6,
+            "mrope_section": [8, 12, 12] if TINY else [16, 24, 24],
+        },
+    )
+    vision = dict(
+        depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden, fullatt_block_indexes=[0]
+    )
+    return build(
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        text,
+        vision,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+    )
 
 
 def gemma3_12b():
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     layers = 6 if TINY else 48
-    text = dict(vocab_size=262208, hidden_size=256 if TINY else 3840, intermediate_size=512 if TINY else 15360,
-                num_hidden_layers=layers, num_attention_heads=4 if TINY else 16, num_key_value_heads=2 if TINY else 8,
-                head_dim=64 if TINY else 256, sliding_window=1024, max_position_embeddings=32768,
-                layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)])
-    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=64,
-                  patch_size=16)
-    return build(Gemma3Config, Gemma3ForConditionalGeneration, text, vision, mm_tokens_per_image=4,
-                 image_token_index=262144, boi_token_index=255999, eoi_token_index=256000)
+    text = dict(
+        vocab_size=262208,
+        hidden_size=256 if TINY else 3840,
+        intermediate_size=512 if TINY else 15360,
+        num_hidden_layers=layers,
+        num_attention_heads=4 if TINY else 16,
+        num_key_value_heads=2 if TINY else 8,
+        head_dim=64 if TINY else 256,
+        sliding_window=1024,
+        max_position_embeddings=32768,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)],
+    )
+    vision = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=64, patch_size=16
+    )
+    return build(
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        text,
+        vision,
+        mm_tokens_per_image=4,
+        image_token_index=262144,
+        boi_token_index=255999,
+        eoi_token_index=256000,
+    )
 
 
 SHAPES = {"qwen2.5-vl-7b": qwen2_5_vl_7b, "gemma-3-12b": gemma3_12b}
@@ -85,23 +120,31 @@ def measure(name, args) -> dict:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 30000, (1, args.prompt_tokens), generator=generator).to(DEVICE)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
-    result = {"vocab_size": vocab, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-              "target_weights_GB": weight_bytes(target) / 1e9}
-    result["static_ms_per_token"] = [plain_ms_per_token(target, inputs, args.new_tokens, cache_implementation="static")
-                                     for _ in range(2)][-1]
+    result = {
+        "vocab_size": vocab,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "target_weights_GB": weight_bytes(target) / 1e9,
+    }
+    result["static_ms_per_token"] = [
+        plain_ms_per_token(target, inputs, args.new_tokens, cache_implementation="static") for _ in range(2)
+    ][-1]
     print(name, "static", result["static_ms_per_token"], flush=True)
     for label, size in (("full_vocab", None), ("reduced_vocab", args.draft_vocab)):
         try:
             draft = SpecVLMDraftModel.from_target(target, draft_vocab_size=size)
             if size:
                 draft.set_draft_vocab(torch.arange(size))  # which ids does not change the cost
-            runs = [tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static") for _ in range(3)]
+            runs = [
+                tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static") for _ in range(3)
+            ]
             row = {key: value for key, value in runs[-1].items() if key != "tokens"}
             row["draft_vocab_size"] = size or vocab
             row["draft_weights_GB"] = weight_bytes(draft) / 1e9
             row["round_over_static_token"] = row["median_ms_per_round"] / result["static_ms_per_token"]
             row[f"projected_speedup_over_static_at_sigma_{args.sigma}"] = (
-                args.sigma * result["static_ms_per_token"] / row["median_ms_per_round"])
+                args.sigma * result["static_ms_per_token"] / row["median_ms_per_round"]
+            )
             result[label] = row
             print(name, label, json.dumps(row), flush=True)
             del draft
@@ -125,7 +168,9 @@ def main():
     args = parser.parse_args()
     results = {
         "machine": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (TINY dry run)",
-        "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
         "what": "random bf16 weights, sdpa, batch 1, text prompt, default tree (10, 7, 60), fresh 1-layer draft",
     }
     for name in args.shapes.split(","):

@@ -58,8 +58,9 @@ def median(values):
 def plain_ms_per_token(target, inputs, new_tokens, **kwargs):
     clock = TokenClock()
     with torch.inference_mode():
-        target.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                        streamer=clock, **kwargs)
+        target.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock, **kwargs
+        )
     sync()
     return 1000 * median([b - a for a, b in zip(clock.times[2:-1], clock.times[3:])])
 
@@ -71,8 +72,15 @@ def tree_round(target, draft, inputs, new_tokens, **kwargs):
     sync()
     start = time.perf_counter()
     with torch.inference_mode():
-        output = target.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 assistant_model=draft, streamer=clock, **kwargs)
+        output = target.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            assistant_model=draft,
+            streamer=clock,
+            **kwargs,
+        )
     sync()
     wall = time.perf_counter() - start
     stats = draft.stats
@@ -84,7 +92,7 @@ def tree_round(target, draft, inputs, new_tokens, **kwargs):
         "verify_ms_per_round": 1000 * stats.verify_seconds / rounds,
         "rounds": stats.rounds,
         "sigma": stats.sigma,
-        "tokens": output[0, inputs["input_ids"].shape[1]:].tolist(),
+        "tokens": output[0, inputs["input_ids"].shape[1] :].tolist(),
     }
 
 
@@ -100,13 +108,24 @@ def count_host_syncs(target, draft, inputs, new_tokens, **kwargs):
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            target.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                            assistant_model=draft, cache_implementation="static", **kwargs)
+            target.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                assistant_model=draft,
+                cache_implementation="static",
+                **kwargs,
+            )
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
-    return {"implicit_syncs": len(syncs), "rounds": draft.stats.rounds,
-            "implicit_syncs_per_round": len(syncs) / max(draft.stats.rounds, 1), "first": syncs[:3]}
+    return {
+        "implicit_syncs": len(syncs),
+        "rounds": draft.stats.rounds,
+        "implicit_syncs_per_round": len(syncs) / max(draft.stats.rounds, 1),
+        "first": syncs[:3],
+    }
 
 
 def profile_fast_path(target, draft, inputs, table_path, new_tokens, **fast_kwargs):
@@ -116,8 +135,15 @@ def profile_fast_path(target, draft, inputs, table_path, new_tokens, **fast_kwar
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     with profile(activities=activities) as prof, torch.inference_mode():
-        target.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                        assistant_model=draft, cache_implementation="static", **fast_kwargs)
+        target.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            assistant_model=draft,
+            cache_implementation="static",
+            **fast_kwargs,
+        )
     sync()
     averages = prof.key_averages()
     table = averages.table(sort_by="self_cpu_time_total", row_limit=40)
@@ -129,8 +155,12 @@ def profile_fast_path(target, draft, inputs, table_path, new_tokens, **fast_kwar
     gpu_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in averages)
     cpu_us = sum(e.self_cpu_time_total for e in averages)
     rounds = max(draft.stats.rounds, 1)
-    return {"rounds": rounds, "gpu_kernel_ms_per_round": gpu_us / 1000 / rounds,
-            "cpu_self_ms_per_round": cpu_us / 1000 / rounds, "table": table_path}
+    return {
+        "rounds": rounds,
+        "gpu_kernel_ms_per_round": gpu_us / 1000 / rounds,
+        "cpu_self_ms_per_round": cpu_us / 1000 / rounds,
+        "table": table_path,
+    }
 
 
 def weight_bytes(module) -> int:
@@ -144,7 +174,9 @@ def compressor_prefill(target, hidden, results):
     side = 4 if TINY else 24
     layouts = {
         "llava-1.5 (576)": VisualLayout.grid(side * side),
-        "llava-next anyres (2928)": VisualLayout([GridSegment(0, side, side), GridSegment(side * side, 2 * side, 2 * side, True)]),
+        "llava-next anyres (2928)": VisualLayout(
+            [GridSegment(0, side, side), GridSegment(side * side, 2 * side, 2 * side, True)]
+        ),
     }
     branches = ["none", "prune@4", "prune_norm@4", "pool@4", "pool@9", "pool@20", "conv@3", "resampler@2", "text"]
     rows = []
@@ -164,8 +196,13 @@ def compressor_prefill(target, hidden, results):
             def prefill():
                 fused, pos, keep, info = draft.compress_prompt(fused_in, positions, real, is_visual, [layout], None)
                 cache = transformers.DynamicCache(config=draft.config.text_config)
-                draft.decode(fused[None], attention_mask=keep[None].long(), position_ids=pos[None],
-                             past_key_values=cache, use_cache=True)
+                draft.decode(
+                    fused[None],
+                    attention_mask=keep[None].long(),
+                    position_ids=pos[None],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
                 return info
 
             with torch.inference_mode():
@@ -178,13 +215,19 @@ def compressor_prefill(target, hidden, results):
                     prefill()
                     sync()
                     times.append(time.perf_counter() - start)
-            rows.append({
-                "layout": layout_name, "branch": branch, "target_visual_tokens": visual,
-                "draft_visual_tokens": info["draft_visual_tokens"],
-                "draft_prefill_ms": 1000 * median(times),
-                "draft_visual_kv_MiB": info["draft_visual_tokens"] * kv_bytes_per_token / 2**20,
-                "branch_parameters": sum(p.numel() for p in draft.compressor.parameters()) if draft.compressor else 0,
-            })
+            rows.append(
+                {
+                    "layout": layout_name,
+                    "branch": branch,
+                    "target_visual_tokens": visual,
+                    "draft_visual_tokens": info["draft_visual_tokens"],
+                    "draft_prefill_ms": 1000 * median(times),
+                    "draft_visual_kv_MiB": info["draft_visual_tokens"] * kv_bytes_per_token / 2**20,
+                    "branch_parameters": sum(p.numel() for p in draft.compressor.parameters())
+                    if draft.compressor
+                    else 0,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     results["compressor_prefill"] = rows
 
@@ -194,7 +237,9 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--sigma", type=float, default=3.67, help="acceptance length for the projection")
     parser.add_argument("--copy-bandwidth", type=float, default=3.0e12, help="bytes/s (read + write) measured here")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: plain,static,tree,fast,profile,compressor")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated sections to skip: plain,static,tree,fast,profile,compressor"
+    )
     parser.add_argument("--out", default="results/gpu_fast_path.json")
     parser.add_argument("--profile-out", default=None, help="write the profiler tables of fast-path rounds here")
     args = parser.parse_args()
@@ -206,12 +251,18 @@ def main():
     generator = torch.Generator().manual_seed(0)
     text = torch.randint(2, 32000, (40,), generator=generator)
     input_ids = torch.cat([text[:5], torch.full((576,), 32000), text[5:]])[None].to(DEVICE)
-    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                  pixel_values=torch.randn(1, 3, 336, 336, generator=generator).to(DEVICE, DTYPE))
+    inputs = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=torch.randn(1, 3, 336, 336, generator=generator).to(DEVICE, DTYPE),
+    )
     results = {
         "machine": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (TINY dry run)",
-        "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
-        "shape": "LLaVA-1.5-7B (random weights, bf16, sdpa, batch 1)", "new_tokens": args.new_tokens,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "shape": "LLaVA-1.5-7B (random weights, bf16, sdpa, batch 1)",
+        "new_tokens": args.new_tokens,
         "tree": {"top_k": 10, "depth": 7, "total_tokens": 60},
     }
     lm_bytes = weight_bytes(target.model.language_model) + weight_bytes(target.lm_head)
@@ -230,38 +281,67 @@ def main():
             results[name] = {"error": repr(error)[:800]}
             traceback.print_exc()
 
-    section("plain", lambda: {"ms_per_token": min(plain_ms_per_token(target, inputs, args.new_tokens) for _ in range(2))})
-    section("static", lambda: {"ms_per_token": [plain_ms_per_token(target, inputs, args.new_tokens,
-                                                                    cache_implementation="static") for _ in range(3)][-1]})
+    section(
+        "plain", lambda: {"ms_per_token": min(plain_ms_per_token(target, inputs, args.new_tokens) for _ in range(2))}
+    )
+    section(
+        "static",
+        lambda: {
+            "ms_per_token": [
+                plain_ms_per_token(target, inputs, args.new_tokens, cache_implementation="static") for _ in range(3)
+            ][-1]
+        },
+    )
     section("tree", lambda: [tree_round(target, draft, inputs, args.new_tokens) for _ in range(2)][-1])
     # the fast path: CUDA graphs over eager kernels, then over kernels fused by torch.compile
-    section("fast_graphs", lambda: [tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static",
-                                               disable_compile=True) for _ in range(3)][-1])
+    section(
+        "fast_graphs",
+        lambda: [
+            tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static", disable_compile=True)
+            for _ in range(3)
+        ][-1],
+    )
+
     def without_cudnn_attention():  # sdpa's other kernels for the masked tree attention (fresh graphs)
         previous = torch.backends.cuda.cudnn_sdp_enabled()
         torch.backends.cuda.enable_cudnn_sdp(False)
         draft.__dict__.pop("_specvlm_static_round", None)
         try:
-            return [tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static",
-                               disable_compile=True) for _ in range(3)][-1]
+            return [
+                tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static", disable_compile=True)
+                for _ in range(3)
+            ][-1]
         finally:
             torch.backends.cuda.enable_cudnn_sdp(previous)
             draft.__dict__.pop("_specvlm_static_round", None)
 
     section("fast_graphs_no_cudnn", without_cudnn_attention)
-    section("fast", lambda: [tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static")
-                             for _ in range(3)][-1])
+    section(
+        "fast",
+        lambda: [tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static") for _ in range(3)][
+            -1
+        ],
+    )
     if "tokens" in results.get("tree", {}):  # same maths, other kernels: bf16 may differ only at near-ties
         for name in ("fast_graphs", "fast_graphs_no_cudnn", "fast"):
             if "tokens" in results.get(name, {}):
                 a, b = results["tree"]["tokens"], results[name]["tokens"]
-                results[name]["same_tokens_as_eager_tree"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+                results[name]["same_tokens_as_eager_tree"] = next(
+                    (i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)
+                )
 
-    best = min((name for name in ("fast_graphs", "fast") if "ms_per_round" in results.get(name, {})),
-               key=lambda name: results[name]["median_ms_per_round"], default=None)
+    best = min(
+        (name for name in ("fast_graphs", "fast") if "ms_per_round" in results.get(name, {})),
+        key=lambda name: results[name]["median_ms_per_round"],
+        default=None,
+    )
     if best:
-        section("syncs", lambda: count_host_syncs(target, draft, inputs, args.new_tokens,
-                                                  **({"disable_compile": True} if best == "fast_graphs" else {})))
+        section(
+            "syncs",
+            lambda: count_host_syncs(
+                target, draft, inputs, args.new_tokens, **({"disable_compile": True} if best == "fast_graphs" else {})
+            ),
+        )
     if "profile" not in skip and best:
         try:
             options = {"disable_compile": True} if best == "fast_graphs" else {}

@@ -45,20 +45,28 @@ def description_errors(text: str, scene: data.Scene) -> list[str]:
         errors.append(f"background: {background.group(1) if background else 'none'} for {scene.background}")
     described = []
     for sentence in re.split(r"(?<=\.) ", text):
-        found = [(SIZE_WORDS[s], c, k) for s, c, k in re.findall(rf"\b(small|little|large|big) ({COLOURS}) ({KINDS})\b", sentence)]
-        found += [(s, c, k) for k, c, s in re.findall(rf"The ({KINDS}) .* is ({COLOURS}) and (small|large)\.", sentence)]
+        found = [
+            (SIZE_WORDS[s], c, k)
+            for s, c, k in re.findall(rf"\b(small|little|large|big) ({COLOURS}) ({KINDS})\b", sentence)
+        ]
+        found += [
+            (s, c, k) for k, c, s in re.findall(rf"The ({KINDS}) .* is ({COLOURS}) and (small|large)\.", sentence)
+        ]
         described += found
         if len(found) == 1:
             matches = [s for s in scene.shapes if (s.size, s.colour, s.kind) == found[0]]
             words = set(re.findall(r"\b(top|bottom|left|right)\b", sentence))
-            if matches and not any(_expected_place_words(s)[0] <= words and not words & _expected_place_words(s)[1]
-                                   for s in matches):
+            if matches and not any(
+                _expected_place_words(s)[0] <= words and not words & _expected_place_words(s)[1] for s in matches
+            ):
                 errors.append(f"place of {' '.join(found[0])}: {sentence!r}")
     if sorted(described) != sorted((s.size, s.colour, s.kind) for s in scene.shapes):
         errors.append(f"shapes: {sorted(described)}")
     total = re.search(r"(?:In total there (?:is|are)|Altogether the picture has) (.*?)\.", text)
     if total:
-        said = {kind: data.NUMBER_WORDS.index(word) for word, kind in re.findall(rf"\b(\w+) ({KINDS})s?\b", total.group(1))}
+        said = {
+            kind: data.NUMBER_WORDS.index(word) for word, kind in re.findall(rf"\b(\w+) ({KINDS})s?\b", total.group(1))
+        }
         actual = {kind: sum(s.kind == kind for s in scene.shapes) for kind in {s.kind for s in scene.shapes}}
         if said != actual:
             errors.append(f"total: {total.group(1)}")
@@ -72,8 +80,10 @@ def unknown_shapes(text: str, scene: data.Scene) -> list[str]:
     """Unless the text names every shape of the scene once ("colour kind", with the right size where it gives one)
     and nothing else: what it names instead."""
     named = re.findall(rf"\b(?:(small|little|large|big) )?({COLOURS}) ({KINDS})\b", text)
-    sizes_right = all(not size or any((SIZE_WORDS[size], c, k) == (s.size, s.colour, s.kind) for s in scene.shapes)
-                      for size, c, k in named)
+    sizes_right = all(
+        not size or any((SIZE_WORDS[size], c, k) == (s.size, s.colour, s.kind) for s in scene.shapes)
+        for size, c, k in named
+    )
     if sorted((c, k) for _, c, k in named) == sorted((s.colour, s.kind) for s in scene.shapes) and sizes_right:
         return []
     return [f"names {[' '.join(filter(None, n)) for n in named]}"]
@@ -93,8 +103,11 @@ def colour_errors(text: str, scene: data.Scene, target: str) -> list[str]:
     return ([] if target in first else [f"colour: {first!r} for {target}"]) + unknown_shapes(text, scene)
 
 
-CHECKS = {"scene": lambda text, scene, target: description_errors(text, scene), "count": count_errors,
-          "colour": colour_errors}
+CHECKS = {
+    "scene": lambda text, scene, target: description_errors(text, scene),
+    "count": count_errors,
+    "colour": colour_errors,
+}
 
 
 def scene_example(seed: int, index: int, task: str):
@@ -144,7 +157,7 @@ def main(argv=None) -> None:
             inputs = build_inputs(processor, image, question)
             with torch.no_grad():
                 output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-            answer = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
             errors = CHECKS[task](answer, scene, record.get("target"))
             print(f"{task} {index}: {len(scene.shapes)} shapes, {'ok' if not errors else errors}", flush=True)
             if not errors:

@@ -41,13 +41,15 @@ def main(argv=None) -> None:
     name, prompt = demo_app.EXAMPLES[args.example]
     try:
         with sync_playwright() as driver:
-            browser = driver.chromium.launch(executable_path=chromium, headless=True,
-                                             args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+            browser = driver.chromium.launch(
+                executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu", "--no-first-run"]
+            )
             page = browser.new_page(viewport={"width": 1400, "height": 860})
             page.goto(f"http://127.0.0.1:{port}", wait_until="networkidle")
             page.locator("#examples").get_by_text(prompt).first.click()
-            page.wait_for_function("document.querySelector('#prompt textarea').value !== '' && "
-                                   "document.querySelector('img') !== null")
+            page.wait_for_function(
+                "document.querySelector('#prompt textarea').value !== '' && document.querySelector('img') !== null"
+            )
             page.wait_for_timeout(1000)
             page.click("#generate")
             page.wait_for_selector("#stats >> text=outputs identical", timeout=180_000)

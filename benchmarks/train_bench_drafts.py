@@ -45,7 +45,13 @@ def main(argv=None):
     records = load_records(args.data)[args.skip : args.skip + args.prompts]
     resolver = ImageResolver(None, args.data)
     prompts = [
-        prompt_inputs(processor, first_prompt(processor, r), [resolver.open(i, r, k) for i in record_images(r)], device, target.dtype)
+        prompt_inputs(
+            processor,
+            first_prompt(processor, r),
+            [resolver.open(i, r, k) for i in record_images(r)],
+            device,
+            target.dtype,
+        )
         for k, r in enumerate(records)
     ]
     drafts = {}
@@ -75,28 +81,45 @@ def main(argv=None):
     plain_seconds, new_tokens = 0.0, 0
     with torch.no_grad():
         for inputs in prompts:
-            expected, seconds = timed(lambda: target.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False))
+            expected, seconds = timed(
+                lambda: target.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            )
             plain_seconds += seconds
             new_tokens += expected.shape[1] - inputs["input_ids"].shape[1]
             for name, draft in drafts.items():
                 for mode in modes:
                     draft.config.decoding_mode = mode
-                    out, seconds = timed(lambda: target.generate(**inputs, assistant_model=draft, max_new_tokens=args.max_new_tokens, do_sample=False))
+                    out, seconds = timed(
+                        lambda: target.generate(
+                            **inputs, assistant_model=draft, max_new_tokens=args.max_new_tokens, do_sample=False
+                        )
+                    )
                     run = runs[f"{name}/{mode}"]
                     run["seconds"] += seconds
                     run["accepted"] += draft.stats.accepted_per_round
                     run["identical"] += int(torch.equal(out, expected))
     result = {
-        "machine": torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "device": device, "dtype": args.dtype, "torch": torch.__version__, "prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens, "new_tokens": new_tokens, "plain_seconds": plain_seconds,
-        "plain_tokens_per_second": new_tokens / plain_seconds, "runs": {},
+        "machine": torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "new_tokens": new_tokens,
+        "plain_seconds": plain_seconds,
+        "plain_tokens_per_second": new_tokens / plain_seconds,
+        "runs": {},
     }
     for key, run in runs.items():
         accepted = run["accepted"]
         result["runs"][key] = {
-            "sigma": sum(accepted) / max(len(accepted), 1), "rounds": len(accepted), "seconds": run["seconds"],
-            "tokens_per_second": new_tokens / run["seconds"], "speedup": plain_seconds / run["seconds"],
+            "sigma": sum(accepted) / max(len(accepted), 1),
+            "rounds": len(accepted),
+            "seconds": run["seconds"],
+            "tokens_per_second": new_tokens / run["seconds"],
+            "speedup": plain_seconds / run["seconds"],
             "identical_to_plain": f"{run['identical']}/{len(prompts)}",
         }
     with open(args.out, "w") as handle:

@@ -34,15 +34,53 @@ def main(argv=None):
     from specvlm_hf.mini.data import write_dataset
 
     write_dataset(out / "train", args.examples, seed=3, workers=os.cpu_count() or 1)
-    common = ["train", "--data", str(out / "train" / "data.json"), "--eval-examples", "8", "--no-eval-each-epoch",
-              "--max-steps", str(args.steps), "--max-train-minutes", str(args.minutes), "--learning-rate", "3e-3",
-              "--lr-scheduler", "constant", "--compressor", args.compressor, "--save-steps", "0", "--log-steps", "10",
-              "--num-workers", "6", "--no-progress-bar", "--device", args.device]
+    common = [
+        "train",
+        "--data",
+        str(out / "train" / "data.json"),
+        "--eval-examples",
+        "8",
+        "--no-eval-each-epoch",
+        "--max-steps",
+        str(args.steps),
+        "--max-train-minutes",
+        str(args.minutes),
+        "--learning-rate",
+        "3e-3",
+        "--lr-scheduler",
+        "constant",
+        "--compressor",
+        args.compressor,
+        "--save-steps",
+        "0",
+        "--log-steps",
+        "10",
+        "--num-workers",
+        "6",
+        "--no-progress-bar",
+        "--device",
+        args.device,
+    ]
     launches = {
         "1gpu": [sys.executable, "-m", "specvlm_hf.cli"] + common + ["--per-device-batch-size", str(args.batch)],
-        "2gpu": [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
-                 "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "specvlm_hf.cli"]
-                + common + ["--per-device-batch-size", str(args.batch // 2)],
+        "2gpu": [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "bf16",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "specvlm_hf.cli",
+        ]
+        + common
+        + ["--per-device-batch-size", str(args.batch // 2)],
     }
     metrics = {}
     for name, command in launches.items():
@@ -58,7 +96,9 @@ def main(argv=None):
     for name, entries in (("1gpu", one), ("2gpu", two)):
         steady = entries[1:] or entries  # the first window includes start-up
         summary[name] = {
-            "processes": metrics[name]["processes"], "global_batch": metrics[name]["global_batch"], "steps": entries[-1]["step"],
+            "processes": metrics[name]["processes"],
+            "global_batch": metrics[name]["global_batch"],
+            "steps": entries[-1]["step"],
             "tokens_per_second": sum(e["tokens_per_second"] for e in steady) / len(steady),
             "steps_per_second": sum(e["steps_per_second"] for e in steady) / len(steady),
             "loss_curve": [(e["step"], e["loss"]) for e in entries],
@@ -66,7 +106,9 @@ def main(argv=None):
     common_steps = min(len(one), len(two))
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(one[:common_steps], two[:common_steps])]
     summary["mean_abs_loss_difference"] = sum(diffs) / max(len(diffs), 1)
-    summary["throughput_ratio_2gpu_over_1gpu"] = summary["2gpu"]["tokens_per_second"] / summary["1gpu"]["tokens_per_second"]
+    summary["throughput_ratio_2gpu_over_1gpu"] = (
+        summary["2gpu"]["tokens_per_second"] / summary["1gpu"]["tokens_per_second"]
+    )
     try:
         import torch
 
@@ -74,8 +116,13 @@ def main(argv=None):
     except Exception:
         pass
     (out / "ddp_compare.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("1gpu", "2gpu")} | {
-        k: {kk: vv for kk, vv in summary[k].items() if kk != "loss_curve"} for k in ("1gpu", "2gpu")}, indent=1))
+    print(
+        json.dumps(
+            {k: v for k, v in summary.items() if k not in ("1gpu", "2gpu")}
+            | {k: {kk: vv for kk, vv in summary[k].items() if kk != "loss_curve"} for k in ("1gpu", "2gpu")},
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,12 @@ def free_port() -> int:
 
 
 def environment() -> dict:
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
-            "host": platform.node(), "cpus": os.cpu_count()}
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+    }
     for name in ("torch", "transformers", "accelerate"):
         try:
             info[name] = __import__(name).__version__
@@ -64,8 +68,13 @@ def environment() -> dict:
 
         info["cuda"] = torch.version.cuda
         try:
-            query = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                                   capture_output=True, text=True, timeout=30, check=True)
+            query = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
             info["gpus"] = [line.strip() for line in query.stdout.splitlines() if line.strip()]
         except Exception:  # noqa: BLE001
             info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -74,9 +83,18 @@ def environment() -> dict:
     except Exception as error:  # noqa: BLE001
         info["machine"] = f"unknown: {error}"
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                                capture_output=True, text=True, check=False).stdout.strip())
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+        info["git_dirty"] = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+        )
     except Exception as error:  # noqa: BLE001
         info["git_commit"] = f"unknown: {error}"
     return info
@@ -95,8 +113,14 @@ class Bench:
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
-        self.env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", PYTHONUNBUFFERED="1",
-                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        self.env = dict(
+            os.environ,
+            PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            PYTHONUNBUFFERED="1",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
         if args.dry_run:
             self.env["OMP_NUM_THREADS"] = "1"  # several CPU processes on few cores
         self.result = {"environment": environment(), "args": vars(args), "sections": {}, "errors": []}
@@ -115,23 +139,55 @@ class Bench:
         if processes == 1:
             return [sys.executable] + target
         if self.args.dry_run:  # `accelerate launch --cpu` runs one process (several need mpirun): torchrun
-            return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + target
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port())] + target
+            return [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(processes),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(free_port()),
+            ] + target
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "bf16",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+        ] + target
 
     def run(self, name: str, command: list[str], timeout: float) -> dict:
         """Runs `command`, keeping its output in `out/name.log`; returns exit code, seconds and the output's tail."""
         log(f"{name}: {' '.join(command[:12])} ... (timeout {timeout:.0f} s)")
         start = time.perf_counter()
         try:
-            done = subprocess.run(command, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout, 10), check=False)
+            done = subprocess.run(
+                command, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout, 10), check=False
+            )
             code, output = done.returncode, done.stdout + done.stderr
         except subprocess.TimeoutExpired as expired:
             code = "timeout"
-            output = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else (expired.stdout or "")
-            output += (expired.stderr or b"").decode(errors="replace") if isinstance(expired.stderr, bytes) else (expired.stderr or "")
+            output = (
+                (expired.stdout or b"").decode(errors="replace")
+                if isinstance(expired.stdout, bytes)
+                else (expired.stdout or "")
+            )
+            output += (
+                (expired.stderr or b"").decode(errors="replace")
+                if isinstance(expired.stderr, bytes)
+                else (expired.stderr or "")
+            )
         seconds = time.perf_counter() - start
         (self.out / f"{name}.log").write_text(output)
         log(f"{name}: exit {code} after {seconds:.1f} s")
@@ -156,7 +212,8 @@ def summarize(metrics: dict) -> dict:
     entries = metrics.get("train", [])
     steady = entries[1:] or entries  # the first window includes start-up (compilation of kernels, data workers)
     summary = {
-        "processes": metrics.get("processes"), "global_batch": metrics.get("global_batch"),
+        "processes": metrics.get("processes"),
+        "global_batch": metrics.get("global_batch"),
         "steps": entries[-1]["step"] if entries else 0,
         "tokens_per_second": sum(e["tokens_per_second"] for e in steady) / max(len(steady), 1),
         "steps_per_second": sum(e["steps_per_second"] for e in steady) / max(len(steady), 1),
@@ -187,7 +244,8 @@ def compare(runs: dict, base: str) -> dict:
         theirs = dict(reference["loss_curve"])
         diffs = [abs(loss - theirs[step]) for step, loss in run["loss_curve"] if step in theirs]
         out[f"{name}_vs_{base}"] = {
-            "mean_abs_loss_difference": sum(diffs) / max(len(diffs), 1), "common_points": len(diffs),
+            "mean_abs_loss_difference": sum(diffs) / max(len(diffs), 1),
+            "common_points": len(diffs),
             "throughput_ratio": run["tokens_per_second"] / max(reference["tokens_per_second"], 1e-9),
         }
     return out
@@ -196,11 +254,40 @@ def compare(runs: dict, base: str) -> dict:
 # ------------------------------------------------------------------------------------------------ sections
 def mini_section(bench: Bench, data: Path, names: tuple) -> dict:
     args = bench.args
-    common = ["-m", "specvlm_hf.cli", "train", "--data", str(data), "--eval-examples", str(args.eval_examples),
-              "--eval-max-new-tokens", str(args.eval_tokens), "--eval-modes", "tree", "--eval-depths", "2",
-              "--max-steps", str(args.steps), "--max-train-minutes", str(args.minutes), "--learning-rate", "3e-3",
-              "--lr-scheduler", "constant", "--compressor", "none", "--save-steps", "0", "--log-steps", str(args.log_steps),
-              "--num-workers", str(args.num_workers), "--no-progress-bar", "--device", "cpu" if args.dry_run else "cuda"]
+    common = [
+        "-m",
+        "specvlm_hf.cli",
+        "train",
+        "--data",
+        str(data),
+        "--eval-examples",
+        str(args.eval_examples),
+        "--eval-max-new-tokens",
+        str(args.eval_tokens),
+        "--eval-modes",
+        "tree",
+        "--eval-depths",
+        "2",
+        "--max-steps",
+        str(args.steps),
+        "--max-train-minutes",
+        str(args.minutes),
+        "--learning-rate",
+        "3e-3",
+        "--lr-scheduler",
+        "constant",
+        "--compressor",
+        "none",
+        "--save-steps",
+        "0",
+        "--log-steps",
+        str(args.log_steps),
+        "--num-workers",
+        str(args.num_workers),
+        "--no-progress-bar",
+        "--device",
+        "cpu" if args.dry_run else "cuda",
+    ]
     plans = {
         "1gpu_whole": (1, ["--per-device-batch-size", str(args.batch)]),
         "2gpu_sharded": (2, ["--per-device-batch-size", str(args.batch // 2), "--shard-target"]),
@@ -240,12 +327,34 @@ def scale_section(bench: Bench, data: Path) -> dict:
             runs[name] = {"skipped": "out of the time budget"}
             continue
         folder = bench.work / "scale" / name
-        worker = [str(Path(__file__).resolve()), "--worker", "scale", "--out", str(folder), "--data", str(data),
-                  "--batch", str(args.scale_batch // processes), "--steps", str(args.scale_steps), "--minutes", str(args.scale_minutes),
-                  "--num-workers", str(args.num_workers)] + scale_size_args(args) + (["--dry-run"] if args.dry_run else [])
+        worker = (
+            [
+                str(Path(__file__).resolve()),
+                "--worker",
+                "scale",
+                "--out",
+                str(folder),
+                "--data",
+                str(data),
+                "--batch",
+                str(args.scale_batch // processes),
+                "--steps",
+                str(args.scale_steps),
+                "--minutes",
+                str(args.scale_minutes),
+                "--num-workers",
+                str(args.num_workers),
+            ]
+            + scale_size_args(args)
+            + (["--dry-run"] if args.dry_run else [])
+        )
         if processes > 1:
             worker.append("--shard")
-        outcome = bench.run(f"scale_{name}", bench.launch(processes, worker), timeout=min(bench.remaining(), args.scale_minutes * 60 + 180))
+        outcome = bench.run(
+            f"scale_{name}",
+            bench.launch(processes, worker),
+            timeout=min(bench.remaining(), args.scale_minutes * 60 + 180),
+        )
         try:
             metrics = (folder / "metrics.json").read_text()
             (bench.out / f"scale_{name}_metrics.json").write_text(metrics)
@@ -262,19 +371,35 @@ def scale_section(bench: Bench, data: Path) -> dict:
 
 def print_runs(title: str, runs: dict) -> None:
     print(f"--- {title}")
-    print(f"{'run':>16} {'exit':>7} {'steps':>6} {'tok/s':>10} {'last loss':>10} {'sigma':>6} {'target GiB/GPU':>15} {'peak GiB per GPU':>20}")
+    print(
+        f"{'run':>16} {'exit':>7} {'steps':>6} {'tok/s':>10} {'last loss':>10} {'sigma':>6} {'target GiB/GPU':>15} {'peak GiB per GPU':>20}"
+    )
     for name, run in runs.items():
         loss = run.get("loss_curve", [(0, float("nan"))])[-1][1] if run.get("loss_curve") else float("nan")
         peak = " ".join(f"{g:.2f}" for g in run.get("peak_memory_gib_per_process") or [])
-        print(f"{name:>16} {run.get('exit', '-')!s:>7} {run.get('steps', 0):>6} {run.get('tokens_per_second', 0):>10.0f} {loss:>10.4f} "
-              f"{(run.get('sigma') or {}).get('tree', float('nan')):>6.2f} {run.get('target_weight_gib_per_process', float('nan')):>15.3f} {peak:>20}",
-              flush=True)
+        print(
+            f"{name:>16} {run.get('exit', '-')!s:>7} {run.get('steps', 0):>6} {run.get('tokens_per_second', 0):>10.0f} {loss:>10.4f} "
+            f"{(run.get('sigma') or {}).get('tree', float('nan')):>6.2f} {run.get('target_weight_gib_per_process', float('nan')):>15.3f} {peak:>20}",
+            flush=True,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ scale worker
 def scale_size_args(args) -> list[str]:
-    return ["--hidden", str(args.hidden), "--layers", str(args.layers), "--intermediate", str(args.intermediate),
-            "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--dtype", args.dtype]
+    return [
+        "--hidden",
+        str(args.hidden),
+        "--layers",
+        str(args.layers),
+        "--intermediate",
+        str(args.intermediate),
+        "--heads",
+        str(args.heads),
+        "--kv-heads",
+        str(args.kv_heads),
+        "--dtype",
+        args.dtype,
+    ]
 
 
 def stand_in_target(args):
@@ -291,7 +416,11 @@ def stand_in_target(args):
     config = AutoConfig.from_pretrained(WEIGHTS_DIR)
     text = copy.deepcopy(config.text_config)
     text.hidden_size, text.num_hidden_layers, text.intermediate_size = args.hidden, args.layers, args.intermediate
-    text.num_attention_heads, text.num_key_value_heads, text.head_dim = args.heads, args.kv_heads, args.hidden // args.heads
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim = (
+        args.heads,
+        args.kv_heads,
+        args.hidden // args.heads,
+    )
     text.tie_word_embeddings = False
     config.text_config = text
     config.tie_word_embeddings = False
@@ -337,31 +466,65 @@ def scale_worker(args) -> None:
     built = time.perf_counter() - built
     records = load_records(args.data)
     config = DistillConfig(
-        data=args.data, output_dir=str(out), per_device_batch_size=args.batch, max_steps=args.steps,
-        max_train_minutes=args.minutes, learning_rate=1e-4, save_steps=0, log_steps=max(args.steps // 4, 1), progress_bar=False,
-        eval_each_epoch=False, num_workers=args.num_workers, shard_target=args.shard, device="cpu" if args.dry_run else "auto",
-        target_dtype=args.dtype, max_length=512,
+        data=args.data,
+        output_dir=str(out),
+        per_device_batch_size=args.batch,
+        max_steps=args.steps,
+        max_train_minutes=args.minutes,
+        learning_rate=1e-4,
+        save_steps=0,
+        log_steps=max(args.steps // 4, 1),
+        progress_bar=False,
+        eval_each_epoch=False,
+        num_workers=args.num_workers,
+        shard_target=args.shard,
+        device="cpu" if args.dry_run else "auto",
+        target_dtype=args.dtype,
+        max_length=512,
     )
     setup = time.perf_counter()
-    trainer = DistillTrainer(config, target=target, processor=AutoProcessor.from_pretrained(WEIGHTS_DIR),
-                             train_records=records[:-4], eval_records=records[-4:])
+    trainer = DistillTrainer(
+        config,
+        target=target,
+        processor=AutoProcessor.from_pretrained(WEIGHTS_DIR),
+        train_records=records[:-4],
+        eval_records=records[-4:],
+    )
     setup = time.perf_counter() - setup
     accelerator = trainer.accelerator
     device = accelerator.device
-    numbers = [float(torch.cuda.memory_allocated(device)), float(torch.cuda.max_memory_allocated(device))] if device.type == "cuda" else [0.0, 0.0]
+    numbers = (
+        [float(torch.cuda.memory_allocated(device)), float(torch.cuda.max_memory_allocated(device))]
+        if device.type == "cuda"
+        else [0.0, 0.0]
+    )
     from specvlm_hf.training.sharding import target_memory
 
     share = target_memory(trainer.target)["per_process"]
-    gathered = accelerator.gather(torch.tensor([numbers + [float(share)]], dtype=torch.float64, device=device)).tolist()
+    gathered = accelerator.gather(
+        torch.tensor([numbers + [float(share)]], dtype=torch.float64, device=device)
+    ).tolist()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "setup.json").write_text(json.dumps({
-            "build_target_seconds": built, "trainer_setup_seconds": setup,
-            "draft_parameters": sum(p.numel() for p in trainer.draft.parameters()),
-            "target_weight_bytes": target_memory(trainer.target),
-            "per_process": [{"allocated_after_setup_gib": a / GiB, "peak_during_setup_gib": p / GiB, "target_share_gib": s / GiB}
-                            for a, p, s in gathered],
-        }, indent=1))
+        (out / "setup.json").write_text(
+            json.dumps(
+                {
+                    "build_target_seconds": built,
+                    "trainer_setup_seconds": setup,
+                    "draft_parameters": sum(p.numel() for p in trainer.draft.parameters()),
+                    "target_weight_bytes": target_memory(trainer.target),
+                    "per_process": [
+                        {
+                            "allocated_after_setup_gib": a / GiB,
+                            "peak_during_setup_gib": p / GiB,
+                            "target_share_gib": s / GiB,
+                        }
+                        for a, p, s in gathered
+                    ],
+                },
+                indent=1,
+            )
+        )
     trainer.save = lambda: None  # no checkpoints (the optimizer state of a 7B-sized draft is GBs); the draft is saved
     trainer.train()
 
@@ -371,11 +534,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for the JSON, logs and metrics (small)")
     parser.add_argument("--work", help="folder for data, checkpoints and drafts (default: a temporary folder)")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, 2 gloo processes, tiny sizes: checks that every path runs")
-    parser.add_argument("--budget-minutes", type=float, default=4.0, help="sections that would start after this are skipped")
-    parser.add_argument("--skip", default="", help="comma-separated runs to skip, e.g. 2gpu_replicated,scale_1gpu_whole")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="CPU, 2 gloo processes, tiny sizes: checks that every path runs"
+    )
+    parser.add_argument(
+        "--budget-minutes", type=float, default=4.0, help="sections that would start after this are skipped"
+    )
+    parser.add_argument(
+        "--skip", default="", help="comma-separated runs to skip, e.g. 2gpu_replicated,scale_1gpu_whole"
+    )
     # mini section
-    parser.add_argument("--examples", type=int, default=7000, help="generated examples (more than steps x batch: one epoch)")
+    parser.add_argument(
+        "--examples", type=int, default=7000, help="generated examples (more than steps x batch: one epoch)"
+    )
     parser.add_argument("--batch", type=int, default=64, help="global batch (mini)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--minutes", type=float, default=0.35, help="training budget of each mini run")
@@ -408,13 +579,17 @@ def main(argv=None):
         args.budget_minutes = max(args.budget_minutes, 10.0)
     args.skip = [s for s in args.skip.split(",") if s]
     bench = Bench(args)
-    log(f"{bench.result['environment'].get('machine')}; torch {bench.result['environment'].get('torch')}, transformers "
-        f"{bench.result['environment'].get('transformers')}, accelerate {bench.result['environment'].get('accelerate')}")
+    log(
+        f"{bench.result['environment'].get('machine')}; torch {bench.result['environment'].get('torch')}, transformers "
+        f"{bench.result['environment'].get('transformers')}, accelerate {bench.result['environment'].get('accelerate')}"
+    )
     if not args.dry_run:
         import torch
 
         if torch.cuda.device_count() < 2:  # NVML: no CUDA context
-            bench.result["errors"].append(f"needs 2 GPUs, found {torch.cuda.device_count()} (use --dry-run on a CPU machine)")
+            bench.result["errors"].append(
+                f"needs 2 GPUs, found {torch.cuda.device_count()} (use --dry-run on a CPU machine)"
+            )
             bench.write()
             raise SystemExit(bench.result["errors"][-1])
     data = bench.work / "train"
@@ -437,8 +612,18 @@ def main(argv=None):
     bench.section("mini", lambda: mini_section(bench, path, ("2gpu_replicated",)))
     bench.result["seconds"] = time.perf_counter() - bench.started
     bench.write()
-    summary = {name: section.get("comparison") for name, section in bench.result["sections"].items() if isinstance(section, dict)}
-    print(json.dumps({"comparisons": summary, "errors": bench.result["errors"], "seconds": bench.result["seconds"]}, indent=1, default=str))
+    summary = {
+        name: section.get("comparison")
+        for name, section in bench.result["sections"].items()
+        if isinstance(section, dict)
+    }
+    print(
+        json.dumps(
+            {"comparisons": summary, "errors": bench.result["errors"], "seconds": bench.result["seconds"]},
+            indent=1,
+            default=str,
+        )
+    )
     log(f"wrote {bench.out / 'fsdp_compare.json'}")
     return 1 if bench.result["errors"] else 0
 

@@ -35,8 +35,12 @@ def main(argv=None):
     parser.add_argument("--bench-prompts", type=int, default=24)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--extra", default="", help="extra `specvlm train` options for both runs")
-    parser.add_argument("--only", default=None, choices=["eaglevlm", "specvlm"],
-                        help="train this draft only; the bench then takes the other one from the shipped drafts")
+    parser.add_argument(
+        "--only",
+        default=None,
+        choices=["eaglevlm", "specvlm"],
+        help="train this draft only; the bench then takes the other one from the shipped drafts",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,12 +54,40 @@ def main(argv=None):
     print(f"data written in {time.perf_counter() - start:.1f} s", flush=True)
 
     common = [
-        "--data", str(out / "train" / "data.json"), "--eval-data", str(out / "heldout" / "data.json"),
-        "--eval-examples", str(args.eval_prompts), "--eval-max-new-tokens", "64", "--eval-modes", "tree,chain",
-        "--eval-before-training", "--num-epochs", str(args.epochs), "--per-device-batch-size", str(args.batch),
-        "--learning-rate", str(args.lr), "--lr-scheduler", "cosine", "--warmup-steps", "50", "--max-grad-norm", "0.5",
-        "--save-steps", "0", "--log-steps", "25", "--num-workers", str(args.workers), "--no-progress-bar",
-        "--max-train-minutes", str(args.minutes), "--device", args.device,
+        "--data",
+        str(out / "train" / "data.json"),
+        "--eval-data",
+        str(out / "heldout" / "data.json"),
+        "--eval-examples",
+        str(args.eval_prompts),
+        "--eval-max-new-tokens",
+        "64",
+        "--eval-modes",
+        "tree,chain",
+        "--eval-before-training",
+        "--num-epochs",
+        str(args.epochs),
+        "--per-device-batch-size",
+        str(args.batch),
+        "--learning-rate",
+        str(args.lr),
+        "--lr-scheduler",
+        "cosine",
+        "--warmup-steps",
+        "50",
+        "--max-grad-norm",
+        "0.5",
+        "--save-steps",
+        "0",
+        "--log-steps",
+        "25",
+        "--num-workers",
+        str(args.workers),
+        "--no-progress-bar",
+        "--max-train-minutes",
+        str(args.minutes),
+        "--device",
+        args.device,
     ] + args.extra.split()
     runs = {"eaglevlm": ["--compressor", "none"], "specvlm": ["--compressor", "select"]}
     if args.only:
@@ -77,11 +109,25 @@ def main(argv=None):
 
     drafts = {name: out / name / "draft" if name in runs else draft_path(name) for name in ("eaglevlm", "specvlm")}
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train_bench_drafts.py"), "--drafts",
-         f"eaglevlm={drafts['eaglevlm']}", f"specvlm={drafts['specvlm']}",
-         "--data", str(out / "heldout" / "data.json"), "--skip", str(args.eval_prompts), "--prompts", str(args.bench_prompts),
-         "--device", args.device, "--out", str(out / "bench.json")],
-        env=env, check=True,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "train_bench_drafts.py"),
+            "--drafts",
+            f"eaglevlm={drafts['eaglevlm']}",
+            f"specvlm={drafts['specvlm']}",
+            "--data",
+            str(out / "heldout" / "data.json"),
+            "--skip",
+            str(args.eval_prompts),
+            "--prompts",
+            str(args.bench_prompts),
+            "--device",
+            args.device,
+            "--out",
+            str(out / "bench.json"),
+        ],
+        env=env,
+        check=True,
     )
     print(f"all done in {time.perf_counter() - start:.1f} s", flush=True)
 

@@ -22,16 +22,31 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (name, path), colour in zip((pair.split("=", 1) for pair in args.runs), ("tab:blue", "tab:orange", "tab:green")):
+    for (name, path), colour in zip(
+        (pair.split("=", 1) for pair in args.runs), ("tab:blue", "tab:orange", "tab:green")
+    ):
         metrics = json.load(open(path))
         evals = metrics["eval"]
         for mode, style in (("tree", "-"), ("chain", "--")):
             points = [(e["epoch"], e["sigma"][mode]) for e in evals if mode in e["sigma"]]
             if points:
                 left.plot(*zip(*points), style, marker="o", color=colour, label=f"{name} ({mode})")
-        right.plot([e["epoch"] for e in evals], [e["depth_agreement"][0] for e in evals], "-", marker="o", color=colour, label=f"{name} depth 1")
-        right.plot([e["epoch"] for e in evals], [e["depth_agreement"][-1] for e in evals], ":", marker="s", color=colour,
-                   label=f"{name} depth {len(evals[0]['depth_agreement'])}")
+        right.plot(
+            [e["epoch"] for e in evals],
+            [e["depth_agreement"][0] for e in evals],
+            "-",
+            marker="o",
+            color=colour,
+            label=f"{name} depth 1",
+        )
+        right.plot(
+            [e["epoch"] for e in evals],
+            [e["depth_agreement"][-1] for e in evals],
+            ":",
+            marker="s",
+            color=colour,
+            label=f"{name} depth {len(evals[0]['depth_agreement'])}",
+        )
     left.set_xlabel("epoch")
     left.set_ylabel("sigma: accepted tokens per target forward")
     left.set_title(args.title, fontsize=10)

@@ -51,17 +51,53 @@ PEAK_MEASURED_H200 = 790e12  # dense bf16, 8192^3 products on random data, this 
 PEAK_DATASHEET_H200 = 989e12
 
 SHAPES = {
-    "llava15-7b": dict(text="llama", hidden=4096, layers=32, intermediate=11008, heads=32, kv_heads=32, vocab=32064,
-                       image_token=32000, rope_theta=10000.0),
-    "qwen25vl-7b-text": dict(text="qwen2", hidden=3584, layers=28, intermediate=18944, heads=28, kv_heads=4, vocab=152064,
-                             image_token=151655, rope_theta=1e6),
+    "llava15-7b": dict(
+        text="llama",
+        hidden=4096,
+        layers=32,
+        intermediate=11008,
+        heads=32,
+        kv_heads=32,
+        vocab=32064,
+        image_token=32000,
+        rope_theta=10000.0,
+    ),
+    "qwen25vl-7b-text": dict(
+        text="qwen2",
+        hidden=3584,
+        layers=28,
+        intermediate=18944,
+        heads=28,
+        kv_heads=4,
+        vocab=152064,
+        image_token=151655,
+        rope_theta=1e6,
+    ),
 }
 CLIP_L_336 = dict(hidden=1024, layers=24, intermediate=4096, heads=16, image=336, patch=14)
 TINY_SHAPES = {
-    "llava15-7b": dict(text="llama", hidden=64, layers=2, intermediate=128, heads=4, kv_heads=4, vocab=512, image_token=500,
-                       rope_theta=10000.0),
-    "qwen25vl-7b-text": dict(text="qwen2", hidden=56, layers=2, intermediate=112, heads=4, kv_heads=2, vocab=1024,
-                             image_token=1000, rope_theta=1e6),
+    "llava15-7b": dict(
+        text="llama",
+        hidden=64,
+        layers=2,
+        intermediate=128,
+        heads=4,
+        kv_heads=4,
+        vocab=512,
+        image_token=500,
+        rope_theta=10000.0,
+    ),
+    "qwen25vl-7b-text": dict(
+        text="qwen2",
+        hidden=56,
+        layers=2,
+        intermediate=112,
+        heads=4,
+        kv_heads=2,
+        vocab=1024,
+        image_token=1000,
+        rope_theta=1e6,
+    ),
 }
 TINY_CLIP = dict(hidden=32, layers=2, intermediate=64, heads=2, image=56, patch=14)
 
@@ -78,20 +114,43 @@ def build_target(shape: dict, vision: dict, device, dtype):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
     from transformers.initialization import no_init_weights
 
-    common = dict(hidden_size=shape["hidden"], num_hidden_layers=shape["layers"], intermediate_size=shape["intermediate"],
-                  num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], vocab_size=shape["vocab"],
-                  max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=0,
-                  bos_token_id=1, eos_token_id=2)
+    common = dict(
+        hidden_size=shape["hidden"],
+        num_hidden_layers=shape["layers"],
+        intermediate_size=shape["intermediate"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        vocab_size=shape["vocab"],
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     common["rope_parameters"] = {"rope_type": "default", "rope_theta": shape["rope_theta"]}
     text = LlamaConfig(**common) if shape["text"] == "llama" else Qwen2Config(**common, use_sliding_window=False)
-    vision_config = CLIPVisionConfig(hidden_size=vision["hidden"], intermediate_size=vision["intermediate"],
-                                     num_hidden_layers=vision["layers"], num_attention_heads=vision["heads"],
-                                     image_size=vision["image"], patch_size=vision["patch"], projection_dim=768,
-                                     hidden_act="quick_gelu")
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision["hidden"],
+        intermediate_size=vision["intermediate"],
+        num_hidden_layers=vision["layers"],
+        num_attention_heads=vision["heads"],
+        image_size=vision["image"],
+        patch_size=vision["patch"],
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
     visual_tokens = (vision["image"] // vision["patch"]) ** 2
-    config = LlavaConfig(vision_config=vision_config, text_config=text, image_token_index=shape["image_token"],
-                         projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
-                         image_seq_length=visual_tokens, tie_word_embeddings=False)
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text,
+        image_token_index=shape["image_token"],
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=visual_tokens,
+        tie_word_embeddings=False,
+    )
     config._attn_implementation = "sdpa"
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -131,7 +190,9 @@ class SyntheticConversations:
 
     PREFIX, ROLE = 5, 4  # "<s> USER: " before the image, " ASSISTANT:" before the answer
 
-    def __init__(self, size: int, shape: dict, visual_tokens: int, image_size: int, text_range=(100, 400), seed: int = 0):
+    def __init__(
+        self, size: int, shape: dict, visual_tokens: int, image_size: int, text_range=(100, 400), seed: int = 0
+    ):
         self.size, self.shape, self.visual_tokens = size, shape, visual_tokens
         self.image_size, self.text_range, self.seed = image_size, text_range, seed
         self._processor = None
@@ -155,7 +216,9 @@ class SyntheticConversations:
             from transformers import CLIPImageProcessor
 
             side = self.image_size
-            self._processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+            self._processor = CLIPImageProcessor(
+                size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+            )
         return self._processor
 
     def __getitem__(self, index: int) -> dict:
@@ -173,8 +236,12 @@ class SyntheticConversations:
         labels[prompt:] = True
         picture = Image.fromarray(rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8))
         pixels = self.image_processor()(images=picture, return_tensors="pt")["pixel_values"]
-        return {"input_ids": torch.from_numpy(ids).long(), "labels": torch.from_numpy(labels), "pixel_values": pixels,
-                "image_sizes": None}
+        return {
+            "input_ids": torch.from_numpy(ids).long(),
+            "labels": torch.from_numpy(labels),
+            "pixel_values": pixels,
+            "image_sizes": None,
+        }
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
@@ -187,7 +254,9 @@ def layer_params(shape: dict) -> int:
 def example_flops(shape: dict, vision: dict, total: int, answer: int) -> dict:
     """Model FLOPs of one example (one image): multiply-adds count 2; causal attention counts half of n^2."""
     d, layers = shape["hidden"], shape["layers"]
-    lm = 2 * layer_params(shape) * layers * total + 2 * total * total * d * layers + 2 * shape["vocab"] * d  # logits_to_keep=1
+    lm = (
+        2 * layer_params(shape) * layers * total + 2 * total * total * d * layers + 2 * shape["vocab"] * d
+    )  # logits_to_keep=1
     v, v_layers = vision["hidden"], vision["layers"] - 1  # features of the second-to-last layer
     n_v = (vision["image"] // vision["patch"]) ** 2 + 1
     vision_layer = 4 * v * v + 2 * v * vision["intermediate"]
@@ -209,7 +278,10 @@ def peak_worker(args) -> dict:
     import torch
 
     n = 8192
-    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a, b = (
+        torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+        torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+    )
     for _ in range(3):
         a @ b
     times = []
@@ -221,7 +293,10 @@ def peak_worker(args) -> dict:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
     times.sort()
-    return {"bf16_matmul_8192_tflops_median": 2 * n**3 / times[len(times) // 2] / 1e12, "gpu": torch.cuda.get_device_name()}
+    return {
+        "bf16_matmul_8192_tflops_median": 2 * n**3 / times[len(times) // 2] / 1e12,
+        "gpu": torch.cuda.get_device_name(),
+    }
 
 
 def train_worker(args) -> dict:
@@ -249,15 +324,29 @@ def train_worker(args) -> dict:
     if not tiny:
         torch.cuda.synchronize()
     built = time.perf_counter() - started
-    log(f"{args.shape}: target built in {built:.1f} s ({sum(p.numel() for p in target.parameters()) / 1e9:.2f} B parameters)")
+    log(
+        f"{args.shape}: target built in {built:.1f} s ({sum(p.numel() for p in target.parameters()) / 1e9:.2f} B parameters)"
+    )
     text_range = (10, 40) if tiny else (100, 400)
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     outcomes = []
     for run in json.loads(args.configs):
         outcome = {"run": run, "shape": args.shape, "code": specvlm_hf.__file__, "target_build_seconds": built}
         try:
-            outcome |= train_one(run, target, shape, vision, visual_tokens, text_range, device, DistillConfig, DistillTrainer,
-                                 StepTimer, fields, args)
+            outcome |= train_one(
+                run,
+                target,
+                shape,
+                vision,
+                visual_tokens,
+                text_range,
+                device,
+                DistillConfig,
+                DistillTrainer,
+                StepTimer,
+                fields,
+                args,
+            )
         except Exception:  # noqa: BLE001
             outcome["error"] = traceback.format_exc()
             print(outcome["error"], flush=True)
@@ -269,7 +358,20 @@ def train_worker(args) -> dict:
     return outcomes
 
 
-def train_one(run, target, shape, vision, visual_tokens, text_range, device, DistillConfig, DistillTrainer, StepTimer, fields, args):
+def train_one(
+    run,
+    target,
+    shape,
+    vision,
+    visual_tokens,
+    text_range,
+    device,
+    DistillConfig,
+    DistillTrainer,
+    StepTimer,
+    fields,
+    args,
+):
     import tempfile
 
     import torch
@@ -283,29 +385,52 @@ def train_one(run, target, shape, vision, visual_tokens, text_range, device, Dis
     for i in range(8):
         dataset[i]
     data_ms = (time.perf_counter() - data_start) / 8 * 1000
-    settings = dict(data="synthetic", output_dir=tempfile.mkdtemp(prefix="tp-"), per_device_batch_size=batch,
-                    gradient_accumulation_steps=accum, max_steps=warmup + steps, learning_rate=8e-5, save_steps=0,
-                    log_steps=1, progress_bar=False, eval_each_epoch=False, num_workers=run.get("workers", 0),
-                    target_dtype="float32" if device == "cpu" else "bfloat16", max_length=4096, device=device,
-                    compressor=run.get("compressor", "none"), seed=0)
+    settings = dict(
+        data="synthetic",
+        output_dir=tempfile.mkdtemp(prefix="tp-"),
+        per_device_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_steps=warmup + steps,
+        learning_rate=8e-5,
+        save_steps=0,
+        log_steps=1,
+        progress_bar=False,
+        eval_each_epoch=False,
+        num_workers=run.get("workers", 0),
+        target_dtype="float32" if device == "cpu" else "bfloat16",
+        max_length=4096,
+        device=device,
+        compressor=run.get("compressor", "none"),
+        seed=0,
+    )
     if "loss_chunk_rows" in run and "loss_chunk_rows" in fields:
         settings["loss_chunk_rows"] = run["loss_chunk_rows"]
     record = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer = DistillTrainer(DistillConfig(**settings), target=target, processor=StubProcessor(),
-                             train_records=[record] * size, eval_records=[record] * 2)
+    trainer = DistillTrainer(
+        DistillConfig(**settings),
+        target=target,
+        processor=StubProcessor(),
+        train_records=[record] * size,
+        eval_records=[record] * 2,
+    )
     trainer.train_set = dataset  # ready-made examples (the records above only size the epoch)
     trainer.save = lambda: None  # no checkpoints: the optimizer state of a 7B-sized draft is GBs
     trainer.draft.save_pretrained = lambda *args, **kwargs: None  # nor the final draft (1 GB of random weights)
     trainer.timer = StepTimer(trainer.accelerator.device) if StepTimer is not None else None
     draft_parameters = sum(p.numel() for p in trainer.draft.parameters())
-    log(f"  {run['name']}: batch {batch} x {accum}, {warmup} + {steps} steps, {draft_parameters / 1e6:.0f} M draft parameters")
+    log(
+        f"  {run['name']}: batch {batch} x {accum}, {warmup} + {steps} steps, {draft_parameters / 1e6:.0f} M draft parameters"
+    )
     metrics = trainer.train()
     entries = metrics["train"]
     if not steps:  # a kernel warm-up pass (see `default_plan`): nothing to report but its time
-        return {"kernel_warmup_only": True, "seconds": sum(1 / e["steps_per_second"] for e in entries),
-                "step_seconds": [1 / e["steps_per_second"] for e in entries]}
+        return {
+            "kernel_warmup_only": True,
+            "seconds": sum(1 / e["steps_per_second"] for e in entries),
+            "step_seconds": [1 / e["steps_per_second"] for e in entries],
+        }
     measured = entries[warmup:]
     seconds = sum(1 / e["steps_per_second"] for e in measured)
     tokens = sum(e["tokens_per_second"] / e["steps_per_second"] for e in measured)
@@ -323,14 +448,20 @@ def train_one(run, target, shape, vision, visual_tokens, text_range, device, Dis
                 flops[key] += value
     total_flops = sum(flops.values())
     result = {
-        "steps_measured": len(measured), "global_batch": global_batch, "seconds_measured": seconds,
-        "tokens_per_second": tokens / seconds, "seconds_per_step": seconds / max(len(measured), 1),
-        "tokens_per_step": tokens / max(len(measured), 1), "answer_rows_per_step": answer_rows / max(len(measured), 1),
-        "padding_fraction": 1 - real / max(padded, 1), "draft_parameters": draft_parameters,
+        "steps_measured": len(measured),
+        "global_batch": global_batch,
+        "seconds_measured": seconds,
+        "tokens_per_second": tokens / seconds,
+        "seconds_per_step": seconds / max(len(measured), 1),
+        "tokens_per_step": tokens / max(len(measured), 1),
+        "answer_rows_per_step": answer_rows / max(len(measured), 1),
+        "padding_fraction": 1 - real / max(padded, 1),
+        "draft_parameters": draft_parameters,
         "data_ms_per_example_main_process": data_ms,
         "model_flops_per_step": {k: v / max(len(measured), 1) for k, v in flops.items()},
         "model_tflops_per_second": total_flops / seconds / 1e12,
-        "mfu_vs_790": total_flops / seconds / PEAK_MEASURED_H200, "mfu_vs_989": total_flops / seconds / PEAK_DATASHEET_H200,
+        "mfu_vs_790": total_flops / seconds / PEAK_MEASURED_H200,
+        "mfu_vs_989": total_flops / seconds / PEAK_DATASHEET_H200,
         "teacher_only_tflops_per_second_of_step": flops["teacher_forward"] / seconds / 1e12,
         "loss_curve": [(e["step"], e["loss"]) for e in entries],
         "step_seconds": [1 / e["steps_per_second"] for e in entries],
@@ -346,7 +477,9 @@ def train_one(run, target, shape, vision, visual_tokens, text_range, device, Dis
         gpu = sum(v for k, v in per_step.items() if k != "data")
         result["gpu_phases_share_of_step"] = gpu / result["seconds_per_step"]
         if per_step.get("teacher"):
-            result["teacher_forward_tflops_per_second"] = flops["teacher_forward"] / len(measured) / per_step["teacher"] / 1e12
+            result["teacher_forward_tflops_per_second"] = (
+                flops["teacher_forward"] / len(measured) / per_step["teacher"] / 1e12
+            )
         if per_step.get("draft"):
             draft_flops = (flops["draft_forward"] + flops["draft_backward"]) / len(measured)
             result["draft_tflops_per_second"] = draft_flops / per_step["draft"] / 1e12
@@ -385,21 +518,31 @@ def profile_step(trainer, accum: int, device: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ driver
 def environment() -> dict:
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
-            "cpus": os.cpu_count()}
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
     for name in ("torch", "transformers", "accelerate"):
         try:
             info[name] = __import__(name).__version__
         except Exception as error:  # noqa: BLE001
             info[name] = f"unavailable: {error}"
     try:
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=30, check=True)
+        query = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
         info["gpus"] = [line.strip() for line in query.stdout.splitlines() if line.strip()]
     except Exception:  # noqa: BLE001
         info["gpus"] = []
     info["machine"] = f"{len(info['gpus'])} x {info['gpus'][0]}" if info["gpus"] else f"CPU ({os.cpu_count()} cores)"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
     info["git_commit"] = commit or "unknown (no git checkout)"
     return info
 
@@ -417,24 +560,63 @@ def default_plan(tiny: bool, baseline: bool) -> list[dict]:
     workers = 0 if tiny else 4
     warm = {"name": "kernel-warmup", "batch": b, "accum": accum, "workers": workers, "warmup": 4, "steps": 0}
     plan = [
-        ("new", "llava15-7b", [
-            dict(warm, name="llava15-7b_kernel-warmup"),
-            {"name": "llava15-7b", "batch": b, "accum": accum, "workers": workers},
-            {"name": "llava15-7b_batch32", "batch": 2 * b, "accum": accum // 2, "workers": workers},
-            {"name": "llava15-7b_no-workers", "batch": b, "accum": accum, "workers": 0},
-        ]),
-        ("new", "qwen25vl-7b-text", [dict(warm, name="qwen25vl-7b-text_kernel-warmup"),
-                                     {"name": "qwen25vl-7b-text", "batch": b, "accum": accum, "workers": workers}]),
+        (
+            "new",
+            "llava15-7b",
+            [
+                dict(warm, name="llava15-7b_kernel-warmup"),
+                {"name": "llava15-7b", "batch": b, "accum": accum, "workers": workers},
+                {"name": "llava15-7b_batch32", "batch": 2 * b, "accum": accum // 2, "workers": workers},
+                {"name": "llava15-7b_no-workers", "batch": b, "accum": accum, "workers": 0},
+            ],
+        ),
+        (
+            "new",
+            "qwen25vl-7b-text",
+            [
+                dict(warm, name="qwen25vl-7b-text_kernel-warmup"),
+                {"name": "qwen25vl-7b-text", "batch": b, "accum": accum, "workers": workers},
+            ],
+        ),
     ]
     if baseline:
-        plan.append(("baseline", "llava15-7b", [dict(warm, name="llava15-7b_before_kernel-warmup"),
-                                                {"name": "llava15-7b_before", "batch": b, "accum": accum, "workers": workers}]))
-    plan.append(("new", "llava15-7b", [dict(warm, name="llava15-7b_specvlm-select_kernel-warmup", compressor="select"),
-                                       {"name": "llava15-7b_specvlm-select", "batch": b, "accum": accum, "workers": workers,
-                                        "compressor": "select"}]))
+        plan.append(
+            (
+                "baseline",
+                "llava15-7b",
+                [
+                    dict(warm, name="llava15-7b_before_kernel-warmup"),
+                    {"name": "llava15-7b_before", "batch": b, "accum": accum, "workers": workers},
+                ],
+            )
+        )
+    plan.append(
+        (
+            "new",
+            "llava15-7b",
+            [
+                dict(warm, name="llava15-7b_specvlm-select_kernel-warmup", compressor="select"),
+                {
+                    "name": "llava15-7b_specvlm-select",
+                    "batch": b,
+                    "accum": accum,
+                    "workers": workers,
+                    "compressor": "select",
+                },
+            ],
+        )
+    )
     if baseline:
-        plan.append(("baseline", "qwen25vl-7b-text", [dict(warm, name="qwen25vl-7b-text_before_kernel-warmup"),
-                                                     {"name": "qwen25vl-7b-text_before", "batch": b, "accum": accum, "workers": workers}]))
+        plan.append(
+            (
+                "baseline",
+                "qwen25vl-7b-text",
+                [
+                    dict(warm, name="qwen25vl-7b-text_before_kernel-warmup"),
+                    {"name": "qwen25vl-7b-text_before", "batch": b, "accum": accum, "workers": workers},
+                ],
+            )
+        )
     return plan
 
 
@@ -442,15 +624,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="folder for train_throughput.json and the logs (required)")
     parser.add_argument("--tiny", action="store_true", help="CPU, tiny shapes: checks that every path runs")
-    parser.add_argument("--baseline-src", help="a checkout (or folder holding specvlm_hf/) whose trainer to measure too")
+    parser.add_argument(
+        "--baseline-src", help="a checkout (or folder holding specvlm_hf/) whose trainer to measure too"
+    )
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps after the warm-up")
     parser.add_argument("--budget-minutes", type=float, default=5.0, help="no new process starts after this")
-    parser.add_argument("--only", default="", help="comma-separated configuration names to run (default: the whole plan)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated configuration names to run (default: the whole plan)"
+    )
     parser.add_argument("--plan", help="a JSON list of [code, shape, [configs]] instead of the default plan")
     parser.add_argument("--skip-peak", action="store_true", help="do not measure the bf16 matrix rate")
     parser.add_argument("--work", help="folder for each process's result file (default: a temporary folder)")
-    parser.add_argument("--code-commit", help="the commit of this code, when it runs from a copy without its git history")
+    parser.add_argument(
+        "--code-commit", help="the commit of this code, when it runs from a copy without its git history"
+    )
     # internal: one process
     parser.add_argument("--worker", choices=("train", "peak"), help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
@@ -484,18 +672,28 @@ def main(argv=None):
 
     def launch(code: str, extra: list[str], name: str, timeout: float) -> Path:
         source = ROOT if code == "new" else Path(args.baseline_src).resolve()
-        env = dict(os.environ, PYTHONPATH=f"{source}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", PYTHONUNBUFFERED="1",
-                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env = dict(
+            os.environ,
+            PYTHONPATH=f"{source}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            PYTHONUNBUFFERED="1",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
         if args.tiny:
             env["OMP_NUM_THREADS"] = "1"
         target = work / f"{name}.result.json"
         command = [sys.executable, str(Path(__file__).resolve())] + extra + ["--result", str(target)]
         log(f"{name}: {code} code from {source}")
         try:
-            done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+            done = subprocess.run(
+                command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+            )
             output = done.stdout + done.stderr
             if done.returncode:
-                result["errors"].append(f"{name}: exit {done.returncode}: {output.strip().splitlines()[-1] if output.strip() else ''}")
+                result["errors"].append(
+                    f"{name}: exit {done.returncode}: {output.strip().splitlines()[-1] if output.strip() else ''}"
+                )
         except subprocess.TimeoutExpired as expired:
             output = str(expired.stdout or "") + str(expired.stderr or "")
             result["errors"].append(f"{name}: timed out after {timeout:.0f} s")
@@ -522,8 +720,18 @@ def main(argv=None):
                 result["runs"][c["name"]] = {"skipped": "out of the time budget"}
             write()
             continue
-        extra = ["--worker", "train", "--shape", shape, "--configs", json.dumps(configs), "--warmup-steps", str(args.warmup_steps),
-                 "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
+        extra = [
+            "--worker",
+            "train",
+            "--shape",
+            shape,
+            "--configs",
+            json.dumps(configs),
+            "--warmup-steps",
+            str(args.warmup_steps),
+            "--steps",
+            str(args.steps),
+        ] + (["--tiny"] if args.tiny else [])
         target = launch(code, extra, f"process{k}_{code}_{shape}", timeout=left + 60)
         if target.exists():
             for outcome in json.loads(target.read_text()):
@@ -535,7 +743,9 @@ def main(argv=None):
 
 
 def print_table(result: dict) -> None:
-    print(f"{'run':>28} {'tok/s':>8} {'s/step':>7} {'MFU790':>7} {'TFLOP/s':>8} {'teacher':>8} {'draft':>7} {'optim':>6} {'data':>6} {'peakGiB':>8} {'pad':>5}")
+    print(
+        f"{'run':>28} {'tok/s':>8} {'s/step':>7} {'MFU790':>7} {'TFLOP/s':>8} {'teacher':>8} {'draft':>7} {'optim':>6} {'data':>6} {'peakGiB':>8} {'pad':>5}"
+    )
     for name, run in result["runs"].items():
         if run.get("kernel_warmup_only"):
             continue
@@ -544,10 +754,13 @@ def print_table(result: dict) -> None:
             print(f"{name:>28} {run.get('skipped') or (error[-1] if error else 'no result')}")
             continue
         phases = run.get("phase_seconds_per_step", {})
-        print(f"{name:>28} {run['tokens_per_second']:>8.0f} {run['seconds_per_step']:>7.3f} {run['mfu_vs_790']:>7.3f} "
-              f"{run['model_tflops_per_second']:>8.1f} {phases.get('teacher', float('nan')):>8.3f} {phases.get('draft', float('nan')):>7.3f} "
-              f"{phases.get('optimizer', float('nan')):>6.3f} {phases.get('data', float('nan')):>6.3f} {run.get('peak_memory_gib', float('nan')):>8.1f} "
-              f"{run['padding_fraction']:>5.2f}", flush=True)
+        print(
+            f"{name:>28} {run['tokens_per_second']:>8.0f} {run['seconds_per_step']:>7.3f} {run['mfu_vs_790']:>7.3f} "
+            f"{run['model_tflops_per_second']:>8.1f} {phases.get('teacher', float('nan')):>8.3f} {phases.get('draft', float('nan')):>7.3f} "
+            f"{phases.get('optimizer', float('nan')):>6.3f} {phases.get('data', float('nan')):>6.3f} {run.get('peak_memory_gib', float('nan')):>8.1f} "
+            f"{run['padding_fraction']:>5.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,12 @@ def eval_results(bench: dict, name: str, date: str, default_mode: str = "tree") 
     modes = {}
     for mode in ("tree", "chain"):
         run = bench["runs"][f"{name}/{mode}"]
-        modes[mode] = {"sigma": run["sigma"], "speedup": run["speedup"], "tokens_per_second": run["tokens_per_second"],
-                       "baseline_tokens_per_second": bench["plain_tokens_per_second"]}
+        modes[mode] = {
+            "sigma": run["sigma"],
+            "speedup": run["speedup"],
+            "tokens_per_second": run["tokens_per_second"],
+            "baseline_tokens_per_second": bench["plain_tokens_per_second"],
+        }
     return {
         "sigma": modes[default_mode]["sigma"],
         "speedup": modes[default_mode]["speedup"],

@@ -49,8 +49,15 @@ ADAPTERS: dict[str, type] = {}  # model_type -> adapter class, filled by `regist
 
 # inputs describing a call's images; from transformers 5.23 `generate` drops them from the model inputs before
 # the decoding method runs, so the call's own are kept for the compressor's layouts
-IMAGE_GEOMETRY_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "video_grid_thw", "batch_num_images",
-                       "vision_aspect_ratio", "image_hidden_states")
+IMAGE_GEOMETRY_KEYS = (
+    "pixel_values",
+    "image_sizes",
+    "image_grid_thw",
+    "video_grid_thw",
+    "batch_num_images",
+    "vision_aspect_ratio",
+    "image_hidden_states",
+)
 _CALL_IMAGE_INPUTS: ContextVar[dict] = ContextVar("specvlm_call_image_inputs", default={})
 
 
@@ -245,18 +252,20 @@ class LlavaNextAdapter(TargetAdapter):
     def visual_layouts(self, is_image, model_kwargs):
         sizes = model_kwargs.get("image_sizes")
         return [
-            image_layout(self.config, end - start, sizes[index].tolist() if sizes is not None and index < len(sizes) else None)
+            image_layout(
+                self.config, end - start, sizes[index].tolist() if sizes is not None and index < len(sizes) else None
+            )
             for index, (start, end) in enumerate(image_spans(is_image))
         ]
 
 
 @register
 class QwenVLAdapter(TargetAdapter):
-    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: M-RoPE positions (text after an image sits at `index + rope_deltas`);
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and MoE): M-RoPE positions (text after an image sits at `index + rope_deltas`);
     images counted from `image_grid_thw` (`pixel_values` are patch rows); each image's tokens are its merged
     `(t, h / m, w / m)` grid, row-major, one run per image between vision-start and vision-end tokens."""
 
-    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
     tree_verified = True
 
     def position_offset(self) -> int:
@@ -337,7 +346,9 @@ class Gemma3Adapter(HybridAttentionAdapter):
         per_image = getattr(self.config, "mm_tokens_per_image", 0)
         side = math.isqrt(per_image) if per_image else 0
         return [
-            VisualLayout([GridSegment(0, side, side)]) if side * side == end - start else VisualLayout.grid(end - start)
+            VisualLayout([GridSegment(0, side, side)])
+            if side * side == end - start
+            else VisualLayout.grid(end - start)
             for start, end in image_spans(is_image)
         ]
 
@@ -361,7 +372,9 @@ class PaliGemmaAdapter(HybridAttentionAdapter):
             count = end - start
             side = math.isqrt(per_image) if per_image else 0
             if per_image and side * side == per_image and count % per_image == 0:
-                layouts.append(VisualLayout([GridSegment(i * per_image, side, side) for i in range(count // per_image)]))
+                layouts.append(
+                    VisualLayout([GridSegment(i * per_image, side, side) for i in range(count // per_image)])
+                )
             else:
                 layouts.append(VisualLayout.grid(count))
         return layouts
@@ -413,7 +426,9 @@ class LlavaOnevisionAdapter(TargetAdapter):
         vision = self.config.vision_config
         side = vision.image_size // vision.patch_size
         per_sample = model_kwargs.get("batch_num_images")
-        patched = [True] * len(sizes) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(int(n))]
+        patched = (
+            [True] * len(sizes) if per_sample is None else [int(n) == 1 for n in per_sample for _ in range(int(n))]
+        )
         base = GridSegment(0, side, side)
         layouts = []
         for size, anyres in zip(sizes.tolist(), patched):
@@ -471,7 +486,9 @@ class InternVLAdapter(TargetAdapter):
     def visual_layouts(self, is_image, model_kwargs):
         side = self.tile_side
         return [
-            tile_layout((end - start) // side**2, side) if (end - start) % side**2 == 0 else VisualLayout.grid(end - start)
+            tile_layout((end - start) // side**2, side)
+            if (end - start) % side**2 == 0
+            else VisualLayout.grid(end - start)
             for start, end in image_spans(is_image)
         ]
 

@@ -35,10 +35,19 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-SIGMA_DEFINITION = "tokens accepted per target verification forward, the target's own token included (SpecVLMStats.sigma)"
+SIGMA_DEFINITION = (
+    "tokens accepted per target verification forward, the target's own token included (SpecVLMStats.sigma)"
+)
 METHODS = (
-    "plain", "plain-static", "assisted-lm", "prompt-lookup", "specvlm-chain", "eaglevlm-tree", "specvlm-tree",
-    "eaglevlm-tree-static", "specvlm-tree-static",
+    "plain",
+    "plain-static",
+    "assisted-lm",
+    "prompt-lookup",
+    "specvlm-chain",
+    "eaglevlm-tree",
+    "specvlm-tree",
+    "eaglevlm-tree-static",
+    "specvlm-tree-static",
 )
 
 
@@ -122,8 +131,10 @@ def failure_reason(method: str, error: Exception) -> str:
     if method == "prompt-lookup" and "Image features and image tokens do not match" in message:
         import transformers
 
-        return (f"failed: transformers {transformers.__version__}'s prompt lookup copies the prompt's image placeholder "
-                "tokens into its candidates, which the model then refuses (a transformers limitation with image inputs)")
+        return (
+            f"failed: transformers {transformers.__version__}'s prompt lookup copies the prompt's image placeholder "
+            "tokens into its candidates, which the model then refuses (a transformers limitation with image inputs)"
+        )
     first_line = message.strip().splitlines()[0] if message.strip() else ""
     return f"failed: {type(error).__name__}: {first_line}"[:300]
 
@@ -189,7 +200,7 @@ def run_bench(
                     output = target.generate(**inputs, streamer=counter, **generate_kwargs)
                 _sync(device)
                 result.seconds += time.perf_counter() - start
-                new = output[0, inputs["input_ids"].shape[1]:].tolist()
+                new = output[0, inputs["input_ids"].shape[1] :].tolist()
                 result.new_tokens += len(new)
                 result.target_forwards += counter.puts
                 if method == "plain":
@@ -233,8 +244,11 @@ def run_bench(
                 result.speedup[base] = result.tokens_per_second / by_name[base].tokens_per_second
         if projected_sigma and result.round_ms and "plain" in by_name:
             plain_ms = 1000 / by_name["plain"].tokens_per_second
-            result.projected = {"sigma": projected_sigma, "label": "projection",
-                                "speedup_over_plain": projected_sigma * plain_ms / result.round_ms}
+            result.projected = {
+                "sigma": projected_sigma,
+                "label": "projection",
+                "speedup_over_plain": projected_sigma * plain_ms / result.round_ms,
+            }
             if "plain-static" in by_name:
                 static_ms = 1000 / by_name["plain-static"].tokens_per_second
                 result.projected["speedup_over_plain_static"] = projected_sigma * static_ms / result.round_ms
@@ -245,7 +259,9 @@ def run_bench(
     from .commands.common import default_decoding_mode
 
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "date": time.strftime("%Y-%m-%d"),
@@ -259,7 +275,7 @@ def run_bench(
 
 
 def method_mode(method: str) -> str | None:
-    """"tree" or "chain" for a SpecVLM method on the eager loop, else None."""
+    """ "tree" or "chain" for a SpecVLM method on the eager loop, else None."""
     parts = method.split("-")
     return parts[1] if len(parts) == 2 and parts[0] in ("specvlm", "eaglevlm") else None
 
@@ -270,11 +286,16 @@ def format_table(report: dict) -> str:
     from .commands.common import exactness_note
 
     header = f"{'method':<22}{'tok/s':>9}{'x plain':>9}{'x static':>9}{'sigma':>7}{'round ms':>10}{'draft KV MB':>12}  equal  status"
-    lines = [f"device: {report['device']}  dtype: {report['dtype']}  cases: {report['cases']}  "
-             f"max_new_tokens: {report['max_new_tokens']}", header]
+    lines = [
+        f"device: {report['device']}  dtype: {report['dtype']}  cases: {report['cases']}  "
+        f"max_new_tokens: {report['max_new_tokens']}",
+        header,
+    ]
     for r in report["methods"]:
+
         def num(value, fmt):
             return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
         equal = "-" if r["matches_plain"] is None else ("yes" if r["matches_plain"] else "NO")
         name = r["method"] + (" *" if method_mode(r["method"]) == report.get("default_mode") else "")
         lines.append(
@@ -283,12 +304,16 @@ def format_table(report: dict) -> str:
             f"{num(r['draft_kv_mb'], '12.2f'):>12}  {equal:<5}  {r['status']}"
         )
         if r.get("projected"):
-            lines.append(f"{'':<22}projection at sigma {r['projected']['sigma']}: "
-                         + ", ".join(f"{k} {v:.2f}x" for k, v in r["projected"].items() if k.startswith("speedup")))
+            lines.append(
+                f"{'':<22}projection at sigma {r['projected']['sigma']}: "
+                + ", ".join(f"{k} {v:.2f}x" for k, v in r["projected"].items() if k.startswith("speedup"))
+            )
     lines.append(f"sigma: {report.get('sigma_definition', SIGMA_DEFINITION)}.")
     if report.get("default_mode"):
-        lines.append(f"* the decoding mode `specvlm generate` and `specvlm demo` use here ({report['default_mode']}: chain on "
-                     "the CPU, tree on a GPU).")
+        lines.append(
+            f"* the decoding mode `specvlm generate` and `specvlm demo` use here ({report['default_mode']}: chain on "
+            "the CPU, tree on a GPU)."
+        )
     if any(r["matches_plain"] is False for r in report["methods"]):
         lines.append("NO: " + exactness_note(report["dtype"], identical=False) + ".")
     return "\n".join(lines)

@@ -48,14 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="specvlm",
         description="Lossless speculative decoding for vision-language models (SpecVLM / EAGLE-2).",
     )
-    parser.add_argument("--debug", action="store_true",
-                        help=f"Print the full traceback of an error (also: {DEBUG_ENV}=1).")
+    parser.add_argument(
+        "--debug", action="store_true", help=f"Print the full traceback of an error (also: {DEBUG_ENV}=1)."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMANDS.values():
         importlib.import_module(module_name).register(subparsers)
     for command in subparsers.choices.values():
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help=f"Print the full traceback of an error (also: {DEBUG_ENV}=1).")
+        command.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help=f"Print the full traceback of an error (also: {DEBUG_ENV}=1).",
+        )
     return parser
 
 

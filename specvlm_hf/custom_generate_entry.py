@@ -23,7 +23,7 @@ _LOADED_DRAFTS: dict = {}
 def _draft_location() -> str:
     """The folder or Hub repo this file's draft lives in, as `save_pretrained` / `specvlm push` recorded it."""
     if LOCATION is not None and LOCATION.startswith("package:"):  # shipped inside an installed package
-        package, _, folder = LOCATION[len("package:"):].partition("/")
+        package, _, folder = LOCATION[len("package:") :].partition("/")
         return str(importlib.resources.files(package).joinpath(folder))
     if LOCATION is not None and not os.path.isabs(LOCATION):
         return LOCATION  # a Hub repo id

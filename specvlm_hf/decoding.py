@@ -37,8 +37,13 @@ from .verify import Acceptance, greedy_path, pack_acceptance, sampling_path, unp
 
 # warpers that read only the scores, never the sequence: the whole tree is processed in one call
 _SEQUENCE_FREE_PROCESSORS = (
-    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, TypicalLogitsWarper,
-    EpsilonLogitsWarper, EtaLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    MinPLogitsWarper,
+    TypicalLogitsWarper,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
 )
 
 
@@ -290,12 +295,22 @@ def tree_assisted_decoding(
     if not decoding.finished:
         # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
         if fast is None:
-            round = SpeculativeRound.eager(adapter, draft, model_kwargs[cache_key],
-                                           DynamicCache(config=config.text_config), prompt_mask)
+            round = SpeculativeRound.eager(
+                adapter, draft, model_kwargs[cache_key], DynamicCache(config=config.text_config), prompt_mask
+            )
         else:
             round = fast
-        pairs = prompt_pairs(adapter, draft, input_ids, prompt_embeds, prompt_features, decoding.input_ids[:, -1:],
-                             prompt_mask, prompt_positions, model_kwargs)
+        pairs = prompt_pairs(
+            adapter,
+            draft,
+            input_ids,
+            prompt_embeds,
+            prompt_features,
+            decoding.input_ids[:, -1:],
+            prompt_mask,
+            prompt_positions,
+            model_kwargs,
+        )
         root_hidden, root_log_probs, info = round.runner.prefill(pairs)
         stats.visual_branch = info["branch"]
         stats.draft_visual_tokens = info["draft_visual_tokens"]
@@ -320,4 +335,3 @@ def tree_assisted_decoding(
             past_key_values=model_kwargs[cache_key],
         )
     return decoding.input_ids
-

@@ -44,6 +44,7 @@ DEFAULT_MAX_NEW_TOKENS = 128
 MAX_NEW_TOKENS_LIMIT = 256
 QUEUE_SIZE = 20
 
+
 def _examples() -> list[tuple[str, str]]:
     """(image file, prompt) of each example: generated scenes the mini VLM answers correctly
     (`benchmarks/pick_demo_examples.py` checked its answers, recorded in `demo_examples/examples.json`)."""
@@ -91,10 +92,14 @@ def default_models(device: str = "cpu") -> DemoModels:
             "own models: --target <LLaVA folder or Hub id> --draft <SpecVLM draft folder or Hub id>."
         )
     target, processor = mini.load(device=device)
-    return DemoModels(target, processor, SpecVLMDraftModel.from_pretrained(draft_dir).to(device), "specvlm-hf mini VLM")
+    return DemoModels(
+        target, processor, SpecVLMDraftModel.from_pretrained(draft_dir).to(device), "specvlm-hf mini VLM"
+    )
 
 
-def load_models(target: str | None = None, draft: str | None = None, device: str = "cpu", dtype: str = "float32") -> DemoModels:
+def load_models(
+    target: str | None = None, draft: str | None = None, device: str = "cpu", dtype: str = "float32"
+) -> DemoModels:
     """The demo's models: `default_models()` when neither is given, else a target (folder or Hub id, with its
     processor) and a draft (folder or Hub id) loaded with `from_pretrained`."""
     if target is None and draft is None:
@@ -222,7 +227,7 @@ def round_texts(tokenizer, rounds: list[list[int]]) -> list[str]:
     for chunk in rounds:
         tokens.extend(chunk)
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        texts.append(text[len(previous):] if text.startswith(previous) else text)
+        texts.append(text[len(previous) :] if text.startswith(previous) else text)
         previous = text
     return texts
 
@@ -244,11 +249,13 @@ def render_rounds(tokenizer, rounds: list[list[int]], coloured: bool, running: b
     return f'<div class="tokens">{"".join(pieces)}{cursor}</div>'
 
 
-def format_stats(plain: dict | None, spec: dict | None, draft=None, identical: bool | None = None,
-                 dtype: str = "float32") -> str:
+def format_stats(
+    plain: dict | None, spec: dict | None, draft=None, identical: bool | None = None, dtype: str = "float32"
+) -> str:
     """Markdown table of tokens/s, new tokens and target forwards so far; once both runs are done (`identical`
     given), sigma (the draft's `SpecVLMStats.sigma`, with the counts it is made of), the speedup, the compressor's
     chosen visual branch and whether the outputs are identical (with what to expect in `dtype` when not)."""
+
     def tps(run):
         return f"{run['tokens'] / run['seconds']:.1f}" if run and run["seconds"] > 0 else "..."
 
@@ -261,11 +268,14 @@ def format_stats(plain: dict | None, spec: dict | None, draft=None, identical: b
         if spec["rounds"] == stats.rounds + 1:  # the prefill's forward gave the first token: it is not a round
             forwards = f"{spec['rounds']} (prefill + {stats.rounds} rounds)"
         sigma = f"{stats.sigma:.2f} ({accepted} tokens / {stats.rounds} rounds)"
-    lines = ["| | plain `generate` | SpecVLM |", "|---|---|---|",
-             f"| tokens/s | {tps(plain)} | {tps(spec)} |",
-             f"| new tokens | {plain['tokens'] if plain else '...'} | {spec['tokens'] if spec else '...'} |",
-             f"| target forwards | {plain['rounds'] if plain else '...'} | {forwards} |",
-             f"| sigma | {'1.00' if plain else '...'} | {sigma} |"]
+    lines = [
+        "| | plain `generate` | SpecVLM |",
+        "|---|---|---|",
+        f"| tokens/s | {tps(plain)} | {tps(spec)} |",
+        f"| new tokens | {plain['tokens'] if plain else '...'} | {spec['tokens'] if spec else '...'} |",
+        f"| target forwards | {plain['rounds'] if plain else '...'} | {forwards} |",
+        f"| sigma | {'1.00' if plain else '...'} | {sigma} |",
+    ]
     if done:
         from .commands.common import exactness_note
 
@@ -310,8 +320,12 @@ def compare(models: DemoModels, image_path, prompt, max_new_tokens, limit: int =
         for rounds, seconds, done in stream_rounds(models, inputs, max_new_tokens, use_draft):
             panes[key] = render_rounds(tokenizer, rounds, coloured=use_draft, running=not done)
             if done:
-                results[key] = {"tokens": sum(map(len, rounds)), "rounds": len(rounds), "seconds": seconds,
-                                "ids": [t for chunk in rounds for t in chunk]}
+                results[key] = {
+                    "tokens": sum(map(len, rounds)),
+                    "rounds": len(rounds),
+                    "seconds": seconds,
+                    "ids": [t for chunk in rounds for t in chunk],
+                }
             if done or time.perf_counter() - last_yield > 0.05:  # at most ~20 page updates per second
                 last_yield = time.perf_counter()
                 yield panes["plain"], panes["spec"], format_stats(results.get("plain"), results.get("spec"))
@@ -319,7 +333,11 @@ def compare(models: DemoModels, image_path, prompt, max_new_tokens, limit: int =
             panes["spec"] = render_rounds(tokenizer, [], True, True)
     identical = results["plain"]["ids"] == results["spec"]["ids"]
     dtype = str(models.target.dtype).replace("torch.", "")
-    yield panes["plain"], panes["spec"], format_stats(results["plain"], results["spec"], models.draft, identical, dtype)
+    yield (
+        panes["plain"],
+        panes["spec"],
+        format_stats(results["plain"], results["spec"], models.draft, identical, dtype),
+    )
 
 
 def warm_up(models: DemoModels) -> None:
@@ -384,15 +402,29 @@ def build_demo(models: DemoModels, max_new_tokens_limit: int = MAX_NEW_TOKENS_LI
         )
         with gr.Row():
             with gr.Column(scale=1):
-                image = refuse_unreadable_uploads(gr.Image(type="filepath", label="Image", sources=["upload"], height=260))
-                prompt = gr.Textbox(label="Prompt", value="Describe this image.", max_lines=4,
-                                    max_length=MAX_PROMPT_CHARS, elem_id="prompt")
-                max_new_tokens = gr.Slider(1, max_new_tokens_limit, value=min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens_limit),
-                                           step=1, label="max_new_tokens")
+                image = refuse_unreadable_uploads(
+                    gr.Image(type="filepath", label="Image", sources=["upload"], height=260)
+                )
+                prompt = gr.Textbox(
+                    label="Prompt",
+                    value="Describe this image.",
+                    max_lines=4,
+                    max_length=MAX_PROMPT_CHARS,
+                    elem_id="prompt",
+                )
+                max_new_tokens = gr.Slider(
+                    1,
+                    max_new_tokens_limit,
+                    value=min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens_limit),
+                    step=1,
+                    label="max_new_tokens",
+                )
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Examples(
                     [[str(EXAMPLES_DIR / name), text] for name, text in EXAMPLES if (EXAMPLES_DIR / name).exists()],
-                    inputs=[image, prompt], label="Examples", elem_id="examples",
+                    inputs=[image, prompt],
+                    label="Examples",
+                    elem_id="examples",
                 )
             with gr.Column(scale=2):
                 with gr.Row():
@@ -403,19 +435,35 @@ def build_demo(models: DemoModels, max_new_tokens_limit: int = MAX_NEW_TOKENS_LI
                         gr.Markdown("### SpecVLM")
                         spec = gr.HTML(elem_id="specvlm-output")
                 stats = gr.Markdown(elem_id="stats")
-        button.click(run, [image, prompt, max_new_tokens], [plain, spec, stats], concurrency_limit=1,
-                     concurrency_id="gpu", api_name="compare")
+        button.click(
+            run,
+            [image, prompt, max_new_tokens],
+            [plain, spec, stats],
+            concurrency_limit=1,
+            concurrency_id="gpu",
+            api_name="compare",
+        )
     return demo
 
 
-def launch(models: DemoModels, host: str = "127.0.0.1", port: int = 7860, max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
-           block: bool = True):
+def launch(
+    models: DemoModels,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT,
+    block: bool = True,
+):
     """Queues users one at a time and serves the page; returns the Blocks (running, if `block` is False)."""
     demo = build_demo(models, max_new_tokens_limit)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     demo.launch(
-        server_name=host, server_port=port, allowed_paths=[str(EXAMPLES_DIR / name) for name, _ in EXAMPLES], max_file_size=f"{MAX_UPLOAD_MB}mb",
-        prevent_thread_lock=not block, show_error=False, css=CSS,  # user-facing messages are gr.Error
+        server_name=host,
+        server_port=port,
+        allowed_paths=[str(EXAMPLES_DIR / name) for name, _ in EXAMPLES],
+        max_file_size=f"{MAX_UPLOAD_MB}mb",
+        prevent_thread_lock=not block,
+        show_error=False,
+        css=CSS,  # user-facing messages are gr.Error
     )
     return demo
 
@@ -424,21 +472,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's options (used by `specvlm demo` and the Space's app.py)."""
     from .commands.common import positive_int
 
-    parser.add_argument("--target", default=os.environ.get("SPECVLM_TARGET"),
-                        help="Target LLaVA folder or Hub id, with its processor (default: the built-in mini VLM).")
-    parser.add_argument("--draft", default=os.environ.get("SPECVLM_DRAFT"),
-                        help="SpecVLM draft folder or Hub id for that target (default: the mini VLM's draft).")
-    parser.add_argument("--device", default=os.environ.get("SPECVLM_DEVICE", "auto"), help="'auto', 'cpu', 'cuda', ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="Weights dtype (only float32 outputs equal plain decoding token for token).")
-    parser.add_argument("--mode", default=None, choices=["tree", "chain"],
-                        help="Decoding mode (default: tree on a GPU, chain on the CPU, the rule of `specvlm generate`).")
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="CPU threads for torch (default 1: small models stall with more on few cores).")
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("SPECVLM_TARGET"),
+        help="Target LLaVA folder or Hub id, with its processor (default: the built-in mini VLM).",
+    )
+    parser.add_argument(
+        "--draft",
+        default=os.environ.get("SPECVLM_DRAFT"),
+        help="SpecVLM draft folder or Hub id for that target (default: the mini VLM's draft).",
+    )
+    parser.add_argument(
+        "--device", default=os.environ.get("SPECVLM_DEVICE", "auto"), help="'auto', 'cpu', 'cuda', ..."
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="Weights dtype (only float32 outputs equal plain decoding token for token).",
+    )
+    parser.add_argument(
+        "--mode",
+        default=None,
+        choices=["tree", "chain"],
+        help="Decoding mode (default: tree on a GPU, chain on the CPU, the rule of `specvlm generate`).",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="CPU threads for torch (default 1: small models stall with more on few cores).",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (a Space uses 0.0.0.0).")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)), help="Port (default 7860).")
-    parser.add_argument("--max-new-tokens-limit", type=positive_int, default=MAX_NEW_TOKENS_LIMIT,
-                        help=f"Largest max_new_tokens a user may ask for (default {MAX_NEW_TOKENS_LIMIT}).")
+    parser.add_argument(
+        "--max-new-tokens-limit",
+        type=positive_int,
+        default=MAX_NEW_TOKENS_LIMIT,
+        help=f"Largest max_new_tokens a user may ask for (default {MAX_NEW_TOKENS_LIMIT}).",
+    )
 
 
 def models_from_args(args) -> DemoModels:

@@ -31,7 +31,9 @@ def read_json(path, what: str = "") -> object:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); {what or 'fix or replace the file'}.") from None
+        raise UserError(
+            f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); {what or 'fix or replace the file'}."
+        ) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
@@ -56,5 +58,6 @@ def check_writable_folder(folder, flag: str = "--output-dir") -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        raise EnvironmentProblem(f"{flag} {folder} is not writable ({error.strerror or error}); pass a folder you can "
-                                 "write to.") from None
+        raise EnvironmentProblem(
+            f"{flag} {folder} is not writable ({error.strerror or error}); pass a folder you can write to."
+        ) from None

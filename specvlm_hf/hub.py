@@ -49,7 +49,12 @@ DEFAULT_LICENSE = "apache-2.0"
 PIPELINE_TAG = "image-text-to-text"
 TAGS = ["specvlm", "speculative-decoding", "eagle", "draft-model", "vision-language-model", "custom_generate"]
 # files a saved draft must have (written by `SpecVLMDraftModel.save_pretrained`)
-REQUIRED_FILES = ("config.json", "modeling_specvlm_draft.py", "configuration_specvlm_draft.py", "custom_generate/generate.py")
+REQUIRED_FILES = (
+    "config.json",
+    "modeling_specvlm_draft.py",
+    "configuration_specvlm_draft.py",
+    "custom_generate/generate.py",
+)
 _SKIPPED_PARTS = {"__pycache__", ".git", ".ipynb_checkpoints"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEFAULT_TIMEOUT = 30.0
@@ -219,8 +224,14 @@ def _eval_context(results: EvalResults, default_mode: str) -> dict:
         if result.tokens_per_second is not None and result.baseline_tokens_per_second is not None:
             throughput = f"{result.tokens_per_second:.1f} / {result.baseline_tokens_per_second:.1f}"
         label = f"{mode} (default)" if mode == default_mode else mode
-        rows.append({"label": label, "sigma": f"{result.sigma:.2f}", "speedup": f"{result.speedup:.2f}x",
-                     "throughput": throughput})
+        rows.append(
+            {
+                "label": label,
+                "sigma": f"{result.sigma:.2f}",
+                "speedup": f"{result.speedup:.2f}x",
+                "throughput": throughput,
+            }
+        )
     settings = []
     if results.temperature is not None:
         settings.append("greedy" if results.temperature == 0 else f"sampling at temperature {results.temperature:g}")
@@ -339,8 +350,10 @@ def require_token(token: str | None = None) -> str:
 
     token = token or get_token()
     if not token:
-        raise UserError("No Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token (a token with write "
-                        "access to the repo's namespace).")
+        raise UserError(
+            "No Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token (a token with write "
+            "access to the repo's namespace)."
+        )
     return token
 
 
@@ -373,27 +386,41 @@ def hub_error(error: Exception, endpoint: str, repo_id: str, timeout: float) -> 
 
     where = f"the Hub at {endpoint}"
     if isinstance(error, OfflineModeIsEnabled):
-        return HubError(f"HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it (or set it to 0) to push to {endpoint}.")
+        return HubError(
+            f"HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it (or set it to 0) to push to {endpoint}."
+        )
     if isinstance(error, httpx.TimeoutException):
-        return HubError(f"{where} did not answer within {timeout:g} s; check the address (--endpoint / HF_ENDPOINT) and your "
-                        "network, or allow more time with --timeout.")
+        return HubError(
+            f"{where} did not answer within {timeout:g} s; check the address (--endpoint / HF_ENDPOINT) and your "
+            "network, or allow more time with --timeout."
+        )
     if isinstance(error, httpx.ConnectError):
-        return HubError(f"Could not connect to {where} ({error}); check the address (--endpoint / HF_ENDPOINT) and your network.")
+        return HubError(
+            f"Could not connect to {where} ({error}); check the address (--endpoint / HF_ENDPOINT) and your network."
+        )
     if isinstance(error, httpx.TransportError):
-        return HubError(f"The connection to {where} failed ({type(error).__name__}: {error}); check your network and try again.")
+        return HubError(
+            f"The connection to {where} failed ({type(error).__name__}: {error}); check your network and try again."
+        )
     if isinstance(error, HfHubHTTPError):
         response = getattr(error, "response", None)
         status = getattr(response, "status_code", None)
         server = (getattr(error, "server_message", None) or "").strip().splitlines()
         said = f": {server[0][:200]}" if server else ""
         if status == 401:
-            return HubError(f"{where} refused the token (401 Unauthorized{said}); log in again with `hf auth login`, or pass "
-                            "a valid --token / HF_TOKEN.")
+            return HubError(
+                f"{where} refused the token (401 Unauthorized{said}); log in again with `hf auth login`, or pass "
+                "a valid --token / HF_TOKEN."
+            )
         if status == 403:
-            return HubError(f"{where} refused to write to {repo_id} (403 Forbidden{said}); use a token with write access to "
-                            f"the {repo_id.split('/')[0]} namespace.")
-        return HubError(f"{where} answered {status or 'an error'}{said} while uploading to {repo_id}; check the repo id "
-                        "and try again.")
+            return HubError(
+                f"{where} refused to write to {repo_id} (403 Forbidden{said}); use a token with write access to "
+                f"the {repo_id.split('/')[0]} namespace."
+            )
+        return HubError(
+            f"{where} answered {status or 'an error'}{said} while uploading to {repo_id}; check the repo id "
+            "and try again."
+        )
     return None
 
 
@@ -441,8 +468,11 @@ def publish_draft(
     token = require_token(token)
     card = render_model_card(folder, repo_id, base_model=base_model, license=license, template=template)
     api = HfApi(endpoint=endpoint, token=token)
-    operations = [CommitOperationAdd(path.as_posix(), str(folder / path)) for path in files_to_publish(folder)
-                  if path.as_posix() != LOCATION_FILE]
+    operations = [
+        CommitOperationAdd(path.as_posix(), str(folder / path))
+        for path in files_to_publish(folder)
+        if path.as_posix() != LOCATION_FILE
+    ]
     # custom_generate finds the draft by this repo's id
     operations.append(CommitOperationAdd(LOCATION_FILE, draft_location_source(repo_id).encode("utf-8")))
     operations.append(CommitOperationAdd("README.md", card.encode("utf-8")))

@@ -34,6 +34,7 @@ from .hf_internals import (
     set_static_write_position,
 )
 
+
 def cache_layers(cache) -> list:
     """The per-layer objects of a transformers cache, refusing the kinds tree decoding cannot rewind."""
     layers = getattr(cache, "layers", None)

@@ -73,7 +73,9 @@ def greedy_path(tree: DraftTree, target_scores: torch.Tensor) -> tuple[torch.Ten
     return path, length, choice.index_select(0, path.gather(0, (length - 1).reshape(1)))[0]
 
 
-def pack_acceptance(tree: DraftTree, path: torch.Tensor, length: torch.Tensor, next_token: torch.Tensor) -> torch.Tensor:
+def pack_acceptance(
+    tree: DraftTree, path: torch.Tensor, length: torch.Tensor, next_token: torch.Tensor
+) -> torch.Tensor:
     """One small device tensor holding an acceptance (length, next token, path, the path's tokens), so that a
     single transfer brings it to the host; `unpack_acceptance` reads it there."""
     path = path.clamp(min=0)
@@ -116,7 +118,9 @@ def sibling_acceptance_probs(tree: DraftTree, target_probs: torch.Tensor) -> tor
     earlier = torch.tril(same_parent, diagonal=-1)
     prior = (earlier.to(own.dtype) * own[None, :]).sum(dim=-1)
     remaining = (1.0 - prior).clamp(min=0.0)
-    probs[1:] = torch.where(remaining > 0, (own / remaining.clamp(min=torch.finfo(own.dtype).tiny)).clamp(max=1.0), 0.0)
+    probs[1:] = torch.where(
+        remaining > 0, (own / remaining.clamp(min=torch.finfo(own.dtype).tiny)).clamp(max=1.0), 0.0
+    )
     return probs
 
 

@@ -17,7 +17,10 @@ from tiny_models import oracle_draft, random_inputs, tiny_llava
 
 def setup_models():
     target = specvlm_hf.enable(tiny_llava(scale=32.0))
-    drafts = {"eaglevlm": oracle_draft(target), "specvlm": oracle_draft(target, compressor={"mode": "fixed", "fixed": "pool@4"})}
+    drafts = {
+        "eaglevlm": oracle_draft(target),
+        "specvlm": oracle_draft(target, compressor={"mode": "fixed", "fixed": "pool@4"}),
+    }
     generator = torch.Generator().manual_seed(0)
     cases = [random_inputs(target, generator, text_tokens=4 + i) for i in range(2)]
     return target, drafts, cases
@@ -35,7 +38,9 @@ def test_bench_reports_every_method(tmp_path):
         assert row["sigma"] > 1.5 and row["round_ms"] > 0 and row["draft_kv_mb"] > 0
         assert row["speedup"]["plain"] > 0 and row["projected"]["label"] == "projection"
     assert rows["specvlm-tree"]["visual_branch"] == "pool@4"
-    assert rows["specvlm-tree"]["draft_kv_mb"] < rows["eaglevlm-tree"]["draft_kv_mb"], "compression shrinks the draft KV"
+    assert rows["specvlm-tree"]["draft_kv_mb"] < rows["eaglevlm-tree"]["draft_kv_mb"], (
+        "compression shrinks the draft KV"
+    )
     assert rows["plain"]["sigma"] == 1.0
     table = bench.format_table(report)
     assert "eaglevlm-tree" in table and "projection at sigma 3.0" in table
@@ -70,33 +75,48 @@ def test_bench_flags_a_corrupted_draft_path(monkeypatch):
 
 def test_bench_sigma_of_a_tree_method_is_the_drafts_own_sigma():
     target, drafts, cases = setup_models()
-    report = bench.run_bench(target, cases[:1], drafts, methods=("plain", "eaglevlm-tree"), max_new_tokens=16, warmup=False)
+    report = bench.run_bench(
+        target, cases[:1], drafts, methods=("plain", "eaglevlm-tree"), max_new_tokens=16, warmup=False
+    )
     row = {r["method"]: r for r in report["methods"]}["eaglevlm-tree"]
     draft = drafts["eaglevlm"]
     target.generate(**cases[0], assistant_model=draft, max_new_tokens=16, do_sample=False)
     assert row["sigma"] == pytest.approx(draft.stats.sigma) and row["rounds"] == draft.stats.rounds
     assert row["target_forwards"] == draft.stats.rounds + 1, "the prefill's forward is not a round"
     assert row["sigma"] != pytest.approx(row["new_tokens"] / row["target_forwards"])
-    assert "sigma: tokens accepted per target verification forward, the target's own token included" in bench.format_table(report)
+    assert (
+        "sigma: tokens accepted per target verification forward, the target's own token included"
+        in bench.format_table(report)
+    )
 
 
 def test_the_table_marks_the_mode_generate_and_demo_use_on_this_device():
     target, drafts, cases = setup_models()
-    report = bench.run_bench(target, cases[:1], drafts, methods=("plain", "specvlm-chain", "specvlm-tree"),
-                             max_new_tokens=8, warmup=False)
+    report = bench.run_bench(
+        target, cases[:1], drafts, methods=("plain", "specvlm-chain", "specvlm-tree"), max_new_tokens=8, warmup=False
+    )
     table = bench.format_table(report)
     assert report["default_mode"] == "chain"
     assert "specvlm-chain *" in table and "specvlm-tree *" not in table
-    assert "* the decoding mode `specvlm generate` and `specvlm demo` use here (chain: chain on the CPU, tree on a GPU)" in table
+    assert (
+        "* the decoding mode `specvlm generate` and `specvlm demo` use here (chain: chain on the CPU, tree on a GPU)"
+        in table
+    )
 
 
 def test_a_failing_prompt_lookup_is_explained_in_the_table_not_as_a_raw_error():
     target, drafts, cases = setup_models()
-    report = bench.run_bench(target, cases[:1], drafts, methods=("plain", "prompt-lookup"), max_new_tokens=8, warmup=False)
+    report = bench.run_bench(
+        target, cases[:1], drafts, methods=("plain", "prompt-lookup"), max_new_tokens=8, warmup=False
+    )
     status = {r["method"]: r for r in report["methods"]}["prompt-lookup"]["status"]
-    assert status == "ok" or ("prompt lookup copies the prompt's image placeholder tokens into its candidates" in status
-                              and "ValueError" not in status), status
-    reason = bench.failure_reason("prompt-lookup", ValueError("Image features and image tokens do not match, tokens: 74"))
+    assert status == "ok" or (
+        "prompt lookup copies the prompt's image placeholder tokens into its candidates" in status
+        and "ValueError" not in status
+    ), status
+    reason = bench.failure_reason(
+        "prompt-lookup", ValueError("Image features and image tokens do not match, tokens: 74")
+    )
     assert reason.startswith("failed: transformers ") and "a transformers limitation with image inputs" in reason
 
 

@@ -4,7 +4,6 @@ the traceback. Plus `specvlm generate`'s sampling flags, its decoding-mode rule 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,11 +11,10 @@ import sys
 import time
 
 import pytest
-from PIL import Image
 
 from specvlm_hf.cli import main
 from specvlm_hf.commands.common import default_decoding_mode, exactness_note
-from specvlm_hf.mini import EXAMPLE_IMAGE, WEIGHTS_DIR
+from specvlm_hf.mini import EXAMPLE_IMAGE
 
 
 def run(capsys, *argv):
@@ -36,8 +34,13 @@ def error_line(err: str) -> str:
 def run_process(*argv, env=None, timeout=120):
     """`specvlm ARGV` in a fresh process: (exit status, stdout, stderr, seconds)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "specvlm_hf.cli", *map(str, argv)], capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        [sys.executable, "-m", "specvlm_hf.cli", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     return result.returncode, result.stdout, result.stderr, time.perf_counter() - start
 
 
@@ -57,7 +60,9 @@ def tiny_vlm_folder(tmp_path_factory):
 def test_generate_refuses_a_text_only_model_folder_in_seconds_naming_its_class(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     status, out, err, seconds = run_process("generate", "--model", tmp_path / "llama")
     assert status == 2
@@ -67,15 +72,26 @@ def test_generate_refuses_a_text_only_model_folder_in_seconds_naming_its_class(t
     assert seconds < 30, f"refused after {seconds:.0f} s"
 
 
-@pytest.mark.parametrize("argv", [["train", "--target"], ["bench", "--target"], ["demo", "--draft", "x/y", "--target"],
-                                  ["distill-data", "--data", "d.json", "--target"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--target"],
+        ["bench", "--target"],
+        ["demo", "--draft", "x/y", "--target"],
+        ["distill-data", "--data", "d.json", "--target"],
+    ],
+)
 def test_every_command_refuses_a_text_only_model_before_loading_it(capsys, tmp_path, argv):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     capsys.readouterr()  # the saving's progress bar
-    status, _, err = run(capsys, *argv, tmp_path / "llama", *(["--output-dir", tmp_path / "out"] if argv[0] == "train" else []))
+    status, _, err = run(
+        capsys, *argv, tmp_path / "llama", *(["--output-dir", tmp_path / "out"] if argv[0] == "train" else [])
+    )
     assert status == 2
     assert "holds LlamaForCausalLM (model_type 'llama'), not a vision-language model" in error_line(err)
 
@@ -104,7 +120,10 @@ def test_an_unknown_option_is_one_line_not_the_usage_block(capsys):
 def test_a_folder_given_as_image_is_refused(capsys, tmp_path):
     status, _, err = run(capsys, "generate", "--image", tmp_path)
     assert status == 2
-    assert error_line(err) == f"specvlm generate: error: --image {tmp_path} is a folder; pass one image file (PNG or JPEG)."
+    assert (
+        error_line(err)
+        == f"specvlm generate: error: --image {tmp_path} is a folder; pass one image file (PNG or JPEG)."
+    )
 
 
 def test_a_truncated_image_is_refused_naming_the_file(capsys, tmp_path):
@@ -166,8 +185,9 @@ def test_a_prompt_plus_new_tokens_past_the_models_positions_is_refused_before_de
         raise AssertionError("decoding started")
 
     monkeypatch.setattr(generate, "run_generate", no_decoding)
-    status, _, err = run(capsys, "generate", "--no-image", "--prompt", "word " * 600, "--max-new-tokens", 600,
-                         "--draft", draft)
+    status, _, err = run(
+        capsys, "generate", "--no-image", "--prompt", "word " * 600, "--max-new-tokens", 600, "--draft", draft
+    )
     assert status == 2
     line = error_line(err)
     assert "more than the model's 1024 positions; pass --max-new-tokens" in line
@@ -196,10 +216,13 @@ def test_generate_samples_with_seed_temperature_and_top_p(capsys):
     assert first.split("\n[")[0] == again.split("\n[")[0], "the same seed samples the same text"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--temperature", "0"], "argument --temperature: must be a number above 0"),
-    (["--top-p", "1.5"], "argument --top-p: must be a number in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--temperature", "0"], "argument --temperature: must be a number above 0"),
+        (["--top-p", "1.5"], "argument --top-p: must be a number in (0, 1]"),
+    ],
+)
 def test_bad_sampling_settings_are_refused(capsys, argv, message):
     status, _, err = run(capsys, "generate", "--do-sample", *argv)
     assert status == 2 and message in error_line(err)
@@ -227,4 +250,7 @@ def test_cuda_without_cuda_is_refused(capsys):
         pytest.skip("CUDA is available here")
     status, _, err = run(capsys, "generate", "--device", "cuda")
     assert status == 2
-    assert error_line(err) == "specvlm generate: error: --device cuda was asked for but CUDA is not available; use --device cpu."
+    assert (
+        error_line(err)
+        == "specvlm generate: error: --device cuda was asked for but CUDA is not available; use --device cpu."
+    )

@@ -26,9 +26,27 @@ ANYRES = VisualLayout([GridSegment(0, 24, 24), GridSegment(576, 36, 47, newline=
 MINI = VisualLayout.grid(64)
 
 
-@pytest.mark.parametrize("layout", [LLAVA15, ANYRES, MINI, VisualLayout.sequence(50)], ids=["1.5", "anyres", "mini", "1d"])
-@pytest.mark.parametrize("spec", ["prune@2", "prune@4", "prune_norm@9", "pool@2", "pool@4", "pool@9", "pool@20",
-                                  "pool@36", "conv@3", "conv@4", "resampler@2", "resampler@8", "text"])
+@pytest.mark.parametrize(
+    "layout", [LLAVA15, ANYRES, MINI, VisualLayout.sequence(50)], ids=["1.5", "anyres", "mini", "1d"]
+)
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "prune@2",
+        "prune@4",
+        "prune_norm@9",
+        "pool@2",
+        "pool@4",
+        "pool@9",
+        "pool@20",
+        "pool@36",
+        "conv@3",
+        "conv@4",
+        "resampler@2",
+        "resampler@8",
+        "text",
+    ],
+)
 def test_branch_output_matches_its_reported_count(layout, spec):
     branch = build_branch(spec, HIDDEN, heads=4).eval()
     tokens = torch.randn(layout.num_tokens, HIDDEN)

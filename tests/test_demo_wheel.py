@@ -43,12 +43,31 @@ def get(url: str) -> tuple[int, bytes]:
 def build_wheel(folder: Path) -> Path:
     """The project's wheel, built from a copy of the source tree (so no build files land in the checkout)."""
     source = folder / "source"
-    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".venv*", ".gradio", "results"))
+    shutil.copytree(
+        REPO_ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".venv*", ".gradio", "results"
+        ),
+    )
     # with setuptools here, build offline with it; else pip fetches the build backend (as `pip install -e .` did)
     isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "--quiet",
-                    "--wheel-dir", str(folder / "dist"), str(source)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            *isolation,
+            "--quiet",
+            "--wheel-dir",
+            str(folder / "dist"),
+            str(source),
+        ],
+        check=True,
+        timeout=300,
+    )
     return next((folder / "dist").glob("specvlm_hf-*.whl"))
 
 
@@ -58,8 +77,14 @@ def fresh_venv(folder: Path) -> Path:
     venv = folder / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     (site / "borrowed_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return venv
 
@@ -69,20 +94,51 @@ def test_specvlm_demo_serves_from_a_wheel_installed_in_a_fresh_venv(tmp_path):
     started = time.perf_counter()
     wheel = build_wheel(tmp_path)
     venv = fresh_venv(tmp_path)
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
-                    "--quiet", str(wheel)], check=True, timeout=300)
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import specvlm_hf; print(specvlm_hf.__file__)"],
-                           cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "--no-deps",
+            "--quiet",
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+    )
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import specvlm_hf; print(specvlm_hf.__file__)"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     installed = Path(where).parent
     assert installed.is_relative_to(venv), f"specvlm_hf imported from {where}, not the wheel"
     assert (installed / "demo_app.py").is_file() and (installed / "demo_examples" / "scene-7070-60.png").is_file()
 
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_TEMP_DIR": str(tmp_path / "uploads"), "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_TEMP_DIR": str(tmp_path / "uploads"),
+        "PYTHONPATH": "",
+        "OMP_NUM_THREADS": "1",
+    }
     log = open(tmp_path / "demo.log", "w")
-    demo = subprocess.Popen([str(venv / "bin" / "specvlm"), "demo", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    demo = subprocess.Popen(
+        [str(venv / "bin" / "specvlm"), "demo", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.perf_counter() + STARTUP_SECONDS
         status = None

@@ -40,7 +40,7 @@ def _reduced_oracle(target, inputs, size: int):
     outputs on training data would give), then the rest by id."""
     reference = target.generate(**inputs, max_new_tokens=24, do_sample=False)
     vocab = target.config.get_text_config().vocab_size
-    counts = count_tokens([reference[0, inputs["input_ids"].shape[1]:]], vocab)
+    counts = count_tokens([reference[0, inputs["input_ids"].shape[1] :]], vocab)
     draft = oracle_draft(target, draft_vocab_size=size)
     return draft.set_draft_vocab(choose_draft_vocab(counts, size))
 
@@ -52,13 +52,20 @@ def test_greedy_matches_plain_generate_with_a_reduced_vocabulary(family, mode):
     generator = torch.Generator().manual_seed(4)
     accepted = []
     for case in range(3):
-        inputs = (random_inputs(target, generator, text_tokens=4 + case) if family == "llava"
-                  else family_inputs(target, generator, images=1 + case % 2))
+        inputs = (
+            random_inputs(target, generator, text_tokens=4 + case)
+            if family == "llava"
+            else family_inputs(target, generator, images=1 + case % 2)
+        )
         draft = _reduced_oracle(target, inputs, size=24)
         draft.config.decoding_mode = "chain" if mode == "chain" else "tree"
-        kwargs = dict(do_sample=False, max_new_tokens=24, **({"cache_implementation": "static"} if mode == "static" else {}))
-        assert target.generate(**inputs, **kwargs, assistant_model=draft).tolist() == \
-            target.generate(**inputs, **kwargs).tolist()
+        kwargs = dict(
+            do_sample=False, max_new_tokens=24, **({"cache_implementation": "static"} if mode == "static" else {})
+        )
+        assert (
+            target.generate(**inputs, **kwargs, assistant_model=draft).tolist()
+            == target.generate(**inputs, **kwargs).tolist()
+        )
         accepted.append(draft.stats.sigma)
     assert max(accepted) > 2, "the reduced vocabulary holds the continuation: the oracle should be accepted"
 

@@ -56,8 +56,9 @@ def test_logits_match_plain_generate(family):
     """Not only the argmax: every returned logit equals plain decoding's (the position offset is exact)."""
     target = specvlm_hf.enable(FAMILIES[family](seed=2))
     inputs = family_inputs(target, torch.Generator().manual_seed(5), images=1)
-    kwargs = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12, return_dict_in_generate=True,
-                  output_logits=True)
+    kwargs = dict(
+        do_sample=False, max_new_tokens=12, min_new_tokens=12, return_dict_in_generate=True, output_logits=True
+    )
     reference = target.generate(**inputs, **kwargs)
     speculative = target.generate(**inputs, **kwargs, assistant_model=oracle_draft(target, noise=0.002))
     assert speculative.sequences.tolist() == reference.sequences.tolist()
@@ -74,8 +75,10 @@ def test_position_offset_is_a_device_buffer_reused_across_images():
     for images in (1, 2, 1, 0):
         inputs = family_inputs(target, generator, images=images)
         kwargs = dict(do_sample=False, max_new_tokens=16, min_new_tokens=16, cache_implementation="static")
-        assert target.generate(**inputs, **kwargs, assistant_model=draft).tolist() == \
-            target.generate(**inputs, **kwargs).tolist()
+        assert (
+            target.generate(**inputs, **kwargs, assistant_model=draft).tolist()
+            == target.generate(**inputs, **kwargs).tolist()
+        )
         rounds.add(id(draft._specvlm_static_round))
         offsets.add(int(draft._specvlm_static_round.state.position_offset))
     assert len(rounds) == 1 and len(offsets) >= 2
@@ -88,8 +91,13 @@ def tiny_unverified():
     from tiny_models import text_config, vision_config
 
     torch.manual_seed(0)
-    config = LlavaNextVideoConfig(vision_config=vision_config(), text_config=text_config(), image_token_index=95,
-                                  video_token_index=94, image_grid_pinpoints=[[32, 64], [64, 32]])
+    config = LlavaNextVideoConfig(
+        vision_config=vision_config(),
+        text_config=text_config(),
+        image_token_index=95,
+        video_token_index=94,
+        image_grid_pinpoints=[[32, 64], [64, 32]],
+    )
     return LlavaNextVideoForConditionalGeneration(config).eval()
 
 

@@ -65,8 +65,14 @@ def test_logits_match_plain_generate(family, mode):
     position off by one changes them by ~7e-3 and may leave the greedy tokens alone)."""
     target = specvlm_hf.enable(FAMILIES_MORE[family](seed=2))
     inputs = family_inputs_more(target, torch.Generator().manual_seed(5), images=2)
-    kwargs = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12, return_dict_in_generate=True,
-                  output_logits=True, **MODES[mode])
+    kwargs = dict(
+        do_sample=False,
+        max_new_tokens=12,
+        min_new_tokens=12,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **MODES[mode],
+    )
     reference = target.generate(**inputs, **kwargs)
     speculative = target.generate(**inputs, **kwargs, assistant_model=oracle_draft(target, noise=0.002))
     assert speculative.sequences.tolist() == reference.sequences.tolist()
@@ -150,15 +156,19 @@ def test_mistral3_rows_are_runs_of_one_image_counted_from_image_sizes():
     whole = adapter.visual_mask(ids[0], inputs)  # each image one run: its tokens and its rows' ends
     assert image_spans(whole) == [(2, 11), (12, 17)]
     layouts = adapter.visual_layouts(whole, inputs)
-    assert [(s.start, s.rows, s.cols, s.newline) for layout in layouts for s in layout.segments] == \
-        [(0, 3, 2, True), (0, 1, 4, True)]
+    assert [(s.start, s.rows, s.cols, s.newline) for layout in layouts for s in layout.segments] == [
+        (0, 3, 2, True),
+        (0, 1, 4, True),
+    ]
     adjacent = torch.cat([ids[0, :11], ids[0, 12:]])  # no text between the images: one run, two grids
-    layout, = adapter.visual_layouts(adapter.visual_mask(adjacent, inputs), inputs)
+    (layout,) = adapter.visual_layouts(adapter.visual_mask(adjacent, inputs), inputs)
     assert [(s.start, s.rows, s.cols) for s in layout.segments] == [(0, 3, 2), (9, 1, 4)]
     with pytest.raises(ValueError, match="2 image\\(s\\) were given"):  # one image's rows short
         adapter.check_images(ids[:, :-3], inputs)
     with pytest.raises(ValueError, match="1 image\\(s\\) were given"):
-        adapter.check_images(ids, {"pixel_values": inputs["pixel_values"][:1], "image_sizes": inputs["image_sizes"][:1]})
+        adapter.check_images(
+            ids, {"pixel_values": inputs["pixel_values"][:1], "image_sizes": inputs["image_sizes"][:1]}
+        )
 
 
 def test_internvl_tiles_of_one_image_are_one_run_and_counted_in_tiles():
@@ -167,7 +177,7 @@ def test_internvl_tiles_of_one_image_are_one_run_and_counted_in_tiles():
     ids = torch.cat([torch.tensor([1, 122]), torch.full((5 * 16,), IMAGE), torch.tensor([123, 7])])[None]
     inputs = {"pixel_values": torch.randn(5, 3, 32, 32)}
     adapter.check_images(ids, inputs)  # 4 tiles + thumbnail in one run
-    layout, = adapter.visual_layouts(ids[0] == IMAGE, inputs)
+    (layout,) = adapter.visual_layouts(ids[0] == IMAGE, inputs)
     assert [(s.start, s.rows, s.cols) for s in layout.segments] == [(16 * i, 4, 4) for i in range(5)]
     with pytest.raises(ValueError, match="4 tile\\(s\\) of 16 tokens"):
         adapter.check_images(ids, {"pixel_values": inputs["pixel_values"][:4]})
@@ -202,8 +212,10 @@ def test_mistral3_whole_image_grids_through_the_visual_mask_hook(monkeypatch):
     inputs = family_inputs_more(target, torch.Generator().manual_seed(4), images=2)
     draft = make_draft(target, "noisy", "tree", compressor={"mode": "fixed", "fixed": "pool@4"})
     kwargs = dict(do_sample=False, max_new_tokens=14, min_new_tokens=14)
-    assert target.generate(**inputs, **kwargs, assistant_model=draft).tolist() == \
-        target.generate(**inputs, **kwargs).tolist()
+    assert (
+        target.generate(**inputs, **kwargs, assistant_model=draft).tolist()
+        == target.generate(**inputs, **kwargs).tolist()
+    )
     grids = [(s.rows, s.cols) for layout in seen[0] for s in layout.segments]
     sizes = (inputs["image_sizes"] // 8).tolist()
     assert grids == [tuple(size) for size in sizes] and all(s.newline for layout in seen[0] for s in layout.segments)

@@ -11,7 +11,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import specvlm_hf
 from specvlm_hf import DraftTargetMismatchError, SpecVLMDraftModel
-from tiny_models import oracle_draft, random_inputs, tiny_llava, tiny_llava_next
+from tiny_models import oracle_draft, random_inputs, tiny_llava
 
 MODES = ["tree", "chain", "tree-static"]  # tree-static: the fast path (`cache_implementation="static"`)
 
@@ -46,10 +46,11 @@ def plain_and_spec(target, inputs, mode, **kwargs):
 def test_eos_token_lists_stop_generation_where_plain_generate_stops(setup, mode):
     target, inputs = setup
     reference = target.generate(**inputs, max_new_tokens=30, min_new_tokens=30, do_sample=False)
-    new = reference[0, inputs["input_ids"].shape[1]:].tolist()
+    new = reference[0, inputs["input_ids"].shape[1] :].tolist()
     eos = [new[9], new[14]]  # two tokens the continuation produces: it must stop at the first of them
-    plain, spec, _ = plain_and_spec(target, inputs, mode, max_new_tokens=30, do_sample=False, eos_token_id=eos,
-                                    pad_token_id=0)
+    plain, spec, _ = plain_and_spec(
+        target, inputs, mode, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0
+    )
     assert spec.tolist() == plain.tolist()
     assert spec[0, -1].item() in eos and spec.shape[1] < reference.shape[1]
 
@@ -83,10 +84,11 @@ def test_stop_strings_stop_at_the_same_token(setup, mode):
     target, inputs = setup
     tokenizer = piece_tokenizer(target.config.text_config.vocab_size)
     reference = target.generate(**inputs, max_new_tokens=30, min_new_tokens=30, do_sample=False)
-    new = reference[0, inputs["input_ids"].shape[1]:].tolist()
+    new = reference[0, inputs["input_ids"].shape[1] :].tolist()
     stop = tokenizer.decode(new[6:8])[1:]  # spans a token boundary
-    plain, spec, _ = plain_and_spec(target, inputs, mode, max_new_tokens=30, do_sample=False, stop_strings=[stop],
-                                    tokenizer=tokenizer)
+    plain, spec, _ = plain_and_spec(
+        target, inputs, mode, max_new_tokens=30, do_sample=False, stop_strings=[stop], tokenizer=tokenizer
+    )
     assert spec.tolist() == plain.tolist()
     assert plain.shape[1] < reference.shape[1]
 
@@ -107,20 +109,34 @@ def test_streamer_receives_every_token_in_order(setup, mode):
     target, inputs = setup
     streamer = RecordingStreamer()
     draft = draft_for(target, mode)
-    out = target.generate(**inputs, max_new_tokens=24, min_new_tokens=24, do_sample=False, assistant_model=draft,
-                          streamer=streamer, **path_kwargs(mode))
+    out = target.generate(
+        **inputs,
+        max_new_tokens=24,
+        min_new_tokens=24,
+        do_sample=False,
+        assistant_model=draft,
+        streamer=streamer,
+        **path_kwargs(mode),
+    )
     assert streamer.ended
     assert streamer.puts[0] == inputs["input_ids"][0].tolist(), "the prompt first, as plain generate does"
     streamed = [token for chunk in streamer.puts[1:] for token in chunk]
-    assert streamed == out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert streamed == out[0, inputs["input_ids"].shape[1] :].tolist()
     assert max(len(chunk) for chunk in streamer.puts[1:]) > 1, "accepted tokens are pushed together, per round"
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_return_dict_in_generate_with_scores_and_logits(setup, mode):
     target, inputs = setup
-    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, return_dict_in_generate=True,
-                  output_scores=True, output_logits=True, repetition_penalty=1.3)
+    kwargs = dict(
+        max_new_tokens=12,
+        min_new_tokens=12,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        repetition_penalty=1.3,
+    )
     plain, spec, _ = plain_and_spec(target, inputs, mode, **kwargs)
     assert spec.sequences.tolist() == plain.sequences.tolist()
     assert len(spec.scores) == len(plain.scores) == 12 and len(spec.logits) == 12
@@ -185,8 +201,7 @@ def test_batch_size_above_one_names_the_limit(setup, mode):
     target, inputs = setup
     batch = {key: torch.cat([value, value]) for key, value in inputs.items()}
     with pytest.raises(ValueError, match="batch size 1 \\(got 2\\)"):
-        target.generate(**batch, max_new_tokens=5, assistant_model=draft_for(target, mode),
-                        **path_kwargs(mode))
+        target.generate(**batch, max_new_tokens=5, assistant_model=draft_for(target, mode), **path_kwargs(mode))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -194,8 +209,7 @@ def test_missing_image_is_refused(setup, mode):
     target, inputs = setup
     no_image = {key: value for key, value in inputs.items() if key != "pixel_values"}
     with pytest.raises(ValueError, match="image tokens but no image was given"):
-        target.generate(**no_image, max_new_tokens=5, assistant_model=draft_for(target, mode),
-                        **path_kwargs(mode))
+        target.generate(**no_image, max_new_tokens=5, assistant_model=draft_for(target, mode), **path_kwargs(mode))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -203,16 +217,19 @@ def test_too_many_images_is_refused(setup, mode):
     target, inputs = setup
     two_images = dict(inputs, pixel_values=torch.cat([inputs["pixel_values"]] * 2))
     with pytest.raises(ValueError, match="1 image placeholder run\\(s\\) .* but 2 image\\(s\\) were given"):
-        target.generate(**two_images, max_new_tokens=5, assistant_model=draft_for(target, mode),
-                        **path_kwargs(mode))
+        target.generate(**two_images, max_new_tokens=5, assistant_model=draft_for(target, mode), **path_kwargs(mode))
 
 
 def test_image_without_placeholder_is_refused(setup):
     target, inputs = setup
     text_only = random_inputs(target, torch.Generator().manual_seed(1), image=False)
     with pytest.raises(ValueError, match="no image token"):
-        target.generate(**text_only, pixel_values=inputs["pixel_values"], max_new_tokens=5,
-                        assistant_model=draft_for(target, "tree"))
+        target.generate(
+            **text_only,
+            pixel_values=inputs["pixel_values"],
+            max_new_tokens=5,
+            assistant_model=draft_for(target, "tree"),
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -222,8 +239,7 @@ def test_prompt_longer_than_the_positions_is_refused(setup, mode):
     long["input_ids"] = torch.cat([inputs["input_ids"], torch.full((1, 240), 5)], dim=1)
     long["attention_mask"] = torch.ones_like(long["input_ids"])
     with pytest.raises(ValueError, match="max_position_embeddings \\(256\\)"):
-        target.generate(**long, max_new_tokens=10, assistant_model=draft_for(target, mode),
-                        **path_kwargs(mode))
+        target.generate(**long, max_new_tokens=10, assistant_model=draft_for(target, mode), **path_kwargs(mode))
 
 
 def test_unsupported_attention_backend_is_refused(setup):
@@ -261,12 +277,29 @@ def test_sliding_window_target_is_refused_with_the_fix():
 
     from tiny_models import vision_config
 
-    text = MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, sliding_window=8, max_position_embeddings=256)
+    text = MistralConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
-    target = specvlm_hf.enable(LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=vision_config(), text_config=text, image_token_index=95, image_seq_length=16,
-        vision_feature_select_strategy="default", vision_feature_layer=-1)).eval())
+    target = specvlm_hf.enable(
+        LlavaForConditionalGeneration(
+            LlavaConfig(
+                vision_config=vision_config(),
+                text_config=text,
+                image_token_index=95,
+                image_seq_length=16,
+                vision_feature_select_strategy="default",
+                vision_feature_layer=-1,
+            )
+        ).eval()
+    )
     draft = SpecVLMDraftModel.from_target(target)
     inputs = random_inputs(target, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="sliding-window.*sliding_window=None"):

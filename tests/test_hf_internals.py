@@ -55,8 +55,14 @@ def test_mrope_deltas_are_left_on_the_model_by_generate():
 
 
 def _tiny_llama_cache(static: bool):
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaModel(config).eval()
     cache = StaticCache(config=config, max_cache_len=16) if static else DynamicCache(config=config)
     with torch.no_grad():
@@ -112,7 +118,9 @@ def test_anyres_grid_matches_llava_next_feature_count():
     rows, cols = hf_internals.anyres_grid(model.config, inputs["image_sizes"][0].tolist())
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        features = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+        )
     features = getattr(features, "pooler_output", features)
     assert features[0].shape[0] == side * side + rows * (cols + 1)
 

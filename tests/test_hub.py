@@ -11,7 +11,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from specvlm_hf import SpecVLMDraftModel
 from specvlm_hf.cli import main as cli_main
@@ -22,8 +21,14 @@ from tiny_models import oracle_draft, tiny_llava
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 EVAL_RESULTS = {
-    "sigma": 3.217, "speedup": 2.481, "device": "test device 9000", "dataset": "tiny prompts (8)",
-    "date": "2026-01-02", "dtype": "float32", "max_new_tokens": 64, "temperature": 0.0,
+    "sigma": 3.217,
+    "speedup": 2.481,
+    "device": "test device 9000",
+    "dataset": "tiny prompts (8)",
+    "date": "2026-01-02",
+    "dtype": "float32",
+    "max_new_tokens": 64,
+    "temperature": 0.0,
     "modes": {
         "tree": {"sigma": 3.217, "speedup": 2.481, "tokens_per_second": 41.5, "baseline_tokens_per_second": 16.7},
         "chain": {"sigma": 2.113, "speedup": 1.374},
@@ -102,8 +107,12 @@ def test_malformed_eval_results_are_refused_naming_the_problem(tmp_path, broken,
 def test_publishing_a_folder_that_is_not_a_saved_draft_says_how_to_save_one(tmp_path, saved):
     with pytest.raises(DraftFolderError, match="save_pretrained"):
         publish_draft(saved[0], "me/target", endpoint="http://127.0.0.1:9", token="x")  # a target, not a draft
-    for name in ("model.safetensors", "modeling_specvlm_draft.py", "configuration_specvlm_draft.py",
-                 "custom_generate/generate.py"):
+    for name in (
+        "model.safetensors",
+        "modeling_specvlm_draft.py",
+        "configuration_specvlm_draft.py",
+        "custom_generate/generate.py",
+    ):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
@@ -128,12 +137,33 @@ def test_push_uploads_to_a_local_hub_and_from_pretrained_generates_from_it(hub, 
     api = HfApi(endpoint=hub.url, token=hub.token)
     api.create_repo("tiny/llava")
     api.upload_folder(repo_id="tiny/llava", folder_path=str(target_dir))
-    assert cli_main(["push", str(draft_dir), "me/tiny-draft", "--base-model", "tiny/llava",
-                     "--endpoint", hub.url, "--token", hub.token]) == 0
+    assert (
+        cli_main(
+            [
+                "push",
+                str(draft_dir),
+                "me/tiny-draft",
+                "--base-model",
+                "tiny/llava",
+                "--endpoint",
+                hub.url,
+                "--token",
+                hub.token,
+            ]
+        )
+        == 0
+    )
 
     files = hub.files("me/tiny-draft")
-    for name in ("model.safetensors", "config.json", "configuration_specvlm_draft.py", "modeling_specvlm_draft.py",
-                 "custom_generate/generate.py", "eval_results.json", "README.md"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "configuration_specvlm_draft.py",
+        "modeling_specvlm_draft.py",
+        "custom_generate/generate.py",
+        "eval_results.json",
+        "README.md",
+    ):
         assert name in files, name
     assert json.loads(files["config.json"])["auto_map"]["AutoModel"] == "modeling_specvlm_draft.SpecVLMDraftModel"
     assert files["model.safetensors"] == (draft_dir / "model.safetensors").read_bytes()
@@ -173,9 +203,16 @@ def test_push_uploads_to_a_local_hub_and_from_pretrained_generates_from_it(hub, 
         print("HUB-OK", draft.stats.sigma)
         """
     )
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HUB_OFFLINE": "0",
-           "TRANSFORMERS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"),
-           "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_TOKEN": hub.token,
+        "HF_HUB_OFFLINE": "0",
+        "TRANSFORMERS_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert "HUB-OK" in result.stdout

@@ -81,7 +81,9 @@ class HubServer:
                 pass
 
             # ---- helpers ----
-            def _send(self, status: int, body: bytes = b"", headers: dict | None = None, content_type="application/json"):
+            def _send(
+                self, status: int, body: bytes = b"", headers: dict | None = None, content_type="application/json"
+            ):
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
@@ -136,7 +138,9 @@ class HubServer:
                 if match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
                     return self._resolve(*match.groups())
                 if path == "/api/whoami-v2":
-                    return self._json(200, {"type": "user", "name": "local", "orgs": []}) if self._authorised() else None
+                    return (
+                        self._json(200, {"type": "user", "name": "local", "orgs": []}) if self._authorised() else None
+                    )
                 self._unknown()
 
             def do_POST(self):
@@ -158,7 +162,9 @@ class HubServer:
                 repo_id = f"{request.get('organization') or 'local'}/{request['name']}"
                 with hub._lock:
                     if repo_id in hub.repos:
-                        return self._json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
+                        return self._json(
+                            409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"}
+                        )
                     initial = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
                     repo = _Repo(private=bool(request.get("private")))
                     repo.commits.append((hashlib.sha1(repo_id.encode()).hexdigest(), initial))
@@ -179,11 +185,20 @@ class HubServer:
                 if repo_id not in hub.repos:
                     return self._error(404, "RepoNotFound", f"Repository not found: {repo_id}")
                 files = hub.files(repo_id)
-                self._json(200, {"files": [
-                    {"path": item["path"], "uploadMode": "regular", "shouldIgnore": False,
-                     "oid": _git_blob_sha(files[item["path"]]) if item["path"] in files else None}
-                    for item in request["files"]
-                ]})
+                self._json(
+                    200,
+                    {
+                        "files": [
+                            {
+                                "path": item["path"],
+                                "uploadMode": "regular",
+                                "shouldIgnore": False,
+                                "oid": _git_blob_sha(files[item["path"]]) if item["path"] in files else None,
+                            }
+                            for item in request["files"]
+                        ]
+                    },
+                )
 
             def _commit(self, repo_id: str, revision: str, body: bytes):
                 repo = hub.repos.get(repo_id)
@@ -213,10 +228,14 @@ class HubServer:
                             snapshot = {p: c for p, c in snapshot.items() if not p.startswith(prefix)}
                         else:
                             return self._error(400, "BadRequest", f"the local test hub cannot apply {key!r} lines")
-                    sha = hashlib.sha1(json.dumps([parent_sha, summary, sorted(snapshot)]).encode()
-                                       + b"".join(snapshot[p] for p in sorted(snapshot))).hexdigest()
+                    sha = hashlib.sha1(
+                        json.dumps([parent_sha, summary, sorted(snapshot)]).encode()
+                        + b"".join(snapshot[p] for p in sorted(snapshot))
+                    ).hexdigest()
                     repo.commits.append((sha, snapshot))
-                self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
+                self._json(
+                    200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
+                )
 
             def _model_info(self, repo_id: str, revision: str):
                 found = self._snapshot(repo_id, revision)
@@ -224,12 +243,20 @@ class HubServer:
                     return
                 repo, sha, files = found
                 card = card_metadata(files["README.md"]) if "README.md" in files else None
-                self._json(200, {
-                    "id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
-                    "siblings": [{"rfilename": name} for name in sorted(files)],
-                    "cardData": card, "tags": (card or {}).get("tags", []),
-                    "pipeline_tag": (card or {}).get("pipeline_tag"), "library_name": (card or {}).get("library_name"),
-                })
+                self._json(
+                    200,
+                    {
+                        "id": repo_id,
+                        "modelId": repo_id,
+                        "sha": sha,
+                        "private": repo.private,
+                        "siblings": [{"rfilename": name} for name in sorted(files)],
+                        "cardData": card,
+                        "tags": (card or {}).get("tags", []),
+                        "pipeline_tag": (card or {}).get("pipeline_tag"),
+                        "library_name": (card or {}).get("library_name"),
+                    },
+                )
 
             def _resolve(self, repo_id: str, revision: str, filename: str):
                 found = self._snapshot(repo_id, revision)
@@ -237,12 +264,23 @@ class HubServer:
                     return
                 repo, sha, files = found
                 if filename not in files:
-                    return self._send(404, b"Entry not found", {
-                        "X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found", "X-Repo-Commit": sha,
-                    }, content_type="text/plain")
+                    return self._send(
+                        404,
+                        b"Entry not found",
+                        {
+                            "X-Error-Code": "EntryNotFound",
+                            "X-Error-Message": "Entry not found",
+                            "X-Repo-Commit": sha,
+                        },
+                        content_type="text/plain",
+                    )
                 content = files[filename]
-                self._send(200, content, {"X-Repo-Commit": sha, "ETag": f'"{_git_blob_sha(content)}"'},
-                           content_type="application/octet-stream")
+                self._send(
+                    200,
+                    content,
+                    {"X-Repo-Commit": sha, "ETag": f'"{_git_blob_sha(content)}"'},
+                    content_type="application/octet-stream",
+                )
 
         return Handler
 

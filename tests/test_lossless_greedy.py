@@ -107,7 +107,9 @@ def test_tree_settings_change_the_tree_not_the_output():
     for top_k, depth, total in [(1, 0, 2), (2, 3, 8), (4, 5, 30), (10, 7, 60), (12, 9, 100)]:
         draft = build_draft(target, "oracle", "tree")
         draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = top_k, depth, total
-        assert_same(target, inputs, {"do_sample": False, "max_new_tokens": 24, "min_new_tokens": 24}, assistant_model=draft)
+        assert_same(
+            target, inputs, {"do_sample": False, "max_new_tokens": 24, "min_new_tokens": 24}, assistant_model=draft
+        )
         assert max(draft.stats.accepted_per_round) <= depth + 2
 
 
@@ -171,7 +173,9 @@ def test_fast_path_works_inside_and_outside_inference_mode():
     outside = target.generate(**inputs, **kwargs)
     with torch.inference_mode():
         again = target.generate(**inputs, **kwargs)
-    assert inside.tolist() == outside.tolist() == again.tolist() == target.generate(**inputs, max_new_tokens=12).tolist()
+    assert (
+        inside.tolist() == outside.tolist() == again.tolist() == target.generate(**inputs, max_new_tokens=12).tolist()
+    )
 
 
 def test_fast_path_round_functions_compile_whole_and_stay_exact(monkeypatch):
@@ -206,6 +210,7 @@ def test_fast_path_falls_back_to_eager_kernels_when_compilation_fails(monkeypatc
     def failing_compile(fn, **options):
         def compiled():
             raise torch._dynamo.exc.TorchDynamoException("the compiler gave up")
+
         return compiled
 
     monkeypatch.setattr(round_module.torch, "compile", failing_compile)

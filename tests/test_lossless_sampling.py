@@ -59,7 +59,11 @@ def _target_and_inputs(family: str):
     prompt with one image."""
     generator = torch.Generator().manual_seed(0)
     if family in ("qwen2_5_vl", "gemma3"):
-        target = tiny_qwen2_5_vl(seed=0, scale=24.0) if family == "qwen2_5_vl" else tiny_gemma3(seed=0, scale=64.0, tied=False)
+        target = (
+            tiny_qwen2_5_vl(seed=0, scale=24.0)
+            if family == "qwen2_5_vl"
+            else tiny_gemma3(seed=0, scale=64.0, tied=False)
+        )
         return target, family_inputs(target, generator, images=1, text_tokens=4)
     build = tiny_llava_next if family == "next" else tiny_llava
     target = build(seed=0, scale=8.0, vocab=12)
@@ -96,7 +100,11 @@ def sample_first_tokens(settings: dict, mode: str = "tree", family: str = "llava
         fast = {"cache_implementation": "static"} if mode == "tree-static" else {}
         speculative.append(target.generate(**inputs, **kwargs, assistant_model=draft, **fast)[0, start:])
         sigmas.append(draft.stats.sigma)
-    return [tuple(row) for row in plain.tolist()], [tuple(row.tolist()) for row in speculative], sum(sigmas) / len(sigmas)
+    return (
+        [tuple(row) for row in plain.tolist()],
+        [tuple(row.tolist()) for row in speculative],
+        sum(sigmas) / len(sigmas),
+    )
 
 
 SETTINGS = {

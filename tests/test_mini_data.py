@@ -65,7 +65,11 @@ def test_written_dataset_does_not_depend_on_worker_count(tmp_path):
 
 def test_count_answer_states_the_number_of_matching_shapes_drawn():
     scene = Scene(
-        (Shape("circle", "red", "large", 0, 0), Shape("circle", "blue", "small", 1, 1), Shape("square", "red", "small", 2, 2)),
+        (
+            Shape("circle", "red", "large", 0, 0),
+            Shape("circle", "blue", "small", 1, 1),
+            Shape("square", "red", "small", 2, 2),
+        ),
         "white",
     )
     for seed in range(30):

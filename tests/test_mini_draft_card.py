@@ -34,14 +34,17 @@ def test_shipped_drafts_are_complete_folders_with_current_remote_code():
     package = Path(specvlm_hf.__file__).parent
     for name in DRAFT_NAMES:
         folder = draft_path(name)
-        copies = list(folder.glob("*.py")) + [p for p in (folder / "custom_generate").glob("*.py")
-                                               if p.name not in ("generate.py", "draft_location.py")]
+        copies = list(folder.glob("*.py")) + [
+            p for p in (folder / "custom_generate").glob("*.py") if p.name not in ("generate.py", "draft_location.py")
+        ]
         assert len(copies) > 10, name
         for copy in copies:
             assert copy.read_text() == (package / copy.name).read_text(), f"{copy} is stale"
         entry = (folder / "custom_generate" / "generate.py").read_text()
         assert entry == (package / "custom_generate_entry.py").read_text()
-        assert f"package:specvlm_hf/mini/drafts/{name}" in (folder / "custom_generate" / "draft_location.py").read_text()
+        assert (
+            f"package:specvlm_hf/mini/drafts/{name}" in (folder / "custom_generate" / "draft_location.py").read_text()
+        )
 
 
 def test_custom_generate_runs_a_shipped_draft_by_its_folder():

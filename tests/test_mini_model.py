@@ -1,13 +1,11 @@
 """The shipped mini VLM: a stock LLaVA that loads offline, fits the size budget and sees its images."""
 
-
 import pytest
 import torch
 
 from specvlm_hf.mini import EXAMPLE_IMAGE, WEIGHTS_DIR, load
 from specvlm_hf.mini.data import make_example
 from specvlm_hf.mini.evaluate import greedy_answers, parse_short_answer
-
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +71,10 @@ def test_generate_command_fast_path(capsys):
 def test_generate_command_answers_a_text_only_prompt(capsys):
     from specvlm_hf.cli import main
 
-    assert main(["generate", "--no-image", "--prompt", "Explain The for statement in Python.", "--max-new-tokens", "16"]) == 0
+    assert (
+        main(["generate", "--no-image", "--prompt", "Explain The for statement in Python.", "--max-new-tokens", "16"])
+        == 0
+    )
     assert "tokens/s" in capsys.readouterr().out
 
 
@@ -81,8 +82,9 @@ def test_generate_command_names_a_missing_image_file(capsys):
     from specvlm_hf.cli import main
 
     assert main(["generate", "--image", "/nonexistent/picture.png"]) == 2
-    assert capsys.readouterr().err == ("specvlm generate: error: Image /nonexistent/picture.png does not exist; pass an "
-                                       "existing file with --image.\n")
+    assert capsys.readouterr().err == (
+        "specvlm generate: error: Image /nonexistent/picture.png does not exist; pass an existing file with --image.\n"
+    )
 
 
 def test_held_out_evaluation_shows_a_model_that_uses_its_images(mini):

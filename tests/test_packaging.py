@@ -48,8 +48,15 @@ def test_save_and_load_round_trip(tmp_path):
     }
     # the model's remote code carries what loading the draft needs, and no decoding loop
     remote = {path.name for path in tmp_path.glob("*.py")}
-    assert remote == {"modeling_specvlm_draft.py", "configuration_specvlm_draft.py", "compressor.py",
-                      "hf_internals.py", "packaging.py", "stats.py", "target.py"}, remote
+    assert remote == {
+        "modeling_specvlm_draft.py",
+        "configuration_specvlm_draft.py",
+        "compressor.py",
+        "hf_internals.py",
+        "packaging.py",
+        "stats.py",
+        "target.py",
+    }, remote
     for name in ("generate.py", "decoding.py", "round.py", "tree.py", "verify.py", "adapters.py", "draft_location.py"):
         assert (tmp_path / "custom_generate" / name).exists(), name
 

@@ -57,27 +57,42 @@ def push(capsys, *argv):
 
 def test_push_to_a_server_that_never_answers_stops_at_the_timeout_in_one_line(capsys, online, draft_folder):
     with silent_server() as (_, url):
-        status, line, seconds = push(capsys, draft_folder, "me/draft", "--endpoint", url, "--token", "hf_x", "--timeout", 2)
+        status, line, seconds = push(
+            capsys, draft_folder, "me/draft", "--endpoint", url, "--token", "hf_x", "--timeout", 2
+        )
     assert status == 1
-    assert line == (f"specvlm push: error: the Hub at {url} did not answer within 2 s; check the address (--endpoint / "
-                    "HF_ENDPOINT) and your network, or allow more time with --timeout.")
+    assert line == (
+        f"specvlm push: error: the Hub at {url} did not answer within 2 s; check the address (--endpoint / "
+        "HF_ENDPOINT) and your network, or allow more time with --timeout."
+    )
     assert seconds < 20, f"took {seconds:.0f} s"
 
 
 def test_push_without_a_token_sends_nothing_and_says_how_to_log_in(tmp_path, draft_folder):
-    env = {key: value for key, value in os.environ.items() if key not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE")
+    }
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="0")
     with silent_server() as (sock, url):
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "specvlm_hf.cli", "push", str(draft_folder), "me/draft",
-                                 "--endpoint", url], capture_output=True, text=True, env=env, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "specvlm_hf.cli", "push", str(draft_folder), "me/draft", "--endpoint", url],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         seconds = time.perf_counter() - start
         sock.setblocking(False)
         with pytest.raises(BlockingIOError):
             sock.accept()  # nobody connected
     assert result.returncode == 2
-    assert result.stderr.strip() == ("specvlm push: error: No Hugging Face token: run `hf auth login`, set HF_TOKEN, or "
-                                     "pass --token (a token with write access to the repo's namespace).")
+    assert result.stderr.strip() == (
+        "specvlm push: error: No Hugging Face token: run `hf auth login`, set HF_TOKEN, or "
+        "pass --token (a token with write access to the repo's namespace)."
+    )
     assert seconds < 60
 
 

@@ -17,7 +17,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import specvlm_hf
@@ -28,8 +27,16 @@ gradio = pytest.importorskip("gradio", reason='the demo needs Gradio: pip instal
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPACE_APP = REPO_ROOT / "spaces" / "specvlm-demo" / "app.py"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def tiny_processor():
@@ -49,7 +56,11 @@ def tiny_processor():
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens([*special, "<image>"])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="<|end|>", unk_token="<unk>",
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|end|>",
+        unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
     )
     return build_processor(fast, IMAGE_SIZE, PATCH)
@@ -154,7 +165,7 @@ def test_specvlm_text_is_coloured_by_the_round_that_accepted_it(models):
     assert f'title="round 2: {stats.accepted_per_round[0]} token' in spec
     assert 'class="round"' not in plain
     colours = [spec.split('class="round" style="background:')[i + 1][:7] for i in range(3)]
-    assert colours[0] != colours[1] != colours[2]
+    assert len(set(colours)) == 3, "three neighbouring rounds, three colours"
 
 
 def test_stats_show_tokens_per_second_speedup_sigma_and_visual_branch(models):
@@ -206,8 +217,14 @@ def http_status(url: str) -> int:
 def test_the_app_serves_no_file_outside_its_folder(server):
     url, _ = server
     assert http_status(f"{url}/gradio_api/file={example()}") == 200
-    for outside in ("/etc/passwd", REPO_ROOT / "README.md", SPACE_APP, Path(app.__file__), Path(specvlm_hf.__file__),
-                    app.EXAMPLES_DIR / "examples.json"):
+    for outside in (
+        "/etc/passwd",
+        REPO_ROOT / "README.md",
+        SPACE_APP,
+        Path(app.__file__),
+        Path(specvlm_hf.__file__),
+        app.EXAMPLES_DIR / "examples.json",
+    ):
         assert http_status(f"{url}/gradio_api/file={outside}") in (403, 404), outside
 
 
@@ -327,7 +344,9 @@ def test_the_mini_vlm_answers_the_examples_correctly():
         image = app.check_image(app.EXAMPLES_DIR / entry["image"])
         answer, _ = run_generate(model, processor, image, entry["prompt"], max_new_tokens=128)
         assert answer.strip() == entry["answer"], entry["image"]
-        scene = data.Scene(tuple(data.Shape(**shape) for shape in entry["scene"]["shapes"]), entry["scene"]["background"])
+        scene = data.Scene(
+            tuple(data.Shape(**shape) for shape in entry["scene"]["shapes"]), entry["scene"]["background"]
+        )
         task = entry["image"].split("-")[0]
         target = {"colour": scene.shapes[-1].colour}.get(task)  # the triangle the colour example asks about
         assert CHECKS[task](answer.strip(), scene, target) == [], entry
@@ -337,8 +356,9 @@ def test_the_demo_uses_the_shared_mode_rule_chain_on_the_cpu(models, tmp_path):
     from specvlm_hf.cli import build_parser
 
     root = Path(models.target.name_or_path).parent
-    args = build_parser().parse_args(["demo", "--target", str(root / "target"), "--draft", str(root / "draft"),
-                                      "--device", "cpu"])
+    args = build_parser().parse_args(
+        ["demo", "--target", str(root / "target"), "--draft", str(root / "draft"), "--device", "cpu"]
+    )
     assert app.models_from_args(args).draft.config.decoding_mode == "chain"
     args.mode = "tree"
     assert app.models_from_args(args).draft.config.decoding_mode == "tree"
@@ -367,10 +387,16 @@ def test_a_non_image_upload_gets_a_plain_message_without_the_servers_path(server
     assert "/" not in message.split("read;")[0] and "gradio" not in message.lower(), message
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--max-new-tokens-limit", "0"], "argument --max-new-tokens-limit: must be a whole number of at least 1, got 0"),
-    (["--draft", "me/draft"], "Pass both --target and --draft"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--max-new-tokens-limit", "0"],
+            "argument --max-new-tokens-limit: must be a whole number of at least 1, got 0",
+        ),
+        (["--draft", "me/draft"], "Pass both --target and --draft"),
+    ],
+)
 def test_demo_argument_errors_are_one_line(capsys, argv, message):
     from specvlm_hf.cli import main
 

@@ -36,10 +36,25 @@ def test_every_config_field_is_a_command_line_option_with_its_default_and_help()
     for field in dataclasses.fields(DistillConfig):
         assert "--" + field.name.replace("_", "-") in help_text
         assert field.metadata["help"].split()[0] in help_text
-    parsed = config_from_args(parser.parse_args(
-        ["--data", "d.json", "--compressor", "select", "--unroll-steps", "3", "--no-bf16", "--resume", "--max-steps", "7"]
-    ))
-    assert parsed == DistillConfig(data="d.json", compressor="select", unroll_steps=3, bf16=False, resume=True, max_steps=7)
+    parsed = config_from_args(
+        parser.parse_args(
+            [
+                "--data",
+                "d.json",
+                "--compressor",
+                "select",
+                "--unroll-steps",
+                "3",
+                "--no-bf16",
+                "--resume",
+                "--max-steps",
+                "7",
+            ]
+        )
+    )
+    assert parsed == DistillConfig(
+        data="d.json", compressor="select", unroll_steps=3, bf16=False, resume=True, max_steps=7
+    )
 
 
 def test_specvlm_train_and_distill_data_are_registered_commands():
@@ -58,8 +73,11 @@ def _write(tmp_path, records):
 
 
 def _record(**changes):
-    record = {"id": "r1", "image": "missing.png",
-              "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red square."}]}
+    record = {
+        "id": "r1",
+        "image": "missing.png",
+        "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red square."}],
+    }
     record.update(changes)
     return record
 
@@ -77,13 +95,18 @@ def test_image_without_image_token_is_reported_with_the_record(tmp_path):
 
 
 def test_empty_answer_is_reported_with_the_record(tmp_path):
-    bad = _record(id="r7", conversations=[{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "  "}])
+    bad = _record(
+        id="r7", conversations=[{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "  "}]
+    )
     with pytest.raises(DataRecordError, match=r"id 'r7'\) has an empty answer"):
         load_records(_write(tmp_path, [bad]))
 
 
 def test_image_token_without_image_is_reported(tmp_path):
-    bad = {"id": "t", "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "x"}]}
+    bad = {
+        "id": "t",
+        "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "x"}],
+    }
     with pytest.raises(DataRecordError, match=r"1 <image> token\(s\) but 0 image"):
         load_records(_write(tmp_path, [bad]))
 
@@ -102,7 +125,9 @@ def test_labels_cover_each_answer_up_to_its_end_token(processor, dataset_dir):
         prompt_length = int(encoded["labels"].float().argmax())
         from specvlm_hf.training.data import first_prompt
 
-        expected = processor(text=first_prompt(processor, record), images=images or None, return_tensors="pt")["input_ids"][0]
+        expected = processor(text=first_prompt(processor, record), images=images or None, return_tensors="pt")[
+            "input_ids"
+        ][0]
         assert torch.equal(encoded["input_ids"][:prompt_length], expected)
 
 
@@ -117,10 +142,16 @@ def test_datasets_folder_with_embedded_images_gives_the_same_batch_as_llava_json
         rows["image"].append(Image.open(dataset_dir / "images" / record["image"]) if "image" in record else None)
         rows["conversations"].append(record["conversations"])
     folder = dataset_dir / "hf"
-    datasets.Dataset.from_dict(rows, features=datasets.Features({
-        "id": datasets.Value("string"), "image": datasets.Image(),
-        "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
-    })).save_to_disk(str(folder))
+    datasets.Dataset.from_dict(
+        rows,
+        features=datasets.Features(
+            {
+                "id": datasets.Value("string"),
+                "image": datasets.Image(),
+                "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
+            }
+        ),
+    ).save_to_disk(str(folder))
     from_hf = load_records(str(folder))
     a = ConversationDataset(records, processor, ImageResolver(None, str(dataset_dir / "data.json")), {1}, 2048)
     b = ConversationDataset(from_hf, processor, ImageResolver(None, str(folder)), {1}, 2048)
@@ -146,7 +177,10 @@ def test_distill_data_replaces_answers_with_the_targets_greedy_answers(processor
 
         inputs = processor(text=first_prompt(processor, old), images=images or None, return_tensors="pt")
         out = target.generate(**inputs, max_new_tokens=12, do_sample=False)
-        assert record["conversations"][1]["value"] == processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert (
+            record["conversations"][1]["value"]
+            == processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        )
 
 
 def test_the_shipped_default_draft_is_lossless_and_accepts_several_tokens_per_forward_on_the_mini_vlm():
@@ -160,7 +194,8 @@ def test_the_shipped_default_draft_is_lossless_and_accepts_several_tokens_per_fo
     specvlm_hf.enable(target)
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
-        add_generation_prompt=True, tokenize=False,
+        add_generation_prompt=True,
+        tokenize=False,
     )
     inputs = processor(images=Image.open(EXAMPLE_IMAGE).convert("RGB"), text=text, return_tensors="pt")
     expected = target.generate(**inputs, max_new_tokens=40, do_sample=False)

@@ -70,11 +70,15 @@ def plain_step(trainer, micro_batches):
     for batch in micro_batches:
         with torch.no_grad():
             teacher = teacher_forward(trainer.target, batch, inference_mode=False)
-        seq = draft_sequences(draft, objective.target_config, batch, teacher, objective.feature_noise, objective.feature_noise_type)
+        seq = draft_sequences(
+            draft, objective.target_config, batch, teacher, objective.feature_noise, objective.feature_noise_type
+        )
         b_pair, t_pair = seq.loss_pairs[:, 0], seq.loss_pairs[:, 1]
         b_row, r_row = seq.loss_rows[:, 0], seq.loss_rows[:, 1]
         target_features = teacher.features[b_pair, t_pair + 1]
-        predicted = draft.decode(seq.fused, attention_mask=seq.attention_mask, position_ids=seq.position_ids, use_cache=False)
+        predicted = draft.decode(
+            seq.fused, attention_mask=seq.attention_mask, position_ids=seq.position_ids, use_cache=False
+        )
         rows = predicted[b_row, r_row]
         logit_loss, _ = plain_soft_cross_entropy(rows, target_features, draft.get_output_embeddings())
         feature_loss = F.smooth_l1_loss(rows.float(), target_features.float())
@@ -93,9 +97,20 @@ def plain_step(trainer, micro_batches):
 @pytest.mark.parametrize("compressor", ["none", "select"])
 def test_the_fast_step_gives_the_plain_steps_loss_gradients_and_weights(tmp_path, processor, data, compressor):
     path, records = data
-    config = DistillConfig(data=path, output_dir=str(tmp_path / "run"), per_device_batch_size=3, gradient_accumulation_steps=2,
-                           learning_rate=1e-3, save_steps=0, progress_bar=False, eval_each_epoch=False, max_length=256,
-                           compressor=compressor, feature_noise=0.1, loss_chunk_rows=5)  # several chunks per micro-batch
+    config = DistillConfig(
+        data=path,
+        output_dir=str(tmp_path / "run"),
+        per_device_batch_size=3,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        save_steps=0,
+        progress_bar=False,
+        eval_each_epoch=False,
+        max_length=256,
+        compressor=compressor,
+        feature_noise=0.1,
+        loss_chunk_rows=5,
+    )  # several chunks per micro-batch
     target = tiny_target(seed=2)
     dataset = ConversationDataset(records, processor, ImageResolver(None, path), {1}, 256)
     micro = [Collator(0)([dataset[i] for i in range(k, k + 3)]) for k in (0, 3)]
@@ -103,14 +118,22 @@ def test_the_fast_step_gives_the_plain_steps_loss_gradients_and_weights(tmp_path
     def trainer():
         torch.manual_seed(0)
         draft = SpecVLMDraftModel.from_target(target, compressor={"mode": compressor, "cost_weight": 0.05})
-        return DistillTrainer(config, target=target, processor=processor, draft=draft, train_records=records[:12], eval_records=records[12:14])
+        return DistillTrainer(
+            config,
+            target=target,
+            processor=processor,
+            draft=draft,
+            train_records=records[:12],
+            eval_records=records[12:14],
+        )
 
     plain, fast = trainer(), trainer()
     torch.manual_seed(1)  # feature noise and the compressor's Gumbel sampling draw the same numbers in both
     plain_loss, plain_grads = plain_step(plain, micro)
     grads = {}
     fast.optimizer.register_step_pre_hook(
-        lambda *_: grads.update({n: p.grad.clone() for n, p in fast.draft.named_parameters() if p.grad is not None}))
+        lambda *_: grads.update({n: p.grad.clone() for n, p in fast.draft.named_parameters() if p.grad is not None})
+    )
     torch.manual_seed(1)
     result = fast.train_step(micro)
     assert result["loss"] == pytest.approx(plain_loss, rel=1e-5, abs=1e-6)
@@ -123,9 +146,19 @@ def test_the_fast_step_gives_the_plain_steps_loss_gradients_and_weights(tmp_path
 
 def test_the_step_timer_splits_a_step_into_its_phases(tmp_path, processor, data):
     path, records = data
-    config = DistillConfig(data=path, output_dir=str(tmp_path / "run"), per_device_batch_size=2, max_steps=2, save_steps=0,
-                           progress_bar=False, eval_each_epoch=False, max_length=256)
-    trainer = DistillTrainer(config, target=tiny_target(), processor=processor, train_records=records[:12], eval_records=records[12:14])
+    config = DistillConfig(
+        data=path,
+        output_dir=str(tmp_path / "run"),
+        per_device_batch_size=2,
+        max_steps=2,
+        save_steps=0,
+        progress_bar=False,
+        eval_each_epoch=False,
+        max_length=256,
+    )
+    trainer = DistillTrainer(
+        config, target=tiny_target(), processor=processor, train_records=records[:12], eval_records=records[12:14]
+    )
     trainer.timer = StepTimer("cpu")
     trainer.train()
     summary = trainer.timer.summary(first_step=1)

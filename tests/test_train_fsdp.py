@@ -38,19 +38,35 @@ def test_two_processes_with_a_sharded_target_train_like_one_process_with_a_whole
     pytest.importorskip("torch.distributed.fsdp")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE="2",
+        PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+    )
     env.pop("CUDA_VISIBLE_DEVICES", None)
     workers = [
-        subprocess.Popen([sys.executable, str(HERE / "train_fsdp_worker.py"), data, str(tmp_path)],
-                         env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, str(HERE / "train_fsdp_worker.py"), data, str(tmp_path)],
+            env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in (0, 1)
     ]
     # meanwhile, the reference: one process, the whole target, the same global batch (2 x 2 accumulated)
     records = load_records(data)
     config = DistillConfig(**config_settings(data, str(tmp_path / "single"), gradient_accumulation_steps=2))
-    single = DistillTrainer(config, target=tiny_sharding_target(), processor=AutoProcessor.from_pretrained(WEIGHTS_DIR),
-                            train_records=records[: TRAIN["train"]], eval_records=records[TRAIN["train"] : TRAIN["eval_end"]])
+    single = DistillTrainer(
+        config,
+        target=tiny_sharding_target(),
+        processor=AutoProcessor.from_pretrained(WEIGHTS_DIR),
+        train_records=records[: TRAIN["train"]],
+        eval_records=records[TRAIN["train"] : TRAIN["eval_end"]],
+    )
     reference = single.train()
     logs = []
     for worker in workers:
@@ -68,7 +84,9 @@ def test_two_processes_with_a_sharded_target_train_like_one_process_with_a_whole
     assert main["world"] == 2 and main["sharded"] and other["sharded"]
     assert (main["q_proj_local_rows"], main["q_proj_rows"]) == (32, 64)
     memory = main["target_weight_bytes"]
-    shard = memory["per_process"] - memory["replicated"]  # process 0 holds the larger half of uneven rows (99 = 50 + 49)
+    shard = (
+        memory["per_process"] - memory["replicated"]
+    )  # process 0 holds the larger half of uneven rows (99 = 50 + 49)
     assert memory["sharded"] // 2 <= shard < memory["sharded"] // 2 + memory["sharded"] // 100
     # its teacher pass (each process on its own batch) and greedy decoding equal a whole target's exactly
     for report in (main, other):
@@ -89,7 +107,10 @@ def test_two_processes_with_a_sharded_target_train_like_one_process_with_a_whole
         torch.testing.assert_close(weights[name], value, atol=1e-6, rtol=1e-5, msg=name)
     # evaluation ran on the main process with the sharded target (process 1 following): the same result
     (mine,), (theirs,) = sharded["eval"], reference["eval"]
-    assert mine["decoding"]["tree"]["accepted_length_histogram"] == theirs["decoding"]["tree"]["accepted_length_histogram"]
+    assert (
+        mine["decoding"]["tree"]["accepted_length_histogram"]
+        == theirs["decoding"]["tree"]["accepted_length_histogram"]
+    )
     assert mine["sigma"] == theirs["sigma"]
     assert mine["depth_agreement"] == pytest.approx(theirs["depth_agreement"], abs=1e-6)
 
@@ -97,9 +118,16 @@ def test_two_processes_with_a_sharded_target_train_like_one_process_with_a_whole
 def test_shard_target_needs_several_processes(tmp_path, data):
     config = DistillConfig(**config_settings(data, str(tmp_path / "run"), shard_target=True))
     records = load_records(data)
-    with pytest.raises(ValueError, match=r"--shard-target .* 1 process.*accelerate launch --multi_gpu --num_processes N"):
-        DistillTrainer(config, target=tiny_sharding_target(), processor=AutoProcessor.from_pretrained(WEIGHTS_DIR),
-                       train_records=records[:8], eval_records=records[8:10])
+    with pytest.raises(
+        ValueError, match=r"--shard-target .* 1 process.*accelerate launch --multi_gpu --num_processes N"
+    ):
+        DistillTrainer(
+            config,
+            target=tiny_sharding_target(),
+            processor=AutoProcessor.from_pretrained(WEIGHTS_DIR),
+            train_records=records[:8],
+            eval_records=records[8:10],
+        )
 
 
 def test_the_command_line_has_the_option():

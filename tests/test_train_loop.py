@@ -44,8 +44,17 @@ def data(tmp_path_factory):
 
 
 def _config(tmp_path, data_path, **overrides):
-    settings = dict(data=data_path, output_dir=str(tmp_path / "run"), per_device_batch_size=2, learning_rate=1e-3,
-                    save_steps=0, log_steps=1, progress_bar=False, eval_each_epoch=False, max_length=256)
+    settings = dict(
+        data=data_path,
+        output_dir=str(tmp_path / "run"),
+        per_device_batch_size=2,
+        learning_rate=1e-3,
+        save_steps=0,
+        log_steps=1,
+        progress_bar=False,
+        eval_each_epoch=False,
+        max_length=256,
+    )
     settings.update(overrides)
     return DistillConfig(**settings)
 
@@ -73,12 +82,24 @@ def test_training_rows_equal_the_drafts_inference_outputs(processor, data, compr
                 embeds, features = tap.inputs_embeds, tap.last_hidden_state
             mask, positions = torch.ones(n_prompt, dtype=torch.bool), torch.arange(n_prompt)
             runner = DraftRunner(draft, GrowingWindow(DynamicCache(config=draft.config.text_config), mask[:0]))
-            last, _, _ = runner.prefill(prompt_pairs(adapter_for(target), draft, ids[:, :n_prompt], embeds, features,
-                                                     ids[:, n_prompt : n_prompt + 1], mask, positions, {}))
+            last, _, _ = runner.prefill(
+                prompt_pairs(
+                    adapter_for(target),
+                    draft,
+                    ids[:, :n_prompt],
+                    embeds,
+                    features,
+                    ids[:, n_prompt : n_prompt + 1],
+                    mask,
+                    positions,
+                    {},
+                )
+            )
             inference = [last]
             for t in range(n_prompt, n - 1):
-                last, _ = runner.append(draft.embed(ids[:, t + 1 : t + 2]), teacher.features[b : b + 1, t : t + 1],
-                                        torch.tensor([t]))
+                last, _ = runner.append(
+                    draft.embed(ids[:, t + 1 : t + 2]), teacher.features[b : b + 1, t : t + 1], torch.tensor([t])
+                )
                 last = last[-1]
                 inference.append(last)
             inference = torch.stack(inference)  # pairs n_prompt - 1 .. n - 2
@@ -86,13 +107,24 @@ def test_training_rows_equal_the_drafts_inference_outputs(processor, data, compr
             pairs, rows = seq.loss_pairs[mine, 1], seq.loss_rows[mine, 1]
             keep = pairs >= n_prompt - 1
             assert keep.sum() > 3
-            torch.testing.assert_close(predicted[b, rows[keep]], inference[pairs[keep] - (n_prompt - 1)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                predicted[b, rows[keep]], inference[pairs[keep] - (n_prompt - 1)], atol=1e-5, rtol=1e-5
+            )
 
 
 def test_short_run_on_the_mini_vlm_lowers_the_loss_and_raises_held_out_sigma(tmp_path, data):
     path, records = data
-    config = _config(tmp_path, path, per_device_batch_size=4, max_steps=8, num_epochs=1, eval_each_epoch=True,
-                     eval_before_training=True, eval_max_new_tokens=24, unroll_steps=2)
+    config = _config(
+        tmp_path,
+        path,
+        per_device_batch_size=4,
+        max_steps=8,
+        num_epochs=1,
+        eval_each_epoch=True,
+        eval_before_training=True,
+        eval_max_new_tokens=24,
+        unroll_steps=2,
+    )
     metrics = DistillTrainer(config, train_records=records[:32], eval_records=records[32:35]).train()
     losses = [entry["loss"] for entry in metrics["train"]]
     assert sum(losses[-2:]) < 0.8 * sum(losses[:2])
@@ -108,15 +140,26 @@ class _Killed(Exception):
     pass
 
 
-def test_a_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, processor, data, monkeypatch):
+def test_a_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
+    tmp_path, processor, data, monkeypatch
+):
     path, records = data
     # compressor (Gumbel sampling), feature noise and unrolling all draw random numbers; 2 epochs of 6 steps
-    common = dict(num_epochs=2, save_steps=4, compressor="select", feature_noise=0.2, unroll_steps=2,
-                  lr_scheduler="cosine", warmup_steps=2)
+    common = dict(
+        num_epochs=2,
+        save_steps=4,
+        compressor="select",
+        feature_noise=0.2,
+        unroll_steps=2,
+        lr_scheduler="cosine",
+        warmup_steps=2,
+    )
 
     def run(out, kill_at=None, resume=False):
         config = _config(tmp_path, path, output_dir=str(tmp_path / out), resume=resume, **common)
-        trainer = DistillTrainer(config, target=tiny_target(), processor=processor, train_records=records[:12], eval_records=records[12:14])
+        trainer = DistillTrainer(
+            config, target=tiny_target(), processor=processor, train_records=records[:12], eval_records=records[12:14]
+        )
         if kill_at is not None:
             original = trainer.train_step
 
@@ -141,7 +184,9 @@ def test_a_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, processor, data, monkeypatch):
     path, records = data
     config = _config(tmp_path, path, save_steps=2, num_epochs=1)
-    trainer = DistillTrainer(config, target=tiny_target(), processor=processor, train_records=records[:12], eval_records=records[12:14])
+    trainer = DistillTrainer(
+        config, target=tiny_target(), processor=processor, train_records=records[:12], eval_records=records[12:14]
+    )
     original = trainer.train_step
 
     def step(batches):
@@ -155,7 +200,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, p
         trainer.train()
     kept = latest_checkpoint(tmp_path / "run")
     assert kept.name == "checkpoint-2"
-    assert all(torch.isfinite(v).all() for v in SpecVLMDraftModel.from_pretrained(kept / "draft").state_dict().values())
+    assert all(
+        torch.isfinite(v).all() for v in SpecVLMDraftModel.from_pretrained(kept / "draft").state_dict().values()
+    )
 
 
 def test_a_lora_wrapped_target_is_the_teacher_and_generates_losslessly(tmp_path, processor, data):
@@ -175,7 +222,9 @@ def test_a_lora_wrapped_target_is_the_teacher_and_generates_losslessly(tmp_path,
     assert not torch.allclose(adapted, plain, atol=1e-4)  # the adapter is what teaches
 
     config = _config(tmp_path, path, max_steps=2)
-    trainer = DistillTrainer(config, target=target, processor=processor, train_records=records[:8], eval_records=records[8:10])
+    trainer = DistillTrainer(
+        config, target=target, processor=processor, train_records=records[:8], eval_records=records[8:10]
+    )
     metrics = trainer.train()
     assert all(math.isfinite(e["loss"]) for e in metrics["train"])
 

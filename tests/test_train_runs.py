@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import pytest
-import torch
 from transformers import AutoProcessor
 
 from specvlm_hf.cli import main
-from specvlm_hf.errors import EnvironmentProblem, UserError
+from specvlm_hf.errors import UserError
 from specvlm_hf.mini import WEIGHTS_DIR
 from specvlm_hf.training import DistillTrainer, trainer as trainer_module
 from specvlm_hf.training.checkpoint import CONFIG_FILE, latest_checkpoint
@@ -40,8 +38,9 @@ def trainer(tmp_path, data, processor, **overrides):
     """A trainer on the tiny target: 12 records, batch 2 -> 6 steps per epoch."""
     path, records = data
     config = _config(tmp_path, path, **overrides)
-    return DistillTrainer(config, target=tiny_target(), processor=processor, train_records=records[:12],
-                          eval_records=records[12:14])
+    return DistillTrainer(
+        config, target=tiny_target(), processor=processor, train_records=records[:12], eval_records=records[12:14]
+    )
 
 
 @pytest.fixture
@@ -73,16 +72,22 @@ def test_a_finished_run_is_not_replaced_by_a_new_one_without_resume_or_overwrite
     run, before = finished
     no_target_loading(monkeypatch)
     start = time.perf_counter()
-    status, _, lines = cli(capsys, "train", "--data", data[0], "--output-dir", run, "--max-steps", 2, "--no-progress-bar")
+    status, _, lines = cli(
+        capsys, "train", "--data", data[0], "--output-dir", run, "--max-steps", 2, "--no-progress-bar"
+    )
     assert status == 2 and len(lines) == 1, lines
-    assert f"--output-dir {run} is not empty (checkpoint-2, checkpoint-4, draft, latest, ...); pass --resume" in lines[0]
+    assert (
+        f"--output-dir {run} is not empty (checkpoint-2, checkpoint-4, draft, latest, ...); pass --resume" in lines[0]
+    )
     assert "--overwrite-output-dir to start afresh there" in lines[0]
     assert time.perf_counter() - start < 20
     after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before, "nothing in the finished run changed"
 
 
-def test_overwrite_output_dir_replaces_the_previous_runs_outputs_and_keeps_other_files(finished, tmp_path, data, processor):
+def test_overwrite_output_dir_replaces_the_previous_runs_outputs_and_keeps_other_files(
+    finished, tmp_path, data, processor
+):
     run, _ = finished
     (run / "notes.txt").write_text("mine")
     trainer(tmp_path, data, processor, max_steps=1, save_steps=0, overwrite_output_dir=True).train()
@@ -100,12 +105,30 @@ def test_a_checkpoint_keeps_the_runs_settings(finished):
     assert saved["config"]["per_device_batch_size"] == 2 and saved["global_batch"] == 2 and saved["total_steps"] == 4
 
 
-def test_resume_with_another_batch_size_or_seed_is_refused_naming_the_fields_before_loading(finished, capsys, monkeypatch,
-                                                                                              data, tmp_path):
+def test_resume_with_another_batch_size_or_seed_is_refused_naming_the_fields_before_loading(
+    finished, capsys, monkeypatch, data, tmp_path
+):
     run, _ = finished
     no_target_loading(monkeypatch)
-    status, _, lines = cli(capsys, "train", "--data", data[0], "--output-dir", run, "--resume", "--max-steps", 4,
-                           "--per-device-batch-size", 4, "--seed", 3, "--learning-rate", 1e-3, "--max-length", 256)
+    status, _, lines = cli(
+        capsys,
+        "train",
+        "--data",
+        data[0],
+        "--output-dir",
+        run,
+        "--resume",
+        "--max-steps",
+        4,
+        "--per-device-batch-size",
+        4,
+        "--seed",
+        3,
+        "--learning-rate",
+        1e-3,
+        "--max-length",
+        256,
+    )
     assert status == 2 and len(lines) == 1, lines
     assert f"--resume: {run / 'checkpoint-4'} was written with other settings" in lines[0]
     assert "per_device_batch_size: 2 -> 4" in lines[0] and "seed: 0 -> 3" in lines[0]
@@ -118,7 +141,9 @@ def test_resume_that_changes_the_length_of_a_shaped_schedule_is_refused(tmp_path
         trainer(tmp_path, data, processor, max_steps=6, save_steps=2, resume=True, lr_scheduler="cosine")
 
 
-def test_resume_with_more_epochs_on_the_constant_schedule_trains_the_extra_steps(finished, tmp_path, data, processor, capsys):
+def test_resume_with_more_epochs_on_the_constant_schedule_trains_the_extra_steps(
+    finished, tmp_path, data, processor, capsys
+):
     run, _ = finished
     resumed = trainer(tmp_path, data, processor, max_steps=None, num_epochs=2, save_steps=2, resume=True)
     assert "resumed from" in capsys.readouterr().out
@@ -218,6 +243,8 @@ def test_malformed_training_json_is_named_with_line_and_column(tmp_path):
 
 def test_training_settings_out_of_range_are_one_line_errors(capsys, tmp_path):
     status, _, lines = cli(capsys, "train", "--max-steps", 0, "--output-dir", tmp_path / "run")
-    assert status == 2 and lines == ["specvlm train: error: max_steps must be at least 1, got 0; pass --max-steps 1 or more."]
+    assert status == 2 and lines == [
+        "specvlm train: error: max_steps must be at least 1, got 0; pass --max-steps 1 or more."
+    ]
     status, _, lines = cli(capsys, "train", "--resume", "--overwrite-output-dir", "--output-dir", tmp_path / "run")
     assert status == 2 and "pass one of them" in lines[0]

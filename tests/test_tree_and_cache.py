@@ -131,8 +131,15 @@ def test_greedy_acceptance_matches_a_sequential_walk(seed):
 
 def _tiny_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     model = LlamaModel(config).eval()
     name = cache_argument_name(model.forward)  # `cache` from transformers 5.24, `past_key_values` before
 
@@ -149,7 +156,10 @@ def test_fixed_width_masks_equal_the_concatenated_ones(seed):
     generator = torch.Generator().manual_seed(seed)
     width = 40
     length = int(torch.randint(0, 25, (1,), generator=generator))
-    queries, block = int(torch.randint(1, 8, (1,), generator=generator)), int(torch.randint(1, 12, (1,), generator=generator))
+    queries, block = (
+        int(torch.randint(1, 8, (1,), generator=generator)),
+        int(torch.randint(1, 12, (1,), generator=generator)),
+    )
     real = torch.rand(width, generator=generator) > 0.3
     block_mask = torch.rand(queries, block, generator=generator) > 0.5
     growing = GrowingWindow(None, real[:length]).visible(block_mask)
@@ -178,8 +188,12 @@ def test_compacted_cache_equals_recomputing_the_accepted_sequence(static):
         mask = additive_mask(visible, torch.float32)[None, None]
         run(cache, input_ids=tree.tokens[None], attention_mask=mask, position_ids=(tree.depths + 7)[None])
         if static:  # the fast path's form: lengths and nodes on the device, padded to a fixed width
-            compact_static_kv(cache, torch.tensor(7), torch.tensor(kept + [4, 1] if static == "device" else kept),
-                              torch.tensor(len(kept)))
+            compact_static_kv(
+                cache,
+                torch.tensor(7),
+                torch.tensor(kept + [4, 1] if static == "device" else kept),
+                torch.tensor(len(kept)),
+            )
         else:
             compact_kv(cache, 7, kept)
         assert int(cache.get_seq_length()) == 10
@@ -221,8 +235,11 @@ def test_logits_processors_see_each_nodes_own_sequence():
     logits = torch.randn(tree.num_nodes, 12, generator=generator)
     ids = torch.randint(3, 12, (1, 14), generator=generator)
     rule_sets = {
-        "length rules": lambda: [MinNewTokensLengthLogitsProcessor(4, 3, eos_token_id=2), MinLengthLogitsProcessor(9, 2),
-                                 TemperatureLogitsWarper(0.7)],
+        "length rules": lambda: [
+            MinNewTokensLengthLogitsProcessor(4, 3, eos_token_id=2),
+            MinLengthLogitsProcessor(9, 2),
+            TemperatureLogitsWarper(0.7),
+        ],
         "sequence rule": lambda: [RepetitionPenaltyLogitsProcessor(1.5), MinLengthLogitsProcessor(9, 2)],
     }
     for name, make in rule_sets.items():

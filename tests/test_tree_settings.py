@@ -29,11 +29,17 @@ def mini():
     return target, load_draft(target), inputs
 
 
-@pytest.mark.parametrize("top_k, message", [
-    (4096, r"tree_top_k=4096 and tree_depth=7 score tree_top_k\^2 x tree_depth = 117,440,512 candidate tokens per round, "
-           r"more than the 1,048,576 allowed; lower tree_top_k \(EAGLE-2 uses 10\) or tree_depth"),
-    (5000, r"tree_top_k=5000 is more than the vocabulary \(4096 tokens\); use at most 4096"),
-])
+@pytest.mark.parametrize(
+    "top_k, message",
+    [
+        (
+            4096,
+            r"tree_top_k=4096 and tree_depth=7 score tree_top_k\^2 x tree_depth = 117,440,512 candidate tokens per round, "
+            r"more than the 1,048,576 allowed; lower tree_top_k \(EAGLE-2 uses 10\) or tree_depth",
+        ),
+        (5000, r"tree_top_k=5000 is more than the vocabulary \(4096 tokens\); use at most 4096"),
+    ],
+)
 def test_a_huge_tree_on_the_mini_vlm_is_refused_at_once(mini, top_k, message):
     target, draft, inputs = mini
     draft.config.tree_top_k = top_k

@@ -13,6 +13,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     SiglipVisionConfig,
@@ -22,8 +24,16 @@ QWEN_VOCAB = 128
 QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 120, 121, 122, 123
 PATCH, MERGE, TEMPORAL = 4, 2, 2
 QWEN_TEXT = dict(
-    vocab_size=QWEN_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    vocab_size=QWEN_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 MROPE = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
 PALI_VOCAB = 96
@@ -43,9 +53,19 @@ def tiny_qwen2_vl(seed: int = 0, scale: float = 8.0):
     torch.manual_seed(seed)
     config = Qwen2VLConfig(
         text_config=dict(QWEN_TEXT, rope_parameters=dict(MROPE)),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=PATCH,
-                           spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL),
-        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            mlp_ratio=2,
+            num_heads=2,
+            patch_size=PATCH,
+            spatial_merge_size=MERGE,
+            temporal_patch_size=TEMPORAL,
+        ),
+        image_token_id=QWEN_IMAGE,
+        video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_START,
         vision_end_token_id=QWEN_END,
     )
     return _finish(Qwen2VLForConditionalGeneration(config), scale)
@@ -55,10 +75,21 @@ def tiny_qwen2_5_vl(seed: int = 0, scale: float = 8.0):
     torch.manual_seed(seed)
     config = Qwen2_5_VLConfig(
         text_config=dict(QWEN_TEXT, rope_parameters=dict(MROPE)),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
-                           spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, window_size=16,
-                           out_hidden_size=64, fullatt_block_indexes=[1]),
-        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=PATCH,
+            spatial_merge_size=MERGE,
+            temporal_patch_size=TEMPORAL,
+            window_size=16,
+            out_hidden_size=64,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=QWEN_IMAGE,
+        video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_START,
         vision_end_token_id=QWEN_END,
     )
     return _finish(Qwen2_5_VLForConditionalGeneration(config), scale)
@@ -66,9 +97,45 @@ def tiny_qwen2_5_vl(seed: int = 0, scale: float = 8.0):
 
 def tiny_qwen3_vl(seed: int = 0, scale: float = 8.0):
     torch.manual_seed(seed)
-    text = dict(QWEN_TEXT, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                                          "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    text = dict(
+        QWEN_TEXT,
+        head_dim=16,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1e4,
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+        },
+    )
     config = Qwen3VLConfig(
+        text_config=text,
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=PATCH,
+            spatial_merge_size=MERGE,
+            temporal_patch_size=TEMPORAL,
+            out_hidden_size=64,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=QWEN_IMAGE,
+        video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_START,
+        vision_end_token_id=QWEN_END,
+    )
+    return _finish(Qwen3VLForConditionalGeneration(config), scale)
+
+
+def tiny_qwen3_vl_moe(seed: int = 0, scale: float = 8.0):
+    """Qwen3-VL-MoE: the Qwen3-VL layout with mixture-of-experts text layers (4 experts, 2 per token)."""
+    torch.manual_seed(seed)
+    text = dict(QWEN_TEXT, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                decoder_sparse_step=1, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                        "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    config = Qwen3VLMoeConfig(
         text_config=text,
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
                            spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, out_hidden_size=64,
@@ -76,19 +143,38 @@ def tiny_qwen3_vl(seed: int = 0, scale: float = 8.0):
         image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
         vision_end_token_id=QWEN_END,
     )
-    return _finish(Qwen3VLForConditionalGeneration(config), scale)
+    return _finish(Qwen3VLMoeForConditionalGeneration(config), scale)
 
 
 def tiny_paligemma(seed: int = 0, scale: float = 1.0):
     torch.manual_seed(seed)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=PALI_IMAGE_SIZE, patch_size=PALI_PATCH, projection_dim=64)
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=PALI_IMAGE_SIZE,
+        patch_size=PALI_PATCH,
+        projection_dim=64,
+    )
     config = PaliGemmaConfig(
         vision_config=vision.to_dict(),
-        text_config=dict(model_type="gemma", vocab_size=PALI_VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        image_token_index=PALI_IMAGE, projection_dim=64,
+        text_config=dict(
+            model_type="gemma",
+            vocab_size=PALI_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        image_token_index=PALI_IMAGE,
+        projection_dim=64,
     )
     config.text_config.num_image_tokens = (PALI_IMAGE_SIZE // PALI_PATCH) ** 2
     return _finish(PaliGemmaForConditionalGeneration(config), scale)
@@ -103,15 +189,31 @@ def tiny_gemma3(seed: int = 0, scale: float = 1.0, sliding_window: int = 8, tied
     continuations) before one global layer; 4 tokens per image. `tied=False` unties the `lm_head` from the
     embeddings, so that `scale` sharpens the next-token distributions alone."""
     torch.manual_seed(seed)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=32, patch_size=8)
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
     config = Gemma3Config(
-        text_config=dict(vocab_size=GEMMA_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=sliding_window,
-                         max_position_embeddings=512, layer_types=["sliding_attention", "full_attention"],
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision_config=vision.to_dict(), mm_tokens_per_image=GEMMA_TOKENS_PER_IMAGE, image_token_index=GEMMA_IMAGE,
-        boi_token_index=GEMMA_BOI, eoi_token_index=GEMMA_EOI, tie_word_embeddings=tied,
+        text_config=dict(
+            vocab_size=GEMMA_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=sliding_window,
+            max_position_embeddings=512,
+            layer_types=["sliding_attention", "full_attention"],
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=GEMMA_TOKENS_PER_IMAGE,
+        image_token_index=GEMMA_IMAGE,
+        boi_token_index=GEMMA_BOI,
+        eoi_token_index=GEMMA_EOI,
+        tie_word_embeddings=tied,
     )
     config.text_config.tie_word_embeddings = tied
     return _finish(Gemma3ForConditionalGeneration(config), scale)
@@ -120,15 +222,35 @@ def tiny_gemma3(seed: int = 0, scale: float = 1.0, sliding_window: int = 8, tied
 def tiny_paligemma2(seed: int = 0, scale: float = 1.0):
     """PaliGemma 2: a Gemma 2 text model (sliding window 8 on every other layer, attention softcap)."""
     torch.manual_seed(seed)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=PALI_IMAGE_SIZE, patch_size=PALI_PATCH, projection_dim=64)
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=PALI_IMAGE_SIZE,
+        patch_size=PALI_PATCH,
+        projection_dim=64,
+    )
     config = PaliGemmaConfig(
         vision_config=vision.to_dict(),
-        text_config=dict(model_type="gemma2", vocab_size=PALI_VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                         sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        image_token_index=PALI_IMAGE, projection_dim=64,
+        text_config=dict(
+            model_type="gemma2",
+            vocab_size=PALI_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        image_token_index=PALI_IMAGE,
+        projection_dim=64,
     )
     config.text_config.num_image_tokens = (PALI_IMAGE_SIZE // PALI_PATCH) ** 2
     return _finish(PaliGemmaForConditionalGeneration(config), scale)
@@ -138,6 +260,7 @@ FAMILIES = {
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "qwen3_vl": tiny_qwen3_vl,
+    "qwen3_vl_moe": tiny_qwen3_vl_moe,
     "paligemma": tiny_paligemma,
     "paligemma2": tiny_paligemma2,
     "gemma3": tiny_gemma3,
@@ -168,11 +291,18 @@ def family_inputs(model, generator: torch.Generator, images: int = 1, text_token
         split = int(torch.randint(0, text_tokens + 1, (1,), generator=generator))
         pieces = [torch.tensor([1]), words[:split]]
         for _ in range(images):
-            pieces += [torch.tensor([GEMMA_BOI]), torch.full((GEMMA_TOKENS_PER_IMAGE,), GEMMA_IMAGE),
-                       torch.tensor([GEMMA_EOI])]
+            pieces += [
+                torch.tensor([GEMMA_BOI]),
+                torch.full((GEMMA_TOKENS_PER_IMAGE,), GEMMA_IMAGE),
+                torch.tensor([GEMMA_EOI]),
+            ]
         pieces.append(words[split:])
         ids = torch.cat(pieces)[None]
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": (ids == GEMMA_IMAGE).long()}
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "token_type_ids": (ids == GEMMA_IMAGE).long(),
+        }
         if images:
             inputs["pixel_values"] = torch.randn(images, 3, 32, 32, generator=generator)
         return inputs
@@ -187,8 +317,7 @@ def family_inputs(model, generator: torch.Generator, images: int = 1, text_token
         pieces += [torch.tensor([QWEN_START]), torch.full((count,), QWEN_IMAGE), torch.tensor([QWEN_END])]
     pieces.append(words[split:])
     ids = torch.cat(pieces)[None]
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-              "mm_token_type_ids": (ids == QWEN_IMAGE).int()}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": (ids == QWEN_IMAGE).int()}
     if images:
         inputs["pixel_values"] = torch.cat(pixel_rows)
         inputs["image_grid_thw"] = torch.cat(grids)

@@ -38,9 +38,19 @@ IMG_END = 125  # [IMG_END] (Mistral 3)
 ROW_COL = 100  # Idefics3 <row_i_col_j> = ROW_COL + 6 * (i - 1) + (j - 1)
 TEXT_IDS = (3, 100)  # random text tokens come from [3, 100)
 
-TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-            tie_word_embeddings=False)
+TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
 ONEVISION_SIZE, ONEVISION_PATCH = 32, 8  # 4 x 4 patch tokens per tile
 ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [96, 32], [32, 96], [96, 64], [64, 96]]
 INTERNVL_SIZE, INTERNVL_PATCH = 32, 4  # 8 x 8 patches -> 4 x 4 tokens per tile after the pixel shuffle
@@ -58,17 +68,29 @@ def _finish(model, scale: float):
 
 
 def _siglip(image_size: int, patch_size: int) -> dict:
-    return dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+    return dict(
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
 
 
 def tiny_llava_onevision(seed: int = 0, scale: float = 8.0, aspect: str = "anyres_max_2"):
     """Qwen2 text model; 4 x 4 tokens per 32-px tile; `anyres_max_2` so that 2 x 2 tiles and more are shrunk."""
     torch.manual_seed(seed)
     config = LlavaOnevisionConfig(
-        vision_config=_siglip(ONEVISION_SIZE, ONEVISION_PATCH), text_config=dict(TEXT, model_type="qwen2"),
-        image_token_index=IMAGE, video_token_index=VIDEO, image_grid_pinpoints=ONEVISION_PINPOINTS,
-        vision_feature_select_strategy="full", vision_feature_layer=-1, vision_aspect_ratio=aspect,
+        vision_config=_siglip(ONEVISION_SIZE, ONEVISION_PATCH),
+        text_config=dict(TEXT, model_type="qwen2"),
+        image_token_index=IMAGE,
+        video_token_index=VIDEO,
+        image_grid_pinpoints=ONEVISION_PINPOINTS,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio=aspect,
         tie_word_embeddings=False,
     )
     return _finish(LlavaOnevisionForConditionalGeneration(config), scale)
@@ -76,19 +98,42 @@ def tiny_llava_onevision(seed: int = 0, scale: float = 8.0, aspect: str = "anyre
 
 def tiny_internvl(seed: int = 0, scale: float = 8.0):
     torch.manual_seed(seed)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=[INTERNVL_SIZE, INTERNVL_SIZE], patch_size=[INTERNVL_PATCH, INTERNVL_PATCH])
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=[INTERNVL_SIZE, INTERNVL_SIZE],
+        patch_size=[INTERNVL_PATCH, INTERNVL_PATCH],
+    )
     per_tile = int((INTERNVL_SIZE // INTERNVL_PATCH * 0.5) ** 2)
-    config = InternVLConfig(vision_config=vision, text_config=dict(TEXT, model_type="qwen2"), image_token_id=IMAGE,
-                            image_seq_length=per_tile, downsample_ratio=0.5, tie_word_embeddings=False)
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=dict(TEXT, model_type="qwen2"),
+        image_token_id=IMAGE,
+        image_seq_length=per_tile,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
     return _finish(InternVLForConditionalGeneration(config), scale)
 
 
 def _idefics_kwargs() -> dict:
-    return dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                   image_size=IDEFICS_SIZE, patch_size=IDEFICS_PATCH),
-                text_config=dict(TEXT, model_type="llama"), image_token_id=IMAGE, scale_factor=2,
-                tie_word_embeddings=False, pad_token_id=0)
+    return dict(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=IDEFICS_SIZE,
+            patch_size=IDEFICS_PATCH,
+        ),
+        text_config=dict(TEXT, model_type="llama"),
+        image_token_id=IMAGE,
+        scale_factor=2,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
 
 
 def tiny_idefics3(seed: int = 0, scale: float = 8.0):
@@ -103,11 +148,23 @@ def tiny_smolvlm(seed: int = 0, scale: float = 8.0):
 
 def tiny_mistral3(seed: int = 0, scale: float = 8.0):
     torch.manual_seed(seed)
-    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, head_dim=16, image_size=64, patch_size=PIXTRAL_PATCH)
-    config = Mistral3Config(vision_config=vision, text_config=dict(TEXT, model_type="mistral", sliding_window=None,
-                                                                   head_dim=16),
-                            image_token_index=IMAGE, spatial_merge_size=PIXTRAL_MERGE, tie_word_embeddings=False)
+    vision = dict(
+        model_type="pixtral",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=16,
+        image_size=64,
+        patch_size=PIXTRAL_PATCH,
+    )
+    config = Mistral3Config(
+        vision_config=vision,
+        text_config=dict(TEXT, model_type="mistral", sliding_window=None, head_dim=16),
+        image_token_index=IMAGE,
+        spatial_merge_size=PIXTRAL_MERGE,
+        tie_word_embeddings=False,
+    )
     return _finish(Mistral3ForConditionalGeneration(config), scale)
 
 
@@ -134,12 +191,18 @@ def _onevision_images(model, images: int, generator) -> tuple[list[torch.Tensor]
     sizes = [[_randint(12, 100, generator), _randint(12, 100, generator)] for _ in range(images)]
     patches = [image_size_to_num_patches(size, config.image_grid_pinpoints, ONEVISION_SIZE) for size in sizes]
     pixel_values = torch.randn(images, max(patches), 3, ONEVISION_SIZE, ONEVISION_SIZE, generator=generator)
-    inputs = {"pixel_values": pixel_values, "image_sizes": torch.tensor(sizes),
-              "batch_num_images": torch.tensor([images])}
+    inputs = {
+        "pixel_values": pixel_values,
+        "image_sizes": torch.tensor(sizes),
+        "batch_num_images": torch.tensor([images]),
+    }
     if images == 1:
         with torch.no_grad():
-            features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=inputs["image_sizes"],
-                                                      batch_num_images=inputs["batch_num_images"]).pooler_output
+            features = model.model.get_image_features(
+                pixel_values=pixel_values,
+                image_sizes=inputs["image_sizes"],
+                batch_num_images=inputs["batch_num_images"],
+            ).pooler_output
         counts = [int(features[0].shape[0])]
     else:
         counts = [side * side + 1] * images  # base grid + one newline token each
@@ -164,16 +227,22 @@ def idefics_image_tokens(rows: int, cols: int, per_crop: int) -> torch.Tensor:
         for col in range(cols):
             pieces += [torch.tensor([START, ROW_COL + 6 * row + col]), torch.full((per_crop,), IMAGE)]
         pieces.append(torch.tensor([NEWLINE]))
-    pieces += [torch.tensor([NEWLINE] if rows else []).long(), torch.tensor([START, END]),
-               torch.full((per_crop,), IMAGE), torch.tensor([START])]
+    pieces += [
+        torch.tensor([NEWLINE] if rows else []).long(),
+        torch.tensor([START, END]),
+        torch.full((per_crop,), IMAGE),
+        torch.tensor([START]),
+    ]
     return torch.cat(pieces)
 
 
 def _idefics_images(model, images: int, generator):
-    per_crop = (IDEFICS_SIZE // IDEFICS_PATCH) ** 2 // model.config.scale_factor ** 2
+    per_crop = (IDEFICS_SIZE // IDEFICS_PATCH) ** 2 // model.config.scale_factor**2
     runs, crops = [], 0
     for _ in range(images):
-        rows, cols = (0, 0) if _randint(0, 3, generator) == 0 else (_randint(1, 3, generator), _randint(1, 3, generator))
+        rows, cols = (
+            (0, 0) if _randint(0, 3, generator) == 0 else (_randint(1, 3, generator), _randint(1, 3, generator))
+        )
         runs.append(idefics_image_tokens(rows, cols, per_crop))
         crops += rows * cols + 1
     pixel_values = torch.randn(1, crops, 3, IDEFICS_SIZE, IDEFICS_SIZE, generator=generator)

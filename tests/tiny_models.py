@@ -36,8 +36,13 @@ def text_config(gqa: bool = False, tied: bool = False, vocab: int = VOCAB, layer
 
 def vision_config():
     return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        projection_dim=32,
     )
 
 
@@ -49,8 +54,12 @@ def tiny_llava(
     model's rather than nearly uniform."""
     torch.manual_seed(seed)
     config = LlavaConfig(
-        vision_config=vision_config(), text_config=text_config(gqa, tied, vocab=vocab), image_token_index=vocab - 1,
-        image_seq_length=(IMAGE_SIZE // PATCH) ** 2, vision_feature_select_strategy="default", vision_feature_layer=-1,
+        vision_config=vision_config(),
+        text_config=text_config(gqa, tied, vocab=vocab),
+        image_token_index=vocab - 1,
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
         tie_word_embeddings=tied,
     )
     model = LlavaForConditionalGeneration(config)
@@ -65,9 +74,13 @@ def tiny_llava_next(
     """A random `LlavaNextForConditionalGeneration` (AnyRes tiles) in fp32 eval mode."""
     torch.manual_seed(seed)
     config = LlavaNextConfig(
-        vision_config=vision_config(), text_config=text_config(gqa, tied, vocab=vocab), image_token_index=vocab - 1,
+        vision_config=vision_config(),
+        text_config=text_config(gqa, tied, vocab=vocab),
+        image_token_index=vocab - 1,
         image_grid_pinpoints=[[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]],
-        vision_feature_select_strategy="default", vision_feature_layer=-1, tie_word_embeddings=tied,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=tied,
     )
     model = LlavaNextForConditionalGeneration(config)
     model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
@@ -156,10 +169,23 @@ def mini_processor_llava(text: LlamaConfig, seed: int = 0):
     """A random LLaVA around `text` that takes the mini VLM's processor (128 px images -> 64 image tokens, image
     token 2, EOS 1, pad 0), with a scaled `lm_head` for peaked next-token distributions, like a trained model."""
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=128, patch_size=16, projection_dim=64)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=2, image_seq_length=64,
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=128,
+        patch_size=16,
+        projection_dim=64,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=2,
+        image_seq_length=64,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
     model = LlavaForConditionalGeneration(config)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8.0)

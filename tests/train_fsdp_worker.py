@@ -36,8 +36,13 @@ def main(data_path: str, out: str) -> None:
     processor = AutoProcessor.from_pretrained(WEIGHTS_DIR)
     records = load_records(data_path)
     config = DistillConfig(**config_settings(data_path, os.path.join(out, "run"), shard_target=True))
-    trainer = DistillTrainer(config, target=tiny_sharding_target(), processor=processor,
-                             train_records=records[: TRAIN["train"]], eval_records=records[TRAIN["train"] : TRAIN["eval_end"]])
+    trainer = DistillTrainer(
+        config,
+        target=tiny_sharding_target(),
+        processor=processor,
+        train_records=records[: TRAIN["train"]],
+        eval_records=records[TRAIN["train"] : TRAIN["eval_end"]],
+    )
     metrics = trainer.train()
     target = trainer.target
     report = {"rank": rank, "world": trainer.accelerator.num_processes, "sharded": is_sharded(target)}

@@ -1,7 +1,7 @@
 """`specvlm bench`: every decoding method side by side on the same prompts (see `specvlm_hf.bench`).
 
-    specvlm bench                                   # the mini VLM and its shipped drafts, CPU or GPU
-    specvlm bench --target llava-hf/llava-1.5-7b-hf --draft eaglevlm=path/to/draft --projected-sigma 3.67
+specvlm bench                                   # the mini VLM and its shipped drafts, CPU or GPU
+specvlm bench --target llava-hf/llava-1.5-7b-hf --draft eaglevlm=path/to/draft --projected-sigma 3.67
 """
 
 from __future__ import annotations
@@ -12,23 +12,46 @@ import os
 def register(subparsers):
     from .common import positive_float, positive_int
 
-    parser = subparsers.add_parser("bench", help="Benchmark every decoding method side by side.",
-                                   description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="mini", help="LLaVA model + processor folder or Hub id (default: the mini VLM).")
-    parser.add_argument("--draft", action="append", default=[], metavar="NAME=PATH",
-                        help="A draft folder or Hub id; NAME is eaglevlm or specvlm. Repeatable. "
-                             "Default with the mini target: its shipped drafts.")
-    parser.add_argument("--assistant-lm", default=None, help="A small causal LM for transformers' assisted generation.")
+    parser = subparsers.add_parser(
+        "bench", help="Benchmark every decoding method side by side.", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--target", default="mini", help="LLaVA model + processor folder or Hub id (default: the mini VLM)."
+    )
+    parser.add_argument(
+        "--draft",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="A draft folder or Hub id; NAME is eaglevlm or specvlm. Repeatable. "
+        "Default with the mini target: its shipped drafts.",
+    )
+    parser.add_argument(
+        "--assistant-lm", default=None, help="A small causal LM for transformers' assisted generation."
+    )
     parser.add_argument("--methods", default=",".join(_default_methods()), help="Comma-separated methods.")
-    parser.add_argument("--num-prompts", type=positive_int, default=8, help="Held-out mini-VLM prompts to use (default 8).")
+    parser.add_argument(
+        "--num-prompts", type=positive_int, default=8, help="Held-out mini-VLM prompts to use (default 8)."
+    )
     parser.add_argument("--max-new-tokens", type=positive_int, default=96, help="New tokens per prompt (default 96).")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bfloat16 on GPU, float32 on CPU.")
-    parser.add_argument("--projected-sigma", type=positive_float, default=None,
-                        help="Also project the tree methods' speed-up at this sigma (labelled as a projection).")
-    parser.add_argument("--out", default="bench.json",
-                        help="JSON report path (a PNG chart is written next to it); checked for writing before the run.")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on GPU, float32 on CPU.",
+    )
+    parser.add_argument(
+        "--projected-sigma",
+        type=positive_float,
+        default=None,
+        help="Also project the tree methods' speed-up at this sigma (labelled as a projection).",
+    )
+    parser.add_argument(
+        "--out",
+        default="bench.json",
+        help="JSON report path (a PNG chart is written next to it); checked for writing before the run.",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -49,7 +72,11 @@ def _run(args):
 
     # everything a user can get wrong is checked before a model is loaded or a prompt decoded
     device = resolve_device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype != "auto"
+        else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    )
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -63,7 +90,9 @@ def _run(args):
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     target, processor = _load_target(args.target, device, dtype)
     cases = _mini_cases(processor, args.num_prompts, device, dtype, target.config, args.max_new_tokens)
-    drafts = {name: SpecVLMDraftModel.from_pretrained(path).bind_target(target).eval() for name, path in draft_paths.items()}
+    drafts = {
+        name: SpecVLMDraftModel.from_pretrained(path).bind_target(target).eval() for name, path in draft_paths.items()
+    }
     if not drafts and args.target == "mini":
         drafts = _mini_drafts(target)
     assistant = None
@@ -115,7 +144,9 @@ def _load_target(name, device, dtype):
         return load(dtype=dtype, device=device)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    model = (
+        AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    )
     return model, AutoProcessor.from_pretrained(name)
 
 

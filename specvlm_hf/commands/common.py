@@ -78,8 +78,10 @@ def check_safetensors(folder) -> None:
         shards = sorted(set((read_json(index, "re-save the model") or {}).get("weight_map", {}).values()))
         missing = [name for name in shards if not (folder / name).is_file()]
         if missing:
-            raise UserError(f"{index} names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} missing from "
-                            f"{folder}; download or copy the whole model folder again.")
+            raise UserError(
+                f"{index} names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} missing from "
+                f"{folder}; download or copy the whole model folder again."
+            )
     for path in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(path), framework="pt") as handle:
@@ -99,9 +101,13 @@ def check_model_folder(name: str, flag: str = "--model"):
     path = Path(name)
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"{flag} {name} is a file; pass the folder that holds the model's config.json and weights.")
+            raise UserError(
+                f"{flag} {name} is a file; pass the folder that holds the model's config.json and weights."
+            )
         if not (path / "config.json").is_file():
-            raise UserError(f"{flag} {name} has no config.json; pass a folder written by save_pretrained (model and processor).")
+            raise UserError(
+                f"{flag} {name} has no config.json; pass a folder written by save_pretrained (model and processor)."
+            )
         for json_file in sorted(path.glob("*.json")):
             read_json(json_file, "re-save the model and processor with save_pretrained")
         config_data = read_json(path / "config.json")
@@ -116,13 +122,17 @@ def check_model_folder(name: str, flag: str = "--model"):
             )
         check_safetensors(path)
     elif not HUB_ID.match(name):
-        raise UserError(f"{flag} {name}: no such folder; pass a model folder or a Hub id such as llava-hf/llava-1.5-7b-hf.")
+        raise UserError(
+            f"{flag} {name}: no such folder; pass a model folder or a Hub id such as llava-hf/llava-1.5-7b-hf."
+        )
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        raise UserError(f"{flag} {name}: cannot read its configuration ({first_line}); check the name, or the network for "
-                        "a Hub id.") from None
+        raise UserError(
+            f"{flag} {name}: cannot read its configuration ({first_line}); check the name, or the network for "
+            "a Hub id."
+        ) from None
     if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         architectures = ", ".join(getattr(config, "architectures", None) or []) or "a model"
         raise UserError(
@@ -138,12 +148,16 @@ def check_draft_folder(name: str, flag: str = "--draft") -> dict:
     if not path.is_dir():
         raise UserError(f"{flag} {name}: no such folder; pass a folder written by SpecVLMDraftModel.save_pretrained.")
     if not (path / "config.json").is_file():
-        raise UserError(f"{flag} {name} has no config.json; pass a folder written by SpecVLMDraftModel.save_pretrained.")
+        raise UserError(
+            f"{flag} {name} has no config.json; pass a folder written by SpecVLMDraftModel.save_pretrained."
+        )
     config = read_json(path / "config.json", "re-save the draft with SpecVLMDraftModel.save_pretrained")
     if not isinstance(config, dict) or config.get("model_type") != "specvlm_draft":
         found = config.get("model_type") if isinstance(config, dict) else None
-        raise UserError(f"{flag} {name} holds model_type {found!r}, not a SpecVLM draft ('specvlm_draft'); pass a draft "
-                        "folder written by SpecVLMDraftModel.save_pretrained.")
+        raise UserError(
+            f"{flag} {name} holds model_type {found!r}, not a SpecVLM draft ('specvlm_draft'); pass a draft "
+            "folder written by SpecVLMDraftModel.save_pretrained."
+        )
     if not any(path.glob("*.safetensors")):
         raise UserError(f"{flag} {name} has no model.safetensors; save the draft again with save_pretrained.")
     check_safetensors(path)
@@ -164,8 +178,10 @@ def check_positions(model_config, prompt_tokens: int, max_new_tokens: int, where
     if limit is None or prompt_tokens + max_new_tokens <= limit:
         return
     if prompt_tokens >= limit:
-        raise UserError(f"{where} takes {prompt_tokens} tokens (image included), at least the model's {limit} positions; "
-                        "shorten the prompt.")
+        raise UserError(
+            f"{where} takes {prompt_tokens} tokens (image included), at least the model's {limit} positions; "
+            "shorten the prompt."
+        )
     raise UserError(
         f"{where} takes {prompt_tokens} tokens (image included); with --max-new-tokens {max_new_tokens} that is "
         f"{prompt_tokens + max_new_tokens}, more than the model's {limit} positions; pass --max-new-tokens "
@@ -179,11 +195,17 @@ def exactness_note(dtype: str, identical: bool) -> str:
     if identical:
         if dtype == "float32":
             return "output identical to plain greedy decoding (float32: exact, token for token)"
-        return (f"output identical to plain greedy decoding ({dtype}: near-ties may differ, as the target's kernels "
-                "round a batch of 1 token and a tree of many differently; float32 is exact)")
+        return (
+            f"output identical to plain greedy decoding ({dtype}: near-ties may differ, as the target's kernels "
+            "round a batch of 1 token and a tree of many differently; float32 is exact)"
+        )
     if dtype == "float32":
-        return ("output DIFFERENT from plain greedy decoding: in float32 they must be equal token for token, so this "
-                "is a bug; please report it with this command line")
-    return (f"output DIFFERENT from plain greedy decoding at a near-tie: in {dtype} the target's own kernels round "
-            "a batch of 1 token and a tree of many tokens differently, so outputs can part at near-ties; float32 is "
-            "exact token for token (--dtype float32)")
+        return (
+            "output DIFFERENT from plain greedy decoding: in float32 they must be equal token for token, so this "
+            "is a bug; please report it with this command line"
+        )
+    return (
+        f"output DIFFERENT from plain greedy decoding at a near-tie: in {dtype} the target's own kernels round "
+        "a batch of 1 token and a tree of many tokens differently, so outputs can part at near-ties; float32 is "
+        "exact token for token (--dtype float32)"
+    )

@@ -15,9 +15,7 @@ import importlib.util
 def register(subparsers):
     from specvlm_hf.demo_app import add_arguments
 
-    parser = subparsers.add_parser(
-        "demo", help="Serve the Gradio demo locally.", description=__doc__.split("\n\n")[0]
-    )
+    parser = subparsers.add_parser("demo", help="Serve the Gradio demo locally.", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     parser.set_defaults(func=_run)
 

@@ -14,7 +14,8 @@ def register(subparsers):
     from specvlm_hf.training.distill_data import DistillDataConfig
 
     parser = subparsers.add_parser(
-        "distill-data", help="Regenerate a dataset's answers with the target (self-distillation data).",
+        "distill-data",
+        help="Regenerate a dataset's answers with the target (self-distillation data).",
         description=__doc__.split("\n\n")[0],
     )
     add_config_arguments(parser, DistillDataConfig)

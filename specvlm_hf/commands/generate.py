@@ -30,30 +30,48 @@ def register(subparsers):
     parser.add_argument("--image", default=None, help="Image file (default: the mini VLM's bundled example image).")
     parser.add_argument("--no-image", action="store_true", help="Send the prompt alone, without any image.")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"User prompt (default: {DEFAULT_PROMPT!r}).")
-    parser.add_argument("--model", default=None,
-                        help="Vision-language model + processor folder, e.g. LLaVA (default: the built-in mini VLM).")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="Most tokens to generate (default: 200).")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Vision-language model + processor folder, e.g. LLaVA (default: the built-in mini VLM).",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=200, help="Most tokens to generate (default: 200)."
+    )
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="Weights dtype. Only float32 outputs equal plain greedy decoding token for token; in "
-                        "bfloat16 / float16 they can part at near-ties (default: float32).")
-    parser.add_argument("--do-sample", action="store_true",
-                        help="Sample instead of greedy decoding (speculative sampling keeps the target's distribution).")
-    parser.add_argument("--temperature", type=positive_float, default=1.0, help="Sampling temperature (with --do-sample).")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="Weights dtype. Only float32 outputs equal plain greedy decoding token for token; in "
+        "bfloat16 / float16 they can part at near-ties (default: float32).",
+    )
+    parser.add_argument(
+        "--do-sample",
+        action="store_true",
+        help="Sample instead of greedy decoding (speculative sampling keeps the target's distribution).",
+    )
+    parser.add_argument(
+        "--temperature", type=positive_float, default=1.0, help="Sampling temperature (with --do-sample)."
+    )
     parser.add_argument("--top-p", type=probability, default=1.0, help="Nucleus sampling mass (with --do-sample).")
     parser.add_argument("--seed", type=int, default=0, help="Random seed of sampling (with --do-sample; default 0).")
     parser.add_argument(
-        "--draft", default="default",
+        "--draft",
+        default="default",
         help="Draft for speculative decoding: 'default' (the mini VLM's shipped draft; none for --model), a shipped "
         "draft name ('specvlm', 'eaglevlm'), a draft folder, or 'none' for plain decoding only.",
     )
     parser.add_argument(
-        "--mode", default=None, choices=["tree", "chain"],
+        "--mode",
+        default=None,
+        choices=["tree", "chain"],
         help="Decoding mode (default: tree on a GPU, chain on the CPU, where scoring a 60-token tree costs more than it "
         "saves; the same rule as `specvlm demo` and `specvlm bench`).",
     )
     parser.add_argument(
-        "--fast", action="store_true",
+        "--fast",
+        action="store_true",
         help="Static KV caches for both runs: plain decoding with transformers' compiled static cache against the "
         "SpecVLM fast path (CUDA graphs on a GPU). The untimed warm-up call compiles (tens of seconds on a GPU).",
     )
@@ -64,13 +82,17 @@ def build_inputs(processor, image, prompt: str):
     """Chat-formatted model inputs for one user turn: `input_ids`, `attention_mask` `(1, length)` and,
     when `image` is given, `pixel_values` `(1, 3, H, W)`."""
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     if image is None:
         return processor(text=text, return_tensors="pt")
     return processor(images=image, text=text, return_tensors="pt")
 
 
-def run_generate(model, processor, image, prompt: str, max_new_tokens: int = 200, **generate_kwargs) -> tuple[str, dict]:
+def run_generate(
+    model, processor, image, prompt: str, max_new_tokens: int = 200, **generate_kwargs
+) -> tuple[str, dict]:
     """Generate an answer to `prompt` about `image` (a PIL image, or None for text only).
 
     `generate_kwargs` go to `model.generate` (greedy by default; e.g. `assistant_model=` for speculative
@@ -114,8 +136,9 @@ def load_image(path):
     except UnidentifiedImageError:
         raise UserError(f"{path} is not an image PIL can read; pass a PNG or JPEG file with --image.") from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupted pixel data
-        raise UserError(f"{path} cannot be decoded ({error}); the file is truncated or corrupted, pass a whole image "
-                        "with --image.") from None
+        raise UserError(
+            f"{path} cannot be decoded ({error}); the file is truncated or corrupted, pass a whole image with --image."
+        ) from None
 
 
 def _run(args):
@@ -140,9 +163,11 @@ def _run(args):
     try:
         processor = AutoProcessor.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError, KeyError) as error:
-        raise UserError(f"--model {model_dir}: cannot load its processor ({type(error).__name__}: "
-                        f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); save the processor "
-                        "into the model folder with processor.save_pretrained.") from None
+        raise UserError(
+            f"--model {model_dir}: cannot load its processor ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); save the processor "
+            "into the model folder with processor.save_pretrained."
+        ) from None
     inputs = build_inputs(processor, image, args.prompt)
     check_positions(model_config, inputs["input_ids"].shape[1], args.max_new_tokens)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device).eval()
@@ -170,12 +195,15 @@ def _run(args):
     specvlm_hf.enable(model)
     run_generate(model, processor, image, args.prompt, max_new_tokens=warmup_tokens, assistant_model=draft, **fast)
     torch.manual_seed(args.seed)
-    spec_text, spec_stats = run_generate(model, processor, image, args.prompt, args.max_new_tokens, assistant_model=draft,
-                                         **fast, **sampling)
+    spec_text, spec_stats = run_generate(
+        model, processor, image, args.prompt, args.max_new_tokens, assistant_model=draft, **fast, **sampling
+    )
     print(spec_text.strip())
     if args.do_sample:
-        comparison = (f"sampled at temperature {args.temperature:g}, top-p {args.top_p:g}, seed {args.seed}: the output "
-                      "follows plain sampling's distribution, but is not the same text token for token")
+        comparison = (
+            f"sampled at temperature {args.temperature:g}, top-p {args.top_p:g}, seed {args.seed}: the output "
+            "follows plain sampling's distribution, but is not the same text token for token"
+        )
     else:
         comparison = exactness_note(args.dtype, spec_text == text)
     print(
@@ -199,8 +227,10 @@ def _check_draft_name(name: str) -> str | None:
     if not Path(name).exists():
         from ..errors import UserError
 
-        raise UserError(f"--draft {name}: no such folder; pass a draft folder, a shipped draft name "
-                        f"({', '.join(DRAFT_NAMES)}), or 'none'.")
+        raise UserError(
+            f"--draft {name}: no such folder; pass a draft folder, a shipped draft name "
+            f"({', '.join(DRAFT_NAMES)}), or 'none'."
+        )
     check_draft_folder(name)
     return name
 
@@ -216,4 +246,3 @@ def _load_draft(name: str, folder: str | None, model, using_mini: bool):
     from specvlm_hf import SpecVLMDraftModel
 
     return SpecVLMDraftModel.from_pretrained(folder).bind_target(model).eval()
-

@@ -21,17 +21,29 @@ def register(subparsers):
     )
     parser.add_argument("folder", help="Folder written by SpecVLMDraftModel.save_pretrained.")
     parser.add_argument("repo_id", help="Hub repo, 'owner/name' (created if it does not exist).")
-    parser.add_argument("--base-model", default=None,
-                        help="Hub id of the target (default: the target name recorded in the draft's config).")
-    parser.add_argument("--license", default=DEFAULT_LICENSE, help=f"License id for the card (default: {DEFAULT_LICENSE}).")
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        help="Hub id of the target (default: the target name recorded in the draft's config).",
+    )
+    parser.add_argument(
+        "--license", default=DEFAULT_LICENSE, help=f"License id for the card (default: {DEFAULT_LICENSE})."
+    )
     parser.add_argument("--private", action="store_true", help="Create the repo private.")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login).")
     parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co).")
     parser.add_argument("--commit-message", default=None, help="Message of the upload commit.")
-    parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
-                        help=f"Seconds each Hub request may wait for the server (default {DEFAULT_TIMEOUT:g}).")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="Render the card into FOLDER/README.md and list what would be uploaded; upload nothing.")
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=DEFAULT_TIMEOUT,
+        help=f"Seconds each Hub request may wait for the server (default {DEFAULT_TIMEOUT:g}).",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Render the card into FOLDER/README.md and list what would be uploaded; upload nothing.",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -48,8 +60,15 @@ def _run(args):
             print(f"  {path.as_posix()}")
         return 0
     commit = publish_draft(
-        args.folder, args.repo_id, base_model=args.base_model, license=args.license, private=args.private,
-        token=args.token, endpoint=args.endpoint, commit_message=args.commit_message, timeout=args.timeout,
+        args.folder,
+        args.repo_id,
+        base_model=args.base_model,
+        license=args.license,
+        private=args.private,
+        token=args.token,
+        endpoint=args.endpoint,
+        commit_message=args.commit_message,
+        timeout=args.timeout,
     )
     print(f"Uploaded {args.folder} to {commit.repo_url.repo_id}: {commit.commit_url}")
     return 0

@@ -44,8 +44,10 @@ def _run(args):
     evals = metrics.get("eval", [])
     if evals:
         last = evals[-1]
-        print("sigma by epoch: " + "; ".join(
-            f"{e['epoch']:g}: " + ", ".join(f"{m} {s:.2f}" for m, s in e["sigma"].items()) for e in evals))
+        print(
+            "sigma by epoch: "
+            + "; ".join(f"{e['epoch']:g}: " + ", ".join(f"{m} {s:.2f}" for m, s in e["sigma"].items()) for e in evals)
+        )
         print(f"final depth agreement: {' '.join(f'{a:.3f}' for a in last['depth_agreement'])}")
     print(f"draft saved to {metrics.get('final_draft')}; metrics in {config.output_dir}/metrics.json")
     return 0

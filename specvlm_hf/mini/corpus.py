@@ -43,7 +43,9 @@ def _prose_paragraphs(text: str) -> list[str]:
         paragraphs.append(" ".join(current))
     # A prose paragraph has several words, ends like a sentence and is mostly letters.
     return [
-        p for p in paragraphs if len(p.split()) >= 6 and p.endswith((".", ":")) and sum(c.isalpha() for c in p) > 0.7 * len(p)
+        p
+        for p in paragraphs
+        if len(p.split()) >= 6 and p.endswith((".", ":")) and sum(c.isalpha() for c in p) > 0.7 * len(p)
     ]
 
 

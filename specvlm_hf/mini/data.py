@@ -155,7 +155,9 @@ def draw_scene(scene: Scene, rng: random.Random, image_size: int = IMAGE_SIZE) -
             side = radius * 0.85
             draw.rectangle([cx - side, cy - side, cx + side, cy + side], fill=fill)
         elif shape.kind == "triangle":
-            draw.polygon([(cx, cy - radius), (cx + radius, cy + radius * 0.8), (cx - radius, cy + radius * 0.8)], fill=fill)
+            draw.polygon(
+                [(cx, cy - radius), (cx + radius, cy + radius * 0.8), (cx - radius, cy + radius * 0.8)], fill=fill
+            )
         else:  # diamond
             draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=fill)
     return image
@@ -231,13 +233,21 @@ def count_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
         kind = rng.choice(SHAPES)
         matches, noun = [s for s in scene.shapes if s.kind == kind], kind
         question = rng.choice(
-            [f"How many {kind}s are there in the image?", f"How many {kind}s can you see?", f"Count the {kind}s in this picture."]
+            [
+                f"How many {kind}s are there in the image?",
+                f"How many {kind}s can you see?",
+                f"Count the {kind}s in this picture.",
+            ]
         )
     else:
         colour = rng.choice(list(COLOURS))
         matches, noun = [s for s in scene.shapes if s.colour == colour], f"{colour} shape"
         question = rng.choice(
-            [f"How many {colour} shapes are there?", f"How many shapes are {colour}?", f"Count the {colour} shapes in the image."]
+            [
+                f"How many {colour} shapes are there?",
+                f"How many shapes are {colour}?",
+                f"Count the {colour} shapes in the image.",
+            ]
         )
     k = len(matches)
     if k == 0:
@@ -258,7 +268,9 @@ def count_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
             f"The answer is {number_word(k)}.",
         ]
     )
-    details = [f"{with_article(f'{rng.choice(SIZE_WORDS[s.size])} {s.colour} {s.kind}')} {where(s, rng)}" for s in matches]
+    details = [
+        f"{with_article(f'{rng.choice(SIZE_WORDS[s.size])} {s.colour} {s.kind}')} {where(s, rng)}" for s in matches
+    ]
     rng.shuffle(details)
     explanation = rng.choice(
         [f"Looking at the image, I can see {join_words(details)}.", f"Specifically, there is {join_words(details)}."]
@@ -267,7 +279,9 @@ def count_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
     if rest:
         rng.shuffle(rest)
         names = join_words([with_article(s.name) for s in rest])
-        explanation += rng.choice([f" The rest of the picture, {names}, is not counted.", f" I did not count {names}."])
+        explanation += rng.choice(
+            [f" The rest of the picture, {names}, is not counted.", f" I did not count {names}."]
+        )
     return question, f"{first} {explanation}", str(k)
 
 
@@ -277,13 +291,20 @@ def colour_question(scene: Scene, rng: random.Random) -> tuple[str, str, str] | 
     if unique_kinds and rng.random() < 0.6:
         shape = rng.choice(unique_kinds)
         question = rng.choice(
-            [f"What colour is the {shape.kind}?", f"What is the colour of the {shape.kind}?", f"Which colour does the {shape.kind} have?"]
+            [
+                f"What colour is the {shape.kind}?",
+                f"What is the colour of the {shape.kind}?",
+                f"Which colour does the {shape.kind} have?",
+            ]
         )
         subject = f"The {shape.kind}"
     else:
         shape = rng.choice(scene.shapes)
         question = rng.choice(
-            [f"What colour is the shape in the {shape.position}?", f"Which colour is the shape at the {shape.position} position?"]
+            [
+                f"What colour is the shape in the {shape.position}?",
+                f"Which colour is the shape at the {shape.position} position?",
+            ]
         )
         subject = f"The shape in the {shape.position}"
     answer = rng.choice(
@@ -402,17 +423,25 @@ def text_task(rng: random.Random) -> tuple[str, str]:
     flat = [s for p in paragraphs for s in p]
     if mode == "quote":
         question = rng.choice(
-            [f"Quote a sentence from the Python documentation about {topic['title']}.", f"Give me one line of the Python reference on {topic['title']}."]
+            [
+                f"Quote a sentence from the Python documentation about {topic['title']}.",
+                f"Give me one line of the Python reference on {topic['title']}.",
+            ]
         )
         return question, f'Here is one: "{rng.choice(flat)}" It comes from the section "{topic["title"]}".'
 
     i = rng.randrange(len(flat))
     if mode == "source" or i == len(flat) - 1:
         question = f'Which part of the Python documentation does this sentence come from? "{flat[i]}"'
-        answer = f'It comes from the section "{topic["title"]}". ' + _truncate_sentences(flat[i : i + 3], MAX_ANSWER_CHARS // 2)
+        answer = f'It comes from the section "{topic["title"]}". ' + _truncate_sentences(
+            flat[i : i + 3], MAX_ANSWER_CHARS // 2
+        )
         return question, answer
     question = rng.choice(
-        [f'Continue this passage from the Python documentation: "{flat[i]}"', f'What comes after this sentence in the Python reference? "{flat[i]}"']
+        [
+            f'Continue this passage from the Python documentation: "{flat[i]}"',
+            f'What comes after this sentence in the Python reference? "{flat[i]}"',
+        ]
     )
     return question, _truncate_sentences(flat[i + 1 : i + 6])
 
@@ -429,7 +458,9 @@ def _readable(image_size: int) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- examples and datasets
 
 
-def make_example(seed: int, index: int, image_size: int = IMAGE_SIZE, task: str | None = None) -> tuple[dict, Image.Image | None]:
+def make_example(
+    seed: int, index: int, image_size: int = IMAGE_SIZE, task: str | None = None
+) -> tuple[dict, Image.Image | None]:
     """Example `index` of the dataset with `seed`, as (LLaVA record, image or None for text-only tasks).
 
     The same `(seed, index, image_size, task)` always gives the same record and pixels. `task` forces one
@@ -451,7 +482,18 @@ def make_example(seed: int, index: int, image_size: int = IMAGE_SIZE, task: str 
         while qa is None:  # a scene may not allow the question (e.g. no uniquely named pair): draw another
             scene = random_scene(rng, min_shapes=2 if task == "position" else 1)
             if task == "scene":
-                qa = (rng.choice(["Describe this image.", "What do you see in this picture?", "Describe the shapes in the image in detail.", "Give a detailed description of the image."]), describe_scene(scene, rng), None)
+                qa = (
+                    rng.choice(
+                        [
+                            "Describe this image.",
+                            "What do you see in this picture?",
+                            "Describe the shapes in the image in detail.",
+                            "Give a detailed description of the image.",
+                        ]
+                    ),
+                    describe_scene(scene, rng),
+                    None,
+                )
             elif task == "count":
                 qa = count_question(scene, rng)
             elif task == "colour":
@@ -478,7 +520,12 @@ def _write_one(job: tuple[int, int, int, str, str | None]) -> dict:
 
 
 def write_dataset(
-    out_dir: str | Path, num_examples: int, seed: int = 0, image_size: int = IMAGE_SIZE, task: str | None = None, workers: int = 1
+    out_dir: str | Path,
+    num_examples: int,
+    seed: int = 0,
+    image_size: int = IMAGE_SIZE,
+    task: str | None = None,
+    workers: int = 1,
 ) -> Path:
     """Write examples `0..num_examples-1` of `seed` to `out_dir/data.json` and `out_dir/images/*.png`.
 

@@ -86,20 +86,26 @@ def _means(sums: dict, key: str, tasks=None) -> dict:
 
 
 @torch.no_grad()
-def greedy_answers(model, processor, records: list[dict], images: list, max_new_tokens: int = 40, batch_size: int = 64) -> list[str]:
+def greedy_answers(
+    model, processor, records: list[dict], images: list, max_new_tokens: int = 40, batch_size: int = 64
+) -> list[str]:
     """Greedy replies to single-turn records (all with an image), decoded without special tokens."""
     device = next(model.parameters()).device
     replies = []
     for start in range(0, len(records), batch_size):
         prompts = [prompt_text(processor, r) for r in records[start : start + batch_size]]
-        inputs = processor(images=images[start : start + batch_size], text=prompts, padding=True, return_tensors="pt").to(device)
+        inputs = processor(
+            images=images[start : start + batch_size], text=prompts, padding=True, return_tensors="pt"
+        ).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         replies += processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return replies
 
 
-def question_accuracy(model, processor, task: str, seed: int, num_questions: int, image_size: int, batch_size: int = 64) -> dict:
+def question_accuracy(
+    model, processor, task: str, seed: int, num_questions: int, image_size: int, batch_size: int = 64
+) -> dict:
     """Greedy accuracy on `num_questions` held-out questions of one task, with the majority baseline."""
     examples = [make_example(seed, i, image_size, task=task) for i in range(num_questions)]
     records, images = [e[0] for e in examples], [e[1] for e in examples]
@@ -112,11 +118,21 @@ def question_accuracy(model, processor, task: str, seed: int, num_questions: int
         "accuracy": correct / num_questions,
         "majority_baseline": majority / num_questions,
         "num_questions": num_questions,
-        "examples": [{"question": r["conversations"][0]["value"], "target": t, "reply": reply} for r, t, reply in list(zip(records, targets, replies))[:3]],
+        "examples": [
+            {"question": r["conversations"][0]["value"], "target": t, "reply": reply}
+            for r, t, reply in list(zip(records, targets, replies))[:3]
+        ],
     }
 
 
-def evaluate(model, processor_dir: str, eval_seed: int = 1, num_examples: int = 1000, num_questions: int = 200, batch_size: int = 64) -> dict:
+def evaluate(
+    model,
+    processor_dir: str,
+    eval_seed: int = 1,
+    num_examples: int = 1000,
+    num_questions: int = 200,
+    batch_size: int = 64,
+) -> dict:
     """All held-out metrics of the module docstring, as one JSON-ready dict."""
     from transformers import AutoProcessor
 
@@ -125,13 +141,17 @@ def evaluate(model, processor_dir: str, eval_seed: int = 1, num_examples: int = 
     processor = AutoProcessor.from_pretrained(processor_dir)
     device = next(model.parameters()).device
     image_size = processor.image_processor.size["height"]
-    data = encode_dataset(processor_dir, eval_seed, num_examples, image_size, 1024, processor.tokenizer.pad_token_id, workers=1).to(device)
+    data = encode_dataset(
+        processor_dir, eval_seed, num_examples, image_size, 1024, processor.tokenizer.pad_token_id, workers=1
+    ).to(device)
     tasks = [make_example(eval_seed, i, image_size)[0]["task"] for i in range(num_examples)]
 
     sums = token_statistics(model, processor, data, tasks, batch_size)
     # Mismatched images: every image question gets the image of the next image example (a derangement).
     num_images = len(data.pixels)
-    mismatched = token_statistics(model, processor, data, tasks, batch_size, torch.roll(torch.arange(num_images, device=device), 1))
+    mismatched = token_statistics(
+        model, processor, data, tasks, batch_size, torch.roll(torch.arange(num_images, device=device), 1)
+    )
     image_tasks = [t for t in TASK_WEIGHTS if t != "text"]
     results = {
         "eval_seed": eval_seed,
@@ -144,7 +164,9 @@ def evaluate(model, processor_dir: str, eval_seed: int = 1, num_examples: int = 
         },
         "entropy": _means(sums, "entropy"),
         "accuracy": {
-            task: question_accuracy(model, processor, task, eval_seed + 1000 + i, num_questions, image_size, batch_size)
+            task: question_accuracy(
+                model, processor, task, eval_seed + 1000 + i, num_questions, image_size, batch_size
+            )
             for i, task in enumerate(QUESTION_TASKS)
         },
     }

@@ -123,7 +123,9 @@ def record_to_messages(record: dict, with_answer: bool = True) -> list[dict]:
 
 def prompt_text(processor, record: dict) -> str:
     """The chat-formatted prompt of a single-turn record, ending with the assistant header."""
-    return processor.apply_chat_template(record_to_messages(record, with_answer=False), add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(
+        record_to_messages(record, with_answer=False), add_generation_prompt=True, tokenize=False
+    )
 
 
 def encode_record(processor, record: dict) -> tuple[list[int], list[int]]:

@@ -38,12 +38,18 @@ class MiniTrainConfig:
     """Every option of a mini VLM training run (the command line is generated from this class)."""
 
     output_dir: str = field(default="mini-vlm", metadata={"help": "Folder for the model and processor."})
-    seed: int = field(default=0, metadata={"help": "Seed of the training data, the initialisation and the batch order."})
-    num_train_examples: int = field(default=350_000, metadata={"help": "Generated training examples (indices 0..N-1 of `seed`)."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the training data, the initialisation and the batch order."}
+    )
+    num_train_examples: int = field(
+        default=350_000, metadata={"help": "Generated training examples (indices 0..N-1 of `seed`)."}
+    )
     tokenizer_examples: int = field(default=20_000, metadata={"help": "Examples whose text trains the tokenizer."})
     vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size, special tokens included."})
     image_size: int = field(default=128, metadata={"help": "Side of the square input images, in pixels."})
-    patch_size: int = field(default=16, metadata={"help": "Vision patch side; (image_size / patch_size)**2 visual tokens."})
+    patch_size: int = field(
+        default=16, metadata={"help": "Vision patch side; (image_size / patch_size)**2 visual tokens."}
+    )
     vision_hidden_size: int = field(default=192, metadata={"help": "Width of the CLIP vision tower."})
     vision_layers: int = field(default=4, metadata={"help": "Layers of the CLIP vision tower."})
     vision_heads: int = field(default=3, metadata={"help": "Attention heads of the CLIP vision tower."})
@@ -56,11 +62,15 @@ class MiniTrainConfig:
     max_length: int = field(default=384, metadata={"help": "Training sequences are cut to this many tokens."})
     batch_size: int = field(default=256, metadata={"help": "Examples per optimizer step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
-    min_lr_ratio: float = field(default=0.05, metadata={"help": "Final learning rate as a fraction of the peak (cosine decay)."})
+    min_lr_ratio: float = field(
+        default=0.05, metadata={"help": "Final learning rate as a fraction of the peak (cosine decay)."}
+    )
     warmup_steps: int = field(default=300, metadata={"help": "Linear warm-up steps."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on matrices."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    max_steps: int = field(default=3200, metadata={"help": "Optimizer steps (the run ends earlier if max_minutes is reached)."})
+    max_steps: int = field(
+        default=3200, metadata={"help": "Optimizer steps (the run ends earlier if max_minutes is reached)."}
+    )
     max_minutes: float = field(default=10.0, metadata={"help": "Wall-clock budget of the training loop, in minutes."})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cuda' or 'cpu'."})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on CPU)."})
@@ -162,10 +172,14 @@ class EncodedData:
     image_index: torch.Tensor
 
     def to(self, device) -> "EncodedData":
-        return EncodedData(*(t.to(device) for t in (self.input_ids, self.lengths, self.prompt_lengths, self.pixels, self.image_index)))
+        return EncodedData(
+            *(t.to(device) for t in (self.input_ids, self.lengths, self.prompt_lengths, self.pixels, self.image_index))
+        )
 
 
-def encode_dataset(processor_dir: str, seed: int, num_examples: int, image_size: int, max_length: int, pad_id: int, workers: int) -> EncodedData:
+def encode_dataset(
+    processor_dir: str, seed: int, num_examples: int, image_size: int, max_length: int, pad_id: int, workers: int
+) -> EncodedData:
     """Generate examples `0..num_examples-1` of `seed` and encode them with the saved processor, in parallel."""
     chunk = 500
     jobs = [(seed, start, min(start + chunk, num_examples), image_size) for start in range(0, num_examples, chunk)]
@@ -188,11 +202,15 @@ def encode_dataset(processor_dir: str, seed: int, num_examples: int, image_size:
         if pixels is not None:
             image_index[i] = len(images)
             images.append(pixels)
-    pixels = torch.from_numpy(np.stack(images)) if images else torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
+    pixels = (
+        torch.from_numpy(np.stack(images)) if images else torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
+    )
     return EncodedData(input_ids, lengths, prompt_lengths, pixels, image_index)
 
 
-def make_batch(data: EncodedData, indices: torch.Tensor, image_processor, image_order: torch.Tensor | None = None) -> dict:
+def make_batch(
+    data: EncodedData, indices: torch.Tensor, image_processor, image_order: torch.Tensor | None = None
+) -> dict:
     """Model inputs for examples `indices`: `input_ids`, `attention_mask`, `labels` `(batch, longest)`,
     and `pixel_values` `(images in the batch, 3, H, W)` or None.
 
@@ -273,7 +291,13 @@ def train(config: MiniTrainConfig) -> dict:
     print(f"[mini] tokenizer: {len(tokenizer)} tokens ({time.time() - start_time:.0f}s)", flush=True)
 
     data = encode_dataset(
-        config.output_dir, config.seed, config.num_train_examples, config.image_size, config.max_length, tokenizer.pad_token_id, workers
+        config.output_dir,
+        config.seed,
+        config.num_train_examples,
+        config.image_size,
+        config.max_length,
+        tokenizer.pad_token_id,
+        workers,
     )
     answer_tokens = int((data.lengths - data.prompt_lengths).clamp(min=0).sum())
     print(
@@ -323,7 +347,10 @@ def train(config: MiniTrainConfig) -> dict:
         if step % config.log_every == 0 or step == 1:
             value = loss.item()
             history.append({"step": step, "loss": value, "minutes": (time.time() - loop_start) / 60})
-            print(f"[mini] step {step} loss {value:.4f} lr {optimizer.param_groups[0]['lr']:.2e} ({time.time() - loop_start:.0f}s)", flush=True)
+            print(
+                f"[mini] step {step} loss {value:.4f} lr {optimizer.param_groups[0]['lr']:.2e} ({time.time() - loop_start:.0f}s)",
+                flush=True,
+            )
 
     train_minutes = (time.time() - loop_start) / 60
     model.eval()
@@ -338,7 +365,9 @@ def train(config: MiniTrainConfig) -> dict:
         "history": history,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
-    Path(config.output_dir, "train_config.json").write_text(json.dumps({"config": asdict(config), "summary": summary}, indent=1) + "\n")
+    Path(config.output_dir, "train_config.json").write_text(
+        json.dumps({"config": asdict(config), "summary": summary}, indent=1) + "\n"
+    )
     print(f"[mini] done: {step} steps in {train_minutes:.1f} min, saved to {config.output_dir}", flush=True)
     return {"model": model, "processor": processor, **summary}
 

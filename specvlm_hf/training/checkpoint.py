@@ -26,7 +26,15 @@ from ..errors import UserError, check_writable_folder, read_json
 LATEST = "latest"
 CONFIG_FILE = "training_config.json"
 # what a run writes into its output folder (deleted by overwrite_output_dir)
-RUN_OUTPUTS = ("checkpoint-*", ".checkpoint-*", LATEST, "draft", "metrics.json", ".metrics.json.tmp", "scaling_curve.png")
+RUN_OUTPUTS = (
+    "checkpoint-*",
+    ".checkpoint-*",
+    LATEST,
+    "draft",
+    "metrics.json",
+    ".metrics.json.tmp",
+    "scaling_curve.png",
+)
 
 
 def prepare_output_dir(output_dir, resume: bool = False, overwrite: bool = False, main_process: bool = True) -> None:
@@ -35,7 +43,11 @@ def prepare_output_dir(output_dir, resume: bool = False, overwrite: bool = False
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir {output_dir} is a file; pass a folder.")
-    entries = sorted(p.name for p in output_dir.iterdir() if not p.name.startswith(".write-check-")) if output_dir.is_dir() else []
+    entries = (
+        sorted(p.name for p in output_dir.iterdir() if not p.name.startswith(".write-check-"))
+        if output_dir.is_dir()
+        else []
+    )
     if entries and not resume and not overwrite:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise UserError(
@@ -54,10 +66,15 @@ def saved_run(checkpoint) -> dict:
     it recorded them (checkpoints written before these were kept give only the settings, from the metrics)."""
     checkpoint = Path(checkpoint)
     if (checkpoint / CONFIG_FILE).is_file():
-        return read_json(checkpoint / CONFIG_FILE, "the checkpoint is damaged: resume from another one or start afresh")
+        return read_json(
+            checkpoint / CONFIG_FILE, "the checkpoint is damaged: resume from another one or start afresh"
+        )
     state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
-    return {"config": state.get("config") or state.get("metrics", {}).get("config", {}),
-            "global_batch": state.get("global_batch"), "total_steps": state.get("total_steps")}
+    return {
+        "config": state.get("config") or state.get("metrics", {}).get("config", {}),
+        "global_batch": state.get("global_batch"),
+        "total_steps": state.get("total_steps"),
+    }
 
 
 def _usual_permissions(path: Path) -> None:
@@ -91,8 +108,9 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(output_dir, step: int, draft, state: dict, rng_states: list[dict], keep: int = 2,
-                    run: dict | None = None) -> Path:
+def save_checkpoint(
+    output_dir, step: int, draft, state: dict, rng_states: list[dict], keep: int = 2, run: dict | None = None
+) -> Path:
     """Writes `checkpoint-{step}` atomically, points `latest` at it and deletes all but the `keep` newest.
     `run` (the settings, global batch and total steps) goes to `training_config.json`."""
     import json

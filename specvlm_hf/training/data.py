@@ -95,7 +95,9 @@ def conversation_messages(record: dict) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------- sources
 def _is_datasets_folder(path: Path) -> bool:
-    return path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    return path.is_dir() and any(
+        (path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
 
 
 def _read_json_records(source: Path) -> list[dict]:
@@ -230,7 +232,9 @@ def first_prompt(processor, record: dict) -> str:
     return render(processor, messages[:first_answer], add_generation_prompt=True)
 
 
-def encode_record(processor, record: dict, images: list, eos_token_ids: set[int], max_length: int, index: int = 0) -> dict:
+def encode_record(
+    processor, record: dict, images: list, eos_token_ids: set[int], max_length: int, index: int = 0
+) -> dict:
     """Token ids, answer mask and image tensors of one record.
 
     Returns:

@@ -25,7 +25,9 @@ class DistillDataConfig:
 
     data: str = option("", "Input records: a LLaVA-format JSON file or a Hugging Face `datasets` folder.")
     out: str = option("distilled.json", "Output LLaVA JSON with the target's answers (images keep their paths).")
-    image_folder: str | None = option(None, "Folder the records' image paths are relative to (default: next to --data).")
+    image_folder: str | None = option(
+        None, "Folder the records' image paths are relative to (default: next to --data)."
+    )
     target: str = option("mini", "Target VLM folder or Hub id, or 'mini' for the built-in mini VLM.")
     target_dtype: str = option("float32", "dtype the target is loaded in.", ("float32", "bfloat16", "float16"))
     adapter: str | None = option(None, "A PEFT adapter applied to the target.")
@@ -37,8 +39,9 @@ class DistillDataConfig:
 
 
 @torch.no_grad()
-def regenerate_answers(target, processor, records: list[dict], resolver: ImageResolver, batch_size: int = 16,
-                       max_new_tokens: int = 256) -> tuple[list[dict], int]:
+def regenerate_answers(
+    target, processor, records: list[dict], resolver: ImageResolver, batch_size: int = 16, max_new_tokens: int = 256
+) -> tuple[list[dict], int]:
     """Replaces every assistant turn by the target's greedy answer given the conversation so far.
 
     Returns the new records and how many were dropped because the target answered with nothing.
@@ -54,7 +57,13 @@ def regenerate_answers(target, processor, records: list[dict], resolver: ImageRe
     turns = max(len(r["conversations"]) for r in records)
     try:
         for turn in range(turns):
-            todo = [i for i, r in enumerate(out) if turn < len(r["conversations"]) and r["conversations"][turn]["from"] in ("gpt", "assistant") and i not in empty]
+            todo = [
+                i
+                for i, r in enumerate(out)
+                if turn < len(r["conversations"])
+                and r["conversations"][turn]["from"] in ("gpt", "assistant")
+                and i not in empty
+            ]
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
                 texts, images = [], []
@@ -68,7 +77,9 @@ def regenerate_answers(target, processor, records: list[dict], resolver: ImageRe
                     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
                 generated = target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
                 for row, i in enumerate(chunk):
-                    answer = processor.decode(generated[row, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+                    answer = processor.decode(
+                        generated[row, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+                    ).strip()
                     if answer:
                         out[i]["conversations"][turn]["value"] = answer
                     else:
@@ -89,9 +100,14 @@ def distill_data(config: DistillDataConfig) -> Path:
     records = load_records(config.data, config.max_examples)
     resolver = ImageResolver(config.image_folder, config.data)
     resolver.check(records)
-    new_records, dropped = regenerate_answers(target.eval(), processor, records, resolver, config.batch_size, config.max_new_tokens)
+    new_records, dropped = regenerate_answers(
+        target.eval(), processor, records, resolver, config.batch_size, config.max_new_tokens
+    )
     path = Path(config.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(new_records, indent=1) + "\n")
-    print(f"wrote {len(new_records)} records with the target's answers to {path}" + (f" ({dropped} dropped: empty answer)" if dropped else ""))
+    print(
+        f"wrote {len(new_records)} records with the target's answers to {path}"
+        + (f" ({dropped} dropped: empty answer)" if dropped else "")
+    )
     return path

@@ -35,8 +35,14 @@ def prompt_inputs(processor, prompt: str, images: list, device, dtype) -> dict:
 
 
 @torch.no_grad()
-def measure_sigma(target, draft: SpecVLMDraftModel, prompts: list[dict], mode: str = "tree", max_new_tokens: int = 64,
-                  baseline: bool = False) -> dict:
+def measure_sigma(
+    target,
+    draft: SpecVLMDraftModel,
+    prompts: list[dict],
+    mode: str = "tree",
+    max_new_tokens: int = 64,
+    baseline: bool = False,
+) -> dict:
     """Sigma (accepted tokens per target forward, bonus included) of `draft` on `prompts`, greedy.
 
     Args:

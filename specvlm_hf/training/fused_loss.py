@@ -50,7 +50,9 @@ class _ChunkedSoftCrossEntropy(torch.autograd.Function):
         return grad * grad_loss.to(grad.dtype), None, None, None, None
 
 
-def soft_cross_entropy(hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: torch.nn.Module, chunk_rows: int = 1024):
+def soft_cross_entropy(
+    hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: torch.nn.Module, chunk_rows: int = 1024
+):
     """Mean soft cross-entropy of the draft's logits `head(hidden)` against the teacher's `head(teacher_hidden)`,
     and how many rows agree on the top-1 token.
 

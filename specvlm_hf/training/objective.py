@@ -46,7 +46,12 @@ def teacher_forward(target: nn.Module, batch: dict, inference_mode: bool = True)
     later ones, which inference tensors forbid outside inference mode).
     """
     model = unwrap_target(target)
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False, "logits_to_keep": 1}
+    kwargs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "use_cache": False,
+        "logits_to_keep": 1,
+    }
     if batch.get("pixel_values") is not None:
         kwargs["pixel_values"] = batch["pixel_values"].to(model.dtype)
     if batch.get("image_sizes") is not None:
@@ -90,7 +95,9 @@ def _noise(features: torch.Tensor, amount: float, kind: str) -> torch.Tensor:
     return features + amount * (torch.rand_like(features) - 0.5)
 
 
-def draft_sequences(draft, target_config, batch: dict, teacher: TeacherOutputs, noise: float = 0.0, noise_type: str = "uniform") -> DraftSequences:
+def draft_sequences(
+    draft, target_config, batch: dict, teacher: TeacherOutputs, noise: float = 0.0, noise_type: str = "uniform"
+) -> DraftSequences:
     """Builds the draft's input rows for a batch (see the module docstring)."""
     input_ids, mask, labels = batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]
     dtype = draft.fc.weight.dtype
@@ -136,7 +143,10 @@ def draft_sequences(draft, target_config, batch: dict, teacher: TeacherOutputs, 
         real = torch.ones(n_prompt, dtype=torch.bool, device=mask.device)
         if bool(visual.any()):
             compressed, compressed_positions, _, info = draft.compress_prompt(
-                fused[b, :n_prompt], positions[b, :n_prompt], real, visual,
+                fused[b, :n_prompt],
+                positions[b, :n_prompt],
+                real,
+                visual,
                 prompt_layouts(target_config, visual, sizes),
                 question_features(teacher.features[b, :n_prompt], real, is_image),
             )
@@ -157,7 +167,12 @@ def draft_sequences(draft, target_config, batch: dict, teacher: TeacherOutputs, 
     width = max(r.shape[0] for r in rows)
 
     def pad(pieces, value=0):
-        return torch.stack([F.pad(p, (0, 0, 0, width - p.shape[0]) if p.dim() == 2 else (0, width - p.shape[0]), value=value) for p in pieces])
+        return torch.stack(
+            [
+                F.pad(p, (0, 0, 0, width - p.shape[0]) if p.dim() == 2 else (0, width - p.shape[0]), value=value)
+                for p in pieces
+            ]
+        )
 
     real_rows = torch.stack([torch.arange(width, device=mask.device) < r.shape[0] for r in rows])
     return DraftSequences(
@@ -201,8 +216,18 @@ class DistillationObjective(nn.Module):
         loss_chunk_rows: answer rows scored through the `lm_head` at once (`fused_loss.soft_cross_entropy`).
     """
 
-    def __init__(self, draft, target_config, lambda_logit=0.1, lambda_feat=1.0, feature_noise=0.0,
-                 feature_noise_type="uniform", unroll_steps=1, unroll_detach=True, loss_chunk_rows=1024):
+    def __init__(
+        self,
+        draft,
+        target_config,
+        lambda_logit=0.1,
+        lambda_feat=1.0,
+        feature_noise=0.0,
+        feature_noise_type="uniform",
+        unroll_steps=1,
+        unroll_detach=True,
+        loss_chunk_rows=1024,
+    ):
         super().__init__()
         self.draft = draft
         self.target_config = target_config
@@ -227,7 +252,9 @@ class DistillationObjective(nn.Module):
         out = ObjectiveOutput(loss=total)
         logit_sum = feature_sum = total.detach()
         for step in range(1, steps + 1):
-            predicted = draft.decode(fused, attention_mask=seq.attention_mask, position_ids=seq.position_ids, use_cache=False)
+            predicted = draft.decode(
+                fused, attention_mask=seq.attention_mask, position_ids=seq.position_ids, use_cache=False
+            )
             if step == 1:  # every loss row (no boolean mask: it would wait for the GPU)
                 rows, targets = predicted[b_row, r_row], target_features
             else:
@@ -247,7 +274,9 @@ class DistillationObjective(nn.Module):
             out.rows.append(int(rows.shape[0]))
             if step < steps:  # feed the predictions back as the next step's answer features
                 fed = predicted.detach() if self.unroll_detach else predicted
-                previous = torch.cat([torch.zeros_like(fed[:, :1]), fed[:, :-1]], dim=1)  # row r reads row r-1's output
+                previous = torch.cat(
+                    [torch.zeros_like(fed[:, :1]), fed[:, :-1]], dim=1
+                )  # row r reads row r-1's output
                 refused = draft.fuse(seq.token_embeds, previous)
                 fused = torch.where(seq.answer_rows[..., None], refused, seq.fused)
         total = total / steps

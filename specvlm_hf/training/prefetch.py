@@ -55,8 +55,12 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
         # the thread holds the queue, the event and the iterator, not `self`: dropping the prefetcher closes it
-        self._thread = threading.Thread(target=_produce, args=(iter(loader), self._queue, self._stop, pin_memory),
-                                        name="specvlm-prefetch", daemon=True)
+        self._thread = threading.Thread(
+            target=_produce,
+            args=(iter(loader), self._queue, self._stop, pin_memory),
+            name="specvlm-prefetch",
+            daemon=True,
+        )
         self._thread.start()
         self._done = False
 

@@ -80,7 +80,9 @@ def shard_target(target: nn.Module, device: torch.device, world_size: int) -> di
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
-        raise RuntimeError("--shard-target needs an initialised process group of several processes (accelerate launch).")
+        raise RuntimeError(
+            "--shard-target needs an initialised process group of several processes (accelerate launch)."
+        )
     fully_shard = _fully_shard()
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
@@ -90,12 +92,18 @@ def shard_target(target: nn.Module, device: torch.device, world_size: int) -> di
     model = unwrap_target(target)
     text = text_model_of(target)
     layers = decoder_layers(target)
-    borrowed = [m for m in (model.get_input_embeddings(), model.get_output_embeddings(), text.get_input_embeddings()) if m is not None]
+    borrowed = [
+        m
+        for m in (model.get_input_embeddings(), model.get_output_embeddings(), text.get_input_embeddings())
+        if m is not None
+    ]
     keep = {p for module in borrowed for p in module.parameters()}
     mesh = init_device_mesh(device.type, (world_size,))
     for layer in layers:
         # reshard_after_forward=True for every unit (the root included): the target never runs a backward
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True, ignored_params=keep & set(layer.parameters()) or None)
+        fully_shard(
+            layer, mesh=mesh, reshard_after_forward=True, ignored_params=keep & set(layer.parameters()) or None
+        )
     fully_shard(text, mesh=mesh, reshard_after_forward=True, ignored_params=keep)
     # the rest (vision tower, projector, embedding, lm_head, their buffers) stays whole, on this process's device
     for module in target.modules():
@@ -122,7 +130,12 @@ def target_memory(target: nn.Module) -> dict:
             local += param.to_local().numel() * size
         else:
             replicated += param.numel() * size
-    return {"total": sharded + replicated, "sharded": sharded, "replicated": replicated, "per_process": local + replicated}
+    return {
+        "total": sharded + replicated,
+        "sharded": sharded,
+        "replicated": replicated,
+        "per_process": local + replicated,
+    }
 
 
 class Lockstep:

@@ -28,7 +28,13 @@ from ..errors import UserError
 from ..modeling_specvlm_draft import SpecVLMDraftModel
 from ..target import unwrap_target
 from .checkpoint import (
-    latest_checkpoint, load_draft_weights, prepare_output_dir, rng_state, save_checkpoint, saved_run, set_rng_state,
+    latest_checkpoint,
+    load_draft_weights,
+    prepare_output_dir,
+    rng_state,
+    save_checkpoint,
+    saved_run,
+    set_rng_state,
 )
 from .config import DistillConfig, resume_conflicts
 from .data import Collator, ConversationDataset, ImageResolver, first_prompt, load_records, record_images
@@ -71,7 +77,10 @@ def load_target(config: DistillConfig, device="cpu"):
 
 def eos_token_ids(target, processor) -> set[int]:
     ids = set()
-    for source in (getattr(unwrap_target(target), "generation_config", None), getattr(processor, "tokenizer", processor)):
+    for source in (
+        getattr(unwrap_target(target), "generation_config", None),
+        getattr(processor, "tokenizer", processor),
+    ):
         value = getattr(source, "eos_token_id", None)
         ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
     return ids
@@ -89,7 +98,9 @@ class DistillTrainer:
 
     timer = None  # a `step_timer.StepTimer` to time the phases of every step (benchmarks/train_throughput.py)
 
-    def __init__(self, config: DistillConfig, target=None, processor=None, draft=None, train_records=None, eval_records=None):
+    def __init__(
+        self, config: DistillConfig, target=None, processor=None, draft=None, train_records=None, eval_records=None
+    ):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -112,7 +123,9 @@ class DistillTrainer:
         device = self.accelerator.device
         # the output folder is checked before anything is loaded or trained: never a late failure, never lost work
         self.output_dir = Path(config.output_dir)
-        prepare_output_dir(self.output_dir, config.resume, config.overwrite_output_dir, self.accelerator.is_main_process)
+        prepare_output_dir(
+            self.output_dir, config.resume, config.overwrite_output_dir, self.accelerator.is_main_process
+        )
         self.accelerator.wait_for_everyone()
         resume_from = latest_checkpoint(self.output_dir) if config.resume else None
         world = self.accelerator.num_processes
@@ -138,7 +151,9 @@ class DistillTrainer:
                 draft = SpecVLMDraftModel.from_pretrained(config.draft)
             else:
                 draft = SpecVLMDraftModel.from_target(
-                    self.target, num_draft_layers=config.num_draft_layers, compressor=config.compressor_settings(),
+                    self.target,
+                    num_draft_layers=config.num_draft_layers,
+                    compressor=config.compressor_settings(),
                     attn_implementation=config.attn_implementation,
                 )
         draft.bind_target(self.target)
@@ -156,7 +171,9 @@ class DistillTrainer:
                 held = min(config.eval_examples, max(len(train_records) // 10, 1))
                 train_records, eval_records = train_records[:-held], train_records[-held:]
         self.resolver = ImageResolver(config.image_folder, config.data or None)
-        self.eval_resolver = ImageResolver(config.image_folder, config.eval_data) if config.eval_data else self.resolver
+        self.eval_resolver = (
+            ImageResolver(config.image_folder, config.eval_data) if config.eval_data else self.resolver
+        )
         self.resolver.check(train_records)
         self.eval_resolver.check(eval_records)
         self.eos_ids = eos_token_ids(self.target, processor)
@@ -164,7 +181,9 @@ class DistillTrainer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.collate = Collator(pad)
         self.train_set = ConversationDataset(train_records, processor, self.resolver, self.eos_ids, config.max_length)
-        self.eval_set = ConversationDataset(eval_records, processor, self.eval_resolver, self.eos_ids, config.max_length)
+        self.eval_set = ConversationDataset(
+            eval_records, processor, self.eval_resolver, self.eos_ids, config.max_length
+        )
         self.steps_per_epoch = len(self.train_set) // self.global_batch
         if self.steps_per_epoch == 0:
             raise UserError(
@@ -173,30 +192,49 @@ class DistillTrainer:
                 "processes); lower the batch size or add data."
             )
         # as in Hugging Face's Trainer: max_steps, when given, is the run's length, however many epochs it takes
-        self.total_steps = config.max_steps if config.max_steps is not None else self.steps_per_epoch * config.num_epochs
+        self.total_steps = (
+            config.max_steps if config.max_steps is not None else self.steps_per_epoch * config.num_epochs
+        )
 
         # optimisation
         self.objective = DistillationObjective(
-            self.draft, unwrap_target(self.target).config, config.lambda_logit, config.lambda_feat,
-            config.feature_noise, config.feature_noise_type, config.unroll_steps, config.unroll_detach,
+            self.draft,
+            unwrap_target(self.target).config,
+            config.lambda_logit,
+            config.lambda_feat,
+            config.feature_noise,
+            config.feature_noise_type,
+            config.unroll_steps,
+            config.unroll_detach,
             config.loss_chunk_rows,
         )
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.draft.parameters() if p.requires_grad], lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, weight_decay=config.weight_decay,
+            [p for p in self.draft.parameters() if p.requires_grad],
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
             fused=True if device.type == "cuda" else None,  # one kernel for all parameters on a GPU
         )
         from transformers import get_scheduler
 
         name = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
-        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=self.total_steps)
+        self.scheduler = get_scheduler(
+            name, self.optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=self.total_steps
+        )
         self.model = self.accelerator.prepare(self.objective)
 
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
-        self.metrics = {"config": config.to_dict(), "processes": world, "global_batch": self.global_batch,
-                        "target_weight_bytes": target_memory(self.target), "train": [], "eval": []}
+        self.metrics = {
+            "config": config.to_dict(),
+            "processes": world,
+            "global_batch": self.global_batch,
+            "target_weight_bytes": target_memory(self.target),
+            "train": [],
+            "eval": [],
+        }
         if config.resume:
             self._resume(resume_from)
 
@@ -206,8 +244,10 @@ class DistillTrainer:
         saved = saved_run(checkpoint)
         conflicts = resume_conflicts(saved.get("config", {}), self.config)
         if saved.get("global_batch") not in (None, self.global_batch):
-            conflicts.append(f"global batch (per device x accumulation x {self.accelerator.num_processes} processes): "
-                             f"{saved['global_batch']} -> {self.global_batch}")
+            conflicts.append(
+                f"global batch (per device x accumulation x {self.accelerator.num_processes} processes): "
+                f"{saved['global_batch']} -> {self.global_batch}"
+            )
         if conflicts:
             raise UserError(
                 f"--resume: {checkpoint} was written with other settings ({'; '.join(conflicts)}); resume with the "
@@ -252,14 +292,20 @@ class DistillTrainer:
 
     def _loader(self, dataset, batches):
         return torch.utils.data.DataLoader(
-            dataset, batch_sampler=list(batches), collate_fn=self.collate, num_workers=self.config.num_workers,
+            dataset,
+            batch_sampler=list(batches),
+            collate_fn=self.collate,
+            num_workers=self.config.num_workers,
             generator=torch.Generator().manual_seed(0),  # never draw from the global RNG (exact resume)
             persistent_workers=False,
         )
 
     def _to_device(self, batch: dict) -> dict:
         # asynchronous from the prefetcher's pinned memory: the copy queues behind the GPU's work
-        return {k: v.to(self.accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return {
+            k: v.to(self.accelerator.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+        }
 
     def _phase(self, name: str, host: bool = False):
         return self.timer.phase(name, self.step, host) if self.timer is not None else nullcontext()
@@ -267,23 +313,42 @@ class DistillTrainer:
     # ------------------------------------------------------------------------------------------ checkpoints
     def _run_settings(self) -> dict:
         """What a checkpoint records about the run, to check a later resume against (`training_config.json`)."""
-        return {"config": self.config.to_dict(), "global_batch": self.global_batch, "total_steps": self.total_steps,
-                "processes": self.accelerator.num_processes}
+        return {
+            "config": self.config.to_dict(),
+            "global_batch": self.global_batch,
+            "total_steps": self.total_steps,
+            "processes": self.accelerator.num_processes,
+        }
 
     def _state(self) -> dict:
         return {
-            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "metrics": self.metrics,
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "metrics": self.metrics,
             **self._run_settings(),
         }
 
     def save(self) -> Path | None:
         """Writes a checkpoint of the current step (main process writes; every process's RNG is kept)."""
-        states = self.accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if self.accelerator.num_processes > 1 else [rng_state()]
+        states = (
+            self.accelerator.gather_for_metrics([rng_state()], use_gather_object=True)
+            if self.accelerator.num_processes > 1
+            else [rng_state()]
+        )
         path = None
         if self.accelerator.is_main_process:
-            path = save_checkpoint(self.output_dir, self.step, self.accelerator.unwrap_model(self.model).draft, self._state(),
-                                   states, self.config.save_total_limit, run=self._run_settings())
+            path = save_checkpoint(
+                self.output_dir,
+                self.step,
+                self.accelerator.unwrap_model(self.model).draft,
+                self._state(),
+                states,
+                self.config.save_total_limit,
+                run=self._run_settings(),
+            )
         self.accelerator.wait_for_everyone()
         return path
 
@@ -307,15 +372,19 @@ class DistillTrainer:
         rng_file = checkpoint / f"rng_state_{self.accelerator.process_index}.pt"
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
-        self.metrics["config"] = self.config.to_dict()  # the settings of this run (resume_conflicts allowed the changes)
+        self.metrics["config"] = (
+            self.config.to_dict()
+        )  # the settings of this run (resume_conflicts allowed the changes)
         if self.step >= self.total_steps:
             self.accelerator.print(
                 f"resumed from {checkpoint}: it is at step {self.step}, the end of this run ({self.total_steps} steps), so "
                 "there is nothing to train; raise --num-epochs or --max-steps to train further."
             )
             return
-        self.accelerator.print(f"resumed from {checkpoint} (step {self.step} of {self.total_steps}, epoch {self.epoch}, "
-                               f"step {self.step_in_epoch} of it)")
+        self.accelerator.print(
+            f"resumed from {checkpoint} (step {self.step} of {self.total_steps}, epoch {self.epoch}, "
+            f"step {self.step_in_epoch} of it)"
+        )
 
     def _write_metrics(self) -> None:
         if not self.accelerator.is_main_process:
@@ -358,9 +427,18 @@ class DistillTrainer:
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
             check = torch.stack([sums["loss"], grad_norm.float() if grad_norm is not None else zero])
             check = self.accelerator.reduce(check, reduction="sum")
-            values = torch.stack([check.isfinite().all().float(), sums["loss"], grad_norm.float() if grad_norm is not None else zero,
-                                  sums["logit_loss"], sums["feature_loss"], sums["agreement"], sums["tokens"].float(),
-                                  torch.stack(fractions).mean() if fractions else zero]).tolist()  # the step's one wait
+            values = torch.stack(
+                [
+                    check.isfinite().all().float(),
+                    sums["loss"],
+                    grad_norm.float() if grad_norm is not None else zero,
+                    sums["logit_loss"],
+                    sums["feature_loss"],
+                    sums["agreement"],
+                    sums["tokens"].float(),
+                    torch.stack(fractions).mean() if fractions else zero,
+                ]
+            ).tolist()  # the step's one wait
             finite, loss, norm, logit_loss, feature_loss, agreement, tokens, fraction = values
             grad_norm = norm if grad_norm is not None else None
             if not finite:
@@ -375,8 +453,12 @@ class DistillTrainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return {
-            "loss": loss, "logit_loss": logit_loss, "feature_loss": feature_loss,
-            "agreement": agreement / max(rows, 1), "grad_norm": grad_norm, "tokens": int(tokens),
+            "loss": loss,
+            "logit_loss": logit_loss,
+            "feature_loss": feature_loss,
+            "agreement": agreement / max(rows, 1),
+            "grad_norm": grad_norm,
+            "tokens": int(tokens),
             "visual_fraction": fraction if fractions else None,
         }
 
@@ -393,10 +475,21 @@ class DistillTrainer:
         started = time.perf_counter()
         budget = config.max_train_minutes * 60 if config.max_train_minutes else math.inf
         out_of_time = False
-        window = {"loss": 0.0, "agreement": 0.0, "logit_loss": 0.0, "feature_loss": 0.0, "n": 0, "tokens": 0, "start": time.perf_counter()}
+        window = {
+            "loss": 0.0,
+            "agreement": 0.0,
+            "logit_loss": 0.0,
+            "feature_loss": 0.0,
+            "n": 0,
+            "tokens": 0,
+            "start": time.perf_counter(),
+        }
         while self.step < self.total_steps:
-            micro = Prefetcher(self._loader(self.train_set, self._batches(self.epoch, self.step_in_epoch)),
-                               depth=2 * config.gradient_accumulation_steps, pin_memory=accelerator.device.type == "cuda")
+            micro = Prefetcher(
+                self._loader(self.train_set, self._batches(self.epoch, self.step_in_epoch)),
+                depth=2 * config.gradient_accumulation_steps,
+                pin_memory=accelerator.device.type == "cuda",
+            )
             while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps and not out_of_time:
                 with self._phase("data", host=True):
                     batches = [self._to_device(next(micro)) for _ in range(config.gradient_accumulation_steps)]
@@ -409,7 +502,9 @@ class DistillTrainer:
                 window["tokens"] += result["tokens"]
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{result['loss']:.4f}", agree=f"{result['agreement']:.3f}", epoch=self.epoch + 1)
+                    progress.set_postfix(
+                        loss=f"{result['loss']:.4f}", agree=f"{result['agreement']:.3f}", epoch=self.epoch + 1
+                    )
                 if self.step % config.log_steps == 0 or self.step == self.total_steps:
                     self._log(window, result)
                     window = {k: 0 for k in window} | {"start": time.perf_counter()}
@@ -427,12 +522,16 @@ class DistillTrainer:
                 self.save()
                 if not epoch_done or out_of_time:
                     if out_of_time:
-                        accelerator.print(f"max_train_minutes reached at step {self.step} (epoch {self.epoch + fraction:.2f}).")
+                        accelerator.print(
+                            f"max_train_minutes reached at step {self.step} (epoch {self.epoch + fraction:.2f})."
+                        )
                     break
         if progress is not None:
             progress.close()
         if accelerator.device.type == "cuda":
-            peak = torch.tensor([float(torch.cuda.max_memory_allocated(accelerator.device))], device=accelerator.device)
+            peak = torch.tensor(
+                [float(torch.cuda.max_memory_allocated(accelerator.device))], device=accelerator.device
+            )
             self.metrics["peak_memory_bytes"] = [int(v) for v in accelerator.gather(peak).tolist()]  # per process
         if accelerator.is_main_process:
             final = self.output_dir / "draft"
@@ -458,10 +557,16 @@ class DistillTrainer:
         means = torch.tensor([window[k] / n for k in keys], dtype=torch.float64, device=device)
         means = dict(zip(keys, self.accelerator.reduce(means, "mean").tolist()))
         entry = {
-            "step": self.step, "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
-            "loss": means["loss"], "logit_loss": means["logit_loss"], "feature_loss": means["feature_loss"],
-            "agreement": means["agreement"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": last["grad_norm"],
-            "tokens_per_second": tokens / max(seconds, 1e-9), "steps_per_second": n / max(seconds, 1e-9),
+            "step": self.step,
+            "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
+            "loss": means["loss"],
+            "logit_loss": means["logit_loss"],
+            "feature_loss": means["feature_loss"],
+            "agreement": means["agreement"],
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": last["grad_norm"],
+            "tokens_per_second": tokens / max(seconds, 1e-9),
+            "steps_per_second": n / max(seconds, 1e-9),
         }
         if last.get("visual_fraction") is not None:
             entry["visual_fraction"] = last["visual_fraction"]
@@ -475,7 +580,11 @@ class DistillTrainer:
         prompts = []
         for index, record in enumerate(self.eval_set.records):
             images = [self.eval_resolver.open(image, record, index) for image in record_images(record)]
-            prompts.append(prompt_inputs(self.processor, first_prompt(self.processor, record), images, self.accelerator.device, model.dtype))
+            prompts.append(
+                prompt_inputs(
+                    self.processor, first_prompt(self.processor, record), images, self.accelerator.device, model.dtype
+                )
+            )
         return prompts
 
     @torch.no_grad()
@@ -487,8 +596,13 @@ class DistillTrainer:
         agree = [0.0] * self.config.eval_depths
         rows = [0] * self.config.eval_depths
         loss, batches = 0.0, 0
-        loader = self._loader(self.eval_set, [list(range(i, min(i + self.config.per_device_batch_size, len(self.eval_set))))
-                                              for i in range(0, len(self.eval_set), self.config.per_device_batch_size)])
+        loader = self._loader(
+            self.eval_set,
+            [
+                list(range(i, min(i + self.config.per_device_batch_size, len(self.eval_set))))
+                for i in range(0, len(self.eval_set), self.config.per_device_batch_size)
+            ],
+        )
         for batch in loader:
             batch = self._to_device(batch)
             with self.accelerator.autocast():
@@ -532,12 +646,21 @@ class DistillTrainer:
                     sigma[mode] = measured["sigma"]
                     details[mode] = measured
                 depth, eval_loss = self.depth_agreement()
-                result = {"epoch": epoch, "step": self.step, "sigma": sigma, "depth_agreement": depth, "eval_loss": eval_loss,
-                          "decoding": details, "seconds": time.perf_counter() - start}
+                result = {
+                    "epoch": epoch,
+                    "step": self.step,
+                    "sigma": sigma,
+                    "depth_agreement": depth,
+                    "eval_loss": eval_loss,
+                    "decoding": details,
+                    "seconds": time.perf_counter() - start,
+                }
             self.metrics["eval"].append(result)
             accelerator.print(
-                f"epoch {epoch:g}: sigma " + ", ".join(f"{m} {s:.3f}" for m, s in sigma.items())
-                + " | depth agreement " + " ".join(f"{a:.3f}" for a in depth)
+                f"epoch {epoch:g}: sigma "
+                + ", ".join(f"{m} {s:.3f}" for m, s in sigma.items())
+                + " | depth agreement "
+                + " ".join(f"{a:.3f}" for a in depth)
             )
             self._write_metrics()
             plot_scaling_curve(self.metrics, self.output_dir / "scaling_curve.png")

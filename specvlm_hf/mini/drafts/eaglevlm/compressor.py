@@ -203,7 +203,9 @@ class ConvBranch(Branch):
         out = []
         for segment, grid in segment_grids(tokens, layout):
             kh, kw = window_for_ratio(self.ratio, segment.rows)
-            conv = F.conv2d(grid[None], self.depthwise.to(grid.dtype), stride=(kh, kw), padding=1, groups=grid.shape[0])
+            conv = F.conv2d(
+                grid[None], self.depthwise.to(grid.dtype), stride=(kh, kw), padding=1, groups=grid.shape[0]
+            )
             out.append(conv[0].flatten(1).transpose(0, 1))
         return self.pointwise(torch.cat(out))
 
@@ -318,7 +320,9 @@ class VisualCompressor(nn.Module):
         """`(B,)` branch logits from the question's pooled target features `(d,)`."""
         return self.gate(question.to(self.gate[0].weight.dtype))
 
-    def forward(self, tokens: torch.Tensor, layout: VisualLayout, question: torch.Tensor | None = None) -> CompressionResult:
+    def forward(
+        self, tokens: torch.Tensor, layout: VisualLayout, question: torch.Tensor | None = None
+    ) -> CompressionResult:
         """Compresses one image's draft inputs `(n, d)` laid out as `layout`."""
         if self.mode == "none":
             return CompressionResult(tokens, "none")
@@ -350,8 +354,12 @@ class VisualCompressor(nn.Module):
     def describe(self, layout: VisualLayout, hidden: int) -> list[dict]:
         """Token count, parameters and FLOPs of every branch for `layout`."""
         return [
-            {"branch": b.spec, "tokens": b.num_tokens(layout), "parameters": b.num_parameters,
-             "flops": b.flops(layout, hidden)}
+            {
+                "branch": b.spec,
+                "tokens": b.num_tokens(layout),
+                "parameters": b.num_parameters,
+                "flops": b.flops(layout, hidden),
+            }
             for b in self.branches
         ]
 

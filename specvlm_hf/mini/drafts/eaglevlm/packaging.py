@@ -57,7 +57,10 @@ def write_custom_generate(save_directory: str, location: str | None = None) -> N
         destination = "generate.py" if name == "custom_generate_entry.py" else name
         shutil.copyfile(os.path.join(_HERE, name), os.path.join(target_dir, destination))
     folder = os.path.abspath(save_directory)
-    source = draft_location_source(folder, os.path.join(folder, "config.json")) if location is None else \
-        draft_location_source(location)
+    source = (
+        draft_location_source(folder, os.path.join(folder, "config.json"))
+        if location is None
+        else draft_location_source(location)
+    )
     with open(os.path.join(folder, LOCATION_FILE), "w", encoding="utf-8") as handle:
         handle.write(source)

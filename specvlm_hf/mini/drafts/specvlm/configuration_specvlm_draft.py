@@ -116,26 +116,34 @@ class SpecVLMDraftConfig(PretrainedConfig):
             )
         vocab = getattr(self.text_config, "vocab_size", None)
         if vocab and self.tree_top_k > vocab:
-            raise ValueError(f"tree_top_k={self.tree_top_k} is more than the vocabulary ({vocab} tokens); use at most {vocab} "
-                             "(EAGLE-2 uses 10).")
+            raise ValueError(
+                f"tree_top_k={self.tree_top_k} is more than the vocabulary ({vocab} tokens); use at most {vocab} "
+                "(EAGLE-2 uses 10)."
+            )
         candidates = self.tree_top_k**2 * max(self.tree_depth, 1)
         if candidates > SLOW_TREE_CANDIDATES:
-            message = (f"tree_top_k={self.tree_top_k} and tree_depth={self.tree_depth} score tree_top_k^2 x tree_depth = "
-                       f"{candidates:,} candidate tokens per round")
+            message = (
+                f"tree_top_k={self.tree_top_k} and tree_depth={self.tree_depth} score tree_top_k^2 x tree_depth = "
+                f"{candidates:,} candidate tokens per round"
+            )
             if candidates > MAX_TREE_CANDIDATES:
-                raise ValueError(f"{message}, more than the {MAX_TREE_CANDIDATES:,} allowed; lower tree_top_k (EAGLE-2 "
-                                 "uses 10) or tree_depth.")
-            warnings.warn(f"{message}: drafting will cost more than it saves; EAGLE-2 uses tree_top_k=10, tree_depth=7.",
-                          stacklevel=2)
+                raise ValueError(
+                    f"{message}, more than the {MAX_TREE_CANDIDATES:,} allowed; lower tree_top_k (EAGLE-2 "
+                    "uses 10) or tree_depth."
+                )
+            warnings.warn(
+                f"{message}: drafting will cost more than it saves; EAGLE-2 uses tree_top_k=10, tree_depth=7.",
+                stacklevel=2,
+            )
         if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= (vocab or self.draft_vocab_size):
-            raise ValueError(f"draft_vocab_size must be in 1..{vocab} (the target's vocabulary), got {self.draft_vocab_size}")
+            raise ValueError(
+                f"draft_vocab_size must be in 1..{vocab} (the target's vocabulary), got {self.draft_vocab_size}"
+            )
         if self.chain_length < 1:
             raise ValueError(f"chain_length must be >= 1, got {self.chain_length}")
         mode = (self.compressor or {}).get("mode", "none")
         if mode not in ("none", "fixed", "select", "weighted", "concat"):
-            raise ValueError(
-                f"compressor mode must be one of none, fixed, select, weighted, concat; got {mode!r}"
-            )
+            raise ValueError(f"compressor mode must be one of none, fixed, select, weighted, concat; got {mode!r}")
 
 
 SpecVLMDraftConfig.register_for_auto_class()

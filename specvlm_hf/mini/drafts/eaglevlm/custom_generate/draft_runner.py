@@ -39,8 +39,9 @@ class PromptPairs:
     question: torch.Tensor | None
 
 
-def prompt_pairs(adapter, draft, prompt_ids, prompt_embeds, prompt_features, first_token_ids, mask, positions,
-                 model_kwargs) -> PromptPairs:
+def prompt_pairs(
+    adapter, draft, prompt_ids, prompt_embeds, prompt_features, first_token_ids, mask, positions, model_kwargs
+) -> PromptPairs:
     """Builds the draft's view of a prompt from the target's prefill (see `PromptPairs`).
 
     Args:
@@ -87,8 +88,11 @@ class DraftRunner:
         Returns `(q, d)` predicted features."""
         visible = self.window.visible(block_mask.to(self.device))
         return self.draft.decode(
-            fused[None], attention_mask=additive_mask(visible, self.dtype)[None, None],
-            position_ids=positions.to(self.device)[None], past_key_values=self.window.cache, use_cache=True,
+            fused[None],
+            attention_mask=additive_mask(visible, self.dtype)[None, None],
+            position_ids=positions.to(self.device)[None],
+            past_key_values=self.window.cache,
+            use_cache=True,
         )[0]
 
     def log_probs(self, hidden):
@@ -124,8 +128,12 @@ class DraftRunner:
         feature `(d,)`, its log-probabilities `(V,)` and the compressor's info."""
         fused = self.draft.fuse(prompt.token_embeds, prompt.features)[0]
         fused, positions, real, info = self.draft.compress_prompt(
-            fused, prompt.positions.to(self.device), prompt.real.to(self.device), prompt.visual.to(self.device),
-            prompt.layouts, prompt.question,
+            fused,
+            prompt.positions.to(self.device),
+            prompt.real.to(self.device),
+            prompt.visual.to(self.device),
+            prompt.layouts,
+            prompt.question,
         )
         q = fused.shape[0]
         causal = torch.ones(q, q, dtype=torch.bool, device=self.device).tril() & real[None, :]

@@ -297,8 +297,12 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
             target_visual_tokens, expected_fraction).
         """
         spans = image_spans(visual)
-        info = {"branch": "none", "draft_visual_tokens": int(visual.sum()), "target_visual_tokens": int(visual.sum()),
-                "expected_fraction": None}
+        info = {
+            "branch": "none",
+            "draft_visual_tokens": int(visual.sum()),
+            "target_visual_tokens": int(visual.sum()),
+            "expected_fraction": None,
+        }
         if self.compressor is None or not spans:
             return fused, positions, real, info
         if len(layouts) != len(spans):

@@ -39,7 +39,17 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         stopping_criteria: the target's stopping criteria (candidates end before the first stop).
     """
 
-    def __init__(self, draft, adapter, tap: FeatureTap, input_ids, model_kwargs, generation_config, logits_processor, stopping_criteria):
+    def __init__(
+        self,
+        draft,
+        adapter,
+        tap: FeatureTap,
+        input_ids,
+        model_kwargs,
+        generation_config,
+        logits_processor,
+        stopping_criteria,
+    ):
         self.adapter = adapter
         self.draft = draft
         self.tap = tap
@@ -53,8 +63,9 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.prompt_mask, self.prompt_positions = prefix_positions(input_ids, model_kwargs)
         self.prompt_embeds = None
         self.fed = 0  # sequence positions whose pairs the draft has read
-        self.runner = DraftRunner(draft, GrowingWindow(DynamicCache(config=draft.config.text_config),
-                                                       self.prompt_mask.new_zeros(0)))
+        self.runner = DraftRunner(
+            draft, GrowingWindow(DynamicCache(config=draft.config.text_config), self.prompt_mask.new_zeros(0))
+        )
         self.stats = draft.stats = SpecVLMStats(mode="chain", prompt_tokens=self.prompt_length)
         self.clock = PhaseClock(input_ids.device)
         self.verified_once = False
@@ -72,8 +83,15 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         features = self.tap.last_hidden_state[:, :count]
         if self.fed == 0:  # the prompt, straight after the prefill: compressed image, if any
             pairs = prompt_pairs(
-                self.adapter, self.draft, self.prompt_ids, self.prompt_embeds, features, input_ids[:, n - 1 : n],
-                self.prompt_mask, self.prompt_positions, self.model_kwargs,
+                self.adapter,
+                self.draft,
+                self.prompt_ids,
+                self.prompt_embeds,
+                features,
+                input_ids[:, n - 1 : n],
+                self.prompt_mask,
+                self.prompt_positions,
+                self.model_kwargs,
             )
             hidden, log_probs, info = self.runner.prefill(pairs)
             self.stats.visual_branch = info["branch"]
@@ -81,7 +99,9 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             self.stats.target_visual_tokens = info["target_visual_tokens"]
         else:
             positions = torch.tensor([self._position(i) for i in range(self.fed, n - 1)], device=input_ids.device)
-            hidden, log_probs = self.runner.append(self.draft.embed(input_ids[:, self.fed + 1 : n]), features, positions)
+            hidden, log_probs = self.runner.append(
+                self.draft.embed(input_ids[:, self.fed + 1 : n]), features, positions
+            )
             hidden, log_probs = hidden[-1], log_probs[-1]
         self.fed = n - 1
         return hidden, log_probs

@@ -22,7 +22,14 @@ from .target import FeatureTap, check_draft_fits, unwrap_target
 
 DRAFT_MODEL_TYPE = "specvlm_draft"
 # keyword arguments of `_assisted_decoding` that are not model inputs
-_DECODING_ARGUMENTS = {"synced_gpus", "streamer", "inputs_tensor", "assistant_model", "assistant_tokenizer", "tokenizer"}
+_DECODING_ARGUMENTS = {
+    "synced_gpus",
+    "streamer",
+    "inputs_tensor",
+    "assistant_model",
+    "assistant_tokenizer",
+    "tokenizer",
+}
 
 
 class _ChainCall:
@@ -81,7 +88,9 @@ def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, gen
     if not is_specvlm_draft(draft):
         return base(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
     if _uses_tree(draft):
-        return tree_assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
+        return tree_assisted_decoding(
+            self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs
+        )
     validate_request(self, input_ids, generation_config, kwargs.get("synced_gpus", False))
     draft.bind_target(self)
     with FeatureTap(self) as tap:

@@ -65,8 +65,11 @@ class GraphedCall:
         try:
             return self.fn()
         except dynamo_error_types() as error:  # raised while compiling, before any state changed
-            warnings.warn(f"torch.compile failed on the SpecVLM fast path ({type(error).__name__}: {error}); "
-                          "running its CUDA graphs over eager kernels instead.", stacklevel=3)
+            warnings.warn(
+                f"torch.compile failed on the SpecVLM fast path ({type(error).__name__}: {error}); "
+                "running its CUDA graphs over eager kernels instead.",
+                stacklevel=3,
+            )
             self.fn = self.eager_fn
             return self.fn()
 
@@ -109,11 +112,14 @@ class RoundState:
     def allocate(cls, hidden: int, vocab: int, path_width: int, dtype, device) -> "RoundState":
         long = dict(dtype=torch.long, device=device)
         return cls(
-            root_token=torch.zeros(1, **long), root_position=torch.zeros((), **long),
+            root_token=torch.zeros(1, **long),
+            root_position=torch.zeros((), **long),
             position_offset=torch.zeros((), **long),
             root_hidden=torch.zeros(hidden, dtype=dtype, device=device),
             root_log_probs=torch.zeros(vocab, dtype=torch.float32, device=device),
-            path=torch.zeros(path_width, **long), count=torch.ones((), **long), next_token=torch.zeros((), **long),
+            path=torch.zeros(path_width, **long),
+            count=torch.ones((), **long),
+            next_token=torch.zeros((), **long),
         )
 
 
@@ -137,8 +143,9 @@ class SpeculativeRound:
         self.path_width = config.tree_depth + 2  # root + one node per tree depth (depths 1..depth + 1)
         device = draft.fc.weight.device
         vocab = config.draft_vocab_size or config.text_config.vocab_size  # columns of the draft's log-probs
-        self.state = RoundState.allocate(config.text_config.hidden_size, vocab,
-                                         self.path_width, draft.fc.weight.dtype, device)
+        self.state = RoundState.allocate(
+            config.text_config.hidden_size, vocab, self.path_width, draft.fc.weight.dtype, device
+        )
         self.stacked_kv: torch.Tensor | None = None  # static target layers as one tensor (one-gather compaction)
         self.graphs, self.compiled = graphs, compile
         # each round function is compiled whole (kernels fused across the tree bookkeeping, masks and layers)
@@ -153,7 +160,9 @@ class SpeculativeRound:
     def eager(cls, adapter, draft, target_cache, draft_cache, prompt_real: torch.Tensor) -> "SpeculativeRound":
         """The eager backend over `generate`'s dynamic target cache (already holding the prompt) and a fresh
         dynamic draft cache."""
-        return cls(adapter, draft, GrowingWindow(target_cache, prompt_real), GrowingWindow(draft_cache, prompt_real[:0]))
+        return cls(
+            adapter, draft, GrowingWindow(target_cache, prompt_real), GrowingWindow(draft_cache, prompt_real[:0])
+        )
 
     @classmethod
     def static(cls, adapter, draft, needed_length: int, graphs: bool, compile: bool) -> "SpeculativeRound":
@@ -166,7 +175,9 @@ class SpeculativeRound:
         if current is None or current.key != key:
             device = draft.fc.weight.device
             target_window = FixedWindow(adapter.static_cache(length), length, device)
-            draft_window = FixedWindow(StaticCache(config=draft.config.text_config, max_cache_len=length), length, device)
+            draft_window = FixedWindow(
+                StaticCache(config=draft.config.text_config, max_cache_len=length), length, device
+            )
             current = cls(adapter, draft, target_window, draft_window, graphs, compile)
             current.key = key
             draft._specvlm_static_round = current
@@ -182,11 +193,25 @@ class SpeculativeRound:
         rebuilds); the tree settings fix the shapes; buffers made under `torch.inference_mode` cannot be written
         outside it (and vice versa)."""
         config = draft.config
-        tensors = (*adapter.model.parameters(), *draft.parameters(), *draft.buffers(),
-                   *([draft._head_rows] if draft._head_rows is not None else []))
+        tensors = (
+            *adapter.model.parameters(),
+            *draft.parameters(),
+            *draft.buffers(),
+            *([draft._head_rows] if draft._head_rows is not None else []),
+        )
         weights = hash(tuple(t.data_ptr() for t in tensors))
-        return (id(adapter.model), type(adapter), length, graphs, compile, torch.is_inference_mode_enabled(),
-                config.tree_top_k, config.tree_depth, config.tree_total_tokens, weights)
+        return (
+            id(adapter.model),
+            type(adapter),
+            length,
+            graphs,
+            compile,
+            torch.is_inference_mode_enabled(),
+            config.tree_top_k,
+            config.tree_depth,
+            config.tree_total_tokens,
+            weights,
+        )
 
     @property
     def is_static(self) -> bool:
@@ -198,8 +223,9 @@ class SpeculativeRound:
         return self.target_window.real.shape[0]
 
     # ------------------------------------------------------------------------------------------- calling
-    def start(self, prompt_real, root_token: int, root_position: int, position_offset: int, root_hidden,
-              root_log_probs) -> None:
+    def start(
+        self, prompt_real, root_token: int, root_position: int, position_offset: int, root_hidden, root_log_probs
+    ) -> None:
         """Loads the state after the prefills (the target cache holds the prompt, the draft cache its pairs).
 
         Args:
@@ -241,8 +267,14 @@ class SpeculativeRound:
     def _draft(self) -> tuple[torch.Tensor, ...]:
         state = self.state
         tree = build_dynamic_tree(
-            state.root_token, state.root_log_probs, state.root_hidden, self.runner.tree_step_fn(state.root_position),
-            top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens, vocab_map=self.draft.draft_vocab,
+            state.root_token,
+            state.root_log_probs,
+            state.root_hidden,
+            self.runner.tree_step_fn(state.root_position),
+            top_k=self.top_k,
+            depth=self.depth,
+            total_tokens=self.total_tokens,
+            vocab_map=self.draft.draft_vocab,
         )
         self.runner.rewind()  # drop the tree entries drafted this round
         return tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestor_mask, tree.paths
@@ -251,8 +283,9 @@ class SpeculativeRound:
         state, tree = self.state, self.tree
         visible = self.target_window.visible(tree.ancestor_mask)
         positions = tree.depths + state.root_position + state.position_offset
-        hidden = self.adapter.verify(tree.tokens, tree.depths, visible, positions, self.target_window.length,
-                                     self.target_window.cache)
+        hidden = self.adapter.verify(
+            tree.tokens, tree.depths, visible, positions, self.target_window.length, self.target_window.cache
+        )
         return self.adapter.logits(hidden), hidden
 
     def _commit(self) -> None:

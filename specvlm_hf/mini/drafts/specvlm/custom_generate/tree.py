@@ -72,8 +72,11 @@ def tree_from_parents(
     parents = parents.to(device)
     if max_depth is None:
         max_depth = num_nodes - 1
-        if not (parents[0] == -1 and bool((parents[1:] < torch.arange(1, num_nodes, device=device)).all())
-                and bool((parents[1:] >= 0).all())):
+        if not (
+            parents[0] == -1
+            and bool((parents[1:] < torch.arange(1, num_nodes, device=device)).all())
+            and bool((parents[1:] >= 0).all())
+        ):
             raise ValueError("tree parents must satisfy parents[0] == -1 and 0 <= parents[i] < i")
     index = torch.arange(num_nodes, device=device)
     ancestors = torch.eye(num_nodes, dtype=torch.bool, device=device)
@@ -89,7 +92,9 @@ def tree_from_parents(
     paths = torch.where(ordered < num_nodes, ordered, -1)
     if scores is None:
         scores = torch.zeros(num_nodes, device=device)
-    return DraftTree(tokens=tokens, parents=parents, depths=depths, scores=scores, ancestor_mask=ancestors, paths=paths)
+    return DraftTree(
+        tokens=tokens, parents=parents, depths=depths, scores=scores, ancestor_mask=ancestors, paths=paths
+    )
 
 
 # draft_step(tokens (n,), parent_hidden (n, d), position (int), ancestor_mask (n, m)) -> (hidden (n, d), log_probs (n, V))
