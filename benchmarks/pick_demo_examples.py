@@ -3,9 +3,10 @@
     python benchmarks/pick_demo_examples.py --out specvlm_hf/demo_examples
 
 Draws scenes with the mini VLM's own data generator (a seed its training never used), asks the demo's questions
-(greedy, float32, as the demo decodes) and keeps the first three-shape scene whose description names every shape with its size,
-colour and place, the right count and the background, and the first three-shape scene whose count or colour
-question is answered right without naming a shape it does not have. Writes the images and `examples.json` (image, prompt, the model's answer, the scene).
+(greedy, float32, as the demo decodes) and keeps the first three-shape scene whose description names every shape
+with its size, colour and place, the right count and the background, and the first three-shape scene whose count or
+colour question is answered right without naming a shape it does not have. Writes the images and `examples.json`
+(image, prompt, the model's answer, the scene).
 """
 
 from __future__ import annotations

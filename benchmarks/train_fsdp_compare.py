@@ -372,14 +372,17 @@ def scale_section(bench: Bench, data: Path) -> dict:
 def print_runs(title: str, runs: dict) -> None:
     print(f"--- {title}")
     print(
-        f"{'run':>16} {'exit':>7} {'steps':>6} {'tok/s':>10} {'last loss':>10} {'sigma':>6} {'target GiB/GPU':>15} {'peak GiB per GPU':>20}"
+        f"{'run':>16} {'exit':>7} {'steps':>6} {'tok/s':>10} {'last loss':>10} {'sigma':>6} "
+        f"{'target GiB/GPU':>15} {'peak GiB per GPU':>20}"
     )
     for name, run in runs.items():
         loss = run.get("loss_curve", [(0, float("nan"))])[-1][1] if run.get("loss_curve") else float("nan")
         peak = " ".join(f"{g:.2f}" for g in run.get("peak_memory_gib_per_process") or [])
         print(
-            f"{name:>16} {run.get('exit', '-')!s:>7} {run.get('steps', 0):>6} {run.get('tokens_per_second', 0):>10.0f} {loss:>10.4f} "
-            f"{(run.get('sigma') or {}).get('tree', float('nan')):>6.2f} {run.get('target_weight_gib_per_process', float('nan')):>15.3f} {peak:>20}",
+            f"{name:>16} {run.get('exit', '-')!s:>7} {run.get('steps', 0):>6} "
+            f"{run.get('tokens_per_second', 0):>10.0f} {loss:>10.4f} "
+            f"{(run.get('sigma') or {}).get('tree', float('nan')):>6.2f} "
+            f"{run.get('target_weight_gib_per_process', float('nan')):>15.3f} {peak:>20}",
             flush=True,
         )
 
@@ -580,8 +583,9 @@ def main(argv=None):
     args.skip = [s for s in args.skip.split(",") if s]
     bench = Bench(args)
     log(
-        f"{bench.result['environment'].get('machine')}; torch {bench.result['environment'].get('torch')}, transformers "
-        f"{bench.result['environment'].get('transformers')}, accelerate {bench.result['environment'].get('accelerate')}"
+        f"{bench.result['environment'].get('machine')}; torch {bench.result['environment'].get('torch')}, "
+        f"transformers {bench.result['environment'].get('transformers')}, "
+        f"accelerate {bench.result['environment'].get('accelerate')}"
     )
     if not args.dry_run:
         import torch

@@ -1,7 +1,7 @@
 """Draw the training-time scaling curve of several runs in one figure (sigma against epoch, tree and chain).
 
-    python benchmarks/train_plot_scaling.py --runs eaglevlm=out/eaglevlm/metrics.json specvlm=out/specvlm/metrics.json \
-        --out results/train_scaling_curve.png
+    python benchmarks/train_plot_scaling.py --runs eaglevlm=out/eaglevlm/metrics.json \
+        specvlm=out/specvlm/metrics.json --out results/train_scaling_curve.png
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ layer, `fc`, and the `lm_head` products of the soft cross-entropy) over the step
 (the dense bf16 matrix rate measured on an H200; the run measures it again) and the 989 TFLOP/s datasheet peak.
 Padding is not counted as work.
 
-Writes `--out/train_throughput.json` after every process (machine, versions, every number) and `--out/train_throughput.log`
-(every process's output), and prints a table.
+Writes `--out/train_throughput.json` after every process (machine, versions, every number) and
+`--out/train_throughput.log` (every process's output), and prints a table.
 """
 
 from __future__ import annotations
@@ -325,7 +325,8 @@ def train_worker(args) -> dict:
         torch.cuda.synchronize()
     built = time.perf_counter() - started
     log(
-        f"{args.shape}: target built in {built:.1f} s ({sum(p.numel() for p in target.parameters()) / 1e9:.2f} B parameters)"
+        f"{args.shape}: target built in {built:.1f} s "
+        f"({sum(p.numel() for p in target.parameters()) / 1e9:.2f} B parameters)"
     )
     text_range = (10, 40) if tiny else (100, 400)
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
@@ -421,7 +422,8 @@ def train_one(
     trainer.timer = StepTimer(trainer.accelerator.device) if StepTimer is not None else None
     draft_parameters = sum(p.numel() for p in trainer.draft.parameters())
     log(
-        f"  {run['name']}: batch {batch} x {accum}, {warmup} + {steps} steps, {draft_parameters / 1e6:.0f} M draft parameters"
+        f"  {run['name']}: batch {batch} x {accum}, {warmup} + {steps} steps, "
+        f"{draft_parameters / 1e6:.0f} M draft parameters"
     )
     metrics = trainer.train()
     entries = metrics["train"]
@@ -744,7 +746,8 @@ def main(argv=None):
 
 def print_table(result: dict) -> None:
     print(
-        f"{'run':>28} {'tok/s':>8} {'s/step':>7} {'MFU790':>7} {'TFLOP/s':>8} {'teacher':>8} {'draft':>7} {'optim':>6} {'data':>6} {'peakGiB':>8} {'pad':>5}"
+        f"{'run':>28} {'tok/s':>8} {'s/step':>7} {'MFU790':>7} {'TFLOP/s':>8} {'teacher':>8} {'draft':>7} "
+        f"{'optim':>6} {'data':>6} {'peakGiB':>8} {'pad':>5}"
     )
     for name, run in result["runs"].items():
         if run.get("kernel_warmup_only"):
@@ -756,8 +759,10 @@ def print_table(result: dict) -> None:
         phases = run.get("phase_seconds_per_step", {})
         print(
             f"{name:>28} {run['tokens_per_second']:>8.0f} {run['seconds_per_step']:>7.3f} {run['mfu_vs_790']:>7.3f} "
-            f"{run['model_tflops_per_second']:>8.1f} {phases.get('teacher', float('nan')):>8.3f} {phases.get('draft', float('nan')):>7.3f} "
-            f"{phases.get('optimizer', float('nan')):>6.3f} {phases.get('data', float('nan')):>6.3f} {run.get('peak_memory_gib', float('nan')):>8.1f} "
+            f"{run['model_tflops_per_second']:>8.1f} {phases.get('teacher', float('nan')):>8.3f} "
+            f"{phases.get('draft', float('nan')):>7.3f} "
+            f"{phases.get('optimizer', float('nan')):>6.3f} {phases.get('data', float('nan')):>6.3f} "
+            f"{run.get('peak_memory_gib', float('nan')):>8.1f} "
             f"{run['padding_fraction']:>5.2f}",
             flush=True,
         )

@@ -285,7 +285,10 @@ def format_table(report: dict) -> str:
     demo` use on this device (marked *), and why outputs may differ from plain `generate`."""
     from .commands.common import exactness_note
 
-    header = f"{'method':<22}{'tok/s':>9}{'x plain':>9}{'x static':>9}{'sigma':>7}{'round ms':>10}{'draft KV MB':>12}  equal  status"
+    header = (
+        f"{'method':<22}{'tok/s':>9}{'x plain':>9}{'x static':>9}{'sigma':>7}{'round ms':>10}{'draft KV MB':>12}"
+        "  equal  status"
+    )
     lines = [
         f"device: {report['device']}  dtype: {report['dtype']}  cases: {report['cases']}  "
         f"max_new_tokens: {report['max_new_tokens']}",
@@ -300,7 +303,8 @@ def format_table(report: dict) -> str:
         name = r["method"] + (" *" if method_mode(r["method"]) == report.get("default_mode") else "")
         lines.append(
             f"{name:<22}{num(r['tokens_per_second'] or None, '9.1f'):>9}{num(r['speedup'].get('plain'), '9.2f'):>9}"
-            f"{num(r['speedup'].get('plain-static'), '9.2f'):>9}{num(r['sigma'], '7.2f'):>7}{num(r['round_ms'], '10.1f'):>10}"
+            f"{num(r['speedup'].get('plain-static'), '9.2f'):>9}{num(r['sigma'], '7.2f'):>7}"
+            f"{num(r['round_ms'], '10.1f'):>10}"
             f"{num(r['draft_kv_mb'], '12.2f'):>12}  {equal:<5}  {r['status']}"
         )
         if r.get("projected"):

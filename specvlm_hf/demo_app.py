@@ -395,7 +395,8 @@ def build_demo(models: DemoModels, max_new_tokens_limit: int = MAX_NEW_TOKENS_LI
     with gr.Blocks(title="SpecVLM demo") as demo:
         gr.Markdown(
             f"# SpecVLM: lossless speculative decoding for VLMs\n"
-            f"Target: **{html.escape(models.name)}**, draft in **{html.escape(models.draft.config.decoding_mode)}** mode. "
+            f"Target: **{html.escape(models.name)}**, "
+            f"draft in **{html.escape(models.draft.config.decoding_mode)}** mode. "
             "Plain `generate` runs first, then SpecVLM with its draft, on the same hardware; both are greedy, so in "
             "float32 the texts are identical token for token and only the speed differs (lower precision can part at "
             "near-ties). In the SpecVLM pane each colour band is one target forward (the tokens one round accepted)."

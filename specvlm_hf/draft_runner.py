@@ -2,8 +2,8 @@
 
 At position t the draft reads the pair (x_{t+1}, f_t): the target's input embedding of the next token and the
 target's final hidden state at t. `prompt_pairs` builds a prompt's pairs from the target's prefill;
-`DraftRunner` runs the draft over blocks of pairs on a cache window (`kv_cache.py`: dynamic or static cache), and is shared
-by the tree round (`round.SpeculativeRound`), chain mode (`chain.py`) and training (`training/objective.py`).
+`DraftRunner` runs the draft over blocks of pairs on a cache window (`kv_cache.py`: dynamic or static cache), and is
+shared by the tree round (`round.SpeculativeRound`), chain mode (`chain.py`) and training (`training/objective.py`).
 """
 
 from __future__ import annotations

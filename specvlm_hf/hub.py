@@ -259,7 +259,8 @@ def _target_loading_code(base_model: str | None, target_name: str) -> str:
         return "from specvlm_hf.mini import load\n\ntarget, processor = load()  # the built-in mini VLM, on CPU"
     return (
         "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
-        'target = AutoModelForImageTextToText.from_pretrained("<the target>")  # the model this draft was trained for\n'
+        'target = AutoModelForImageTextToText.from_pretrained("<the target>")  '
+        "# the model this draft was trained for\n"
         'processor = AutoProcessor.from_pretrained("<the target>")'
     )
 

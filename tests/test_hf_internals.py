@@ -96,7 +96,8 @@ def test_static_cache_write_position_is_a_device_tensor():
 
 
 def test_length_rules_read_the_processors_fields():
-    """MinLengthLogitsProcessor.min_length; MinNewTokensLengthLogitsProcessor.prompt_length_to_skip, .min_new_tokens."""
+    """MinLengthLogitsProcessor.min_length;
+    MinNewTokensLengthLogitsProcessor.prompt_length_to_skip, .min_new_tokens."""
     assert hf_internals.length_rule_active(MinLengthLogitsProcessor(9, 2), 8) is True
     assert hf_internals.length_rule_active(MinLengthLogitsProcessor(9, 2), 9) is False
     rule = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=4, min_new_tokens=3, eos_token_id=2)

@@ -274,7 +274,8 @@ RECORD_UPDATES = """
     const pane = document.querySelector(id);
     new MutationObserver(() => {
       const tokens = pane.querySelector('.tokens');
-      if (tokens) window.__panes[key].push({text: tokens.textContent.length, running: !!pane.querySelector('.cursor')});
+      if (tokens) window.__panes[key].push({text: tokens.textContent.length, \
+running: !!pane.querySelector('.cursor')});
     }).observe(pane, {subtree: true, childList: true, characterData: true});
   };
   watch('#plain-output', 'plain');

@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 from transformers import AutoProcessor
 
+import specvlm_hf
 from specvlm_hf import SpecVLMDraftModel
 from specvlm_hf.mini import WEIGHTS_DIR
 from specvlm_hf.adapters import adapter_for
@@ -134,6 +135,41 @@ def test_short_run_on_the_mini_vlm_lowers_the_loss_and_raises_held_out_sigma(tmp
     assert (tmp_path / "run" / "scaling_curve.png").exists() or pytest.importorskip("matplotlib") is None
     reloaded = SpecVLMDraftModel.from_pretrained(tmp_path / "run" / "draft")
     assert set(reloaded.state_dict()) == set(SpecVLMDraftModel.from_target(tiny_target()).state_dict())
+
+
+def test_a_reduced_draft_vocabulary_is_built_from_the_answers_and_trains(tmp_path, data, processor):
+    """`--draft-vocab-size N`: the fresh draft scores EOS and the N - 1 most frequent answer tokens, learns (the loss
+    falls on those tokens), is saved with its vocabulary, and decodes exactly like plain `generate`."""
+    from specvlm_hf.draft_vocab import count_tokens
+    from specvlm_hf.training.data import answer_token_ids
+
+    path, records = data
+    config = _config(
+        tmp_path, path, per_device_batch_size=4, max_steps=6, num_epochs=1, draft_vocab_size=48, learning_rate=2e-3
+    )
+    trainer = DistillTrainer(config, train_records=records[:32], eval_records=records[32:35])
+    metrics = trainer.train()
+    losses = [entry["loss"] for entry in metrics["train"]]
+    assert losses[-1] < losses[0]
+    vocab = trainer.draft.draft_vocab.tolist()
+    counts = count_tokens(answer_token_ids(records[:32], processor.tokenizer), 4096)
+    frequent = counts.topk(20).indices.tolist()
+    assert 1 in vocab and set(frequent) <= set(vocab), "EOS and the most frequent answer tokens are scored"
+    reloaded = SpecVLMDraftModel.from_pretrained(tmp_path / "run" / "draft")
+    assert reloaded.draft_vocab.tolist() == vocab
+    target = specvlm_hf.enable(trainer.target.float())
+    example = Collator(0)([trainer.eval_set[0]])
+    prompt = int(example["labels"][0].float().argmax())  # the prompt: everything before the first answer token
+    inputs = {
+        "input_ids": example["input_ids"][:, :prompt],
+        "attention_mask": example["attention_mask"][:, :prompt],
+        "pixel_values": example["pixel_values"],
+    }
+    kwargs = dict(max_new_tokens=16, do_sample=False)
+    assert (
+        target.generate(**inputs, **kwargs, assistant_model=reloaded.bind_target(target)).tolist()
+        == target.generate(**inputs, **kwargs).tolist()
+    )
 
 
 class _Killed(Exception):

@@ -34,7 +34,8 @@ def mini():
     [
         (
             4096,
-            r"tree_top_k=4096 and tree_depth=7 score tree_top_k\^2 x tree_depth = 117,440,512 candidate tokens per round, "
+            r"tree_top_k=4096 and tree_depth=7 score tree_top_k\^2 x tree_depth = "
+            r"117,440,512 candidate tokens per round, "
             r"more than the 1,048,576 allowed; lower tree_top_k \(EAGLE-2 uses 10\) or tree_depth",
         ),
         (5000, r"tree_top_k=5000 is more than the vocabulary \(4096 tokens\); use at most 4096"),

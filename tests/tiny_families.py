@@ -132,15 +132,37 @@ def tiny_qwen3_vl(seed: int = 0, scale: float = 8.0):
 def tiny_qwen3_vl_moe(seed: int = 0, scale: float = 8.0):
     """Qwen3-VL-MoE: the Qwen3-VL layout with mixture-of-experts text layers (4 experts, 2 per token)."""
     torch.manual_seed(seed)
-    text = dict(QWEN_TEXT, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                decoder_sparse_step=1, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                                        "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    text = dict(
+        QWEN_TEXT,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        decoder_sparse_step=1,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1e4,
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+        },
+    )
     config = Qwen3VLMoeConfig(
         text_config=text,
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
-                           spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, out_hidden_size=64,
-                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
-        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=PATCH,
+            spatial_merge_size=MERGE,
+            temporal_patch_size=TEMPORAL,
+            out_hidden_size=64,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=QWEN_IMAGE,
+        video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_START,
         vision_end_token_id=QWEN_END,
     )
     return _finish(Qwen3VLMoeForConditionalGeneration(config), scale)

@@ -117,8 +117,8 @@ def check_model_folder(name: str, flag: str = "--model"):
         architectures = ", ".join(config_data.get("architectures") or []) or "a model"
         if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
             raise UserError(
-                f"{flag} {name} holds {architectures} (model_type {model_type!r}), not a vision-language model; pass a "
-                "LLaVA-style image-text-to-text model folder (with its processor)."
+                f"{flag} {name} holds {architectures} (model_type {model_type!r}), not a vision-language model; "
+                "pass a LLaVA-style image-text-to-text model folder (with its processor)."
             )
         check_safetensors(path)
     elif not HUB_ID.match(name):
@@ -136,8 +136,8 @@ def check_model_folder(name: str, flag: str = "--model"):
     if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         architectures = ", ".join(getattr(config, "architectures", None) or []) or "a model"
         raise UserError(
-            f"{flag} {name} holds {architectures} (model_type {config.model_type!r}), not a vision-language model; pass a "
-            "LLaVA-style image-text-to-text model (with its processor)."
+            f"{flag} {name} holds {architectures} (model_type {config.model_type!r}), not a vision-language model; "
+            "pass a LLaVA-style image-text-to-text model (with its processor)."
         )
     return config
 

@@ -66,8 +66,8 @@ def register(subparsers):
         "--mode",
         default=None,
         choices=["tree", "chain"],
-        help="Decoding mode (default: tree on a GPU, chain on the CPU, where scoring a 60-token tree costs more than it "
-        "saves; the same rule as `specvlm demo` and `specvlm bench`).",
+        help="Decoding mode (default: tree on a GPU, chain on the CPU, where scoring a 60-token tree costs more than "
+        "it saves; the same rule as `specvlm demo` and `specvlm bench`).",
     )
     parser.add_argument(
         "--fast",
@@ -207,7 +207,8 @@ def _run(args):
     else:
         comparison = exactness_note(args.dtype, spec_text == text)
     print(
-        f"\n[{spec_stats['new_tokens']} tokens in {spec_stats['seconds']:.2f} s: {spec_stats['tokens_per_second']:.1f} tokens/s "
+        f"\n[{spec_stats['new_tokens']} tokens in {spec_stats['seconds']:.2f} s: "
+        f"{spec_stats['tokens_per_second']:.1f} tokens/s "
         f"with the {args.draft if args.draft != 'default' else 'default'} draft ({draft.config.decoding_mode}"
         f"{', fast path' if args.fast and draft.config.decoding_mode == 'tree' else ''}) on {device} "
         f"({args.dtype}); sigma {draft.stats.sigma:.2f} tokens per target forward; speedup "

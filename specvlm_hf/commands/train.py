@@ -4,7 +4,7 @@
     specvlm train --target llava-hf/llava-1.5-7b-hf --data mix665k.json --image-folder images \
         --compressor select --num-epochs 3 --output-dir llava-draft
     accelerate launch --num_processes 2 -m specvlm_hf.cli train ...       # data-parallel on 2 GPUs
-    accelerate launch --multi_gpu --num_processes 2 -m specvlm_hf.cli train --shard-target ...   # target sharded (FSDP)
+    accelerate launch --multi_gpu --num_processes 2 -m specvlm_hf.cli train --shard-target ...  # target sharded (FSDP)
 
 Every option comes from `specvlm_hf.training.DistillConfig` (the Python API takes the same fields).
 """

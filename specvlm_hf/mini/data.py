@@ -196,7 +196,8 @@ def describe_scene(scene: Scene, rng: random.Random) -> str:
         [
             f"The image shows {number_word(n)} {plural('shape', n)} on a {scene.background} background.",
             f"This picture contains {number_word(n)} {plural('shape', n)} drawn on a {scene.background} background.",
-            f"There {'is' if n == 1 else 'are'} {number_word(n)} {plural('shape', n)} in this image, set against a {scene.background} background.",
+            f"There {'is' if n == 1 else 'are'} {number_word(n)} {plural('shape', n)} in this image, "
+            f"set against a {scene.background} background.",
             f"I can see {number_word(n)} {plural('shape', n)} on a plain {scene.background} background.",
             f"On a {scene.background} background, the image has {number_word(n)} simple {plural('shape', n)}.",
             f"This is a simple drawing of {number_word(n)} {plural('shape', n)} over a {scene.background} background.",
@@ -309,8 +310,10 @@ def colour_question(scene: Scene, rng: random.Random) -> tuple[str, str, str] | 
         subject = f"The shape in the {shape.position}"
     answer = rng.choice(
         [
-            f"{subject} is {shape.colour}. It is {with_article(f'{shape.size} {shape.colour} {shape.kind}')} {where(shape, rng)}, drawn on a {scene.background} background.",
-            f"It is {shape.colour}. {subject} is {with_article(f'{shape.size} {shape.kind}')} filled with {shape.colour}, located {where(shape, rng)}.",
+            f"{subject} is {shape.colour}. It is {with_article(f'{shape.size} {shape.colour} {shape.kind}')} "
+            f"{where(shape, rng)}, drawn on a {scene.background} background.",
+            f"It is {shape.colour}. {subject} is {with_article(f'{shape.size} {shape.kind}')} "
+            f"filled with {shape.colour}, located {where(shape, rng)}.",
         ]
     )
     others = [s for s in scene.shapes if s != shape]
@@ -337,8 +340,10 @@ def position_question(scene: Scene, rng: random.Random) -> tuple[str, str, str] 
         target = "above" if a.row < b.row else "below"
     answer = rng.choice(
         [
-            f"The {a.name} is {relation} the {b.name}. The {a.name} is {where(a, rng)}, while the {b.name} is {where(b, rng)}.",
-            f"It is {relation} it. I can see the {a.name} {where(a, rng)} and the {b.name} {where(b, rng)}, so the {a.name} is {relation} the {b.name}.",
+            f"The {a.name} is {relation} the {b.name}. The {a.name} is {where(a, rng)}, "
+            f"while the {b.name} is {where(b, rng)}.",
+            f"It is {relation} it. I can see the {a.name} {where(a, rng)} and the {b.name} {where(b, rng)}, "
+            f"so the {a.name} is {relation} the {b.name}.",
         ]
     )
     return question, answer, target

@@ -302,7 +302,8 @@ def train(config: MiniTrainConfig) -> dict:
     answer_tokens = int((data.lengths - data.prompt_lengths).clamp(min=0).sum())
     print(
         f"[mini] data: {len(data.lengths)} examples, {len(data.pixels)} images, {int(data.lengths.sum())} tokens "
-        f"({answer_tokens} answer tokens), mean length {data.lengths.float().mean():.0f} ({time.time() - start_time:.0f}s)",
+        f"({answer_tokens} answer tokens), mean length {data.lengths.float().mean():.0f} "
+        f"({time.time() - start_time:.0f}s)",
         flush=True,
     )
     data = data.to(device)
@@ -348,7 +349,8 @@ def train(config: MiniTrainConfig) -> dict:
             value = loss.item()
             history.append({"step": step, "loss": value, "minutes": (time.time() - loop_start) / 60})
             print(
-                f"[mini] step {step} loss {value:.4f} lr {optimizer.param_groups[0]['lr']:.2e} ({time.time() - loop_start:.0f}s)",
+                f"[mini] step {step} loss {value:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                f"({time.time() - loop_start:.0f}s)",
                 flush=True,
             )
 

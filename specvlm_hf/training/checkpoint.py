@@ -52,7 +52,8 @@ def prepare_output_dir(output_dir, resume: bool = False, overwrite: bool = False
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise UserError(
             f"--output-dir {output_dir} is not empty ({shown}); pass --resume to continue the run in it, "
-            "--overwrite-output-dir to start afresh there (deletes its checkpoints, draft and metrics), or another folder."
+            "--overwrite-output-dir to start afresh there (deletes its checkpoints, draft and metrics), "
+            "or another folder."
         )
     if overwrite and entries and main_process:
         for pattern in RUN_OUTPUTS:

@@ -43,13 +43,23 @@ class DistillConfig:
     attn_implementation: str = option("sdpa", "Attention backend of the target and the draft.", ("sdpa", "eager"))
     shard_target: bool = option(
         False,
-        "Shard the frozen target over the processes of `accelerate launch --num_processes N` (FSDP2: each process holds 1/N of every decoder layer of its language model; the embedding, lm_head and vision tower stay whole on every process) instead of replicating it, for targets that do not fit one GPU. The draft still trains data-parallel. Needs N >= 2 processes and torch >= 2.7; each process loads the target into host memory once before sharding it.",
+        "Shard the frozen target over the processes of `accelerate launch --num_processes N` (FSDP2: each process "
+        "holds 1/N of every decoder layer of its language model; the embedding, lm_head and vision tower stay whole "
+        "on every process) instead of replicating it, for targets that do not fit one GPU. The draft still trains "
+        "data-parallel. Needs N >= 2 processes and torch >= 2.7; each process loads the target into host memory "
+        "once before sharding it.",
     )
     draft: str | None = option(
         None,
-        "Continue from this draft folder (its config, compressor included, is kept); default: a fresh draft sized to the target.",
+        "Continue from this draft folder (its config, compressor included, is kept); "
+        "default: a fresh draft sized to the target.",
     )
     num_draft_layers: int = option(1, "Decoder layers of a fresh draft.")
+    draft_vocab_size: int | None = option(
+        None,
+        "A fresh draft scores only this many target tokens: the most frequent in the training answers, plus EOS "
+        "(for large vocabularies, e.g. 32768 for Qwen or Gemma); default: the full vocabulary.",
+    )
     compressor: str = option(
         "none",
         "Visual compressor of a fresh draft ('none' = EagleVLM).",
@@ -57,7 +67,8 @@ class DistillConfig:
     )
     compressor_branches: str | None = option(
         None,
-        "Comma-separated branches for select/concat, e.g. 'prune@4,pool@4,conv@3,resampler@2,text' (default: the compressor's).",
+        "Comma-separated branches for select/concat, e.g. 'prune@4,pool@4,conv@3,resampler@2,text' "
+        "(default: the compressor's).",
     )
     compressor_fixed: str = option("pool@4", "The branch of compressor='fixed'.")
     compressor_ratio: float = option(3.0, "Compression ratio of compressor='weighted'.")
@@ -71,7 +82,8 @@ class DistillConfig:
     )
     image_folder: str | None = option(
         None,
-        "Folder that the records' 'image' paths are relative to (default: the JSON file's folder, then its images/ subfolder).",
+        "Folder that the records' 'image' paths are relative to "
+        "(default: the JSON file's folder, then its images/ subfolder).",
     )
     eval_data: str | None = option(
         None, "Held-out data for evaluation (same formats); default: the last --eval-examples records of --data."
@@ -82,16 +94,20 @@ class DistillConfig:
     # ---- optimisation
     output_dir: str = option(
         "specvlm-draft",
-        "Folder for checkpoints, the final draft, metrics.json and the scaling-curve plot. A folder that is not empty is refused unless --resume or --overwrite-output-dir is given; it must be writable (checked before the first step).",
+        "Folder for checkpoints, the final draft, metrics.json and the scaling-curve plot. A folder that is not "
+        "empty is refused unless --resume or --overwrite-output-dir is given; it must be writable (checked before "
+        "the first step).",
     )
     overwrite_output_dir: bool = option(
         False,
-        "Start afresh in a non-empty output_dir: deletes the previous run's checkpoints, draft/, metrics.json and scaling_curve.png first (other files stay).",
+        "Start afresh in a non-empty output_dir: deletes the previous run's checkpoints, draft/, metrics.json and "
+        "scaling_curve.png first (other files stay).",
     )
     num_epochs: int = option(1, "Passes over the training data (ignored when max_steps is given).")
     max_steps: int | None = option(
         None,
-        "Total optimizer steps; overrides num_epochs as in Hugging Face's Trainer (the data is passed over as often as needed). Default: num_epochs full passes.",
+        "Total optimizer steps; overrides num_epochs as in Hugging Face's Trainer (the data is passed over as often "
+        "as needed). Default: num_epochs full passes.",
     )
     max_train_minutes: float | None = option(
         None, "Stop (evaluate, checkpoint, save the draft) once training has run this long."
@@ -118,12 +134,14 @@ class DistillConfig:
     )
     unroll_steps: int = option(
         1,
-        "Train k >= 1 steps ahead: step j feeds the draft its own step j-1 predictions as the features of the answer tokens (beyond the paper).",
+        "Train k >= 1 steps ahead: step j feeds the draft its own step j-1 predictions as the features of the "
+        "answer tokens (beyond the paper).",
     )
     unroll_detach: bool = option(True, "Stop gradients through the fed-back predictions of unrolled steps.")
     loss_chunk_rows: int = option(
         1024,
-        "Answer tokens scored through the lm_head at once by the soft cross-entropy (memory: a few chunk x vocabulary fp32 tensors; the loss is the same for any value).",
+        "Answer tokens scored through the lm_head at once by the soft cross-entropy (memory: a few chunk x "
+        "vocabulary fp32 tensors; the loss is the same for any value).",
     )
     bf16: bool = option(True, "bf16 autocast on CUDA (ignored on CPU).")
     seed: int = option(0, "Seed of the initialisation, the data order and the augmentation.")
@@ -132,7 +150,9 @@ class DistillConfig:
     save_total_limit: int = option(2, "Checkpoints kept (older ones are deleted).")
     resume: bool = option(
         False,
-        "Continue from the latest checkpoint in output_dir (weights, optimizer, scheduler, RNG, data position). The run's settings must be the checkpoint's, except those in RESUME_MAY_CHANGE (the total step count only with the constant schedule).",
+        "Continue from the latest checkpoint in output_dir (weights, optimizer, scheduler, RNG, data position). "
+        "The run's settings must be the checkpoint's, except those in RESUME_MAY_CHANGE (the total step count only "
+        "with the constant schedule).",
     )
     log_steps: int = option(10, "Record the loss every this many optimizer steps.")
     eval_each_epoch: bool = option(

@@ -332,3 +332,14 @@ class Collator:
                 [0 if e["pixel_values"] is None else e["pixel_values"].shape[0] for e in examples]
             ),
         }
+
+
+def answer_token_ids(records: list[dict], tokenizer) -> list[list[int]]:
+    """The token ids of every answer (assistant turn) of `records`: what the target says, to choose a reduced
+    draft vocabulary from (`specvlm_hf.draft_vocab`)."""
+    answers = []
+    for record in records:
+        for turn in record.get("conversations", []):
+            if ROLES.get(turn.get("from")) == "assistant" and turn.get("value"):
+                answers.append(tokenizer(turn["value"], add_special_tokens=False)["input_ids"])
+    return answers

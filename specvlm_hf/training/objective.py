@@ -246,6 +246,8 @@ class DistillationObjective(nn.Module):
         b_row, r_row = seq.loss_rows[:, 0], seq.loss_rows[:, 1]
         target_features = teacher.features[b_pair, t_pair + 1]
         head = draft.get_output_embeddings()
+        if draft.draft_vocab is not None:  # a reduced vocabulary: both distributions over its tokens only
+            head = _RowsOf(head, draft.draft_vocab)
 
         fused = seq.fused
         total = fused.new_zeros((), dtype=torch.float32)
@@ -290,3 +292,13 @@ class DistillationObjective(nn.Module):
         out.loss = total
         out.logit_loss, out.feature_loss = logit_sum / steps, feature_sum / steps
         return out
+
+
+class _RowsOf:
+    """The rows `ids` of a frozen `lm_head` (weight and bias), as `fused_loss.soft_cross_entropy` reads a head."""
+
+    def __init__(self, head, ids: torch.Tensor):
+        ids = ids.to(head.weight.device)
+        self.weight = head.weight.detach().index_select(0, ids)
+        bias = getattr(head, "bias", None)
+        self.bias = bias.detach().index_select(0, ids) if bias is not None else None

@@ -37,7 +37,16 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import DistillConfig, resume_conflicts
-from .data import Collator, ConversationDataset, ImageResolver, first_prompt, load_records, record_images
+from ..draft_vocab import choose_draft_vocab, count_tokens
+from .data import (
+    Collator,
+    ConversationDataset,
+    ImageResolver,
+    answer_token_ids,
+    first_prompt,
+    load_records,
+    record_images,
+)
 from .evaluation import measure_sigma, plot_scaling_curve, prompt_inputs
 from .objective import DistillationObjective, teacher_forward
 from .prefetch import Prefetcher
@@ -146,6 +155,7 @@ class DistillTrainer:
         else:
             self.target = target.to(device).eval().requires_grad_(False)
         self.processor = processor
+        fresh_draft = draft is None and not config.draft
         if draft is None:
             if config.draft:
                 draft = SpecVLMDraftModel.from_pretrained(config.draft)
@@ -154,6 +164,7 @@ class DistillTrainer:
                     self.target,
                     num_draft_layers=config.num_draft_layers,
                     compressor=config.compressor_settings(),
+                    draft_vocab_size=config.draft_vocab_size,
                     attn_implementation=config.attn_implementation,
                 )
         draft.bind_target(self.target)
@@ -178,6 +189,9 @@ class DistillTrainer:
         self.eval_resolver.check(eval_records)
         self.eos_ids = eos_token_ids(self.target, processor)
         tokenizer = getattr(processor, "tokenizer", processor)
+        if fresh_draft and config.draft_vocab_size:  # the target's most frequent answer tokens, EOS always
+            counts = count_tokens(answer_token_ids(train_records, tokenizer), self.draft.config.text_config.vocab_size)
+            self.draft.set_draft_vocab(choose_draft_vocab(counts, config.draft_vocab_size, always=self.eos_ids))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.collate = Collator(pad)
         self.train_set = ConversationDataset(train_records, processor, self.resolver, self.eos_ids, config.max_length)
@@ -188,8 +202,8 @@ class DistillTrainer:
         if self.steps_per_epoch == 0:
             raise UserError(
                 f"{len(self.train_set)} training records are fewer than one global batch ({self.global_batch} = "
-                f"{config.per_device_batch_size} per device x {config.gradient_accumulation_steps} accumulation x {world} "
-                "processes); lower the batch size or add data."
+                f"{config.per_device_batch_size} per device x {config.gradient_accumulation_steps} accumulation "
+                f"x {world} processes); lower the batch size or add data."
             )
         # as in Hugging Face's Trainer: max_steps, when given, is the run's length, however many epochs it takes
         self.total_steps = (
@@ -263,8 +277,8 @@ class DistillTrainer:
         if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise UserError(
                 f"--shard-target shards the frozen target itself; this run was launched with Accelerate's "
-                f"{accelerator.distributed_type.value} plugin, which would wrap the small trained draft instead. Launch "
-                "without --use_fsdp / --use_deepspeed: `accelerate launch --multi_gpu --num_processes N -m "
+                f"{accelerator.distributed_type.value} plugin, which would wrap the small trained draft instead. "
+                "Launch without --use_fsdp / --use_deepspeed: `accelerate launch --multi_gpu --num_processes N -m "
                 "specvlm_hf.cli train ... --shard-target`."
             )
         if accelerator.num_processes < 2:
@@ -272,8 +286,8 @@ class DistillTrainer:
             raise UserError(
                 "--shard-target shards the target over the processes of a multi-process launch, but this run has "
                 f"1 process ({where}). Launch it with `accelerate launch --multi_gpu --num_processes N -m "
-                "specvlm_hf.cli train ... --shard-target` (N >= 2, one process per GPU; on CPUs: `torchrun --nproc_per_node N "
-                "-m specvlm_hf.cli train --device cpu ...`), "
+                "specvlm_hf.cli train ... --shard-target` (N >= 2, one process per GPU; on CPUs: "
+                "`torchrun --nproc_per_node N -m specvlm_hf.cli train --device cpu ...`), "
                 "or drop --shard-target to train with a whole target on one device."
             )
 
@@ -360,9 +374,9 @@ class DistillTrainer:
         conflicts = resume_conflicts({}, self.config, state.get("total_steps"), self.total_steps)
         if conflicts:
             raise UserError(
-                f"--resume: {checkpoint} was written with other settings ({'; '.join(conflicts)}); keep --num-epochs / "
-                "--max-steps as they were (or use --lr-scheduler constant, whose schedule does not depend on the run's "
-                "length), or start afresh with --overwrite-output-dir."
+                f"--resume: {checkpoint} was written with other settings ({'; '.join(conflicts)}); "
+                "keep --num-epochs / --max-steps as they were (or use --lr-scheduler constant, whose schedule does "
+                "not depend on the run's length), or start afresh with --overwrite-output-dir."
             )
         load_draft_weights(self.accelerator.unwrap_model(self.model).draft, checkpoint / "draft")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -377,8 +391,9 @@ class DistillTrainer:
         )  # the settings of this run (resume_conflicts allowed the changes)
         if self.step >= self.total_steps:
             self.accelerator.print(
-                f"resumed from {checkpoint}: it is at step {self.step}, the end of this run ({self.total_steps} steps), so "
-                "there is nothing to train; raise --num-epochs or --max-steps to train further."
+                f"resumed from {checkpoint}: it is at step {self.step}, the end of this run "
+                f"({self.total_steps} steps), so there is nothing to train; raise --num-epochs or --max-steps to "
+                "train further."
             )
             return
         self.accelerator.print(
@@ -446,7 +461,8 @@ class DistillTrainer:
                 last = latest_checkpoint(self.output_dir)
                 raise NonFiniteLossError(
                     f"Non-finite loss or gradient at step {self.step + 1} (loss {loss}, gradient norm {grad_norm}); "
-                    f"stopped without updating the weights. The last good checkpoint is {last or 'none (no checkpoint yet)'}; "
+                    "stopped without updating the weights. "
+                    f"The last good checkpoint is {last or 'none (no checkpoint yet)'}; "
                     "lower --learning-rate or --max-grad-norm, check the data, then continue with --resume."
                 )
             self.optimizer.step()

@@ -261,11 +261,12 @@ class LlavaNextAdapter(TargetAdapter):
 
 @register
 class QwenVLAdapter(TargetAdapter):
-    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: M-RoPE positions (text after an image sits at `index + rope_deltas`);
-    images counted from `image_grid_thw` (`pixel_values` are patch rows); each image's tokens are its merged
-    `(t, h / m, w / m)` grid, row-major, one run per image between vision-start and vision-end tokens."""
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and MoE): M-RoPE positions (text after an image sits at
+    `index + rope_deltas`); images counted from `image_grid_thw` (`pixel_values` are patch rows); each image's tokens
+    are its merged `(t, h / m, w / m)` grid, row-major, one run per image between vision-start and vision-end
+    tokens."""
 
-    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
     tree_verified = True
 
     def position_offset(self) -> int:

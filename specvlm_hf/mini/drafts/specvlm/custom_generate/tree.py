@@ -97,7 +97,8 @@ def tree_from_parents(
     )
 
 
-# draft_step(tokens (n,), parent_hidden (n, d), position (int), ancestor_mask (n, m)) -> (hidden (n, d), log_probs (n, V))
+# draft_step(tokens (n,), parent_hidden (n, d), position (int), ancestor_mask (n, m))
+#     -> (hidden (n, d), log_probs (n, V))
 DraftStep = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
