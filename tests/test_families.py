@@ -63,7 +63,7 @@ def test_logits_match_plain_generate(family):
     speculative = target.generate(**inputs, **kwargs, assistant_model=oracle_draft(target, noise=0.002))
     assert speculative.sequences.tolist() == reference.sequences.tolist()
     for mine, theirs in zip(speculative.logits, reference.logits):
-        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)  # a position off by one: ~2e-4
+        torch.testing.assert_close(mine, theirs, atol=5e-5, rtol=1e-5)  # a position off by one: ~2e-4
 
 
 def test_position_offset_is_a_device_buffer_reused_across_images():
