@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .hf_internals import tensor_parallel_mesh
+from .target import unwrap_target
 
 _MODULUS = (1 << 61) - 1  # a Mersenne prime: the checksum stays a non-negative int64
 
@@ -51,7 +52,7 @@ class RankAgreement:
     @classmethod
     def for_target(cls, target, what: str = "tree") -> "RankAgreement | None":
         """The check for a target sharded by transformers' tensor parallelism over several ranks, else None."""
-        mesh = tensor_parallel_mesh(target)
+        mesh = tensor_parallel_mesh(unwrap_target(target))
         if mesh is None or mesh.size() < 2:
             return None
         return cls(mesh, what)
