@@ -161,3 +161,12 @@ def test_onevision_grid_matches_llava_onevision_feature_count(size):
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=torch.tensor([size]))
     assert features.pooler_output[0].shape[0] == side * side + rows * (cols + 1)
+
+
+def test_an_unsharded_model_has_no_tensor_parallel_mesh():
+    """`tensor_parallel_mesh` / `unsharded` on a model transformers did not shard; on a `tp_plan="auto"` target
+    (DTensor shards on a 1-D mesh) they are checked by `test_tensor_parallel.py` with two processes."""
+    model = tiny_llava()
+    assert hf_internals.tensor_parallel_mesh(model) is None
+    weight = model.lm_head.weight
+    assert hf_internals.unsharded(weight) is weight

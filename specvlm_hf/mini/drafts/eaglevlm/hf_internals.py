@@ -146,6 +146,37 @@ def onevision_grid(target_config, image_size, vision_aspect_ratio: str | None = 
 
 
 # --------------------------------------------------------------------------------------------------------------
+# tensor parallelism: transformers 5.x (`from_pretrained(..., tp_plan="auto")` or
+# `distributed_config=DistributedConfig(tp_plan="auto")` under torchrun) shards the layers of its `tp_plan` as
+# DTensor parameters on a 1-D device mesh and wraps their forwards with the collectives; the rest stays whole
+def tensor_parallel_mesh(model):
+    """The device mesh over which transformers' tensor parallelism shards `model`'s weights (its ranks each hold
+    a shard of every planned layer), or None for a model transformers did not shard (`model.tp_size` unset or 1:
+    one process, `device_map` splits, FSDP-sharded weights) or outside `torch.distributed`."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if (getattr(model, "tp_size", None) or 1) < 2:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    for parameter in model.parameters():
+        if isinstance(parameter, DTensor) and not all(p.is_replicate() for p in parameter.placements):
+            mesh = parameter.device_mesh
+            return mesh if mesh.ndim == 1 else mesh["tp"]
+    return None
+
+
+def unsharded(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a tensor-parallel weight (a DTensor: gathered from every rank, so every rank of its
+    mesh must call this at the same point), or the tensor itself."""
+    if not torch.distributed.is_available():
+        return tensor
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+# --------------------------------------------------------------------------------------------------------------
 # torch
 def dynamo_error_types() -> tuple[type, ...]:
     """Errors `torch.compile` raises while compiling (before the compiled function changed any state)."""

@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 
 from .compressor import VisualCompressor, image_spans
 from .configuration_specvlm_draft import SpecVLMDraftConfig
-from .hf_internals import cache_argument_name
+from .hf_internals import cache_argument_name, unsharded
 from .packaging import write_custom_generate
 from .stats import SpecVLMStats
 from .target import check_draft_fits, describe_target, target_text_config, unwrap_target
@@ -184,7 +184,8 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
         self._head_rows_key = key
         if getattr(head, "bias", None) is not None:
             raise ValueError("a reduced draft vocabulary needs an lm_head without bias")
-        rows = head.weight.detach().index_select(0, self.draft_vocab.to(head.weight.device))
+        weight = unsharded(head.weight.detach())  # a tensor-parallel head's rows are gathered from every rank
+        rows = weight.index_select(0, self.draft_vocab.to(weight.device))
         self._head_rows = rows.to(self.fc.weight.device)
 
     @property

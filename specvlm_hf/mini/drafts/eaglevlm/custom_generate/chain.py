@@ -23,6 +23,7 @@ from .kv_cache import GrowingWindow
 from .request_checks import prefix_positions
 from .stats import PhaseClock, SpecVLMStats
 from .target import FeatureTap
+from .tensor_parallel import RankAgreement
 
 
 class SpecVLMChainCandidateGenerator(CandidateGenerator):
@@ -69,6 +70,14 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.stats = draft.stats = SpecVLMStats(mode="chain", prompt_tokens=self.prompt_length)
         self.clock = PhaseClock(input_ids.device)
         self.verified_once = False
+        self.agreement = RankAgreement.for_target(adapter.model, "chain")  # on a tensor-parallel target
+
+    def _agree(self, input_ids: torch.Tensor, candidates: torch.Tensor) -> None:
+        """On a tensor-parallel target, checks that every rank holds the same sequence and candidates before
+        the target verifies them (ranks with different candidates would feed its collectives different shapes)."""
+        if self.agreement is not None:
+            self.agreement.add(input_ids[0, self.agreement.length :].tolist())
+            self.agreement.check(pending=candidates[0, input_ids.shape[1] :].tolist())
 
     def _position(self, index: int) -> int:
         """Position id of sequence index `index`."""
@@ -119,11 +128,13 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.clock.lap("verify" if self.verified_once else "setup")  # transformers' bookkeeping since the last round
         if self.prompt_embeds is None:
             if self.tap.inputs_embeds is None:
+                self._agree(input_ids, input_ids)
                 return input_ids, None  # before the prefill: let the target produce the first token
             self.prompt_embeds = self.tap.inputs_embeds[:, : self.prompt_length]
         n = input_ids.shape[1]
         budget = min(self.draft.config.chain_length, self.generation_config.max_length - n - 1)
         if budget <= 0:
+            self._agree(input_ids, input_ids)
             return input_ids, None
 
         hidden, log_probs = self._catch_up(input_ids)
@@ -146,6 +157,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.runner.rewind()
         self.clock.lap("draft")
         candidate_logits = torch.stack(draft_scores)[None] if draft_scores else None
+        self._agree(input_ids, sequence)
         return sequence, candidate_logits
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):

@@ -32,6 +32,7 @@ from .request_checks import check_attention_backend, prefix_positions, validate_
 from .round import SpeculativeRound, fast_path_options
 from .stats import PhaseClock, SpecVLMStats, warn_if_low_acceptance
 from .target import FeatureTap
+from .tensor_parallel import RankAgreement
 from .tree import DraftTree
 from .verify import Acceptance, greedy_path, pack_acceptance, sampling_path, unpack_acceptance
 
@@ -171,12 +172,17 @@ class Decoding:
         self.want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
         self.scores, self.logits = [], []
         self.finished = False
+        self.agreement: RankAgreement | None = None  # a tensor-parallel target's check that its ranks agree
 
     def append(self, tokens: list[int]) -> int:
-        """Appends `tokens` up to the first that stops generation; streams them; returns how many were appended."""
+        """Appends `tokens` up to the first that stops generation; streams them; returns how many were appended.
+        On a tensor-parallel target, checks that every rank appended the same."""
         self.input_ids, appended, self.finished = append_until_stop(
             self.input_ids, tokens, self.stopping_criteria, self.host_rule
         )
+        if self.agreement is not None:
+            self.agreement.add(tokens[:appended])
+            self.agreement.check()
         if self.streamer is not None:  # from the host's copy: `.cpu()` on the device ids would wait for the GPU
             self.streamer.put(torch.tensor([tokens[:appended]]))
         return appended
@@ -282,6 +288,9 @@ def tree_assisted_decoding(
     else:
         model_kwargs[cache_key] = adapter.rewindable_cache(model_kwargs[cache_key])
     decoding = Decoding(input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats)
+    decoding.agreement = RankAgreement.for_target(model, "tree")
+    if decoding.agreement is not None:
+        decoding.agreement.add(input_ids[0].tolist())
 
     # 1. prefill: the same call plain `generate` makes, so the first token is bit-identical; the tap records
     # the prompt's merged input embeddings and final hidden states for the draft
