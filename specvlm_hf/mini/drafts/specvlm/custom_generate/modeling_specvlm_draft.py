@@ -134,8 +134,12 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
             target: a transformers VLM (e.g. `LlavaForConditionalGeneration`), possibly PEFT-wrapped.
             overrides: `SpecVLMDraftConfig` fields, e.g. `num_draft_layers=2`, `tree_total_tokens=40`.
         """
-        text = target_text_config(target).to_dict()
-        attn = overrides.pop("attn_implementation", "sdpa")
+        text_config = target_text_config(target)
+        text = text_config.to_dict()
+        # sdpa, unless the target's text model runs eager attention (some architectures have no sdpa kernel)
+        attn = overrides.pop("attn_implementation", None)
+        if attn is None:
+            attn = "eager" if getattr(text_config, "_attn_implementation", None) == "eager" else "sdpa"
         config = SpecVLMDraftConfig(text_config=text, target=describe_target(target), **overrides)
         config._attn_implementation = attn
         draft = cls(config)
