@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EnvironmentProblem, UserError
+from .hf_internals import hub_client_factory
 from .packaging import LOCATION_FILE, draft_location_source
 
 logger = logging.getLogger(__name__)
@@ -362,15 +363,13 @@ def require_token(token: str | None = None) -> str:
 def request_timeout(seconds: float):
     """Gives every `huggingface_hub` request in the block a timeout (its client has none by default, so a server
     that accepts connections but never answers would hang the upload forever)."""
-    import httpx
     from huggingface_hub import set_client_factory
-    from huggingface_hub.utils import _http  # the factory in use, to restore it afterwards (no public getter)
 
-    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+    previous = hub_client_factory()
 
     def factory():
         client = previous()
-        client.timeout = httpx.Timeout(seconds)
+        client.timeout = type(client.timeout)(seconds)  # httpx's Timeout (huggingface_hub 1.x) or httpx2's (2.x)
         return client
 
     set_client_factory(factory)
@@ -380,10 +379,32 @@ def request_timeout(seconds: float):
         set_client_factory(previous)
 
 
+class _HttpErrors:
+    """The transport errors of the HTTP clients `huggingface_hub` may use (httpx for 1.x, httpx2 for 2.x)."""
+
+    def __init__(self, modules):
+        self.TimeoutException = tuple(m.TimeoutException for m in modules)
+        self.ConnectError = tuple(m.ConnectError for m in modules)
+        self.TransportError = tuple(m.TransportError for m in modules)
+
+
+def _http_module() -> _HttpErrors:
+    import importlib
+
+    modules = []
+    for name in ("httpx", "httpx2"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return _HttpErrors(modules)
+
+
 def hub_error(error: Exception, endpoint: str, repo_id: str, timeout: float) -> HubError | None:
     """A one-line `HubError` (what happened, what to do) for a network or Hub error, or None for anything else."""
-    import httpx
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    httpx = _http_module()
 
     where = f"the Hub at {endpoint}"
     if isinstance(error, OfflineModeIsEnabled):

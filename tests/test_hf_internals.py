@@ -170,3 +170,20 @@ def test_an_unsharded_model_has_no_tensor_parallel_mesh():
     assert hf_internals.tensor_parallel_mesh(model) is None
     weight = model.lm_head.weight
     assert hf_internals.unsharded(weight) is weight
+
+
+def test_hub_client_factory_is_the_one_in_use():
+    """huggingface_hub.utils._http._GLOBAL_CLIENT_FACTORY / default_client_factory: what `set_client_factory` set."""
+    from huggingface_hub import set_client_factory
+
+    previous = hf_internals.hub_client_factory()
+    assert callable(previous) and hasattr(previous(), "timeout")
+
+    def mine():
+        return previous()
+
+    set_client_factory(mine)
+    try:
+        assert hf_internals.hub_client_factory() is mine
+    finally:
+        set_client_factory(previous)

@@ -177,6 +177,16 @@ def unsharded(tensor: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# huggingface_hub
+def hub_client_factory():
+    """The HTTP client factory `huggingface_hub` uses now (`set_client_factory` has no public getter), to restore it
+    after a temporary one."""
+    from huggingface_hub.utils import _http
+
+    return getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or _http.default_client_factory
+
+
+# --------------------------------------------------------------------------------------------------------------
 # torch
 def dynamo_error_types() -> tuple[type, ...]:
     """Errors `torch.compile` raises while compiling (before the compiled function changed any state)."""
