@@ -95,6 +95,6 @@ def test_a_column_sharded_lm_head_serves_full_and_reduced_draft_vocabularies(rep
 def test_diverging_ranks_raise_on_every_rank_naming_the_rank(reports, mode):
     for rank, report in enumerate(reports):
         message = report["divergence"][mode]
-        assert message is not None, f"rank {rank} did not notice rank 1's different draft in {mode} mode"
+        assert message is not None, f"rank {rank} did not notice rank 1's different prompt in {mode} mode"
         assert f"SpecVLM {mode} decoding on a tensor-parallel target: rank 1 diverged from rank 0" in message
         assert f"this is rank {rank}" in message and "same draft weights" in message

@@ -155,13 +155,26 @@ def tensor_parallel_mesh(model):
     one process, `device_map` splits, FSDP-sharded weights) or outside `torch.distributed`."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
-    if (getattr(model, "tp_size", None) or 1) < 2:
+    tp_size = getattr(model, "tp_size", None)
+    if tp_size is not None and tp_size < 2:
         return None
     from torch.distributed.tensor import DTensor
 
     for parameter in model.parameters():
         if isinstance(parameter, DTensor) and not all(p.is_replicate() for p in parameter.placements):
             mesh = parameter.device_mesh
+            names = mesh.mesh_dim_names or ()
+            if tp_size is None and "tp" not in names:
+                # transformers 5.24 may leave `tp_size` unset under `DistributedConfig(tp_plan="auto")`; a sharded
+                # weight on a mesh without a "tp" dimension is FSDP's, not tensor parallelism's
+                continue
+            return mesh if mesh.ndim == 1 else mesh["tp"]
+    if tp_size is not None:  # transformers 5.24 keeps plain local shards and the mesh on the model
+        manager = getattr(model, "_mesh_manager", None)
+        if manager is not None:
+            return manager.get_mesh("tp")
+        mesh = getattr(model, "_device_mesh", None)
+        if mesh is not None:
             return mesh if mesh.ndim == 1 else mesh["tp"]
     return None
 
