@@ -10,23 +10,9 @@ import torch
 import specvlm_hf
 from specvlm_hf import SpecVLMDraftModel
 from specvlm_hf.adapters import UnsupportedTargetError, adapter_for
+from family_checks import MODES, assert_greedy_matches_plain, make_draft
 from tiny_families import FAMILIES, family_inputs
 from tiny_models import oracle_draft
-
-MODES = {"tree": {}, "static": {"cache_implementation": "static"}, "chain": {}}
-
-
-def make_draft(target, kind: str, mode: str):
-    if kind == "oracle":
-        draft = oracle_draft(target)
-    elif kind == "noisy":
-        draft = oracle_draft(target, noise=0.003, seed=1)
-    else:
-        torch.manual_seed(1)
-        draft = SpecVLMDraftModel.from_target(target)
-    draft.config.decoding_mode = "chain" if mode == "chain" else "tree"
-    return draft
-
 
 # transformers 5.17's own `generate` fails on PaliGemma 2 with a static cache (its forward gets the per-layer-type
 # mask dict where it expects a tensor), so there is no plain static run to compare with
@@ -37,18 +23,8 @@ CASES = [(family, mode) for family in FAMILIES for mode in MODES if (family, mod
 def test_greedy_matches_plain_generate(family, mode):
     target = specvlm_hf.enable(FAMILIES[family](seed=0))
     generator = torch.Generator().manual_seed(len(family) + 7 * list(MODES).index(mode))
-    accepted = []
-    for case, (kind, images) in enumerate([("oracle", 1), ("noisy", 2), ("fresh", 1), ("oracle", 0), ("noisy", 1)]):
-        inputs = family_inputs(target, generator, images=images, text_tokens=3 + case)
-        kwargs = {"do_sample": False, "max_new_tokens": 18 + 3 * case, **MODES[mode]}
-        if case % 2:
-            kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
-        draft = make_draft(target, kind, mode)
-        reference = target.generate(**inputs, **kwargs)
-        speculative = target.generate(**inputs, **kwargs, assistant_model=draft)
-        assert speculative.tolist() == reference.tolist(), (family, mode, case)
-        accepted.append(max(draft.stats.accepted_per_round, default=0))
-    assert max(accepted) >= 3, "the oracle draft should have accepted several tokens in one round"
+    cases = [("oracle", 1), ("noisy", 2), ("fresh", 1), ("oracle", 0), ("noisy", 1)]
+    assert_greedy_matches_plain(target, family_inputs, cases, mode, generator, base_tokens=18, step=3)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "paligemma", "qwen3_vl", "gemma3", "paligemma2"])

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import specvlm_hf
-from specvlm_hf import SpecVLMDraftModel
 from specvlm_hf.adapters import adapter_for
 from specvlm_hf.compressor import image_spans
+from family_checks import MODES, assert_greedy_matches_plain, make_draft
 from tiny_families_more import (
     FAMILIES_MORE,
     IMAGE,
@@ -22,20 +22,7 @@ from tiny_families_more import (
 )
 from tiny_models import oracle_draft
 
-MODES = {"tree": {}, "static": {"cache_implementation": "static"}, "chain": {}}
 CASES = [("oracle", 1), ("noisy", 2), ("fresh", 1), ("oracle", 0), ("noisy", 1), ("oracle", 2)]
-
-
-def make_draft(target, kind: str, mode: str, **overrides):
-    if kind == "oracle":
-        draft = oracle_draft(target, **overrides)
-    elif kind == "noisy":
-        draft = oracle_draft(target, noise=0.003, seed=1, **overrides)
-    else:
-        torch.manual_seed(1)
-        draft = SpecVLMDraftModel.from_target(target, **overrides)
-    draft.config.decoding_mode = "chain" if mode == "chain" else "tree"
-    return draft
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -44,18 +31,7 @@ def test_greedy_matches_plain_generate(family, mode):
     target = specvlm_hf.enable(FAMILIES_MORE[family](seed=0))
     assert adapter_for(target).tree_verified
     generator = torch.Generator().manual_seed(len(family) + 7 * list(MODES).index(mode))
-    accepted = []
-    for case, (kind, images) in enumerate(CASES):
-        inputs = family_inputs_more(target, generator, images=images, text_tokens=3 + case)
-        kwargs = {"do_sample": False, "max_new_tokens": 16 + 2 * case, **MODES[mode]}
-        if case % 2:
-            kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
-        draft = make_draft(target, kind, mode)
-        reference = target.generate(**inputs, **kwargs)
-        speculative = target.generate(**inputs, **kwargs, assistant_model=draft)
-        assert speculative.tolist() == reference.tolist(), (family, mode, case)
-        accepted.append(max(draft.stats.accepted_per_round, default=0))
-    assert max(accepted) >= 3, "the oracle draft should have accepted several tokens in one round"
+    assert_greedy_matches_plain(target, family_inputs_more, CASES, mode, generator, base_tokens=16, step=2)
 
 
 @pytest.mark.parametrize("mode", ["tree", "static"])

@@ -49,6 +49,14 @@ def _finish(model, scale: float, eos: int = 2, pad: int = 0):
     return model.eval()
 
 
+QWEN_SPECIAL_TOKENS = dict(
+    image_token_id=QWEN_IMAGE,
+    video_token_id=QWEN_VIDEO,
+    vision_start_token_id=QWEN_START,
+    vision_end_token_id=QWEN_END,
+)
+
+
 def tiny_qwen2_vl(seed: int = 0, scale: float = 8.0):
     torch.manual_seed(seed)
     config = Qwen2VLConfig(
@@ -63,10 +71,7 @@ def tiny_qwen2_vl(seed: int = 0, scale: float = 8.0):
             spatial_merge_size=MERGE,
             temporal_patch_size=TEMPORAL,
         ),
-        image_token_id=QWEN_IMAGE,
-        video_token_id=QWEN_VIDEO,
-        vision_start_token_id=QWEN_START,
-        vision_end_token_id=QWEN_END,
+        **QWEN_SPECIAL_TOKENS,
     )
     return _finish(Qwen2VLForConditionalGeneration(config), scale)
 
@@ -87,84 +92,42 @@ def tiny_qwen2_5_vl(seed: int = 0, scale: float = 8.0):
             out_hidden_size=64,
             fullatt_block_indexes=[1],
         ),
-        image_token_id=QWEN_IMAGE,
-        video_token_id=QWEN_VIDEO,
-        vision_start_token_id=QWEN_START,
-        vision_end_token_id=QWEN_END,
+        **QWEN_SPECIAL_TOKENS,
     )
     return _finish(Qwen2_5_VLForConditionalGeneration(config), scale)
 
 
+QWEN3_VISION = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    patch_size=PATCH,
+    spatial_merge_size=MERGE,
+    temporal_patch_size=TEMPORAL,
+    out_hidden_size=64,
+    num_position_embeddings=64,
+    deepstack_visual_indexes=[0],
+)
+
+
+def _qwen3_text(**extra) -> dict:
+    """Qwen3-VL's text settings: head_dim 16 and interleaved M-RoPE sections."""
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    return dict(QWEN_TEXT, head_dim=16, rope_parameters=rope, **extra)
+
+
 def tiny_qwen3_vl(seed: int = 0, scale: float = 8.0):
     torch.manual_seed(seed)
-    text = dict(
-        QWEN_TEXT,
-        head_dim=16,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 1e4,
-            "mrope_section": [2, 3, 3],
-            "mrope_interleaved": True,
-        },
-    )
-    config = Qwen3VLConfig(
-        text_config=text,
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            patch_size=PATCH,
-            spatial_merge_size=MERGE,
-            temporal_patch_size=TEMPORAL,
-            out_hidden_size=64,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0],
-        ),
-        image_token_id=QWEN_IMAGE,
-        video_token_id=QWEN_VIDEO,
-        vision_start_token_id=QWEN_START,
-        vision_end_token_id=QWEN_END,
-    )
+    config = Qwen3VLConfig(text_config=_qwen3_text(), vision_config=QWEN3_VISION, **QWEN_SPECIAL_TOKENS)
     return _finish(Qwen3VLForConditionalGeneration(config), scale)
 
 
 def tiny_qwen3_vl_moe(seed: int = 0, scale: float = 8.0):
     """Qwen3-VL-MoE: the Qwen3-VL layout with mixture-of-experts text layers (4 experts, 2 per token)."""
     torch.manual_seed(seed)
-    text = dict(
-        QWEN_TEXT,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        decoder_sparse_step=1,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 1e4,
-            "mrope_section": [2, 3, 3],
-            "mrope_interleaved": True,
-        },
-    )
-    config = Qwen3VLMoeConfig(
-        text_config=text,
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            patch_size=PATCH,
-            spatial_merge_size=MERGE,
-            temporal_patch_size=TEMPORAL,
-            out_hidden_size=64,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0],
-        ),
-        image_token_id=QWEN_IMAGE,
-        video_token_id=QWEN_VIDEO,
-        vision_start_token_id=QWEN_START,
-        vision_end_token_id=QWEN_END,
-    )
+    text = _qwen3_text(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    config = Qwen3VLMoeConfig(text_config=text, vision_config=QWEN3_VISION, **QWEN_SPECIAL_TOKENS)
     return _finish(Qwen3VLMoeForConditionalGeneration(config), scale)
 
 
