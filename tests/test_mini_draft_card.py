@@ -27,8 +27,9 @@ def test_a_resaved_shipped_draft_gets_a_card_with_its_measured_numbers(tmp_path)
 
 
 def test_shipped_drafts_are_complete_folders_with_current_remote_code():
-    """Each shipped draft carries the remote code and `custom_generate/` a saved draft has, identical to the package's
-    modules (if this fails after a code change: `from specvlm_hf.mini.drafts import refresh_shipped_files`)."""
+    """Each shipped draft carries the remote code and `custom_generate/` a saved draft has: in the checkout, links to
+    the package's modules (a wheel stores their contents); if this fails after adding a module:
+    `from specvlm_hf.mini.drafts import refresh_shipped_files`."""
     import specvlm_hf
 
     package = Path(specvlm_hf.__file__).parent
@@ -39,6 +40,7 @@ def test_shipped_drafts_are_complete_folders_with_current_remote_code():
         ]
         assert len(copies) > 10, name
         for copy in copies:
+            assert copy.is_symlink(), f"{copy} should link to the package's module, not copy it"
             assert copy.read_text() == (package / copy.name).read_text(), f"{copy} is stale"
         entry = (folder / "custom_generate" / "generate.py").read_text()
         assert entry == (package / "custom_generate_entry.py").read_text()

@@ -15,6 +15,8 @@ have only 64 visual tokens, so compressing them saves little.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 DRAFTS_DIR = Path(__file__).parent
@@ -37,15 +39,33 @@ def draft_path(name: str = DEFAULT_DRAFT) -> Path:
 
 def refresh_shipped_files() -> None:
     """Rewrites each shipped draft folder as `save_pretrained` writes it (weights, config, remote code and
-    `custom_generate/`, which finds the draft inside the installed package). Run after changing the package's
-    remote-code modules: `python -c "from specvlm_hf.mini.drafts import refresh_shipped_files as r; r()"`."""
+    `custom_generate/`, which finds the draft inside the installed package), its code files as relative links to
+    the package's own modules, so that the checkout holds one copy of the code (a wheel stores the linked files'
+    contents). Run after adding a draft or a remote-code module:
+    `python -c "from specvlm_hf.mini.drafts import refresh_shipped_files as r; r()"`."""
+    import tempfile
+
     from ...modeling_specvlm_draft import SpecVLMDraftModel
     from ...packaging import write_custom_generate
 
+    package = DRAFTS_DIR.parent.parent
     for name in DRAFT_NAMES:
         folder = draft_path(name)
-        SpecVLMDraftModel.from_pretrained(folder).save_pretrained(folder)
-        write_custom_generate(str(folder), location=f"package:specvlm_hf/mini/drafts/{name}")
+        with tempfile.TemporaryDirectory() as scratch:
+            SpecVLMDraftModel.from_pretrained(folder).save_pretrained(scratch)
+            write_custom_generate(scratch, location=f"package:specvlm_hf/mini/drafts/{name}")
+            for written in sorted(Path(scratch).rglob("*")):
+                if written.is_dir():
+                    continue
+                destination = folder / written.relative_to(scratch)
+                destination.parent.mkdir(exist_ok=True)
+                if destination.is_symlink() or destination.exists():
+                    destination.unlink()
+                source = package / ("custom_generate_entry.py" if written.name == "generate.py" else written.name)
+                if written.suffix == ".py" and source.exists() and source.read_bytes() == written.read_bytes():
+                    destination.symlink_to(os.path.relpath(source, destination.parent))
+                else:  # weights, config, and the generated `draft_location.py`
+                    shutil.copyfile(written, destination)
 
 
 def load_draft(target=None, name: str = DEFAULT_DRAFT):
