@@ -131,7 +131,7 @@ def tiny_qwen3_vl_moe(seed: int = 0, scale: float = 8.0):
     return _finish(Qwen3VLMoeForConditionalGeneration(config), scale)
 
 
-def tiny_paligemma(seed: int = 0, scale: float = 1.0):
+def _tiny_paligemma(text_model_type: str, seed: int, scale: float, **text_extra):
     torch.manual_seed(seed)
     vision = SiglipVisionConfig(
         hidden_size=32,
@@ -142,27 +142,31 @@ def tiny_paligemma(seed: int = 0, scale: float = 1.0):
         patch_size=PALI_PATCH,
         projection_dim=64,
     )
+    text = dict(
+        model_type=text_model_type,
+        vocab_size=PALI_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **text_extra,
+    )
     config = PaliGemmaConfig(
-        vision_config=vision.to_dict(),
-        text_config=dict(
-            model_type="gemma",
-            vocab_size=PALI_VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=512,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        image_token_index=PALI_IMAGE,
-        projection_dim=64,
+        vision_config=vision.to_dict(), text_config=text, image_token_index=PALI_IMAGE, projection_dim=64
     )
     config.text_config.num_image_tokens = (PALI_IMAGE_SIZE // PALI_PATCH) ** 2
     return _finish(PaliGemmaForConditionalGeneration(config), scale)
+
+
+def tiny_paligemma(seed: int = 0, scale: float = 1.0):
+    """PaliGemma: a Gemma text model, positions counted from 1."""
+    return _tiny_paligemma("gemma", seed, scale)
 
 
 GEMMA_VOCAB, GEMMA_IMAGE, GEMMA_BOI, GEMMA_EOI = 96, 95, 93, 94
@@ -206,39 +210,9 @@ def tiny_gemma3(seed: int = 0, scale: float = 1.0, sliding_window: int = 8, tied
 
 def tiny_paligemma2(seed: int = 0, scale: float = 1.0):
     """PaliGemma 2: a Gemma 2 text model (sliding window 8 on every other layer, attention softcap)."""
-    torch.manual_seed(seed)
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=PALI_IMAGE_SIZE,
-        patch_size=PALI_PATCH,
-        projection_dim=64,
+    return _tiny_paligemma(
+        "gemma2", seed, scale, sliding_window=8, layer_types=["sliding_attention", "full_attention"]
     )
-    config = PaliGemmaConfig(
-        vision_config=vision.to_dict(),
-        text_config=dict(
-            model_type="gemma2",
-            vocab_size=PALI_VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            head_dim=16,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"],
-            max_position_embeddings=512,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        image_token_index=PALI_IMAGE,
-        projection_dim=64,
-    )
-    config.text_config.num_image_tokens = (PALI_IMAGE_SIZE // PALI_PATCH) ** 2
-    return _finish(PaliGemmaForConditionalGeneration(config), scale)
 
 
 FAMILIES = {
