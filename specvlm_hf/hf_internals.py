@@ -237,5 +237,8 @@ def processor_without_video(processor_class: type, image_processor, tokenizer, c
             raise ImportError("video inputs need torchvision (`pip install torchvision`), which is not installed")
 
     return processor_class(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=NoVideoProcessor(), chat_template=chat_template
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=NoVideoProcessor(),
+        chat_template=chat_template,
     )

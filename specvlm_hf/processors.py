@@ -37,7 +37,9 @@ def load_processor(name: str, **kwargs):
     if not settings:
         raise
     kind = settings.pop("image_processor_type", "")
-    image_class = getattr(transformers, kind + "Pil", None) or getattr(transformers, kind)  # PIL backend: no torchvision
+    image_class = getattr(transformers, kind + "Pil", None) or getattr(
+        transformers, kind
+    )  # PIL backend: no torchvision
     image_processor = image_class(**settings)
     template = Path(name, "chat_template.jinja")
     chat_template = template.read_text() if template.is_file() else getattr(tokenizer, "chat_template", None)

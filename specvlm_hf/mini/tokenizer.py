@@ -120,7 +120,9 @@ def build_processor(tokenizer, image_size: int, patch_size: int):
     )
 
 
-def build_qwen_processor(tokenizer, image_size: int, patch_size: int, merge_size: int = 2, max_image_tokens: int = 256):
+def build_qwen_processor(
+    tokenizer, image_size: int, patch_size: int, merge_size: int = 2, max_image_tokens: int = 256
+):
     """A `Qwen2_5_VLProcessor` for the Qwen2.5-VL-style mini target (dynamic resolution): `tokenizer` gains
     Qwen's vision tokens; an image is resized to the nearest multiple of `patch_size * merge_size` per side (at most
     `max_image_tokens` merged patches, at least 4) and becomes `(h / merge) * (w / merge)` `<|image_pad|>`
@@ -256,8 +258,9 @@ def normalize_pixels(pixels, image_processor):
     std = torch.tensor(image_processor.image_std, device=pixels.device).view(1, 3, 1, 1)
     values = (pixels.float() * image_processor.rescale_factor - mean) / std
     if hasattr(image_processor, "merge_size"):
-        return qwen_patches(values, image_processor.patch_size, image_processor.merge_size,
-                            image_processor.temporal_patch_size)
+        return qwen_patches(
+            values, image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+        )
     return values
 
 

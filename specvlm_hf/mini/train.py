@@ -156,8 +156,10 @@ def qwen_model_config(config: MiniTrainConfig, tokenizer):
     head_dim = config.hidden_size // config.num_heads
     half = head_dim // 2
     sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in ("<|vision_start|>", "<|vision_end|>",
-                                                                      "<|image_pad|>", "<|video_pad|>")}
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(name)
+        for name in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+    }
     text = dict(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
@@ -172,7 +174,7 @@ def qwen_model_config(config: MiniTrainConfig, tokenizer):
         bos_token_id=None,
         tie_word_embeddings=True,
     )
-    window = max(config.image_size // 2, config.patch_size * QWEN_MERGE)
+    window = config.image_size  # one attention window per training image (larger images get several)
     vision = dict(
         depth=config.vision_layers,
         hidden_size=config.vision_hidden_size,
@@ -323,9 +325,35 @@ def make_batch(
     if hasattr(image_processor, "merge_size"):
         if image_token_id is None:
             raise ValueError("make_batch needs image_token_id for a Qwen image processor (mm_token_type_ids)")
-        batch["image_grid_thw"] = qwen_grid(len(rows), data.pixels.shape[-1], image_processor).to(input_ids.device)
+        grid = qwen_grid(len(rows), data.pixels.shape[-1], image_processor).to(input_ids.device)
+        batch["image_grid_thw"] = grid if len(rows) else None
         batch["mm_token_type_ids"] = (input_ids == image_token_id).int()
+        side = data.pixels.shape[-1] // image_processor.patch_size // image_processor.merge_size
+        batch["position_ids"] = qwen_position_ids(input_ids, attention_mask, image_token_id, side, side)
     return batch
+
+
+def qwen_position_ids(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, rows: int, cols: int
+) -> torch.Tensor:
+    """M-RoPE position ids `(3, B, L)` of right-padded rows with at most one image each, of `rows x cols` merged
+    patches, one frame: what Qwen2.5-VL's `get_rope_index` computes (checked in tests/test_mini_qwen.py), without
+    its per-row Python loop. Text before the image counts 0..s-1 on all three axes; the image's token
+    `k` sits at `(s, s + k // cols, s + k % cols)`; text after it continues from `s + max(rows, cols)`."""
+    b, length = input_ids.shape
+    index = torch.arange(length, device=input_ids.device).expand(b, length)
+    is_image = (input_ids == image_token_id) & attention_mask.bool()
+    count = is_image.sum(-1, keepdim=True)
+    has_image = count > 0
+    start = torch.where(has_image, is_image.long().argmax(-1, keepdim=True), torch.full_like(count, length))
+    k = (index - start).clamp(min=0)
+    after = index - count + max(rows, cols)
+    inside = is_image
+    text = torch.where(index < start, index, after)
+    t = torch.where(inside, start.expand(b, length), text)
+    h = torch.where(inside, start + k // cols, text)
+    w = torch.where(inside, start + k % cols, text)
+    return torch.stack([t, h, w]).masked_fill(~attention_mask.bool()[None], 1)
 
 
 def length_grouped_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
