@@ -59,6 +59,7 @@ def target_options(args) -> list[str]:
         ]  # fmt: skip
     else:
         options += ["--num_train_examples", str(args.examples), "--max_steps", "9000", "--log_every", "250"]
+        options += ["--num_layers", str(args.target_layers)]
     return options
 
 
@@ -85,6 +86,13 @@ def main(argv=None):
     parser.add_argument("--work", default=None, help="scratch folder (default: a new one under the temp folder)")
     parser.add_argument("--smoke", action="store_true", help="tiny settings that run end to end on a CPU")
     parser.add_argument("--examples", type=int, default=200_000, help="target training examples")
+    parser.add_argument(
+        "--target-layers",
+        type=int,
+        default=8,
+        help="text layers of the target (8: about 17 MB in bf16, so that the repository stays under the 64 MiB a "
+        "GPU call of the device tool carries; the mini LLaVA has 12)",
+    )
     parser.add_argument("--target-minutes", type=float, default=4.0)
     parser.add_argument("--draft-minutes", type=float, default=2.2)
     parser.add_argument("--draft-examples", type=int, default=12_000)
