@@ -199,3 +199,15 @@ def test_shipped_mini_qwen():
         and model.config.text_config.num_hidden_layers >= 8
     )
     assert SpecVLMDraftModel.from_pretrained(mini.QWEN_DRAFT_DIR).bind_target(model) is not None
+
+
+def test_the_demo_runs_mini_qwen_with_its_draft(builtin_qwen):
+    import specvlm_hf
+    from specvlm_hf.demo_app import compare, load_models
+
+    models = load_models("mini-qwen")
+    assert type(models.target).__name__ == "Qwen2_5_VLForConditionalGeneration" and models.name.endswith("mini-qwen")
+    models.draft.config.decoding_mode = "tree"
+    specvlm_hf.enable(models.target)
+    *_, (plain, spec, stats) = compare(models, str(mini.EXAMPLE_IMAGE), "Describe this image.", 8)
+    assert "outputs identical: **yes**" in stats, stats
