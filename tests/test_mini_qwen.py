@@ -174,6 +174,11 @@ def test_mini_qwen_is_a_built_in_model_of_generate_train_and_distill_data(builti
     status = main(["generate", "--model", "mini-qwen", "--draft", "specvlm", "--device", "cpu"])
     assert status != 0 and "not of mini-qwen" in capsys.readouterr().err
 
+    bench = ["bench", "--target", "mini-qwen", "--num-prompts", "1", "--max-new-tokens", "6", "--device", "cpu"]
+    status = main(bench + ["--methods", "plain,eaglevlm-tree", "--out", str(tmp_path / "bench.json")])
+    runs = {r["method"]: r for r in json.loads((tmp_path / "bench.json").read_text())["methods"]}
+    assert status == 0 and runs["eaglevlm-tree"]["matches_plain"] is True, capsys.readouterr()
+
     path = write_dataset(tmp_path / "data", 6, seed=24)
     train = ["train", "--target", "mini-qwen", "--data", path, "--output-dir", tmp_path / "run", "--max-steps", "1"]
     status = main([str(a) for a in train + ["--per-device-batch-size", "2", "--no-progress-bar", "--device", "cpu"]])

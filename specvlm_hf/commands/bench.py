@@ -165,9 +165,16 @@ def _mini_drafts(target, name: str = "mini") -> dict:
     from specvlm_hf.mini.drafts import DRAFT_NAMES, load_draft
 
     if name == "mini-qwen":
-        from specvlm_hf.mini.drafts import QWEN_DRAFT_NAMES
+        from specvlm_hf import SpecVLMDraftModel
+        from specvlm_hf.errors import UserError
+        from specvlm_hf.mini import builtin_dirs
 
-        return {"eaglevlm": load_draft(target, QWEN_DRAFT_NAMES[0])}
+        folder = builtin_dirs(name)[1]
+        if not (folder / "model.safetensors").is_file():
+            raise UserError(
+                f"--target mini-qwen: its draft is not in this install ({folder}); pass --draft NAME=PATH."
+            )
+        return {"eaglevlm": SpecVLMDraftModel.from_pretrained(folder).bind_target(target).eval()}
     return {name: load_draft(target, name) for name in DRAFT_NAMES}
 
 
