@@ -80,21 +80,21 @@ class DemoModels:
         return getattr(self.target.config.get_text_config(), "max_position_embeddings", None)
 
 
-def default_models(device: str = "cpu") -> DemoModels:
-    """The built-in mini VLM (`specvlm_hf.mini.load()`) and its shipped draft (`specvlm_hf.mini.DRAFT_DIR`)."""
+def default_models(device: str = "cpu", name: str = "mini") -> DemoModels:
+    """A built-in mini VLM (`specvlm_hf.mini.load()`; `name` "mini" or "mini-qwen") and its shipped draft
+    (`specvlm_hf.mini.DRAFT_DIR`, `QWEN_DRAFT_DIR`)."""
     from specvlm_hf import SpecVLMDraftModel, mini
 
-    draft_dir = getattr(mini, "DRAFT_DIR", None)
+    draft_dir = getattr(mini, "DRAFT_DIR", None) if name == "mini" else mini.builtin_dirs(name)[1]
     if draft_dir is None or not (Path(draft_dir) / "config.json").exists():
         raise DemoModelsMissing(
             "The mini VLM's trained draft is not shipped in this install yet (expected a saved draft at "
             f"specvlm_hf.mini.DRAFT_DIR{'' if draft_dir is None else f' = {draft_dir}'}). Run the demo with your "
             "own models: --target <LLaVA folder or Hub id> --draft <SpecVLM draft folder or Hub id>."
         )
-    target, processor = mini.load(device=device)
-    return DemoModels(
-        target, processor, SpecVLMDraftModel.from_pretrained(draft_dir).to(device), "specvlm-hf mini VLM"
-    )
+    target, processor = mini.load(device=device, name=name)
+    label = "specvlm-hf mini VLM" if name == "mini" else f"specvlm-hf {name}"
+    return DemoModels(target, processor, SpecVLMDraftModel.from_pretrained(draft_dir).to(device), label)
 
 
 def load_models(
@@ -102,8 +102,10 @@ def load_models(
 ) -> DemoModels:
     """The demo's models: `default_models()` when neither is given, else a target (folder or Hub id, with its
     processor) and a draft (folder or Hub id) loaded with `from_pretrained`."""
-    if target is None and draft is None:
-        return default_models(device)
+    from .mini import BUILTIN_MODELS
+
+    if target in (None, *BUILTIN_MODELS) and draft is None:
+        return default_models(device, target or "mini")
     if target is None or draft is None:
         raise UserError("Pass both --target and --draft (a draft only works with the target it was trained for).")
     import torch
@@ -113,12 +115,14 @@ def load_models(
     check_model_folder(target, "--target")
     if Path(draft).exists() or not HUB_ID.match(draft):
         check_draft_folder(draft)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from specvlm_hf import SpecVLMDraftModel
 
+    from .processors import load_processor
+
     model = AutoModelForImageTextToText.from_pretrained(target, dtype=getattr(torch, dtype)).to(device).eval()
-    processor = AutoProcessor.from_pretrained(target)
+    processor = load_processor(target)
     spec_draft = SpecVLMDraftModel.from_pretrained(draft, dtype=getattr(torch, dtype)).to(device).eval()
     name = Path(target).name if Path(target).is_dir() else target  # a Hub id, or a local folder's name
     return DemoModels(model, processor, spec_draft, name)
@@ -475,8 +479,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "--target",
+        "--model",
         default=os.environ.get("SPECVLM_TARGET"),
-        help="Target LLaVA folder or Hub id, with its processor (default: the built-in mini VLM).",
+        help="Target VLM folder or Hub id, with its processor, or a built-in one: 'mini' (the default) or "
+        "'mini-qwen' (then without --draft: its shipped draft).",
     )
     parser.add_argument(
         "--draft",

@@ -223,22 +223,28 @@ def check_overridable(cls: type = GenerationMixin) -> None:
 # with torchvision, and without torchvision `AutoProcessor` cannot load the processor at all (not even for images)
 def processor_without_video(processor_class: type, image_processor, tokenizer, chat_template=None):
     """`processor_class(image_processor, tokenizer, video_processor=<none>, chat_template)`: the processor for
-    images and text when torchvision (needed by transformers' video processors) is missing. Passing videos to it
-    fails. Relies on `ProcessorMixin` checking the video processor with `isinstance` against
-    `transformers.BaseVideoProcessor` (a stand-in class without torchvision) and on the family's `__init__`
-    taking `video_processor`."""
-    import transformers
+    images and text when torchvision (needed by transformers' video processors) is missing; passing videos to it
+    raises. Relies on `ProcessorMixin.__init__` checking each argument through `self.check_argument_for_proper_class`
+    (shadowed on the instance for the video processor only) and on the family's `__init__` taking
+    `video_processor`."""
+    processor = processor_class.__new__(processor_class)
 
-    class NoVideoProcessor(transformers.BaseVideoProcessor):
-        def __init__(self):  # the stand-in's own __init__ raises "requires torchvision"
-            pass
+    def check(name, argument):
+        if isinstance(argument, NoVideoProcessor):
+            return NoVideoProcessor
+        return processor_class.check_argument_for_proper_class(processor, name, argument)
 
-        def __call__(self, *args, **kwargs):
-            raise ImportError("video inputs need torchvision (`pip install torchvision`), which is not installed")
-
-    return processor_class(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=NoVideoProcessor(),
+    processor.check_argument_for_proper_class = check
+    processor_class.__init__(
+        processor, image_processor=image_processor, tokenizer=tokenizer, video_processor=NoVideoProcessor(),
         chat_template=chat_template,
-    )
+    )  # fmt: skip
+    del processor.check_argument_for_proper_class
+    return processor
+
+
+class NoVideoProcessor:
+    """Stands in for a video processor where torchvision is missing."""
+
+    def __call__(self, *args, **kwargs):
+        raise ImportError("video inputs need torchvision (`pip install torchvision`), which is not installed")

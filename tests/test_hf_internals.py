@@ -187,3 +187,27 @@ def test_hub_client_factory_is_the_one_in_use():
         assert hf_internals.hub_client_factory() is mine
     finally:
         set_client_factory(previous)
+
+
+def test_a_qwen_processor_is_built_without_a_video_processor():
+    """`ProcessorMixin.__init__` checks each argument with `self.check_argument_for_proper_class` and
+    `Qwen2_5_VLProcessor.__init__` takes `video_processor`: the processor built around the stand-in expands images
+    like the real one and refuses videos."""
+    from PIL import Image
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vocab = {"<pad>": 0, "<|image_pad|>": 1, "<|video_pad|>": 2, "a": 3}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", additional_special_tokens=["<|image_pad|>", "<|video_pad|>"]
+    )
+    image_processor = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, min_pixels=256, max_pixels=64 * 64)
+    processor = hf_internals.processor_without_video(Qwen2_5_VLProcessor, image_processor, tokenizer)
+    assert type(processor) is Qwen2_5_VLProcessor and processor.image_token_id == 1
+    out = processor(images=[Image.new("RGB", (32, 48))], text=["a <|image_pad|> a"], return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, 6, 4]] and int((out["input_ids"] == 1).sum()) == 6
+    with pytest.raises(ImportError, match="torchvision"):
+        processor.video_processor([])

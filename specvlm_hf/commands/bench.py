@@ -16,7 +16,11 @@ def register(subparsers):
         "bench", help="Benchmark every decoding method side by side.", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "--target", default="mini", help="LLaVA model + processor folder or Hub id (default: the mini VLM)."
+        "--target",
+        "--model",
+        default="mini",
+        help="Model + processor folder or Hub id of a supported VLM, or a built-in one: 'mini' (the default) or "
+        "'mini-qwen'.",
     )
     parser.add_argument(
         "--draft",
@@ -24,7 +28,7 @@ def register(subparsers):
         default=[],
         metavar="NAME=PATH",
         help="A draft folder or Hub id; NAME is eaglevlm or specvlm. Repeatable. "
-        "Default with the mini target: its shipped drafts.",
+        "Default with a built-in target: its shipped drafts.",
     )
     parser.add_argument(
         "--assistant-lm", default=None, help="A small causal LM for transformers' assisted generation."
@@ -82,7 +86,9 @@ def _run(args):
     if unknown or not methods:
         raise UserError(f"--methods: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(METHODS)}.")
     draft_paths = _parse_drafts(args.draft)
-    if args.target != "mini":
+    from specvlm_hf.mini import BUILTIN_MODELS
+
+    if args.target not in BUILTIN_MODELS:
         check_model_folder(args.target, "--target")
     png = os.path.splitext(args.out)[0] + ".png"
     _check_out(args.out)
@@ -93,8 +99,8 @@ def _run(args):
     drafts = {
         name: SpecVLMDraftModel.from_pretrained(path).bind_target(target).eval() for name, path in draft_paths.items()
     }
-    if not drafts and args.target == "mini":
-        drafts = _mini_drafts(target)
+    if not drafts and args.target in BUILTIN_MODELS:
+        drafts = _mini_drafts(target, args.target)
     assistant = None
     if args.assistant_lm:
         from transformers import AutoModelForCausalLM
@@ -138,22 +144,37 @@ def _check_out(out: str) -> None:
 
 
 def _load_target(name, device, dtype):
-    if name == "mini":
+    from specvlm_hf.mini import BUILTIN_MODELS
+
+    if name in BUILTIN_MODELS:
         from specvlm_hf.mini import load
 
-        return load(dtype=dtype, device=device)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+        return load(dtype=dtype, device=device, name=name)
+    from transformers import AutoModelForImageTextToText
+
+    from specvlm_hf.processors import load_processor
 
     model = (
         AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     )
-    return model, AutoProcessor.from_pretrained(name)
+    return model, load_processor(name)
 
 
-def _mini_drafts(target) -> dict:
-    """The mini VLM's shipped drafts."""
+def _mini_drafts(target, name: str = "mini") -> dict:
+    """A built-in target's shipped drafts (mini-qwen: its EagleVLM draft)."""
     from specvlm_hf.mini.drafts import DRAFT_NAMES, load_draft
 
+    if name == "mini-qwen":
+        from specvlm_hf import SpecVLMDraftModel
+        from specvlm_hf.errors import UserError
+        from specvlm_hf.mini import builtin_dirs
+
+        folder = builtin_dirs(name)[1]
+        if not (folder / "model.safetensors").is_file():
+            raise UserError(
+                f"--target mini-qwen: its draft is not in this install ({folder}); pass --draft NAME=PATH."
+            )
+        return {"eaglevlm": SpecVLMDraftModel.from_pretrained(folder).bind_target(target).eval()}
     return {name: load_draft(target, name) for name in DRAFT_NAMES}
 
 

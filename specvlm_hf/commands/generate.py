@@ -33,7 +33,8 @@ def register(subparsers):
     parser.add_argument(
         "--model",
         default=None,
-        help="Vision-language model + processor folder, e.g. LLaVA (default: the built-in mini VLM).",
+        help="Vision-language model + processor folder or Hub id of any supported family (LLaVA, Qwen-VL, Gemma 3, "
+        "...), or a built-in mini VLM: 'mini' (LLaVA, the default) or 'mini-qwen' (Qwen2.5-VL style).",
     )
     parser.add_argument(
         "--max-new-tokens", type=positive_int, default=200, help="Most tokens to generate (default: 200)."
@@ -59,8 +60,9 @@ def register(subparsers):
     parser.add_argument(
         "--draft",
         default="default",
-        help="Draft for speculative decoding: 'default' (the mini VLM's shipped draft; none for --model), a shipped "
-        "draft name ('specvlm', 'eaglevlm'), a draft folder, or 'none' for plain decoding only.",
+        help="Draft for speculative decoding: 'default' (a built-in mini VLM's shipped draft; none for another "
+        "--model), a shipped draft name of the mini VLM ('specvlm', 'eaglevlm'), a draft folder, or 'none' for plain "
+        "decoding only.",
     )
     parser.add_argument(
         "--mode",
@@ -145,23 +147,31 @@ def _run(args):
     import torch
 
     from ..errors import UserError
-    from ..mini import EXAMPLE_IMAGE, WEIGHTS_DIR
+    from ..mini import BUILTIN_MODELS, EXAMPLE_IMAGE, builtin_dirs
     from .common import check_model_folder, check_positions, default_decoding_mode, exactness_note, resolve_device
 
     device = resolve_device(args.device)
     # everything a user can get wrong is checked before a weight is loaded
-    model_dir = args.model or str(WEIGHTS_DIR)
+    builtin = (args.model or "mini") if args.model in (None, *BUILTIN_MODELS) else None
+    model_dir = str(builtin_dirs(builtin)[0]) if builtin else args.model
+    if builtin and not Path(model_dir, "config.json").is_file():
+        raise UserError(
+            f"--model {builtin}: its weights are not in this install ({model_dir}); reinstall specvlm-hf, or pass "
+            "a model folder."
+        )
     model_config = check_model_folder(model_dir, "--model")
-    draft_folder = _check_draft_name(args.draft)
+    draft_folder = _check_draft_name(args.draft, builtin)
     if args.no_image and args.image:
         raise UserError("--image and --no-image contradict each other; pass one of them.")
     image = None if args.no_image else load_image(args.image or EXAMPLE_IMAGE)
     dtype = getattr(torch, args.dtype)
 
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from ..processors import load_processor
 
     try:
-        processor = AutoProcessor.from_pretrained(model_dir)
+        processor = load_processor(model_dir)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise UserError(
             f"--model {model_dir}: cannot load its processor ({type(error).__name__}: "
@@ -171,7 +181,7 @@ def _run(args):
     inputs = build_inputs(processor, image, args.prompt)
     check_positions(model_config, inputs["input_ids"].shape[1], args.max_new_tokens)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    draft = _load_draft(args.draft, draft_folder, model, using_mini=args.model is None)
+    draft = _load_draft(args.draft, draft_folder, model, builtin)
     if draft is not None:
         draft.config.decoding_mode = args.mode or default_decoding_mode(device)
 
@@ -218,16 +228,30 @@ def _run(args):
     return 0
 
 
-def _check_draft_name(name: str) -> str | None:
-    """The draft folder `--draft` names (None for none or a shipped draft), checked before anything is loaded."""
+def _check_draft_name(name: str, builtin: str | None = "mini") -> str | None:
+    """The draft folder `--draft` names (None for none or a shipped draft), checked before anything is loaded.
+    `builtin` is the built-in target in use ("mini", "mini-qwen") or None."""
+    from ..errors import UserError
+    from ..mini import builtin_dirs
     from ..mini.drafts import DRAFT_NAMES
     from .common import check_draft_folder
 
+    if name == "default" and builtin == "mini-qwen":
+        folder = builtin_dirs(builtin)[1]
+        if not (folder / "model.safetensors").is_file():
+            raise UserError(
+                f"--model mini-qwen: its draft is not in this install ({folder}); pass --draft <folder> or "
+                "--draft none."
+            )
+        return str(folder)
+    if name in DRAFT_NAMES and builtin == "mini-qwen":
+        raise UserError(
+            f"--draft {name} is a draft of the mini VLM ('mini'), not of mini-qwen; use --draft default, a draft "
+            "folder, or 'none'."
+        )
     if name in ("none", "default", *DRAFT_NAMES):
         return None
     if not Path(name).exists():
-        from ..errors import UserError
-
         raise UserError(
             f"--draft {name}: no such folder; pass a draft folder, a shipped draft name "
             f"({', '.join(DRAFT_NAMES)}), or 'none'."
@@ -236,9 +260,9 @@ def _check_draft_name(name: str) -> str | None:
     return name
 
 
-def _load_draft(name: str, folder: str | None, model, using_mini: bool):
+def _load_draft(name: str, folder: str | None, model, builtin: str | None):
     """The draft `--draft` names, bound to `model` (None for plain decoding)."""
-    if name == "none" or (name == "default" and not using_mini):
+    if name == "none" or (name == "default" and folder is None and builtin != "mini"):
         return None
     from ..mini.drafts import DEFAULT_DRAFT, load_draft
 
