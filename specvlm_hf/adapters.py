@@ -45,6 +45,19 @@ def image_token_of(config) -> int | None:
     return getattr(config, "image_token_index", None) if token is None else token
 
 
+def video_token_of(config) -> int | None:
+    token = getattr(config, "video_token_id", None)
+    return getattr(config, "video_token_index", None) if token is None else token
+
+
+def run_tokens(input_ids: torch.Tensor | None, spans: list[tuple[int, int]]) -> list[int | None]:
+    """The placeholder token of each run of `spans` over a prompt's pairs (pair t reads token t + 1), from the
+    prompt's ids `(n,)` (None without them): tells image runs from video runs."""
+    if input_ids is None:
+        return [None] * len(spans)
+    return [int(input_ids[start + 1]) if start + 1 < input_ids.shape[0] else None for start, _ in spans]
+
+
 ADAPTERS: dict[str, type] = {}  # model_type -> adapter class, filled by `register`
 
 # inputs describing a call's images; from transformers 5.23 `generate` drops them from the model inputs before
@@ -57,6 +70,7 @@ IMAGE_GEOMETRY_KEYS = (
     "batch_num_images",
     "vision_aspect_ratio",
     "image_hidden_states",
+    "pixel_values_videos",
 )
 _CALL_IMAGE_INPUTS: ContextVar[dict] = ContextVar("specvlm_call_image_inputs", default={})
 
@@ -128,6 +142,7 @@ class TargetAdapter:
         self.cache_kw = cache_argument_name(self.text_model.forward)
         self.dtype = self.lm_head.weight.dtype
         self.image_token = image_token_of(self.config)
+        self.video_token = video_token_of(self.config)
 
     @property
     def name(self) -> str:
@@ -217,16 +232,19 @@ class TargetAdapter:
         return runs > num_images
 
     def visual_layouts(self, is_image: torch.Tensor, model_kwargs: dict) -> list[VisualLayout]:
-        """One `VisualLayout` per run of image tokens in a prompt (`is_image` `(n,)` bool)."""
+        """One `VisualLayout` per run of visual tokens in a prompt's pairs (`is_image` `(n,)` bool; the prompt's
+        ids are `model_kwargs["input_ids"]` `(n,)` when known)."""
         return [VisualLayout.grid(end - start) for start, end in image_spans(is_image)]
 
     def visual_mask(self, input_ids: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         """`(n,)` bool over a prompt's tokens `(n,)`: the tokens the draft's compressor may replace, in runs that
-        `visual_layouts` lays out. Default: the image tokens. (Mistral 3 adds each row's `[IMG_BREAK]` /
+        `visual_layouts` lays out. Default: the image and video tokens. (Mistral 3 adds each row's `[IMG_BREAK]` /
         `[IMG_END]`, so that an image is one run and pools as a 2-D grid.)"""
-        if self.image_token is None:
-            return torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        return input_ids == self.image_token
+        visual = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        for token in (self.image_token, self.video_token):
+            if token is not None:
+                visual |= input_ids == token
+        return visual
 
 
 @register
@@ -260,6 +278,22 @@ class LlavaNextAdapter(TargetAdapter):
 
 
 @register
+class LlavaNextVideoAdapter(LlavaNextAdapter):
+    """LLaVA-NeXT-Video: images as LLaVA-NeXT's (AnyRes); a video is one run of its frames' grids after the
+    vision resampler pools each frame by `spatial_pool_stride`, frame after frame (no newline tokens)."""
+
+    model_types = ("llava_next_video",)
+    tree_verified = True
+
+    def visual_layouts(self, is_image, model_kwargs):
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size // self.config.spatial_pool_stride
+        sizes = model_kwargs.get("image_sizes")
+        images = None if sizes is None else [image_layout(self.config, None, size) for size in sizes.tolist()]
+        return video_and_image_layouts(self, is_image, model_kwargs, images, side, 0)
+
+
+@register
 class QwenVLAdapter(TargetAdapter):
     """Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and MoE): M-RoPE positions (text after an image sits at
     `index + rope_deltas`); images counted from `image_grid_thw` (`pixel_values` are patch rows); each image's tokens
@@ -285,17 +319,35 @@ class QwenVLAdapter(TargetAdapter):
         return runs != num_images or placeholders != int(grid.prod(dim=-1).sum()) // (merge * merge)
 
     def visual_layouts(self, is_image, model_kwargs):
-        grid = model_kwargs.get("image_grid_thw")
+        """Images: their merged `(t, h / m, w / m)` grids. Videos (`video_grid_thw`): Qwen2-VL and Qwen2.5-VL put a
+        video in one run of `t` frames (temporal layout); Qwen3-VL puts each frame in its own run after its
+        timestamp, so each run is one frame. A run whose count disagrees with its grid (and every run after it)
+        falls back to `VisualLayout.grid`."""
         merge = self.config.vision_config.spatial_merge_size
+        per_frame_runs = self.config.model_type.startswith("qwen3")
+        pending = {"image": self._grids(model_kwargs, "image_grid_thw", False, merge)}
+        pending["video"] = self._grids(model_kwargs, "video_grid_thw", per_frame_runs, merge)
+        spans = image_spans(is_image)
+        layouts, aligned = [], True
+        for (start, end), token in zip(spans, run_tokens(model_kwargs.get("input_ids"), spans)):
+            queue = pending["video" if token is not None and token == self.video_token else "image"]
+            layout = queue.pop(0) if aligned and queue else None
+            aligned = layout is not None and layout.num_tokens == end - start
+            layouts.append(layout if aligned else VisualLayout.grid(end - start))
+        return layouts
+
+    @staticmethod
+    def _grids(model_kwargs, key: str, per_frame: bool, merge: int) -> list[VisualLayout]:
+        """The layout of each grid of `model_kwargs[key]` in order (each frame its own layout with `per_frame`)."""
+        grids = model_kwargs.get(key)
         layouts = []
-        for index, (start, end) in enumerate(image_spans(is_image)):
-            if grid is None or index >= grid.shape[0]:
-                layouts.append(VisualLayout.grid(end - start))
-                continue
-            frames, rows, cols = (int(v) for v in grid[index])
+        for frames, rows, cols in [] if grids is None else grids.tolist():
             rows, cols = rows // merge, cols // merge
-            layout = VisualLayout([GridSegment(f * rows * cols, rows, cols) for f in range(frames)])
-            layouts.append(layout if layout.num_tokens == end - start else VisualLayout.grid(end - start))
+            if per_frame:
+                layouts += [VisualLayout.frames(1, rows, cols) for _ in range(frames)]
+            else:
+                layouts.append(VisualLayout.frames(frames, rows, cols))
+                layouts[-1].temporal = key == "video_grid_thw"
         return layouts
 
 
@@ -446,7 +498,33 @@ class LlavaOnevisionAdapter(TargetAdapter):
         return runs > num_images or (expected is not None and placeholders != expected)
 
     def visual_layouts(self, is_image, model_kwargs):
-        return layouts_per_run(image_spans(is_image), self.image_layouts(model_kwargs))
+        """Image runs as `image_layouts`; each video run is its frames' `ceil(s / 2)` square grids (the model pools
+        every frame 2 x 2) and one newline token."""
+        vision = self.config.vision_config
+        side = math.ceil(vision.image_size // vision.patch_size / 2)
+        return video_and_image_layouts(self, is_image, model_kwargs, self.image_layouts(model_kwargs), side, 1)
+
+
+def video_and_image_layouts(adapter, is_image, model_kwargs, image_layouts, side: int, trailing: int):
+    """Layouts of a prompt whose runs are images (laid out from `image_layouts`, see `layouts_per_run`) or videos
+    (one run per video: frames of `side x side` tokens, then `trailing` extra tokens)."""
+    spans = image_spans(is_image)
+    kinds = run_tokens(model_kwargs.get("input_ids"), spans)
+    is_video = [kind is not None and kind == adapter.video_token for kind in kinds]
+    images = iter(layouts_per_run([span for span, video in zip(spans, is_video) if not video], image_layouts))
+    layouts = []
+    for (start, end), video in zip(spans, is_video):
+        if not video:
+            layouts.append(next(images))
+            continue
+        frames, extra = divmod(end - start - trailing, side * side)
+        if frames < 1 or extra:
+            layouts.append(VisualLayout.grid(end - start))
+            continue
+        layout = VisualLayout.frames(frames, side, side)
+        layout.segments += [GridSegment(frames * side * side, 1, trailing)] if trailing else []
+        layouts.append(layout)
+    return layouts
 
 
 @register
