@@ -153,9 +153,9 @@ class TargetAdapter:
         """`(T, V)` float32 logits of the VLM's forward from the text model's final hidden states `(T, d)`."""
         return self.lm_head(hidden).float()
 
-    def position_offset(self) -> int:
+    def position_offset(self, model_kwargs: dict | None = None) -> int:
         """What the family adds to a text token's sequence index to get its position id, read after `generate`
-        prepared the call (valid for the generated tokens)."""
+        prepared the call (valid for the generated tokens; `model_kwargs`: the call's model inputs)."""
         return 0
 
     def verify_mask(self, visible: torch.Tensor, depths: torch.Tensor, cache_length):
@@ -303,7 +303,14 @@ class QwenVLAdapter(TargetAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
     tree_verified = True
 
-    def position_offset(self) -> int:
+    def position_offset(self, model_kwargs=None) -> int:
+        """Plain decoding continues from the prompt's last position id (`generate` steps the ids it prepared), which
+        is not always `rope_deltas`: after a video whose time index outruns its height and width (Qwen2.5-VL spaces
+        frames by `tokens_per_second`), `rope_deltas` counts from the largest time index but the text after the
+        video from the largest spatial one. So the offset comes from the prepared ids when there are any."""
+        ids = None if model_kwargs is None else model_kwargs.get("position_ids")
+        if ids is not None and ids.dim() == 3 and ids.shape[1] == 1:  # (rows, 1, n): the M-RoPE rows last
+            return int(ids[-1, 0, -1]) + 1 - ids.shape[-1]
         deltas = mrope_deltas(self.model)
         return 0 if deltas is None else int(deltas.reshape(-1)[0])
 
@@ -415,7 +422,7 @@ class PaliGemmaAdapter(HybridAttentionAdapter):
     model_types = ("paligemma",)
     tree_verified = True
 
-    def position_offset(self) -> int:
+    def position_offset(self, model_kwargs=None) -> int:
         return 1
 
     def visual_layouts(self, is_image, model_kwargs):
