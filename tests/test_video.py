@@ -135,3 +135,49 @@ def test_draft_kv_holds_the_compressed_video_and_the_text(monkeypatch):
         cached, info = lengths[-1]
         assert info["target_visual_tokens"] == visual and info["draft_visual_tokens"] < visual
         assert cached == n - visual + info["draft_visual_tokens"], spec
+
+
+VIDEO_SAMPLES = 500
+
+
+def _sample_video_first_tokens():
+    """(plain, speculative) samples of the first 3 new tokens after a video whose time index outruns its height and
+    width (Qwen2.5-VL, peaked distributions), tree mode with an oracle draft."""
+    from test_lossless_sampling import SETTINGS
+
+    target = specvlm_hf.enable(VIDEO_FAMILIES["qwen2_5_vl"](seed=0, scale=24.0))
+    inputs = video_inputs(target, torch.Generator().manual_seed(4), frames=4, image=False, text_tokens=4)
+    inputs["second_per_grid_ts"] = torch.tensor([1.0])  # one per video: the batch of copies needs its own
+    draft = oracle_draft(target)
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 4, 3, 20
+    start = inputs["input_ids"].shape[1]
+    kwargs = dict(do_sample=True, max_new_tokens=3, min_new_tokens=3, **SETTINGS["temperature"])
+    batch = {
+        key: value.repeat(VIDEO_SAMPLES, *([1] * (value.dim() - 1)))
+        if key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+        else value.expand(VIDEO_SAMPLES, *value.shape[1:])
+        for key, value in inputs.items()
+    }
+    torch.manual_seed(0)
+    plain = target.generate(**batch, **kwargs)[:, start:]
+    speculative, sigmas = [], []
+    for _ in range(VIDEO_SAMPLES):
+        speculative.append(tuple(target.generate(**inputs, **kwargs, assistant_model=draft)[0, start:].tolist()))
+        sigmas.append(draft.stats.sigma)
+    return [tuple(row) for row in plain.tolist()], speculative, sum(sigmas) / len(sigmas)
+
+
+def test_video_sampling_matches_plain_sampling():
+    from test_lossless_sampling import P_THRESHOLD, chi_square_p_value
+
+    plain, speculative, sigma = _sample_video_first_tokens()
+    assert sigma > 1.2, "the draft must get tokens accepted for the test to mean anything"
+    assert chi_square_p_value(plain, speculative) > P_THRESHOLD
+
+
+def test_the_video_sampling_test_catches_a_broken_acceptance_rule(monkeypatch):
+    from test_lossless_sampling import P_THRESHOLD, break_acceptance_rule, chi_square_p_value
+
+    break_acceptance_rule(monkeypatch)
+    plain, speculative, _ = _sample_video_first_tokens()
+    assert chi_square_p_value(plain, speculative) < P_THRESHOLD
