@@ -65,3 +65,19 @@ def test_generate_refuses_a_video_for_a_model_without_video(capsys, tmp_path):
     assert status == 2 and "takes no video" in err and "Qwen2-VL" in err
     assert main(["generate", "--video", str(tmp_path / "clip.mp4"), "--no-image"]) == 2
     assert "--video replaces the image" in capsys.readouterr().err
+
+
+def test_demo_reads_an_uploaded_video_for_a_video_model_only(tmp_path):
+    from types import SimpleNamespace
+
+    from specvlm_hf import demo_app
+
+    write_clip(tmp_path / "clip.mp4", frames=10)
+    takes_video, image_only = SimpleNamespace(video_processor=object()), SimpleNamespace()
+    assert demo_app.check_video(tmp_path / "clip.mp4", takes_video).frames.shape == (8, 32, 32, 3)
+    with pytest.raises(demo_app.InputError, match="This model takes no video; upload an image instead."):
+        demo_app.check_video(tmp_path / "clip.mp4", image_only)
+    (tmp_path / "notes.mp4").write_text("not a video")
+    with pytest.raises(demo_app.InputError, match="^The video cannot be decoded as a video") as error:
+        demo_app.check_video(tmp_path / "notes.mp4", takes_video)
+    assert str(tmp_path) not in str(error.value)  # no server path in the page's message
