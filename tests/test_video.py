@@ -181,3 +181,52 @@ def test_the_video_sampling_test_catches_a_broken_acceptance_rule(monkeypatch):
     break_acceptance_rule(monkeypatch)
     plain, speculative, _ = _sample_video_first_tokens()
     assert chi_square_p_value(plain, speculative) < P_THRESHOLD
+
+
+def _llava_many_images(target, generator, images: int) -> dict:
+    """LLaVA-1.5 / LLaVA-NeXT prompt: `images` images, each after some text (several images in one turn)."""
+    from tiny_models import IMAGE_SIZE, image_token_count
+
+    config = target.config
+    pieces, inputs, pixels, sizes = [torch.tensor([1])], {}, [], []
+    for _ in range(images):
+        pieces.append(
+            torch.randint(3, 90, (int(torch.randint(1, 4, (1,), generator=generator)),), generator=generator)
+        )
+        if config.model_type == "llava_next":
+            size = [IMAGE_SIZE, 2 * IMAGE_SIZE] if bool(torch.randint(0, 2, (1,), generator=generator)) else [64, 32]
+            pixel_values = torch.randn(1, 3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+            count = image_token_count(target, pixel_values, torch.tensor([size]))
+            sizes.append(size)
+        else:
+            pixel_values = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+            count = image_token_count(target, pixel_values)
+        pixels.append(pixel_values)
+        pieces.append(torch.full((count,), config.image_token_index))
+    pieces.append(torch.randint(3, 90, (4,), generator=generator))
+    ids = torch.cat(pieces)[None]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.cat(pixels)}
+    if sizes:
+        inputs["image_sizes"] = torch.tensor(sizes)
+    return inputs
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", ["llava", "llava_next"])
+def test_many_images_in_one_turn_match_plain_generate(name, mode):
+    """LLaVA-1.5 and LLaVA-NeXT with 2 and 3 images interleaved with text, plain and compressing drafts (the other
+    families' many-image prompts are in test_families*.py)."""
+    from tiny_models import tiny_llava, tiny_llava_next
+
+    target = specvlm_hf.enable((tiny_llava if name == "llava" else tiny_llava_next)(seed=0, scale=8.0))
+    generator = torch.Generator().manual_seed(list(MODES).index(mode))
+    for case, (kind, images, compressor) in enumerate(
+        [("oracle", 2, None), ("noisy", 3, {"mode": "fixed", "fixed": "pool@4"}), ("fresh", 2, TEMPORAL)]
+    ):
+        inputs = _llava_many_images(target, generator, images)
+        kwargs = {"do_sample": False, "max_new_tokens": 12, "min_new_tokens": 12, **MODES[mode]}
+        draft = make_draft(target, kind, mode, **({"compressor": compressor} if compressor else {}))
+        reference = target.generate(**inputs, **kwargs)
+        assert target.generate(**inputs, **kwargs, assistant_model=draft).tolist() == reference.tolist(), case
+        if compressor and compressor["mode"] == "fixed":  # pool@4 on every image
+            assert draft.stats.draft_visual_tokens < draft.stats.target_visual_tokens
