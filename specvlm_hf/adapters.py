@@ -45,6 +45,19 @@ def image_token_of(config) -> int | None:
     return getattr(config, "image_token_index", None) if token is None else token
 
 
+def video_token_of(config) -> int | None:
+    token = getattr(config, "video_token_id", None)
+    return getattr(config, "video_token_index", None) if token is None else token
+
+
+def run_tokens(input_ids: torch.Tensor | None, spans: list[tuple[int, int]]) -> list[int | None]:
+    """The placeholder token of each run of `spans` over a prompt's pairs (pair t reads token t + 1), from the
+    prompt's ids `(n,)` (None without them): tells image runs from video runs."""
+    if input_ids is None:
+        return [None] * len(spans)
+    return [int(input_ids[start + 1]) if start + 1 < input_ids.shape[0] else None for start, _ in spans]
+
+
 ADAPTERS: dict[str, type] = {}  # model_type -> adapter class, filled by `register`
 
 # inputs describing a call's images; from transformers 5.23 `generate` drops them from the model inputs before
@@ -57,6 +70,7 @@ IMAGE_GEOMETRY_KEYS = (
     "batch_num_images",
     "vision_aspect_ratio",
     "image_hidden_states",
+    "pixel_values_videos",
 )
 _CALL_IMAGE_INPUTS: ContextVar[dict] = ContextVar("specvlm_call_image_inputs", default={})
 
@@ -128,6 +142,7 @@ class TargetAdapter:
         self.cache_kw = cache_argument_name(self.text_model.forward)
         self.dtype = self.lm_head.weight.dtype
         self.image_token = image_token_of(self.config)
+        self.video_token = video_token_of(self.config)
 
     @property
     def name(self) -> str:
@@ -138,9 +153,9 @@ class TargetAdapter:
         """`(T, V)` float32 logits of the VLM's forward from the text model's final hidden states `(T, d)`."""
         return self.lm_head(hidden).float()
 
-    def position_offset(self) -> int:
+    def position_offset(self, model_kwargs: dict | None = None) -> int:
         """What the family adds to a text token's sequence index to get its position id, read after `generate`
-        prepared the call (valid for the generated tokens)."""
+        prepared the call (valid for the generated tokens; `model_kwargs`: the call's model inputs)."""
         return 0
 
     def verify_mask(self, visible: torch.Tensor, depths: torch.Tensor, cache_length):
@@ -217,7 +232,8 @@ class TargetAdapter:
         return runs > num_images
 
     def visual_layouts(self, is_image: torch.Tensor, model_kwargs: dict) -> list[VisualLayout]:
-        """One `VisualLayout` per run of image tokens in a prompt (`is_image` `(n,)` bool)."""
+        """One `VisualLayout` per run of visual tokens in a prompt's pairs (`is_image` `(n,)` bool; the prompt's
+        ids are `model_kwargs["input_ids"]` `(n,)` when known)."""
         return [VisualLayout.grid(end - start) for start, end in image_spans(is_image)]
 
     def forward_inputs(self, input_ids: torch.Tensor) -> dict:
@@ -227,11 +243,13 @@ class TargetAdapter:
 
     def visual_mask(self, input_ids: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         """`(n,)` bool over a prompt's tokens `(n,)`: the tokens the draft's compressor may replace, in runs that
-        `visual_layouts` lays out. Default: the image tokens. (Mistral 3 adds each row's `[IMG_BREAK]` /
+        `visual_layouts` lays out. Default: the image and video tokens. (Mistral 3 adds each row's `[IMG_BREAK]` /
         `[IMG_END]`, so that an image is one run and pools as a 2-D grid.)"""
-        if self.image_token is None:
-            return torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        return input_ids == self.image_token
+        visual = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        for token in (self.image_token, self.video_token):
+            if token is not None:
+                visual |= input_ids == token
+        return visual
 
 
 @register
@@ -265,6 +283,22 @@ class LlavaNextAdapter(TargetAdapter):
 
 
 @register
+class LlavaNextVideoAdapter(LlavaNextAdapter):
+    """LLaVA-NeXT-Video: images as LLaVA-NeXT's (AnyRes); a video is one run of its frames' grids after the
+    vision resampler pools each frame by `spatial_pool_stride`, frame after frame (no newline tokens)."""
+
+    model_types = ("llava_next_video",)
+    tree_verified = True
+
+    def visual_layouts(self, is_image, model_kwargs):
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size // self.config.spatial_pool_stride
+        sizes = model_kwargs.get("image_sizes")
+        images = None if sizes is None else [image_layout(self.config, None, size) for size in sizes.tolist()]
+        return video_and_image_layouts(self, is_image, model_kwargs, images, side, 0)
+
+
+@register
 class QwenVLAdapter(TargetAdapter):
     """Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense and MoE): M-RoPE positions (text after an image sits at
     `index + rope_deltas`); images counted from `image_grid_thw` (`pixel_values` are patch rows); each image's tokens
@@ -274,7 +308,14 @@ class QwenVLAdapter(TargetAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
     tree_verified = True
 
-    def position_offset(self) -> int:
+    def position_offset(self, model_kwargs=None) -> int:
+        """Plain decoding continues from the prompt's last position id (`generate` steps the ids it prepared), which
+        is not always `rope_deltas`: after a video whose time index outruns its height and width (Qwen2.5-VL spaces
+        frames by `tokens_per_second`), `rope_deltas` counts from the largest time index but the text after the
+        video from the largest spatial one. So the offset comes from the prepared ids when there are any."""
+        ids = None if model_kwargs is None else model_kwargs.get("position_ids")
+        if ids is not None and ids.dim() == 3 and ids.shape[1] == 1:  # (rows, 1, n): the M-RoPE rows last
+            return int(ids[-1, 0, -1]) + 1 - ids.shape[-1]
         deltas = mrope_deltas(self.model)
         return 0 if deltas is None else int(deltas.reshape(-1)[0])
 
@@ -300,17 +341,35 @@ class QwenVLAdapter(TargetAdapter):
         return runs != num_images or placeholders != int(grid.prod(dim=-1).sum()) // (merge * merge)
 
     def visual_layouts(self, is_image, model_kwargs):
-        grid = model_kwargs.get("image_grid_thw")
+        """Images: their merged `(t, h / m, w / m)` grids. Videos (`video_grid_thw`): Qwen2-VL and Qwen2.5-VL put a
+        video in one run of `t` frames (temporal layout); Qwen3-VL puts each frame in its own run after its
+        timestamp, so each run is one frame. A run whose count disagrees with its grid (and every run after it)
+        falls back to `VisualLayout.grid`."""
         merge = self.config.vision_config.spatial_merge_size
+        per_frame_runs = self.config.model_type.startswith("qwen3")
+        pending = {"image": self._grids(model_kwargs, "image_grid_thw", False, merge)}
+        pending["video"] = self._grids(model_kwargs, "video_grid_thw", per_frame_runs, merge)
+        spans = image_spans(is_image)
+        layouts, aligned = [], True
+        for (start, end), token in zip(spans, run_tokens(model_kwargs.get("input_ids"), spans)):
+            queue = pending["video" if token is not None and token == self.video_token else "image"]
+            layout = queue.pop(0) if aligned and queue else None
+            aligned = layout is not None and layout.num_tokens == end - start
+            layouts.append(layout if aligned else VisualLayout.grid(end - start))
+        return layouts
+
+    @staticmethod
+    def _grids(model_kwargs, key: str, per_frame: bool, merge: int) -> list[VisualLayout]:
+        """The layout of each grid of `model_kwargs[key]` in order (each frame its own layout with `per_frame`)."""
+        grids = model_kwargs.get(key)
         layouts = []
-        for index, (start, end) in enumerate(image_spans(is_image)):
-            if grid is None or index >= grid.shape[0]:
-                layouts.append(VisualLayout.grid(end - start))
-                continue
-            frames, rows, cols = (int(v) for v in grid[index])
+        for frames, rows, cols in [] if grids is None else grids.tolist():
             rows, cols = rows // merge, cols // merge
-            layout = VisualLayout([GridSegment(f * rows * cols, rows, cols) for f in range(frames)])
-            layouts.append(layout if layout.num_tokens == end - start else VisualLayout.grid(end - start))
+            if per_frame:
+                layouts += [VisualLayout.frames(1, rows, cols) for _ in range(frames)]
+            else:
+                layouts.append(VisualLayout.frames(frames, rows, cols))
+                layouts[-1].temporal = key == "video_grid_thw"
         return layouts
 
 
@@ -378,7 +437,7 @@ class PaliGemmaAdapter(HybridAttentionAdapter):
     model_types = ("paligemma",)
     tree_verified = True
 
-    def position_offset(self) -> int:
+    def position_offset(self, model_kwargs=None) -> int:
         return 1
 
     def visual_layouts(self, is_image, model_kwargs):
@@ -461,7 +520,33 @@ class LlavaOnevisionAdapter(TargetAdapter):
         return runs > num_images or (expected is not None and placeholders != expected)
 
     def visual_layouts(self, is_image, model_kwargs):
-        return layouts_per_run(image_spans(is_image), self.image_layouts(model_kwargs))
+        """Image runs as `image_layouts`; each video run is its frames' `ceil(s / 2)` square grids (the model pools
+        every frame 2 x 2) and one newline token."""
+        vision = self.config.vision_config
+        side = math.ceil(vision.image_size // vision.patch_size / 2)
+        return video_and_image_layouts(self, is_image, model_kwargs, self.image_layouts(model_kwargs), side, 1)
+
+
+def video_and_image_layouts(adapter, is_image, model_kwargs, image_layouts, side: int, trailing: int):
+    """Layouts of a prompt whose runs are images (laid out from `image_layouts`, see `layouts_per_run`) or videos
+    (one run per video: frames of `side x side` tokens, then `trailing` extra tokens)."""
+    spans = image_spans(is_image)
+    kinds = run_tokens(model_kwargs.get("input_ids"), spans)
+    is_video = [kind is not None and kind == adapter.video_token for kind in kinds]
+    images = iter(layouts_per_run([span for span, video in zip(spans, is_video) if not video], image_layouts))
+    layouts = []
+    for (start, end), video in zip(spans, is_video):
+        if not video:
+            layouts.append(next(images))
+            continue
+        frames, extra = divmod(end - start - trailing, side * side)
+        if frames < 1 or extra:
+            layouts.append(VisualLayout.grid(end - start))
+            continue
+        layout = VisualLayout.frames(frames, side, side)
+        layout.segments += [GridSegment(frames * side * side, 1, trailing)] if trailing else []
+        layouts.append(layout)
+    return layouts
 
 
 @register

@@ -163,6 +163,11 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self._agree(input_ids, sequence)
         return sequence, candidate_logits
 
+    @property
+    def num_drafting_tokens(self) -> int:
+        """Most tokens drafted per round (transformers 5.25+ sizes the cache's recorded past with it)."""
+        return int(self.draft.config.chain_length)
+
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
         """Records the round in `draft.stats` (the first call follows the prefill)."""
         if not self.verified_once:

@@ -11,7 +11,10 @@ Branches (each reports its output token count, parameter count and FLOPs for a l
 - `pool@r`: 2-D average pooling over each patch grid with a kh x kw window, kh * kw ~ r;
 - `conv@r`: depthwise 3x3 convolution with the same strides, then a pointwise linear map;
 - `resampler@q`: one cross-attention layer with q learned queries;
-- `text`: no visual tokens at all.
+- `text`: no visual tokens at all;
+- over time, for videos (layouts with `temporal` frames; images pass unchanged): `frames@k` keeps every k-th
+  frame, `tpool@k` averages each k consecutive frames, `frame_norm@r` keeps the 1/r most salient (largest norm)
+  tokens of each frame. No branch mixes tokens of different videos, images, tiles or (spatially) frames.
 
 Modes (`SpecVLMDraftConfig.compressor["mode"]`): `none`; `fixed` (one branch); `select` (default for a
 compressing draft: a question-aware gate picks one branch per input, Gumbel-softmax straight-through in
@@ -20,7 +23,9 @@ produce the same token count); `concat` (several branches side by side, e.g. pru
 resampler@2).
 
 Positions: text keeps its original positions; the m compressed tokens of an image take the last m
-positions of that image's original span, so the first text token after the image keeps its distance.
+positions of that image's original span, so the first text token after the image keeps its distance. The
+draft's positions are 1-D sequence indices (the target's M-RoPE time and space indices are used only by the
+target's own verify forward), so a compressed video keeps the positions of the text after it exact.
 """
 
 from __future__ import annotations
@@ -57,13 +62,21 @@ class GridSegment:
 
 @dataclass
 class VisualLayout:
-    """How the visual tokens of one image are arranged: one or more patch grids."""
+    """How the visual tokens of one image (or video) are arranged: one or more patch grids. With `temporal`, the
+    segments are a video's frames in time order (a `(t, h, w)` grid when they share one shape); otherwise they are
+    tiles or crops of one image, which pooling over time never mixes."""
 
     segments: list[GridSegment] = field(default_factory=list)
+    temporal: bool = False
 
     @property
     def num_tokens(self) -> int:
         return sum(segment.length for segment in self.segments)
+
+    @classmethod
+    def frames(cls, frames: int, rows: int, cols: int, start: int = 0) -> "VisualLayout":
+        """A video's `frames x rows x cols` tokens, frame after frame, each frame row-major."""
+        return cls([GridSegment(start + f * rows * cols, rows, cols) for f in range(frames)], temporal=True)
 
     @classmethod
     def sequence(cls, num_tokens: int) -> "VisualLayout":
@@ -77,19 +90,20 @@ class VisualLayout:
         return cls([GridSegment(0, side, side)]) if side * side == num_tokens else cls.sequence(num_tokens)
 
 
-def image_layout(target_config, num_tokens: int, image_size=None) -> VisualLayout:
-    """The layout of one image's `num_tokens` visual tokens in a LLaVA / LLaVA-NeXT prompt.
+def image_layout(target_config, num_tokens: int | None, image_size=None) -> VisualLayout:
+    """The layout of one image's `num_tokens` visual tokens in a LLaVA / LLaVA-NeXT prompt (`None`: whatever the
+    image's AnyRes geometry gives, for a target with `image_size`).
 
     LLaVA-NeXT (AnyRes): the base image's S x S grid, then the tiles' unpadded grid with a newline token after
     each row; computed with transformers' own AnyRes helpers from `image_size` (height, width).
     """
-    if getattr(target_config, "model_type", None) == "llava_next" and image_size is not None:
+    if getattr(target_config, "model_type", None) in ("llava_next", "llava_next_video") and image_size is not None:
         vision = target_config.vision_config
         side = vision.image_size // vision.patch_size
         rows, cols = anyres_grid(target_config, image_size)
         base = GridSegment(0, side, side)
         layout = VisualLayout([base, GridSegment(base.length, rows, cols, newline=True)])
-        if layout.num_tokens == num_tokens:
+        if num_tokens is None or layout.num_tokens == num_tokens:
             return layout
     return VisualLayout.grid(num_tokens)
 
@@ -241,8 +255,97 @@ class TextOnlyBranch(Branch):
         return tokens[:0]
 
 
+def frame_groups(layout: VisualLayout) -> list[list[GridSegment]]:
+    """The layout's segments grouped into clips that pool over time: runs of consecutive frames of one shape in a
+    temporal layout; every segment alone otherwise (tiles and crops are never mixed)."""
+    groups: list[list[GridSegment]] = []
+    for segment in layout.segments:
+        previous = groups[-1][-1] if groups else None
+        same_shape = previous is not None and (previous.rows, previous.cols, previous.newline) == (
+            segment.rows,
+            segment.cols,
+            segment.newline,
+        )
+        if layout.temporal and same_shape:
+            groups[-1].append(segment)
+        else:
+            groups.append([segment])
+    return groups
+
+
+def _segment_tokens(tokens: torch.Tensor, segment: GridSegment) -> torch.Tensor:
+    return tokens[segment.start : segment.start + segment.length]
+
+
+class FrameSkipBranch(Branch):
+    """`frames@k`: keeps every k-th frame of a video (frames 0, k, 2k, ...), whole; images pass unchanged."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride, self.spec = stride, f"frames@{stride:g}"
+
+    def kept(self, layout: VisualLayout) -> list[GridSegment]:
+        return [segment for group in frame_groups(layout) for segment in group[:: self.stride]]
+
+    def num_tokens(self, layout):
+        return sum(segment.length for segment in self.kept(layout))
+
+    def forward(self, tokens, layout):
+        return torch.cat([_segment_tokens(tokens, segment) for segment in self.kept(layout)])
+
+
+class TemporalPoolBranch(Branch):
+    """`tpool@k`: averages each run of k consecutive frames of a video into one frame (the last run may be
+    shorter); images pass unchanged."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride, self.spec = stride, f"tpool@{stride:g}"
+
+    def num_tokens(self, layout):
+        return sum(group[0].length * math.ceil(len(group) / self.stride) for group in frame_groups(layout) if group)
+
+    def flops(self, layout, hidden):
+        return layout.num_tokens * hidden
+
+    def forward(self, tokens, layout):
+        out = []
+        for group in frame_groups(layout):
+            for first in range(0, len(group), self.stride):
+                clip = torch.stack([_segment_tokens(tokens, s) for s in group[first : first + self.stride]])
+                out.append(clip.float().mean(dim=0).to(tokens.dtype))
+        return torch.cat(out)
+
+
+class FrameSaliencyBranch(Branch):
+    """`frame_norm@r`: per-frame saliency: keeps the 1/r of each frame's (or tile's) tokens of largest L2 norm, in
+    their order, so that every frame keeps some tokens and no token moves to another frame."""
+
+    def __init__(self, ratio: float):
+        super().__init__()
+        self.ratio, self.spec = ratio, f"frame_norm@{ratio:g}"
+
+    def kept_per_segment(self, segment: GridSegment) -> int:
+        return max(1, math.ceil(segment.length / self.ratio))
+
+    def num_tokens(self, layout):
+        return sum(self.kept_per_segment(segment) for segment in layout.segments)
+
+    def flops(self, layout, hidden):
+        return 2 * layout.num_tokens * hidden
+
+    def forward(self, tokens, layout):
+        out = []
+        for segment in layout.segments:
+            part = _segment_tokens(tokens, segment)
+            chosen = part.float().norm(dim=-1).topk(self.kept_per_segment(segment)).indices
+            out.append(part[chosen.sort().values])
+        return torch.cat(out)
+
+
 def build_branch(spec: str, hidden: int, heads: int) -> Branch:
-    """A branch from its name: `prune@4`, `prune_norm@4`, `pool@9`, `conv@3`, `resampler@2`, `text`."""
+    """A branch from its name: `prune@4`, `prune_norm@4`, `pool@9`, `conv@3`, `resampler@2`, `text`, and over
+    time `frames@2` (every 2nd frame), `tpool@2` (average of 2 frames), `frame_norm@4` (per-frame saliency)."""
     if spec == "text":
         return TextOnlyBranch()
     kind, _, value = spec.partition("@")
@@ -250,15 +353,22 @@ def build_branch(spec: str, hidden: int, heads: int) -> Branch:
         number = float(value)
     except ValueError:
         number = -1.0
-    if number <= 0 or kind not in ("prune", "prune_norm", "pool", "conv", "resampler"):
+    kinds = ("prune", "prune_norm", "pool", "conv", "resampler", "frames", "tpool", "frame_norm")
+    if number <= 0 or kind not in kinds:
         raise ValueError(
-            f"unknown compressor branch {spec!r}: use prune@R, prune_norm@R, pool@R, conv@R (R >= 1), resampler@Q "
-            "(Q learned queries) or text"
+            f"unknown compressor branch {spec!r}: use prune@R, prune_norm@R, pool@R, conv@R, frame_norm@R (R >= 1), "
+            "resampler@Q (Q learned queries), frames@K or tpool@K (K frames, an integer) or text"
         )
     if kind == "resampler":
         return ResamplerBranch(int(number), hidden, heads)
     if number < 1:
         raise ValueError(f"compressor branch {spec!r}: the ratio must be >= 1")
+    if kind in ("frames", "tpool"):
+        if number != int(number):
+            raise ValueError(f"compressor branch {spec!r}: the frame stride must be an integer")
+        return FrameSkipBranch(int(number)) if kind == "frames" else TemporalPoolBranch(int(number))
+    if kind == "frame_norm":
+        return FrameSaliencyBranch(number)
     if kind == "pool":
         return PoolBranch(number)
     if kind == "conv":

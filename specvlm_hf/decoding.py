@@ -328,7 +328,8 @@ def tree_assisted_decoding(
 
         # 3. rounds: draft a tree, score it with the target, accept, keep the accepted path, catch the draft up
         root_position = int(prompt_positions[-1]) + 1
-        round.start(prompt_mask, token, root_position, adapter.position_offset(), root_hidden, root_log_probs)
+        offset = adapter.position_offset(model_kwargs)
+        round.start(prompt_mask, token, root_position, offset, root_hidden, root_log_probs)
         run_rounds(decoding, round, clock)
 
     if streamer is not None:

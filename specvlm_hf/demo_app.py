@@ -154,6 +154,22 @@ def check_image(path):
     return image.convert("RGB")
 
 
+def check_video(path, processor):
+    """Reads an uploaded video (8 evenly spaced frames) after checking its file size and that the model takes video;
+    returns a `specvlm_hf.video.VideoClip`."""
+    from .video import read_video
+
+    if getattr(processor, "video_processor", None) is None:
+        raise InputError("This model takes no video; upload an image instead.")
+    size_mb = os.path.getsize(path) / 2**20
+    if size_mb > MAX_UPLOAD_MB:
+        raise InputError(f"The video file is {size_mb:.1f} MB; the limit is {MAX_UPLOAD_MB} MB.")
+    try:
+        return read_video(path)
+    except UserError as error:
+        raise InputError(str(error).replace(" with --video", "").replace(str(path), "The video")) from None
+
+
 def check_prompt(prompt: str | None) -> str:
     prompt = (prompt or "").strip()
     if not prompt:
@@ -299,17 +315,21 @@ def format_stats(
     return "\n".join(lines)
 
 
-def compare(models: DemoModels, image_path, prompt, max_new_tokens, limit: int = MAX_NEW_TOKENS_LIMIT):
-    """Generator of `(plain_html, specvlm_html, stats_markdown)`: plain `generate` streams first, then SpecVLM."""
+def compare(
+    models: DemoModels, image_path, prompt, max_new_tokens, limit: int = MAX_NEW_TOKENS_LIMIT, video_path=None
+):
+    """Generator of `(plain_html, specvlm_html, stats_markdown)`: plain `generate` streams first, then SpecVLM. With
+    `video_path` (a model that takes video), the video replaces the image."""
     from specvlm_hf.commands.generate import build_inputs
 
-    image = check_image(image_path)
+    image = check_video(video_path, models.processor) if video_path else check_image(image_path)
     prompt = check_prompt(prompt)
     max_new_tokens = check_max_new_tokens(max_new_tokens, limit)
     device = next(models.target.parameters()).device
     inputs = build_inputs(models.processor, image, prompt).to(device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(models.target.dtype)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(models.target.dtype)
     prompt_length = inputs["input_ids"].shape[1]
     if models.max_positions and prompt_length + max_new_tokens > models.max_positions:
         raise InputError(
@@ -390,9 +410,11 @@ def build_demo(models: DemoModels, max_new_tokens_limit: int = MAX_NEW_TOKENS_LI
     """The Gradio page (call `.queue(...)` and `.launch(...)` on it, or use `launch`)."""
     import gradio as gr
 
-    def run(image_path, prompt, max_new_tokens):
+    takes_video = getattr(models.processor, "video_processor", None) is not None
+
+    def run(image_path, prompt, max_new_tokens, video_path=None):
         try:
-            yield from compare(models, image_path, prompt, max_new_tokens, max_new_tokens_limit)
+            yield from compare(models, image_path, prompt, max_new_tokens, max_new_tokens_limit, video_path)
         except InputError as error:
             raise gr.Error(str(error), title="Input not accepted") from None
 
@@ -409,6 +431,11 @@ def build_demo(models: DemoModels, max_new_tokens_limit: int = MAX_NEW_TOKENS_LI
             with gr.Column(scale=1):
                 image = refuse_unreadable_uploads(
                     gr.Image(type="filepath", label="Image", sources=["upload"], height=260)
+                )
+                video = (
+                    gr.Video(label="Video (replaces the image; 8 frames)", sources=["upload"], height=200)
+                    if takes_video
+                    else None
                 )
                 prompt = gr.Textbox(
                     label="Prompt",
@@ -442,7 +469,7 @@ def build_demo(models: DemoModels, max_new_tokens_limit: int = MAX_NEW_TOKENS_LI
                 stats = gr.Markdown(elem_id="stats")
         button.click(
             run,
-            [image, prompt, max_new_tokens],
+            [image, prompt, max_new_tokens] + ([video] if video is not None else []),
             [plain, spec, stats],
             concurrency_limit=1,
             concurrency_id="gpu",

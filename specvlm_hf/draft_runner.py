@@ -63,7 +63,7 @@ def prompt_pairs(
         positions=positions,
         real=mask,
         visual=visual,
-        layouts=adapter.visual_layouts(visual, model_kwargs) if compressing else [],
+        layouts=adapter.visual_layouts(visual, {**model_kwargs, "input_ids": prompt_ids[0]}) if compressing else [],
         question=question_features(prompt_features[0], mask, is_image) if compressing else None,
     )
 

@@ -61,20 +61,16 @@ def test_position_offset_is_a_device_buffer_reused_across_images():
 
 
 def tiny_unverified():
-    """A VLM family without a verified adapter: LLaVA-NeXT-Video (its adapter is not written yet)."""
-    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    """A VLM family without a verified adapter: VipLLaVA (its adapter is not written)."""
+    from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
 
     from tiny_models import text_config, vision_config
 
     torch.manual_seed(0)
-    config = LlavaNextVideoConfig(
-        vision_config=vision_config(),
-        text_config=text_config(),
-        image_token_index=95,
-        video_token_index=94,
-        image_grid_pinpoints=[[32, 64], [64, 32]],
+    config = VipLlavaConfig(
+        vision_config=vision_config(), text_config=text_config(), image_token_index=95, vision_feature_layers=[-1]
     )
-    return LlavaNextVideoForConditionalGeneration(config).eval()
+    return VipLlavaForConditionalGeneration(config).eval()
 
 
 def test_unverified_family_is_refused_in_tree_mode_with_what_to_do():
@@ -84,7 +80,7 @@ def test_unverified_family_is_refused_in_tree_mode_with_what_to_do():
     with pytest.raises(UnsupportedTargetError) as error:
         target.generate(input_ids=ids, max_new_tokens=4, do_sample=False, assistant_model=draft)
     message = str(error.value)
-    assert "LlavaNextVideoForConditionalGeneration" in message and "decoding_mode = 'chain'" in message
+    assert "VipLlavaForConditionalGeneration" in message and "decoding_mode = 'chain'" in message
     assert adapter_for(target, tree=False).tree_verified is False
 
 

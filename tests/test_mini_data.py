@@ -96,3 +96,31 @@ def test_question_records_carry_their_short_answer(task):
     for index in range(10):
         record, image = make_example(4, index, task=task)
         assert record["task"] == task and record["target"] and image is not None
+
+
+def test_motion_clips_show_the_motion_their_answers_state():
+    """The moving shape's pixels travel the way the answer says (centroid of its colour, over half the frame), and
+    a clip is a pure function of (seed, index)."""
+    import numpy as np
+
+    from specvlm_hf.mini.data import COLOURS, DIRECTION_WORDS, DIRECTIONS, make_clip_example
+
+    directions = set()
+    for index in range(8):
+        record, frames = make_clip_example(3, index)
+        again, frames_again = make_clip_example(3, index)
+        assert record == again and all(a.tobytes() == b.tobytes() for a, b in zip(frames, frames_again))
+        direction = record["target"]
+        directions.add(direction)
+        question, answer = (turn["value"] for turn in record["conversations"])
+        assert question.startswith("<video>\n") and DIRECTION_WORDS[direction] in answer
+        mover = answer.split(" moves")[0].split()[-2]  # the mover's colour: "... red circle moves ..."
+        pixels = [np.asarray(frame).astype(int) for frame in frames]
+        centroids = []
+        for image in pixels:
+            ys, xs = np.nonzero((np.abs(image - np.array(COLOURS[mover])).sum(-1) < 10))
+            centroids.append((xs.mean(), ys.mean()))
+        dx, dy = DIRECTIONS[direction]
+        moved = np.array(centroids[-1]) - np.array(centroids[0])
+        assert moved @ np.array([dx, dy]) > 0.5 * frames[0].width, (record, moved)
+    assert len(directions) >= 3

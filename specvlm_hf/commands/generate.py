@@ -29,6 +29,12 @@ def register(subparsers):
     )
     parser.add_argument("--image", default=None, help="Image file (default: the mini VLM's bundled example image).")
     parser.add_argument("--no-image", action="store_true", help="Send the prompt alone, without any image.")
+    parser.add_argument(
+        "--video",
+        default=None,
+        help="Video file (MP4, WebM, ...; 8 evenly spaced frames) instead of an image, for a --model that takes "
+        "video (Qwen-VL, LLaVA-OneVision, LLaVA-NeXT-Video). Needs PyAV: pip install 'specvlm-hf[video]'.",
+    )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"User prompt (default: {DEFAULT_PROMPT!r}).")
     parser.add_argument(
         "--model",
@@ -82,7 +88,12 @@ def register(subparsers):
 
 def build_inputs(processor, image, prompt: str):
     """Chat-formatted model inputs for one user turn: `input_ids`, `attention_mask` `(1, length)` and,
-    when `image` is given, `pixel_values` `(1, 3, H, W)`."""
+    when `image` is given, `pixel_values` `(1, 3, H, W)` (or, when `image` is a `specvlm_hf.video.VideoClip`, the
+    processor's video inputs, e.g. `pixel_values_videos` and `video_grid_thw`)."""
+    from ..video import VideoClip
+
+    if isinstance(image, VideoClip):
+        return _video_inputs(processor, image, prompt)
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
     text = processor.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
@@ -90,6 +101,21 @@ def build_inputs(processor, image, prompt: str):
     if image is None:
         return processor(text=text, return_tensors="pt")
     return processor(images=image, text=text, return_tensors="pt")
+
+
+def _video_inputs(processor, clip, prompt: str):
+    from ..errors import UserError
+
+    if getattr(processor, "video_processor", None) is None:
+        raise UserError(
+            f"{type(processor).__name__} takes no video: pass --video with a --model that does (Qwen2-VL, Qwen2.5-VL, "
+            "Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video), or an image with --image."
+        )
+    content = [{"type": "video"}, {"type": "text", "text": prompt}]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    return processor(videos=[clip.frames], text=text, return_tensors="pt", do_sample_frames=False)
 
 
 def run_generate(
@@ -105,8 +131,9 @@ def run_generate(
 
     device = next(model.parameters()).device
     inputs = build_inputs(processor, image, prompt).to(device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(model.dtype)
     generate_kwargs.setdefault("do_sample", False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -163,7 +190,13 @@ def _run(args):
     draft_folder = _check_draft_name(args.draft, builtin)
     if args.no_image and args.image:
         raise UserError("--image and --no-image contradict each other; pass one of them.")
+    if args.video and (args.image or args.no_image):
+        raise UserError("--video replaces the image: pass --video alone, without --image or --no-image.")
     image = None if args.no_image else load_image(args.image or EXAMPLE_IMAGE)
+    if args.video:
+        from ..video import read_video
+
+        image = read_video(args.video)
     dtype = getattr(torch, args.dtype)
 
     from transformers import AutoModelForImageTextToText

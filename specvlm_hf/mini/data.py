@@ -9,6 +9,9 @@ without storing it. Task families (weights in `TASK_WEIGHTS`):
 - `read`: transcribe a sentence of the Python documentation rendered in the image.
 - `text`: text-only instructions answered from the Python documentation (no image).
 
+Short clips for video models come from `make_clip_example(seed, index)`: a shape moving in a straight line past a
+still one, with questions about the motion (kept apart from `TASK_WEIGHTS`, so image datasets are unchanged).
+
 `write_dataset` writes the LLaVA layout: a JSON list of
 `{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}]}`
 (text-only records have no `"image"` key) plus one PNG per image. Records also carry `"task"` and
@@ -148,18 +151,7 @@ def draw_scene(scene: Scene, rng: random.Random, image_size: int = IMAGE_SIZE) -
         slack = cell / 2 - radius - 1
         cx = (shape.column + 0.5) * cell + rng.uniform(-slack, slack)
         cy = (shape.row + 0.5) * cell + rng.uniform(-slack, slack)
-        fill = COLOURS[shape.colour]
-        if shape.kind == "circle":
-            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
-        elif shape.kind == "square":
-            side = radius * 0.85
-            draw.rectangle([cx - side, cy - side, cx + side, cy + side], fill=fill)
-        elif shape.kind == "triangle":
-            draw.polygon(
-                [(cx, cy - radius), (cx + radius, cy + radius * 0.8), (cx - radius, cy + radius * 0.8)], fill=fill
-            )
-        else:  # diamond
-            draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=fill)
+        draw_shape(draw, shape.kind, cx, cy, radius, COLOURS[shape.colour])
     return image
 
 
@@ -514,6 +506,82 @@ def make_example(
         question = "<image>\n" + question
     record["conversations"] = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     return record, image
+
+
+# ----------------------------------------------------------------------------- clips (video)
+DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
+DIRECTION_WORDS = {"right": "to the right", "left": "to the left", "down": "downwards", "up": "upwards"}
+CLIP_FRAMES = 8
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, radius: float, fill) -> None:
+    """One shape centred at (cx, cy) (scenes and clips draw with it)."""
+    if kind == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
+    elif kind == "square":
+        side = radius * 0.85
+        draw.rectangle([cx - side, cy - side, cx + side, cy + side], fill=fill)
+    elif kind == "triangle":
+        draw.polygon(
+            [(cx, cy - radius), (cx + radius, cy + radius * 0.8), (cx - radius, cy + radius * 0.8)], fill=fill
+        )
+    else:  # diamond
+        draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=fill)
+
+
+def make_clip_example(
+    seed: int, index: int, frames: int = CLIP_FRAMES, image_size: int = 64
+) -> tuple[dict, list[Image.Image]]:
+    """Clip `index` of the motion set with `seed`: `frames` RGB frames in which one shape moves in a straight line
+    (right, left, up or down) across the frame while another, of a different colour, stays still; with a question
+    about the motion and its answer (`record["target"]` the direction). A pure function of its arguments.
+
+    Returns `(record, frames)`; the record is LLaVA-style with a `"<video>"` placeholder and `"task": "motion"`.
+    """
+    rng = random.Random(f"specvlm-mini-clip:{seed}:{index}")
+    direction = rng.choice(list(DIRECTIONS))
+    mover_colour, still_colour = rng.sample(list(COLOURS), 2)
+    mover_kind, still_kind = rng.choice(SHAPES), rng.choice(SHAPES)
+    background = rng.choice(list(BACKGROUNDS))
+    radius = image_size * 0.09
+    dx, dy = DIRECTIONS[direction]
+    lane = rng.uniform(0.25, 0.75) * image_size  # the coordinate across the motion
+    start, end = 0.15 * image_size, 0.85 * image_size
+    still = (rng.choice([0.2, 0.8]) * image_size, rng.choice([0.2, 0.8]) * image_size)
+    images = []
+    for frame in range(frames):
+        along = start + (end - start) * frame / max(frames - 1, 1)
+        along = along if dx + dy > 0 else image_size - along
+        centre = (along, lane) if dx else (lane, along)
+        image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
+        draw = ImageDraw.Draw(image)
+        draw_shape(draw, still_kind, *still, radius, COLOURS[still_colour])
+        draw_shape(draw, mover_kind, *centre, radius, COLOURS[mover_colour])
+        images.append(image)
+    mover, other = f"{mover_colour} {mover_kind}", f"{still_colour} {still_kind}"
+    question, answer = rng.choice(
+        [
+            (f"Which way does the {mover} move?", f"The {mover} moves {DIRECTION_WORDS[direction]}."),
+            (
+                "Describe the motion in this video.",
+                f"{capitalise(with_article(mover))} moves {DIRECTION_WORDS[direction]} across the frame, while "
+                f"{with_article(other)} stays still.",
+            ),
+            ("Which shape moves, and which way?", f"The {mover} moves {DIRECTION_WORDS[direction]}."),
+            (
+                f"Does the {other} move?",
+                f"No, the {other} stays still; the {mover} moves {DIRECTION_WORDS[direction]}.",
+            ),
+        ]
+    )
+    record = {
+        "id": f"clip-{seed}-{index}",
+        "task": "motion",
+        "target": direction,
+        "video": f"clip-{seed}-{index}",
+        "conversations": [{"from": "human", "value": "<video>\n" + question}, {"from": "gpt", "value": answer}],
+    }
+    return record, images
 
 
 def _write_one(job: tuple[int, int, int, str, str | None]) -> dict:

@@ -1,0 +1,232 @@
+"""Video and many-visual prompts (fp32, CPU): Qwen2-VL, Qwen2.5-VL, Qwen3-VL (M-RoPE time positions, Qwen3-VL's
+per-frame timestamps), LLaVA-OneVision and LLaVA-NeXT-Video, token for token against plain `generate` in tree,
+static and chain mode, with plain and compressing drafts; the compressor's time layouts and branches; the draft's
+KV cache holding the compressed count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specvlm_hf
+from specvlm_hf.adapters import adapter_for
+from specvlm_hf.compressor import VisualLayout, build_branch, frame_groups
+from specvlm_hf.draft_runner import DraftRunner
+from family_checks import MODES, make_draft
+from tiny_models import oracle_draft
+from tiny_video import VIDEO_FAMILIES, video_inputs
+
+TEMPORAL = {"mode": "select", "branches": ["tpool@2", "frames@2", "frame_norm@2", "pool@4", "text"]}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("family", list(VIDEO_FAMILIES))
+def test_video_greedy_matches_plain_generate(family, mode):
+    """A video alone, an image then a video, each with an oracle, a noisy and a fresh compressing draft."""
+    target = specvlm_hf.enable(VIDEO_FAMILIES[family](seed=0))
+    generator = torch.Generator().manual_seed(len(family) + 7 * list(MODES).index(mode))
+    tpool = {"mode": "fixed", "fixed": "tpool@2"}
+    cases = [("oracle", False, None), ("noisy", True, TEMPORAL), ("fresh", True, tpool)]
+    accepted = []
+    for case, (kind, image, compressor) in enumerate(cases):
+        inputs = video_inputs(target, generator, frames=2 + case, image=image, text_tokens=3 + case)
+        kwargs = {"do_sample": False, "max_new_tokens": 14 + 2 * case, "min_new_tokens": 14, **MODES[mode]}
+        draft = make_draft(target, kind, mode, **({"compressor": compressor} if compressor else {}))
+        reference = target.generate(**inputs, **kwargs)
+        speculative = target.generate(**inputs, **kwargs, assistant_model=draft)
+        assert speculative.tolist() == reference.tolist(), (family, mode, case)
+        accepted.append(max(draft.stats.accepted_per_round, default=0))
+    assert max(accepted) >= 3, "the oracle draft should have accepted several tokens in one round"
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_next_video"])
+def test_video_logits_match_plain_generate(family):
+    target = specvlm_hf.enable(VIDEO_FAMILIES[family](seed=2))
+    inputs = video_inputs(target, torch.Generator().manual_seed(5), frames=3, image=True)
+    kwargs = dict(
+        do_sample=False, max_new_tokens=12, min_new_tokens=12, return_dict_in_generate=True, output_logits=True
+    )
+    reference = target.generate(**inputs, **kwargs)
+    speculative = target.generate(**inputs, **kwargs, assistant_model=oracle_draft(target, noise=0.002))
+    assert speculative.sequences.tolist() == reference.sequences.tolist()
+    for mine, theirs in zip(speculative.logits, reference.logits):
+        torch.testing.assert_close(mine, theirs, atol=5e-5, rtol=1e-5)
+
+
+def _layouts(family: str, image: bool, frames: int = 3):
+    target = VIDEO_FAMILIES[family](seed=0)
+    inputs = video_inputs(target, torch.Generator().manual_seed(1), frames=frames, image=image)
+    adapter = adapter_for(target)
+    ids = inputs["input_ids"][0]
+    visual = adapter.visual_mask(ids, inputs)
+    pairs = torch.cat([visual[1:], visual.new_zeros(1)])
+    return adapter.visual_layouts(pairs, {**inputs, "input_ids": ids}), inputs
+
+
+def test_qwen_video_is_laid_out_as_its_time_grid():
+    (image, video), inputs = _layouts("qwen2_5_vl", image=True)
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    assert not image.temporal and len(image.segments) == 1
+    assert video.temporal and len(video.segments) == t
+    assert all((s.rows, s.cols, s.start) == (h // 2, w // 2, f * h * w // 4) for f, s in enumerate(video.segments))
+
+
+def test_qwen3_video_frames_are_runs_after_their_timestamps():
+    layouts, inputs = _layouts("qwen3_vl", image=False)
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    assert len(layouts) == t and all(layout.num_tokens == h * w // 4 for layout in layouts)
+
+
+@pytest.mark.parametrize("family,trailing", [("llava_onevision", 1), ("llava_next_video", 0)])
+def test_llava_video_is_frames_then_its_newline(family, trailing):
+    (image, video), _ = _layouts(family, image=True, frames=3)
+    assert not image.temporal
+    frames = [s for s in video.segments if s.rows > 1]
+    assert len(frames) == 3 and video.num_tokens == sum(s.length for s in frames) + trailing
+    assert [len(group) for group in frame_groups(video)] == [3] + [1] * bool(trailing)
+
+
+def _labelled(layout: VisualLayout, width: int = 4) -> torch.Tensor:
+    """Tokens whose every entry is 100 * segment index + 1: pooling within a segment keeps the label."""
+    tokens = torch.empty(layout.num_tokens, width)
+    for index, segment in enumerate(layout.segments):
+        tokens[segment.start : segment.start + segment.length] = 100 * index + 1
+    return tokens
+
+
+def test_time_branches_pool_frames_of_one_video_only():
+    video = VisualLayout.frames(5, 2, 3)
+    tiles = VisualLayout([*VisualLayout.frames(2, 2, 2).segments])  # two tiles of one image: not frames
+    tokens = torch.randn(video.num_tokens, 8)
+    frames = tokens.view(5, 6, 8)
+    torch.testing.assert_close(build_branch("frames@2", 8, 2)(tokens, video), frames[::2].reshape(-1, 8))
+    pooled = build_branch("tpool@2", 8, 2)(tokens, video)
+    expected = torch.cat([frames[0:2].mean(0), frames[2:4].mean(0), frames[4]])
+    torch.testing.assert_close(pooled, expected)
+    for spec in ("frames@2", "tpool@2"):
+        branch = build_branch(spec, 8, 2)
+        assert branch(tokens, video).shape[0] == branch.num_tokens(video)
+        assert torch.equal(branch(_labelled(tiles), tiles), _labelled(tiles))  # an image's tiles pass unchanged
+    saliency = build_branch("frame_norm@3", 4, 2)
+    labelled = _labelled(video)
+    kept = saliency(labelled, video)
+    assert kept.shape[0] == saliency.num_tokens(video) == 5 * 2
+    assert kept[:, 0].tolist() == [1.0, 1.0, 101.0, 101.0, 201.0, 201.0, 301.0, 301.0, 401.0, 401.0]
+
+
+def test_draft_kv_holds_the_compressed_video_and_the_text(monkeypatch):
+    """The draft's prefill writes exactly (text pairs + compressed visual tokens) KV entries."""
+    lengths = []
+    prefill = DraftRunner.prefill
+
+    def spy(self, prompt):
+        out = prefill(self, prompt)
+        lengths.append((self.window.cache.get_seq_length(), out[2]))
+        return out
+
+    monkeypatch.setattr(DraftRunner, "prefill", spy)
+    target = specvlm_hf.enable(VIDEO_FAMILIES["qwen2_vl"](seed=0))
+    inputs = video_inputs(target, torch.Generator().manual_seed(3), frames=4, image=True)
+    n = inputs["input_ids"].shape[1]
+    visual = int(adapter_for(target).visual_mask(inputs["input_ids"][0], inputs).sum())
+    for spec in ("tpool@2", "frames@4", "text"):
+        draft = make_draft(target, "fresh", "tree", compressor={"mode": "fixed", "fixed": spec})
+        target.generate(**inputs, max_new_tokens=3, do_sample=False, assistant_model=draft)
+        cached, info = lengths[-1]
+        assert info["target_visual_tokens"] == visual and info["draft_visual_tokens"] < visual
+        assert cached == n - visual + info["draft_visual_tokens"], spec
+
+
+VIDEO_SAMPLES = 500
+
+
+def _sample_video_first_tokens():
+    """(plain, speculative) samples of the first 3 new tokens after a video whose time index outruns its height and
+    width (Qwen2.5-VL, peaked distributions), tree mode with an oracle draft."""
+    from test_lossless_sampling import SETTINGS
+
+    target = specvlm_hf.enable(VIDEO_FAMILIES["qwen2_5_vl"](seed=0, scale=24.0))
+    inputs = video_inputs(target, torch.Generator().manual_seed(4), frames=4, image=False, text_tokens=4)
+    inputs["second_per_grid_ts"] = torch.tensor([1.0])  # one per video: the batch of copies needs its own
+    draft = oracle_draft(target)
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 4, 3, 20
+    start = inputs["input_ids"].shape[1]
+    kwargs = dict(do_sample=True, max_new_tokens=3, min_new_tokens=3, **SETTINGS["temperature"])
+    batch = {
+        key: value.repeat(VIDEO_SAMPLES, *([1] * (value.dim() - 1)))
+        if key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+        else value.expand(VIDEO_SAMPLES, *value.shape[1:])
+        for key, value in inputs.items()
+    }
+    torch.manual_seed(0)
+    plain = target.generate(**batch, **kwargs)[:, start:]
+    speculative, sigmas = [], []
+    for _ in range(VIDEO_SAMPLES):
+        speculative.append(tuple(target.generate(**inputs, **kwargs, assistant_model=draft)[0, start:].tolist()))
+        sigmas.append(draft.stats.sigma)
+    return [tuple(row) for row in plain.tolist()], speculative, sum(sigmas) / len(sigmas)
+
+
+def test_video_sampling_matches_plain_sampling():
+    from test_lossless_sampling import P_THRESHOLD, chi_square_p_value
+
+    plain, speculative, sigma = _sample_video_first_tokens()
+    assert sigma > 1.2, "the draft must get tokens accepted for the test to mean anything"
+    assert chi_square_p_value(plain, speculative) > P_THRESHOLD
+
+
+def test_the_video_sampling_test_catches_a_broken_acceptance_rule(monkeypatch):
+    from test_lossless_sampling import P_THRESHOLD, break_acceptance_rule, chi_square_p_value
+
+    break_acceptance_rule(monkeypatch)
+    plain, speculative, _ = _sample_video_first_tokens()
+    assert chi_square_p_value(plain, speculative) < P_THRESHOLD
+
+
+def _llava_many_images(target, generator, images: int) -> dict:
+    """LLaVA-1.5 / LLaVA-NeXT prompt: `images` images, each after some text (several images in one turn)."""
+    from tiny_models import IMAGE_SIZE, image_token_count
+
+    config = target.config
+    pieces, inputs, pixels, sizes = [torch.tensor([1])], {}, [], []
+    for _ in range(images):
+        pieces.append(
+            torch.randint(3, 90, (int(torch.randint(1, 4, (1,), generator=generator)),), generator=generator)
+        )
+        if config.model_type == "llava_next":
+            size = [IMAGE_SIZE, 2 * IMAGE_SIZE] if bool(torch.randint(0, 2, (1,), generator=generator)) else [64, 32]
+            pixel_values = torch.randn(1, 3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+            count = image_token_count(target, pixel_values, torch.tensor([size]))
+            sizes.append(size)
+        else:
+            pixel_values = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+            count = image_token_count(target, pixel_values)
+        pixels.append(pixel_values)
+        pieces.append(torch.full((count,), config.image_token_index))
+    pieces.append(torch.randint(3, 90, (4,), generator=generator))
+    ids = torch.cat(pieces)[None]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.cat(pixels)}
+    if sizes:
+        inputs["image_sizes"] = torch.tensor(sizes)
+    return inputs
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", ["llava", "llava_next"])
+def test_many_images_in_one_turn_match_plain_generate(name, mode):
+    """LLaVA-1.5 and LLaVA-NeXT with 2 and 3 images interleaved with text, plain and compressing drafts (the other
+    families' many-image prompts are in test_families*.py)."""
+    from tiny_models import tiny_llava, tiny_llava_next
+
+    target = specvlm_hf.enable((tiny_llava if name == "llava" else tiny_llava_next)(seed=0, scale=8.0))
+    generator = torch.Generator().manual_seed(list(MODES).index(mode))
+    for case, (kind, images, compressor) in enumerate(
+        [("oracle", 2, None), ("noisy", 3, {"mode": "fixed", "fixed": "pool@4"}), ("fresh", 2, TEMPORAL)]
+    ):
+        inputs = _llava_many_images(target, generator, images)
+        kwargs = {"do_sample": False, "max_new_tokens": 12, "min_new_tokens": 12, **MODES[mode]}
+        draft = make_draft(target, kind, mode, **({"compressor": compressor} if compressor else {}))
+        reference = target.generate(**inputs, **kwargs)
+        assert target.generate(**inputs, **kwargs, assistant_model=draft).tolist() == reference.tolist(), case
+        if compressor and compressor["mode"] == "fixed":  # pool@4 on every image
+            assert draft.stats.draft_visual_tokens < draft.stats.target_visual_tokens
