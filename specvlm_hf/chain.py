@@ -59,9 +59,6 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.stopping_criteria = stopping_criteria
         self.do_sample = bool(generation_config.do_sample)
         self.prompt_length = input_ids.shape[1]
-        self.num_drafting_tokens = (
-            draft.config.chain_length
-        )  # transformers >= 5.25 sizes its cache's past recording by it
         self.prompt_ids = input_ids
         self.model_kwargs = model_kwargs
         self.prompt_mask, self.prompt_positions = prefix_positions(input_ids, model_kwargs)
