@@ -104,6 +104,24 @@ class MiniTrainConfig:
 QWEN_MERGE = 2  # Qwen's spatial merge: 2x2 patches make one visual token
 
 
+def text_settings(config: MiniTrainConfig, tokenizer) -> dict:
+    """Text-model settings both mini architectures share: sizes from `config`, special tokens from the tokenizer,
+    tied embeddings."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+
+
 def model_config(config: MiniTrainConfig, tokenizer):
     """The `LlavaConfig` of the mini VLM: CLIP vision tower + 2-layer projector + Llama text model (or, for
     `architecture="qwen2_5_vl"`, `qwen_model_config`)."""
@@ -122,19 +140,7 @@ def model_config(config: MiniTrainConfig, tokenizer):
         patch_size=config.patch_size,
         projection_dim=config.hidden_size,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
+    text = LlamaConfig(**text_settings(config, tokenizer))
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     return LlavaConfig(
         vision_config=vision,
@@ -160,20 +166,8 @@ def qwen_model_config(config: MiniTrainConfig, tokenizer):
         name: tokenizer.convert_tokens_to_ids(name)
         for name in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
     }
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections},
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections}
+    text = dict(text_settings(config, tokenizer), rope_parameters=rope)
     window = config.image_size  # one attention window per training image (larger images get several)
     vision = dict(
         depth=config.vision_layers,
