@@ -187,3 +187,13 @@ def test_hub_client_factory_is_the_one_in_use():
         assert hf_internals.hub_client_factory() is mine
     finally:
         set_client_factory(previous)
+
+
+def test_torch_compile_helpers():
+    """`mark_dynamic_dim` records the dimension where torch.compile reads it, the recompile limit is a positive
+    int, a backend name resolves to a callable."""
+    tensor = torch.zeros(2, 5)
+    hf_internals.mark_dynamic_dim(tensor, 1)
+    assert 1 in getattr(tensor, "_dynamo_weak_dynamic_indices", set())
+    assert hf_internals.recompile_limit() >= 1
+    assert callable(hf_internals.compile_backend("eager"))

@@ -1,0 +1,59 @@
+"""The fast path compiles its round functions once for every cache length (issue 13), traced on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_lossless_greedy import build_draft, build_target
+from tiny_models import random_inputs
+
+
+@pytest.fixture
+def counted_compile(monkeypatch):
+    """The fast path compiled (AOT autograd, no code generation) without CUDA graphs, with a frame counter."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from specvlm_hf import decoding, round as round_module
+
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(round_module, "COMPILE_OPTIONS", {"backend": counter})
+    monkeypatch.setattr(round_module, "LENGTH_BUCKET", 16)
+    monkeypatch.setattr(decoding, "fast_path_options", lambda *args: (False, True))
+    torch._dynamo.reset()
+    yield counter
+    torch._dynamo.reset()
+
+
+def test_round_functions_compile_once_for_every_length_bucket(counted_compile):
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    generator = torch.Generator().manual_seed(13)
+    lengths = set()
+    for case, (text_tokens, new_tokens) in enumerate([(3, 12), (20, 30), (3, 12), (45, 20)]):
+        inputs = random_inputs(target, generator, text_tokens=text_tokens, image=case != 2)
+        kwargs = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+        assert fast.tolist() == target.generate(**inputs, **kwargs).tolist()
+        lengths.add(draft._specvlm_static_round.length)
+        if case == 0:
+            first = counted_compile.frame_count
+    assert len(lengths) >= 3, lengths  # several buckets really ran
+    assert first == 3 and counted_compile.frame_count == 3, (first, counted_compile.frame_count)
+
+
+def test_recompiles_past_torch_limit_warn(monkeypatch):
+    """torch stops compiling a function past its recompile limit (later shapes run uncompiled): the fast path's
+    backend says so instead of slowing down silently."""
+    import torch._dynamo
+
+    from specvlm_hf.round import CountingBackend
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x * 2, backend=CountingBackend("_verify", "eager"))
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        compiled(torch.ones(2))
+        with pytest.warns(UserWarning, match="compiled 2 times, torch's recompile limit"):
+            compiled(torch.ones(3))
+    torch._dynamo.reset()
