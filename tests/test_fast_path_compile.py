@@ -57,3 +57,29 @@ def test_recompiles_past_torch_limit_warn(monkeypatch):
         with pytest.warns(UserWarning, match="compiled 2 times, torch's recompile limit"):
             compiled(torch.ones(3))
     torch._dynamo.reset()
+
+
+def test_warmup_prepares_every_bucket_then_the_first_call_compiles_nothing(
+    counted_compile, tmp_path, capsys, monkeypatch
+):
+    import specvlm_hf
+    from specvlm_hf.startup import bucket_lengths
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # warmup points it at cache_dir; undone after
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
+    report = specvlm_hf.warmup(target, draft, max_length=60, cache_dir=str(tmp_path), inference_mode=False)
+    assert report.buckets == bucket_lengths(draft, 60) == [32, 48, 64, 80], report  # + 14 slots of tree room
+    assert len(report.seconds) == 4 and report.total_seconds >= sum(report.seconds)
+    progress = capsys.readouterr().err
+    assert "specvlm warmup" in progress and "4/4" in progress, progress
+    assert report.saved_to is None or (tmp_path / "specvlm_compile_artifacts.bin").exists()
+    assert counted_compile.frame_count == 3
+    generator = torch.Generator().manual_seed(2)
+    for text_tokens, new_tokens in [(30, 10), (3, 8)]:  # the real calls: other buckets, nothing compiled
+        inputs = random_inputs(target, generator, text_tokens=text_tokens)
+        kwargs = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+        assert fast.tolist() == target.generate(**inputs, **kwargs).tolist()
+    assert counted_compile.frame_count == 3
