@@ -36,6 +36,7 @@ class WarmupReport:
         total_seconds: all of it, loading and saving the disk cache included.
         loaded_from_disk: whether compiled artifacts were loaded from `cache_dir`.
         saved_to: the artifacts file written, if any.
+        tree: the tree shape prepared (and, for `tree="auto"`, what was measured).
     """
 
     buckets: list[int] = field(default_factory=list)
@@ -43,6 +44,7 @@ class WarmupReport:
     total_seconds: float = 0.0
     loaded_from_disk: bool = False
     saved_to: str | None = None
+    tree: dict | None = None
 
 
 def bucket_lengths(draft, max_length: int, min_length: int = 1) -> list[int]:
@@ -98,6 +100,33 @@ def save_compile_cache(path: str) -> bool:
     return True
 
 
+def ordinary_tokens(target, generator, length: int, device) -> torch.Tensor:
+    """`(1, length)` random token ids that are no placeholder (image, video, ...) of the target."""
+    vocab = min(target.config.get_text_config().vocab_size, 1000)
+    special = {v for k, v in vars(target.config).items() if k.endswith(("token_id", "token_index", "token_ids"))}
+    ordinary = torch.tensor([t for t in range(3, vocab) if t not in special])
+    return ordinary[torch.randint(len(ordinary), (1, length), generator=generator)].to(device)
+
+
+def set_tree(target, draft, tree, device, generation_kwargs: dict, inference_mode: bool) -> dict:
+    """Sets `warmup`'s `tree` choice on `draft.config`; returns the shape (and what `"auto"` measured)."""
+    from .tree_auto import PAPER_TREE, auto_tree
+
+    config = draft.config
+    if tree == "auto":
+        ids = ordinary_tokens(target, torch.Generator().manual_seed(1), 200, device)
+        with torch.inference_mode(inference_mode):
+            result = auto_tree(target, draft, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        result["shape"] = list(result["shape"])
+        return result
+    if tree is not None:
+        shape = PAPER_TREE if tree == "paper" else tuple(tree)
+        if len(shape) != 3:
+            raise ValueError(f"tree must be None, 'paper', 'auto' or (top_k, depth, total_tokens); got {tree!r}")
+        config.tree_top_k, config.tree_depth, config.tree_total_tokens = (int(v) for v in shape)
+    return {"shape": [config.tree_top_k, config.tree_depth, config.tree_total_tokens]}
+
+
 def warmup(
     target,
     draft,
@@ -107,6 +136,7 @@ def warmup(
     progress: bool = True,
     generation_kwargs: dict | None = None,
     inference_mode: bool = True,
+    tree=None,
 ) -> WarmupReport:
     """Prepares the fast path of `target` with `draft` for every length bucket up to `max_length`.
 
@@ -121,6 +151,10 @@ def warmup(
         generation_kwargs: extra `generate` arguments of the server's calls (e.g. `disable_compile=True`).
         inference_mode: whether the server calls `generate` under `torch.inference_mode()` (buffers made in one
             mode cannot serve the other, so warm up in the server's).
+        tree: the tree shape to prepare: None keeps `draft.config`'s; `"paper"` EAGLE-2's (10, 7, 60); a tuple
+            `(top_k, depth, total_tokens)`; `"auto"` measures round costs against tree width once on this device
+            and picks the shape with the most expected accepted tokens per millisecond (`tree_auto.auto_tree`),
+            set on `draft.config` (the choice is in the report).
     Returns:
         a `WarmupReport`. The draft keeps the last bucket's buffers; a call at another bucket builds its buffers
         and captures its graphs (no compile) on its first call.
@@ -134,6 +168,7 @@ def warmup(
         report.loaded_from_disk = load_compile_cache(artifacts)
     enable(target)
     device = next(target.parameters()).device
+    report.tree = set_tree(target, draft, tree, device, generation_kwargs or {}, inference_mode)
     buckets = bucket_lengths(draft, max_length, min_length)
     extra, new_tokens = tree_room(draft), WARMUP_NEW_TOKENS
     bar = None
@@ -141,15 +176,12 @@ def warmup(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(buckets), desc="specvlm warmup (length buckets)", unit="bucket", dynamic_ncols=True)
-    vocab = min(target.config.get_text_config().vocab_size, 1000)
-    special = {v for k, v in vars(target.config).items() if k.endswith(("token_id", "token_index", "token_ids"))}
-    ordinary = torch.tensor([t for t in range(3, vocab) if t not in special])  # no image / video placeholders
     generator = torch.Generator().manual_seed(0)
     try:
         for bucket in buckets:
             # a text prompt whose call needs `bucket` slots: prompt + new tokens + tree room fills the bucket
             prompt = max(1, bucket - extra - new_tokens)
-            input_ids = ordinary[torch.randint(len(ordinary), (1, prompt), generator=generator)].to(device)
+            input_ids = ordinary_tokens(target, generator, prompt, device)
             begin = time.perf_counter()
             with torch.inference_mode(inference_mode):
                 target.generate(

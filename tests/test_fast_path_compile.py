@@ -68,8 +68,10 @@ def test_warmup_prepares_every_bucket_then_the_first_call_compiles_nothing(
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # warmup points it at cache_dir; undone after
     target = build_target("llava-gqa")
     draft = build_draft(target, "noisy", "tree")
-    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
-    report = specvlm_hf.warmup(target, draft, max_length=60, cache_dir=str(tmp_path), inference_mode=False)
+    report = specvlm_hf.warmup(
+        target, draft, max_length=60, cache_dir=str(tmp_path), inference_mode=False, tree=(3, 3, 10)
+    )
+    assert report.tree == {"shape": [3, 3, 10]} and draft.config.tree_total_tokens == 10
     assert report.buckets == bucket_lengths(draft, 60) == [32, 48, 64, 80], report  # + 14 slots of tree room
     assert len(report.seconds) == 4 and report.total_seconds >= sum(report.seconds)
     progress = capsys.readouterr().err
@@ -83,3 +85,45 @@ def test_warmup_prepares_every_bucket_then_the_first_call_compiles_nothing(
         fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
         assert fast.tolist() == target.generate(**inputs, **kwargs).tolist()
     assert counted_compile.frame_count == 3
+
+
+def test_warmup_tree_auto_sets_the_chosen_shape(monkeypatch):
+    from specvlm_hf import startup, tree_auto
+
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    calls = []
+
+    def fake_measure(target_, draft_, inputs, **kwargs):
+        calls.append(inputs["input_ids"])
+        return {16: 2.0, 60: 8.0}, 0.5, 0.7
+
+    monkeypatch.setattr(tree_auto, "measure_costs", fake_measure)
+    result = startup.set_tree(target, draft, "auto", torch.device("cpu"), {}, True)
+    expected = tree_auto.choose_tree(lambda k, d, t: (d + 1) * 0.5 + tree_auto.interpolate({16: 2.0, 60: 8.0})(t), 0.7)
+    assert (
+        tuple(result["shape"])
+        == expected
+        == (
+            draft.config.tree_top_k,
+            draft.config.tree_depth,
+            draft.config.tree_total_tokens,
+        )
+    )
+    assert calls and not (calls[0] == target.config.image_token_id).any()  # a prompt with no placeholder
+    assert startup.set_tree(target, draft, "paper", None, {}, True)["shape"] == [10, 7, 60]
+    with pytest.raises(ValueError, match="tree must be"):
+        startup.set_tree(target, draft, (1, 2), None, {}, True)
+
+
+def test_measure_costs_times_each_width_and_restores_the_tree():
+    from specvlm_hf import tree_auto
+
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "oracle", "tree")
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 2, 9
+    inputs = random_inputs(target, torch.Generator().manual_seed(6), text_tokens=4)
+    verify, draft_step_ms, alpha = tree_auto.measure_costs(target, draft, inputs, widths=(4, 8), new_tokens=6)
+    assert sorted(verify) == [4, 8] and all(ms > 0 for ms in verify.values()) and draft_step_ms > 0
+    assert 0.5 < alpha <= 0.95  # an oracle draft: its guesses are accepted
+    assert (draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens) == (3, 2, 9)
