@@ -42,17 +42,16 @@ def test_round_functions_compile_once_for_every_length_bucket(counted_compile):
     assert first == 3 and counted_compile.frame_count == 3, (first, counted_compile.frame_count)
 
 
-def test_recompiles_past_torch_limit_warn(monkeypatch):
+def test_recompiles_past_torch_limit_warn():
     """torch stops compiling a function past its recompile limit (later shapes run uncompiled): the fast path's
     backend says so instead of slowing down silently."""
     import torch._dynamo
 
     from specvlm_hf.round import CountingBackend
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: x * 2, backend=CountingBackend("_verify", "eager"))
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=2):
         compiled(torch.ones(2))
         with pytest.warns(UserWarning, match="compiled 2 times, torch's recompile limit"):
             compiled(torch.ones(3))
