@@ -7,7 +7,8 @@ LLaVA-1.5-7B shape (random bf16 weights, sdpa, batch 1, default tree), issue 13.
    `cache_implementation="static"` (transformers' compiled decode step) and for the SpecVLM fast path: each
    call's seconds, and each new bucket's extra seconds (first call at a length minus the repeat);
 2. the fast-path round against one compiled static-cache token at the same prompt, and against the weights-read
-   floor (bytes a round reads / the device-to-device copy bandwidth measured here);
+   floor (bytes a round reads / the device-to-device copy bandwidth measured here), and a profiler table of
+   fast-path rounds (`profile_fast_round.txt` next to the JSON);
 3. a second process with the first one's on-disk compile caches (inductor FX graph cache in a fresh folder made
    by the first process, `torch.compiler` artifacts saved by it): its first fast-path call's seconds, then
    `specvlm_hf.warmup` over every bucket;
@@ -44,7 +45,15 @@ sys.path.insert(0, HERE)
 import gpu_check_tree  # noqa: E402
 import specvlm_hf  # noqa: E402
 from gpu_check_tree import TINY, first_difference, llava_7b_shaped  # noqa: E402
-from gpu_fast_path import DEVICE, DTYPE, plain_ms_per_token, sync, tree_round, weight_bytes  # noqa: E402
+from gpu_fast_path import (  # noqa: E402
+    DEVICE,
+    DTYPE,
+    plain_ms_per_token,
+    profile_fast_path,
+    sync,
+    tree_round,
+    weight_bytes,
+)
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
 from specvlm_hf.startup import save_compile_cache, tree_room, use_cache_dir  # noqa: E402
 
@@ -225,6 +234,13 @@ def main():
         }
 
     section("round_cost", round_cost)
+    os.makedirs(args.out, exist_ok=True)
+    section(
+        "profile",
+        lambda: profile_fast_path(
+            target, draft, prompts[0], os.path.join(args.out, "profile_fast_round.txt"), 2 * args.new_tokens
+        ),
+    )
 
     # 3. a second process on the disk caches
     cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR") + "_specvlm"
