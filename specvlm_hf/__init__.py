@@ -16,6 +16,7 @@ from .integration import disable, enable, is_specvlm_draft
 from .modeling_specvlm_draft import SpecVLMDraftModel, SpecVLMDraftOutput
 from .stats import SpecVLMStats
 from .target import DraftTargetMismatchError
+from .startup import WarmupReport, warmup
 
 __version__ = "0.1.0"
 
@@ -28,7 +29,9 @@ __all__ = [
     "SpecVLMDraftModel",
     "SpecVLMDraftOutput",
     "SpecVLMStats",
+    "WarmupReport",
     "disable",
     "enable",
     "is_specvlm_draft",
+    "warmup",
 ]

@@ -86,6 +86,7 @@ class MethodResult:
     visual_branch: str | None = None
     matches_plain: bool | None = None
     projected: dict | None = None
+    warmup_seconds: float = 0.0  # untimed warm-up calls (compilation, graph capture), outside `seconds`
 
 
 def _sync(device):
@@ -191,8 +192,12 @@ def run_bench(
                 generate_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
                 # static caches compile per length: warm up every case there, the first elsewhere
                 if warmup and (index == 0 or generate_kwargs.get("cache_implementation") == "static"):
+                    _sync(device)
+                    begin = time.perf_counter()
                     with torch.inference_mode():
                         target.generate(**inputs, **generate_kwargs)
+                    _sync(device)
+                    result.warmup_seconds += time.perf_counter() - begin
                 counter = RoundCounter()
                 _sync(device)
                 start = time.perf_counter()
@@ -287,7 +292,7 @@ def format_table(report: dict) -> str:
 
     header = (
         f"{'method':<22}{'tok/s':>9}{'x plain':>9}{'x static':>9}{'sigma':>7}{'round ms':>10}{'draft KV MB':>12}"
-        "  equal  status"
+        f"{'warm-up s':>10}  equal  status"
     )
     lines = [
         f"device: {report['device']}  dtype: {report['dtype']}  cases: {report['cases']}  "
@@ -305,7 +310,8 @@ def format_table(report: dict) -> str:
             f"{name:<22}{num(r['tokens_per_second'] or None, '9.1f'):>9}{num(r['speedup'].get('plain'), '9.2f'):>9}"
             f"{num(r['speedup'].get('plain-static'), '9.2f'):>9}{num(r['sigma'], '7.2f'):>7}"
             f"{num(r['round_ms'], '10.1f'):>10}"
-            f"{num(r['draft_kv_mb'], '12.2f'):>12}  {equal:<5}  {r['status']}"
+            f"{num(r['draft_kv_mb'], '12.2f'):>12}{num(r.get('warmup_seconds'), '10.1f'):>10}"
+            f"  {equal:<5}  {r['status']}"
         )
         if r.get("projected"):
             lines.append(
@@ -313,6 +319,9 @@ def format_table(report: dict) -> str:
                 + ", ".join(f"{k} {v:.2f}x" for k, v in r["projected"].items() if k.startswith("speedup"))
             )
     lines.append(f"sigma: {report.get('sigma_definition', SIGMA_DEFINITION)}.")
+    lines.append(
+        "warm-up s: untimed first calls (torch.compile and CUDA-graph capture on the fast path), not in tok/s."
+    )
     if report.get("default_mode"):
         lines.append(
             f"* the decoding mode `specvlm generate` and `specvlm demo` use here ({report['default_mode']}: chain on "

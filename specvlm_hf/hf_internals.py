@@ -248,3 +248,27 @@ class NoVideoProcessor:
 
     def __call__(self, *args, **kwargs):
         raise ImportError("video inputs need torchvision (`pip install torchvision`), which is not installed")
+
+
+# torch.compile: dynamic dimensions and the recompile limit (torch._dynamo)
+def mark_dynamic_dim(tensor: torch.Tensor, dim: int) -> None:
+    """Tells `torch.compile` that `tensor`'s size along `dim` varies between calls (one compiled graph serves every
+    size): `torch._dynamo.maybe_mark_dynamic`, which does not fail when the code needs the size fixed."""
+    import torch._dynamo
+
+    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def recompile_limit() -> int:
+    """How many times torch compiles one function (one code object) before running it uncompiled."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    return int(getattr(config, "recompile_limit", None) or config.cache_size_limit)
+
+
+def compile_backend(name_or_fn):
+    """The callable behind a `torch.compile` backend name (`"inductor"`, `"aot_eager"`, ...)."""
+    import torch._dynamo
+
+    return torch._dynamo.lookup_backend(name_or_fn) if isinstance(name_or_fn, str) else name_or_fn

@@ -28,15 +28,54 @@ import torch
 from transformers import StaticCache
 
 from .draft_runner import DraftRunner
-from .hf_internals import dynamo_error_types
+from .hf_internals import (
+    compile_backend,
+    dynamo_error_types,
+    layer_tensors,
+    mark_dynamic_dim,
+    recompile_limit,
+)
 from .kv_cache import FixedWindow, GrowingWindow, stack_static_layers
 from .target import unwrap_target
 from .tree import DraftTree, build_dynamic_tree
 
-# options of the `torch.compile` calls of the fast path (tests swap in a CPU backend to check tracing)
-COMPILE_OPTIONS = {"dynamic": False}
+# options of the `torch.compile` calls of the fast path (tests swap in a CPU backend to check tracing). The cache
+# width is marked dynamic (`SpeculativeRound.mark_width_dynamic`): one compile serves every length bucket.
+COMPILE_OPTIONS = {"backend": "inductor"}
 # static cache lengths are rounded up to a multiple of this, so that nearby budgets share one set of graphs
 LENGTH_BUCKET = 256
+
+
+class CountingBackend:
+    """A `torch.compile` backend that counts the graphs it compiles for one round function and warns once when
+    torch is about to stop compiling it (its recompile limit), instead of letting later shapes run uncompiled
+    without a word. One instance per (function, backend) is shared by every fast path, so that torch's cache of
+    compiled code (kept per code object and backend) serves them all."""
+
+    _shared: dict = {}
+
+    def __init__(self, name: str, backend):
+        self.name, self.backend, self.compiles, self.warned = name, backend, 0, False
+
+    @classmethod
+    def get(cls, name: str, backend) -> "CountingBackend":
+        key = (name, backend if isinstance(backend, str) else id(backend))
+        if key not in cls._shared:
+            cls._shared[key] = cls(name, backend)
+        return cls._shared[key]
+
+    def __call__(self, graph_module, example_inputs):
+        self.compiles += 1
+        limit = recompile_limit()
+        if self.compiles >= limit and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"the SpecVLM fast path's `{self.name}` was compiled {self.compiles} times, torch's recompile limit "
+                f"(torch._dynamo.config.recompile_limit = {limit}): calls whose shapes or settings differ again will "
+                "run uncompiled (slower). Use fewer tree settings / dtypes per process, or raise the limit.",
+                stacklevel=2,
+            )
+        return compile_backend(self.backend)(graph_module, example_inputs)
 
 
 class GraphedCall:
@@ -53,7 +92,12 @@ class GraphedCall:
 
     def __init__(self, fn, graphs: bool = False, compile: bool = False):
         self.eager_fn = fn
-        self.fn = torch.compile(fn, **COMPILE_OPTIONS) if compile else fn
+        self.fn = fn
+        if compile:
+            options = dict(COMPILE_OPTIONS)
+            name = getattr(fn, "__name__", "round function")
+            backend = CountingBackend.get(name, options.pop("backend", "inductor"))
+            self.fn = torch.compile(fn, backend=backend, **options)
         self.enabled = graphs
         self.calls = 0
         self.graph = None
@@ -238,12 +282,28 @@ class SpeculativeRound:
             self.target_window.load(prompt_real)
             if self.stacked_kv is None:  # once, after the first prefill initialised the layers; later calls reuse it
                 self.stacked_kv = stack_static_layers(self.target_window.cache)
+                if self.compiled:
+                    self.mark_width_dynamic()
         state = self.state
         state.root_token.fill_(root_token)
         state.root_position.fill_(root_position)
         state.position_offset.fill_(position_offset)
         state.root_hidden.copy_(root_hidden)
         state.root_log_probs.copy_(root_log_probs)
+
+    def mark_width_dynamic(self) -> None:
+        """Marks the cache width (every buffer as wide as the static caches) dynamic for `torch.compile`, so that
+        the round functions compiled for one length bucket serve every other: a new bucket costs buffers and
+        graph capture only. Sliding-window layers (narrower than the caches) keep their fixed width."""
+        width = self.length
+        for window in (self.target_window, self.runner.window):
+            mark_dynamic_dim(window.real, 0)
+            for layer in getattr(window.cache, "layers", ()):
+                for tensor in layer_tensors(layer):
+                    if tensor is not None and tensor.dim() == 4 and tensor.shape[2] == width:
+                        mark_dynamic_dim(tensor, 2)
+        if self.stacked_kv is not None:
+            mark_dynamic_dim(self.stacked_kv, 4)
 
     def draft_tree(self) -> DraftTree:
         self.tree = DraftTree(*self.draft_call())

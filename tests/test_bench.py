@@ -42,8 +42,9 @@ def test_bench_reports_every_method(tmp_path):
         "compression shrinks the draft KV"
     )
     assert rows["plain"]["sigma"] == 1.0
+    assert rows["specvlm-tree-static"]["warmup_seconds"] > 0 and rows["specvlm-tree-static"]["seconds"] > 0
     table = bench.format_table(report)
-    assert "eaglevlm-tree" in table and "projection at sigma 3.0" in table
+    assert "eaglevlm-tree" in table and "projection at sigma 3.0" in table and "warm-up s" in table
     bench.save_report(report, str(tmp_path / "bench.json"))
     assert json.loads((tmp_path / "bench.json").read_text())["cases"] == 2
 

@@ -211,3 +211,13 @@ def test_a_qwen_processor_is_built_without_a_video_processor():
     assert out["image_grid_thw"].tolist() == [[1, 6, 4]] and int((out["input_ids"] == 1).sum()) == 6
     with pytest.raises(ImportError, match="torchvision"):
         processor.video_processor([])
+
+
+def test_torch_compile_helpers():
+    """`mark_dynamic_dim` records the dimension where torch.compile reads it, the recompile limit is a positive
+    int, a backend name resolves to a callable."""
+    tensor = torch.zeros(2, 5)
+    hf_internals.mark_dynamic_dim(tensor, 1)
+    assert 1 in getattr(tensor, "_dynamo_weak_dynamic_indices", set())
+    assert hf_internals.recompile_limit() >= 1
+    assert callable(hf_internals.compile_backend("eager"))

@@ -66,6 +66,7 @@ def test_generate_command_fast_path(capsys):
     assert main(["generate", "--max-new-tokens", "24", "--device", "cpu", "--fast", "--mode", "tree"]) == 0
     out = capsys.readouterr().out
     assert "fast path" in out and "identical to plain" in out and "(static cache)" in out
+    assert "[warm-up calls, not counted above" in out and "SpecVLM" in out.split("warm-up calls")[1]
 
 
 def test_generate_command_answers_a_text_only_prompt(capsys):

@@ -223,20 +223,23 @@ def _run(args):
     # --fast, of the full length: static caches are compiled and graphed per length)
     fast = {"cache_implementation": "static"} if args.fast else {}
     warmup_tokens = args.max_new_tokens if args.fast else 2
-    run_generate(model, processor, image, args.prompt, max_new_tokens=warmup_tokens, **fast)
+    warmup_seconds = timed(run_generate, model, processor, image, args.prompt, max_new_tokens=warmup_tokens, **fast)
     torch.manual_seed(args.seed)
     text, stats = run_generate(model, processor, image, args.prompt, args.max_new_tokens, **fast, **sampling)
     if draft is None:
         print(text.strip())
         print(
             f"\n[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: {stats['tokens_per_second']:.1f} tokens/s "
-            f"on {device} ({args.dtype}{', sampled' if args.do_sample else ''})]"
+            f"on {device} ({args.dtype}{', sampled' if args.do_sample else ''}); warm-up call (compilation, graph "
+            f"capture) {warmup_seconds:.2f} s, not counted]"
         )
         return 0
     import specvlm_hf
 
     specvlm_hf.enable(model)
-    run_generate(model, processor, image, args.prompt, max_new_tokens=warmup_tokens, assistant_model=draft, **fast)
+    spec_warmup_seconds = timed(
+        run_generate, model, processor, image, args.prompt, max_new_tokens=warmup_tokens, assistant_model=draft, **fast
+    )
     torch.manual_seed(args.seed)
     spec_text, spec_stats = run_generate(
         model, processor, image, args.prompt, args.max_new_tokens, assistant_model=draft, **fast, **sampling
@@ -258,7 +261,23 @@ def _run(args):
         f"{stats['seconds'] / spec_stats['seconds']:.2f}x over plain generate{' (static cache)' if args.fast else ''} "
         f"({stats['tokens_per_second']:.1f} tokens/s); {comparison}]"
     )
+    print(
+        f"[warm-up calls, not counted above (compilation and graph capture with --fast): plain "
+        f"{warmup_seconds:.2f} s, SpecVLM {spec_warmup_seconds:.2f} s; decoding: plain {stats['seconds']:.2f} s, "
+        f"SpecVLM {spec_stats['seconds']:.2f} s]"
+    )
     return 0
+
+
+def timed(fn, *args, **kwargs) -> float:
+    """Seconds `fn(*args, **kwargs)` takes, the device's queued work included."""
+    import torch
+
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _check_draft_name(name: str, builtin: str | None = "mini") -> str | None:

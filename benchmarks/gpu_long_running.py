@@ -1,0 +1,319 @@
+"""A long-running process on one GPU: compile once for every length, restart from the disk cache, round cost.
+
+LLaVA-1.5-7B shape (random bf16 weights, sdpa, batch 1, default tree), issue 13. In one process:
+
+1. calls of `--new-tokens` new tokens at 9 prompt lengths, each in its own 256-slot bucket of the fast path (the
+   first call, then 8 new buckets), then each length again (a seen bucket), for plain `generate` with
+   `cache_implementation="static"` (transformers' compiled decode step) and for the SpecVLM fast path: each
+   call's seconds, and each new bucket's extra seconds (first call at a length minus the repeat);
+2. the fast-path round against one compiled static-cache token at the same prompt, and against the weights-read
+   floor (bytes a round reads / the device-to-device copy bandwidth measured here), and a profiler table of
+   fast-path rounds (`profile_fast_round.txt` next to the JSON);
+3. a second process with the first one's on-disk compile caches (inductor FX graph cache in a fresh folder made
+   by the first process, `torch.compiler` artifacts saved by it): its first fast-path call's seconds, then
+   `specvlm_hf.warmup` over every bucket;
+4. greedy equality of the fast path with plain `generate` in fp32 at every length, on a small LLaVA shape
+   (the tiny one of `gpu_check_tree.py`, on the GPU).
+
+`--smoke` runs a CPU miniature (no compilation, no CUDA graphs). Usage (about 6 minutes on an H200):
+
+    python benchmarks/gpu_long_running.py --out $OUT/long_running
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+if "--smoke" in sys.argv:
+    os.environ["TINY"] = "1"  # read by the helpers' module at import
+if "--child" not in sys.argv and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="specvlm_inductor_")  # a cold start, honestly
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+import gpu_check_tree  # noqa: E402
+import specvlm_hf  # noqa: E402
+from gpu_check_tree import TINY, first_difference, llava_7b_shaped  # noqa: E402
+from gpu_fast_path import (  # noqa: E402
+    DEVICE,
+    DTYPE,
+    plain_ms_per_token,
+    profile_fast_path,
+    sync,
+    tree_round,
+    weight_bytes,
+)
+from specvlm_hf import SpecVLMDraftModel  # noqa: E402
+from specvlm_hf.startup import save_compile_cache, tree_room, use_cache_dir  # noqa: E402
+
+IMAGE_TOKENS = 576
+BUCKET = 256
+
+
+def prompt_lengths(new_tokens: int, room: int, smoke: bool) -> list[int]:
+    """Prompt lengths whose fast-path calls fall in 9 different buckets: the first call's, then 8 new ones."""
+    if smoke:
+        return [300, 40, 620]
+    buckets = [768, 256, 512, 1024, 1280, 1536, 1792, 2048, 2304]
+    return [bucket - new_tokens - room - 40 for bucket in buckets]
+
+
+def make_inputs(length: int, generator) -> dict:
+    """A prompt of `length` tokens: one 336 px image (576 tokens) and text when it fits, else text only."""
+    text = torch.randint(2, 32000, (length,), generator=generator)
+    pixel_values = torch.randn(1, 3, 336, 336, generator=generator)
+    if length >= IMAGE_TOKENS + 20:
+        ids = torch.cat([text[:5], torch.full((IMAGE_TOKENS,), 32000), text[5 : length - IMAGE_TOKENS]])
+        inputs = {"input_ids": ids[None].to(DEVICE), "pixel_values": pixel_values.to(DEVICE, DTYPE)}
+    else:
+        inputs = {"input_ids": text[None].to(DEVICE)}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    return inputs
+
+
+def timed_call(target, inputs, new_tokens, **kwargs) -> tuple[float, list[int]]:
+    sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = target.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs
+        )
+    sync()
+    return time.perf_counter() - start, out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def sweep(target, prompts, new_tokens, **kwargs) -> dict:
+    """Each prompt once (first call, then new buckets), then each again (seen buckets)."""
+    first = [timed_call(target, p, new_tokens, **kwargs) for p in prompts]
+    again = [timed_call(target, p, new_tokens, **kwargs) for p in prompts]
+    return {
+        "first_call_seconds": first[0][0],
+        "new_bucket_seconds": [t for t, _ in first[1:]],
+        "seen_bucket_seconds": [t for t, _ in again],
+        "new_bucket_extra_seconds": [a[0] - b[0] for a, b in zip(first[1:], again[1:])],
+        "tokens": [tokens for _, tokens in again],
+    }
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second)."""
+    if DEVICE != "cuda":
+        return 3.0e12
+    source = torch.empty(2**29, dtype=torch.uint8, device=DEVICE)  # 512 MiB
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    sync()
+    start = time.perf_counter()
+    for _ in range(20):
+        target.copy_(source)
+    sync()
+    return 2 * source.numel() * 20 / (time.perf_counter() - start)
+
+
+def build(dtype=None):
+    target = specvlm_hf.enable(llava_7b_shaped(DEVICE, dtype or DTYPE))
+    return target, SpecVLMDraftModel.from_target(target)
+
+
+def child(args) -> dict:
+    """The second process: the disk caches of the first, its first call, then `warmup` over every bucket."""
+    result = {}
+    start = time.perf_counter()
+    target, draft = build()
+    sync()
+    result["build_seconds"] = time.perf_counter() - start
+    artifacts = use_cache_dir(args.cache_dir)
+    begin = time.perf_counter()
+    from specvlm_hf.startup import load_compile_cache
+
+    result["loaded_artifacts"] = load_compile_cache(artifacts)
+    result["load_seconds"] = time.perf_counter() - begin
+    prompts = [make_inputs(n, torch.Generator().manual_seed(i)) for i, n in enumerate(args.lengths)]
+    result["first_call_seconds"], _ = timed_call(
+        target, prompts[0], args.new_tokens, assistant_model=draft, cache_implementation="static"
+    )
+    result["second_bucket_first_call_seconds"], _ = timed_call(
+        target, prompts[1], args.new_tokens, assistant_model=draft, cache_implementation="static"
+    )
+    report = specvlm_hf.warmup(target, draft, max_length=max(args.lengths) + args.new_tokens, progress=False)
+    result["warmup"] = {"buckets": report.buckets, "seconds": report.seconds, "total_seconds": report.total_seconds}
+    result["after_warmup_call_seconds"] = [
+        timed_call(target, p, args.new_tokens, assistant_model=draft, cache_implementation="static")[0]
+        for p in prompts
+    ]
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="a CPU miniature (no compile, no CUDA graphs)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="48 (8 with --smoke)")
+    parser.add_argument("--out", default="results/long_running")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    parser.add_argument("--budget", type=float, default=420, help="seconds after which optional sections skip")
+    args = parser.parse_args()
+    args.new_tokens = args.new_tokens or (8 if TINY else 48)
+    if args.child:
+        print("CHILD " + json.dumps(child(args)), flush=True)
+        return
+
+    begin = time.perf_counter()
+    results = {
+        "machine": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "shape": "LLaVA-1.5-7B (random weights, bf16, sdpa, batch 1)" if not TINY else "tiny LLaVA (smoke)",
+        "new_tokens": args.new_tokens,
+    }
+
+    def section(name, fn):
+        if time.perf_counter() - begin > args.budget and name not in ("plain_static", "fast"):
+            results[name] = {"skipped": "over the time budget"}
+            return
+        try:
+            start = time.perf_counter()
+            results[name] = fn()
+            results[name]["section_seconds"] = time.perf_counter() - start
+            print(name, json.dumps({k: v for k, v in results[name].items() if k != "tokens"}), flush=True)
+        except Exception as error:  # keep the other measurements
+            results[name] = {"error": repr(error)[:800]}
+            traceback.print_exc()
+
+    target, draft = build()
+    room = tree_room(draft)
+    lengths = args.lengths or prompt_lengths(args.new_tokens, room, TINY)
+    results["prompt_lengths"] = lengths
+    results["fast_path_buckets"] = [-(-(n + args.new_tokens + room) // BUCKET) * BUCKET for n in lengths]
+    prompts = [make_inputs(n, torch.Generator().manual_seed(i)) for i, n in enumerate(lengths)]
+
+    section("plain_static", lambda: sweep(target, prompts, args.new_tokens, cache_implementation="static"))
+    section(
+        "fast", lambda: sweep(target, prompts, args.new_tokens, assistant_model=draft, cache_implementation="static")
+    )
+    if "tokens" in results.get("plain_static", {}) and "tokens" in results.get("fast", {}):
+        results["bf16_first_difference_per_length"] = [
+            first_difference(a, b) for a, b in zip(results["plain_static"]["tokens"], results["fast"]["tokens"])
+        ]
+
+    # 2. round cost at the first prompt, against a compiled static-cache token and the weights-read floor
+    def round_cost():
+        static_ms = plain_ms_per_token(target, prompts[0], 2 * args.new_tokens, cache_implementation="static")
+        fast = tree_round(target, draft, prompts[0], 2 * args.new_tokens, cache_implementation="static")
+        bandwidth = copy_bandwidth()
+        target_bytes = weight_bytes(target.model.language_model) + weight_bytes(target.lm_head)
+        depth = draft.config.tree_depth
+        round_bytes = target_bytes + (depth + 1) * (weight_bytes(draft) + weight_bytes(target.lm_head))
+        round_ms = fast["median_ms_per_round"]
+        return {
+            "static_ms_per_token": static_ms,
+            "fast_median_ms_per_round": round_ms,
+            "fast_draft_ms_per_round": fast["draft_ms_per_round"],
+            "fast_verify_ms_per_round": fast["verify_ms_per_round"],
+            "round_over_static_token": round_ms / static_ms,
+            "copy_bandwidth_TBps": bandwidth / 1e12,
+            "target_forward_floor_ms": 1000 * target_bytes / bandwidth,
+            "round_weights_GB": round_bytes / 1e9,
+            "round_floor_ms": 1000 * round_bytes / bandwidth,
+            "round_over_target_floor": round_ms / (1000 * target_bytes / bandwidth),
+            "round_over_round_floor": round_ms / (1000 * round_bytes / bandwidth),
+        }
+
+    section("round_cost", round_cost)
+    os.makedirs(args.out, exist_ok=True)
+    section(
+        "profile",
+        lambda: profile_fast_path(
+            target, draft, prompts[0], os.path.join(args.out, "profile_fast_round.txt"), 2 * args.new_tokens
+        ),
+    )
+
+    # 3. a second process on the disk caches
+    cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR") + "_specvlm"
+    saved = False
+    try:
+        artifacts = use_cache_dir(cache_dir)
+        saved = save_compile_cache(artifacts)
+    except Exception:
+        traceback.print_exc()
+    results["saved_compile_artifacts"] = saved
+
+    def second_process():
+        command = [sys.executable, os.path.abspath(__file__), "--child", "--cache-dir", cache_dir]
+        command += ["--new-tokens", str(args.new_tokens), "--lengths", ",".join(map(str, lengths))]
+        command += ["--smoke"] if TINY else []
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+        lines = [line for line in done.stdout.splitlines() if line.startswith("CHILD ")]
+        if not lines:
+            return {"error": (done.stdout + done.stderr)[-3000:]}
+        result = json.loads(lines[-1][len("CHILD ") :])
+        result["process_seconds"] = time.perf_counter() - start
+        return result
+
+    section("second_process", second_process)
+
+    # 4. greedy fp32 equality at every length, on a small LLaVA shape (the 7B in fp32 would compile again)
+    def fp32_equality():
+        tiny = gpu_check_tree.TINY
+        gpu_check_tree.TINY = True
+        try:
+            small, small_draft = build(torch.float32)
+        finally:
+            gpu_check_tree.TINY = tiny
+        rows = []
+        for index, n in enumerate(lengths):
+            inputs = make_inputs(n, torch.Generator().manual_seed(100 + index))
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].float()
+            _, plain = timed_call(small, inputs, args.new_tokens)
+            _, fast = timed_call(
+                small, inputs, args.new_tokens, assistant_model=small_draft, cache_implementation="static"
+            )
+            rows.append(
+                {"prompt_length": n, "equal": plain == fast, "first_difference": first_difference(plain, fast)}
+            )
+        return {
+            "shape": "tiny LLaVA (hidden 256, 2 layers), fp32",
+            "rows": rows,
+            "all_equal": all(r["equal"] for r in rows),
+        }
+
+    section("fp32_equality", fp32_equality)
+
+    for name in ("plain_static", "fast"):
+        results.get(name, {}).pop("tokens", None)
+    results["total_seconds"] = time.perf_counter() - begin
+    table = []
+    for name in ("plain_static", "fast"):
+        r = results.get(name, {})
+        if "first_call_seconds" in r:
+            extra = r["new_bucket_extra_seconds"]
+            table.append(
+                f"| {name} | {r['first_call_seconds']:.1f} s | {min(extra):.2f}-{max(extra):.2f} s extra "
+                f"| {sorted(r['seen_bucket_seconds'])[len(r['seen_bucket_seconds']) // 2]:.2f} s |"
+            )
+    print("| call | first call | new bucket (8) | seen bucket (median) |\n|---|---|---|---|\n" + "\n".join(table))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gpu_long_running.json")
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=1)
+    print("SUMMARY", json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The fast path compiles its round functions once for every cache length (issue 13), traced on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_lossless_greedy import build_draft, build_target
+from tiny_models import random_inputs
+
+
+@pytest.fixture
+def counted_compile(monkeypatch):
+    """The fast path compiled (AOT autograd, no code generation) without CUDA graphs, with a frame counter."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from specvlm_hf import decoding, round as round_module
+
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(round_module, "COMPILE_OPTIONS", {"backend": counter})
+    monkeypatch.setattr(round_module, "LENGTH_BUCKET", 16)
+    monkeypatch.setattr(decoding, "fast_path_options", lambda *args: (False, True))
+    torch._dynamo.reset()
+    yield counter
+    torch._dynamo.reset()
+
+
+def test_round_functions_compile_once_for_every_length_bucket(counted_compile):
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    generator = torch.Generator().manual_seed(13)
+    lengths = set()
+    for case, (text_tokens, new_tokens) in enumerate([(3, 12), (20, 30), (3, 12), (45, 20)]):
+        inputs = random_inputs(target, generator, text_tokens=text_tokens, image=case != 2)
+        kwargs = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+        assert fast.tolist() == target.generate(**inputs, **kwargs).tolist()
+        lengths.add(draft._specvlm_static_round.length)
+        if case == 0:
+            first = counted_compile.frame_count
+    assert len(lengths) >= 3, lengths  # several buckets really ran
+    assert first == 3 and counted_compile.frame_count == 3, (first, counted_compile.frame_count)
+
+
+def test_recompiles_past_torch_limit_warn():
+    """torch stops compiling a function past its recompile limit (later shapes run uncompiled): the fast path's
+    backend says so instead of slowing down silently."""
+    import torch._dynamo
+
+    from specvlm_hf.round import CountingBackend
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x * 2, backend=CountingBackend("_verify", "eager"))
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=2):
+        compiled(torch.ones(2))
+        with pytest.warns(UserWarning, match="compiled 2 times, torch's recompile limit"):
+            compiled(torch.ones(3))
+    torch._dynamo.reset()
+
+
+def test_warmup_prepares_every_bucket_then_the_first_call_compiles_nothing(
+    counted_compile, tmp_path, capsys, monkeypatch
+):
+    import specvlm_hf
+    from specvlm_hf.startup import bucket_lengths
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # warmup points it at cache_dir; undone after
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    report = specvlm_hf.warmup(
+        target, draft, max_length=60, cache_dir=str(tmp_path), inference_mode=False, tree=(3, 3, 10)
+    )
+    assert report.tree == {"shape": [3, 3, 10]} and draft.config.tree_total_tokens == 10
+    assert report.buckets == bucket_lengths(draft, 60) == [32, 48, 64, 80], report  # + 14 slots of tree room
+    assert len(report.seconds) == 4 and report.total_seconds >= sum(report.seconds)
+    progress = capsys.readouterr().err
+    assert "specvlm warmup" in progress and "4/4" in progress, progress
+    assert report.saved_to is None or (tmp_path / "specvlm_compile_artifacts.bin").exists()
+    assert counted_compile.frame_count == 3
+    generator = torch.Generator().manual_seed(2)
+    for text_tokens, new_tokens in [(30, 10), (3, 8)]:  # the real calls: other buckets, nothing compiled
+        inputs = random_inputs(target, generator, text_tokens=text_tokens)
+        kwargs = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+        assert fast.tolist() == target.generate(**inputs, **kwargs).tolist()
+    assert counted_compile.frame_count == 3
+
+
+def test_warmup_tree_auto_sets_the_chosen_shape(monkeypatch):
+    from specvlm_hf import startup, tree_auto
+
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    calls = []
+
+    def fake_measure(target_, draft_, inputs, **kwargs):
+        calls.append(inputs["input_ids"])
+        return {16: 2.0, 60: 8.0}, 0.5, 0.7
+
+    monkeypatch.setattr(tree_auto, "measure_costs", fake_measure)
+    result = startup.set_tree(target, draft, "auto", torch.device("cpu"), {}, True)
+    expected = tree_auto.choose_tree(lambda k, d, t: (d + 1) * 0.5 + tree_auto.interpolate({16: 2.0, 60: 8.0})(t), 0.7)
+    assert (
+        tuple(result["shape"])
+        == expected
+        == (
+            draft.config.tree_top_k,
+            draft.config.tree_depth,
+            draft.config.tree_total_tokens,
+        )
+    )
+    assert calls and not (calls[0] == target.config.image_token_id).any()  # a prompt with no placeholder
+    assert startup.set_tree(target, draft, "paper", None, {}, True)["shape"] == [10, 7, 60]
+    with pytest.raises(ValueError, match="tree must be"):
+        startup.set_tree(target, draft, (1, 2), None, {}, True)
+
+
+def test_measure_costs_times_each_width_and_restores_the_tree():
+    from specvlm_hf import tree_auto
+
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "oracle", "tree")
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 2, 9
+    inputs = random_inputs(target, torch.Generator().manual_seed(6), text_tokens=4)
+    verify, draft_step_ms, alpha = tree_auto.measure_costs(target, draft, inputs, widths=(4, 8), new_tokens=6)
+    assert sorted(verify) == [4, 8] and all(ms > 0 for ms in verify.values()) and draft_step_ms > 0
+    assert 0.5 < alpha <= 0.95  # an oracle draft: its guesses are accepted
+    assert (draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens) == (3, 2, 9)
