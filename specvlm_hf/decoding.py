@@ -25,11 +25,11 @@ from transformers.generation import (
     TypicalLogitsWarper,
 )
 
-from .adapters import adapter_for
+from .adapters import adapter_for, call_image_inputs
 from .draft_runner import prompt_pairs
-from .hf_internals import host_stop_rule, length_rule_active, prefill
+from .hf_internals import host_stop_rule, length_rule_active, pad_token_of, prefill
 from .request_checks import check_attention_backend, prefix_positions, validate_request
-from .round import SpeculativeRound, fast_path_options
+from .round import RowsRound, SpeculativeRound, fast_path_options
 from .stats import PhaseClock, SpecVLMStats, warn_if_low_acceptance
 from .target import FeatureTap
 from .tensor_parallel import RankAgreement
@@ -222,6 +222,145 @@ class Decoding:
         self.stats.accepted_per_round.append(appended)
         return appended
 
+    def rows_to_keep(self) -> list[int] | None:
+        """For a batch, the rows of the round to keep after a round (None: keep them all)."""
+        return None
+
+    def sequences(self) -> torch.Tensor:
+        """The output ids, as plain `generate` returns them."""
+        return self.input_ids
+
+
+class RowsDecoding(Decoding):
+    """`Decoding` for a batch of `B` rows, each growing at its own pace: every row's ids, stopping criteria and
+    logits processors are run on that row's own `(1, n_b)` ids, as plain batched `generate` runs them row by row.
+
+    Plain `generate`'s batch conventions: a row whose stopping criteria fired stays finished; when the criteria
+    include EOS, it is padded (with the pad token) up to the longest row; without an EOS criterion (e.g. stop
+    strings alone) it keeps decoding until every row has stopped, and all rows end at the length where the last
+    one stopped. The streamer receives step `t` (a `(B,)` tensor) once every row has produced token `t`.
+
+    Attributes:
+        live: the original row of each row still in the round, in the round's order.
+    """
+
+    def __init__(self, input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats, pad_token):
+        super().__init__(input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats)
+        batch = input_ids.shape[0]
+        self.rows = [input_ids[row : row + 1] for row in range(batch)]
+        self.stopped_at: list[int | None] = [None] * batch  # length of each row when its criteria fired
+        self.has_eos = any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria)
+        self.max_length = generation_config.max_length
+        self.pad_token = pad_token
+        self.prompt_length = input_ids.shape[1]
+        self.streamed = 0  # steps sent to the streamer
+        self.live = list(range(batch))
+
+    @property
+    def final_length(self) -> int | None:
+        """The output's length once every row has stopped (None before)."""
+        stops = self.stopped_at
+        return None if None in stops else max(stops)
+
+    def _update_finished(self) -> None:
+        end = self.final_length
+        self.finished = end is not None and all(
+            self.rows[row].shape[1] >= end for row in range(len(self.rows)) if not self._padded(row)
+        )
+
+    def _padded(self, row: int) -> bool:
+        """Whether the row's output continues with padding (it stopped, and EOS is among the criteria)."""
+        return self.has_eos and self.stopped_at[row] is not None
+
+    def append_row(self, row: int, tokens: list[int]) -> int:
+        """Appends `tokens` to row `row` up to the first that stops it (after that, without an EOS criterion, up to
+        the maximum length); returns how many were appended."""
+        ids = self.rows[row]
+        if self.stopped_at[row] is None:
+            ids, appended, stopped = append_until_stop(ids, tokens, self.stopping_criteria, self.host_rule)
+            if stopped:
+                self.stopped_at[row] = ids.shape[1]
+        else:
+            appended = max(0, min(len(tokens), self.max_length - ids.shape[1]))
+            ids = torch.cat([ids, to_device(tokens[:appended], ids.device)[None]], dim=1)
+        self.rows[row] = ids
+        return appended
+
+    def _stream(self, flush: bool = False) -> None:
+        """Sends the steps every row has produced (all of them up to the output's length when `flush`)."""
+        if self.streamer is None:
+            return
+        end = self.final_length
+        if flush:
+            upto = end if end is not None else max(ids.shape[1] for ids in self.rows)
+        else:
+            lengths = [ids.shape[1] for row, ids in enumerate(self.rows) if not self._padded(row)]
+            if not lengths:
+                return
+            upto = min(lengths) if end is None else min(min(lengths), end)
+        output = self.sequences_upto(upto)
+        for step in range(self.prompt_length + self.streamed, upto):
+            self.streamer.put(output[:, step].cpu())
+            self.streamed += 1
+
+    def sequences_upto(self, length: int) -> torch.Tensor:
+        """`(B, length)` ids: each row cut to `length`, padded rows padded."""
+        out = []
+        for ids in self.rows:
+            ids = ids[:, :length]
+            if ids.shape[1] < length:
+                ids = torch.cat([ids, ids.new_full((1, length - ids.shape[1]), self.pad_token)], dim=1)
+            out.append(ids)
+        return torch.cat(out)
+
+    def sequences(self) -> torch.Tensor:
+        end = self.final_length
+        return self.sequences_upto(end if end is not None else max(ids.shape[1] for ids in self.rows))
+
+    def first_token(self, logits: torch.Tensor) -> list[int]:
+        """Chooses and appends the prefill's tokens from its `(B, V)` float32 logits (one processors call for the
+        batch, as plain `generate` makes)."""
+        scores = self.logits_processor(self.input_ids, logits)
+        if self.do_sample:
+            tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0].tolist()
+        else:
+            tokens = scores.argmax(dim=-1).tolist()
+        for row, token in enumerate(tokens):
+            self.append_row(row, [token])
+        self._update_finished()
+        self._stream()
+        return tokens
+
+    def accept(self, tree: DraftTree, logits: torch.Tensor):
+        """Each live row's processed scores (a list) and the acceptances stacked: `((B, P), (B,), (B,))`."""
+        scores, paths = [], []
+        for index, row in enumerate(self.live):
+            row_scores = processed_scores(tree.row(index), self.rows[row], logits[index], self.logits_processor)
+            scores.append(row_scores)
+            if self.do_sample:
+                paths.append(sampling_path(tree.row(index), torch.softmax(row_scores, dim=-1)))
+            else:
+                paths.append(greedy_path(tree.row(index), row_scores))
+        return scores, tuple(torch.stack(parts) for parts in zip(*paths))
+
+    def record(self, acceptances: list[Acceptance], scores, logits) -> int:
+        appended = 0
+        for acceptance, row in zip(acceptances, self.live):
+            count = self.append_row(row, acceptance.tokens)
+            self.stats.accepted_per_round.append(count)
+            appended += count
+        self.stats.rounds += 1
+        self._update_finished()
+        self._stream()
+        return appended
+
+    def rows_to_keep(self) -> list[int] | None:
+        keep = [index for index, row in enumerate(self.live) if not self._padded(row)]
+        if len(keep) == len(self.live) or not keep:
+            return None
+        self.live = [self.live[index] for index in keep]
+        return keep
+
 
 def run_rounds(decoding: Decoding, round: SpeculativeRound, clock: PhaseClock) -> None:
     """Rounds until generation stops: tree, verify, acceptance on the device, one transfer to the host started
@@ -237,6 +376,9 @@ def run_rounds(decoding: Decoding, round: SpeculativeRound, clock: PhaseClock) -
         round.commit(*path)
         clock.lap("draft")
         decoding.record(pending.receive(), scores, logits)
+        keep = decoding.rows_to_keep()
+        if keep is not None:  # a batch: rows that finished leave it
+            round.select(keep)
 
 
 def _cache_key(model_kwargs: dict) -> str:
@@ -244,6 +386,41 @@ def _cache_key(model_kwargs: dict) -> str:
         if model_kwargs.get(key) is not None:
             return key
     raise RuntimeError("SpecVLM tree decoding needs the generation cache; do not pass use_cache=False")
+
+
+def _start_rows(adapter, draft, target_cache, input_ids, prompt_embeds, prompt_features, decoding, model_kwargs):
+    """The batched round after the target's prefill: each row's draft prefilled on its own pairs (its own images
+    and compressed length), its root loaded at its own position."""
+    batch = input_ids.shape[0]
+    masks, positions = zip(*(prefix_positions(input_ids, model_kwargs, row) for row in range(batch)))
+    round = RowsRound(adapter, draft, target_cache, torch.stack(masks))
+    stats = decoding.stats
+    stats.draft_visual_tokens = stats.target_visual_tokens = 0
+    for row in range(batch):
+        ids = decoding.rows[row]
+        pairs = prompt_pairs(
+            adapter,
+            draft,
+            input_ids[row : row + 1],
+            prompt_embeds[row : row + 1],
+            prompt_features[row : row + 1],
+            ids[:, input_ids.shape[1] : input_ids.shape[1] + 1],
+            masks[row],
+            positions[row],
+            adapter.row_image_inputs(input_ids, call_image_inputs(model_kwargs), row),
+        )
+        state, runner = round.rows[row]
+        root_hidden, root_log_probs, info = runner.prefill(pairs)
+        stats.visual_branch = info["branch"]
+        stats.draft_visual_tokens += info["draft_visual_tokens"]
+        stats.target_visual_tokens += info["target_visual_tokens"]
+        root_position = int(positions[row][-1]) + 1
+        token = int(ids[0, input_ids.shape[1]])
+        round.start_row(row, token, root_position, adapter.position_offset(row), root_hidden, root_log_probs)
+    keep = decoding.rows_to_keep()  # rows that stopped on their first token
+    if keep is not None:
+        round.select(keep)
+    return round
 
 
 @torch.no_grad()
@@ -268,7 +445,13 @@ def tree_assisted_decoding(
     for unused in ("inputs_tensor", "assistant_tokenizer", "tokenizer"):
         model_kwargs.pop(unused, None)
     adapter = adapter_for(model, tree=True)
-    validate_request(model, input_ids, generation_config, synced_gpus)
+    validate_request(model, input_ids, generation_config, synced_gpus, batched=True)
+    batch = input_ids.shape[0]
+    if batch > 1 and getattr(adapter, "hybrid", False):
+        raise ValueError(
+            f"{adapter.name}: SpecVLM batched tree decoding does not support sliding-window layers yet. Call "
+            "`generate` once per example, or drop `assistant_model` for batched decoding."
+        )
     check_attention_backend(model, draft)
     draft.bind_target(model)
     config = draft.config
@@ -287,8 +470,21 @@ def tree_assisted_decoding(
         model_kwargs[cache_key] = fast.target_window.cache
     else:
         model_kwargs[cache_key] = adapter.rewindable_cache(model_kwargs[cache_key])
-    decoding = Decoding(input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats)
+    if batch > 1:
+        decoding = RowsDecoding(
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            streamer,
+            stats,
+            pad_token_of(generation_config),
+        )
+    else:
+        decoding = Decoding(input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats)
     decoding.agreement = RankAgreement.for_target(model, "tree")
+    if decoding.agreement is not None and batch > 1:
+        raise ValueError("SpecVLM batched tree decoding does not support tensor-parallel targets yet (batch size 1).")
     if decoding.agreement is not None:
         decoding.agreement.add(input_ids[0].tolist())
 
@@ -301,7 +497,13 @@ def tree_assisted_decoding(
     del outputs
     clock.lap("prefill")
 
-    if not decoding.finished:
+    if not decoding.finished and batch > 1:
+        round = _start_rows(
+            adapter, draft, model_kwargs[cache_key], input_ids, prompt_embeds, prompt_features, decoding, model_kwargs
+        )
+        clock.lap("draft")
+        run_rounds(decoding, round, clock)
+    elif not decoding.finished:
         # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
         if fast is None:
             round = SpeculativeRound.eager(
@@ -332,15 +534,18 @@ def tree_assisted_decoding(
         run_rounds(decoding, round, clock)
 
     if streamer is not None:
+        if batch > 1:
+            decoding._stream(flush=True)
         streamer.end()
-    stats.new_tokens = decoding.input_ids.shape[1] - stats.prompt_tokens
+    sequences = decoding.sequences()
+    stats.new_tokens = (sequences.shape[1] - stats.prompt_tokens) * batch
     clock.fill(stats)
     warn_if_low_acceptance(draft, stats)
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(
-            sequences=decoding.input_ids,
+            sequences=sequences,
             scores=tuple(decoding.scores) if decoding.want_scores else None,
             logits=tuple(decoding.logits) if decoding.want_logits else None,
             past_key_values=model_kwargs[cache_key],
         )
-    return decoding.input_ids
+    return sequences

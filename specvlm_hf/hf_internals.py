@@ -37,6 +37,12 @@ def prefill(model, input_ids: torch.Tensor, generation_config, model_kwargs: dic
     return model._prefill(input_ids, generation_config, model_kwargs)
 
 
+def pad_token_of(generation_config) -> int | None:
+    """The token `generate` pads finished rows with (`pad_token_id`, else the first EOS), as it prepared it."""
+    pad = getattr(generation_config, "_pad_token_tensor", None)
+    return None if pad is None else int(pad.reshape(-1)[0])
+
+
 def mrope_deltas(model) -> torch.Tensor | None:
     """`(B, 1)` M-RoPE position offsets that `generate` stored on a Qwen-VL model before decoding (text tokens
     after the last image sit at `index + delta`), or None where the model keeps none."""

@@ -25,13 +25,13 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
 from .draft_runner import DraftRunner
 from .hf_internals import dynamo_error_types
-from .kv_cache import FixedWindow, GrowingWindow, stack_static_layers
+from .kv_cache import FixedWindow, GrowingWindow, RowsWindow, stack_static_layers
 from .target import unwrap_target
-from .tree import DraftTree, build_dynamic_tree
+from .tree import DraftTree, build_dynamic_tree, stack_trees
 
 # options of the `torch.compile` calls of the fast path (tests swap in a CPU backend to check tracing)
 COMPILE_OPTIONS = {"dynamic": False}
@@ -265,18 +265,21 @@ class SpeculativeRound:
 
     # ------------------------------------------------------------------------------------------- the round
     def _draft(self) -> tuple[torch.Tensor, ...]:
-        state = self.state
+        return self._draft_row(self.state, self.runner)
+
+    def _draft_row(self, state: RoundState, runner: DraftRunner) -> tuple[torch.Tensor, ...]:
+        """One row's tree from its state, drafted on its runner's cache (then rewound)."""
         tree = build_dynamic_tree(
             state.root_token,
             state.root_log_probs,
             state.root_hidden,
-            self.runner.tree_step_fn(state.root_position),
+            runner.tree_step_fn(state.root_position),
             top_k=self.top_k,
             depth=self.depth,
             total_tokens=self.total_tokens,
             vocab_map=self.draft.draft_vocab,
         )
-        self.runner.rewind()  # drop the tree entries drafted this round
+        runner.rewind()  # drop the tree entries drafted this round
         return tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestor_mask, tree.paths
 
     def _verify(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,16 +292,19 @@ class SpeculativeRound:
         return self.adapter.logits(hidden), hidden
 
     def _commit(self) -> None:
-        state, tree, runner = self.state, self.tree, self.runner
-        count, width = state.count, self.path_width
-        self.target_window.keep(state.path, count, self.stacked_kv)
+        self.target_window.keep(self.state.path, self.state.count, self.stacked_kv)
+        self._catch_up(self.state, self.runner, self.tree.tokens, self.features)
 
+    def _catch_up(self, state: RoundState, runner: DraftRunner, tree_tokens, features) -> None:
+        """One row's draft catch-up on its accepted path (`state.path`, `.count`, `.next_token`), from the tree's
+        `(T,)` tokens and the target's `(T, d)` features; loads the row's next root."""
+        count, width = state.count, self.path_width
         # draft catch-up on pairs (x_{t+1}, f_t) of the root and the accepted nodes: x is the next node's token,
         # and after the last accepted node the target's next token; rows from `count` on are padding
         rows = torch.arange(width, device=count.device)
-        tokens = torch.cat([tree.tokens[state.path[1:]], state.next_token.reshape(1)])
+        tokens = torch.cat([tree_tokens[state.path[1:]], state.next_token.reshape(1)])
         tokens = torch.where(rows == count - 1, state.next_token, tokens)
-        features = self.features.index_select(0, state.path.to(self.features.device))
+        features = features.index_select(0, state.path.to(features.device))
         hidden, log_probs = runner.append(
             self.draft.embed(tokens)[None], features[None], state.root_position + rows, count=count
         )
@@ -307,6 +313,67 @@ class SpeculativeRound:
         state.root_log_probs.copy_(log_probs.index_select(0, last)[0])
         state.root_position.add_(count)
         state.root_token.copy_(state.next_token.reshape(1))
+
+
+class RowsRound(SpeculativeRound):
+    """The eager round over a batch of `B` rows (left-padded prompts), each with its own length, positions and draft.
+
+    The target verifies all rows' trees in one forward over a `RowsWindow` (each row's tree at one shared offset,
+    a `(B, 1, T, S)` mask, per-row positions), then keeps each row's accepted path at that row's own length. Each
+    row drafts on its own draft cache with the same `_draft_row` / `_catch_up` steps as a single row. Finished
+    rows are dropped (`select`).
+    """
+
+    def __init__(self, adapter, draft, target_cache, prompt_real: torch.Tensor):
+        self.rows: list[tuple[RoundState, DraftRunner]] = []
+        self.dtype = draft.fc.weight.dtype
+        super().__init__(
+            adapter, draft, RowsWindow(target_cache, prompt_real), GrowingWindow(None, prompt_real[0, :0])
+        )
+        config, device = draft.config, draft.fc.weight.device
+        vocab = config.draft_vocab_size or config.text_config.vocab_size
+        for _ in range(prompt_real.shape[0]):
+            state = RoundState.allocate(config.text_config.hidden_size, vocab, self.path_width, self.dtype, device)
+            window = GrowingWindow(DynamicCache(config=config.text_config), prompt_real[0, :0])
+            self.rows.append((state, DraftRunner(draft, window)))
+
+    def start_row(self, row: int, root_token: int, root_position: int, position_offset: int, root_hidden, log_probs):
+        """Loads row `row`'s state after its draft prefill (see `SpeculativeRound.start`)."""
+        state = self.rows[row][0]
+        state.root_token.fill_(root_token)
+        state.root_position.fill_(root_position)
+        state.position_offset.fill_(position_offset)
+        state.root_hidden.copy_(root_hidden)
+        state.root_log_probs.copy_(log_probs)
+
+    def select(self, rows: list[int]) -> None:
+        """Keeps only the rows `rows` (indices into the current rows, in order), e.g. dropping finished ones."""
+        self.target_window.select(torch.tensor(rows, dtype=torch.long))
+        self.rows = [self.rows[row] for row in rows]
+
+    def commit(self, path: torch.Tensor, count: torch.Tensor, next_token: torch.Tensor) -> None:
+        """Keeps each row's accepted path (`(B, P)`, counts and next tokens `(B,)`) and catches its draft up."""
+        self.target_window.keep(path, count)
+        for row, (state, runner) in enumerate(self.rows):
+            state.path.copy_(path[row])
+            state.count.copy_(count[row])
+            state.next_token.copy_(next_token[row])
+            self._catch_up(state, runner, self.tree.tokens[row], self.features[row])
+
+    def _draft(self) -> tuple[torch.Tensor, ...]:
+        trees = [DraftTree(*self._draft_row(state, runner)) for state, runner in self.rows]
+        tree = stack_trees(trees)
+        return tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestor_mask, tree.paths
+
+    def _verify(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tree, states = self.tree, [state for state, _ in self.rows]
+        visible = self.target_window.visible(tree.ancestor_mask)
+        roots = torch.stack([state.root_position + state.position_offset for state in states])
+        positions = tree.depths + roots.to(tree.depths.device)[:, None]
+        hidden = self.adapter.verify(
+            tree.tokens, tree.depths, visible, positions, self.target_window.length, self.target_window.cache
+        )
+        return self.adapter.logits(hidden), hidden
 
 
 def fast_path_options(target, draft, device: torch.device, generation_config) -> tuple[bool, bool]:

@@ -43,16 +43,29 @@ class DraftTree:
 
     @property
     def num_nodes(self) -> int:
-        return self.tokens.shape[0]
+        return self.tokens.shape[-1]
 
     @property
     def max_depth(self) -> int:
         """Upper bound on the depth (the deepest node may be shallower)."""
-        return self.paths.shape[1] - 1
+        return self.paths.shape[-1] - 1
+
+    def row(self, index: int) -> "DraftTree":
+        """Row `index` of a batch of trees (`stack_trees`)."""
+        return DraftTree(*(getattr(self, name)[index] for name in _FIELDS))
 
     def children(self, node: int) -> list[int]:
         """Indices of the children of `node`, in descending draft score."""
         return (self.parents == node).nonzero().flatten().tolist()
+
+
+_FIELDS = ("tokens", "parents", "depths", "scores", "ancestor_mask", "paths")
+
+
+def stack_trees(trees: list[DraftTree]) -> DraftTree:
+    """A batch of `B` trees of one configuration (same node count and depth bound) as one `DraftTree` whose
+    fields have a leading batch dimension (`tokens` `(B, T)`, `ancestor_mask` `(B, T, T)`...)."""
+    return DraftTree(*(torch.stack([getattr(tree, name) for tree in trees]) for name in _FIELDS))
 
 
 def tree_from_parents(

@@ -187,3 +187,16 @@ def test_hub_client_factory_is_the_one_in_use():
         assert hf_internals.hub_client_factory() is mine
     finally:
         set_client_factory(previous)
+
+
+def test_pad_token_is_the_one_generate_prepared():
+    from tiny_models import tiny_llava
+
+    model = tiny_llava()
+    config = model.generation_config
+    config.pad_token_id, config.eos_token_id = None, [2, 5]
+    model._prepare_special_tokens(config, True, device="cpu")
+    assert hf_internals.pad_token_of(config) == 2  # no pad token: generate pads with the first EOS
+    config.pad_token_id = 0
+    model._prepare_special_tokens(config, True, device="cpu")
+    assert hf_internals.pad_token_of(config) == 0
