@@ -267,3 +267,62 @@ def test_what_batches_cannot_do_yet_is_refused_with_the_fix(llava):
     draft.config.decoding_mode = "chain"
     with pytest.raises(ValueError, match="tree mode"):
         llava.generate(**batch, max_new_tokens=4, assistant_model=draft)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+SAMPLES = 300  # per row
+
+
+def _sampling_batches(broken: bool, monkeypatch=None):
+    """(plain, speculative) batches of `SAMPLES` pairs of rows (A with an image, B without, left-padded), their
+    first 3 sampled tokens as `(rows, 2, 3)` lists."""
+    from test_lossless_sampling import break_acceptance_rule
+
+    target = specvlm_hf.enable(tiny_llava(seed=0, scale=8.0, vocab=12))
+    generator = torch.Generator().manual_seed(0)
+    rows = [random_inputs(target, generator, text_tokens=4), random_inputs(target, generator, 3, image=False)]
+    pair = left_pad(rows, [0, 2])
+    start = pair["input_ids"].shape[1]
+    kwargs = dict(do_sample=True, max_new_tokens=3, min_new_tokens=3, temperature=1.0)
+
+    def repeated(copies):
+        return {
+            key: value.repeat(copies, *([1] * (value.dim() - 1)))
+            if key != "pixel_values"
+            else value.repeat(copies, 1, 1, 1)
+            for key, value in pair.items()
+        }
+
+    torch.manual_seed(0)
+    plain = target.generate(**repeated(SAMPLES), **kwargs)[:, start:].reshape(SAMPLES, 2, 3).tolist()
+    if broken:
+        break_acceptance_rule(monkeypatch)
+    draft = make_draft(target, noise=0.0)
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 4, 3, 20
+    speculative, sigmas = [], []
+    for _ in range(SAMPLES // 100):
+        out = target.generate(**repeated(100), **kwargs, assistant_model=draft)
+        speculative += out[:, start:].reshape(100, 2, 3).tolist()
+        sigmas.append(draft.stats.sigma)
+    return plain, speculative, sum(sigmas) / len(sigmas)
+
+
+def test_batched_sampling_keeps_each_rows_distribution_and_their_joint():
+    from test_lossless_sampling import P_THRESHOLD, chi_square_p_value
+
+    plain, speculative, sigma = _sampling_batches(broken=False)
+    assert sigma > 1.2, "the draft must get tokens accepted for the test to mean anything"
+    for row in range(2):  # each row's first three tokens
+        assert chi_square_p_value([tuple(s[row]) for s in plain], [tuple(s[row]) for s in speculative]) > P_THRESHOLD
+    joint = [(s[0][0], s[1][0]) for s in plain], [(s[0][0], s[1][0]) for s in speculative]
+    assert chi_square_p_value(*joint) > P_THRESHOLD  # the two rows' first tokens together
+
+
+def test_the_batched_sampling_test_catches_a_broken_acceptance_rule(monkeypatch):
+    from test_lossless_sampling import P_THRESHOLD, chi_square_p_value
+
+    plain, speculative, _ = _sampling_batches(broken=True, monkeypatch=monkeypatch)
+    p_values = [
+        chi_square_p_value([tuple(s[row]) for s in plain], [tuple(s[row]) for s in speculative]) for row in (0, 1)
+    ]
+    assert min(p_values) < P_THRESHOLD
