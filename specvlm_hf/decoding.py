@@ -255,6 +255,7 @@ class RowsDecoding(Decoding):
         self.prompt_length = input_ids.shape[1]
         self.streamed = 0  # steps sent to the streamer
         self.live = list(range(batch))
+        self.drops_rows = True  # False on the fast path: finished rows stay in the round, masked
 
     @property
     def final_length(self) -> int | None:
@@ -276,6 +277,8 @@ class RowsDecoding(Decoding):
         """Appends `tokens` to row `row` up to the first that stops it (after that, without an EOS criterion, up to
         the maximum length); returns how many were appended."""
         ids = self.rows[row]
+        if self._padded(row):
+            return 0
         if self.stopped_at[row] is None:
             ids, appended, stopped = append_until_stop(ids, tokens, self.stopping_criteria, self.host_rule)
             if stopped:
@@ -346,6 +349,8 @@ class RowsDecoding(Decoding):
     def record(self, acceptances: list[Acceptance], scores, logits) -> int:
         appended = 0
         for acceptance, row in zip(acceptances, self.live):
+            if self._padded(row):  # a finished row the fast path keeps in its batch, masked
+                continue
             count = self.append_row(row, acceptance.tokens)
             self.stats.accepted_per_round.append(count)
             appended += count
@@ -355,10 +360,17 @@ class RowsDecoding(Decoding):
         return appended
 
     def rows_to_keep(self) -> list[int] | None:
-        keep = [index for index, row in enumerate(self.live) if not self._padded(row)]
+        """The round's rows that can still add tokens; on the eager path the others leave `live` (the round drops
+        them), on the fast path they stay (the round masks them)."""
+        keep = [
+            index
+            for index, row in enumerate(self.live)
+            if not self._padded(row) and self.rows[row].shape[1] < self.max_length
+        ]
         if len(keep) == len(self.live) or not keep:
             return None
-        self.live = [self.live[index] for index in keep]
+        if self.drops_rows:
+            self.live = [self.live[index] for index in keep]
         return keep
 
 
@@ -388,12 +400,18 @@ def _cache_key(model_kwargs: dict) -> str:
     raise RuntimeError("SpecVLM tree decoding needs the generation cache; do not pass use_cache=False")
 
 
-def _start_rows(adapter, draft, target_cache, input_ids, prompt_embeds, prompt_features, decoding, model_kwargs):
-    """The batched round after the target's prefill: each row's draft prefilled on its own pairs (its own images
-    and compressed length), its root loaded at its own position."""
+def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, prompt_features, decoding, model_kwargs):
+    """The batched round after the target's prefill (the fast path's `fast`, or an eager one over `target_cache`):
+    each row's draft prefilled on its own pairs (its own images and compressed length), its root loaded at its own
+    position."""
     batch = input_ids.shape[0]
     masks, positions = zip(*(prefix_positions(input_ids, model_kwargs, row) for row in range(batch)))
-    round = RowsRound(adapter, draft, target_cache, torch.stack(masks))
+    if fast is None:
+        round = RowsRound.eager(adapter, draft, target_cache, torch.stack(masks))
+    else:
+        round = fast
+        round.load(torch.stack(masks))
+        decoding.drops_rows = False
     stats = decoding.stats
     stats.draft_visual_tokens = stats.target_visual_tokens = 0
     for row in range(batch):
@@ -466,7 +484,10 @@ def tree_assisted_decoding(
         needed = generation_config.max_length + max(
             config.tree_total_tokens, config.tree_depth * config.tree_top_k + config.tree_depth + 2
         )
-        fast = SpeculativeRound.static(adapter, draft, needed, graphs, compile)
+        if batch > 1:
+            fast = RowsRound.static(adapter, draft, batch, needed, graphs, compile)
+        else:
+            fast = SpeculativeRound.static(adapter, draft, needed, graphs, compile)
         model_kwargs[cache_key] = fast.target_window.cache
     else:
         model_kwargs[cache_key] = adapter.rewindable_cache(model_kwargs[cache_key])
@@ -499,7 +520,15 @@ def tree_assisted_decoding(
 
     if not decoding.finished and batch > 1:
         round = _start_rows(
-            adapter, draft, model_kwargs[cache_key], input_ids, prompt_embeds, prompt_features, decoding, model_kwargs
+            adapter,
+            draft,
+            fast,
+            model_kwargs[cache_key],
+            input_ids,
+            prompt_embeds,
+            prompt_features,
+            decoding,
+            model_kwargs,
         )
         clock.lap("draft")
         run_rounds(decoding, round, clock)

@@ -268,3 +268,54 @@ class RowsWindow:
 
     def rewind(self):
         crop_kv(self.cache, self.length)
+
+
+class FixedRowsWindow:
+    """`RowsWindow` over a `StaticCache` of `B` rows and `W` slots (the batched fast path): the lengths `(B,)` and
+    the shared tree offset `()` (the longest row's length, where the static layers write) live on the device, masks
+    span all `W` slots, so every shape is fixed and no step reads a device value on the host."""
+
+    def __init__(self, cache, batch: int, width: int, device: torch.device):
+        self.cache = cache
+        self.real = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+
+    def load(self, real: torch.Tensor) -> None:
+        """Starts a call: the cache holds the `(B, n)` prompts, `real` marking their real tokens."""
+        self.real.zero_()
+        self.real[:, : real.shape[1]] = real.to(self.real.device)
+        self.lengths.fill_(real.shape[1])
+        self.length.fill_(real.shape[1])
+
+    def visible(self, block_mask):
+        """`(B, q, W)` bool from `(B, q, m)` block masks (the block written at the shared offset)."""
+        width, block = self.real.shape[1], block_mask.shape[2]
+        slots = torch.arange(width, device=self.real.device)
+        offset = slots - self.length
+        inside = (offset >= 0) & (offset < block)
+        from_block = block_mask[:, :, offset.clamp(0, block - 1)] & inside[None, None, :]
+        prefix = self.real & (slots[None, :] < self.lengths[:, None])
+        return prefix[:, None, :] | from_block
+
+    def keep(self, nodes, count, stacked=None):
+        """As `RowsWindow.keep`, in place on the static buffers (no host sync)."""
+        width = nodes.shape[1]
+        old = self.lengths.clone()
+        for layer in cache_layers(self.cache):
+            keys, values = layer_tensors(layer)
+            src = (nodes + self.length)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+            dst = (old[:, None] + torch.arange(width, device=old.device))[:, None, :, None]
+            dst = dst.clamp(max=keys.shape[2] - 1).expand(-1, keys.shape[1], -1, keys.shape[3])
+            kept_keys, kept_values = keys.gather(2, src.to(keys.device)), values.gather(2, src.to(keys.device))
+            keys.scatter_(2, dst.to(keys.device), kept_keys)
+            values.scatter_(2, dst.to(keys.device), kept_values)
+        self.lengths.add_(count)
+        slots = torch.arange(self.real.shape[1], device=self.real.device)
+        self.real |= (slots[None, :] >= old[:, None]) & (slots[None, :] < self.lengths[:, None])
+        self.length.copy_(self.lengths.max())
+        for layer in cache_layers(self.cache):
+            set_static_write_position(layer, self.length)
+
+    def rewind(self):
+        crop_kv(self.cache, self.length)

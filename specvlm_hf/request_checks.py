@@ -41,11 +41,6 @@ def validate_request(
             f"SpecVLM chain mode supports batch size 1 (got {batch}). Use tree mode "
             "(`draft.config.decoding_mode = 'tree'`), call `generate` once per example, or drop `assistant_model`."
         )
-    if batch != 1 and generation_config.cache_implementation == "static":
-        raise ValueError(
-            f"The SpecVLM static fast path supports batch size 1 (got {batch}). Drop `cache_implementation='static'` "
-            "for batched tree decoding on dynamic caches, or call `generate` once per example."
-        )
     if (
         batch != 1
         and generation_config.return_dict_in_generate

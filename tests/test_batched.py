@@ -109,13 +109,17 @@ CASES = {  # batch size: (images per row, extra left padding per row, stop step 
 }
 
 
+PATHS = {"eager": {}, "static": {"cache_implementation": "static"}}  # static: the fast path (no CUDA graphs on CPU)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("size", list(CASES))
-def test_batched_greedy_equals_plain_batched_generate_and_each_row_alone(llava, size):
+def test_batched_greedy_equals_plain_batched_generate_and_each_row_alone(llava, size, path):
     images, extra, steps = CASES[size]
     generator = torch.Generator().manual_seed(size)
     rows = [llava_row(llava, generator, count, 2 + 3 * index) for index, count in enumerate(images)]
     draft = make_draft(llava, noise=0.003 if size % 2 else 0.0)  # rejections at every depth, or long paths
-    kwargs = dict(do_sample=False, max_new_tokens=18)
+    kwargs = dict(do_sample=False, max_new_tokens=18, **PATHS[path])
     plain, stats = greedy_case(llava, draft, rows, extra, kwargs, steps)
     finished_early = int((plain[:, -1] == 0).sum())
     assert 0 < finished_early < size, "the rows should stop at different steps"
@@ -133,12 +137,13 @@ def test_batched_greedy_with_processors_and_compressing_draft(llava):
     assert draft.stats.draft_visual_tokens < draft.stats.target_visual_tokens
 
 
-def test_batched_greedy_on_an_m_rope_target(qwen):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_batched_greedy_on_an_m_rope_target(qwen, path):
     """Qwen2.5-VL: each row's own M-RoPE offset (rope_deltas) and its own images' grids."""
     generator = torch.Generator().manual_seed(3)
     rows = [family_inputs(qwen, generator, images=count, text_tokens=3 + count) for count in (1, 0, 2)]
     draft = make_draft(qwen)
-    kwargs = dict(do_sample=False, max_new_tokens=16)
+    kwargs = dict(do_sample=False, max_new_tokens=16, **PATHS[path])
     greedy_case(qwen, draft, rows, [0, 9, 3], kwargs, steps=[None, 6, 0])
 
 
