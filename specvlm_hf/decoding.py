@@ -27,7 +27,7 @@ from transformers.generation import (
 
 from .adapters import adapter_for, call_image_inputs
 from .draft_runner import prompt_pairs
-from .hf_internals import host_stop_rule, length_rule_active, pad_token_of, prefill
+from .hf_internals import host_stop_rule, length_rule_active, pad_token_of, plain_decoding, prefill
 from .request_checks import check_attention_backend, prefix_positions, validate_request
 from .round import RowsRound, SpeculativeRound, fast_path_options
 from .stats import PhaseClock, SpecVLMStats, warn_if_low_acceptance
@@ -400,6 +400,25 @@ def _cache_key(model_kwargs: dict) -> str:
     raise RuntimeError("SpecVLM tree decoding needs the generation cache; do not pass use_cache=False")
 
 
+# Tree size against batch size. A verify forward stays bound by reading the target's weights up to roughly this many
+# tokens in all (7B on an H100 / H200: ~150-300); past it, each row's tree costs compute. So a batch of B rows
+# drafts trees of `min(tree_total_tokens, BATCH_VERIFY_TOKENS // B)` nodes, and when that falls below
+# `MIN_TREE_TOKENS` speculation no longer pays and the batch is decoded by `generate`'s own loop. A draft's config
+# may override both (`draft.config.batch_verify_tokens`, `draft.config.min_tree_tokens`).
+BATCH_VERIFY_TOKENS = 256
+MIN_TREE_TOKENS = 8
+
+
+def tree_tokens_for_batch(config, batch: int) -> int | None:
+    """Tree nodes per row for a batch of `batch` rows under the rule above; None: speculation off."""
+    if batch == 1:
+        return config.tree_total_tokens
+    budget = getattr(config, "batch_verify_tokens", BATCH_VERIFY_TOKENS)
+    smallest = getattr(config, "min_tree_tokens", MIN_TREE_TOKENS)
+    per_row = min(config.tree_total_tokens, budget // batch)
+    return per_row if per_row >= smallest else None
+
+
 def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, prompt_features, decoding, model_kwargs):
     """The batched round after the target's prefill (the fast path's `fast`, or an eager one over `target_cache`):
     each row's draft prefilled on its own pairs (its own images and compressed length), its root loaded at its own
@@ -408,6 +427,7 @@ def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, pr
     masks, positions = zip(*(prefix_positions(input_ids, model_kwargs, row) for row in range(batch)))
     if fast is None:
         round = RowsRound.eager(adapter, draft, target_cache, torch.stack(masks))
+        round.total_tokens = tree_tokens_for_batch(draft.config, batch)
     else:
         round = fast
         round.load(torch.stack(masks))
@@ -474,6 +494,12 @@ def tree_assisted_decoding(
     draft.bind_target(model)
     config = draft.config
     stats = draft.stats = SpecVLMStats(mode="tree", prompt_tokens=input_ids.shape[1])
+    tree_tokens = tree_tokens_for_batch(config, batch)
+    if tree_tokens is None:  # the batch is too large for trees to pay: generate's own loop
+        stats.mode = "plain"
+        return plain_decoding(
+            model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs
+        )
     clock = PhaseClock(input_ids.device)
     prompt_mask, prompt_positions = prefix_positions(input_ids, model_kwargs)
     cache_key = _cache_key(model_kwargs)
@@ -485,7 +511,7 @@ def tree_assisted_decoding(
             config.tree_total_tokens, config.tree_depth * config.tree_top_k + config.tree_depth + 2
         )
         if batch > 1:
-            fast = RowsRound.static(adapter, draft, batch, needed, graphs, compile)
+            fast = RowsRound.static(adapter, draft, batch, needed, graphs, compile, tree_tokens)
         else:
             fast = SpeculativeRound.static(adapter, draft, needed, graphs, compile)
         model_kwargs[cache_key] = fast.target_window.cache

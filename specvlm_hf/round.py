@@ -350,12 +350,14 @@ class RowsRound(SpeculativeRound):
         return cls(adapter, draft, RowsWindow(target_cache, prompt_real), windows)
 
     @classmethod
-    def static(cls, adapter, draft, batch: int, needed_length: int, graphs: bool, compile: bool) -> "RowsRound":
-        """The fast path for `batch` rows needing `needed_length` slots each; kept on the draft and reused as
-        `SpeculativeRound.static` is (the key adds the batch size). Its target cache must receive the prompts'
-        prefill before `load`."""
+    def static(
+        cls, adapter, draft, batch: int, needed_length: int, graphs: bool, compile: bool, tree_tokens: int
+    ) -> "RowsRound":
+        """The fast path for `batch` rows needing `needed_length` slots each, drafting trees of `tree_tokens` nodes;
+        kept on the draft and reused as `SpeculativeRound.static` is (the key adds the batch and tree sizes: one
+        set of graphs per shape). Its target cache must receive the prompts' prefill before `load`."""
         length = -(-needed_length // LENGTH_BUCKET) * LENGTH_BUCKET
-        key = (*cls.static_key(adapter, draft, length, graphs, compile), batch)
+        key = (*cls.static_key(adapter, draft, length, graphs, compile), batch, tree_tokens)
         current = getattr(draft, "_specvlm_static_rows_round", None)
         if current is None or current.key != key:
             device = draft.fc.weight.device
@@ -365,6 +367,7 @@ class RowsRound(SpeculativeRound):
                 for _ in range(batch)
             ]
             current = cls(adapter, draft, target_window, windows, graphs, compile)
+            current.total_tokens = tree_tokens
             current.key = key
             draft._specvlm_static_rows_round = current
         current.target_window.cache.reset()

@@ -331,3 +331,24 @@ def test_the_batched_sampling_test_catches_a_broken_acceptance_rule(monkeypatch)
         chi_square_p_value([tuple(s[row]) for s in plain], [tuple(s[row]) for s in speculative]) for row in (0, 1)
     ]
     assert min(p_values) < P_THRESHOLD
+
+
+# ------------------------------------------------------------------------------------------ tree size against batch
+def test_trees_shrink_with_the_batch_and_speculation_stops_where_it_would_not_pay(llava):
+    from specvlm_hf.decoding import tree_tokens_for_batch
+
+    draft = make_draft(llava)
+    draft.config.tree_total_tokens = 60
+    sizes = {batch: tree_tokens_for_batch(draft.config, batch) for batch in (1, 2, 4, 8, 16, 32, 64)}
+    assert sizes == {1: 60, 2: 60, 4: 60, 8: 32, 16: 16, 32: 8, 64: None}
+
+    generator = torch.Generator().manual_seed(4)
+    batch = left_pad([llava_row(llava, generator, 1, 3), llava_row(llava, generator, 0, 6)], [0, 0])
+    kwargs = dict(do_sample=False, max_new_tokens=8)
+    plain = llava.generate(**batch, **kwargs)
+    draft.config.batch_verify_tokens = 20  # 10 nodes per row: speculation on, smaller trees
+    assert llava.generate(**batch, **kwargs, assistant_model=draft).tolist() == plain.tolist()
+    assert draft.stats.mode == "tree" and draft.stats.rounds > 0
+    draft.config.batch_verify_tokens = 12  # 6 nodes per row: below the minimum, generate's own loop
+    assert llava.generate(**batch, **kwargs, assistant_model=draft).tolist() == plain.tolist()
+    assert draft.stats.mode == "plain" and draft.stats.rounds == 0
