@@ -102,6 +102,8 @@ def tree_from_parents(
         current = torch.where(valid, parents[current.clamp(min=0)], current)
     # path to every node: its ancestors in index order (= depth order), padded with -1
     ordered = torch.where(ancestors, index[None, :], num_nodes).sort(dim=1).values[:, : max_depth + 1]
+    if ordered.shape[1] < max_depth + 1:  # fewer nodes than the depth bound: still `max_depth + 1` columns
+        ordered = torch.cat([ordered, ordered.new_full((num_nodes, max_depth + 1 - num_nodes), num_nodes)], dim=1)
     paths = torch.where(ordered < num_nodes, ordered, -1)
     if scores is None:
         scores = torch.zeros(num_nodes, device=device)
