@@ -12,6 +12,8 @@ captured as CUDA graphs on a GPU. What differs between target families is asked 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import DynamicCache
 from transformers.generation import (
@@ -79,6 +81,7 @@ def processed_scores(
     """
     if logits_processor is None or len(logits_processor) == 0:
         return logits
+    logits_processor = row_processors(logits_processor, 0, 1, tree.num_nodes)  # per-row fields, one per node
     # processors run where `generate` keeps the ids (with a target split over GPUs, the logits come from the
     # last one), as plain `generate` runs them; the scores go back to the tree's device
     home, logits = logits.device, logits.to(prefix_ids.device)
@@ -231,6 +234,32 @@ class Decoding:
         return self.input_ids
 
 
+# processor fields that hold one entry per batch row (transformers 5.25's repetition penalty keeps each row's
+# padding length): a row's processors see its own entry
+_PER_ROW_FIELDS = ("prompt_ignore_length",)
+
+
+def row_processors(logits_processor, row: int, batch: int, copies: int = 1):
+    """`logits_processor` as row `row` of a batch of `batch` rows alone would have it, repeated for `copies`
+    sequences (a tree's nodes): processors with per-row fields (`_PER_ROW_FIELDS`) are copied with that row's
+    entry; the others are shared."""
+    if logits_processor is None:
+        return None
+    out = []
+    for processor in logits_processor:
+        fields = {
+            name: value[row : row + 1].expand(copies, *value.shape[1:])
+            for name, value in vars(processor).items()
+            if name in _PER_ROW_FIELDS and torch.is_tensor(value) and value.dim() and value.shape[0] == batch
+        }
+        if fields:
+            processor = copy.copy(processor)
+            for name, value in fields.items():
+                setattr(processor, name, value)
+        out.append(processor)
+    return type(logits_processor)(out)
+
+
 class RowsDecoding(Decoding):
     """`Decoding` for a batch of `B` rows, each growing at its own pace: every row's ids, stopping criteria and
     logits processors are run on that row's own `(1, n_b)` ids, as plain batched `generate` runs them row by row.
@@ -256,6 +285,7 @@ class RowsDecoding(Decoding):
         self.streamed = 0  # steps sent to the streamer
         self.live = list(range(batch))
         self.drops_rows = True  # False on the fast path: finished rows stay in the round, masked
+        self.row_processors = [row_processors(logits_processor, row, batch) for row in range(batch)]
 
     @property
     def final_length(self) -> int | None:
@@ -338,7 +368,7 @@ class RowsDecoding(Decoding):
         """Each live row's processed scores (a list) and the acceptances stacked: `((B, P), (B,), (B,))`."""
         scores, paths = [], []
         for index, row in enumerate(self.live):
-            row_scores = processed_scores(tree.row(index), self.rows[row], logits[index], self.logits_processor)
+            row_scores = processed_scores(tree.row(index), self.rows[row], logits[index], self.row_processors[row])
             scores.append(row_scores)
             if self.do_sample:
                 paths.append(sampling_path(tree.row(index), torch.softmax(row_scores, dim=-1)))

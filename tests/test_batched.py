@@ -304,6 +304,7 @@ def _sampling_batches(broken: bool, monkeypatch=None):
         break_acceptance_rule(monkeypatch)
     draft = make_draft(target, noise=0.0)
     draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 4, 3, 20
+    draft.config.batch_verify_tokens = 10**6  # 200 rows a call: keep speculating (the batch rule would stop it)
     speculative, sigmas = [], []
     for _ in range(SAMPLES // 100):
         out = target.generate(**repeated(100), **kwargs, assistant_model=draft)
