@@ -319,7 +319,7 @@ class RowsDecoding(Decoding):
         self.rows[row] = ids
         return appended
 
-    def _stream(self, flush: bool = False) -> None:
+    def stream(self, flush: bool = False) -> None:
         """Sends the steps every row has produced (all of them up to the output's length when `flush`)."""
         if self.streamer is None:
             return
@@ -361,7 +361,7 @@ class RowsDecoding(Decoding):
         for row, token in enumerate(tokens):
             self.append_row(row, [token])
         self._update_finished()
-        self._stream()
+        self.stream()
         return tokens
 
     def accept(self, tree: DraftTree, logits: torch.Tensor):
@@ -386,7 +386,7 @@ class RowsDecoding(Decoding):
             appended += count
         self.stats.rounds += 1
         self._update_finished()
-        self._stream()
+        self.stream()
         return appended
 
     def rows_to_keep(self) -> list[int] | None:
@@ -620,7 +620,7 @@ def tree_assisted_decoding(
 
     if streamer is not None:
         if batch > 1:
-            decoding._stream(flush=True)
+            decoding.stream(flush=True)
         streamer.end()
     sequences = decoding.sequences()
     stats.new_tokens = (sequences.shape[1] - stats.prompt_tokens) * batch

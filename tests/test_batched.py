@@ -353,3 +353,17 @@ def test_trees_shrink_with_the_batch_and_speculation_stops_where_it_would_not_pa
     draft.config.batch_verify_tokens = 12  # 6 nodes per row: below the minimum, generate's own loop
     assert llava.generate(**batch, **kwargs, assistant_model=draft).tolist() == plain.tolist()
     assert draft.stats.mode == "plain" and draft.stats.rounds == 0
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_batched_greedy_on_llava_next_with_a_compressing_draft(path):
+    """LLaVA-NeXT: each row's AnyRes layout comes from its own `image_sizes` entry (rows without an image skip one)."""
+    from tiny_models import tiny_llava_next
+
+    target = specvlm_hf.enable(tiny_llava_next(scale=32.0))
+    generator = torch.Generator().manual_seed(1)
+    rows = [random_inputs(target, generator, text_tokens=3 + 2 * i, image=i != 1) for i in range(3)]
+    draft = make_draft(target, compressor={"mode": "fixed", "fixed": "pool@4"})
+    kwargs = dict(do_sample=False, max_new_tokens=12, **PATHS[path])
+    _, stats = greedy_case(target, draft, rows, [0, 5, 2], kwargs, steps=[None, 3, 0])
+    assert stats.draft_visual_tokens < stats.target_visual_tokens
