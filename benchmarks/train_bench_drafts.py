@@ -20,6 +20,7 @@ import torch
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--drafts", nargs="+", required=True, help="name=folder pairs")
+    parser.add_argument("--target", default="mini", help="'mini', 'mini-qwen' or a target model folder")
     parser.add_argument("--data", required=True, help="LLaVA JSON of held-out records (their first prompts are used)")
     parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--skip", type=int, default=0, help="skip the first N records")
@@ -36,11 +37,20 @@ def main(argv=None):
 
     import specvlm_hf
     from specvlm_hf import SpecVLMDraftModel
-    from specvlm_hf.mini import load
+    from specvlm_hf.mini import BUILTIN_MODELS, load
     from specvlm_hf.training.data import ImageResolver, first_prompt, load_records, record_images
     from specvlm_hf.training.evaluation import prompt_inputs
 
-    target, processor = load(dtype=getattr(torch, args.dtype), device=device)
+    if args.target in BUILTIN_MODELS:
+        target, processor = load(dtype=getattr(torch, args.dtype), device=device, name=args.target)
+    else:
+        from transformers import AutoModelForImageTextToText
+
+        from specvlm_hf.processors import load_processor
+
+        target = AutoModelForImageTextToText.from_pretrained(args.target, dtype=getattr(torch, args.dtype))
+        target = target.to(device).eval()
+        processor = load_processor(args.target)
     specvlm_hf.enable(target)
     records = load_records(args.data)[args.skip : args.skip + args.prompts]
     resolver = ImageResolver(None, args.data)

@@ -241,6 +241,11 @@ class TargetAdapter:
             out["batch_num_images"] = out["batch_num_images"][row : row + 1]
         return out
 
+    def forward_inputs(self, input_ids: torch.Tensor) -> dict:
+        """Inputs the family's forward needs beside `input_ids`, `attention_mask` and the image tensors, as its
+        processor makes them from the token ids (the training teacher pass calls the VLM forward directly)."""
+        return {}
+
     def visual_mask(self, input_ids: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         """`(n,)` bool over a prompt's tokens `(n,)`: the tokens the draft's compressor may replace, in runs that
         `visual_layouts` lays out. Default: the image tokens. (Mistral 3 adds each row's `[IMG_BREAK]` /
@@ -300,6 +305,16 @@ class QwenVLAdapter(TargetAdapter):
     def num_images(self, model_kwargs):
         grid = model_kwargs.get("image_grid_thw")
         return 0 if grid is None else int(grid.shape[0])
+
+    def forward_inputs(self, input_ids):
+        """`mm_token_type_ids` (1 on image, 2 on video placeholders): without them transformers 5.17 computes no
+        M-RoPE positions and silently falls back to 1-D ones."""
+        types = torch.zeros_like(input_ids, dtype=torch.int)
+        types[input_ids == self.config.image_token_id] = 1
+        video = getattr(self.config, "video_token_id", None)
+        if video is not None:
+            types[input_ids == video] = 2
+        return {"mm_token_type_ids": types}
 
     def placeholders_mismatch(self, runs, placeholders, num_images, model_kwargs):
         grid = model_kwargs.get("image_grid_thw")

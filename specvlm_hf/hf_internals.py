@@ -231,3 +231,29 @@ def check_overridable(cls: type = GenerationMixin) -> None:
         missing = [p for p in parameters if p not in have]
         if missing:
             raise RuntimeError(f"transformers' GenerationMixin.{name} no longer takes {missing}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# processors of families whose processor takes a video processor (Qwen-VL): transformers builds the video processor
+# with torchvision, and without torchvision `AutoProcessor` cannot load the processor at all (not even for images)
+def processor_without_video(processor_class: type, image_processor, tokenizer, chat_template=None):
+    """`processor_class(image_processor, tokenizer, video_processor=<none>, chat_template)`: the processor for
+    images and text when torchvision (needed by transformers' video processors) is missing. Passing videos to it
+    fails. Relies on `ProcessorMixin` checking the video processor with `isinstance` against
+    `transformers.BaseVideoProcessor` (a stand-in class without torchvision) and on the family's `__init__`
+    taking `video_processor`."""
+    import transformers
+
+    class NoVideoProcessor(transformers.BaseVideoProcessor):
+        def __init__(self):  # the stand-in's own __init__ raises "requires torchvision"
+            pass
+
+        def __call__(self, *args, **kwargs):
+            raise ImportError("video inputs need torchvision (`pip install torchvision`), which is not installed")
+
+    return processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=NoVideoProcessor(),
+        chat_template=chat_template,
+    )

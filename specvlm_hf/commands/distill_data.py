@@ -26,10 +26,12 @@ def _run(args):
     from specvlm_hf.training.config import config_from_args
     from specvlm_hf.training.distill_data import DistillDataConfig, distill_data
 
+    from specvlm_hf.mini import BUILTIN_MODELS
+
     from .common import check_model_folder
 
     config = config_from_args(args, DistillDataConfig)
-    if config.target != "mini":
+    if config.target not in BUILTIN_MODELS:
         check_model_folder(config.target, "--target")
     distill_data(config)
     return 0

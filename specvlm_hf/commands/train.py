@@ -28,11 +28,13 @@ def _run(args):
     from specvlm_hf.training import DistillTrainer
     from specvlm_hf.training.config import config_from_args
 
+    from specvlm_hf.mini import BUILTIN_MODELS
+
     from .common import check_draft_folder, check_model_folder
 
     config = config_from_args(args)
     # the models named are checked before anything is loaded (the output folder is checked by the trainer)
-    if config.target != "mini":
+    if config.target not in BUILTIN_MODELS:
         check_model_folder(config.target, "--target")
     if config.draft:
         check_draft_folder(config.draft)

@@ -61,7 +61,7 @@ def token_statistics(model, processor, data, tasks: list[str], batch_size: int =
     sums: dict[str, dict] = {}
     for start in range(0, len(tasks), batch_size):
         indices = torch.arange(start, min(start + batch_size, len(tasks)), device=device)
-        batch = make_batch(data, indices, processor.image_processor, image_order)
+        batch = make_batch(data, indices, processor.image_processor, image_order, image_token_id(model))
         labels = batch.pop("labels")
         batch["pixel_values"] = None if batch["pixel_values"] is None else batch["pixel_values"].to(model.dtype)
         logits = model(**batch).logits[:, :-1].float()  # (batch, length - 1, vocab) predicts tokens 1..
@@ -76,6 +76,17 @@ def token_statistics(model, processor, data, tasks: list[str], batch_size: int =
             entry["entropy"] += float(entropy[row][mask[row]].sum())
             entry["tokens"] += int(mask[row].sum())
     return sums
+
+
+def image_token_id(model) -> int | None:
+    """The image placeholder id of a Qwen-VL model (its batches need `mm_token_type_ids`), else None."""
+    return getattr(model.config, "image_token_id", None) if hasattr(model.config, "vision_start_token_id") else None
+
+
+def trained_image_size(model_dir: str, default: int = 128) -> int:
+    """The image side the model was trained on (`train_config.json`), or `default`."""
+    path = Path(model_dir, "train_config.json")
+    return int(json.loads(path.read_text())["config"]["image_size"]) if path.is_file() else default
 
 
 def _means(sums: dict, key: str, tasks=None) -> dict:
@@ -134,13 +145,13 @@ def evaluate(
     batch_size: int = 64,
 ) -> dict:
     """All held-out metrics of the module docstring, as one JSON-ready dict."""
-    from transformers import AutoProcessor
+    from ..processors import load_processor
 
     start = time.time()
     model.eval()
-    processor = AutoProcessor.from_pretrained(processor_dir)
+    processor = load_processor(processor_dir)
     device = next(model.parameters()).device
-    image_size = processor.image_processor.size["height"]
+    image_size = trained_image_size(processor_dir)
     data = encode_dataset(
         processor_dir, eval_seed, num_examples, image_size, 1024, processor.tokenizer.pad_token_id, workers=1
     ).to(device)
@@ -175,10 +186,10 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     parser = argparse.ArgumentParser(description="Held-out metrics of a trained mini VLM.")
-    parser.add_argument("--model_dir", default=None, help="Model + processor folder (default: the shipped one).")
+    parser.add_argument("--model_dir", default=None, help="Model + processor folder (default: the shipped mini VLM).")
     parser.add_argument("--out", type=Path, default=None, help="Write the results JSON here.")
     parser.add_argument("--eval_seed", type=int, default=1)
     parser.add_argument("--num_examples", type=int, default=1000)
@@ -190,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     from . import WEIGHTS_DIR
 
     model_dir = args.model_dir or str(WEIGHTS_DIR)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(args.device)
     results = {"model_dir": str(model_dir), "dtype": args.dtype, "device": args.device}
     results.update(evaluate(model, model_dir, args.eval_seed, args.num_examples, args.num_questions))
     train_file = Path(model_dir, "train_config.json")

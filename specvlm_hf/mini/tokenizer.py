@@ -42,13 +42,26 @@ CHAT_TEMPLATE = (
 )
 IGNORE_INDEX = -100
 
+# The Qwen2.5-VL-style mini target (`architecture="qwen2_5_vl"`): the same tokenizer plus Qwen's vision tokens
+# (appended after the trained vocabulary); an image item renders as vision-start, one image pad, vision-end, and
+# the processor expands the pad to one placeholder per merged patch of the image's own grid.
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_IMAGE_TOKEN = "<|image_pad|>"
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{{ '<image>\\n' }}",
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>\\n' }}"
+    "{%- elif item['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>\\n' }}",
+)
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, qwen_vision_tokens: bool = False):
     """Train a byte-level BPE tokenizer on `texts` and wrap it as a transformers fast tokenizer.
 
     Returns:
         `PreTrainedTokenizerFast` with `<pad>` (id 0), `<|end|>` (eos), `<image>` and the role tokens as
-        special tokens; it adds no tokens of its own when encoding (the chat template places them).
+        special tokens; it adds no tokens of its own when encoding (the chat template places them). With
+        `qwen_vision_tokens`, Qwen's vision tokens follow the trained vocabulary (ids `vocab_size`..) and
+        `<|image_pad|>` is the tokenizer's image token.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -63,11 +76,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
+    extra = {"image_token": IMAGE_TOKEN}
+    if qwen_vision_tokens:
+        bpe.add_special_tokens(list(QWEN_VISION_TOKENS))
+        extra = {
+            "image_token": QWEN_IMAGE_TOKEN,
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
+        }
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         pad_token=PAD_TOKEN,
         eos_token=END_TOKEN,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens=extra,
         additional_special_tokens=list(ROLE_TOKENS),
         model_max_length=1024,
         padding_side="left",  # batched generation pads on the left
@@ -98,8 +120,77 @@ def build_processor(tokenizer, image_size: int, patch_size: int):
     )
 
 
-def num_image_tokens(processor) -> int:
-    """How many `<image>` placeholders one image becomes (the vision tower's patches, CLS dropped)."""
+def build_qwen_processor(
+    tokenizer, image_size: int, patch_size: int, merge_size: int = 2, max_image_tokens: int = 256
+):
+    """A `Qwen2_5_VLProcessor` for the Qwen2.5-VL-style mini target (dynamic resolution): `tokenizer` gains
+    Qwen's vision tokens; an image is resized to the nearest multiple of `patch_size * merge_size` per side (at most
+    `max_image_tokens` merged patches, at least 4) and becomes `(h / merge) * (w / merge)` `<|image_pad|>`
+    placeholders. `tokenizer` comes from `train_tokenizer(..., qwen_vision_tokens=True)`. The image processor is
+    the PIL/NumPy one (no torchvision), with CLIP's mean and std."""
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    factor = patch_size * merge_size
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size,
+        merge_size=merge_size,
+        temporal_patch_size=2,
+        min_pixels=4 * factor * factor,
+        max_pixels=max_image_tokens * factor * factor,
+    )
+    from ..processors import torchvision_available
+
+    if torchvision_available():
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        video = Qwen2VLVideoProcessor(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2)
+        return Qwen2_5_VLProcessor(image_processor, tokenizer, video, chat_template=QWEN_CHAT_TEMPLATE)
+    from ..hf_internals import processor_without_video
+
+    return processor_without_video(Qwen2_5_VLProcessor, image_processor, tokenizer, QWEN_CHAT_TEMPLATE)
+
+
+def save_processor(processor, folder) -> None:
+    """`processor.save_pretrained(folder)`; without torchvision (a Qwen processor without its video processor)
+    the tokenizer, the image processor and the chat template are saved in the same files, plus the video
+    processor's settings, so that `AutoProcessor` loads the folder wherever torchvision is installed."""
+    import json
+    from pathlib import Path
+
+    from ..processors import torchvision_available
+
+    if not is_qwen_processor(processor) or torchvision_available():
+        processor.save_pretrained(folder)
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    processor.tokenizer.save_pretrained(folder)
+    image = processor.image_processor.to_dict()
+    (folder / "processor_config.json").write_text(
+        json.dumps({"image_processor": image, "processor_class": type(processor).__name__}, indent=2) + "\n"
+    )
+    video = {key: image[key] for key in ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")}
+    video.update(video_processor_type="Qwen2VLVideoProcessor", size=image["size"])
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
+    (folder / "chat_template.jinja").write_text(processor.chat_template)
+
+
+def is_qwen_processor(processor) -> bool:
+    return hasattr(processor.image_processor, "merge_size")
+
+
+def image_placeholder(processor) -> str:
+    """The token one image item of the chat template renders to, before the processor expands it."""
+    return QWEN_IMAGE_TOKEN if is_qwen_processor(processor) else IMAGE_TOKEN
+
+
+def num_image_tokens(processor, image_size: int | None = None) -> int:
+    """How many placeholders one (square, `image_size`) image becomes: the vision tower's patches, CLS dropped
+    (LLaVA), or its merged patches (Qwen)."""
+    if is_qwen_processor(processor):
+        patches = processor.image_processor.get_number_of_image_patches(image_size, image_size, {})
+        return patches // processor.image_processor.merge_size**2
     size = processor.image_processor.size
     return (size["height"] // processor.patch_size) * (size["width"] // processor.patch_size)
 
@@ -128,7 +219,7 @@ def prompt_text(processor, record: dict) -> str:
     )
 
 
-def encode_record(processor, record: dict) -> tuple[list[int], list[int]]:
+def encode_record(processor, record: dict, image_size: int | None = None) -> tuple[list[int], list[int]]:
     """Token ids and labels of a single-turn LLaVA record, exactly as the processor would tokenize it.
 
     Returns:
@@ -136,7 +227,9 @@ def encode_record(processor, record: dict) -> tuple[list[int], list[int]]:
         `num_image_tokens` placeholders) followed by the answer and `<|end|>`; labels are `IGNORE_INDEX`
         on the prompt and the token ids on the answer, so the loss is on what the assistant says.
     """
-    prompt = prompt_text(processor, record).replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens(processor))
+    placeholder = image_placeholder(processor)
+    prompt = prompt_text(processor, record)
+    prompt = prompt.replace(placeholder, placeholder * num_image_tokens(processor, image_size))
     answer = record["conversations"][1]["value"] + END_TOKEN
     prompt_ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
@@ -156,9 +249,36 @@ def image_to_uint8(image: Image.Image, image_size: int) -> np.ndarray:
 
 
 def normalize_pixels(pixels, image_processor):
-    """uint8 `(batch, 3, H, W)` tensor -> float pixel values normalized like the image processor."""
+    """uint8 `(batch, 3, H, W)` tensor -> float pixel values normalized like the image processor (for a Qwen
+    image processor: its patch rows `(batch * h * w, 3 * temporal * patch * patch)`, as `qwen_patches` lays
+    them out)."""
     import torch
 
     mean = torch.tensor(image_processor.image_mean, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(image_processor.image_std, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels.float() * image_processor.rescale_factor - mean) / std
+    values = (pixels.float() * image_processor.rescale_factor - mean) / std
+    if hasattr(image_processor, "merge_size"):
+        return qwen_patches(
+            values, image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+        )
+    return values
+
+
+def qwen_patches(values, patch: int, merge: int, temporal: int):
+    """Normalized images `(B, C, H, W)` -> Qwen2-VL patch rows `(B * (H / patch) * (W / patch), C * temporal *
+    patch * patch)`, merge-window order, each still image repeated over the temporal patch (as the Qwen image
+    processor's `patchify` does)."""
+    b, c, h, w = values.shape
+    gh, gw = h // patch, w // patch
+    x = values.reshape(b, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, gh/m, gw/m, m, m, C, p, p)
+    x = x[:, :, :, :, :, :, None].expand(*x.shape[:6], temporal, patch, patch)
+    return x.reshape(b * gh * gw, c * temporal * patch * patch)
+
+
+def qwen_grid(num_images: int, image_size: int, image_processor):
+    """`image_grid_thw` `(num_images, 3)` of square `image_size` images (already at a patch-multiple size)."""
+    import torch
+
+    side = image_size // image_processor.patch_size
+    return torch.tensor([[1, side, side]] * num_images, dtype=torch.long)

@@ -1,11 +1,15 @@
-"""Train the mini VLM from scratch on generated data: tokenizer, processor and a stock LLaVA.
+"""Train the mini VLM from scratch on generated data: tokenizer, processor and a stock LLaVA (or Qwen2.5-VL).
 
     python -m specvlm_hf.mini.train --output_dir mini-vlm            # the shipped recipe (one H100, ~7 min)
+    python -m specvlm_hf.mini.train --architecture qwen2_5_vl --patch_size 8 --output_dir mini-qwen
+                                                                     # the Qwen2.5-VL-style mini target
     python -m specvlm_hf.mini.train --help                           # every option of `MiniTrainConfig`
 
 Steps: (1) train the tokenizer on generated text and save the processor folder; (2) generate and encode
 `num_train_examples` examples of `seed` in worker processes; (3) train `LlavaForConditionalGeneration`
-(CLIP vision tower + Llama text model, both from scratch) with the loss on answer tokens only; (4) save
+(CLIP vision tower + Llama text model, both from scratch) with the loss on answer tokens only, or with
+`architecture="qwen2_5_vl"` a `Qwen2_5_VLForConditionalGeneration` (Qwen's windowed vision tower with 2x2 patch
+merging, M-RoPE text model, dynamic-resolution processor; the same tokenizer plus Qwen's vision tokens); (4) save
 it in `save_dtype` as safetensors shards next to the processor, with `train_config.json`.
 
 Everything is a function of the config: with the same config (and hardware that finishes `max_steps`
@@ -30,7 +34,17 @@ import torch
 
 from .corpus import load_corpus
 from .data import make_example
-from .tokenizer import IGNORE_INDEX, build_processor, encode_record, image_to_uint8, normalize_pixels, train_tokenizer
+from .tokenizer import (
+    IGNORE_INDEX,
+    build_processor,
+    build_qwen_processor,
+    encode_record,
+    image_to_uint8,
+    normalize_pixels,
+    qwen_grid,
+    save_processor,
+    train_tokenizer,
+)
 
 
 @dataclass
@@ -38,6 +52,13 @@ class MiniTrainConfig:
     """Every option of a mini VLM training run (the command line is generated from this class)."""
 
     output_dir: str = field(default="mini-vlm", metadata={"help": "Folder for the model and processor."})
+    architecture: str = field(
+        default="llava",
+        metadata={
+            "help": "'llava' (CLIP tower + Llama) or 'qwen2_5_vl' (Qwen2.5-VL vision tower, patch merging and M-RoPE; "
+            "use a patch_size that divides image_size / 2, e.g. 8)."
+        },
+    )
     seed: int = field(
         default=0, metadata={"help": "Seed of the training data, the initialisation and the batch order."}
     )
@@ -80,8 +101,16 @@ class MiniTrainConfig:
     log_every: int = field(default=100, metadata={"help": "Print the loss every this many steps."})
 
 
+QWEN_MERGE = 2  # Qwen's spatial merge: 2x2 patches make one visual token
+
+
 def model_config(config: MiniTrainConfig, tokenizer):
-    """The `LlavaConfig` of the mini VLM: CLIP vision tower + 2-layer projector + Llama text model."""
+    """The `LlavaConfig` of the mini VLM: CLIP vision tower + 2-layer projector + Llama text model (or, for
+    `architecture="qwen2_5_vl"`, `qwen_model_config`)."""
+    if config.architecture == "qwen2_5_vl":
+        return qwen_model_config(config, tokenizer)
+    if config.architecture != "llava":
+        raise ValueError(f"architecture={config.architecture!r}: choose 'llava' or 'qwen2_5_vl'")
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
@@ -118,6 +147,63 @@ def model_config(config: MiniTrainConfig, tokenizer):
     )
 
 
+def qwen_model_config(config: MiniTrainConfig, tokenizer):
+    """The `Qwen2_5_VLConfig` of the Qwen-style mini target: a Qwen2.5-VL vision tower (window attention with two
+    full-attention blocks, 2x2 merger) and a Qwen2.5-VL text model with M-RoPE (sections 1/4, 3/8, 3/8 of the
+    rotary half), tied embeddings."""
+    from transformers import Qwen2_5_VLConfig
+
+    head_dim = config.hidden_size // config.num_heads
+    half = head_dim // 2
+    sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(name)
+        for name in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+    }
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections},
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    window = config.image_size  # one attention window per training image (larger images get several)
+    vision = dict(
+        depth=config.vision_layers,
+        hidden_size=config.vision_hidden_size,
+        intermediate_size=4 * config.vision_hidden_size,
+        num_heads=config.vision_heads,
+        patch_size=config.patch_size,
+        spatial_merge_size=QWEN_MERGE,
+        temporal_patch_size=2,
+        window_size=window,
+        out_hidden_size=config.hidden_size,
+        fullatt_block_indexes=[i for i in range(config.vision_layers) if i % 2 == 1],
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def model_class(config: MiniTrainConfig):
+    from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration if config.architecture == "qwen2_5_vl" else LlavaForConditionalGeneration
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -138,10 +224,10 @@ _WORKER_PROCESSOR = None
 
 def _init_worker(processor_dir: str) -> None:
     global _WORKER_PROCESSOR
-    from transformers import AutoProcessor
+    from ..processors import load_processor
 
     torch.set_num_threads(1)
-    _WORKER_PROCESSOR = AutoProcessor.from_pretrained(processor_dir)
+    _WORKER_PROCESSOR = load_processor(processor_dir)
 
 
 def _encode_range(job: tuple[int, int, int, int]):
@@ -149,7 +235,7 @@ def _encode_range(job: tuple[int, int, int, int]):
     rows = []
     for index in range(start, stop):
         record, image = make_example(seed, index, image_size)
-        input_ids, labels = encode_record(_WORKER_PROCESSOR, record)
+        input_ids, labels = encode_record(_WORKER_PROCESSOR, record, image_size)
         prompt_length = labels.count(IGNORE_INDEX)
         pixels = image_to_uint8(image, image_size) if image is not None else None
         rows.append((np.asarray(input_ids, dtype=np.int16), prompt_length, pixels))
@@ -209,10 +295,16 @@ def encode_dataset(
 
 
 def make_batch(
-    data: EncodedData, indices: torch.Tensor, image_processor, image_order: torch.Tensor | None = None
+    data: EncodedData,
+    indices: torch.Tensor,
+    image_processor,
+    image_order: torch.Tensor | None = None,
+    image_token_id: int | None = None,
 ) -> dict:
     """Model inputs for examples `indices`: `input_ids`, `attention_mask`, `labels` `(batch, longest)`,
-    and `pixel_values` `(images in the batch, 3, H, W)` or None.
+    and `pixel_values` `(images in the batch, 3, H, W)` or None. For a Qwen image processor: `pixel_values` are
+    patch rows, with `image_grid_thw` `(images, 3)` and `mm_token_type_ids` `(batch, longest)` (1 on image
+    placeholders), as the Qwen processor gives them (M-RoPE positions need both).
 
     `image_order` (optional, `(num_images,)`) replaces each example's image row by `image_order[row]`,
     which is how evaluation pairs questions with mismatched images.
@@ -229,7 +321,39 @@ def make_batch(
     if image_order is not None:
         rows = image_order[rows]
     pixel_values = normalize_pixels(data.pixels[rows], image_processor) if len(rows) else None
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+    if hasattr(image_processor, "merge_size"):
+        if image_token_id is None:
+            raise ValueError("make_batch needs image_token_id for a Qwen image processor (mm_token_type_ids)")
+        grid = qwen_grid(len(rows), data.pixels.shape[-1], image_processor).to(input_ids.device)
+        batch["image_grid_thw"] = grid if len(rows) else None
+        batch["mm_token_type_ids"] = (input_ids == image_token_id).int()
+        side = data.pixels.shape[-1] // image_processor.patch_size // image_processor.merge_size
+        batch["position_ids"] = qwen_position_ids(input_ids, attention_mask, image_token_id, side, side)
+    return batch
+
+
+def qwen_position_ids(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, rows: int, cols: int
+) -> torch.Tensor:
+    """M-RoPE position ids `(3, B, L)` of right-padded rows with at most one image each, of `rows x cols` merged
+    patches, one frame: what Qwen2.5-VL's `get_rope_index` computes (checked in tests/test_mini_qwen.py), without
+    its per-row Python loop. Text before the image counts 0..s-1 on all three axes; the image's token
+    `k` sits at `(s, s + k // cols, s + k % cols)`; text after it continues from `s + max(rows, cols)`."""
+    b, length = input_ids.shape
+    index = torch.arange(length, device=input_ids.device).expand(b, length)
+    is_image = (input_ids == image_token_id) & attention_mask.bool()
+    count = is_image.sum(-1, keepdim=True)
+    has_image = count > 0
+    start = torch.where(has_image, is_image.long().argmax(-1, keepdim=True), torch.full_like(count, length))
+    k = (index - start).clamp(min=0)
+    after = index - count + max(rows, cols)
+    inside = is_image
+    text = torch.where(index < start, index, after)
+    t = torch.where(inside, start.expand(b, length), text)
+    h = torch.where(inside, start + k // cols, text)
+    w = torch.where(inside, start + k % cols, text)
+    return torch.stack([t, h, w]).masked_fill(~attention_mask.bool()[None], 1)
 
 
 def length_grouped_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -269,15 +393,24 @@ def resolve_device(device: str) -> torch.device:
 
 def build_tokenizer_and_processor(config: MiniTrainConfig):
     """Train the tokenizer, build the processor and save it to `config.output_dir`."""
-    tokenizer = train_tokenizer(tokenizer_texts(config), config.vocab_size)
-    processor = build_processor(tokenizer, config.image_size, config.patch_size)
-    processor.save_pretrained(config.output_dir)
+    qwen = config.architecture == "qwen2_5_vl"
+    tokenizer = train_tokenizer(tokenizer_texts(config), config.vocab_size, qwen_vision_tokens=qwen)
+    if qwen:
+        if config.image_size % (config.patch_size * QWEN_MERGE):
+            raise ValueError(
+                f"image_size {config.image_size} must be a multiple of patch_size * {QWEN_MERGE} for qwen2_5_vl; "
+                "pass e.g. --patch_size 8"
+            )
+        processor = build_qwen_processor(tokenizer, config.image_size, config.patch_size, QWEN_MERGE)
+    else:
+        processor = build_processor(tokenizer, config.image_size, config.patch_size)
+    save_processor(processor, config.output_dir)
     return processor
 
 
 def train(config: MiniTrainConfig) -> dict:
     """Run the whole recipe (see module docstring) and return a summary with the loss history."""
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers import GenerationConfig
 
     start_time = time.time()
     device = resolve_device(config.device)
@@ -308,7 +441,7 @@ def train(config: MiniTrainConfig) -> dict:
     )
     data = data.to(device)
 
-    model = LlavaForConditionalGeneration(model_config(config, tokenizer)).to(device)
+    model = model_class(config)(model_config(config, tokenizer)).to(device)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=200, do_sample=False
     )
@@ -324,6 +457,7 @@ def train(config: MiniTrainConfig) -> dict:
         fused=device.type == "cuda",
     )
     generator = torch.Generator().manual_seed(config.seed)
+    image_token_id = model.config.image_token_id if config.architecture == "qwen2_5_vl" else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
 
     history, batches, step = [], [], 0
@@ -335,7 +469,7 @@ def train(config: MiniTrainConfig) -> dict:
             break
         if not batches:
             batches = length_grouped_batches(data.lengths.cpu(), config.batch_size, generator)
-        batch = make_batch(data, batches.pop().to(device), processor.image_processor)
+        batch = make_batch(data, batches.pop().to(device), processor.image_processor, image_token_id=image_token_id)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step, progress)
         with autocast:

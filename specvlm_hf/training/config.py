@@ -34,7 +34,7 @@ class DistillConfig:
 
     # ---- models
     target: str = option(
-        "mini", "Target VLM: a folder or Hub id of a LLaVA-style model, or 'mini' for the built-in mini VLM."
+        "mini", "Target VLM: a folder or Hub id of a supported VLM, or 'mini' / 'mini-qwen' for a built-in mini VLM."
     )
     target_dtype: str = option("float32", "dtype the target is loaded in.", ("float32", "bfloat16", "float16"))
     adapter: str | None = option(

@@ -239,10 +239,11 @@ def encode_record(
 
     Returns:
         dict with `input_ids` `(n,)`, `labels` `(n,)` bool (True on answer tokens up to the first EOS of each
-        answer), `pixel_values` (images, or None) and `image_sizes` (LLaVA-NeXT, or None).
+        answer), `pixel_values` (images, or Qwen-VL patch rows, or None), `image_sizes` (LLaVA-NeXT, or None) and
+        `image_grid_thw` (Qwen-VL, or None).
     """
     tokenizer = getattr(processor, "tokenizer", processor)
-    ids, labels, pixel_values, image_sizes = [], [], [], []
+    ids, labels, pixel_values, image_sizes, grids = [], [], [], [], []
     remaining = list(images)
     for k, (text, is_answer) in enumerate(conversation_segments(processor, conversation_messages(record))):
         if is_answer:
@@ -266,6 +267,8 @@ def encode_record(
             pixel_values.append(encoded["pixel_values"])
             if "image_sizes" in encoded:
                 image_sizes.append(encoded["image_sizes"])
+            if "image_grid_thw" in encoded:
+                grids.append(encoded["image_grid_thw"])
     if len(ids) > max_length:
         image_token = getattr(processor, "image_token_id", None)
         if image_token is not None and image_token in ids[max_length:]:
@@ -279,6 +282,7 @@ def encode_record(
         "labels": torch.tensor(labels, dtype=torch.bool),
         "pixel_values": torch.cat(pixel_values) if pixel_values else None,
         "image_sizes": torch.cat(image_sizes) if image_sizes else None,
+        "image_grid_thw": torch.cat(grids) if grids else None,
     }
 
 
@@ -302,7 +306,8 @@ class ConversationDataset(torch.utils.data.Dataset):
 @dataclass
 class Collator:
     """Right-pads examples into a batch: `input_ids`, `attention_mask`, `labels` `(B, L)`, `pixel_values` (all
-    images of the batch, in order, or None), `image_sizes`, and `images_per_example` `(B,)`."""
+    images of the batch, in order, or None; Qwen-VL: all their patch rows), `image_sizes`, `image_grid_thw`
+    (Qwen-VL: one row per image) and `images_per_example` `(B,)`."""
 
     pad_token_id: int
 
@@ -322,16 +327,23 @@ class Collator:
             most = max(p.shape[1] for p in pixels)
             pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
         sizes = [e["image_sizes"] for e in examples if e["image_sizes"] is not None]
+        grids = [e["image_grid_thw"] for e in examples if e.get("image_grid_thw") is not None]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "pixel_values": torch.cat(pixels) if pixels else None,
             "image_sizes": torch.cat(sizes) if sizes else None,
-            "images_per_example": torch.tensor(
-                [0 if e["pixel_values"] is None else e["pixel_values"].shape[0] for e in examples]
-            ),
+            "image_grid_thw": torch.cat(grids) if grids else None,
+            "images_per_example": torch.tensor([_image_count(e) for e in examples]),
         }
+
+
+def _image_count(example: dict) -> int:
+    if example["pixel_values"] is None:
+        return 0
+    grid = example.get("image_grid_thw")
+    return int(grid.shape[0]) if grid is not None else int(example["pixel_values"].shape[0])
 
 
 def answer_token_ids(records: list[dict], tokenizer) -> list[list[int]]:

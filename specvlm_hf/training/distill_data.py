@@ -28,7 +28,7 @@ class DistillDataConfig:
     image_folder: str | None = option(
         None, "Folder the records' image paths are relative to (default: next to --data)."
     )
-    target: str = option("mini", "Target VLM folder or Hub id, or 'mini' for the built-in mini VLM.")
+    target: str = option("mini", "Target VLM folder or Hub id, or 'mini' / 'mini-qwen' for a built-in mini VLM.")
     target_dtype: str = option("float32", "dtype the target is loaded in.", ("float32", "bfloat16", "float16"))
     adapter: str | None = option(None, "A PEFT adapter applied to the target.")
     attn_implementation: str = option("sdpa", "Attention backend of the target.", ("sdpa", "eager"))

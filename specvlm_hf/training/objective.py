@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters import adapter_for
 from ..compressor import prompt_layouts, question_features
 from ..target import FeatureTap, unwrap_target
 from .fused_loss import soft_cross_entropy
@@ -56,6 +57,11 @@ def teacher_forward(target: nn.Module, batch: dict, inference_mode: bool = True)
         kwargs["pixel_values"] = batch["pixel_values"].to(model.dtype)
     if batch.get("image_sizes") is not None:
         kwargs["image_sizes"] = batch["image_sizes"]
+    if batch.get("image_grid_thw") is not None:
+        kwargs["image_grid_thw"] = batch["image_grid_thw"]
+    # the family's extra inputs (Qwen-VL: `mm_token_type_ids`, without which the forward silently uses 1-D
+    # positions instead of M-RoPE's), as its processor gives them to `generate`
+    kwargs.update(adapter_for(model, tree=False).forward_inputs(batch["input_ids"]))
     with torch.inference_mode() if inference_mode else torch.no_grad(), FeatureTap(target) as tap:
         target(**kwargs)
         embeds, features = tap.inputs_embeds, tap.last_hidden_state

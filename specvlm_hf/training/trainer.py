@@ -63,20 +63,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_target(config: DistillConfig, device="cpu"):
-    """The frozen target and its processor: the built-in mini VLM or a LLaVA-style folder / Hub id (with an
-    optional PEFT adapter)."""
+    """The frozen target and its processor: a built-in mini VLM ("mini", "mini-qwen") or a VLM folder / Hub id of
+    any supported family (Auto classes, the model's own processor; with an optional PEFT adapter)."""
+    from ..mini import BUILTIN_MODELS
+
     dtype = DTYPES[config.target_dtype]
-    if config.target == "mini":
+    if config.target in BUILTIN_MODELS:
         from ..mini import load
 
-        target, processor = load(dtype=dtype, device=device)
+        target, processor = load(dtype=dtype, device=device, name=config.target)
     else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
+
+        from ..processors import load_processor
 
         target = AutoModelForImageTextToText.from_pretrained(
             config.target, dtype=dtype, attn_implementation=config.attn_implementation
         ).to(device)
-        processor = AutoProcessor.from_pretrained(config.target)
+        processor = load_processor(config.target)
     if config.adapter:
         from peft import PeftModel
 

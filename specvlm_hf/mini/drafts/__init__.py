@@ -22,12 +22,13 @@ from pathlib import Path
 DRAFTS_DIR = Path(__file__).parent
 DRAFT_NAMES = ("eaglevlm", "specvlm")
 DEFAULT_DRAFT = "eaglevlm"
+QWEN_DRAFT_NAMES = ("qwen_eaglevlm",)  # the mini-qwen target's draft (`benchmarks/train_mini_qwen.py`)
 
 
 def draft_path(name: str = DEFAULT_DRAFT) -> Path:
     """Folder of a shipped draft (`from_pretrained`-loadable)."""
-    if name not in DRAFT_NAMES:
-        raise ValueError(f"unknown mini draft {name!r}; choose one of {DRAFT_NAMES}")
+    if name not in DRAFT_NAMES + QWEN_DRAFT_NAMES:
+        raise ValueError(f"unknown mini draft {name!r}; choose one of {DRAFT_NAMES + QWEN_DRAFT_NAMES}")
     path = DRAFTS_DIR / name
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(
@@ -49,7 +50,8 @@ def refresh_shipped_files() -> None:
     from ...packaging import write_custom_generate
 
     package = DRAFTS_DIR.parent.parent
-    for name in DRAFT_NAMES:
+    shipped_qwen = [name for name in QWEN_DRAFT_NAMES if (DRAFTS_DIR / name / "model.safetensors").exists()]
+    for name in DRAFT_NAMES + tuple(shipped_qwen):
         folder = draft_path(name)
         with tempfile.TemporaryDirectory() as scratch:
             SpecVLMDraftModel.from_pretrained(folder).save_pretrained(scratch)
