@@ -153,16 +153,19 @@ class TargetAdapter:
         """`(T, V)` float32 logits of the VLM's forward from the text model's final hidden states `(T, d)`."""
         return self.lm_head(hidden).float()
 
-    def position_offset(self, model_kwargs: dict | None = None) -> int:
-        """What the family adds to a text token's sequence index to get its position id, read after `generate`
-        prepared the call (valid for the generated tokens; `model_kwargs`: the call's model inputs)."""
+    def position_offset(self, model_kwargs: dict | None = None, row: int = 0) -> int:
+        """What the family adds to a text token's sequence index to get its position id, in batch row `row`, read
+        after `generate` prepared the call (valid for the generated tokens; `model_kwargs`: the call's model
+        inputs)."""
         return 0
 
     def verify_mask(self, visible: torch.Tensor, depths: torch.Tensor, cache_length):
-        """The attention mask of a verify forward: a `(1, 1, q, W)` additive mask from `(q, W)` bool slot visibility
-        (hybrid text models take a dict keyed by layer type, which needs each query's `depths` `(q,)` in the tree
-        and the `cache_length` (entries cached before the tree, an int or a device scalar))."""
-        return additive_mask(visible, self.dtype)[None, None]
+        """The attention mask of a verify forward: a `(1, 1, q, W)` additive mask from `(q, W)` bool slot visibility,
+        or `(B, 1, q, W)` from `(B, q, W)` (hybrid text models take a dict keyed by layer type, which needs each
+        query's `depths` `(q,)` in the tree and the `cache_length` (entries cached before the tree, an int or a
+        device scalar))."""
+        mask = additive_mask(visible, self.dtype)
+        return mask[:, None] if visible.dim() == 3 else mask[None, None]
 
     def verify(self, tokens, depths, visible, positions, cache_length, cache) -> torch.Tensor:
         """One text-model forward over tree nodes after the cached prefix.
@@ -170,16 +173,19 @@ class TargetAdapter:
         Args:
             tokens / depths: `(T,)` node tokens and depths; visible: `(T, W)` bool slot visibility;
             positions: `(T,)` position ids; cache_length: entries cached before the tree; cache: the target cache.
+            A batch of trees (one per row) has a leading batch dimension on each: `(B, T)`, `(B, T, W)`.
         Returns:
-            `(T, d)` final hidden states (the draft's true features).
+            `(T, d)` final hidden states (the draft's true features), `(B, T, d)` for a batch.
         """
-        return self.text_model(
-            input_ids=tokens[None],
+        batched = tokens.dim() == 2
+        hidden = self.text_model(
+            input_ids=tokens if batched else tokens[None],
             attention_mask=self.verify_mask(visible, depths, cache_length),
-            position_ids=positions[None],
+            position_ids=positions if batched else positions[None],
             use_cache=True,
             **{self.cache_kw: cache},
-        ).last_hidden_state[0]
+        ).last_hidden_state
+        return hidden if batched else hidden[0]
 
     # ---------------------------------------------------------------------------------------------- caches
     def rewindable_cache(self, cache):
@@ -235,6 +241,22 @@ class TargetAdapter:
         """One `VisualLayout` per run of visual tokens in a prompt's pairs (`is_image` `(n,)` bool; the prompt's
         ids are `model_kwargs["input_ids"]` `(n,)` when known)."""
         return [VisualLayout.grid(end - start) for start, end in image_spans(is_image)]
+
+    def row_image_inputs(self, input_ids: torch.Tensor, model_kwargs: dict, row: int) -> dict:
+        """`model_kwargs` as batch row `row` of `input_ids` `(B, n)` alone would have them: the per-image geometry
+        (`image_sizes`, `image_grid_thw`: one entry per image, rows in order) cut to that row's images, and
+        `batch_num_images` to its own count."""
+        if input_ids.shape[0] == 1:
+            return model_kwargs
+        runs = [len(image_spans(self.visual_mask(ids, model_kwargs))) for ids in input_ids[: row + 1]]
+        start = sum(runs[:row])
+        out = dict(model_kwargs)
+        for key in ("image_sizes", "image_grid_thw"):
+            if out.get(key) is not None:
+                out[key] = out[key][start : start + runs[row]]
+        if out.get("batch_num_images") is not None:
+            out["batch_num_images"] = out["batch_num_images"][row : row + 1]
+        return out
 
     def forward_inputs(self, input_ids: torch.Tensor) -> dict:
         """Inputs the family's forward needs beside `input_ids`, `attention_mask` and the image tensors, as its
@@ -308,16 +330,22 @@ class QwenVLAdapter(TargetAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
     tree_verified = True
 
-    def position_offset(self, model_kwargs=None) -> int:
+    def position_offset(self, model_kwargs=None, row: int = 0) -> int:
         """Plain decoding continues from the prompt's last position id (`generate` steps the ids it prepared), which
         is not always `rope_deltas`: after a video whose time index outruns its height and width (Qwen2.5-VL spaces
         frames by `tokens_per_second`), `rope_deltas` counts from the largest time index but the text after the
-        video from the largest spatial one. So the offset comes from the prepared ids when there are any."""
+        video from the largest spatial one. So the offset comes from the prepared ids when there are any (row
+        `row`'s last id; left padding keeps the last token real), else from `rope_deltas`."""
         ids = None if model_kwargs is None else model_kwargs.get("position_ids")
-        if ids is not None and ids.dim() == 3 and ids.shape[1] == 1:  # (rows, 1, n): the M-RoPE rows last
-            return int(ids[-1, 0, -1]) + 1 - ids.shape[-1]
+        if ids is not None and ids.dim() == 3 and ids.shape[1] > row:  # (rows, batch, n): the M-RoPE rows last
+            mask = model_kwargs.get("attention_mask")
+            real = ids.shape[-1] if mask is None else int(mask[row].sum())  # sequence indices count real tokens
+            return int(ids[-1, row, -1]) + 1 - real
         deltas = mrope_deltas(self.model)
-        return 0 if deltas is None else int(deltas.reshape(-1)[0])
+        if deltas is None:
+            return 0
+        deltas = deltas.reshape(-1)
+        return int(deltas[row if deltas.numel() > row else 0])
 
     def num_images(self, model_kwargs):
         grid = model_kwargs.get("image_grid_thw")
@@ -437,7 +465,7 @@ class PaliGemmaAdapter(HybridAttentionAdapter):
     model_types = ("paligemma",)
     tree_verified = True
 
-    def position_offset(self, model_kwargs=None) -> int:
+    def position_offset(self, model_kwargs=None, row: int = 0) -> int:
         return 1
 
     def visual_layouts(self, is_image, model_kwargs):

@@ -126,6 +126,44 @@ def method_kwargs(method: str, drafts: dict, assistant_lm=None) -> dict | str:
     return kwargs
 
 
+# methods transformers (or chain mode) run at batch size 1 only
+BATCH_ONE_METHODS = ("assisted-lm", "prompt-lookup", "specvlm-chain", "eaglevlm-chain")
+
+
+def batch_cases(cases: list[dict], batch_size: int, pad_token: int) -> list[dict]:
+    """`cases` (batch-1 `generate` inputs) grouped into batches of `batch_size` rows, left-padded (ids with
+    `pad_token`, the attention mask and `mm_token_type_ids` with 0), image inputs concatenated in row order; the
+    last batch is filled up by repeating cases from the start."""
+    if batch_size == 1:
+        return cases
+    count = -(-len(cases) // batch_size) * batch_size
+    rows = [cases[index % len(cases)] for index in range(count)]
+    batches = []
+    for first in range(0, count, batch_size):
+        group = rows[first : first + batch_size]
+        width = max(row["input_ids"].shape[1] for row in group)
+        batch = {}
+        for key in group[0]:
+            values = [row[key] for row in group]
+            if key in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
+                fill = pad_token if key == "input_ids" else 0
+                values = [
+                    torch.cat([value.new_full((1, width - value.shape[1]), fill), value], dim=1) for value in values
+                ]
+            batch[key] = torch.cat(values)
+        batches.append(batch)
+    return batches
+
+
+def new_tokens_per_row(output: torch.Tensor, start: int, eos: set[int]) -> list[list[int]]:
+    """Each row's new tokens, up to and including its first EOS (what follows is padding)."""
+    rows = []
+    for row in output[:, start:].tolist():
+        end = next((index + 1 for index, token in enumerate(row) if token in eos), len(row))
+        rows.append(row[:end])
+    return rows
+
+
 def failure_reason(method: str, error: Exception) -> str:
     """The table's status for a method that failed: why, in words, for the failures we know."""
     message = str(error)
@@ -149,12 +187,15 @@ def run_bench(
     assistant_lm=None,
     projected_sigma: float | None = None,
     warmup: bool = True,
+    batch_size: int = 1,
 ) -> dict:
     """Runs every method on every case (greedy) and returns `{"methods": [MethodResult...], ...}`.
 
     Args:
         target: a VLM, `specvlm_hf.enable`d here.
         cases: `generate` inputs (batch 1), e.g. from a processor.
+        batch_size: decode the cases in left-padded batches of this many rows (`batch_cases`); tokens/s counts
+            every row's new tokens up to its EOS, and methods that run at batch size 1 only are skipped.
         drafts: `{"eaglevlm": draft, "specvlm": draft}` (either may be missing).
         methods: names from `METHODS`.
         projected_sigma: also project the tree methods' speed-up at this sigma.
@@ -174,8 +215,14 @@ def run_bench(
         raise ValueError(f"unknown bench methods {sorted(unknown)}; choose from {list(METHODS)}")
     reference = {}
     results = []
+    eos = target.generation_config.eos_token_id
+    eos = set([eos] if isinstance(eos, int) else (eos or []))
+    pad = target.generation_config.pad_token_id
+    cases = batch_cases(cases, batch_size, pad if pad is not None else min(eos, default=0))
     for method in ["plain"] + [m for m in methods if m != "plain"]:
         kwargs = method_kwargs(method, drafts, assistant_lm)
+        if batch_size > 1 and method in BATCH_ONE_METHODS:
+            kwargs = f"batch size {batch_size}: this method decodes one prompt at a time"
         result = MethodResult(method)
         if isinstance(kwargs, str):
             result.status = f"skipped: {kwargs}"
@@ -183,7 +230,7 @@ def run_bench(
             continue
         draft = kwargs.get("assistant_model") if "tree" in method or "chain" in method else None
         draft_seconds = verify_seconds = rounds = 0.0
-        accepted = 0
+        accepted = row_rounds = 0  # row_rounds: one per row and round (a batch's rows each add tokens)
         kv, branches, equal = [], set(), True
         try:
             if device.type == "cuda":
@@ -205,8 +252,8 @@ def run_bench(
                     output = target.generate(**inputs, streamer=counter, **generate_kwargs)
                 _sync(device)
                 result.seconds += time.perf_counter() - start
-                new = output[0, inputs["input_ids"].shape[1] :].tolist()
-                result.new_tokens += len(new)
+                new = new_tokens_per_row(output, inputs["input_ids"].shape[1], eos if batch_size > 1 else set())
+                result.new_tokens += sum(len(row) for row in new)
                 result.target_forwards += counter.puts
                 if method == "plain":
                     reference[index] = new
@@ -218,6 +265,7 @@ def run_bench(
                     verify_seconds += stats.verify_seconds
                     rounds += stats.rounds
                     accepted += sum(stats.accepted_per_round)
+                    row_rounds += len(stats.accepted_per_round)
                     kv.append(_draft_kv_mb(draft, stats))
                     branches.add(stats.visual_branch)
         except Exception as error:  # one failing method must not hide the others
@@ -227,10 +275,11 @@ def run_bench(
         result.tokens_per_second = result.new_tokens / result.seconds if result.seconds else 0.0
         if draft is not None:  # SpecVLMStats.sigma over every case
             result.rounds = int(rounds)
-            result.sigma = accepted / rounds if rounds else None
+            result.sigma = accepted / row_rounds if row_rounds else None
         else:
             result.rounds = result.target_forwards
-            result.sigma = result.new_tokens / result.target_forwards if result.target_forwards else None
+            forwards = result.target_forwards * batch_size  # row-steps: every forward decodes every row
+            result.sigma = result.new_tokens / forwards if forwards else None
         result.matches_plain = None if method == "plain" else equal
         if device.type == "cuda":
             result.peak_memory_gb = torch.cuda.max_memory_allocated(device) / 1e9
@@ -272,7 +321,8 @@ def run_bench(
         "date": time.strftime("%Y-%m-%d"),
         "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
         "max_new_tokens": max_new_tokens,
-        "cases": len(cases),
+        "batch_size": batch_size,
+        "cases": len(cases) * batch_size,
         "default_mode": default_decoding_mode(device),
         "sigma_definition": SIGMA_DEFINITION,
         "methods": [asdict(r) for r in results],

@@ -12,6 +12,8 @@ captured as CUDA graphs on a GPU. What differs between target families is asked 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import DynamicCache
 from transformers.generation import (
@@ -25,11 +27,11 @@ from transformers.generation import (
     TypicalLogitsWarper,
 )
 
-from .adapters import adapter_for
+from .adapters import adapter_for, call_image_inputs
 from .draft_runner import prompt_pairs
-from .hf_internals import host_stop_rule, length_rule_active, prefill
+from .hf_internals import host_stop_rule, length_rule_active, pad_token_of, plain_decoding, prefill
 from .request_checks import check_attention_backend, prefix_positions, validate_request
-from .round import SpeculativeRound, fast_path_options
+from .round import RowsRound, SpeculativeRound, fast_path_options
 from .stats import PhaseClock, SpecVLMStats, warn_if_low_acceptance
 from .target import FeatureTap
 from .tensor_parallel import RankAgreement
@@ -79,6 +81,7 @@ def processed_scores(
     """
     if logits_processor is None or len(logits_processor) == 0:
         return logits
+    logits_processor = row_processors(logits_processor, 0, 1, tree.num_nodes)  # per-row fields, one per node
     # processors run where `generate` keeps the ids (with a target split over GPUs, the logits come from the
     # last one), as plain `generate` runs them; the scores go back to the tree's device
     home, logits = logits.device, logits.to(prefix_ids.device)
@@ -222,6 +225,184 @@ class Decoding:
         self.stats.accepted_per_round.append(appended)
         return appended
 
+    def rows_to_keep(self) -> list[int] | None:
+        """For a batch, the rows of the round to keep after a round (None: keep them all)."""
+        return None
+
+    def sequences(self) -> torch.Tensor:
+        """The output ids, as plain `generate` returns them."""
+        return self.input_ids
+
+
+# processor fields that hold one entry per batch row (transformers 5.25's repetition penalty keeps each row's
+# padding length): a row's processors see its own entry
+_PER_ROW_FIELDS = ("prompt_ignore_length",)
+
+
+def row_processors(logits_processor, row: int, batch: int, copies: int = 1):
+    """`logits_processor` as row `row` of a batch of `batch` rows alone would have it, repeated for `copies`
+    sequences (a tree's nodes): processors with per-row fields (`_PER_ROW_FIELDS`) are copied with that row's
+    entry; the others are shared."""
+    if logits_processor is None:
+        return None
+    out = []
+    for processor in logits_processor:
+        fields = {
+            name: value[row : row + 1].expand(copies, *value.shape[1:])
+            for name, value in vars(processor).items()
+            if name in _PER_ROW_FIELDS and torch.is_tensor(value) and value.dim() and value.shape[0] == batch
+        }
+        if fields:
+            processor = copy.copy(processor)
+            for name, value in fields.items():
+                setattr(processor, name, value)
+        out.append(processor)
+    return type(logits_processor)(out)
+
+
+class RowsDecoding(Decoding):
+    """`Decoding` for a batch of `B` rows, each growing at its own pace: every row's ids, stopping criteria and
+    logits processors are run on that row's own `(1, n_b)` ids, as plain batched `generate` runs them row by row.
+
+    Plain `generate`'s batch conventions: a row whose stopping criteria fired stays finished; when the criteria
+    include EOS, it is padded (with the pad token) up to the longest row; without an EOS criterion (e.g. stop
+    strings alone) it keeps decoding until every row has stopped, and all rows end at the length where the last
+    one stopped. The streamer receives step `t` (a `(B,)` tensor) once every row has produced token `t`.
+
+    Attributes:
+        live: the original row of each row still in the round, in the round's order.
+    """
+
+    def __init__(self, input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats, pad_token):
+        super().__init__(input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats)
+        batch = input_ids.shape[0]
+        self.rows = [input_ids[row : row + 1] for row in range(batch)]
+        self.stopped_at: list[int | None] = [None] * batch  # length of each row when its criteria fired
+        self.has_eos = any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria)
+        self.max_length = generation_config.max_length
+        self.pad_token = pad_token
+        self.prompt_length = input_ids.shape[1]
+        self.streamed = 0  # steps sent to the streamer
+        self.live = list(range(batch))
+        self.drops_rows = True  # False on the fast path: finished rows stay in the round, masked
+        self.row_processors = [row_processors(logits_processor, row, batch) for row in range(batch)]
+
+    @property
+    def final_length(self) -> int | None:
+        """The output's length once every row has stopped (None before)."""
+        stops = self.stopped_at
+        return None if None in stops else max(stops)
+
+    def _update_finished(self) -> None:
+        end = self.final_length
+        self.finished = end is not None and all(
+            self.rows[row].shape[1] >= end for row in range(len(self.rows)) if not self._padded(row)
+        )
+
+    def _padded(self, row: int) -> bool:
+        """Whether the row's output continues with padding (it stopped, and EOS is among the criteria)."""
+        return self.has_eos and self.stopped_at[row] is not None
+
+    def append_row(self, row: int, tokens: list[int]) -> int:
+        """Appends `tokens` to row `row` up to the first that stops it (after that, without an EOS criterion, up to
+        the maximum length); returns how many were appended."""
+        ids = self.rows[row]
+        if self._padded(row):
+            return 0
+        if self.stopped_at[row] is None:
+            ids, appended, stopped = append_until_stop(ids, tokens, self.stopping_criteria, self.host_rule)
+            if stopped:
+                self.stopped_at[row] = ids.shape[1]
+        else:
+            appended = max(0, min(len(tokens), self.max_length - ids.shape[1]))
+            ids = torch.cat([ids, to_device(tokens[:appended], ids.device)[None]], dim=1)
+        self.rows[row] = ids
+        return appended
+
+    def stream(self, flush: bool = False) -> None:
+        """Sends the steps every row has produced (all of them up to the output's length when `flush`)."""
+        if self.streamer is None:
+            return
+        end = self.final_length
+        if flush:
+            upto = end if end is not None else max(ids.shape[1] for ids in self.rows)
+        else:
+            lengths = [ids.shape[1] for row, ids in enumerate(self.rows) if not self._padded(row)]
+            if not lengths:
+                return
+            upto = min(lengths) if end is None else min(min(lengths), end)
+        output = self.sequences_upto(upto)
+        for step in range(self.prompt_length + self.streamed, upto):
+            self.streamer.put(output[:, step].cpu())
+            self.streamed += 1
+
+    def sequences_upto(self, length: int) -> torch.Tensor:
+        """`(B, length)` ids: each row cut to `length`, padded rows padded."""
+        out = []
+        for ids in self.rows:
+            ids = ids[:, :length]
+            if ids.shape[1] < length:
+                ids = torch.cat([ids, ids.new_full((1, length - ids.shape[1]), self.pad_token)], dim=1)
+            out.append(ids)
+        return torch.cat(out)
+
+    def sequences(self) -> torch.Tensor:
+        end = self.final_length
+        return self.sequences_upto(end if end is not None else max(ids.shape[1] for ids in self.rows))
+
+    def first_token(self, logits: torch.Tensor) -> list[int]:
+        """Chooses and appends the prefill's tokens from its `(B, V)` float32 logits (one processors call for the
+        batch, as plain `generate` makes)."""
+        scores = self.logits_processor(self.input_ids, logits)
+        if self.do_sample:
+            tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0].tolist()
+        else:
+            tokens = scores.argmax(dim=-1).tolist()
+        for row, token in enumerate(tokens):
+            self.append_row(row, [token])
+        self._update_finished()
+        self.stream()
+        return tokens
+
+    def accept(self, tree: DraftTree, logits: torch.Tensor):
+        """Each live row's processed scores (a list) and the acceptances stacked: `((B, P), (B,), (B,))`."""
+        scores, paths = [], []
+        for index, row in enumerate(self.live):
+            row_scores = processed_scores(tree.row(index), self.rows[row], logits[index], self.row_processors[row])
+            scores.append(row_scores)
+            if self.do_sample:
+                paths.append(sampling_path(tree.row(index), torch.softmax(row_scores, dim=-1)))
+            else:
+                paths.append(greedy_path(tree.row(index), row_scores))
+        return scores, tuple(torch.stack(parts) for parts in zip(*paths))
+
+    def record(self, acceptances: list[Acceptance], scores, logits) -> int:
+        appended = 0
+        for acceptance, row in zip(acceptances, self.live):
+            if self._padded(row):  # a finished row the fast path keeps in its batch, masked
+                continue
+            count = self.append_row(row, acceptance.tokens)
+            self.stats.accepted_per_round.append(count)
+            appended += count
+        self.stats.rounds += 1
+        self._update_finished()
+        self.stream()
+        return appended
+
+    def rows_to_keep(self) -> list[int] | None:
+        """The round's rows that can still add tokens; on the eager path the others leave `live` (the round drops
+        them), on the fast path they stay (the round masks them)."""
+        keep = [
+            index
+            for index, row in enumerate(self.live)
+            if not self._padded(row) and self.rows[row].shape[1] < self.max_length
+        ]
+        if len(keep) == len(self.live) or not keep:
+            return None
+        if self.drops_rows:
+            self.live = [self.live[index] for index in keep]
+        return keep
+
 
 def run_rounds(decoding: Decoding, round: SpeculativeRound, clock: PhaseClock) -> None:
     """Rounds until generation stops: tree, verify, acceptance on the device, one transfer to the host started
@@ -237,6 +418,9 @@ def run_rounds(decoding: Decoding, round: SpeculativeRound, clock: PhaseClock) -
         round.commit(*path)
         clock.lap("draft")
         decoding.record(pending.receive(), scores, logits)
+        keep = decoding.rows_to_keep()
+        if keep is not None:  # a batch: rows that finished leave it
+            round.select(keep)
 
 
 def _cache_key(model_kwargs: dict) -> str:
@@ -244,6 +428,69 @@ def _cache_key(model_kwargs: dict) -> str:
         if model_kwargs.get(key) is not None:
             return key
     raise RuntimeError("SpecVLM tree decoding needs the generation cache; do not pass use_cache=False")
+
+
+# Tree size against batch size. A verify forward stays bound by reading the target's weights up to roughly this many
+# tokens in all (7B on an H100 / H200: ~150-300); past it, each row's tree costs compute. So a batch of B rows
+# drafts trees of `min(tree_total_tokens, BATCH_VERIFY_TOKENS // B)` nodes, and when that falls below
+# `MIN_TREE_TOKENS` speculation no longer pays and the batch is decoded by `generate`'s own loop. A draft's config
+# may override both (`draft.config.batch_verify_tokens`, `draft.config.min_tree_tokens`).
+BATCH_VERIFY_TOKENS = 256
+MIN_TREE_TOKENS = 8
+
+
+def tree_tokens_for_batch(config, batch: int) -> int | None:
+    """Tree nodes per row for a batch of `batch` rows under the rule above; None: speculation off."""
+    if batch == 1:
+        return config.tree_total_tokens
+    budget = getattr(config, "batch_verify_tokens", BATCH_VERIFY_TOKENS)
+    smallest = getattr(config, "min_tree_tokens", MIN_TREE_TOKENS)
+    per_row = min(config.tree_total_tokens, budget // batch)
+    return per_row if per_row >= smallest else None
+
+
+def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, prompt_features, decoding, model_kwargs):
+    """The batched round after the target's prefill (the fast path's `fast`, or an eager one over `target_cache`):
+    each row's draft prefilled on its own pairs (its own images and compressed length), its root loaded at its own
+    position."""
+    batch = input_ids.shape[0]
+    masks, positions = zip(*(prefix_positions(input_ids, model_kwargs, row) for row in range(batch)))
+    if fast is None:
+        round = RowsRound.eager(adapter, draft, target_cache, torch.stack(masks))
+        round.total_tokens = tree_tokens_for_batch(draft.config, batch)
+    else:
+        round = fast
+        round.load(torch.stack(masks))
+        decoding.drops_rows = False
+    stats = decoding.stats
+    stats.draft_visual_tokens = stats.target_visual_tokens = 0
+    for row in range(batch):
+        ids = decoding.rows[row]
+        pairs = prompt_pairs(
+            adapter,
+            draft,
+            input_ids[row : row + 1],
+            prompt_embeds[row : row + 1],
+            prompt_features[row : row + 1],
+            ids[:, input_ids.shape[1] : input_ids.shape[1] + 1],
+            masks[row],
+            positions[row],
+            adapter.row_image_inputs(input_ids, call_image_inputs(model_kwargs), row),
+        )
+        state, runner = round.rows[row]
+        root_hidden, root_log_probs, info = runner.prefill(pairs)
+        stats.visual_branch = info["branch"]
+        stats.draft_visual_tokens += info["draft_visual_tokens"]
+        stats.target_visual_tokens += info["target_visual_tokens"]
+        root_position = int(positions[row][-1]) + 1
+        token = int(ids[0, input_ids.shape[1]])
+        round.start_row(
+            row, token, root_position, adapter.position_offset(model_kwargs, row), root_hidden, root_log_probs
+        )
+    keep = decoding.rows_to_keep()  # rows that stopped on their first token
+    if keep is not None:
+        round.select(keep)
+    return round
 
 
 @torch.no_grad()
@@ -268,11 +515,23 @@ def tree_assisted_decoding(
     for unused in ("inputs_tensor", "assistant_tokenizer", "tokenizer"):
         model_kwargs.pop(unused, None)
     adapter = adapter_for(model, tree=True)
-    validate_request(model, input_ids, generation_config, synced_gpus)
+    validate_request(model, input_ids, generation_config, synced_gpus, batched=True)
+    batch = input_ids.shape[0]
+    if batch > 1 and getattr(adapter, "hybrid", False):
+        raise ValueError(
+            f"{adapter.name}: SpecVLM batched tree decoding does not support sliding-window layers yet. Call "
+            "`generate` once per example, or drop `assistant_model` for batched decoding."
+        )
     check_attention_backend(model, draft)
     draft.bind_target(model)
     config = draft.config
     stats = draft.stats = SpecVLMStats(mode="tree", prompt_tokens=input_ids.shape[1])
+    tree_tokens = tree_tokens_for_batch(config, batch)
+    if tree_tokens is None:  # the batch is too large for trees to pay: generate's own loop
+        stats.mode = "plain"
+        return plain_decoding(
+            model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs
+        )
     clock = PhaseClock(input_ids.device)
     prompt_mask, prompt_positions = prefix_positions(input_ids, model_kwargs)
     cache_key = _cache_key(model_kwargs)
@@ -283,12 +542,28 @@ def tree_assisted_decoding(
         needed = generation_config.max_length + max(
             config.tree_total_tokens, config.tree_depth * config.tree_top_k + config.tree_depth + 2
         )
-        fast = SpeculativeRound.static(adapter, draft, needed, graphs, compile)
+        if batch > 1:
+            fast = RowsRound.static(adapter, draft, batch, needed, graphs, compile, tree_tokens)
+        else:
+            fast = SpeculativeRound.static(adapter, draft, needed, graphs, compile)
         model_kwargs[cache_key] = fast.target_window.cache
     else:
         model_kwargs[cache_key] = adapter.rewindable_cache(model_kwargs[cache_key])
-    decoding = Decoding(input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats)
+    if batch > 1:
+        decoding = RowsDecoding(
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            streamer,
+            stats,
+            pad_token_of(generation_config),
+        )
+    else:
+        decoding = Decoding(input_ids, logits_processor, stopping_criteria, generation_config, streamer, stats)
     decoding.agreement = RankAgreement.for_target(model, "tree")
+    if decoding.agreement is not None and batch > 1:
+        raise ValueError("SpecVLM batched tree decoding does not support tensor-parallel targets yet (batch size 1).")
     if decoding.agreement is not None:
         decoding.agreement.add(input_ids[0].tolist())
 
@@ -301,7 +576,21 @@ def tree_assisted_decoding(
     del outputs
     clock.lap("prefill")
 
-    if not decoding.finished:
+    if not decoding.finished and batch > 1:
+        round = _start_rows(
+            adapter,
+            draft,
+            fast,
+            model_kwargs[cache_key],
+            input_ids,
+            prompt_embeds,
+            prompt_features,
+            decoding,
+            model_kwargs,
+        )
+        clock.lap("draft")
+        run_rounds(decoding, round, clock)
+    elif not decoding.finished:
         # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
         if fast is None:
             round = SpeculativeRound.eager(
@@ -333,15 +622,18 @@ def tree_assisted_decoding(
         run_rounds(decoding, round, clock)
 
     if streamer is not None:
+        if batch > 1:
+            decoding.stream(flush=True)
         streamer.end()
-    stats.new_tokens = decoding.input_ids.shape[1] - stats.prompt_tokens
+    sequences = decoding.sequences()
+    stats.new_tokens = (sequences.shape[1] - stats.prompt_tokens) * batch
     clock.fill(stats)
     warn_if_low_acceptance(draft, stats)
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(
-            sequences=decoding.input_ids,
+            sequences=sequences,
             scores=tuple(decoding.scores) if decoding.want_scores else None,
             logits=tuple(decoding.logits) if decoding.want_logits else None,
             past_key_values=model_kwargs[cache_key],
         )
-    return decoding.input_ids
+    return sequences

@@ -27,6 +27,7 @@ OVERRIDDEN_METHODS = {
     ASSISTED_DECODING: ("input_ids", "logits_processor", "stopping_criteria", "generation_config"),
     CANDIDATE_GENERATOR: ("generation_config", "input_ids", "assistant_model", "logits_processor", "model_kwargs"),
     VALIDATE_GENERATION_MODE: ("generation_mode", "generation_config", "generation_mode_kwargs"),
+    "_sample": ("input_ids", "logits_processor", "stopping_criteria", "generation_config", "streamer"),  # called
 }
 
 
@@ -35,6 +36,20 @@ def prefill(model, input_ids: torch.Tensor, generation_config, model_kwargs: dic
     the same inputs preparation, so the first token is bit-identical to plain decoding. Returns the model output
     (`.logits`), and leaves the prompt in `model_kwargs`' cache."""
     return model._prefill(input_ids, generation_config, model_kwargs)
+
+
+def plain_decoding(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
+    """`generate`'s own token-by-token loop (`GenerationMixin._sample`, greedy or sampling) over the prepared call:
+    what a batch runs when speculation would not pay."""
+    return model._sample(
+        input_ids, logits_processor, stopping_criteria, generation_config, streamer=streamer, **model_kwargs
+    )
+
+
+def pad_token_of(generation_config) -> int | None:
+    """The token `generate` pads finished rows with (`pad_token_id`, else the first EOS), as it prepared it."""
+    pad = getattr(generation_config, "_pad_token_tensor", None)
+    return None if pad is None else int(pad.reshape(-1)[0])
 
 
 def mrope_deltas(model) -> torch.Tensor | None:

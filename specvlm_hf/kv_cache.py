@@ -195,3 +195,127 @@ class FixedWindow:
 
     def rewind(self):
         crop_kv(self.cache, self.length)
+
+
+class RowsWindow:
+    """A `DynamicCache` of `B` rows, each with its own length (batched tree decoding, eager loop).
+
+    Every round's tree is written at one shared offset, the cache's length `c = max(lengths)`; a row's slot `s` is
+    visible to its own queries when it is real for that row (`real[b, s]`, False on left padding) and before the
+    row's length, or when it is an ancestor in the row's tree. `keep` gathers each row's accepted tree entries to
+    that row's own length. Slots at or past a row's length hold stale entries, masked by both checks.
+
+    Args:
+        cache: the target's `DynamicCache` holding the (left-padded) prompts, `n` entries per row.
+        real: `(B, n)` bool, the prompts' real tokens.
+    """
+
+    def __init__(self, cache, real: torch.Tensor):
+        self.cache = cache
+        self.real = real.bool()
+        self.lengths = torch.full((real.shape[0],), real.shape[1], dtype=torch.long, device=real.device)
+
+    @property
+    def length(self) -> int:
+        """Entries the cache holds per row: the shared offset at which a round's tree is written."""
+        return self.real.shape[1]
+
+    def visible(self, block_mask):
+        """`(B, q, length + m)` bool from `(B, q, m)` block masks."""
+        slots = torch.arange(self.length, device=self.real.device)
+        prefix = self.real & (slots[None, :] < self.lengths[:, None])
+        prefix = prefix.to(block_mask.device)[:, None, :].expand(-1, block_mask.shape[1], -1)
+        return torch.cat([prefix, block_mask], dim=2)
+
+    def keep(self, nodes, count, stacked=None):
+        """Of the tree block just written (at `length`), keeps row `b`'s entries `nodes[b, :count[b]]` at that row's
+        own length (`nodes` `(B, P)`, `count` `(B,)`; a count of 0 keeps nothing)."""
+        start, width = self.length, nodes.shape[1]
+        old = self.lengths
+        new = old + count.to(old.device)
+        for layer in cache_layers(self.cache):
+            keys, values = layer_tensors(layer)
+            device = keys.device
+            src = (nodes.to(device) + start)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+            dst = (old.to(device)[:, None] + torch.arange(width, device=device))[:, None, :, None]
+            dst = dst.expand(-1, keys.shape[1], -1, keys.shape[3])
+            room = int(dst.max()) + 1 - keys.shape[2]
+            if room > 0:  # a row's kept block may reach past the tree block (trees smaller than a path)
+                pad = keys.new_zeros(*keys.shape[:2], room, keys.shape[3])
+                keys, values = torch.cat([keys, pad], dim=2), torch.cat([values, pad], dim=2)
+            kept_keys, kept_values = keys.gather(2, src), values.gather(2, src)
+            set_layer_tensors(layer, keys.scatter(2, dst, kept_keys), values.scatter(2, dst, kept_values))
+        width = int(new.max())
+        slots = torch.arange(width, device=self.real.device)
+        real = torch.zeros(self.real.shape[0], width, dtype=torch.bool, device=self.real.device)
+        kept = min(width, self.length)
+        real[:, :kept] = self.real[:, :kept] & (slots[None, :kept] < old[:, None])
+        self.real = real | ((slots[None, :] >= old[:, None]) & (slots[None, :] < new[:, None]))
+        self.lengths = new
+        crop_kv(self.cache, width)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keeps only the cache rows `rows` (`(B',)` indices), e.g. dropping finished rows."""
+        for layer in cache_layers(self.cache):
+            keys, values = layer_tensors(layer)
+            index = rows.to(keys.device)
+            set_layer_tensors(layer, keys.index_select(0, index), values.index_select(0, index))
+        self.real = self.real.index_select(0, rows.to(self.real.device))
+        self.lengths = self.lengths.index_select(0, rows.to(self.lengths.device))
+        width = int(self.lengths.max())
+        self.real = self.real[:, :width]
+        crop_kv(self.cache, width)
+
+    def rewind(self):
+        crop_kv(self.cache, self.length)
+
+
+class FixedRowsWindow:
+    """`RowsWindow` over a `StaticCache` of `B` rows and `W` slots (the batched fast path): the lengths `(B,)` and
+    the shared tree offset `()` (the longest row's length, where the static layers write) live on the device, masks
+    span all `W` slots, so every shape is fixed and no step reads a device value on the host."""
+
+    def __init__(self, cache, batch: int, width: int, device: torch.device):
+        self.cache = cache
+        self.real = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+
+    def load(self, real: torch.Tensor) -> None:
+        """Starts a call: the cache holds the `(B, n)` prompts, `real` marking their real tokens."""
+        self.real.zero_()
+        self.real[:, : real.shape[1]] = real.to(self.real.device)
+        self.lengths.fill_(real.shape[1])
+        self.length.fill_(real.shape[1])
+
+    def visible(self, block_mask):
+        """`(B, q, W)` bool from `(B, q, m)` block masks (the block written at the shared offset)."""
+        width, block = self.real.shape[1], block_mask.shape[2]
+        slots = torch.arange(width, device=self.real.device)
+        offset = slots - self.length
+        inside = (offset >= 0) & (offset < block)
+        from_block = block_mask[:, :, offset.clamp(0, block - 1)] & inside[None, None, :]
+        prefix = self.real & (slots[None, :] < self.lengths[:, None])
+        return prefix[:, None, :] | from_block
+
+    def keep(self, nodes, count, stacked=None):
+        """As `RowsWindow.keep`, in place on the static buffers (no host sync)."""
+        width = nodes.shape[1]
+        old = self.lengths.clone()
+        for layer in cache_layers(self.cache):
+            keys, values = layer_tensors(layer)
+            src = (nodes + self.length)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+            dst = (old[:, None] + torch.arange(width, device=old.device))[:, None, :, None]
+            dst = dst.clamp(max=keys.shape[2] - 1).expand(-1, keys.shape[1], -1, keys.shape[3])
+            kept_keys, kept_values = keys.gather(2, src.to(keys.device)), values.gather(2, src.to(keys.device))
+            keys.scatter_(2, dst.to(keys.device), kept_keys)
+            values.scatter_(2, dst.to(keys.device), kept_values)
+        self.lengths.add_(count)
+        slots = torch.arange(self.real.shape[1], device=self.real.device)
+        self.real |= (slots[None, :] >= old[:, None]) & (slots[None, :] < self.lengths[:, None])
+        self.length.copy_(self.lengths.max())
+        for layer in cache_layers(self.cache):
+            set_static_write_position(layer, self.length)
+
+    def rewind(self):
+        crop_kv(self.cache, self.length)

@@ -7,14 +7,15 @@ import torch
 from .target import unwrap_target
 
 
-def prefix_positions(input_ids: torch.Tensor, model_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention mask `(n,)` bool and sequence positions `(n,)` of a batch-1 prompt, as `generate` prepared them.
+def prefix_positions(input_ids: torch.Tensor, model_kwargs: dict, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask `(n,)` bool and sequence positions `(n,)` of a prompt (batch row `row`), as `generate`
+    prepared them.
 
     Only left padding is accepted: positions count real tokens, padded slots are masked.
     """
     n = input_ids.shape[1]
     mask = model_kwargs.get("attention_mask")
-    mask = torch.ones(n, dtype=torch.bool, device=input_ids.device) if mask is None else mask[0].bool()
+    mask = torch.ones(n, dtype=torch.bool, device=input_ids.device) if mask is None else mask[row].bool()
     first_real = int(mask.float().argmax()) if bool(mask.any()) else n
     if not bool(mask[first_real:].all()):
         raise ValueError(
@@ -25,17 +26,29 @@ def prefix_positions(input_ids: torch.Tensor, model_kwargs: dict) -> tuple[torch
     return mask, positions
 
 
-def validate_request(target, input_ids: torch.Tensor, generation_config, synced_gpus: bool = False) -> None:
+def validate_request(
+    target, input_ids: torch.Tensor, generation_config, synced_gpus: bool = False, batched: bool = False
+) -> None:
     """Checks a speculative `generate` call before any work, raising an error that names the problem and the fix.
 
-    Covers: batch size, DeepSpeed/FSDP sync, outputs a tree cannot give, and the total length against the
-    model's positions (the images are checked earlier, by the adapter's `check_images`, before transformers
-    encodes them).
+    Covers: batch size (`batched`: the caller decodes batches, tree mode on dynamic caches), DeepSpeed/FSDP sync,
+    outputs a tree cannot give, and the total length against the model's positions (the images are checked
+    earlier, by the adapter's `check_images`, before transformers encodes them).
     """
-    if input_ids.shape[0] != 1:
+    batch = input_ids.shape[0]
+    if batch != 1 and not batched:
         raise ValueError(
-            f"SpecVLM speculative decoding supports batch size 1 (got {input_ids.shape[0]}). Call `generate` once per "
-            "example, or drop `assistant_model` for batched decoding."
+            f"SpecVLM chain mode supports batch size 1 (got {batch}). Use tree mode "
+            "(`draft.config.decoding_mode = 'tree'`), call `generate` once per example, or drop `assistant_model`."
+        )
+    if (
+        batch != 1
+        and generation_config.return_dict_in_generate
+        and (generation_config.output_scores or generation_config.output_logits)
+    ):
+        raise ValueError(
+            f"SpecVLM batched decoding (batch size {batch}) cannot return `scores` / `logits` yet. Drop "
+            "`output_scores` / `output_logits`, or call `generate` once per example."
         )
     if synced_gpus:
         raise ValueError("SpecVLM speculative decoding does not support `synced_gpus` (DeepSpeed ZeRO-3 / FSDP).")

@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
 from .draft_runner import DraftRunner
 from .hf_internals import (
@@ -35,9 +35,9 @@ from .hf_internals import (
     mark_dynamic_dim,
     recompile_limit,
 )
-from .kv_cache import FixedWindow, GrowingWindow, stack_static_layers
+from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow, stack_static_layers
 from .target import unwrap_target
-from .tree import DraftTree, build_dynamic_tree
+from .tree import DraftTree, build_dynamic_tree, stack_trees
 
 # options of the `torch.compile` calls of the fast path (tests swap in a CPU backend to check tracing). The cache
 # width is marked dynamic (`SpeculativeRound.mark_width_dynamic`): one compile serves every length bucket.
@@ -325,18 +325,21 @@ class SpeculativeRound:
 
     # ------------------------------------------------------------------------------------------- the round
     def _draft(self) -> tuple[torch.Tensor, ...]:
-        state = self.state
+        return self._draft_row(self.state, self.runner)
+
+    def _draft_row(self, state: RoundState, runner: DraftRunner) -> tuple[torch.Tensor, ...]:
+        """One row's tree from its state, drafted on its runner's cache (then rewound)."""
         tree = build_dynamic_tree(
             state.root_token,
             state.root_log_probs,
             state.root_hidden,
-            self.runner.tree_step_fn(state.root_position),
+            runner.tree_step_fn(state.root_position),
             top_k=self.top_k,
             depth=self.depth,
             total_tokens=self.total_tokens,
             vocab_map=self.draft.draft_vocab,
         )
-        self.runner.rewind()  # drop the tree entries drafted this round
+        runner.rewind()  # drop the tree entries drafted this round
         return tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestor_mask, tree.paths
 
     def _verify(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,24 +352,148 @@ class SpeculativeRound:
         return self.adapter.logits(hidden), hidden
 
     def _commit(self) -> None:
-        state, tree, runner = self.state, self.tree, self.runner
-        count, width = state.count, self.path_width
-        self.target_window.keep(state.path, count, self.stacked_kv)
+        self.target_window.keep(self.state.path, self.state.count, self.stacked_kv)
+        self._catch_up(self.state, self.runner, self.tree.tokens, self.features)
 
+    def _catch_up(self, state: RoundState, runner: DraftRunner, tree_tokens, features) -> None:
+        """One row's draft catch-up on its accepted path (`state.path`, `.count`, `.next_token`), from the tree's
+        `(T,)` tokens and the target's `(T, d)` features; loads the row's next root."""
+        count, width = state.count, self.path_width
         # draft catch-up on pairs (x_{t+1}, f_t) of the root and the accepted nodes: x is the next node's token,
         # and after the last accepted node the target's next token; rows from `count` on are padding
         rows = torch.arange(width, device=count.device)
-        tokens = torch.cat([tree.tokens[state.path[1:]], state.next_token.reshape(1)])
+        tokens = torch.cat([tree_tokens[state.path[1:]], state.next_token.reshape(1)])
         tokens = torch.where(rows == count - 1, state.next_token, tokens)
-        features = self.features.index_select(0, state.path.to(self.features.device))
+        features = features.index_select(0, state.path.to(features.device))
         hidden, log_probs = runner.append(
             self.draft.embed(tokens)[None], features[None], state.root_position + rows, count=count
         )
-        last = (count - 1).reshape(1)
+        last = (count - 1).clamp(min=0).reshape(1)  # a masked batch row keeps nothing (count 0)
         state.root_hidden.copy_(hidden.index_select(0, last)[0])
         state.root_log_probs.copy_(log_probs.index_select(0, last)[0])
         state.root_position.add_(count)
         state.root_token.copy_(state.next_token.reshape(1))
+
+
+class RowsRound(SpeculativeRound):
+    """The round over a batch of `B` rows (left-padded prompts), each with its own length, positions and draft.
+
+    The target verifies all rows' trees in one forward (each row's tree at one shared offset, a `(B, 1, T, S)` mask,
+    per-row positions), then keeps each row's accepted path at that row's own length. Each row drafts on its own
+    draft cache with the same `_draft_row` / `_catch_up` steps as a single row. Two backends, as for one row:
+
+    - eager (`RowsRound.eager`): a `RowsWindow` over `generate`'s dynamic cache; finished rows are dropped;
+    - fast (`RowsRound.static`): a `FixedRowsWindow` over a static cache of `B` rows and one static draft cache per
+      row; every shape is fixed (the round can be captured as CUDA graphs), finished rows stay in the batch,
+      masked out (`active`: they keep nothing).
+    """
+
+    def __init__(
+        self, adapter, draft, target_window, draft_windows: list, graphs: bool = False, compile: bool = False
+    ):
+        self.rows: list[tuple[RoundState, DraftRunner]] = []
+        super().__init__(adapter, draft, target_window, draft_windows[0], graphs, compile)
+        config, device, dtype = draft.config, draft.fc.weight.device, draft.fc.weight.dtype
+        vocab = config.draft_vocab_size or config.text_config.vocab_size
+        for window in draft_windows:
+            state = RoundState.allocate(config.text_config.hidden_size, vocab, self.path_width, dtype, device)
+            self.rows.append((state, DraftRunner(draft, window)))
+        self.active = torch.ones(len(draft_windows), dtype=torch.long, device=device)
+
+    @classmethod
+    def eager(cls, adapter, draft, target_cache, prompt_real: torch.Tensor) -> "RowsRound":
+        """Over `generate`'s dynamic target cache (holding the `(B, n)` prompts, `prompt_real` their real tokens)."""
+        windows = [
+            GrowingWindow(DynamicCache(config=draft.config.text_config), prompt_real[0, :0])
+            for _ in range(prompt_real.shape[0])
+        ]
+        return cls(adapter, draft, RowsWindow(target_cache, prompt_real), windows)
+
+    @classmethod
+    def static(
+        cls, adapter, draft, batch: int, needed_length: int, graphs: bool, compile: bool, tree_tokens: int
+    ) -> "RowsRound":
+        """The fast path for `batch` rows needing `needed_length` slots each, drafting trees of `tree_tokens` nodes;
+        kept on the draft and reused as `SpeculativeRound.static` is (the key adds the batch and tree sizes: one
+        set of graphs per shape). Its target cache must receive the prompts' prefill before `load`."""
+        length = -(-needed_length // LENGTH_BUCKET) * LENGTH_BUCKET
+        key = (*cls.static_key(adapter, draft, length, graphs, compile), batch, tree_tokens)
+        current = getattr(draft, "_specvlm_static_rows_round", None)
+        if current is None or current.key != key:
+            device = draft.fc.weight.device
+            target_window = FixedRowsWindow(adapter.static_cache(length), batch, length, device)
+            windows = [
+                FixedWindow(StaticCache(config=draft.config.text_config, max_cache_len=length), length, device)
+                for _ in range(batch)
+            ]
+            current = cls(adapter, draft, target_window, windows, graphs, compile)
+            current.total_tokens = tree_tokens
+            current.key = key
+            draft._specvlm_static_rows_round = current
+        current.target_window.cache.reset()
+        current.active.fill_(1)
+        for _, runner in current.rows:
+            runner.window.cache.reset()
+            runner.window.load(runner.window.real[:0])
+        return current
+
+    def load(self, prompt_real: torch.Tensor) -> None:
+        """Starts a call after the target's prefill: `(B, n)` the prompts' real tokens."""
+        if self.is_static:
+            self.target_window.load(prompt_real)
+
+    @property
+    def is_static(self) -> bool:
+        return isinstance(self.target_window, FixedRowsWindow)
+
+    def start_row(self, row: int, root_token: int, root_position: int, position_offset: int, root_hidden, log_probs):
+        """Loads row `row`'s state after its draft prefill (see `SpeculativeRound.start`)."""
+        state = self.rows[row][0]
+        state.root_token.fill_(root_token)
+        state.root_position.fill_(root_position)
+        state.position_offset.fill_(position_offset)
+        state.root_hidden.copy_(root_hidden)
+        state.root_log_probs.copy_(log_probs)
+
+    def select(self, rows: list[int]) -> None:
+        """Keeps only the rows `rows` (indices into the current rows, in order): the eager backend drops the others,
+        the fast path masks them out (they stay in the batch and keep nothing)."""
+        if self.is_static:
+            self.active.copy_(torch.isin(torch.arange(len(self.rows)), torch.tensor(rows)).long())
+            return
+        self.target_window.select(torch.tensor(rows, dtype=torch.long))
+        self.rows = [self.rows[row] for row in rows]
+
+    def commit(self, path: torch.Tensor, count: torch.Tensor, next_token: torch.Tensor) -> None:
+        """Keeps each row's accepted path (`(B, P)`, counts and next tokens `(B,)`) and catches its draft up."""
+        if self.is_static:  # finished rows stay in the batch and keep nothing
+            count = count * self.active.to(count.device)
+        for row, (state, _) in enumerate(self.rows):
+            state.path.copy_(path[row])
+            state.count.copy_(count[row])
+            state.next_token.copy_(next_token[row])
+        self.commit_call()
+
+    def _commit(self) -> None:
+        states = [state for state, _ in self.rows]
+        self.target_window.keep(torch.stack([s.path for s in states]), torch.stack([s.count for s in states]))
+        for row, (state, runner) in enumerate(self.rows):
+            self._catch_up(state, runner, self.tree.tokens[row], self.features[row])
+
+    def _draft(self) -> tuple[torch.Tensor, ...]:
+        trees = [DraftTree(*self._draft_row(state, runner)) for state, runner in self.rows]
+        tree = stack_trees(trees)
+        return tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestor_mask, tree.paths
+
+    def _verify(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tree, states = self.tree, [state for state, _ in self.rows]
+        visible = self.target_window.visible(tree.ancestor_mask)
+        roots = torch.stack([state.root_position + state.position_offset for state in states])
+        positions = tree.depths + roots.to(tree.depths.device)[:, None]
+        hidden = self.adapter.verify(
+            tree.tokens, tree.depths, visible, positions, self.target_window.length, self.target_window.cache
+        )
+        return self.adapter.logits(hidden), hidden
 
 
 def fast_path_options(target, draft, device: torch.device, generation_config) -> tuple[bool, bool]:

@@ -43,16 +43,29 @@ class DraftTree:
 
     @property
     def num_nodes(self) -> int:
-        return self.tokens.shape[0]
+        return self.tokens.shape[-1]
 
     @property
     def max_depth(self) -> int:
         """Upper bound on the depth (the deepest node may be shallower)."""
-        return self.paths.shape[1] - 1
+        return self.paths.shape[-1] - 1
+
+    def row(self, index: int) -> "DraftTree":
+        """Row `index` of a batch of trees (`stack_trees`)."""
+        return DraftTree(*(getattr(self, name)[index] for name in _FIELDS))
 
     def children(self, node: int) -> list[int]:
         """Indices of the children of `node`, in descending draft score."""
         return (self.parents == node).nonzero().flatten().tolist()
+
+
+_FIELDS = ("tokens", "parents", "depths", "scores", "ancestor_mask", "paths")
+
+
+def stack_trees(trees: list[DraftTree]) -> DraftTree:
+    """A batch of `B` trees of one configuration (same node count and depth bound) as one `DraftTree` whose
+    fields have a leading batch dimension (`tokens` `(B, T)`, `ancestor_mask` `(B, T, T)`...)."""
+    return DraftTree(*(torch.stack([getattr(tree, name) for tree in trees]) for name in _FIELDS))
 
 
 def tree_from_parents(
@@ -89,6 +102,8 @@ def tree_from_parents(
         current = torch.where(valid, parents[current.clamp(min=0)], current)
     # path to every node: its ancestors in index order (= depth order), padded with -1
     ordered = torch.where(ancestors, index[None, :], num_nodes).sort(dim=1).values[:, : max_depth + 1]
+    if ordered.shape[1] < max_depth + 1:  # fewer nodes than the depth bound: still `max_depth + 1` columns
+        ordered = torch.cat([ordered, ordered.new_full((num_nodes, max_depth + 1 - num_nodes), num_nodes)], dim=1)
     paths = torch.where(ordered < num_nodes, ordered, -1)
     if scores is None:
         scores = torch.zeros(num_nodes, device=device)

@@ -77,13 +77,16 @@ def pack_acceptance(
     tree: DraftTree, path: torch.Tensor, length: torch.Tensor, next_token: torch.Tensor
 ) -> torch.Tensor:
     """One small device tensor holding an acceptance (length, next token, path, the path's tokens), so that a
-    single transfer brings it to the host; `unpack_acceptance` reads it there."""
+    single transfer brings it to the host; `unpack_acceptance` reads it there. A batch of trees (`stack_trees`)
+    with `(B, P)` paths and `(B,)` lengths and next tokens gives `(B, 2 + 2P)`."""
     path = path.clamp(min=0)
-    return torch.cat([length.reshape(1), next_token.reshape(1), path, tree.tokens[path]])
+    return torch.cat([length[..., None], next_token[..., None], path, tree.tokens.gather(-1, path)], dim=-1)
 
 
-def unpack_acceptance(packed: list[int]) -> Acceptance:
-    """The `Acceptance` in a `pack_acceptance` result, as a host list."""
+def unpack_acceptance(packed: list) -> Acceptance | list[Acceptance]:
+    """The `Acceptance` in a `pack_acceptance` result, as a host list (one per row for a batch)."""
+    if packed and isinstance(packed[0], list):
+        return [unpack_acceptance(row) for row in packed]
     length, next_token = packed[0], packed[1]
     width = (len(packed) - 2) // 2
     nodes = packed[2 : 2 + length]

@@ -167,3 +167,16 @@ def test_bench_unknown_methods_and_drafts_are_refused(capsys, no_loading, tmp_pa
     assert status == 2 and "--methods: unknown speculative; choose from plain, plain-static" in line
     status, line = _cli(capsys, "--draft", f"eaglevlm={tmp_path / 'missing'}")
     assert status == 2 and f"--draft {tmp_path / 'missing'}: no such folder" in line
+
+
+def test_bench_decodes_batches_and_skips_the_methods_that_cannot():
+    target, drafts, cases = setup_models()
+    methods = ("plain", "plain-static", "specvlm-chain", "eaglevlm-tree", "specvlm-tree-static")
+    report = bench.run_bench(target, cases + cases[:1], drafts, methods, max_new_tokens=12, batch_size=2)
+    rows = {row["method"]: row for row in report["methods"]}
+    assert rows["specvlm-chain"]["status"].startswith("skipped: batch size 2")
+    for name in ("eaglevlm-tree", "specvlm-tree-static"):
+        assert rows[name]["status"] == "ok" and rows[name]["matches_plain"] is True, rows[name]["status"]
+        assert rows[name]["sigma"] > 1.5 and rows[name]["new_tokens"] == rows["plain"]["new_tokens"]
+    assert report["batch_size"] == 2 and report["cases"] == 4  # 3 prompts, the last batch filled up
+    assert 0 < rows["plain"]["sigma"] <= 1.0

@@ -198,8 +198,22 @@ def test_hidden_size_and_architecture_mismatch_are_named():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_size_above_one_names_the_limit(setup, mode):
+    """Tree mode decodes batches (tests/test_batched.py); chain mode names the limit."""
     target, inputs = setup
     batch = {key: torch.cat([value, value]) for key, value in inputs.items()}
+    if mode != "chain":
+        plain = target.generate(**batch, max_new_tokens=5, do_sample=False)
+        assert (
+            target.generate(
+                **batch,
+                max_new_tokens=5,
+                do_sample=False,
+                assistant_model=draft_for(target, mode),
+                **path_kwargs(mode),
+            ).tolist()
+            == plain.tolist()
+        )
+        return
     with pytest.raises(ValueError, match="batch size 1 \\(got 2\\)"):
         target.generate(**batch, max_new_tokens=5, assistant_model=draft_for(target, mode), **path_kwargs(mode))
 

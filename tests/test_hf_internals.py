@@ -221,3 +221,16 @@ def test_torch_compile_helpers():
     assert 1 in getattr(tensor, "_dynamo_weak_dynamic_indices", set())
     assert hf_internals.recompile_limit() >= 1
     assert callable(hf_internals.compile_backend("eager"))
+
+
+def test_pad_token_is_the_one_generate_prepared():
+    from tiny_models import tiny_llava
+
+    model = tiny_llava()
+    config = model.generation_config
+    config.pad_token_id, config.eos_token_id = None, [2, 5]
+    model._prepare_special_tokens(config, True, device="cpu")
+    assert hf_internals.pad_token_of(config) == 2  # no pad token: generate pads with the first EOS
+    config.pad_token_id = 0
+    model._prepare_special_tokens(config, True, device="cpu")
+    assert hf_internals.pad_token_of(config) == 0

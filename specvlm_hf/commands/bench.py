@@ -38,6 +38,12 @@ def register(subparsers):
         "--num-prompts", type=positive_int, default=8, help="Held-out mini-VLM prompts to use (default 8)."
     )
     parser.add_argument("--max-new-tokens", type=positive_int, default=96, help="New tokens per prompt (default 96).")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=1,
+        help="Decode the prompts in left-padded batches of this many rows (default 1); tokens/s counts every row.",
+    )
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     parser.add_argument(
         "--dtype",
@@ -106,7 +112,16 @@ def _run(args):
         from transformers import AutoModelForCausalLM
 
         assistant = AutoModelForCausalLM.from_pretrained(args.assistant_lm, dtype=dtype).to(device).eval()
-    report = run_bench(target, cases, drafts, methods, args.max_new_tokens, assistant, args.projected_sigma)
+    report = run_bench(
+        target,
+        cases,
+        drafts,
+        methods,
+        args.max_new_tokens,
+        assistant,
+        args.projected_sigma,
+        batch_size=args.batch_size,
+    )
     report["target"] = args.target
     print(format_table(report))
     save_report(report, args.out, png)

@@ -1,0 +1,369 @@
+"""Batched tree decoding (`generate` with batch size > 1) equals plain batched `generate`, token for token (fp32, CPU).
+
+Rows are left-padded by different amounts, carry 0, 1 or 2 images, and stop at different steps (EOS lists chosen
+from the rows' own continuations: at step 1, mid-way, late, never); each row also equals that row run alone.
+Fault injections (rows sharing one position, row 0's accepted path used for every row, slots past a row's length
+visible) make the same comparison fail, so the tests can catch those bugs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specvlm_hf
+from specvlm_hf import decoding as decoding_module
+from specvlm_hf import kv_cache, round as round_module
+from tiny_families import family_inputs, tiny_qwen2_5_vl
+from tiny_models import oracle_draft, random_inputs, tiny_llava
+
+TREE = dict(tree_top_k=4, tree_depth=4, tree_total_tokens=16)  # small trees: fast CPU tests, same code
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return specvlm_hf.enable(tiny_llava(scale=32.0))
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return specvlm_hf.enable(tiny_qwen2_5_vl(seed=0, scale=8.0))
+
+
+def make_draft(target, noise=0.003, **overrides):
+    draft = oracle_draft(target, noise=noise, **overrides)
+    for key, value in TREE.items():
+        setattr(draft.config, key, value)
+    return draft
+
+
+def llava_row(target, generator, images: int, text_tokens: int) -> dict:
+    """One LLaVA prompt with `images` images (0, 1 or 2)."""
+    if images < 2:
+        return random_inputs(target, generator, text_tokens=text_tokens, image=images == 1)
+    first = random_inputs(target, generator, text_tokens=text_tokens)
+    second = random_inputs(target, generator, text_tokens=2)
+    ids = torch.cat([first["input_ids"], second["input_ids"][:, 1:]], dim=1)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.cat([first["pixel_values"], second["pixel_values"]]),
+    }
+
+
+def left_pad(rows: list[dict], extra: list[int], pad: int = 0) -> dict:
+    """One batch of batch-1 prompts, left-padded to the longest plus `extra[i]` more pad tokens on row i; the image
+    inputs concatenated in row order (`mm_token_type_ids` padded with 0)."""
+    width = max(row["input_ids"].shape[1] + more for row, more in zip(rows, extra))
+    batch = {"input_ids": [], "attention_mask": [], "mm_token_type_ids": []}
+    for row in rows:
+        n = row["input_ids"].shape[1]
+        for key, fill in (("input_ids", pad), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+            if key in row:
+                padded = row[key].new_full((1, width), fill)
+                padded[:, width - n :] = row[key]
+                batch[key].append(padded)
+    out = {key: torch.cat(value) for key, value in batch.items() if value}
+    for key in ("pixel_values", "image_grid_thw", "image_sizes"):
+        values = [row[key] for row in rows if key in row]
+        if values:
+            out[key] = torch.cat(values)
+    return out
+
+
+def ragged_eos(target, batch: dict, kwargs: dict, steps: list[int]) -> list[int]:
+    """EOS tokens that stop the rows at about `steps[i]` (None: that row's continuation is not used)."""
+    full = target.generate(**batch, **{**kwargs, "min_new_tokens": kwargs["max_new_tokens"]})
+    new = full[:, batch["input_ids"].shape[1] :].tolist()
+    return sorted({new[row][step] for row, step in enumerate(steps) if step is not None})
+
+
+def assert_rows_alone_agree(target, rows, batch, out, kwargs, draft, pad: int = 0):
+    """Each row run alone (no padding, batch size 1) gives that row's tokens, then padding."""
+    start = batch["input_ids"].shape[1]
+    for index, row in enumerate(rows):
+        alone = target.generate(**row, **kwargs, assistant_model=draft)[0, row["input_ids"].shape[1] :].tolist()
+        mine = out[index, start:].tolist()
+        assert mine[: len(alone)] == alone, index
+        assert all(token == pad for token in mine[len(alone) :]), index
+
+
+def greedy_case(target, draft, rows, extra, kwargs, steps=None, alone=True):
+    batch = left_pad(rows, extra)
+    if steps is not None:
+        kwargs = {**kwargs, "eos_token_id": ragged_eos(target, batch, kwargs, steps)}
+    plain = target.generate(**batch, **kwargs)
+    spec = target.generate(**batch, **kwargs, assistant_model=draft)
+    stats = draft.stats
+    assert spec.tolist() == plain.tolist()
+    if alone:
+        assert_rows_alone_agree(target, rows, batch, spec, kwargs, draft)
+    return plain, stats
+
+
+CASES = {  # batch size: (images per row, extra left padding per row, stop step per row (None: never))
+    2: ([1, 0], [0, 37], [0, None]),
+    3: ([2, 1, 0], [5, 0, 100], [None, 9, 0]),
+    5: ([0, 1, 2, 1, 0], [0, 60, 3, 0, 11], [0, 4, 15, None, 8]),
+    8: ([1, 0, 1, 2, 0, 1, 1, 0], [0, 2, 90, 0, 7, 30, 0, 1], [0, 5, 11, None, 3, None, 16, 1]),
+}
+
+
+PATHS = {"eager": {}, "static": {"cache_implementation": "static"}}  # static: the fast path (no CUDA graphs on CPU)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("size", list(CASES))
+def test_batched_greedy_equals_plain_batched_generate_and_each_row_alone(llava, size, path):
+    images, extra, steps = CASES[size]
+    generator = torch.Generator().manual_seed(size)
+    rows = [llava_row(llava, generator, count, 2 + 3 * index) for index, count in enumerate(images)]
+    draft = make_draft(llava, noise=0.003 if size % 2 else 0.0)  # rejections at every depth, or long paths
+    kwargs = dict(do_sample=False, max_new_tokens=18, **PATHS[path])
+    plain, stats = greedy_case(llava, draft, rows, extra, kwargs, steps)
+    finished_early = int((plain[:, -1] == 0).sum())
+    assert 0 < finished_early < size, "the rows should stop at different steps"
+    assert max(stats.accepted_per_round) >= 2
+
+
+def test_batched_greedy_with_processors_and_compressing_draft(llava):
+    """min_new_tokens and repetition_penalty run on each row's own ids; a compressing draft pools each row's
+    images on its own. (Rows alone are not compared: plain batched `generate` penalises the pad tokens too.)"""
+    generator = torch.Generator().manual_seed(7)
+    rows = [llava_row(llava, generator, count, 3 + 2 * count) for count in (2, 0, 1)]
+    draft = make_draft(llava, compressor={"mode": "fixed", "fixed": "pool@4"})
+    kwargs = dict(do_sample=False, max_new_tokens=14, min_new_tokens=6, repetition_penalty=1.3)
+    greedy_case(llava, draft, rows, [4, 0, 20], kwargs, steps=[2, 9, None], alone=False)
+    assert draft.stats.draft_visual_tokens < draft.stats.target_visual_tokens
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_batched_greedy_on_an_m_rope_target(qwen, path):
+    """Qwen2.5-VL: each row's own M-RoPE offset (rope_deltas) and its own images' grids."""
+    generator = torch.Generator().manual_seed(3)
+    rows = [family_inputs(qwen, generator, images=count, text_tokens=3 + count) for count in (1, 0, 2)]
+    draft = make_draft(qwen)
+    kwargs = dict(do_sample=False, max_new_tokens=16, **PATHS[path])
+    greedy_case(qwen, draft, rows, [0, 9, 3], kwargs, steps=[None, 6, 0])
+
+
+def test_identical_rows_give_identical_outputs_and_permuted_rows_permuted_outputs(llava):
+    generator = torch.Generator().manual_seed(5)
+    rows = [llava_row(llava, generator, count, 4) for count in (1, 0, 2)]
+    draft = make_draft(llava)
+    kwargs = dict(do_sample=False, max_new_tokens=12)
+    same = left_pad([rows[0], rows[0], rows[0]], [0, 0, 0])
+    out = llava.generate(**same, **kwargs, assistant_model=draft)
+    assert out[0].tolist() == out[1].tolist() == out[2].tolist()
+    forward = llava.generate(**left_pad(rows, [0, 0, 0]), **kwargs, assistant_model=draft)
+    order = [2, 0, 1]
+    permuted = llava.generate(**left_pad([rows[i] for i in order], [0, 0, 0]), **kwargs, assistant_model=draft)
+    assert permuted.tolist() == forward[order].tolist()
+
+
+def test_stop_strings_rows_keep_decoding_as_plain_generate_does(llava):
+    """Without an EOS criterion, plain `generate` keeps decoding a row that hit a stop string until all stop."""
+    from test_generate_contract import piece_tokenizer
+
+    tokenizer = piece_tokenizer(llava.config.text_config.vocab_size)
+    generator = torch.Generator().manual_seed(9)
+    rows = [llava_row(llava, generator, 1, 3 + i) for i in range(3)]
+    batch = left_pad(rows, [0, 3, 0])
+    full = llava.generate(**batch, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    stop = tokenizer.decode(full[1, -20:].tolist()[5:7])[1:]
+    kwargs = dict(max_new_tokens=20, do_sample=False, stop_strings=[stop], tokenizer=tokenizer, eos_token_id=None)
+    llava.generation_config.eos_token_id = None
+    try:
+        greedy_case(llava, make_draft(llava), rows, [0, 3, 0], kwargs, alone=False)
+    finally:
+        llava.generation_config.eos_token_id = 2
+
+
+class RecordingStreamer:
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_the_streamer_gets_the_steps_plain_batched_generate_gives(llava):
+    generator = torch.Generator().manual_seed(2)
+    rows = [llava_row(llava, generator, 1, 3 + i) for i in range(3)]
+    batch = left_pad(rows, [0, 2, 5])
+    kwargs = dict(do_sample=False, max_new_tokens=10)
+    kwargs["eos_token_id"] = ragged_eos(llava, batch, kwargs, [3, None, 7])
+    plain, spec = RecordingStreamer(), RecordingStreamer()
+    llava.generate(**batch, **kwargs, streamer=plain)
+    llava.generate(**batch, **kwargs, streamer=spec, assistant_model=make_draft(llava))
+    assert spec.puts == plain.puts and spec.ended
+
+
+# ------------------------------------------------------------------------------------------ fault injections
+def _three_rows(llava):
+    generator = torch.Generator().manual_seed(8)
+    rows = [llava_row(llava, generator, count, 3 + 4 * count) for count in (1, 0, 2)]
+    return rows, dict(do_sample=False, max_new_tokens=14)
+
+
+def shared_positions(self):
+    tree, states = self.tree, [state for state, _ in self.rows]
+    visible = self.target_window.visible(tree.ancestor_mask)
+    positions = tree.depths + (states[0].root_position + states[0].position_offset)  # row 0's for all
+    hidden = self.adapter.verify(
+        tree.tokens, tree.depths, visible, positions, self.target_window.length, self.target_window.cache
+    )
+    return self.adapter.logits(hidden), hidden
+
+
+def first_rows_path_for_all(self, tree, logits):
+    scores, (path, length, next_token) = original_accept(self, tree, logits)
+    rows = path.shape[0]
+    return scores, (path[:1].expand(rows, -1), length[:1].expand(rows), next_token[:1].expand(rows))
+
+
+original_accept = decoding_module.RowsDecoding.accept
+
+
+def every_slot_visible(self, block_mask):
+    prefix = torch.ones(block_mask.shape[0], block_mask.shape[1], self.length, dtype=torch.bool)
+    return torch.cat([prefix, block_mask], dim=2)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        ("rows share positions", round_module.RowsRound, "_verify", shared_positions),
+        ("row 0's path for every row", decoding_module.RowsDecoding, "accept", first_rows_path_for_all),
+        ("padding and stale slots visible", kv_cache.RowsWindow, "visible", every_slot_visible),
+    ],
+    ids=lambda fault: fault[0],
+)
+def test_fault_injections_break_the_equality(llava, monkeypatch, fault):
+    _, owner, name, replacement = fault
+    rows, kwargs = _three_rows(llava)
+    batch = left_pad(rows, [0, 6, 2])
+    plain = llava.generate(**batch, **kwargs)
+    monkeypatch.setattr(owner, name, replacement)
+    if name == "_verify":  # the round captured its bound method when built: rebuild it through the class
+        original_init = owner.__init__
+
+        def init(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            self.verify_call.eager_fn = self.verify_call.fn = self._verify
+
+        monkeypatch.setattr(owner, "__init__", init)
+    spec = llava.generate(**batch, **kwargs, assistant_model=make_draft(llava))
+    assert spec.tolist() != plain.tolist()
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def test_what_batches_cannot_do_yet_is_refused_with_the_fix(llava):
+    generator = torch.Generator().manual_seed(1)
+    batch = left_pad([llava_row(llava, generator, 1, 3), llava_row(llava, generator, 0, 5)], [0, 0])
+    draft = make_draft(llava)
+    with pytest.raises(ValueError, match="scores"):
+        llava.generate(
+            **batch, max_new_tokens=4, assistant_model=draft, return_dict_in_generate=True, output_scores=True
+        )
+    draft.config.decoding_mode = "chain"
+    with pytest.raises(ValueError, match="tree mode"):
+        llava.generate(**batch, max_new_tokens=4, assistant_model=draft)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+SAMPLES = 300  # per row
+
+
+def _sampling_batches(broken: bool, monkeypatch=None):
+    """(plain, speculative) batches of `SAMPLES` pairs of rows (A with an image, B without, left-padded), their
+    first 3 sampled tokens as `(rows, 2, 3)` lists."""
+    from test_lossless_sampling import break_acceptance_rule
+
+    target = specvlm_hf.enable(tiny_llava(seed=0, scale=8.0, vocab=12))
+    generator = torch.Generator().manual_seed(0)
+    rows = [random_inputs(target, generator, text_tokens=4), random_inputs(target, generator, 3, image=False)]
+    pair = left_pad(rows, [0, 2])
+    start = pair["input_ids"].shape[1]
+    kwargs = dict(do_sample=True, max_new_tokens=3, min_new_tokens=3, temperature=1.0)
+
+    def repeated(copies):
+        return {
+            key: value.repeat(copies, *([1] * (value.dim() - 1)))
+            if key != "pixel_values"
+            else value.repeat(copies, 1, 1, 1)
+            for key, value in pair.items()
+        }
+
+    torch.manual_seed(0)
+    plain = target.generate(**repeated(SAMPLES), **kwargs)[:, start:].reshape(SAMPLES, 2, 3).tolist()
+    if broken:
+        break_acceptance_rule(monkeypatch)
+    draft = make_draft(target, noise=0.0)
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 4, 3, 20
+    draft.config.batch_verify_tokens = 10**6  # 200 rows a call: keep speculating (the batch rule would stop it)
+    speculative, sigmas = [], []
+    for _ in range(SAMPLES // 100):
+        out = target.generate(**repeated(100), **kwargs, assistant_model=draft)
+        speculative += out[:, start:].reshape(100, 2, 3).tolist()
+        sigmas.append(draft.stats.sigma)
+    return plain, speculative, sum(sigmas) / len(sigmas)
+
+
+def test_batched_sampling_keeps_each_rows_distribution_and_their_joint():
+    from test_lossless_sampling import P_THRESHOLD, chi_square_p_value
+
+    plain, speculative, sigma = _sampling_batches(broken=False)
+    assert sigma > 1.2, "the draft must get tokens accepted for the test to mean anything"
+    for row in range(2):  # each row's first three tokens
+        assert chi_square_p_value([tuple(s[row]) for s in plain], [tuple(s[row]) for s in speculative]) > P_THRESHOLD
+    joint = [(s[0][0], s[1][0]) for s in plain], [(s[0][0], s[1][0]) for s in speculative]
+    assert chi_square_p_value(*joint) > P_THRESHOLD  # the two rows' first tokens together
+
+
+def test_the_batched_sampling_test_catches_a_broken_acceptance_rule(monkeypatch):
+    from test_lossless_sampling import P_THRESHOLD, chi_square_p_value
+
+    plain, speculative, _ = _sampling_batches(broken=True, monkeypatch=monkeypatch)
+    p_values = [
+        chi_square_p_value([tuple(s[row]) for s in plain], [tuple(s[row]) for s in speculative]) for row in (0, 1)
+    ]
+    assert min(p_values) < P_THRESHOLD
+
+
+# ------------------------------------------------------------------------------------------ tree size against batch
+def test_trees_shrink_with_the_batch_and_speculation_stops_where_it_would_not_pay(llava):
+    from specvlm_hf.decoding import tree_tokens_for_batch
+
+    draft = make_draft(llava)
+    draft.config.tree_total_tokens = 60
+    sizes = {batch: tree_tokens_for_batch(draft.config, batch) for batch in (1, 2, 4, 8, 16, 32, 64)}
+    assert sizes == {1: 60, 2: 60, 4: 60, 8: 32, 16: 16, 32: 8, 64: None}
+
+    generator = torch.Generator().manual_seed(4)
+    batch = left_pad([llava_row(llava, generator, 1, 3), llava_row(llava, generator, 0, 6)], [0, 0])
+    kwargs = dict(do_sample=False, max_new_tokens=8)
+    plain = llava.generate(**batch, **kwargs)
+    draft.config.batch_verify_tokens = 20  # 10 nodes per row: speculation on, smaller trees
+    assert llava.generate(**batch, **kwargs, assistant_model=draft).tolist() == plain.tolist()
+    assert draft.stats.mode == "tree" and draft.stats.rounds > 0
+    draft.config.batch_verify_tokens = 12  # 6 nodes per row: below the minimum, generate's own loop
+    assert llava.generate(**batch, **kwargs, assistant_model=draft).tolist() == plain.tolist()
+    assert draft.stats.mode == "plain" and draft.stats.rounds == 0
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_batched_greedy_on_llava_next_with_a_compressing_draft(path):
+    """LLaVA-NeXT: each row's AnyRes layout comes from its own `image_sizes` entry (rows without an image skip one)."""
+    from tiny_models import tiny_llava_next
+
+    target = specvlm_hf.enable(tiny_llava_next(scale=32.0))
+    generator = torch.Generator().manual_seed(1)
+    rows = [random_inputs(target, generator, text_tokens=3 + 2 * i, image=i != 1) for i in range(3)]
+    draft = make_draft(target, compressor={"mode": "fixed", "fixed": "pool@4"})
+    kwargs = dict(do_sample=False, max_new_tokens=12, **PATHS[path])
+    _, stats = greedy_case(target, draft, rows, [0, 5, 2], kwargs, steps=[None, 3, 0])
+    assert stats.draft_visual_tokens < stats.target_visual_tokens
