@@ -58,7 +58,7 @@ def qwen2_5_vl_7b():
         num_hidden_layers=2 if TINY else 28,
         num_attention_heads=4 if TINY else 28,
         num_key_value_heads=2 if TINY else 4,
-        max_position_embeddings=32768,
+        max_position_embeddings=128000,
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 1e6,

@@ -132,8 +132,8 @@ BATCH_ONE_METHODS = ("assisted-lm", "prompt-lookup", "specvlm-chain", "eaglevlm-
 
 def batch_cases(cases: list[dict], batch_size: int, pad_token: int) -> list[dict]:
     """`cases` (batch-1 `generate` inputs) grouped into batches of `batch_size` rows, left-padded (ids with
-    `pad_token`, the attention mask and `mm_token_type_ids` with 0), image inputs concatenated in row order; the
-    last batch is filled up by repeating cases from the start."""
+    `pad_token`, the attention mask and `mm_token_type_ids` with 0), image inputs concatenated in row order (rows
+    without an image add none); the last batch is filled up by repeating cases from the start."""
     if batch_size == 1:
         return cases
     count = -(-len(cases) // batch_size) * batch_size
@@ -143,9 +143,12 @@ def batch_cases(cases: list[dict], batch_size: int, pad_token: int) -> list[dict
         group = rows[first : first + batch_size]
         width = max(row["input_ids"].shape[1] for row in group)
         batch = {}
-        for key in group[0]:
-            values = [row[key] for row in group]
+        keys = list(dict.fromkeys(key for row in group for key in row))  # rows without an image lack its inputs
+        for key in keys:
+            values = [row[key] for row in group if key in row]
             if key in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
+                if len(values) != len(group):
+                    raise ValueError(f"batch_cases: every case needs {key!r}; some cases lack it")
                 fill = pad_token if key == "input_ids" else 0
                 values = [
                     torch.cat([value.new_full((1, width - value.shape[1]), fill), value], dim=1) for value in values

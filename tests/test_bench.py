@@ -180,3 +180,19 @@ def test_bench_decodes_batches_and_skips_the_methods_that_cannot():
         assert rows[name]["sigma"] > 1.5 and rows[name]["new_tokens"] == rows["plain"]["new_tokens"]
     assert report["batch_size"] == 2 and report["cases"] == 4  # 3 prompts, the last batch filled up
     assert 0 < rows["plain"]["sigma"] <= 1.0
+
+
+def test_bench_batches_rows_with_and_without_an_image():
+    """A text-only case batched with image cases (the mini VLM's held-out prompts mix them): the batch carries the
+    images of the rows that have one, and the tree methods still equal plain batched `generate`."""
+    target, drafts, cases = setup_models()
+    generator = torch.Generator().manual_seed(1)
+    text_only = random_inputs(target, generator, text_tokens=7, image=False)
+    batches = bench.batch_cases([text_only, cases[0], cases[1]], 3, pad_token=0)
+    assert len(batches) == 1 and batches[0]["pixel_values"].shape[0] == 2
+    assert batches[0]["input_ids"].shape == (3, max(case["input_ids"].shape[1] for case in cases + [text_only]))
+    methods = ("plain", "eaglevlm-tree", "specvlm-tree-static")
+    report = bench.run_bench(target, [text_only, *cases], drafts, methods, max_new_tokens=10, batch_size=3)
+    rows = {row["method"]: row for row in report["methods"]}
+    for name in methods[1:]:
+        assert rows[name]["status"] == "ok" and rows[name]["matches_plain"] is True, rows[name]["status"]
