@@ -12,6 +12,7 @@ import specvlm_hf
 from specvlm_hf.adapters import adapter_for
 from specvlm_hf.compressor import VisualLayout, build_branch, frame_groups
 from specvlm_hf.draft_runner import DraftRunner
+from specvlm_hf.hf_internals import layer_tensors
 from family_checks import MODES, assert_logits_match_plain, make_draft
 from tiny_models import oracle_draft
 from tiny_video import VIDEO_FAMILIES, video_inputs
@@ -223,3 +224,121 @@ def test_many_images_in_one_turn_match_plain_generate(name, mode):
         assert target.generate(**inputs, **kwargs, assistant_model=draft).tolist() == reference.tolist(), case
         if compressor and compressor["mode"] == "fixed":  # pool@4 on every image
             assert draft.stats.draft_visual_tokens < draft.stats.target_visual_tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the fast path's draft cache follows the compressed count (static caches, the shapes CUDA graphs capture)
+SMALL_TREE = dict(tree_top_k=4, tree_depth=3, tree_total_tokens=12)  # a round's room: 17 slots
+
+
+def _static_draft(target, spec: str, kind: str = "noisy"):
+    compressor = {"mode": "none"} if spec == "none" else {"mode": "fixed", "fixed": spec}
+    draft = make_draft(target, kind, "static", compressor=compressor)
+    for key, value in SMALL_TREE.items():
+        setattr(draft.config, key, value)
+    return draft
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in layer_tensors(layer) if t is not None)
+
+
+def test_fast_path_draft_cache_is_sized_by_the_compressed_video(monkeypatch):
+    """On the fast path the draft's static cache holds its compressed prompt, the new tokens and a round's room
+    (bucketed), not the target's visual count: its KV bytes and every draft step's attention width shrink with the
+    branch, the target's cache stays whole, and the output is still plain `generate`'s."""
+    from specvlm_hf import round as round_module
+
+    monkeypatch.setattr(round_module, "LENGTH_BUCKET", 8)
+    target = specvlm_hf.enable(VIDEO_FAMILIES["qwen2_5_vl"](seed=0))
+    inputs = video_inputs(target, torch.Generator().manual_seed(11), frames=16, text_tokens=4)
+    n = inputs["input_ids"].shape[1]
+    visual = int(adapter_for(target).visual_mask(inputs["input_ids"][0], inputs).sum())
+    assert visual >= 64
+    new = 12
+    kwargs = {"do_sample": False, "max_new_tokens": new, "min_new_tokens": new, "cache_implementation": "static"}
+    reference = target.generate(**{k: v for k, v in inputs.items()}, **{**kwargs, "cache_implementation": None})
+    draft_bytes = {}
+    for spec in ("none", "tpool@4", "frames@4", "text"):
+        draft = _static_draft(target, spec)
+        widths = []
+        decode = draft.decode
+
+        def spy(fused, attention_mask=None, **rest):
+            widths.append(attention_mask.shape[-1])
+            return decode(fused, attention_mask=attention_mask, **rest)
+
+        draft.decode = spy
+        out = target.generate(**inputs, **kwargs, assistant_model=draft)
+        assert out.tolist() == reference.tolist(), spec
+        round, stats = draft._specvlm_static_round, draft.stats
+        assert stats.target_visual_tokens == visual and stats.rounds > 0
+        held = n - visual + stats.draft_visual_tokens  # the draft prefill's entries
+        room = round_module.tree_room(draft.config)
+        assert round.draft_length == round_module.bucketed(held + new + room), spec
+        assert round.length == round_module.bucketed(n + new + room)  # the target's: every visual token
+        assert set(widths) == {round.draft_length}, "every draft step attends over the draft cache's width"
+        cache = round.runner.window.cache
+        per_slot = _cache_bytes(cache) // round.draft_length
+        text = draft.config.text_config
+        head_dim = text.hidden_size // text.num_attention_heads
+        assert per_slot == text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * 4  # keys + values, fp32
+        draft_bytes[spec] = _cache_bytes(cache)
+    assert draft_bytes["text"] < draft_bytes["frames@4"] == draft_bytes["tpool@4"] < draft_bytes["none"]
+    assert draft_bytes["tpool@4"] <= draft_bytes["none"] * (n - visual + visual // 4 + new + 17 + 8) // (n + new + 17)
+
+
+def test_fast_path_rounds_of_other_draft_widths_share_the_target_cache(monkeypatch):
+    """Two prompts of one length, one a compressed video and one text only, need two draft cache widths: the fast
+    path keeps one round per width over one target cache (each with its own graphs on a GPU), and reuses both."""
+    from specvlm_hf import round as round_module
+
+    monkeypatch.setattr(round_module, "LENGTH_BUCKET", 8)
+    target = specvlm_hf.enable(VIDEO_FAMILIES["qwen2_5_vl"](seed=0))
+    video = video_inputs(target, torch.Generator().manual_seed(12), frames=16, text_tokens=4)
+    words = torch.randint(3, 60, video["input_ids"].shape, generator=torch.Generator().manual_seed(1))
+    text = {"input_ids": words, "attention_mask": torch.ones_like(words)}
+    draft = _static_draft(target, "tpool@4", kind="oracle")
+    kwargs = {"do_sample": False, "max_new_tokens": 10, "min_new_tokens": 10}
+    seen = []
+    for inputs in (video, text, video, text):
+        out = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+        assert out.tolist() == target.generate(**inputs, **kwargs).tolist()
+        seen.append((draft._specvlm_fast_path, draft._specvlm_static_round))
+    fast = seen[0][0]
+    assert all(path is fast for path, _ in seen) and len(fast.rounds) == 2
+    video_round, text_round = seen[0][1], seen[1][1]
+    assert video_round.draft_length < text_round.draft_length == text_round.length
+    assert video_round.target_window is text_round.target_window is fast.target_window
+    assert seen[2][1] is video_round and seen[3][1] is text_round
+
+
+def test_batched_fast_path_draft_caches_follow_the_longest_compressed_row(monkeypatch):
+    """Batched fast path: every row's draft cache is as wide as the longest row's compressed prompt needs (its real
+    tokens: left padding is not kept in the draft's cache)."""
+    from specvlm_hf import round as round_module
+    from tiny_models import random_inputs, tiny_llava
+
+    monkeypatch.setattr(round_module, "LENGTH_BUCKET", 4)
+    target = specvlm_hf.enable(tiny_llava(seed=0, scale=16.0))
+    generator = torch.Generator().manual_seed(3)
+    rows = [random_inputs(target, generator, text_tokens=3 + 4 * i, image=i != 1) for i in range(3)]
+    width = max(row["input_ids"].shape[1] for row in rows)
+    batch = {"input_ids": [], "attention_mask": []}
+    for row in rows:
+        pad = width - row["input_ids"].shape[1]
+        batch["input_ids"].append(torch.cat([row["input_ids"].new_zeros(1, pad), row["input_ids"]], dim=1))
+        batch["attention_mask"].append(torch.cat([torch.zeros(1, pad, dtype=torch.long), row["attention_mask"]], 1))
+    batch = {key: torch.cat(value) for key, value in batch.items()}
+    batch["pixel_values"] = torch.cat([row["pixel_values"] for row in rows if "pixel_values" in row])
+    draft = _static_draft(target, "pool@4", kind="oracle")
+    kwargs = {"do_sample": False, "max_new_tokens": 10, "min_new_tokens": 10}
+    out = target.generate(**batch, **kwargs, assistant_model=draft, cache_implementation="static")
+    assert out.tolist() == target.generate(**batch, **kwargs).tolist()
+    round = draft._specvlm_static_rows_round
+    per_image = target.config.vision_config.image_size // target.config.vision_config.patch_size
+    saved = per_image**2 - (per_image // 2) ** 2  # pool@4 on one image: a row with an image holds this many fewer
+    room = 10 + round_module.tree_room(draft.config)
+    assert round.length == round_module.bucketed(width + room)
+    assert round.draft_length == round_module.bucketed(width - saved + room) < round.length
+    assert all(runner.window.width == round.draft_length for runner in round.runners)
