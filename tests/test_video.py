@@ -10,7 +10,7 @@ import torch
 
 import specvlm_hf
 from specvlm_hf.adapters import adapter_for
-from specvlm_hf.compressor import VisualLayout, build_branch, frame_groups
+from specvlm_hf.compressor import GridSegment, VisualLayout, build_branch, frame_groups, visual_units
 from specvlm_hf.draft_runner import DraftRunner
 from specvlm_hf.hf_internals import layer_tensors
 from family_checks import MODES, assert_logits_match_plain, make_draft
@@ -66,9 +66,72 @@ def test_qwen_video_is_laid_out_as_its_time_grid():
 
 
 def test_qwen3_video_frames_are_runs_after_their_timestamps():
-    layouts, inputs = _layouts("qwen3_vl", image=False)
+    layouts, inputs = _layouts("qwen3_vl", image=True)
     t, h, w = inputs["video_grid_thw"][0].tolist()
-    assert len(layouts) == t and all(layout.num_tokens == h * w // 4 for layout in layouts)
+    image, frames = layouts[0], layouts[1:]
+    assert len(frames) == t and all(layout.num_tokens == h * w // 4 for layout in frames)
+    assert image.clip is None and {layout.clip for layout in frames} == {0}, "one video's frames share a clip"
+    assert visual_units(layouts) == [[0], list(range(1, t + 1))]
+
+
+def _qwen3_clip_prompt(frames: int = 4, per_frame: int = 2, text: int = 2):
+    """A Qwen3-VL-like prompt of `frames` frame spans of `per_frame` tokens, each after `text` timestamp tokens,
+    then 3 text tokens: fused rows labelled with their index; the frame layouts of one clip."""
+    visual = torch.zeros(frames * (text + per_frame) + 3, dtype=torch.bool)
+    for frame in range(frames):
+        start = frame * (text + per_frame) + text
+        visual[start : start + per_frame] = True
+    layouts = [VisualLayout([GridSegment(0, 1, per_frame)], temporal=True, clip=0) for _ in range(frames)]
+    n = visual.shape[0]
+    fused = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 64)
+    return fused, torch.arange(n), torch.ones(n, dtype=torch.bool), visual, layouts
+
+
+@pytest.mark.parametrize("spec", ["frames@2", "tpool@2", "frame_norm@2", "pool@2", "prune@2", "text"])
+def test_qwen3_time_branches_pool_across_timestamps_with_frames_in_their_own_place(spec):
+    """Qwen3-VL puts each frame after its timestamp text: the compressor sees the video's frames as one clip and
+    each compressed frame keeps positions inside its own frame's span (`frames@2`: frames 0 and 2 stay; `tpool@2`:
+    a pooled pair sits in its second frame's place); text keeps every position; outputs that mix frames
+    (`prune@2`) take the video's last visual positions."""
+    target = VIDEO_FAMILIES["qwen3_vl"](seed=0)
+    draft = make_draft(target, "fresh", "tree", compressor={"mode": "fixed", "fixed": spec}).eval()
+    fused, positions, real, visual, layouts = _qwen3_clip_prompt()
+    out, out_positions, _, info = draft.compress_prompt(fused, positions, real, visual, layouts, None)
+    frame_positions = [[2, 3], [6, 7], [10, 11], [14, 15]]
+    text_positions = [p for p in range(fused.shape[0]) if not visual[p]]
+    kept = [int(p) for p, value in zip(out_positions, out[:, 0]) if visual[p]]
+    assert [int(p) for p in out_positions if not visual[p]] == text_positions
+    assert out_positions.tolist() == sorted(out_positions.tolist()), "the draft's sequence stays in order"
+    values = {int(p): float(v) for p, v in zip(out_positions, out[:, 0])}
+    expected = {
+        "frames@2": {2: 2.0, 3: 3.0, 10: 10.0, 11: 11.0},  # frames 0 and 2, in their own places
+        "tpool@2": {6: 4.0, 7: 5.0, 14: 12.0, 15: 13.0},  # mean of frames (0, 1) at frame 1, (2, 3) at frame 3
+        "frame_norm@2": {3: 3.0, 7: 7.0, 11: 11.0, 15: 15.0},  # each frame's larger-norm token, in place
+        "pool@2": {3: 2.5, 7: 6.5, 11: 10.5, 15: 14.5},  # each frame pooled in its own span
+        "text": {},
+    }
+    if spec in expected:
+        assert {p: values[p] for p in kept} == expected[spec]
+    else:  # prune's draw mixes frames: the video's last visual positions
+        assert kept == [p for frame in frame_positions for p in frame][-len(kept) :] and len(kept) == 4
+    assert info["draft_visual_tokens"] == len(kept) and info["target_visual_tokens"] == 8
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_qwen3_video_pooled_over_time_matches_plain_generate(mode):
+    """`tpool@2` and `frames@2` halve a Qwen3-VL video's frames in the draft (across the timestamp text), and the
+    output is still plain `generate`'s."""
+    target = specvlm_hf.enable(VIDEO_FAMILIES["qwen3_vl"](seed=0))
+    generator = torch.Generator().manual_seed(31)
+    for spec in ("tpool@2", "frames@2"):
+        inputs = video_inputs(target, generator, frames=4, image=True, text_tokens=4)
+        t, h, w = inputs["video_grid_thw"][0].tolist()
+        draft = make_draft(target, "noisy", mode, compressor={"mode": "fixed", "fixed": spec})
+        kwargs = {"do_sample": False, "max_new_tokens": 14, "min_new_tokens": 14, **MODES[mode]}
+        reference = target.generate(**inputs, **kwargs)
+        assert target.generate(**inputs, **kwargs, assistant_model=draft).tolist() == reference.tolist(), spec
+        stats = draft.stats
+        assert stats.target_visual_tokens - stats.draft_visual_tokens == (t // 2) * h * w // 4, spec
 
 
 @pytest.mark.parametrize("family,trailing", [("llava_onevision", 1), ("llava_next_video", 0)])
