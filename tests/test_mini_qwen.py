@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -274,3 +275,34 @@ def mini_target(folder):
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("mode", ["tree", "chain"])
+def test_generate_with_a_video_on_mini_qwen_without_torchvision(builtin_qwen, capsys, tmp_path, mode):
+    """`specvlm generate --model mini-qwen --video FILE`: the Qwen processor built without torchvision still takes
+    the clip (`processors.qwen_video_inputs`), and the output equals plain greedy decoding."""
+    pytest.importorskip("av", reason="PyAV (the `video` extra) is not installed")
+    from test_video_files import write_clip
+
+    write_clip(tmp_path / "clip.mp4", frames=8, size=64)
+    args = ["generate", "--model", "mini-qwen", "--video", str(tmp_path / "clip.mp4"), "--mode", mode]
+    assert main(args + ["--max-new-tokens", "6", "--prompt", "Which way does it move?"]) == 0
+    out = capsys.readouterr().out
+    assert "output identical to plain greedy decoding" in out, out
+
+
+def test_qwen_video_inputs_expand_the_placeholder_to_the_patches(tiny_qwen):
+    from specvlm_hf.processors import qwen_video_inputs, takes_video
+
+    processor = load_processor(str(tiny_qwen[0]))
+    assert takes_video(processor)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Hi"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    frames = np.random.default_rng(0).integers(0, 256, (5, 40, 70, 3), dtype=np.uint8)
+    inputs = qwen_video_inputs(processor, frames, text)
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    assert t == 3 and inputs["pixel_values_videos"].shape[0] == t * h * w
+    assert int((inputs["mm_token_type_ids"] == 2).sum()) == t * h * w // 4
