@@ -40,6 +40,7 @@ import specvlm_hf  # noqa: E402
 from gpu_check_tree import TINY, TokenClock, llava_7b_shaped  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
 from specvlm_hf.compressor import GridSegment, VisualLayout  # noqa: E402
+from specvlm_hf.round import release_fast_path  # noqa: E402
 
 DEVICE = "cpu" if TINY else "cuda"
 DTYPE = torch.float32 if TINY else torch.bfloat16
@@ -305,7 +306,7 @@ def main():
     def without_cudnn_attention():  # sdpa's other kernels for the masked tree attention (fresh graphs)
         previous = torch.backends.cuda.cudnn_sdp_enabled()
         torch.backends.cuda.enable_cudnn_sdp(False)
-        draft.__dict__.pop("_specvlm_static_round", None)
+        release_fast_path(draft)
         try:
             return [
                 tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static", disable_compile=True)
@@ -313,7 +314,7 @@ def main():
             ][-1]
         finally:
             torch.backends.cuda.enable_cudnn_sdp(previous)
-            draft.__dict__.pop("_specvlm_static_round", None)
+            release_fast_path(draft)
 
     section("fast_graphs_no_cudnn", without_cudnn_attention)
     section(

@@ -10,7 +10,10 @@ vision tower, since only the text side is measured), a video prompt of 1k, 4k, 1
    attention cost the compression saves;
 4. `round_ms` (branches in `--round-branches`): the fast path's median round time
    (`cache_implementation="static"`, CUDA graphs without `torch.compile`) in a `generate` call of
-   `--new-tokens` tokens, and its split into draft and verify.
+   `--new-tokens` tokens, and its split into draft and verify; with the fast path's static caches as allocated:
+   `fast_draft_cache_slots` / `fast_draft_kv_MiB` (the draft's, sized by its compressed prompt + new tokens + a
+   round's room, which is also the width every draft step attends over) against `fast_target_cache_slots` /
+   `fast_target_kv_MiB` (the target's, every visual token).
 
 `crossover` gives, per branch, the smallest visual count at which the branch's draft cost per round (prefill
 spread over `--amortize-rounds` rounds + tree depth x level time) is below the uncompressed draft's by 5 %.
@@ -65,6 +68,7 @@ from gpu_families import qwen2_5_vl_7b  # noqa: E402
 from gpu_fast_path import DEVICE, DTYPE, median, sync, tree_round  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
 from specvlm_hf.compressor import VisualLayout  # noqa: E402
+from specvlm_hf.hf_internals import layer_tensors  # noqa: E402
 
 TEXT_TOKENS = 40
 FRAME_SIDE = 4 if ARGS.smoke else 16  # merged tokens per frame side
@@ -143,6 +147,21 @@ def draft_costs(target, count: int, branch: str) -> dict:
     }
 
 
+def cache_bytes(cache) -> int:
+    """Bytes of a static cache's key and value tensors, as allocated."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in layer_tensors(layer) if t is not None)
+
+
+def static_cache_sizes(round) -> dict:
+    """The fast path's static caches of the call just made: slots and MiB of the draft's and the target's."""
+    return {
+        "fast_draft_cache_slots": round.draft_length,
+        "fast_draft_kv_MiB": cache_bytes(round.runner.window.cache) / 2**20,
+        "fast_target_cache_slots": round.length,
+        "fast_target_kv_MiB": cache_bytes(round.target_window.cache) / 2**20,
+    }
+
+
 def video_prompt(target, count: int) -> dict:
     """A Qwen2.5-VL video prompt of `count` merged tokens (frames of FRAME_SIDE x FRAME_SIDE tokens)."""
     config = target.config
@@ -207,7 +226,21 @@ def plot(results: dict, path: str) -> None:
             marker="s",
             label=f"round, {branch}",
         )
-    titles = ("draft prefill (ms)", "draft KV (MiB)", "draft tree level (ms); dashed: fast-path round (ms)")
+    for branch in dict.fromkeys(row["branch"] for row in rounds if "fast_draft_kv_MiB" in row):
+        mine = sorted((row for row in rounds if row["branch"] == branch), key=lambda r: r["visual_tokens"])
+        axes[1].plot(
+            [row["visual_tokens"] for row in mine],
+            [row["fast_draft_kv_MiB"] for row in mine],
+            linestyle="--",
+            marker="s",
+            label=f"fast-path static cache, {branch}",
+        )
+    axes[1].legend(fontsize=7)
+    titles = (
+        "draft prefill (ms)",
+        "draft KV (MiB); dashed: fast path's static draft cache",
+        "draft tree level (ms); dashed: fast-path round (ms)",
+    )
     for axis, title in zip(axes, titles):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
@@ -277,6 +310,7 @@ def main():
                     )
                     row.pop("tokens")
                     row["draft_visual_tokens"] = draft.stats.draft_visual_tokens
+                    row.update(static_cache_sizes(draft._specvlm_static_round))
                     del draft
                 except Exception as error:
                     row["error"] = repr(error)[:500]

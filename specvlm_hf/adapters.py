@@ -371,7 +371,8 @@ class QwenVLAdapter(TargetAdapter):
     def visual_layouts(self, is_image, model_kwargs):
         """Images: their merged `(t, h / m, w / m)` grids. Videos (`video_grid_thw`): Qwen2-VL and Qwen2.5-VL put a
         video in one run of `t` frames (temporal layout); Qwen3-VL puts each frame in its own run after its
-        timestamp, so each run is one frame. A run whose count disagrees with its grid (and every run after it)
+        timestamp, so each run is one frame, numbered with its video's `clip` (the compressor pools over the
+        video's frames across the timestamps). A run whose count disagrees with its grid (and every run after it)
         falls back to `VisualLayout.grid`."""
         merge = self.config.vision_config.spatial_merge_size
         per_frame_runs = self.config.model_type.startswith("qwen3")
@@ -391,10 +392,10 @@ class QwenVLAdapter(TargetAdapter):
         """The layout of each grid of `model_kwargs[key]` in order (each frame its own layout with `per_frame`)."""
         grids = model_kwargs.get(key)
         layouts = []
-        for frames, rows, cols in [] if grids is None else grids.tolist():
+        for clip, (frames, rows, cols) in enumerate([] if grids is None else grids.tolist()):
             rows, cols = rows // merge, cols // merge
             if per_frame:
-                layouts += [VisualLayout.frames(1, rows, cols) for _ in range(frames)]
+                layouts += [VisualLayout([GridSegment(0, rows, cols)], True, clip) for _ in range(frames)]
             else:
                 layouts.append(VisualLayout.frames(frames, rows, cols))
                 layouts[-1].temporal = key == "video_grid_thw"

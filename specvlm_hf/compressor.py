@@ -64,10 +64,13 @@ class GridSegment:
 class VisualLayout:
     """How the visual tokens of one image (or video) are arranged: one or more patch grids. With `temporal`, the
     segments are a video's frames in time order (a `(t, h, w)` grid when they share one shape); otherwise they are
-    tiles or crops of one image, which pooling over time never mixes."""
+    tiles or crops of one image, which pooling over time never mixes. A video whose frames are separate spans of
+    the prompt (Qwen3-VL puts each frame after its timestamp text) has one layout per frame, all with the video's
+    `clip` number: the draft compresses them as one video (`join_clip`, `SpecVLMDraftModel.compress_prompt`)."""
 
     segments: list[GridSegment] = field(default_factory=list)
     temporal: bool = False
+    clip: int | None = None  # frames of one video split over several spans share it (Qwen3-VL: text between frames)
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +91,42 @@ class VisualLayout:
         """A square grid when `num_tokens` is a square (LLaVA-1.5: 24 x 24), else one row."""
         side = math.isqrt(num_tokens)
         return cls([GridSegment(0, side, side)]) if side * side == num_tokens else cls.sequence(num_tokens)
+
+
+def join_clip(layouts: list[VisualLayout]) -> VisualLayout:
+    """One temporal layout over the frames of several spans (each span's tokens following the previous one's)."""
+    segments, offset = [], 0
+    for layout in layouts:
+        segments += [GridSegment(offset + s.start, s.rows, s.cols, s.newline) for s in layout.segments]
+        offset += layout.num_tokens
+    return VisualLayout(segments, temporal=True, clip=layouts[0].clip)
+
+
+def visual_units(layouts: list[VisualLayout]) -> list[list[int]]:
+    """Indices of `layouts` grouped into what the compressor sees at once: consecutive layouts of one `clip` (a
+    video split over spans) together, every other layout alone."""
+    units: list[list[int]] = []
+    for index, layout in enumerate(layouts):
+        if units and layout.clip is not None and layouts[units[-1][-1]].clip == layout.clip:
+            units[-1].append(index)
+        else:
+            units.append([index])
+    return units
+
+
+def span_counts(lengths: list[int], kept: int, per_segment: list[int] | None) -> list[int]:
+    """How many of a unit's `kept` compressed tokens go to each of its spans (`lengths` tokens each). With the
+    branch's per-frame counts (`Branch.segment_counts`; one segment per span), each frame's output stays in its own
+    span, after its own timestamp; otherwise the tokens fill the unit's last visual positions, from the end."""
+    if per_segment is not None and len(per_segment) == len(lengths) and sum(per_segment) == kept:
+        if all(count <= length for count, length in zip(per_segment, lengths)):
+            return list(per_segment)
+    counts, left = [0] * len(lengths), kept
+    for index in reversed(range(len(lengths))):
+        counts[index] = min(left, lengths[index])
+        left -= counts[index]
+    counts[-1] += left  # more tokens than positions (a resampler's queries): the last span takes the rest
+    return counts
 
 
 def image_layout(target_config, num_tokens: int | None, image_size=None) -> VisualLayout:
@@ -145,6 +184,11 @@ class Branch(nn.Module):
     def flops(self, layout: VisualLayout, hidden: int) -> int:
         return 0
 
+    def segment_counts(self, layout: VisualLayout) -> list[int] | None:
+        """Output tokens that come from each segment of `layout`, in segment order (the output is those runs, one
+        after another), or None when outputs mix segments (`prune@R`'s draw over the whole layout, a resampler)."""
+        return None
+
     @property
     def num_parameters(self) -> int:
         return sum(parameter.numel() for parameter in self.parameters())
@@ -183,6 +227,9 @@ class PoolBranch(Branch):
     def flops(self, layout, hidden):
         return layout.num_tokens * hidden
 
+    def segment_counts(self, layout):
+        return [pooled_count(VisualLayout([segment]), self.ratio) for segment in layout.segments]
+
     def forward(self, tokens, layout):
         out = []
         for segment, grid in segment_grids(tokens, layout):
@@ -212,6 +259,9 @@ class ConvBranch(Branch):
     def flops(self, layout, hidden):
         out = self.num_tokens(layout)
         return 2 * out * hidden * 9 + 2 * out * hidden * hidden
+
+    def segment_counts(self, layout):
+        return [pooled_count(VisualLayout([segment]), self.ratio) for segment in layout.segments]
 
     def forward(self, tokens, layout):
         out = []
@@ -250,6 +300,9 @@ class TextOnlyBranch(Branch):
 
     def num_tokens(self, layout):
         return 0
+
+    def segment_counts(self, layout):
+        return [0] * len(layout.segments)
 
     def forward(self, tokens, layout):
         return tokens[:0]
@@ -290,6 +343,10 @@ class FrameSkipBranch(Branch):
     def num_tokens(self, layout):
         return sum(segment.length for segment in self.kept(layout))
 
+    def segment_counts(self, layout):
+        kept = {id(segment) for segment in self.kept(layout)}
+        return [segment.length if id(segment) in kept else 0 for segment in layout.segments]
+
     def forward(self, tokens, layout):
         return torch.cat([_segment_tokens(tokens, segment) for segment in self.kept(layout)])
 
@@ -307,6 +364,15 @@ class TemporalPoolBranch(Branch):
 
     def flops(self, layout, hidden):
         return layout.num_tokens * hidden
+
+    def segment_counts(self, layout):
+        """A clip of k frames pools into its last frame's place (after that frame's timestamp)."""
+        counts = []
+        for group in frame_groups(layout):
+            for index, segment in enumerate(group):
+                last = index % self.stride == self.stride - 1 or index == len(group) - 1
+                counts.append(segment.length if last else 0)
+        return counts
 
     def forward(self, tokens, layout):
         out = []
@@ -333,6 +399,9 @@ class FrameSaliencyBranch(Branch):
 
     def flops(self, layout, hidden):
         return 2 * layout.num_tokens * hidden
+
+    def segment_counts(self, layout):
+        return [self.kept_per_segment(segment) for segment in layout.segments]
 
     def forward(self, tokens, layout):
         out = []
@@ -460,6 +529,14 @@ class VisualCompressor(nn.Module):
         if weight is not None:
             out = out * weight.to(out.dtype)
         return CompressionResult(out, self.specs[choice], probs, expected)
+
+    def segment_counts(self, result: CompressionResult, layout: VisualLayout) -> list[int] | None:
+        """Output tokens of `result` that come from each segment of `layout` (see `Branch.segment_counts`)."""
+        if self.mode == "none":
+            return [segment.length for segment in layout.segments]
+        if self.mode in ("fixed", "select"):
+            return self.branches[self.specs.index(result.branch)].segment_counts(layout)
+        return None  # weighted / concat mix branches
 
     def describe(self, layout: VisualLayout, hidden: int) -> list[dict]:
         """Token count, parameters and FLOPs of every branch for `layout`."""

@@ -28,10 +28,10 @@ from transformers.generation import (
 )
 
 from .adapters import adapter_for, call_image_inputs
-from .draft_runner import prompt_pairs
+from .draft_runner import compress_pairs, prompt_pairs
 from .hf_internals import host_stop_rule, length_rule_active, pad_token_of, plain_decoding, prefill
 from .request_checks import check_attention_backend, prefix_positions, validate_request
-from .round import RowsRound, SpeculativeRound, fast_path_options
+from .round import FastPath, RowsRound, SpeculativeRound, fast_path_options, tree_room
 from .stats import PhaseClock, SpecVLMStats, warn_if_low_acceptance
 from .target import FeatureTap
 from .tensor_parallel import RankAgreement
@@ -450,20 +450,12 @@ def tree_tokens_for_batch(config, batch: int) -> int | None:
 
 
 def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, prompt_features, decoding, model_kwargs):
-    """The batched round after the target's prefill (the fast path's `fast`, or an eager one over `target_cache`):
-    each row's draft prefilled on its own pairs (its own images and compressed length), its root loaded at its own
-    position."""
+    """The batched round after the target's prefill (on the fast path `fast`, a `FastPath`, whose draft caches are
+    sized by the longest row's compressed prompt; else an eager one over `target_cache`): each row's draft
+    prefilled on its own pairs (its own images and compressed length), its root loaded at its own position."""
     batch = input_ids.shape[0]
     masks, positions = zip(*(prefix_positions(input_ids, model_kwargs, row) for row in range(batch)))
-    if fast is None:
-        round = RowsRound.eager(adapter, draft, target_cache, torch.stack(masks))
-        round.total_tokens = tree_tokens_for_batch(draft.config, batch)
-    else:
-        round = fast
-        round.load(torch.stack(masks))
-        decoding.drops_rows = False
-    stats = decoding.stats
-    stats.draft_visual_tokens = stats.target_visual_tokens = 0
+    blocks = []
     for row in range(batch):
         ids = decoding.rows[row]
         pairs = prompt_pairs(
@@ -477,13 +469,25 @@ def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, pr
             positions[row],
             adapter.row_image_inputs(input_ids, call_image_inputs(model_kwargs), row),
         )
+        blocks.append(compress_pairs(draft, pairs))
+    if fast is None:
+        round = RowsRound.eager(adapter, draft, target_cache, torch.stack(masks))
+        round.total_tokens = tree_tokens_for_batch(draft.config, batch)
+    else:
+        room = _draft_room(draft.config, decoding.max_length, input_ids.shape[1])
+        round = fast.round_for(max(block.length for block in blocks) + room)
+        round.load(torch.stack(masks))
+        decoding.drops_rows = False
+    stats = decoding.stats
+    stats.draft_visual_tokens = stats.target_visual_tokens = 0
+    for row, block in enumerate(blocks):
         state, runner = round.rows[row]
-        root_hidden, root_log_probs, info = runner.prefill(pairs)
+        root_hidden, root_log_probs, info = runner.prefill(block)
         stats.visual_branch = info["branch"]
         stats.draft_visual_tokens += info["draft_visual_tokens"]
         stats.target_visual_tokens += info["target_visual_tokens"]
         root_position = int(positions[row][-1]) + 1
-        token = int(ids[0, input_ids.shape[1]])
+        token = int(decoding.rows[row][0, input_ids.shape[1]])
         round.start_row(
             row, token, root_position, adapter.position_offset(model_kwargs, row), root_hidden, root_log_probs
         )
@@ -491,6 +495,11 @@ def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, pr
     if keep is not None:
         round.select(keep)
     return round
+
+
+def _draft_room(config, max_length: int, prompt_length: int) -> int:
+    """Draft cache slots a fast-path call needs beyond its prefill block: the new tokens and a round's room."""
+    return max_length - prompt_length + tree_room(config)
 
 
 @torch.no_grad()
@@ -538,15 +547,11 @@ def tree_assisted_decoding(
     fast = None
     if generation_config.cache_implementation == "static":  # the fast path: static caches, CUDA graphs
         graphs, compile = fast_path_options(model, draft, input_ids.device, generation_config)
-        # room for one tree in the target's cache, and for a round's draft entries (tree levels, catch-up)
-        needed = generation_config.max_length + max(
-            config.tree_total_tokens, config.tree_depth * config.tree_top_k + config.tree_depth + 2
-        )
-        if batch > 1:
-            fast = RowsRound.static(adapter, draft, batch, needed, graphs, compile, tree_tokens)
-        else:
-            fast = SpeculativeRound.static(adapter, draft, needed, graphs, compile)
-        model_kwargs[cache_key] = fast.target_window.cache
+        # the target's cache: the whole sequence and one tree; the draft's is sized after its prefill (compressed)
+        needed = generation_config.max_length + tree_room(config)
+        rows = dict(batch=batch, tree_tokens=tree_tokens) if batch > 1 else {}
+        fast = FastPath.for_call(adapter, draft, needed, graphs, compile, **rows)
+        model_kwargs[cache_key] = fast.target_cache
     else:
         model_kwargs[cache_key] = adapter.rewindable_cache(model_kwargs[cache_key])
     if batch > 1:
@@ -592,12 +597,6 @@ def tree_assisted_decoding(
         run_rounds(decoding, round, clock)
     elif not decoding.finished:
         # 2. draft prefill on (x_{t+1}, f_t) for the whole prompt
-        if fast is None:
-            round = SpeculativeRound.eager(
-                adapter, draft, model_kwargs[cache_key], DynamicCache(config=config.text_config), prompt_mask
-            )
-        else:
-            round = fast
         pairs = prompt_pairs(
             adapter,
             draft,
@@ -609,7 +608,15 @@ def tree_assisted_decoding(
             prompt_positions,
             model_kwargs,
         )
-        root_hidden, root_log_probs, info = round.runner.prefill(pairs)
+        block = compress_pairs(draft, pairs)
+        if fast is None:
+            round = SpeculativeRound.eager(
+                adapter, draft, model_kwargs[cache_key], DynamicCache(config=config.text_config), prompt_mask
+            )
+        else:  # the draft's cache holds its compressed prompt, the new tokens and a round's room
+            room = _draft_room(config, generation_config.max_length, input_ids.shape[1])
+            round = fast.round_for(block.length + room)
+        root_hidden, root_log_probs, info = round.runner.prefill(block)
         stats.visual_branch = info["branch"]
         stats.draft_visual_tokens = info["draft_visual_tokens"]
         stats.target_visual_tokens = info["target_visual_tokens"]

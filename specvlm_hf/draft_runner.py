@@ -1,9 +1,11 @@
 """The draft over its own KV cache: the prompt's pairs, prefill (compressed), catch-up and tree steps.
 
 At position t the draft reads the pair (x_{t+1}, f_t): the target's input embedding of the next token and the
-target's final hidden state at t. `prompt_pairs` builds a prompt's pairs from the target's prefill;
-`DraftRunner` runs the draft over blocks of pairs on a cache window (`kv_cache.py`: dynamic or static cache), and is
-shared by the tree round (`round.SpeculativeRound`), chain mode (`chain.py`) and training (`training/objective.py`).
+target's final hidden state at t. `prompt_pairs` builds a prompt's pairs from the target's prefill,
+`compress_pairs` the draft's prefill block from them (visual pairs compressed; its length sizes the fast path's
+draft cache). `DraftRunner` runs the draft over blocks of pairs on a cache window (`kv_cache.py`: dynamic or static
+cache), and is shared by the tree round (`round.SpeculativeRound`), chain mode (`chain.py`) and training
+(`training/objective.py`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,47 @@ def prompt_pairs(
     )
 
 
+@dataclass
+class DraftPrefill:
+    """The block the draft's prefill writes to its cache: a prompt's pairs, fused, with the visual ones compressed.
+
+    Attributes:
+        fused: `(q, d)` fused inputs (text pairs, then each visual span's `m` compressed tokens in its place).
+        positions: `(q,)` position ids (a span's compressed tokens take its last `m` positions).
+        real: `(q,)` bool, which entries are real tokens (all of them: `compress_pairs` drops left padding).
+        info: the compressor's report (`branch`, `draft_visual_tokens`, `target_visual_tokens`).
+    """
+
+    fused: torch.Tensor
+    positions: torch.Tensor
+    real: torch.Tensor
+    info: dict
+
+    @property
+    def length(self) -> int:
+        """Cache entries the prefill writes: the text pairs plus the compressed visual tokens."""
+        return self.fused.shape[0]
+
+
+def compress_pairs(draft, prompt: PromptPairs) -> DraftPrefill:
+    """Fuses a prompt's pairs and compresses the visual ones (`SpecVLMDraftModel.compress_prompt`), on the draft's
+    device; the draft's cache is not touched. Left padding is dropped too (no query sees it): the block holds the
+    prompt's real pairs only."""
+    device = draft.fc.weight.device
+    fused = draft.fuse(prompt.token_embeds, prompt.features)[0]
+    fused, positions, real, info = draft.compress_prompt(
+        fused,
+        prompt.positions.to(device),
+        prompt.real.to(device),
+        prompt.visual.to(device),
+        prompt.layouts,
+        prompt.question,
+    )
+    if not bool(real.all()):
+        fused, positions, real = fused[real], positions[real], real[real]
+    return DraftPrefill(fused, positions, real, info)
+
+
 class DraftRunner:
     """Runs a draft over its cache window.
 
@@ -123,23 +166,15 @@ class DraftRunner:
         self.window.extend(real, q if count is None else count)
         return hidden, log_probs
 
-    def prefill(self, prompt: PromptPairs):
-        """Runs the draft over a prompt's pairs (visual ones compressed); returns the last pair's predicted
-        feature `(d,)`, its log-probabilities `(V,)` and the compressor's info."""
-        fused = self.draft.fuse(prompt.token_embeds, prompt.features)[0]
-        fused, positions, real, info = self.draft.compress_prompt(
-            fused,
-            prompt.positions.to(self.device),
-            prompt.real.to(self.device),
-            prompt.visual.to(self.device),
-            prompt.layouts,
-            prompt.question,
-        )
-        q = fused.shape[0]
-        causal = torch.ones(q, q, dtype=torch.bool, device=self.device).tril() & real[None, :]
-        last = self._forward(fused, causal, positions)[-1]
-        self.window.extend(real, q)
-        return last, self.log_probs(last), info
+    def prefill(self, prompt: PromptPairs | DraftPrefill):
+        """Runs the draft over a prompt's pairs (visual ones compressed, unless `compress_pairs` already did);
+        returns the last pair's predicted feature `(d,)`, its log-probabilities `(V,)` and the compressor's info."""
+        block = prompt if isinstance(prompt, DraftPrefill) else compress_pairs(self.draft, prompt)
+        q = block.length
+        causal = torch.ones(q, q, dtype=torch.bool, device=self.device).tril() & block.real[None, :]
+        last = self._forward(block.fused, causal, block.positions)[-1]
+        self.window.extend(block.real, q)
+        return last, self.log_probs(last), block.info
 
     def tree_step_fn(self, root_position):
         """The `draft_step` callable of `build_dynamic_tree` for a round whose root sits at `root_position` (an

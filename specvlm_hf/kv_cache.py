@@ -167,6 +167,20 @@ class FixedWindow:
         self.cache = cache
         self.real = torch.zeros(width, dtype=torch.bool, device=device)
         self.length = torch.zeros((), dtype=torch.long, device=device)
+        self.stacked: torch.Tensor | None = None  # `stack_layers`
+
+    @property
+    def width(self) -> int:
+        """Slots of the cache."""
+        return self.real.shape[0]
+
+    def stack_layers(self) -> torch.Tensor | None:
+        """Moves the cache's layers into one tensor (`stack_static_layers`) once, after a first prefill initialised
+        them, so that `keep` compacts with one gather; every round over this window then reads the same addresses
+        (stacking again would move the layers under graphs captured before)."""
+        if self.stacked is None:
+            self.stacked = stack_static_layers(self.cache)
+        return self.stacked
 
     def load(self, real: torch.Tensor) -> None:
         """Starts a call: the cache holds `real.numel()` entries (the prompt), `real` marking the real ones."""
@@ -189,7 +203,7 @@ class FixedWindow:
         crop_kv(self.cache, self.length)
 
     def keep(self, nodes, count, stacked=None):
-        compact_static_kv(self.cache, self.length, nodes, count, stacked)
+        compact_static_kv(self.cache, self.length, nodes, count, self.stacked if stacked is None else stacked)
         self.real.index_fill_(0, self.length + torch.arange(nodes.shape[0], device=self.real.device), True)
         self.length.add_(count)
 

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .compressor import VisualCompressor, image_spans
+from .compressor import VisualCompressor, image_spans, join_clip, span_counts, visual_units
 from .configuration_specvlm_draft import SpecVLMDraftConfig
 from .hf_internals import cache_argument_name, unsharded
 from .packaging import write_custom_generate
@@ -295,7 +295,10 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
             fused: `(n, d)` fused inputs of one prompt (`fuse` output).
             positions: `(n,)` their position ids; real: `(n,)` bool, False on left padding.
             visual: `(n,)` bool, True where the pair's token is an image token.
-            layouts: one `VisualLayout` per image span of `visual`, in order.
+            layouts: one `VisualLayout` per image span of `visual`, in order; consecutive ones of one `clip` (a
+                video's frames split by text, Qwen3-VL) are compressed as one video, each frame's output kept in
+                its own span where the branch says which frame it came from (`VisualCompressor.segment_counts`:
+                `frames@K` keeps a frame in its place, `tpool@K` puts a pooled clip in its last frame's place).
             question: `(d,)` pooled target features of the prompt's text (the gate's input).
         Returns:
             `(fused (m, d), positions (m,), real (m,), info)` with `info` = dict(branch, draft_visual_tokens,
@@ -314,19 +317,23 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
             raise ValueError(f"{len(spans)} image spans in the prompt but {len(layouts)} layouts")
         pieces, piece_positions, piece_real, branches, expected = [], [], [], [], []
         cursor = 0
-        for (start, end), layout in zip(spans, layouts):
-            pieces.append(fused[cursor:start])
-            piece_positions.append(positions[cursor:start])
-            piece_real.append(real[cursor:start])
-            result = self.compressor(fused[start:end], layout, question)
-            kept = result.tokens.shape[0]
-            pieces.append(result.tokens)
-            piece_positions.append(positions[end - kept : end])  # the last positions of the image's span
-            piece_real.append(real[end - kept : end])
+        for unit in visual_units(layouts):  # an image, a video, or a video's frame spans (Qwen3-VL) together
+            unit_spans = [spans[index] for index in unit]
+            layout = layouts[unit[0]] if len(unit) == 1 else join_clip([layouts[index] for index in unit])
+            result = self.compressor(torch.cat([fused[start:end] for start, end in unit_spans]), layout, question)
+            lengths = [end - start for start, end in unit_spans]
+            counts = span_counts(lengths, result.tokens.shape[0], self.compressor.segment_counts(result, layout))
+            taken = 0
+            for (start, end), kept in zip(unit_spans, counts):
+                pieces += [fused[cursor:start], result.tokens[taken : taken + kept]]
+                # the span's last positions: the text after it keeps its distance to it
+                piece_positions += [positions[cursor:start], positions[end - kept : end]]
+                piece_real += [real[cursor:start], real[end - kept : end]]
+                taken += kept
+                cursor = end
             branches.append(result.branch)
             if result.expected_fraction is not None:
                 expected.append(result.expected_fraction)
-            cursor = end
         pieces.append(fused[cursor:])
         piece_positions.append(positions[cursor:])
         piece_real.append(real[cursor:])

@@ -63,3 +63,49 @@ def _init_parameters(class_name: str) -> tuple[str, ...]:
 
     cls = getattr(transformers, class_name, None)
     return tuple(inspect.signature(cls.__init__).parameters) if cls is not None else ()
+
+
+def takes_video(processor) -> bool:
+    """Whether `processor` can turn frames into video inputs: its own video processor, or (a Qwen-VL processor
+    without torchvision) `qwen_video_inputs`."""
+    from .hf_internals import NoVideoProcessor
+
+    video = getattr(processor, "video_processor", None)
+    return video is not None and (not isinstance(video, NoVideoProcessor) or _qwen_patches(processor))
+
+
+def _qwen_patches(processor) -> bool:
+    image = getattr(processor, "image_processor", None)
+    return all(hasattr(image, name) for name in ("merge_size", "temporal_patch_size", "patch_size"))
+
+
+def qwen_video_inputs(processor, frames, text: str):
+    """Video inputs of a Qwen2-VL / Qwen2.5-VL processor built without its video processor (no torchvision): each
+    `(T, H, W, 3)` uint8 frame resized to the size the image processor gives the first frame, patchified as Qwen's
+    video processor does (`mini.tokenizer.qwen_video_patches`), and `text`'s `<|video_pad|>` expanded to the merged
+    patch count (a `BatchFeature`). What the mini-qwen is trained on (`benchmarks/train_mini_video.py`)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .mini.tokenizer import QWEN_VIDEO_TOKEN, qwen_video_patches
+
+    image = processor.image_processor
+    pictures = [Image.fromarray(np.asarray(frame, dtype=np.uint8)) for frame in frames]
+    _, rows, cols = image(images=pictures[:1], return_tensors="pt")["image_grid_thw"][0].tolist()
+    size = (cols * image.patch_size, rows * image.patch_size)
+    pixels = np.stack([np.asarray(p.convert("RGB").resize(size, Image.BICUBIC)) for p in pictures])
+    values, grid = qwen_video_patches(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), image)
+    count = int(grid.prod()) // image.merge_size**2
+    inputs = processor.tokenizer(text.replace(QWEN_VIDEO_TOKEN, QWEN_VIDEO_TOKEN * count), return_tensors="pt")
+    video_id = processor.tokenizer.convert_tokens_to_ids(QWEN_VIDEO_TOKEN)
+    from transformers import BatchFeature
+
+    return BatchFeature(
+        {
+            **inputs,
+            "pixel_values_videos": values,
+            "video_grid_thw": grid,
+            "mm_token_type_ids": 2 * (inputs["input_ids"] == video_id).int(),
+        }
+    )

@@ -15,8 +15,10 @@ device. The two backends differ only in their cache windows and in how the funct
   device layout, a target split over GPUs included;
 - fast (`SpeculativeRound.static`, `cache_implementation="static"`): `StaticCache`s (`FixedWindow`, masks as wide
   as the caches, lengths on the device), fixed shapes and no host synchronisation, so on a GPU each function is
-  captured once as a CUDA graph (`GraphedCall`), optionally over kernels `torch.compile` fused first. It is kept
-  on the draft and reused by later calls with the same target, length and settings.
+  captured once as a CUDA graph (`GraphedCall`), optionally over kernels `torch.compile` fused first. Its buffers
+  (`FastPath`: the target's static cache, and one round per draft cache width) are kept on the draft and reused by
+  later calls with the same target, length and settings. The draft's static cache is sized by what the draft
+  holds (its compressed prompt, not the target's), so its KV bytes and attention width follow the compressed count.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .hf_internals import (
     mark_dynamic_dim,
     recompile_limit,
 )
-from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow, stack_static_layers
+from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow
 from .target import unwrap_target
 from .tree import DraftTree, build_dynamic_tree, stack_trees
 
@@ -190,8 +192,8 @@ class SpeculativeRound:
         self.state = RoundState.allocate(
             config.text_config.hidden_size, vocab, self.path_width, draft.fc.weight.dtype, device
         )
-        self.stacked_kv: torch.Tensor | None = None  # static target layers as one tensor (one-gather compaction)
         self.graphs, self.compiled = graphs, compile
+        self.marked_dynamic = False
         # each round function is compiled whole (kernels fused across the tree bookkeeping, masks and layers)
         self.draft_call = GraphedCall(self._draft, graphs, compile)
         self.verify_call = GraphedCall(self._verify, graphs, compile)
@@ -207,28 +209,6 @@ class SpeculativeRound:
         return cls(
             adapter, draft, GrowingWindow(target_cache, prompt_real), GrowingWindow(draft_cache, prompt_real[:0])
         )
-
-    @classmethod
-    def static(cls, adapter, draft, needed_length: int, graphs: bool, compile: bool) -> "SpeculativeRound":
-        """The fast path for a call needing `needed_length` cache slots: the draft's kept one when its key still
-        matches (target, rounded length, options, tree settings, weight addresses), else a new one. Its target
-        cache (`target_window.cache`) must receive the prompt's prefill before `start`."""
-        length = -(-needed_length // LENGTH_BUCKET) * LENGTH_BUCKET
-        key = cls.static_key(adapter, draft, length, graphs, compile)
-        current = getattr(draft, "_specvlm_static_round", None)
-        if current is None or current.key != key:
-            device = draft.fc.weight.device
-            target_window = FixedWindow(adapter.static_cache(length), length, device)
-            draft_window = FixedWindow(
-                StaticCache(config=draft.config.text_config, max_cache_len=length), length, device
-            )
-            current = cls(adapter, draft, target_window, draft_window, graphs, compile)
-            current.key = key
-            draft._specvlm_static_round = current
-        current.target_window.cache.reset()
-        current.runner.window.cache.reset()
-        current.runner.window.load(current.runner.window.real[:0])
-        return current
 
     @staticmethod
     def static_key(adapter, draft, length: int, graphs: bool, compile: bool) -> tuple:
@@ -263,8 +243,13 @@ class SpeculativeRound:
 
     @property
     def length(self) -> int:
-        """Slots of each static cache."""
-        return self.target_window.real.shape[0]
+        """Slots of the target's static cache."""
+        return self.target_window.real.shape[-1]
+
+    @property
+    def draft_length(self) -> int:
+        """Slots of the draft's static cache (of each row's): sized by the draft's compressed prompt."""
+        return self.runner.window.real.shape[0]
 
     # ------------------------------------------------------------------------------------------- calling
     def start(
@@ -280,10 +265,9 @@ class SpeculativeRound:
         """
         if self.is_static:
             self.target_window.load(prompt_real)
-            if self.stacked_kv is None:  # once, after the first prefill initialised the layers; later calls reuse it
-                self.stacked_kv = stack_static_layers(self.target_window.cache)
-                if self.compiled:
-                    self.mark_width_dynamic()
+            self.target_window.stack_layers()  # once per target cache, after its first prefill initialised it
+            if self.compiled and not self.marked_dynamic:
+                self.mark_width_dynamic()
         state = self.state
         state.root_token.fill_(root_token)
         state.root_position.fill_(root_position)
@@ -294,16 +278,24 @@ class SpeculativeRound:
     def mark_width_dynamic(self) -> None:
         """Marks the cache width (every buffer as wide as the static caches) dynamic for `torch.compile`, so that
         the round functions compiled for one length bucket serve every other: a new bucket costs buffers and
-        graph capture only. Sliding-window layers (narrower than the caches) keep their fixed width."""
-        width = self.length
-        for window in (self.target_window, self.runner.window):
-            mark_dynamic_dim(window.real, 0)
+        graph capture only. The draft's cache width (its compressed prompt's) is a dimension of its own. Sliding-window
+        layers (narrower than the caches) keep their fixed width."""
+        self.marked_dynamic = True
+        for window in (self.target_window, *(runner.window for runner in self.runners)):
+            width = window.real.shape[-1]
+            mark_dynamic_dim(window.real, window.real.dim() - 1)
             for layer in getattr(window.cache, "layers", ()):
                 for tensor in layer_tensors(layer):
                     if tensor is not None and tensor.dim() == 4 and tensor.shape[2] == width:
                         mark_dynamic_dim(tensor, 2)
-        if self.stacked_kv is not None:
-            mark_dynamic_dim(self.stacked_kv, 4)
+        stacked = getattr(self.target_window, "stacked", None)
+        if stacked is not None:
+            mark_dynamic_dim(stacked, 4)
+
+    @property
+    def runners(self) -> list[DraftRunner]:
+        """The draft runner of each row (one here)."""
+        return [self.runner]
 
     def draft_tree(self) -> DraftTree:
         self.tree = DraftTree(*self.draft_call())
@@ -352,7 +344,7 @@ class SpeculativeRound:
         return self.adapter.logits(hidden), hidden
 
     def _commit(self) -> None:
-        self.target_window.keep(self.state.path, self.state.count, self.stacked_kv)
+        self.target_window.keep(self.state.path, self.state.count)
         self._catch_up(self.state, self.runner, self.tree.tokens, self.features)
 
     def _catch_up(self, state: RoundState, runner: DraftRunner, tree_tokens, features) -> None:
@@ -409,34 +401,6 @@ class RowsRound(SpeculativeRound):
         ]
         return cls(adapter, draft, RowsWindow(target_cache, prompt_real), windows)
 
-    @classmethod
-    def static(
-        cls, adapter, draft, batch: int, needed_length: int, graphs: bool, compile: bool, tree_tokens: int
-    ) -> "RowsRound":
-        """The fast path for `batch` rows needing `needed_length` slots each, drafting trees of `tree_tokens` nodes;
-        kept on the draft and reused as `SpeculativeRound.static` is (the key adds the batch and tree sizes: one
-        set of graphs per shape). Its target cache must receive the prompts' prefill before `load`."""
-        length = -(-needed_length // LENGTH_BUCKET) * LENGTH_BUCKET
-        key = (*cls.static_key(adapter, draft, length, graphs, compile), batch, tree_tokens)
-        current = getattr(draft, "_specvlm_static_rows_round", None)
-        if current is None or current.key != key:
-            device = draft.fc.weight.device
-            target_window = FixedRowsWindow(adapter.static_cache(length), batch, length, device)
-            windows = [
-                FixedWindow(StaticCache(config=draft.config.text_config, max_cache_len=length), length, device)
-                for _ in range(batch)
-            ]
-            current = cls(adapter, draft, target_window, windows, graphs, compile)
-            current.total_tokens = tree_tokens
-            current.key = key
-            draft._specvlm_static_rows_round = current
-        current.target_window.cache.reset()
-        current.active.fill_(1)
-        for _, runner in current.rows:
-            runner.window.cache.reset()
-            runner.window.load(runner.window.real[:0])
-        return current
-
     def load(self, prompt_real: torch.Tensor) -> None:
         """Starts a call after the target's prefill: `(B, n)` the prompts' real tokens."""
         if self.is_static:
@@ -445,6 +409,10 @@ class RowsRound(SpeculativeRound):
     @property
     def is_static(self) -> bool:
         return isinstance(self.target_window, FixedRowsWindow)
+
+    @property
+    def runners(self) -> list[DraftRunner]:
+        return [runner for _, runner in self.rows]
 
     def start_row(self, row: int, root_token: int, root_position: int, position_offset: int, root_hidden, log_probs):
         """Loads row `row`'s state after its draft prefill (see `SpeculativeRound.start`)."""
@@ -494,6 +462,113 @@ class RowsRound(SpeculativeRound):
             tree.tokens, tree.depths, visible, positions, self.target_window.length, self.target_window.cache
         )
         return self.adapter.logits(hidden), hidden
+
+
+def tree_room(config) -> int:
+    """Cache slots a round needs beyond the sequence: one tree in the target's cache, a round's draft entries (tree
+    levels, catch-up block) in the draft's."""
+    return max(config.tree_total_tokens, config.tree_depth * config.tree_top_k + config.tree_depth + 2)
+
+
+def bucketed(length: int) -> int:
+    """`length` rounded up to a multiple of `LENGTH_BUCKET` (static cache widths)."""
+    return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+
+
+class FastPath:
+    """The fast path's buffers for one target, length bucket and set of options, kept on the draft and reused by
+    later calls whose key matches (`SpeculativeRound.static_key`, plus the batch and tree size for rows).
+
+    It holds the target's static cache and one round per draft cache width. The draft's static cache is sized by
+    what the draft holds: its prefill block (the text pairs plus the compressor's visual tokens, not the target's
+    visual count) plus the call's new tokens and a round's room, so the draft's KV bytes and the attention width of
+    each draft step follow the compressed count. That block is known only after the target's prefill (the gate
+    reads the target's features), so a call takes its round with `round_for` then; rounds of other draft widths
+    (other branches or prompts) share the target cache and keep their own CUDA graphs.
+
+    Use: `fast = FastPath.for_call(...)`; the target's prefill writes to `fast.target_cache`; then
+    `round = fast.round_for(draft_needed)`, the draft prefill on `round`'s draft cache(s), `round.start` (one row)
+    or `round.load` + `round.start_row` (rows).
+
+    Args:
+        adapter, draft: the target's `TargetAdapter` and the bound draft.
+        length: slots of the target's cache (a `LENGTH_BUCKET` multiple).
+        graphs / compile: capture the round functions as CUDA graphs / compile them first.
+        batch: rows of a batched call (`RowsRound`), None for one row (`SpeculativeRound`).
+        tree_tokens: tree nodes per row of a batched call.
+    """
+
+    def __init__(self, adapter, draft, length: int, graphs: bool, compile: bool, batch=None, tree_tokens=None):
+        self.adapter, self.draft, self.length = adapter, draft, length
+        self.graphs, self.compile, self.batch, self.tree_tokens = graphs, compile, batch, tree_tokens
+        device = draft.fc.weight.device
+        cache = adapter.static_cache(length)
+        if batch is None:
+            self.target_window = FixedWindow(cache, length, device)
+        else:
+            self.target_window = FixedRowsWindow(cache, batch, length, device)
+        self.rounds: dict[int, SpeculativeRound] = {}  # by draft cache width
+        self.key = None
+
+    @classmethod
+    def for_call(
+        cls, adapter, draft, needed_length: int, graphs: bool, compile: bool, batch=None, tree_tokens=None
+    ) -> "FastPath":
+        """The fast path for a call needing `needed_length` target cache slots: the draft's kept one when its key
+        still matches (target, rounded length, options, tree settings, weight addresses), else a new one, its
+        target cache reset."""
+        length = bucketed(needed_length)
+        key = SpeculativeRound.static_key(adapter, draft, length, graphs, compile)
+        name = "_specvlm_fast_path"
+        if batch is not None:
+            key, name = (*key, batch, tree_tokens), "_specvlm_fast_rows"
+        current = getattr(draft, name, None)
+        if current is None or current.key != key:
+            current = cls(adapter, draft, length, graphs, compile, batch, tree_tokens)
+            current.key = key
+            setattr(draft, name, current)
+        current.target_window.cache.reset()
+        return current
+
+    @property
+    def target_cache(self):
+        """The target's static cache (the prefill writes the prompt to it)."""
+        return self.target_window.cache
+
+    def round_for(self, draft_needed: int) -> SpeculativeRound:
+        """The round whose draft cache(s) hold `draft_needed` slots (rounded up to a bucket), built on first use,
+        its draft caches reset; it is also kept as `draft._specvlm_static_round` (`_specvlm_static_rows_round`)."""
+        width = bucketed(draft_needed)
+        current = self.rounds.get(width)
+        if current is None:
+            device, text_config = self.draft.fc.weight.device, self.draft.config.text_config
+            windows = [
+                FixedWindow(StaticCache(config=text_config, max_cache_len=width), width, device)
+                for _ in range(self.batch or 1)
+            ]
+            if self.batch is None:
+                current = SpeculativeRound(
+                    self.adapter, self.draft, self.target_window, windows[0], self.graphs, self.compile
+                )
+            else:
+                current = RowsRound(self.adapter, self.draft, self.target_window, windows, self.graphs, self.compile)
+                current.total_tokens = self.tree_tokens
+            self.rounds[width] = current
+        if self.batch is None:
+            self.draft._specvlm_static_round = current
+        else:
+            current.active.fill_(1)
+            self.draft._specvlm_static_rows_round = current
+        for runner in current.runners:
+            runner.window.cache.reset()
+            runner.window.load(runner.window.real[:0])
+        return current
+
+
+def release_fast_path(draft) -> None:
+    """Drops the fast-path buffers and graphs kept on `draft` (the next fast-path call builds new ones)."""
+    for name in ("_specvlm_fast_path", "_specvlm_fast_rows", "_specvlm_static_round", "_specvlm_static_rows_round"):
+        draft.__dict__.pop(name, None)
 
 
 def fast_path_options(target, draft, device: torch.device, generation_config) -> tuple[bool, bool]:

@@ -60,9 +60,10 @@ def bucket_lengths(draft, max_length: int, min_length: int = 1) -> list[int]:
 
 
 def tree_room(draft) -> int:
-    """Cache slots a round needs beyond the sequence (one tree, or a round's draft entries): as `decoding` asks."""
-    config = draft.config
-    return max(config.tree_total_tokens, config.tree_depth * config.tree_top_k + config.tree_depth + 2)
+    """Cache slots a round needs beyond the sequence (one tree, or a round's draft entries): `round.tree_room`."""
+    from .round import tree_room as room
+
+    return room(draft.config)
 
 
 def use_cache_dir(cache_dir: str) -> str:

@@ -184,21 +184,24 @@ def test_draft_cache_holds_the_reduced_visual_positions(name, expected):
     draft = compressing_draft(target, MODES[name])
     inputs = random_inputs(target, torch.Generator().manual_seed(3), text_tokens=5)
     captured = {}
-    from specvlm_hf import draft_runner
+    from specvlm_hf import decoding, draft_runner
 
-    original = draft_runner.DraftRunner.prefill
+    original, compress = draft_runner.DraftRunner.prefill, decoding.compress_pairs
 
     def spy(self, prompt):
         out = original(self, prompt)
         captured["cache"] = self.window.cache.get_seq_length()
-        captured["prompt"] = prompt.token_embeds.shape[1]
         return out
 
-    draft_runner.DraftRunner.prefill = spy
+    def spy_compress(draft, prompt):  # the tree loop compresses the prompt's pairs before choosing the draft cache
+        captured["prompt"] = prompt.token_embeds.shape[1]
+        return compress(draft, prompt)
+
+    draft_runner.DraftRunner.prefill, decoding.compress_pairs = spy, spy_compress
     try:
         target.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, assistant_model=draft)
     finally:
-        draft_runner.DraftRunner.prefill = original
+        draft_runner.DraftRunner.prefill, decoding.compress_pairs = original, compress
     visual = 16
     if expected is None:  # concat: the sum of its branches
         expected = sum(branch.num_tokens(VisualLayout.grid(visual)) for branch in draft.compressor.branches)

@@ -38,7 +38,7 @@ def plain_and_spec(target, inputs, mode, **kwargs):
     plain = target.generate(**inputs, **kwargs)
     draft = draft_for(target, mode)
     spec = target.generate(**inputs, **kwargs, assistant_model=draft, **path_kwargs(mode))
-    assert hasattr(draft, "_specvlm_static_round") == mode.endswith("static"), "the mode's own path ran"
+    assert hasattr(draft, "_specvlm_fast_path") == mode.endswith("static"), "the mode's own path ran"
     return plain, spec, draft
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,3 +217,92 @@ def test_the_demo_runs_mini_qwen_with_its_draft(builtin_qwen):
     specvlm_hf.enable(models.target)
     *_, (plain, spec, stats) = compare(models, str(mini.EXAMPLE_IMAGE), "Describe this image.", 8)
     assert "outputs identical: **yes**" in stats, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# clips for the video mini target (`benchmarks/train_mini_video.py`)
+def test_a_still_clips_patches_are_its_images_patches():
+    """A clip whose two frames are one image patchifies to that image's rows (the image processor repeats a still
+    image over the temporal patch): the video layout agrees with the image layout the tests pin to Qwen's."""
+    from specvlm_hf.mini.tokenizer import build_qwen_processor, qwen_patches, qwen_video_patches, train_tokenizer
+
+    processor = build_qwen_processor(train_tokenizer(["a b c"], 300, qwen_vision_tokens=True), 64, 8)
+    image = processor.image_processor
+    frame = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    rows, grid = qwen_video_patches(frame.expand(2, -1, -1, -1), image)
+    mean = torch.tensor(image.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(image.image_std).view(1, 3, 1, 1)
+    values = (frame.float() * image.rescale_factor - mean) / std
+    torch.testing.assert_close(rows, qwen_patches(values, 8, 2, 2))
+    assert grid.tolist() == [[1, 8, 8]]
+    odd, odd_grid = qwen_video_patches(torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8), image)
+    assert odd_grid.tolist() == [[2, 8, 8]] and odd.shape[0] == 2 * 64  # the last frame repeated
+
+
+def test_clip_batches_run_the_target_and_a_compressing_draft_trains_on_their_frames(tiny_qwen):
+    """A clip record encodes to as many `<|video_pad|>` tokens as its patches merge into (the target's forward
+    checks it), and the distillation objective compresses the clip's video tokens with the layouts given."""
+    import importlib.util
+
+    from specvlm_hf.adapters import adapter_for
+    from specvlm_hf.training.objective import DistillationObjective, draft_sequences, teacher_forward
+
+    spec = importlib.util.spec_from_file_location(
+        "train_mini_video", Path(__file__).resolve().parents[1] / "benchmarks" / "train_mini_video.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    target = mini_target(tiny_qwen[0])
+    processor = load_processor(str(tiny_qwen[0]))
+    rows = script.clip_rows(processor, 0, 0, 2, 4, 64)
+    batch = script.collate(rows, processor, target.config, torch.device("cpu"))
+    video = int((batch["input_ids"] == target.config.video_token_id).sum())
+    assert video == 2 * 2 * 16  # per clip: 2 temporal patches of 8 x 8 patches merged 2 x 2
+    batch["labels"] = batch.pop("answer")
+    batch["layouts"] = script.clip_layouts(adapter_for(target), batch)
+    assert [len(layouts) for layouts in batch["layouts"]] == [1, 1] and batch["layouts"][0][0].temporal
+    teacher = teacher_forward(target, batch)  # raises if the placeholders and the patches disagree
+    draft = SpecVLMDraftModel.from_target(target, compressor={"mode": "fixed", "fixed": "tpool@2"}).bind_target(target)
+    sequences = draft_sequences(draft, target.config, batch, teacher)
+    plain = draft_sequences(SpecVLMDraftModel.from_target(target).bind_target(target), target.config, batch, teacher)
+    assert int(sequences.attention_mask.sum()) == int(plain.attention_mask.sum()) - video // 2
+    loss = DistillationObjective(draft, target.config)(batch, teacher).loss
+    loss.backward()
+    assert torch.isfinite(loss) and draft.fc.weight.grad is not None
+
+
+def mini_target(folder):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("mode", ["tree", "chain"])
+def test_generate_with_a_video_on_mini_qwen_without_torchvision(builtin_qwen, capsys, tmp_path, mode):
+    """`specvlm generate --model mini-qwen --video FILE`: the Qwen processor built without torchvision still takes
+    the clip (`processors.qwen_video_inputs`), and the output equals plain greedy decoding."""
+    pytest.importorskip("av", reason="PyAV (the `video` extra) is not installed")
+    from test_video_files import write_clip
+
+    write_clip(tmp_path / "clip.mp4", frames=8, size=64)
+    args = ["generate", "--model", "mini-qwen", "--video", str(tmp_path / "clip.mp4"), "--mode", mode]
+    assert main(args + ["--max-new-tokens", "6", "--prompt", "Which way does it move?"]) == 0
+    out = capsys.readouterr().out
+    assert "output identical to plain greedy decoding" in out, out
+
+
+def test_qwen_video_inputs_expand_the_placeholder_to_the_patches(tiny_qwen):
+    from specvlm_hf.processors import qwen_video_inputs, takes_video
+
+    processor = load_processor(str(tiny_qwen[0]))
+    assert takes_video(processor)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Hi"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    frames = np.random.default_rng(0).integers(0, 256, (5, 40, 70, 3), dtype=np.uint8)
+    inputs = qwen_video_inputs(processor, frames, text)
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    assert t == 3 and inputs["pixel_values_videos"].shape[0] == t * h * w
+    assert int((inputs["mm_token_type_ids"] == 2).sum()) == t * h * w // 4

@@ -105,8 +105,9 @@ def build_inputs(processor, image, prompt: str):
 
 def _video_inputs(processor, clip, prompt: str):
     from ..errors import UserError
+    from ..processors import qwen_video_inputs, takes_video
 
-    if getattr(processor, "video_processor", None) is None:
+    if not takes_video(processor):
         raise UserError(
             f"{type(processor).__name__} takes no video: pass --video with a --model that does (Qwen2-VL, Qwen2.5-VL, "
             "Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video), or an image with --image."
@@ -115,6 +116,10 @@ def _video_inputs(processor, clip, prompt: str):
     text = processor.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
     )
+    from ..hf_internals import NoVideoProcessor
+
+    if isinstance(processor.video_processor, NoVideoProcessor):  # a Qwen-VL processor without torchvision
+        return qwen_video_inputs(processor, clip.frames, text)
     return processor(videos=[clip.frames], text=text, return_tensors="pt", do_sample_frames=False)
 
 

@@ -203,7 +203,10 @@ def record_to_messages(record: dict, with_answer: bool = True) -> list[dict]:
             break
         role = {"human": "user", "gpt": "assistant", "system": "system"}[turn["from"]]
         value = turn["value"]
-        if IMAGE_TOKEN in value:
+        if VIDEO_TOKEN in value:  # a clip of the motion set (`data.make_clip_example`)
+            text = value.replace(VIDEO_TOKEN + "\n", "").replace(VIDEO_TOKEN, "")
+            content = [{"type": "video"}, {"type": "text", "text": text}]
+        elif IMAGE_TOKEN in value:
             text = value.replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
             content = [{"type": "image"}, {"type": "text", "text": text}]
         else:
@@ -234,6 +237,52 @@ def encode_record(processor, record: dict, image_size: int | None = None) -> tup
     prompt_ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
     return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+
+
+VIDEO_TOKEN = "<video>"  # a clip record's placeholder (`data.make_clip_example`)
+QWEN_VIDEO_TOKEN = "<|video_pad|>"
+
+
+def num_video_tokens(processor, frames: int, image_size: int) -> int:
+    """Placeholders of a clip of `frames` square `image_size` frames for a Qwen processor: one temporal patch per
+    two frames (the last frame repeated when odd), `(image_size / patch / merge)^2` merged tokens each."""
+    image = processor.image_processor
+    temporal = image.temporal_patch_size
+    return -(-frames // temporal) * num_image_tokens(processor, image_size)
+
+
+def encode_clip_record(processor, record: dict, frames: int, image_size: int) -> tuple[list[int], list[int]]:
+    """`encode_record` for a clip record (`"<video>"` placeholder) and a Qwen processor: the prompt with
+    `<|video_pad|>` expanded to `num_video_tokens`, then the answer; labels on the answer only."""
+    prompt = prompt_text(processor, record)
+    prompt = prompt.replace(QWEN_VIDEO_TOKEN, QWEN_VIDEO_TOKEN * num_video_tokens(processor, frames, image_size))
+    answer = record["conversations"][1]["value"] + END_TOKEN
+    prompt_ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+
+
+def qwen_video_patches(frames, image_processor):
+    """uint8 frames `(T, 3, H, W)` (H, W multiples of patch * merge) -> Qwen2-VL video patch rows
+    `(T' * (H / patch) * (W / patch), 3 * temporal * patch * patch)` and `video_grid_thw` `(1, 3)`, as Qwen's
+    video processor lays them out (frames normalized with the image processor's mean and std; the last frame
+    repeated up to a multiple of the temporal patch, `T'` temporal patches)."""
+    import torch
+
+    temporal, patch = image_processor.temporal_patch_size, image_processor.patch_size
+    merge = image_processor.merge_size
+    frames = torch.as_tensor(frames)
+    if frames.shape[0] % temporal:
+        frames = torch.cat([frames, frames[-1:].expand(temporal - frames.shape[0] % temporal, -1, -1, -1)])
+    mean = torch.tensor(image_processor.image_mean, device=frames.device).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std, device=frames.device).view(1, 3, 1, 1)
+    values = (frames.float() * image_processor.rescale_factor - mean) / std
+    t, c, h, w = values.shape
+    gt, gh, gw = t // temporal, h // patch, w // patch
+    x = values.reshape(gt, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (T', gh/m, gw/m, m, m, C, temporal, p, p)
+    rows = x.reshape(gt * gh * gw, c * temporal * patch * patch)
+    return rows, torch.tensor([[gt, gh, gw]], dtype=torch.long, device=frames.device)
 
 
 def image_to_uint8(image: Image.Image, image_size: int) -> np.ndarray:

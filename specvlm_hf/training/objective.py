@@ -59,6 +59,9 @@ def teacher_forward(target: nn.Module, batch: dict, inference_mode: bool = True)
         kwargs["image_sizes"] = batch["image_sizes"]
     if batch.get("image_grid_thw") is not None:
         kwargs["image_grid_thw"] = batch["image_grid_thw"]
+    if batch.get("pixel_values_videos") is not None:  # Qwen-VL clips
+        kwargs["pixel_values_videos"] = batch["pixel_values_videos"].to(model.dtype)
+        kwargs["video_grid_thw"] = batch["video_grid_thw"]
     # the family's extra inputs (Qwen-VL: `mm_token_type_ids`, without which the forward silently uses 1-D
     # positions instead of M-RoPE's), as its processor gives them to `generate`
     kwargs.update(adapter_for(model, tree=False).forward_inputs(batch["input_ids"]))
@@ -134,6 +137,8 @@ def draft_sequences(
         )
 
     image_token = getattr(target_config, "image_token_id", None)
+    video_token = getattr(target_config, "video_token_id", None)
+    given_layouts = batch.get("layouts")  # per example, its visual spans' layouts (video clips: their frames)
     images_per_example = batch.get("images_per_example")
     image_sizes = batch.get("image_sizes")
     first_image = 0
@@ -143,6 +148,9 @@ def draft_sequences(
         n_prompt = int(prompt_pairs[b])
         is_image = input_ids[b, :n_prompt] == image_token
         visual = input_ids[b, 1 : n_prompt + 1] == image_token
+        if video_token is not None:
+            is_image = is_image | (input_ids[b, :n_prompt] == video_token)
+            visual = visual | (input_ids[b, 1 : n_prompt + 1] == video_token)
         count = int(images_per_example[b]) if images_per_example is not None else 0
         sizes = image_sizes[first_image : first_image + count] if image_sizes is not None else None
         first_image += count
@@ -153,7 +161,7 @@ def draft_sequences(
                 positions[b, :n_prompt],
                 real,
                 visual,
-                prompt_layouts(target_config, visual, sizes),
+                given_layouts[b] if given_layouts is not None else prompt_layouts(target_config, visual, sizes),
                 question_features(teacher.features[b, :n_prompt], real, is_image),
             )
             if info["expected_fraction"] is not None:

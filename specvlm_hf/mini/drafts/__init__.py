@@ -22,7 +22,9 @@ from pathlib import Path
 DRAFTS_DIR = Path(__file__).parent
 DRAFT_NAMES = ("eaglevlm", "specvlm")
 DEFAULT_DRAFT = "eaglevlm"
-QWEN_DRAFT_NAMES = ("qwen_eaglevlm",)  # the mini-qwen target's draft (`benchmarks/train_mini_qwen.py`)
+# the mini-qwen target's drafts (`benchmarks/train_mini_qwen.py`; `benchmarks/train_mini_video.py` retrains
+# `qwen_eaglevlm` and adds `qwen_specvlm`, a compressing draft for clips, once it has run on a GPU)
+QWEN_DRAFT_NAMES = ("qwen_eaglevlm", "qwen_specvlm")
 
 
 def draft_path(name: str = DEFAULT_DRAFT) -> Path:
