@@ -284,7 +284,6 @@ class RowsDecoding(Decoding):
         self.prompt_length = input_ids.shape[1]
         self.streamed = 0  # steps sent to the streamer
         self.live = list(range(batch))
-        self.drops_rows = True  # False on the fast path: finished rows stay in the round, masked
         self.row_processors = [row_processors(logits_processor, row, batch) for row in range(batch)]
 
     @property
@@ -377,6 +376,7 @@ class RowsDecoding(Decoding):
         return scores, tuple(torch.stack(parts) for parts in zip(*paths))
 
     def record(self, acceptances: list[Acceptance], scores, logits) -> int:
+        self.stats.rows_per_round.append(len(self.live))
         appended = 0
         for acceptance, row in zip(acceptances, self.live):
             if self._padded(row):  # a finished row the fast path keeps in its batch, masked
@@ -390,8 +390,8 @@ class RowsDecoding(Decoding):
         return appended
 
     def rows_to_keep(self) -> list[int] | None:
-        """The round's rows that can still add tokens; on the eager path the others leave `live` (the round drops
-        them), on the fast path they stay (the round masks them)."""
+        """The round's rows (indices into `live`) that can still add tokens; None when that is all of them, or none
+        (then generation is finished)."""
         keep = [
             index
             for index, row in enumerate(self.live)
@@ -399,9 +399,11 @@ class RowsDecoding(Decoding):
         ]
         if len(keep) == len(self.live) or not keep:
             return None
-        if self.drops_rows:
-            self.live = [self.live[index] for index in keep]
         return keep
+
+    def hold(self, held: list[int]) -> None:
+        """The round now holds the rows `held` (indices into `live`), in that order."""
+        self.live = [self.live[index] for index in held]
 
 
 def run_rounds(decoding: Decoding, round: SpeculativeRound, clock: PhaseClock) -> None:
@@ -419,8 +421,9 @@ def run_rounds(decoding: Decoding, round: SpeculativeRound, clock: PhaseClock) -
         clock.lap("draft")
         decoding.record(pending.receive(), scores, logits)
         keep = decoding.rows_to_keep()
-        if keep is not None:  # a batch: rows that finished leave it
-            round.select(keep)
+        if keep is not None:  # a batch: rows that finished leave it (or are masked, or move to a smaller batch)
+            round, held = round.select(keep)
+            decoding.hold(held)
 
 
 def _cache_key(model_kwargs: dict) -> str:
@@ -456,12 +459,12 @@ def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, pr
     batch = input_ids.shape[0]
     masks, positions = zip(*(prefix_positions(input_ids, model_kwargs, row) for row in range(batch)))
     if fast is None:
-        round = RowsRound.eager(adapter, draft, target_cache, torch.stack(masks))
-        round.total_tokens = tree_tokens_for_batch(draft.config, batch)
+        round = RowsRound.eager(
+            adapter, draft, target_cache, torch.stack(masks), lambda rows: tree_tokens_for_batch(draft.config, rows)
+        )
     else:
         round = fast
         round.load(torch.stack(masks))
-        decoding.drops_rows = False
     stats = decoding.stats
     stats.draft_visual_tokens = stats.target_visual_tokens = 0
     for row in range(batch):
@@ -489,7 +492,8 @@ def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, pr
         )
     keep = decoding.rows_to_keep()  # rows that stopped on their first token
     if keep is not None:
-        round.select(keep)
+        round, held = round.select(keep)
+        decoding.hold(held)
     return round
 
 
@@ -543,7 +547,9 @@ def tree_assisted_decoding(
             config.tree_total_tokens, config.tree_depth * config.tree_top_k + config.tree_depth + 2
         )
         if batch > 1:
-            fast = RowsRound.static(adapter, draft, batch, needed, graphs, compile, tree_tokens)
+            fast = RowsRound.static(
+                adapter, draft, batch, needed, graphs, compile, lambda rows: tree_tokens_for_batch(config, rows)
+            )
         else:
             fast = SpeculativeRound.static(adapter, draft, needed, graphs, compile)
         model_kwargs[cache_key] = fast.target_window.cache

@@ -152,6 +152,11 @@ class RoundState:
     count: torch.Tensor
     next_token: torch.Tensor
 
+    def copy_(self, other: "RoundState") -> None:
+        """Copies `other`'s values into this state's buffers (their addresses stay)."""
+        for name in self.__dataclass_fields__:
+            getattr(self, name).copy_(getattr(other, name))
+
     @classmethod
     def allocate(cls, hidden: int, vocab: int, path_width: int, dtype, device) -> "RoundState":
         long = dict(dtype=torch.long, device=device)
@@ -385,11 +390,21 @@ class RowsRound(SpeculativeRound):
     - eager (`RowsRound.eager`): a `RowsWindow` over `generate`'s dynamic cache; finished rows are dropped;
     - fast (`RowsRound.static`): a `FixedRowsWindow` over a static cache of `B` rows and one static draft cache per
       row; every shape is fixed (the round can be captured as CUDA graphs), finished rows stay in the batch,
-      masked out (`active`: they keep nothing).
+      masked out (`active`: they keep nothing), until at most half of the rows are live: then the live rows move to
+      the round of the next smaller batch shape (`select`), which has its own graphs.
+
+    Each row's tree has `tree_for_batch(B)` nodes (a function of the batch size: trees grow as rows leave).
     """
 
     def __init__(
-        self, adapter, draft, target_window, draft_windows: list, graphs: bool = False, compile: bool = False
+        self,
+        adapter,
+        draft,
+        target_window,
+        draft_windows: list,
+        graphs: bool = False,
+        compile: bool = False,
+        tree_for_batch=None,
     ):
         self.rows: list[tuple[RoundState, DraftRunner]] = []
         super().__init__(adapter, draft, target_window, draft_windows[0], graphs, compile)
@@ -399,37 +414,46 @@ class RowsRound(SpeculativeRound):
             state = RoundState.allocate(config.text_config.hidden_size, vocab, self.path_width, dtype, device)
             self.rows.append((state, DraftRunner(draft, window)))
         self.active = torch.ones(len(draft_windows), dtype=torch.long, device=device)
+        self.tree_for_batch = tree_for_batch or (lambda batch: config.tree_total_tokens)
+        self.total_tokens = self.tree_for_batch(len(draft_windows))
 
     @classmethod
-    def eager(cls, adapter, draft, target_cache, prompt_real: torch.Tensor) -> "RowsRound":
-        """Over `generate`'s dynamic target cache (holding the `(B, n)` prompts, `prompt_real` their real tokens)."""
+    def eager(cls, adapter, draft, target_cache, prompt_real: torch.Tensor, tree_for_batch=None) -> "RowsRound":
+        """Over `generate`'s dynamic target cache (holding the `(B, n)` prompts, `prompt_real` their real tokens);
+        `tree_for_batch(B)`: nodes per row's tree for a batch of `B` rows (default: the draft's tree size)."""
         windows = [
             GrowingWindow(DynamicCache(config=draft.config.text_config), prompt_real[0, :0])
             for _ in range(prompt_real.shape[0])
         ]
-        return cls(adapter, draft, RowsWindow(target_cache, prompt_real), windows)
+        return cls(adapter, draft, RowsWindow(target_cache, prompt_real), windows, tree_for_batch=tree_for_batch)
 
     @classmethod
     def static(
-        cls, adapter, draft, batch: int, needed_length: int, graphs: bool, compile: bool, tree_tokens: int
+        cls, adapter, draft, batch: int, needed_length: int, graphs: bool, compile: bool, tree_for_batch=None
     ) -> "RowsRound":
-        """The fast path for `batch` rows needing `needed_length` slots each, drafting trees of `tree_tokens` nodes;
-        kept on the draft and reused as `SpeculativeRound.static` is (the key adds the batch and tree sizes: one
-        set of graphs per shape). Its target cache must receive the prompts' prefill before `load`."""
+        """The fast path for `batch` rows needing `needed_length` slots each, drafting trees of
+        `tree_for_batch(batch)` nodes. One round per (batch, tree) shape is kept on the draft, each with its own
+        graphs, and reused by later calls while the rest of `SpeculativeRound.static`'s key holds (a change there
+        drops them all). Its target cache must receive the prompts' prefill before `load` (or rows moved in by
+        `select`)."""
         length = -(-needed_length // LENGTH_BUCKET) * LENGTH_BUCKET
-        key = (*cls.static_key(adapter, draft, length, graphs, compile), batch, tree_tokens)
-        current = getattr(draft, "_specvlm_static_rows_round", None)
-        if current is None or current.key != key:
+        tree_tokens = (tree_for_batch or (lambda rows: draft.config.tree_total_tokens))(batch)
+        key = cls.static_key(adapter, draft, length, graphs, compile)
+        kept = getattr(draft, "_specvlm_static_rows_rounds", None)
+        if kept is None or kept[0] != key:
+            kept = draft._specvlm_static_rows_rounds = (key, {})
+        current = kept[1].get((batch, tree_tokens))
+        if current is None:
             device = draft.fc.weight.device
             target_window = FixedRowsWindow(adapter.static_cache(length), batch, length, device)
             windows = [
                 FixedWindow(StaticCache(config=draft.config.text_config, max_cache_len=length), length, device)
                 for _ in range(batch)
             ]
-            current = cls(adapter, draft, target_window, windows, graphs, compile)
-            current.total_tokens = tree_tokens
-            current.key = key
-            draft._specvlm_static_rows_round = current
+            current = cls(adapter, draft, target_window, windows, graphs, compile, tree_for_batch)
+            current.key = (*key, batch, tree_tokens)
+            kept[1][batch, tree_tokens] = current
+        current.tree_for_batch = tree_for_batch or current.tree_for_batch
         current.target_window.cache.reset()
         current.active.fill_(1)
         for _, runner in current.rows:
@@ -455,14 +479,47 @@ class RowsRound(SpeculativeRound):
         state.root_hidden.copy_(root_hidden)
         state.root_log_probs.copy_(log_probs)
 
-    def select(self, rows: list[int]) -> None:
-        """Keeps only the rows `rows` (indices into the current rows, in order): the eager backend drops the others,
-        the fast path masks them out (they stay in the batch and keep nothing)."""
-        if self.is_static:
-            self.active.copy_(torch.isin(torch.arange(len(self.rows)), torch.tensor(rows)).long())
-            return
-        self.target_window.select(torch.tensor(rows, dtype=torch.long))
-        self.rows = [self.rows[row] for row in rows]
+    def select(self, rows: list[int]) -> tuple["RowsRound", list[int]]:
+        """Keeps only the rows `rows` (indices into the current rows, in order) drafting and keeping tokens.
+
+        The eager backend drops the others (and the trees grow to `tree_for_batch` of the smaller batch). The fast
+        path masks them out (they stay in the batch and keep nothing) while more than half of its rows are live;
+        once at most half are, the live rows move to the fast round of the smallest power-of-two batch that holds
+        them (filled up with masked rows; its trees `tree_for_batch` of that batch), with their caches and states.
+
+        Returns:
+            the round to continue with, and the current rows it holds, in its order (`rows`, then any masked
+            rows it carries).
+        """
+        if not self.is_static:
+            self.target_window.select(torch.tensor(rows, dtype=torch.long))
+            self.rows = [self.rows[row] for row in rows]
+            self.total_tokens = self.tree_for_batch(len(rows))
+            return self, rows
+        batch = len(self.rows)
+        if 2 * len(rows) > batch:
+            self.active.copy_(torch.isin(torch.arange(batch), torch.tensor(rows)).long())
+            return self, list(range(batch))
+        smaller = 1 << (len(rows) - 1).bit_length()  # the smallest power of two holding the live rows
+        held = rows + [row for row in range(batch) if row not in rows][: smaller - len(rows)]
+        other = self._moved(held)
+        other.active.copy_((torch.arange(smaller) < len(rows)).long())
+        return other, held
+
+    def _moved(self, held: list[int]) -> "RowsRound":
+        """The fast round of batch `len(held)` holding this round's rows `held` (their target cache rows, lengths
+        and real slots, draft caches and round states copied into its own buffers, which its graphs read)."""
+        width = self.target_window.real.shape[1]
+        other = RowsRound.static(
+            self.adapter, self.draft, len(held), width, self.graphs, self.compiled, self.tree_for_batch
+        )
+        index = torch.tensor(held, dtype=torch.long, device=self.active.device)
+        other.target_window.take(self.target_window, index)
+        for (state, runner), row in zip(other.rows, held):
+            source_state, source_runner = self.rows[row]
+            state.copy_(source_state)
+            runner.window.take(source_runner.window)
+        return other
 
     def commit(self, path: torch.Tensor, count: torch.Tensor, next_token: torch.Tensor) -> None:
         """Keeps each row's accepted path (`(B, P)`, counts and next tokens `(B,)`) and catches its draft up."""

@@ -256,6 +256,47 @@ def test_the_streamer_gets_the_steps_plain_batched_generate_gives(llava, path):
     assert spec.puts == plain.puts and spec.ended
 
 
+# ------------------------------------------------------------------------------------------ smaller batches
+def _dropping_rows(llava):
+    """8 rows stopping one after the other (EOS list from their continuations), so that 8, then at most 4, 2 and 1
+    rows are live."""
+    generator = torch.Generator().manual_seed(12)
+    rows = [llava_row(llava, generator, index % 3, 2 + index) for index in range(8)]
+    extra = [0, 3, 0, 7, 1, 0, 20, 2]
+    return rows, extra, [1, 3, 5, 7, 10, 14, 18, None]
+
+
+def test_the_fast_path_moves_live_rows_to_a_smaller_batch_with_the_same_output(llava):
+    """When at most half of the captured rows are live, they continue in the round of the smallest power-of-two
+    batch that holds them (graphs per (batch, tree) shape, trees of that batch's size), with the same output."""
+    rows, extra, steps = _dropping_rows(llava)
+    draft = make_draft(llava)
+    draft.config.batch_verify_tokens = 64  # 8 rows: trees of 8 nodes; 4 rows and fewer: 16 (the draft's size)
+    kwargs = dict(do_sample=False, max_new_tokens=24, cache_implementation="static")
+    _, stats = greedy_case(llava, draft, rows, extra, kwargs, steps, alone=False)
+    sizes = stats.rows_per_round
+    assert sizes == sorted(sizes, reverse=True) and {8, 4, 2, 1} <= set(sizes), sizes
+    shapes = draft._specvlm_static_rows_rounds[1]
+    assert set(shapes) == {(8, 8), (4, 16), (2, 16), (1, 16)}, "one round (graphs) per (batch, tree) shape"
+    before = dict(shapes)
+    greedy_case(llava, draft, rows, extra, kwargs, steps, alone=False)
+    assert all(shapes[key] is round for key, round in before.items()), "a second call reuses them"
+
+
+def test_moving_rows_to_a_smaller_batch_is_checked_by_the_output(llava, monkeypatch):
+    """Fault: the smaller batch takes the rows' caches and states in the wrong order; the output changes."""
+    rows, extra, steps = _dropping_rows(llava)
+    batch = left_pad(rows, extra)
+    kwargs = dict(do_sample=False, max_new_tokens=24, cache_implementation="static")
+    kwargs["eos_token_id"] = ragged_eos(llava, batch, kwargs, steps)
+    plain = llava.generate(**batch, **kwargs)
+    original = round_module.RowsRound._moved
+    monkeypatch.setattr(round_module.RowsRound, "_moved", lambda self, held: original(self, held[::-1]))
+    draft = make_draft(llava)
+    spec = llava.generate(**batch, **kwargs, assistant_model=draft)
+    assert 4 in draft.stats.rows_per_round and spec.tolist() != plain.tolist()
+
+
 # ------------------------------------------------------------------------------------------ fault injections
 def _three_rows(llava, path):
     generator = torch.Generator().manual_seed(8)
