@@ -229,6 +229,13 @@ class Decoding:
         """For a batch, the rows of the round to keep after a round (None: keep them all)."""
         return None
 
+    def score_outputs(self) -> tuple[tuple | None, tuple | None]:
+        """`(scores, logits)` as `generate` returns them: one `(B, V)` tensor per new token (None: not asked for)."""
+        return (
+            tuple(self.scores) if self.want_scores else None,
+            tuple(self.logits) if self.want_logits else None,
+        )
+
     def sequences(self) -> torch.Tensor:
         """The output ids, as plain `generate` returns them."""
         return self.input_ids
@@ -267,7 +274,10 @@ class RowsDecoding(Decoding):
     Plain `generate`'s batch conventions: a row whose stopping criteria fired stays finished; when the criteria
     include EOS, it is padded (with the pad token) up to the longest row; without an EOS criterion (e.g. stop
     strings alone) it keeps decoding until every row has stopped, and all rows end at the length where the last
-    one stopped. The streamer receives step `t` (a `(B,)` tensor) once every row has produced token `t`.
+    one stopped. The streamer receives step `t` (a `(B,)` tensor) once every row has produced token `t`. `scores` /
+    `logits` hold one `(B, V)` tensor per step; where plain `generate` pads a finished row (and scores the pad tokens
+    it feeds the model), that row's entries are 0 at the pad token and -inf elsewhere (the pad's log-probability is
+    0), since no target forward runs on them.
 
     Attributes:
         live: the original row of each row still in the round, in the round's order.
@@ -285,6 +295,8 @@ class RowsDecoding(Decoding):
         self.streamed = 0  # steps sent to the streamer
         self.live = list(range(batch))
         self.row_processors = [row_processors(logits_processor, row, batch) for row in range(batch)]
+        self.row_scores: list[list[torch.Tensor]] = [[] for _ in range(batch)]  # `(n, V)` chunks per row
+        self.row_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
 
     @property
     def final_length(self) -> int | None:
@@ -359,6 +371,7 @@ class RowsDecoding(Decoding):
             tokens = scores.argmax(dim=-1).tolist()
         for row, token in enumerate(tokens):
             self.append_row(row, [token])
+            self._record_scores(row, scores[row : row + 1], logits[row : row + 1])
         self._update_finished()
         self.stream()
         return tokens
@@ -378,16 +391,45 @@ class RowsDecoding(Decoding):
     def record(self, acceptances: list[Acceptance], scores, logits) -> int:
         self.stats.rows_per_round.append(len(self.live))
         appended = 0
-        for acceptance, row in zip(acceptances, self.live):
+        for index, (acceptance, row) in enumerate(zip(acceptances, self.live)):
             if self._padded(row):  # a finished row the fast path keeps in its batch, masked
                 continue
             count = self.append_row(row, acceptance.tokens)
             self.stats.accepted_per_round.append(count)
             appended += count
+            if count and (self.want_scores or self.want_logits):
+                nodes = torch.tensor(acceptance.nodes[:count], device=logits.device)  # a copy, even of graph memory
+                self._record_scores(row, scores[index][nodes.to(scores[index].device)], logits[index][nodes])
         self.stats.rounds += 1
         self._update_finished()
         self.stream()
         return appended
+
+    def _record_scores(self, row: int, scores: torch.Tensor, logits: torch.Tensor) -> None:
+        """Keeps row `row`'s `(n, V)` processed scores and logits of its `n` tokens just appended, when asked for."""
+        if self.want_scores:
+            self.row_scores[row].append(scores)
+        if self.want_logits:
+            self.row_logits[row].append(logits)
+
+    def score_outputs(self) -> tuple[tuple | None, tuple | None]:
+        """`(scores, logits)`: one `(B, V)` tensor per step of the output, each row's own (see the class)."""
+        steps = self.sequences().shape[1] - self.prompt_length
+
+        def per_step(chunks: list[list[torch.Tensor]]) -> tuple:
+            rows = [torch.cat(row_chunks) for row_chunks in chunks]
+            padding = torch.full_like(rows[0][:1], -float("inf"))
+            if self.pad_token is not None:
+                padding[0, self.pad_token] = 0.0
+            return tuple(
+                torch.cat([row[step : step + 1] if step < row.shape[0] else padding for row in rows])
+                for step in range(steps)
+            )
+
+        return (
+            per_step(self.row_scores) if self.want_scores else None,
+            per_step(self.row_logits) if self.want_logits else None,
+        )
 
     def rows_to_keep(self) -> list[int] | None:
         """The round's rows (indices into `live`) that can still add tokens; None when that is all of them, or none
@@ -636,10 +678,8 @@ def tree_assisted_decoding(
     clock.fill(stats)
     warn_if_low_acceptance(draft, stats)
     if generation_config.return_dict_in_generate:
+        scores, logits = decoding.score_outputs()
         return GenerateDecoderOnlyOutput(
-            sequences=sequences,
-            scores=tuple(decoding.scores) if decoding.want_scores else None,
-            logits=tuple(decoding.logits) if decoding.want_logits else None,
-            past_key_values=model_kwargs[cache_key],
+            sequences=sequences, scores=scores, logits=logits, past_key_values=model_kwargs[cache_key]
         )
     return sequences

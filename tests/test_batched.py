@@ -256,6 +256,45 @@ def test_the_streamer_gets_the_steps_plain_batched_generate_gives(llava, path):
     assert spec.puts == plain.puts and spec.ended
 
 
+@pytest.mark.parametrize("path", list(PATHS))
+def test_scores_and_logits_follow_plain_batched_generate(llava, path):
+    """One `(B, V)` tensor per step, as plain batched `generate` gives: each row's processed scores and raw logits
+    while it decodes; after a row's end (plain `generate` scores the pad tokens it feeds), 0 at the pad token and
+    -inf elsewhere."""
+    generator = torch.Generator().manual_seed(6)
+    rows = [llava_row(llava, generator, count, 3 + count) for count in (1, 2, 0)]
+    batch = left_pad(rows, [0, 4, 9])
+    kwargs = dict(do_sample=False, max_new_tokens=14, min_new_tokens=2, repetition_penalty=1.3, **PATHS[path])
+    kwargs["eos_token_id"] = ragged_eos(llava, batch, kwargs, [6, 2, None])
+    kwargs.update(return_dict_in_generate=True, output_scores=True, output_logits=True)
+    plain = llava.generate(**batch, **kwargs)
+    spec = llava.generate(**batch, **kwargs, assistant_model=make_draft(llava))
+    assert spec.sequences.tolist() == plain.sequences.tolist()
+    assert (
+        len(spec.scores)
+        == len(plain.scores)
+        == len(spec.logits)
+        == plain.sequences.shape[1] - batch["input_ids"].shape[1]
+    )
+    lengths = new_tokens_per_row(plain.sequences, batch["input_ids"].shape[1], kwargs["eos_token_id"])
+    assert min(lengths) < len(plain.scores), "a row ends early"
+    padding = torch.full((llava.config.text_config.vocab_size,), -float("inf"))
+    padding[0] = 0.0
+    for step, (mine, theirs, my_logits, their_logits) in enumerate(
+        zip(spec.scores, plain.scores, spec.logits, plain.logits)
+    ):
+        assert mine.shape == theirs.shape and my_logits.shape == their_logits.shape
+        for row, length in enumerate(lengths):
+            if step >= length:  # after the row's end
+                assert torch.equal(mine[row], padding) and torch.equal(my_logits[row], padding)
+                continue
+            finite = torch.isfinite(theirs[row])
+            assert torch.equal(finite, torch.isfinite(mine[row]))
+            assert torch.allclose(mine[row][finite], theirs[row][finite], atol=1e-4)
+            assert torch.allclose(my_logits[row], their_logits[row], atol=1e-4)
+    assert not torch.allclose(spec.scores[1][0], spec.logits[1][0]), "processors applied to the scores only"
+
+
 # ------------------------------------------------------------------------------------------ smaller batches
 def _dropping_rows(llava):
     """8 rows stopping one after the other (EOS list from their continuations), so that 8, then at most 4, 2 and 1
@@ -368,10 +407,6 @@ def test_what_batches_cannot_do_yet_is_refused_with_the_fix(llava):
     generator = torch.Generator().manual_seed(1)
     batch = left_pad([llava_row(llava, generator, 1, 3), llava_row(llava, generator, 0, 5)], [0, 0])
     draft = make_draft(llava)
-    with pytest.raises(ValueError, match="scores"):
-        llava.generate(
-            **batch, max_new_tokens=4, assistant_model=draft, return_dict_in_generate=True, output_scores=True
-        )
     draft.config.decoding_mode = "chain"
     with pytest.raises(ValueError, match="tree mode"):
         llava.generate(**batch, max_new_tokens=4, assistant_model=draft)
