@@ -563,11 +563,6 @@ def tree_assisted_decoding(
     adapter = adapter_for(model, tree=True)
     validate_request(model, input_ids, generation_config, synced_gpus, batched=True)
     batch = input_ids.shape[0]
-    if batch > 1 and getattr(adapter, "hybrid", False):
-        raise ValueError(
-            f"{adapter.name}: SpecVLM batched tree decoding does not support sliding-window layers yet. Call "
-            "`generate` once per example, or drop `assistant_model` for batched decoding."
-        )
     check_attention_backend(model, draft)
     draft.bind_target(model)
     config = draft.config

@@ -547,8 +547,9 @@ class RowsRound(SpeculativeRound):
         visible = self.target_window.visible(tree.ancestor_mask)
         roots = torch.stack([state.root_position + state.position_offset for state in states])
         positions = tree.depths + roots.to(tree.depths.device)[:, None]
+        # each row's own length: the sequence slot its tree's root follows (sliding windows count from it)
         hidden = self.adapter.verify(
-            tree.tokens, tree.depths, visible, positions, self.target_window.length, self.target_window.cache
+            tree.tokens, tree.depths, visible, positions, self.target_window.lengths, self.target_window.cache
         )
         return self.adapter.logits(hidden), hidden
 

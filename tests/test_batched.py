@@ -57,10 +57,10 @@ def left_pad(rows: list[dict], extra: list[int], pad: int = 0) -> dict:
     """One batch of batch-1 prompts, left-padded to the longest plus `extra[i]` more pad tokens on row i; the image
     inputs concatenated in row order (`mm_token_type_ids` padded with 0)."""
     width = max(row["input_ids"].shape[1] + more for row, more in zip(rows, extra))
-    batch = {"input_ids": [], "attention_mask": [], "mm_token_type_ids": []}
+    batch = {"input_ids": [], "attention_mask": [], "mm_token_type_ids": [], "token_type_ids": []}
     for row in rows:
         n = row["input_ids"].shape[1]
-        for key, fill in (("input_ids", pad), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+        for key, fill in (("input_ids", pad), ("attention_mask", 0), ("mm_token_type_ids", 0), ("token_type_ids", 0)):
             if key in row:
                 padded = row[key].new_full((1, width), fill)
                 padded[:, width - n :] = row[key]
@@ -195,6 +195,51 @@ def test_batched_greedy_on_an_m_rope_target(qwen, path):
     draft = make_draft(qwen)
     kwargs = dict(do_sample=False, max_new_tokens=16, **PATHS[path])
     greedy_case(qwen, draft, rows, [0, 9, 3], kwargs, steps=[None, 6, 0])
+
+
+# transformers 5.17's own `generate` (and its prefill, which the fast path calls) fails on PaliGemma 2 with a static
+# cache, batch size 1 included (test_families.py): no static case for it
+SLIDING = [("gemma3", "eager"), ("gemma3", "static"), ("paligemma2", "eager")]
+
+
+@pytest.mark.parametrize("family, path", SLIDING, ids=[f"{family}-{path}" for family, path in SLIDING])
+def test_batched_greedy_on_sliding_window_targets(family, path):
+    """Gemma 3 and PaliGemma 2 (a sliding window of 8 slots, shorter than the prompts plus their continuations):
+    each row's window counts from its own length, the slot plain batched `generate` gives its tokens (left padding
+    included)."""
+    from tiny_families import tiny_gemma3, tiny_paligemma2
+
+    target = specvlm_hf.enable(
+        tiny_gemma3(scale=16.0, tied=False) if family == "gemma3" else tiny_paligemma2(scale=32.0)
+    )
+    generator = torch.Generator().manual_seed(4)
+    images = (1, 0, 2) if family == "gemma3" else (1, 1, 1)  # PaliGemma: every prompt starts with its image
+    rows = [family_inputs(target, generator, images=count, text_tokens=3 + 2 * i) for i, count in enumerate(images)]
+    kwargs = dict(do_sample=False, max_new_tokens=16, **PATHS[path])
+    greedy_case(target, make_draft(target), rows, [0, 11, 3], kwargs, steps=[None, 5, 1])
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_window_counted_from_the_shared_offset_breaks_the_equality(path, monkeypatch):
+    """Fault: every row's sliding window counts from the longest row's length (where the trees are written)."""
+    from specvlm_hf.adapters import HybridAttentionAdapter
+    from tiny_families import tiny_gemma3
+
+    target = specvlm_hf.enable(tiny_gemma3(scale=16.0, tied=False))  # untied: varied continuations, not repeats
+    generator = torch.Generator().manual_seed(4)
+    rows = [family_inputs(target, generator, images=count, text_tokens=3 + 2 * i) for i, count in enumerate((1, 0, 2))]
+    batch = left_pad(rows, [0, 11, 3])
+    kwargs = dict(do_sample=False, max_new_tokens=16, min_new_tokens=16, **PATHS[path])
+    plain = target.generate(**batch, **kwargs)
+    original = HybridAttentionAdapter.verify_mask
+
+    def shared_offset(self, visible, depths, cache_length):
+        if torch.is_tensor(cache_length) and cache_length.dim() == 1:
+            cache_length = cache_length.max().expand(cache_length.shape[0])
+        return original(self, visible, depths, cache_length)
+
+    monkeypatch.setattr(HybridAttentionAdapter, "verify_mask", shared_offset)
+    assert target.generate(**batch, **kwargs, assistant_model=make_draft(target)).tolist() != plain.tolist()
 
 
 @pytest.mark.parametrize("path", list(PATHS))
