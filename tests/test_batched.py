@@ -199,19 +199,28 @@ def test_batched_greedy_on_an_m_rope_target(qwen, path):
 
 # transformers 5.17's own `generate` (and its prefill, which the fast path calls) fails on PaliGemma 2 with a static
 # cache, batch size 1 included (test_families.py): no static case for it
-SLIDING = [("gemma3", "eager"), ("gemma3", "static"), ("paligemma2", "eager")]
+GEMMA_FAMILY = [
+    ("gemma3", "eager"),
+    ("gemma3", "static"),
+    ("paligemma2", "eager"),
+    ("paligemma", "eager"),
+    ("paligemma", "static"),
+]
 
 
-@pytest.mark.parametrize("family, path", SLIDING, ids=[f"{family}-{path}" for family, path in SLIDING])
-def test_batched_greedy_on_sliding_window_targets(family, path):
+@pytest.mark.parametrize("family, path", GEMMA_FAMILY, ids=[f"{family}-{path}" for family, path in GEMMA_FAMILY])
+def test_batched_greedy_on_gemma_family_targets(family, path):
     """Gemma 3 and PaliGemma 2 (a sliding window of 8 slots, shorter than the prompts plus their continuations):
     each row's window counts from its own length, the slot plain batched `generate` gives its tokens (left padding
-    included)."""
-    from tiny_families import tiny_gemma3, tiny_paligemma2
+    included). PaliGemma 1: positions counted from 1, every row's own."""
+    from tiny_families import tiny_gemma3, tiny_paligemma, tiny_paligemma2
 
-    target = specvlm_hf.enable(
-        tiny_gemma3(scale=16.0, tied=False) if family == "gemma3" else tiny_paligemma2(scale=32.0)
-    )
+    build = {
+        "gemma3": lambda: tiny_gemma3(scale=16.0, tied=False),  # untied: varied continuations, not repeats
+        "paligemma2": lambda: tiny_paligemma2(scale=32.0),
+        "paligemma": lambda: tiny_paligemma(scale=32.0),
+    }
+    target = specvlm_hf.enable(build[family]())
     generator = torch.Generator().manual_seed(4)
     images = (1, 0, 2) if family == "gemma3" else (1, 1, 1)  # PaliGemma: every prompt starts with its image
     rows = [family_inputs(target, generator, images=count, text_tokens=3 + 2 * i) for i, count in enumerate(images)]
