@@ -70,7 +70,15 @@ def mini_section(device, dtype, batches, prompts, new_tokens, compile_tree):
             rows = {
                 row["method"]: {
                     key: row[key]
-                    for key in ("status", "tokens_per_second", "sigma", "round_ms", "matches_plain", "speedup")
+                    for key in (
+                        "status",
+                        "tokens_per_second",
+                        "sigma",
+                        "round_ms",
+                        "matches_plain",
+                        "speedup",
+                        "rows_per_round",
+                    )
                 }
                 for row in report["methods"]
             }
@@ -200,6 +208,12 @@ def main():
     parser.add_argument("--sigma", type=float, default=3.67, help="acceptance length of the projection")
     parser.add_argument("--compile-tree", action="store_true", help="torch.compile the batched fast path too")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: mini,llava7b")
+    parser.add_argument(
+        "--mini-dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="the mini section's dtype (float32: the equality with plain batched generate is exact, not bf16 noise)",
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     device = "cpu" if args.smoke else "cuda"
@@ -214,6 +228,7 @@ def main():
         "transformers": transformers.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "settings": settings,
+        "mini_dtype": "float32" if args.smoke else args.mini_dtype,
         "tree_fast_path": "CUDA graphs over torch.compile kernels"
         if args.compile_tree
         else "CUDA graphs, eager kernels",
@@ -240,7 +255,9 @@ def main():
     section(
         "mini",
         lambda: mini_section(
-            device, dtype, settings["batches"], settings["prompts"], settings["mini_tokens"], args.compile_tree
+            device,
+            torch.float32 if args.smoke else getattr(torch, args.mini_dtype),
+            settings["batches"], settings["prompts"], settings["mini_tokens"], args.compile_tree
         ),
     )
     results["llava7b"] = {}

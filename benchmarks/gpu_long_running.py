@@ -144,6 +144,21 @@ def child(args) -> dict:
     result["first_call_seconds"], _ = timed_call(
         target, prompts[0], args.new_tokens, assistant_model=draft, cache_implementation="static"
     )
+    # where the first call's time went: torch's compile phases (dynamo tracing, AOT, inductor / cache loads) and
+    # the call's own phases
+    stats = draft.stats
+    result["first_call_phases"] = {
+        "prefill_seconds": stats.prefill_seconds,
+        "draft_seconds": stats.draft_seconds,
+        "verify_seconds": stats.verify_seconds,
+        "rounds": stats.rounds,
+    }
+    try:
+        from torch._dynamo.utils import compile_times
+
+        result["first_call_compile_times"] = compile_times(repr="str", aggregate=True)
+    except Exception as error:  # a private helper: report, do not fail the run
+        result["first_call_compile_times"] = repr(error)
     result["second_bucket_first_call_seconds"], _ = timed_call(
         target, prompts[1], args.new_tokens, assistant_model=draft, cache_implementation="static"
     )
@@ -165,6 +180,12 @@ def main():
     parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None)
     parser.add_argument("--budget", type=float, default=420, help="seconds after which optional sections skip")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated sections to run (plain_static, fast, round_cost, profile, second_process, "
+        "fp32_equality; second_process needs fast before it); default: all",
+    )
     args = parser.parse_args()
     args.new_tokens = args.new_tokens or (8 if TINY else 48)
     if args.child:
@@ -181,7 +202,11 @@ def main():
         "new_tokens": args.new_tokens,
     }
 
+    only = set(filter(None, args.only.split(",")))
+
     def section(name, fn):
+        if only and name not in only:
+            return
         if time.perf_counter() - begin > args.budget and name not in ("plain_static", "fast"):
             results[name] = {"skipped": "over the time budget"}
             return

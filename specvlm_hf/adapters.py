@@ -163,7 +163,7 @@ class TargetAdapter:
         """The attention mask of a verify forward: a `(1, 1, q, W)` additive mask from `(q, W)` bool slot visibility,
         or `(B, 1, q, W)` from `(B, q, W)` (hybrid text models take a dict keyed by layer type, which needs each
         query's `depths` `(q,)` in the tree and the `cache_length` (entries cached before the tree, an int or a
-        device scalar))."""
+        device scalar; for a batch, each row's own length `(B,)`))."""
         mask = additive_mask(visible, self.dtype)
         return mask[:, None] if visible.dim() == 3 else mask[None, None]
 
@@ -173,7 +173,8 @@ class TargetAdapter:
         Args:
             tokens / depths: `(T,)` node tokens and depths; visible: `(T, W)` bool slot visibility;
             positions: `(T,)` position ids; cache_length: entries cached before the tree; cache: the target cache.
-            A batch of trees (one per row) has a leading batch dimension on each: `(B, T)`, `(B, T, W)`.
+            A batch of trees (one per row) has a leading batch dimension on each: `(B, T)`, `(B, T, W)`, and
+            `cache_length` is each row's own length `(B,)` (the trees are written after the longest).
         Returns:
             `(T, d)` final hidden states (the draft's true features), `(B, T, d)` for a batch.
         """
@@ -417,13 +418,21 @@ class HybridAttentionAdapter(TargetAdapter):
         self.full_config = full_attention_only(copy.deepcopy(self.text_config))
 
     def verify_mask(self, visible, depths, cache_length):
+        """As `TargetAdapter.verify_mask`, as a dict keyed by layer type. A batch (`visible` `(B, q, W)`, `depths`
+        `(B, q)`) passes each row's own length as `cache_length` `(B,)`: a row's node of depth `d` stands for
+        sequence slot `length + d` (its tree is written at the shared offset, but its tokens are kept at its own
+        length, the slots plain batched `generate` gives them), and the window counts from there."""
         if not self.hybrid:
             return super().verify_mask(visible, depths, cache_length)
-        slots = torch.arange(visible.shape[1], device=visible.device)
-        in_window = (slots[None, :] >= cache_length) | (slots[None, :] > cache_length + depths[:, None] - self.window)
+        batched = visible.dim() == 3
+        if not batched:
+            visible, depths = visible[None], depths[None]
+        lengths = torch.as_tensor(cache_length, device=visible.device).reshape(-1, 1, 1)
+        slots = torch.arange(visible.shape[-1], device=visible.device)[None, None, :]
+        in_window = (slots >= lengths) | (slots > lengths + depths[:, :, None].to(visible.device) - self.window)
         return {
-            "full_attention": additive_mask(visible, self.dtype)[None, None],
-            "sliding_attention": additive_mask(visible & in_window, self.dtype)[None, None],
+            "full_attention": additive_mask(visible, self.dtype)[:, None],
+            "sliding_attention": additive_mask(visible & in_window, self.dtype)[:, None],
         }
 
     def rewindable_cache(self, cache):

@@ -87,6 +87,7 @@ class MethodResult:
     matches_plain: bool | None = None
     projected: dict | None = None
     warmup_seconds: float = 0.0  # untimed warm-up calls (compilation, graph capture), outside `seconds`
+    rows_per_round: list | None = None  # batches: the distinct numbers of rows the rounds ran with
 
 
 def _sync(device):
@@ -234,7 +235,7 @@ def run_bench(
         draft = kwargs.get("assistant_model") if "tree" in method or "chain" in method else None
         draft_seconds = verify_seconds = rounds = 0.0
         accepted = row_rounds = 0  # row_rounds: one per row and round (a batch's rows each add tokens)
-        kv, branches, equal = [], set(), True
+        kv, branches, equal, row_counts = [], set(), True, set()
         try:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -271,6 +272,7 @@ def run_bench(
                     row_rounds += len(stats.accepted_per_round)
                     kv.append(_draft_kv_mb(draft, stats))
                     branches.add(stats.visual_branch)
+                    row_counts.update(stats.rows_per_round)
         except Exception as error:  # one failing method must not hide the others
             result.status = failure_reason(method, error)
             results.append(result)
@@ -292,6 +294,7 @@ def run_bench(
             result.round_ms = result.draft_ms_per_round + result.verify_ms_per_round
             result.draft_kv_mb = max(kv)
             result.visual_branch = ",".join(sorted(branches))
+            result.rows_per_round = sorted(row_counts) if batch_size > 1 else None
         results.append(result)
 
     by_name = {r.method: r for r in results if r.status == "ok"}

@@ -229,6 +229,13 @@ class Decoding:
         """For a batch, the rows of the round to keep after a round (None: keep them all)."""
         return None
 
+    def score_outputs(self) -> tuple[tuple | None, tuple | None]:
+        """`(scores, logits)` as `generate` returns them: one `(B, V)` tensor per new token (None: not asked for)."""
+        return (
+            tuple(self.scores) if self.want_scores else None,
+            tuple(self.logits) if self.want_logits else None,
+        )
+
     def sequences(self) -> torch.Tensor:
         """The output ids, as plain `generate` returns them."""
         return self.input_ids
@@ -267,7 +274,10 @@ class RowsDecoding(Decoding):
     Plain `generate`'s batch conventions: a row whose stopping criteria fired stays finished; when the criteria
     include EOS, it is padded (with the pad token) up to the longest row; without an EOS criterion (e.g. stop
     strings alone) it keeps decoding until every row has stopped, and all rows end at the length where the last
-    one stopped. The streamer receives step `t` (a `(B,)` tensor) once every row has produced token `t`.
+    one stopped. The streamer receives step `t` (a `(B,)` tensor) once every row has produced token `t`. `scores` /
+    `logits` hold one `(B, V)` tensor per step; where plain `generate` pads a finished row (and scores the pad tokens
+    it feeds the model), that row's entries are 0 at the pad token and -inf elsewhere (the pad's log-probability is
+    0), since no target forward runs on them.
 
     Attributes:
         live: the original row of each row still in the round, in the round's order.
@@ -284,8 +294,9 @@ class RowsDecoding(Decoding):
         self.prompt_length = input_ids.shape[1]
         self.streamed = 0  # steps sent to the streamer
         self.live = list(range(batch))
-        self.drops_rows = True  # False on the fast path: finished rows stay in the round, masked
         self.row_processors = [row_processors(logits_processor, row, batch) for row in range(batch)]
+        self.row_scores: list[list[torch.Tensor]] = [[] for _ in range(batch)]  # `(n, V)` chunks per row
+        self.row_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
 
     @property
     def final_length(self) -> int | None:
@@ -360,6 +371,7 @@ class RowsDecoding(Decoding):
             tokens = scores.argmax(dim=-1).tolist()
         for row, token in enumerate(tokens):
             self.append_row(row, [token])
+            self._record_scores(row, scores[row : row + 1], logits[row : row + 1])
         self._update_finished()
         self.stream()
         return tokens
@@ -377,21 +389,51 @@ class RowsDecoding(Decoding):
         return scores, tuple(torch.stack(parts) for parts in zip(*paths))
 
     def record(self, acceptances: list[Acceptance], scores, logits) -> int:
+        self.stats.rows_per_round.append(len(self.live))
         appended = 0
-        for acceptance, row in zip(acceptances, self.live):
+        for index, (acceptance, row) in enumerate(zip(acceptances, self.live)):
             if self._padded(row):  # a finished row the fast path keeps in its batch, masked
                 continue
             count = self.append_row(row, acceptance.tokens)
             self.stats.accepted_per_round.append(count)
             appended += count
+            if count and (self.want_scores or self.want_logits):
+                nodes = torch.tensor(acceptance.nodes[:count], device=logits.device)  # a copy, even of graph memory
+                self._record_scores(row, scores[index][nodes.to(scores[index].device)], logits[index][nodes])
         self.stats.rounds += 1
         self._update_finished()
         self.stream()
         return appended
 
+    def _record_scores(self, row: int, scores: torch.Tensor, logits: torch.Tensor) -> None:
+        """Keeps row `row`'s `(n, V)` processed scores and logits of its `n` tokens just appended, when asked for."""
+        if self.want_scores:
+            self.row_scores[row].append(scores)
+        if self.want_logits:
+            self.row_logits[row].append(logits)
+
+    def score_outputs(self) -> tuple[tuple | None, tuple | None]:
+        """`(scores, logits)`: one `(B, V)` tensor per step of the output, each row's own (see the class)."""
+        steps = self.sequences().shape[1] - self.prompt_length
+
+        def per_step(chunks: list[list[torch.Tensor]]) -> tuple:
+            rows = [torch.cat(row_chunks) for row_chunks in chunks]
+            padding = torch.full_like(rows[0][:1], -float("inf"))
+            if self.pad_token is not None:
+                padding[0, self.pad_token] = 0.0
+            return tuple(
+                torch.cat([row[step : step + 1] if step < row.shape[0] else padding for row in rows])
+                for step in range(steps)
+            )
+
+        return (
+            per_step(self.row_scores) if self.want_scores else None,
+            per_step(self.row_logits) if self.want_logits else None,
+        )
+
     def rows_to_keep(self) -> list[int] | None:
-        """The round's rows that can still add tokens; on the eager path the others leave `live` (the round drops
-        them), on the fast path they stay (the round masks them)."""
+        """The round's rows (indices into `live`) that can still add tokens; None when that is all of them, or none
+        (then generation is finished)."""
         keep = [
             index
             for index, row in enumerate(self.live)
@@ -399,9 +441,11 @@ class RowsDecoding(Decoding):
         ]
         if len(keep) == len(self.live) or not keep:
             return None
-        if self.drops_rows:
-            self.live = [self.live[index] for index in keep]
         return keep
+
+    def hold(self, held: list[int]) -> None:
+        """The round now holds the rows `held` (indices into `live`), in that order."""
+        self.live = [self.live[index] for index in held]
 
 
 def run_rounds(decoding: Decoding, round: SpeculativeRound, clock: PhaseClock) -> None:
@@ -419,8 +463,9 @@ def run_rounds(decoding: Decoding, round: SpeculativeRound, clock: PhaseClock) -
         clock.lap("draft")
         decoding.record(pending.receive(), scores, logits)
         keep = decoding.rows_to_keep()
-        if keep is not None:  # a batch: rows that finished leave it
-            round.select(keep)
+        if keep is not None:  # a batch: rows that finished leave it (or are masked, or move to a smaller batch)
+            round, held = round.select(keep)
+            decoding.hold(held)
 
 
 def _cache_key(model_kwargs: dict) -> str:
@@ -471,13 +516,13 @@ def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, pr
         )
         blocks.append(compress_pairs(draft, pairs))
     if fast is None:
-        round = RowsRound.eager(adapter, draft, target_cache, torch.stack(masks))
-        round.total_tokens = tree_tokens_for_batch(draft.config, batch)
+        round = RowsRound.eager(
+            adapter, draft, target_cache, torch.stack(masks), lambda rows: tree_tokens_for_batch(draft.config, rows)
+        )
     else:
         room = _draft_room(draft.config, decoding.max_length, input_ids.shape[1])
         round = fast.round_for(max(block.length for block in blocks) + room)
         round.load(torch.stack(masks))
-        decoding.drops_rows = False
     stats = decoding.stats
     stats.draft_visual_tokens = stats.target_visual_tokens = 0
     for row, block in enumerate(blocks):
@@ -493,7 +538,8 @@ def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, pr
         )
     keep = decoding.rows_to_keep()  # rows that stopped on their first token
     if keep is not None:
-        round.select(keep)
+        round, held = round.select(keep)
+        decoding.hold(held)
     return round
 
 
@@ -526,11 +572,6 @@ def tree_assisted_decoding(
     adapter = adapter_for(model, tree=True)
     validate_request(model, input_ids, generation_config, synced_gpus, batched=True)
     batch = input_ids.shape[0]
-    if batch > 1 and getattr(adapter, "hybrid", False):
-        raise ValueError(
-            f"{adapter.name}: SpecVLM batched tree decoding does not support sliding-window layers yet. Call "
-            "`generate` once per example, or drop `assistant_model` for batched decoding."
-        )
     check_attention_backend(model, draft)
     draft.bind_target(model)
     config = draft.config
@@ -549,7 +590,7 @@ def tree_assisted_decoding(
         graphs, compile = fast_path_options(model, draft, input_ids.device, generation_config)
         # the target's cache: the whole sequence and one tree; the draft's is sized after its prefill (compressed)
         needed = generation_config.max_length + tree_room(config)
-        rows = dict(batch=batch, tree_tokens=tree_tokens) if batch > 1 else {}
+        rows = dict(batch=batch, tree_for_batch=lambda rows: tree_tokens_for_batch(config, rows)) if batch > 1 else {}
         fast = FastPath.for_call(adapter, draft, needed, graphs, compile, **rows)
         model_kwargs[cache_key] = fast.target_cache
     else:
@@ -637,10 +678,8 @@ def tree_assisted_decoding(
     clock.fill(stats)
     warn_if_low_acceptance(draft, stats)
     if generation_config.return_dict_in_generate:
+        scores, logits = decoding.score_outputs()
         return GenerateDecoderOnlyOutput(
-            sequences=sequences,
-            scores=tuple(decoding.scores) if decoding.want_scores else None,
-            logits=tuple(decoding.logits) if decoding.want_logits else None,
-            past_key_values=model_kwargs[cache_key],
+            sequences=sequences, scores=scores, logits=logits, past_key_values=model_kwargs[cache_key]
         )
     return sequences

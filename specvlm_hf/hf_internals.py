@@ -90,6 +90,17 @@ def set_static_write_position(layer, length: torch.Tensor | int) -> None:
         layer.cumulative_length.fill_(length)
 
 
+def static_write_position(layer) -> torch.Tensor:
+    """A static layer's write position: `()` long on the device, the slots it holds."""
+    return layer.cumulative_length
+
+
+def initialize_static_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Allocates a static layer's buffers for `(batch, heads, *, head_dim)` entries shaped, typed and placed as
+    `keys` / `values` (as its first `update` would; the buffers are zero, the write position unchanged)."""
+    layer.lazy_initialization(keys, values)
+
+
 def cache_argument_name(forward) -> str:
     """The keyword a model's forward takes its cache under: `cache` from transformers 5.24, else
     `past_key_values`."""

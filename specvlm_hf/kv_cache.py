@@ -27,11 +27,13 @@ from __future__ import annotations
 import torch
 
 from .hf_internals import (
+    initialize_static_layer,
     is_initialized,
     is_static_layer,
     layer_tensors,
     set_layer_tensors,
     set_static_write_position,
+    static_write_position,
 )
 
 
@@ -118,6 +120,25 @@ def compact_static_kv(
         set_static_write_position(layer, start + count)
 
 
+def copy_static_rows(source, target, rows: torch.Tensor | None = None) -> None:
+    """Copies the batch rows `rows` (`(B',)` indices; None: all) of a `StaticCache` into another one of `B'` rows
+    and the same width, in place (the target's buffers keep their addresses; uninitialised ones are allocated), with
+    the source's write positions."""
+    for from_layer, to_layer in zip(cache_layers(source), cache_layers(target)):
+        if not is_initialized(from_layer):
+            continue
+        keys, values = layer_tensors(from_layer)
+        if rows is not None:
+            index = rows.to(keys.device)
+            keys, values = keys.index_select(0, index), values.index_select(0, index)
+        if not is_initialized(to_layer):
+            initialize_static_layer(to_layer, keys, values)
+        to_keys, to_values = layer_tensors(to_layer)
+        to_keys.copy_(keys)
+        to_values.copy_(values)
+        set_static_write_position(to_layer, static_write_position(from_layer))
+
+
 def crop_kv(cache, length: int | torch.Tensor) -> None:
     """Drops every cached entry after the first `length` (an int, or a device scalar for static caches)."""
     for layer in cache_layers(cache):
@@ -201,6 +222,12 @@ class FixedWindow:
         self.real.index_copy_(0, self.length + rows, block_real.to(self.real.device).bool())
         self.length.add_(count)
         crop_kv(self.cache, self.length)
+
+    def take(self, source: "FixedWindow") -> None:
+        """Copies another window of the same width (cache entries, real slots, length) into this one's buffers."""
+        copy_static_rows(source.cache, self.cache)
+        self.real.copy_(source.real)
+        self.length.copy_(source.length)
 
     def keep(self, nodes, count, stacked=None):
         compact_static_kv(self.cache, self.length, nodes, count, self.stacked if stacked is None else stacked)
@@ -301,6 +328,17 @@ class FixedRowsWindow:
         self.real[:, : real.shape[1]] = real.to(self.real.device)
         self.lengths.fill_(real.shape[1])
         self.length.fill_(real.shape[1])
+
+    def take(self, source: "FixedRowsWindow", rows: torch.Tensor) -> None:
+        """Copies the rows `rows` (`(B',)` indices) of another window of the same width into this one of `B'` rows:
+        their cache entries, real slots and lengths; the shared offset becomes the longest of them."""
+        copy_static_rows(source.cache, self.cache, rows)
+        rows = rows.to(self.real.device)
+        self.real.copy_(source.real.index_select(0, rows))
+        self.lengths.copy_(source.lengths.index_select(0, rows))
+        self.length.copy_(self.lengths.max())
+        for layer in cache_layers(self.cache):
+            set_static_write_position(layer, self.length)
 
     def visible(self, block_mask):
         """`(B, q, W)` bool from `(B, q, m)` block masks (the block written at the shared offset)."""

@@ -41,15 +41,6 @@ def validate_request(
             f"SpecVLM chain mode supports batch size 1 (got {batch}). Use tree mode "
             "(`draft.config.decoding_mode = 'tree'`), call `generate` once per example, or drop `assistant_model`."
         )
-    if (
-        batch != 1
-        and generation_config.return_dict_in_generate
-        and (generation_config.output_scores or generation_config.output_logits)
-    ):
-        raise ValueError(
-            f"SpecVLM batched decoding (batch size {batch}) cannot return `scores` / `logits` yet. Drop "
-            "`output_scores` / `output_logits`, or call `generate` once per example."
-        )
     if synced_gpus:
         raise ValueError("SpecVLM speculative decoding does not support `synced_gpus` (DeepSpeed ZeRO-3 / FSDP).")
     if generation_config.output_attentions or generation_config.output_hidden_states:

@@ -154,6 +154,11 @@ class RoundState:
     count: torch.Tensor
     next_token: torch.Tensor
 
+    def copy_(self, other: "RoundState") -> None:
+        """Copies `other`'s values into this state's buffers (their addresses stay)."""
+        for name in self.__dataclass_fields__:
+            getattr(self, name).copy_(getattr(other, name))
+
     @classmethod
     def allocate(cls, hidden: int, vocab: int, path_width: int, dtype, device) -> "RoundState":
         long = dict(dtype=torch.long, device=device)
@@ -375,13 +380,23 @@ class RowsRound(SpeculativeRound):
     draft cache with the same `_draft_row` / `_catch_up` steps as a single row. Two backends, as for one row:
 
     - eager (`RowsRound.eager`): a `RowsWindow` over `generate`'s dynamic cache; finished rows are dropped;
-    - fast (`RowsRound.static`): a `FixedRowsWindow` over a static cache of `B` rows and one static draft cache per
-      row; every shape is fixed (the round can be captured as CUDA graphs), finished rows stay in the batch,
-      masked out (`active`: they keep nothing).
+    - fast (built by `FastPath.round_for`): a `FixedRowsWindow` over a static cache of `B` rows and one static draft
+      cache per row; every shape is fixed (the round can be captured as CUDA graphs), finished rows stay in the
+      batch, masked out (`active`: they keep nothing), until at most half of the rows are live: then the live rows
+      move to the round of the next smaller batch shape (`select`), which has its own graphs.
+
+    Each row's tree has `tree_for_batch(B)` nodes (a function of the batch size: trees grow as rows leave).
     """
 
     def __init__(
-        self, adapter, draft, target_window, draft_windows: list, graphs: bool = False, compile: bool = False
+        self,
+        adapter,
+        draft,
+        target_window,
+        draft_windows: list,
+        graphs: bool = False,
+        compile: bool = False,
+        tree_for_batch=None,
     ):
         self.rows: list[tuple[RoundState, DraftRunner]] = []
         super().__init__(adapter, draft, target_window, draft_windows[0], graphs, compile)
@@ -391,15 +406,18 @@ class RowsRound(SpeculativeRound):
             state = RoundState.allocate(config.text_config.hidden_size, vocab, self.path_width, dtype, device)
             self.rows.append((state, DraftRunner(draft, window)))
         self.active = torch.ones(len(draft_windows), dtype=torch.long, device=device)
+        self.tree_for_batch = tree_for_batch or (lambda batch: config.tree_total_tokens)
+        self.total_tokens = self.tree_for_batch(len(draft_windows))
 
     @classmethod
-    def eager(cls, adapter, draft, target_cache, prompt_real: torch.Tensor) -> "RowsRound":
-        """Over `generate`'s dynamic target cache (holding the `(B, n)` prompts, `prompt_real` their real tokens)."""
+    def eager(cls, adapter, draft, target_cache, prompt_real: torch.Tensor, tree_for_batch=None) -> "RowsRound":
+        """Over `generate`'s dynamic target cache (holding the `(B, n)` prompts, `prompt_real` their real tokens);
+        `tree_for_batch(B)`: nodes per row's tree for a batch of `B` rows (default: the draft's tree size)."""
         windows = [
             GrowingWindow(DynamicCache(config=draft.config.text_config), prompt_real[0, :0])
             for _ in range(prompt_real.shape[0])
         ]
-        return cls(adapter, draft, RowsWindow(target_cache, prompt_real), windows)
+        return cls(adapter, draft, RowsWindow(target_cache, prompt_real), windows, tree_for_batch=tree_for_batch)
 
     def load(self, prompt_real: torch.Tensor) -> None:
         """Starts a call after the target's prefill: `(B, n)` the prompts' real tokens."""
@@ -423,14 +441,54 @@ class RowsRound(SpeculativeRound):
         state.root_hidden.copy_(root_hidden)
         state.root_log_probs.copy_(log_probs)
 
-    def select(self, rows: list[int]) -> None:
-        """Keeps only the rows `rows` (indices into the current rows, in order): the eager backend drops the others,
-        the fast path masks them out (they stay in the batch and keep nothing)."""
-        if self.is_static:
-            self.active.copy_(torch.isin(torch.arange(len(self.rows)), torch.tensor(rows)).long())
-            return
-        self.target_window.select(torch.tensor(rows, dtype=torch.long))
-        self.rows = [self.rows[row] for row in rows]
+    def select(self, rows: list[int]) -> tuple["RowsRound", list[int]]:
+        """Keeps only the rows `rows` (indices into the current rows, in order) drafting and keeping tokens.
+
+        The eager backend drops the others (and the trees grow to `tree_for_batch` of the smaller batch). The fast
+        path masks them out (they stay in the batch and keep nothing) while more than half of its rows are live;
+        once at most half are, the live rows move to the fast round of the smallest power-of-two batch that holds
+        them (filled up with masked rows; its trees `tree_for_batch` of that batch), with their caches and states.
+
+        Returns:
+            the round to continue with, and the current rows it holds, in its order (`rows`, then any masked
+            rows it carries).
+        """
+        if not self.is_static:
+            self.target_window.select(torch.tensor(rows, dtype=torch.long))
+            self.rows = [self.rows[row] for row in rows]
+            self.total_tokens = self.tree_for_batch(len(rows))
+            return self, rows
+        batch = len(self.rows)
+        if 2 * len(rows) > batch:
+            self.active.copy_(torch.isin(torch.arange(batch), torch.tensor(rows)).long())
+            return self, list(range(batch))
+        smaller = 1 << (len(rows) - 1).bit_length()  # the smallest power of two holding the live rows
+        held = rows + [row for row in range(batch) if row not in rows][: smaller - len(rows)]
+        other = self._moved(held)
+        other.active.copy_((torch.arange(smaller) < len(rows)).long())
+        return other, held
+
+    def _moved(self, held: list[int]) -> "RowsRound":
+        """The fast round of batch `len(held)` (same target and draft cache widths) holding this round's rows `held`:
+        their target cache rows, lengths and real slots, draft caches and round states copied into its own
+        buffers, which its graphs read."""
+        fast = FastPath.for_call(
+            self.adapter,
+            self.draft,
+            self.length,
+            self.graphs,
+            self.compiled,
+            batch=len(held),
+            tree_for_batch=self.tree_for_batch,
+        )
+        other = fast.round_for(self.draft_length)
+        index = torch.tensor(held, dtype=torch.long, device=self.active.device)
+        other.target_window.take(self.target_window, index)
+        for (state, runner), row in zip(other.rows, held):
+            source_state, source_runner = self.rows[row]
+            state.copy_(source_state)
+            runner.window.take(source_runner.window)
+        return other
 
     def commit(self, path: torch.Tensor, count: torch.Tensor, next_token: torch.Tensor) -> None:
         """Keeps each row's accepted path (`(B, P)`, counts and next tokens `(B,)`) and catches its draft up."""
@@ -458,8 +516,9 @@ class RowsRound(SpeculativeRound):
         visible = self.target_window.visible(tree.ancestor_mask)
         roots = torch.stack([state.root_position + state.position_offset for state in states])
         positions = tree.depths + roots.to(tree.depths.device)[:, None]
+        # each row's own length: the sequence slot its tree's root follows (sliding windows count from it)
         hidden = self.adapter.verify(
-            tree.tokens, tree.depths, visible, positions, self.target_window.length, self.target_window.cache
+            tree.tokens, tree.depths, visible, positions, self.target_window.lengths, self.target_window.cache
         )
         return self.adapter.logits(hidden), hidden
 
@@ -477,7 +536,9 @@ def bucketed(length: int) -> int:
 
 class FastPath:
     """The fast path's buffers for one target, length bucket and set of options, kept on the draft and reused by
-    later calls whose key matches (`SpeculativeRound.static_key`, plus the batch and tree size for rows).
+    later calls whose key matches (`SpeculativeRound.static_key`). For rows, one is kept per (batch, tree) shape
+    (`draft._specvlm_fast_rows`: the key, then a dict by shape), so that a batch whose rows move to a smaller
+    captured batch (`RowsRound.select`) and later calls of the same shapes reuse their buffers and graphs.
 
     It holds the target's static cache and one round per draft cache width. The draft's static cache is sized by
     what the draft holds: its prefill block (the text pairs plus the compressor's visual tokens, not the target's
@@ -495,12 +556,12 @@ class FastPath:
         length: slots of the target's cache (a `LENGTH_BUCKET` multiple).
         graphs / compile: capture the round functions as CUDA graphs / compile them first.
         batch: rows of a batched call (`RowsRound`), None for one row (`SpeculativeRound`).
-        tree_tokens: tree nodes per row of a batched call.
+        tree_for_batch: for rows, tree nodes per row as a function of the batch size.
     """
 
-    def __init__(self, adapter, draft, length: int, graphs: bool, compile: bool, batch=None, tree_tokens=None):
+    def __init__(self, adapter, draft, length: int, graphs: bool, compile: bool, batch=None, tree_for_batch=None):
         self.adapter, self.draft, self.length = adapter, draft, length
-        self.graphs, self.compile, self.batch, self.tree_tokens = graphs, compile, batch, tree_tokens
+        self.graphs, self.compile, self.batch, self.tree_for_batch = graphs, compile, batch, tree_for_batch
         device = draft.fc.weight.device
         cache = adapter.static_cache(length)
         if batch is None:
@@ -512,21 +573,30 @@ class FastPath:
 
     @classmethod
     def for_call(
-        cls, adapter, draft, needed_length: int, graphs: bool, compile: bool, batch=None, tree_tokens=None
+        cls, adapter, draft, needed_length: int, graphs: bool, compile: bool, batch=None, tree_for_batch=None
     ) -> "FastPath":
-        """The fast path for a call needing `needed_length` target cache slots: the draft's kept one when its key
-        still matches (target, rounded length, options, tree settings, weight addresses), else a new one, its
-        target cache reset."""
+        """The fast path for a call needing `needed_length` target cache slots (of `batch` rows, trees of
+        `tree_for_batch(batch)` nodes each): the draft's kept one when its key still matches (target, rounded
+        length, options, tree settings, weight addresses; for rows also the batch and tree size), else a new one;
+        its target cache reset."""
         length = bucketed(needed_length)
         key = SpeculativeRound.static_key(adapter, draft, length, graphs, compile)
-        name = "_specvlm_fast_path"
-        if batch is not None:
-            key, name = (*key, batch, tree_tokens), "_specvlm_fast_rows"
-        current = getattr(draft, name, None)
-        if current is None or current.key != key:
-            current = cls(adapter, draft, length, graphs, compile, batch, tree_tokens)
-            current.key = key
-            setattr(draft, name, current)
+        if batch is None:
+            current = getattr(draft, "_specvlm_fast_path", None)
+            if current is None or current.key != key:
+                current = draft._specvlm_fast_path = cls(adapter, draft, length, graphs, compile)
+                current.key = key
+        else:
+            tree_for_batch = tree_for_batch or (lambda rows: draft.config.tree_total_tokens)
+            kept = getattr(draft, "_specvlm_fast_rows", None)
+            if kept is None or kept[0] != key:  # another length, options or weights: every shape is dropped
+                kept = draft._specvlm_fast_rows = (key, {})
+            shape = (batch, tree_for_batch(batch))
+            current = kept[1].get(shape)
+            if current is None:
+                current = kept[1][shape] = cls(adapter, draft, length, graphs, compile, batch, tree_for_batch)
+                current.key = (*key, *shape)
+            current.tree_for_batch = tree_for_batch
         current.target_window.cache.reset()
         return current
 
@@ -551,13 +621,21 @@ class FastPath:
                     self.adapter, self.draft, self.target_window, windows[0], self.graphs, self.compile
                 )
             else:
-                current = RowsRound(self.adapter, self.draft, self.target_window, windows, self.graphs, self.compile)
-                current.total_tokens = self.tree_tokens
+                current = RowsRound(
+                    self.adapter,
+                    self.draft,
+                    self.target_window,
+                    windows,
+                    self.graphs,
+                    self.compile,
+                    self.tree_for_batch,
+                )
             self.rounds[width] = current
         if self.batch is None:
             self.draft._specvlm_static_round = current
         else:
             current.active.fill_(1)
+            current.tree_for_batch = self.tree_for_batch
             self.draft._specvlm_static_rows_round = current
         for runner in current.runners:
             runner.window.cache.reset()

@@ -29,6 +29,8 @@ class SpecVLMStats:
             acceptance, and in the whole call.
         visual_branch: the compressor branch the draft used for the prompt's image ("none" without one).
         draft_visual_tokens / target_visual_tokens: visual tokens in the draft's cache and in the target's.
+        rows_per_round: for a batch, the rows each round verified (on the fast path the captured batch size,
+            masked finished rows included: it halves or more when at most half of the rows are live).
     """
 
     mode: str = ""
@@ -43,6 +45,7 @@ class SpecVLMStats:
     visual_branch: str = "none"
     draft_visual_tokens: int = 0
     target_visual_tokens: int = 0
+    rows_per_round: list[int] = field(default_factory=list)
 
     @property
     def sigma(self) -> float:

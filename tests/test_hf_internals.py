@@ -93,6 +93,24 @@ def test_static_cache_write_position_is_a_device_tensor():
     assert int(cache.get_seq_length()) == 3
     hf_internals.set_static_write_position(layer, 4)
     assert int(layer.cumulative_length) == 4
+    assert hf_internals.static_write_position(layer) is layer.cumulative_length
+
+
+def test_a_static_layer_is_initialised_from_example_entries():
+    """StaticLayer.lazy_initialization(keys, values): zero buffers of the examples' batch, heads, head size, dtype and
+    device, as wide as the cache, the write position unchanged; `update` writes into them afterwards."""
+    source = _tiny_llama_cache(static=True).layers[0]
+    cache = StaticCache(
+        config=LlamaConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=8), max_cache_len=16
+    )
+    layer = cache.layers[0]
+    keys = source.keys[:1, :, :3].double()
+    hf_internals.initialize_static_layer(layer, keys, keys)
+    assert hf_internals.is_initialized(layer) and layer.keys.dtype == torch.float64
+    assert layer.keys.shape == (1, keys.shape[1], 16, keys.shape[3]) and not layer.keys.any()
+    assert int(hf_internals.static_write_position(layer)) == 0
+    layer.update(keys, keys)
+    assert int(hf_internals.static_write_position(layer)) == 3 and torch.equal(layer.keys[:, :, :3], keys)
 
 
 def test_length_rules_read_the_processors_fields():
