@@ -205,6 +205,12 @@ def test_shipped_mini_qwen():
         and model.config.text_config.num_hidden_layers >= 8
     )
     assert SpecVLMDraftModel.from_pretrained(mini.QWEN_DRAFT_DIR).bind_target(model) is not None
+    if (mini.QWEN_DRAFT_DIR.parent / "qwen_specvlm" / "model.safetensors").exists():  # the video run's drafts
+        from specvlm_hf.commands.bench import _mini_drafts
+
+        drafts = _mini_drafts(model, "mini-qwen")
+        assert set(drafts) == {"eaglevlm", "specvlm"}
+        assert drafts["specvlm"].config.compressor["mode"] != "none" == drafts["eaglevlm"].config.compressor["mode"]
 
 
 def test_the_demo_runs_mini_qwen_with_its_draft(builtin_qwen):

@@ -176,7 +176,7 @@ def _load_target(name, device, dtype):
 
 
 def _mini_drafts(target, name: str = "mini") -> dict:
-    """A built-in target's shipped drafts (mini-qwen: its EagleVLM draft)."""
+    """A built-in target's shipped drafts (mini-qwen: its EagleVLM draft, and its SpecVLM one where shipped)."""
     from specvlm_hf.mini.drafts import DRAFT_NAMES, load_draft
 
     if name == "mini-qwen":
@@ -189,7 +189,11 @@ def _mini_drafts(target, name: str = "mini") -> dict:
             raise UserError(
                 f"--target mini-qwen: its draft is not in this install ({folder}); pass --draft NAME=PATH."
             )
-        return {"eaglevlm": SpecVLMDraftModel.from_pretrained(folder).bind_target(target).eval()}
+        drafts = {"eaglevlm": SpecVLMDraftModel.from_pretrained(folder).bind_target(target).eval()}
+        compressing = folder.parent / "qwen_specvlm"  # the video run's compressing draft
+        if (compressing / "model.safetensors").is_file():
+            drafts["specvlm"] = SpecVLMDraftModel.from_pretrained(compressing).bind_target(target).eval()
+        return drafts
     return {name: load_draft(target, name) for name in DRAFT_NAMES}
 
 

@@ -1,0 +1,1 @@
+../../../configuration_specvlm_draft.py

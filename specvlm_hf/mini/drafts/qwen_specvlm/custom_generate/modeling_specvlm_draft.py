@@ -1,0 +1,1 @@
+../../../../modeling_specvlm_draft.py
