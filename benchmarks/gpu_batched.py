@@ -257,7 +257,10 @@ def main():
         lambda: mini_section(
             device,
             torch.float32 if args.smoke else getattr(torch, args.mini_dtype),
-            settings["batches"], settings["prompts"], settings["mini_tokens"], args.compile_tree
+            settings["batches"],
+            settings["prompts"],
+            settings["mini_tokens"],
+            args.compile_tree,
         ),
     )
     results["llava7b"] = {}
