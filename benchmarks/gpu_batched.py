@@ -89,7 +89,7 @@ def mini_section(device, dtype, batches, prompts, new_tokens, compile_tree):
     return out
 
 
-def seven_b_section(device, dtype, batches, trees, new_tokens, sigma, out, save=None):
+def seven_b_section(device, dtype, batches, trees, new_tokens, sigma, out, save=None, compile_tree=False):
     """Fast-path ms per round against batch and tree size, plain batched ms per token, projected throughput; fills
     `out` as it goes (a timeout keeps what was measured)."""
     from gpu_check_tree import TokenClock, llava_7b_shaped
@@ -134,7 +134,9 @@ def seven_b_section(device, dtype, batches, trees, new_tokens, sigma, out, save=
             key = f"{batch}x{tree}"
             draft.config.tree_total_tokens = tree
             try:
-                kwargs = dict(assistant_model=draft, cache_implementation="static", disable_compile=True, **fixed)
+                kwargs = dict(assistant_model=draft, cache_implementation="static", **fixed)
+                if not compile_tree:
+                    kwargs["disable_compile"] = True
                 timed(lambda: target.generate(**inputs, **kwargs))  # capture this (batch, tree) shape's graphs
                 wall, _ = timed(lambda: target.generate(**inputs, **kwargs))
                 stats = draft.stats
@@ -208,6 +210,8 @@ def main():
     parser.add_argument("--sigma", type=float, default=3.67, help="acceptance length of the projection")
     parser.add_argument("--compile-tree", action="store_true", help="torch.compile the batched fast path too")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: mini,llava7b")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,2,4,8,16)")
+    parser.add_argument("--trees", default=None, help="comma-separated tree sizes of the 7B section (default 60,32,16,8)")
     parser.add_argument(
         "--mini-dtype",
         choices=("bfloat16", "float32"),
@@ -222,6 +226,10 @@ def main():
         settings = dict(batches=[1, 2], prompts=2, mini_tokens=8, trees=[16, 8], tokens_7b=6)
     else:
         settings = dict(batches=[1, 2, 4, 8, 16], prompts=16, mini_tokens=64, trees=[60, 32, 16, 8], tokens_7b=24)
+    if args.batches:
+        settings["batches"] = [int(b) for b in args.batches.split(",")]
+    if args.trees:
+        settings["trees"] = [int(t) for t in args.trees.split(",")]
     results = {
         "machine": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (--smoke dry run)",
         "torch": torch.__version__,
@@ -275,6 +283,7 @@ def main():
             args.sigma,
             results["llava7b"],
             save,
+            args.compile_tree,
         ),
     )
     plot(results, os.path.join(args.out, "throughput_vs_batch.png"))
