@@ -157,9 +157,10 @@ def check_image(path):
 def check_video(path, processor):
     """Reads an uploaded video (8 evenly spaced frames) after checking its file size and that the model takes video;
     returns a `specvlm_hf.video.VideoClip`."""
+    from .processors import takes_video
     from .video import read_video
 
-    if getattr(processor, "video_processor", None) is None:
+    if not takes_video(processor):
         raise InputError("This model takes no video; upload an image instead.")
     size_mb = os.path.getsize(path) / 2**20
     if size_mb > MAX_UPLOAD_MB:
@@ -410,7 +411,9 @@ def build_demo(models: DemoModels, max_new_tokens_limit: int = MAX_NEW_TOKENS_LI
     """The Gradio page (call `.queue(...)` and `.launch(...)` on it, or use `launch`)."""
     import gradio as gr
 
-    takes_video = getattr(models.processor, "video_processor", None) is not None
+    from .processors import takes_video as processor_takes_video
+
+    takes_video = processor_takes_video(models.processor)
 
     def run(image_path, prompt, max_new_tokens, video_path=None):
         try:

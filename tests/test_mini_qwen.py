@@ -297,6 +297,25 @@ def test_generate_with_a_video_on_mini_qwen_without_torchvision(builtin_qwen, ca
     assert "output identical to plain greedy decoding" in out, out
 
 
+def test_the_demo_takes_a_video_on_mini_qwen_without_torchvision(builtin_qwen, tmp_path):
+    """The Space's video upload on a Qwen-VL processor built without its video processor: the clip goes through
+    `qwen_video_inputs`, and SpecVLM's output equals plain `generate`'s."""
+    pytest.importorskip("av", reason="PyAV (the `video` extra) is not installed")
+    import specvlm_hf
+    from specvlm_hf.demo_app import compare, load_models
+    from specvlm_hf.hf_internals import NoVideoProcessor
+    from test_video_files import write_clip
+
+    models = load_models("mini-qwen")
+    if not isinstance(models.processor.video_processor, NoVideoProcessor):
+        pytest.skip("torchvision is installed: the processor has Qwen's own video processor")
+    specvlm_hf.enable(models.target)
+    models.draft.config.decoding_mode = "tree"
+    write_clip(tmp_path / "clip.mp4", frames=8, size=64)
+    *_, (plain, spec, stats) = compare(models, None, "Which way does it move?", 6, video_path=tmp_path / "clip.mp4")
+    assert "outputs identical: **yes**" in stats, stats
+
+
 def test_qwen_video_inputs_expand_the_placeholder_to_the_patches(tiny_qwen):
     from specvlm_hf.processors import qwen_video_inputs, takes_video
 

@@ -77,6 +77,15 @@ def test_demo_reads_an_uploaded_video_for_a_video_model_only(tmp_path):
     assert demo_app.check_video(tmp_path / "clip.mp4", takes_video).frames.shape == (8, 32, 32, 3)
     with pytest.raises(demo_app.InputError, match="This model takes no video; upload an image instead."):
         demo_app.check_video(tmp_path / "clip.mp4", image_only)
+    from specvlm_hf.hf_internals import NoVideoProcessor
+
+    # without torchvision: a Qwen-VL processor takes clips (`qwen_video_inputs`), others do not
+    qwen_like = SimpleNamespace(merge_size=2, temporal_patch_size=2, patch_size=14)
+    no_torchvision = SimpleNamespace(video_processor=NoVideoProcessor(), image_processor=qwen_like)
+    assert demo_app.check_video(tmp_path / "clip.mp4", no_torchvision).frames.shape[0] == 8
+    no_torchvision.image_processor = SimpleNamespace()
+    with pytest.raises(demo_app.InputError, match="This model takes no video"):
+        demo_app.check_video(tmp_path / "clip.mp4", no_torchvision)
     (tmp_path / "notes.mp4").write_text("not a video")
     with pytest.raises(demo_app.InputError, match="^The video cannot be decoded as a video") as error:
         demo_app.check_video(tmp_path / "notes.mp4", takes_video)
