@@ -211,7 +211,7 @@ def main():
     parser.add_argument("--compile-tree", action="store_true", help="torch.compile the batched fast path too")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: mini,llava7b")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,2,4,8,16)")
-    parser.add_argument("--trees", default=None, help="comma-separated tree sizes of the 7B section (default 60,32,16,8)")
+    parser.add_argument("--trees", default=None, help="comma-separated 7B tree sizes (default 60,32,16,8)")
     parser.add_argument(
         "--mini-dtype",
         choices=("bfloat16", "float32"),
