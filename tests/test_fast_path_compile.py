@@ -126,3 +126,20 @@ def test_measure_costs_times_each_width_and_restores_the_tree():
     assert sorted(verify) == [4, 8] and all(ms > 0 for ms in verify.values()) and draft_step_ms > 0
     assert 0.5 < alpha <= 0.95  # an oracle draft: its guesses are accepted
     assert (draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens) == (3, 2, 9)
+
+
+def test_large_batches_run_graphs_over_eager_kernels():
+    """The batched round traces one draft pass per row: above `COMPILE_MAX_BATCH` rows the fast path keeps its CUDA
+    graphs, uncompiled (the compile time grows with the batch); `disable_compile` turns it off at any size."""
+    from types import SimpleNamespace
+
+    from specvlm_hf.round import COMPILE_MAX_BATCH, fast_path_options
+
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    cuda, config = torch.device("cuda"), SimpleNamespace()  # the options only read the device type
+    assert fast_path_options(target, draft, cuda, config) == (True, True)
+    assert fast_path_options(target, draft, cuda, config, COMPILE_MAX_BATCH) == (True, True)
+    assert fast_path_options(target, draft, cuda, config, COMPILE_MAX_BATCH + 1) == (True, False)
+    assert fast_path_options(target, draft, cuda, SimpleNamespace(disable_compile=True)) == (True, False)
+    assert fast_path_options(target, draft, torch.device("cpu"), config) == (False, False)
