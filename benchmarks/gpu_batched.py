@@ -52,6 +52,7 @@ def mini_section(device, dtype, batches, prompts, new_tokens, compile_tree):
     target, processor = _load_target("mini", device, dtype)
     cases = _mini_cases(processor, prompts, device, dtype, target.config, new_tokens)
     drafts = {"specvlm": _mini_drafts(target)["specvlm"]}
+    drafts["specvlm"].config.max_speculative_batch = max(batches)  # measure every batch: the default stops above 4
     methods = ("plain", "plain-static", "specvlm-tree", "specvlm-tree-static")
     original = bench.method_kwargs
 
@@ -97,6 +98,7 @@ def seven_b_section(device, dtype, batches, trees, new_tokens, sigma, out, save=
     target = specvlm_hf.enable(llava_7b_shaped(device, dtype))
     draft = SpecVLMDraftModel.from_target(target)
     draft.config.batch_verify_tokens = 10**9  # measure every tree size: the batch rule off
+    draft.config.max_speculative_batch = 10**9
     generator = torch.Generator().manual_seed(0)
 
     def inputs_for(batch):
@@ -157,6 +159,7 @@ def seven_b_section(device, dtype, batches, trees, new_tokens, sigma, out, save=
             row[f"tree{tree}"] = 1000 * batch * sigma / ms if isinstance(ms, float) else None
         out["projected_tokens_per_s"][str(batch)] = row
         draft.config.batch_verify_tokens = 256
+        draft.config.max_speculative_batch = specvlm_hf.decoding.MAX_SPECULATIVE_BATCH
         draft.config.tree_total_tokens = max(trees)
         rule[str(batch)] = tree_tokens_for_batch(draft.config, batch)
     out["rule_tree_tokens"] = rule

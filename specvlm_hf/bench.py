@@ -88,6 +88,7 @@ class MethodResult:
     projected: dict | None = None
     warmup_seconds: float = 0.0  # untimed warm-up calls (compilation, graph capture), outside `seconds`
     rows_per_round: list | None = None  # batches: the distinct numbers of rows the rounds ran with
+    speculation_off: bool = False  # a draft method whose batches all ran generate's own loop (the batch rule)
 
 
 def _sync(device):
@@ -235,7 +236,7 @@ def run_bench(
         draft = kwargs.get("assistant_model") if "tree" in method or "chain" in method else None
         draft_seconds = verify_seconds = rounds = 0.0
         accepted = row_rounds = 0  # row_rounds: one per row and round (a batch's rows each add tokens)
-        kv, branches, equal, row_counts = [], set(), True, set()
+        kv, branches, equal, row_counts, modes = [], set(), True, set(), set()
         try:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -273,6 +274,7 @@ def run_bench(
                     kv.append(_draft_kv_mb(draft, stats))
                     branches.add(stats.visual_branch)
                     row_counts.update(stats.rows_per_round)
+                    modes.add(stats.mode)
         except Exception as error:  # one failing method must not hide the others
             result.status = failure_reason(method, error)
             results.append(result)
@@ -295,6 +297,7 @@ def run_bench(
             result.draft_kv_mb = max(kv)
             result.visual_branch = ",".join(sorted(branches))
             result.rows_per_round = sorted(row_counts) if batch_size > 1 else None
+        result.speculation_off = modes == {"plain"}
         results.append(result)
 
     by_name = {r.method: r for r in results if r.status == "ok"}
@@ -369,6 +372,11 @@ def format_table(report: dict) -> str:
             f"{num(r['draft_kv_mb'], '12.2f'):>12}{num(r.get('warmup_seconds'), '10.1f'):>10}"
             f"  {equal:<5}  {r['status']}"
         )
+        if r.get("speculation_off"):
+            lines.append(
+                f"{'':<22}speculation off at batch size {report.get('batch_size')}: generate's own loop ran "
+                "(specvlm_hf.decoding.tree_tokens_for_batch; draft.config.max_speculative_batch forces it)"
+            )
         if r.get("projected"):
             lines.append(
                 f"{'':<22}projection at sigma {r['projected']['sigma']}: "

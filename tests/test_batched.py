@@ -36,6 +36,7 @@ def make_draft(target, noise=0.003, **overrides):
     draft = oracle_draft(target, noise=noise, **overrides)
     for key, value in TREE.items():
         setattr(draft.config, key, value)
+    draft.config.max_speculative_batch = 16  # speculate on every batch tested here (the default stops above 4 rows)
     return draft
 
 
@@ -516,6 +517,7 @@ def _sampling_batches(path: str = "eager", fault=None, monkeypatch=None):
     draft = make_draft(target, noise=0.0)
     draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 4, 3, 20
     draft.config.batch_verify_tokens = 10**6  # 200 rows a call: keep speculating (the batch rule would stop it)
+    draft.config.max_speculative_batch = 10**6
     speculative, sigmas = [], []
     for _ in range(SAMPLES // 100):
         out = target.generate(**repeated(100), **kwargs, assistant_model=draft)
@@ -577,6 +579,10 @@ def test_trees_shrink_with_the_batch_and_speculation_stops_where_it_would_not_pa
 
     draft = make_draft(llava)
     draft.config.tree_total_tokens = 60
+    del draft.config.max_speculative_batch  # the default: batches above 4 rows run generate's own loop
+    sizes = {batch: tree_tokens_for_batch(draft.config, batch) for batch in (1, 2, 4, 5, 8, 16)}
+    assert sizes == {1: 60, 2: 60, 4: 60, 5: None, 8: None, 16: None}
+    draft.config.max_speculative_batch = 64
     sizes = {batch: tree_tokens_for_batch(draft.config, batch) for batch in (1, 2, 4, 8, 16, 32, 64)}
     assert sizes == {1: 60, 2: 60, 4: 60, 8: 32, 16: 16, 32: 8, 64: None}
 

@@ -196,3 +196,22 @@ def test_bench_batches_rows_with_and_without_an_image():
     rows = {row["method"]: row for row in report["methods"]}
     for name in methods[1:]:
         assert rows[name]["status"] == "ok" and rows[name]["matches_plain"] is True, rows[name]["status"]
+
+
+def test_bench_says_when_the_batch_rule_turned_speculation_off():
+    """Above `MAX_SPECULATIVE_BATCH` rows a draft method runs generate's own loop: the report and the table say so
+    (its tokens/s is plain decoding's, not a tree's), and `max_speculative_batch` brings the trees back."""
+    from specvlm_hf.decoding import MAX_SPECULATIVE_BATCH
+
+    target, drafts, cases = setup_models()
+    batch = MAX_SPECULATIVE_BATCH + 1
+    cases = (cases * batch)[:batch]
+    report = bench.run_bench(target, cases, drafts, ("plain", "eaglevlm-tree"), max_new_tokens=6, batch_size=batch)
+    row = {r["method"]: r for r in report["methods"]}["eaglevlm-tree"]
+    assert row["speculation_off"] and row["matches_plain"] is True and row["rounds"] == 0
+    assert f"speculation off at batch size {batch}" in bench.format_table(report)
+    drafts["eaglevlm"].config.max_speculative_batch = batch
+    report = bench.run_bench(target, cases, drafts, ("plain", "eaglevlm-tree"), max_new_tokens=6, batch_size=batch)
+    row = {r["method"]: r for r in report["methods"]}["eaglevlm-tree"]
+    assert not row["speculation_off"] and row["rounds"] > 0 and row["matches_plain"] is True
+    assert "speculation off" not in bench.format_table(report)
