@@ -194,3 +194,18 @@ def test_a_dropped_prefetcher_leaves_no_thread_behind():
             break
         threading.Event().wait(0.05)
     assert not any(t.name == "specvlm-prefetch" for t in threading.enumerate())
+
+
+def test_closing_a_prefetcher_waits_for_its_thread():
+    """`close` (the trainer calls it at the end of each epoch's loop) returns once the loading thread has stopped."""
+
+    def endless():
+        while True:
+            yield {"x": torch.zeros(1)}
+
+    fetched = Prefetcher(endless(), depth=1)
+    next(fetched)
+    fetched.close()
+    assert not fetched._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(fetched)

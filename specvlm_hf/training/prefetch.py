@@ -79,9 +79,13 @@ class Prefetcher:
             raise item
         return item
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stops the thread and waits for it (up to `timeout` seconds: it checks the stop flag between batches),
+        so that no loading is left running when the process moves on or exits."""
         self._stop.set()
         self._done = True
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def __del__(self):
         self._stop.set()

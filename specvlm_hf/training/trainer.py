@@ -510,27 +510,30 @@ class DistillTrainer:
                 depth=2 * config.gradient_accumulation_steps,
                 pin_memory=accelerator.device.type == "cuda",
             )
-            while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps and not out_of_time:
-                with self._phase("data", host=True):
-                    batches = [self._to_device(next(micro)) for _ in range(config.gradient_accumulation_steps)]
-                result = self.train_step(batches)
-                self.step += 1
-                self.step_in_epoch += 1
-                for key in ("loss", "agreement", "logit_loss", "feature_loss"):
-                    window[key] += result[key]
-                window["n"] += 1
-                window["tokens"] += result["tokens"]
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(
-                        loss=f"{result['loss']:.4f}", agree=f"{result['agreement']:.3f}", epoch=self.epoch + 1
-                    )
-                if self.step % config.log_steps == 0 or self.step == self.total_steps:
-                    self._log(window, result)
-                    window = {k: 0 for k in window} | {"start": time.perf_counter()}
-                if config.save_steps and self.step % config.save_steps == 0:
-                    self.save()
-                out_of_time = self._agree(time.perf_counter() - started > budget)
+            try:
+                while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps and not out_of_time:
+                    with self._phase("data", host=True):
+                        batches = [self._to_device(next(micro)) for _ in range(config.gradient_accumulation_steps)]
+                    result = self.train_step(batches)
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    for key in ("loss", "agreement", "logit_loss", "feature_loss"):
+                        window[key] += result[key]
+                    window["n"] += 1
+                    window["tokens"] += result["tokens"]
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(
+                            loss=f"{result['loss']:.4f}", agree=f"{result['agreement']:.3f}", epoch=self.epoch + 1
+                        )
+                    if self.step % config.log_steps == 0 or self.step == self.total_steps:
+                        self._log(window, result)
+                        window = {k: 0 for k in window} | {"start": time.perf_counter()}
+                    if config.save_steps and self.step % config.save_steps == 0:
+                        self.save()
+                    out_of_time = self._agree(time.perf_counter() - started > budget)
+            finally:
+                micro.close()  # the epoch's loading thread stops here, not at interpreter exit
             if self.step_in_epoch >= self.steps_per_epoch or self.step >= self.total_steps or out_of_time:
                 epoch_done = self.step_in_epoch >= self.steps_per_epoch
                 fraction = self.step_in_epoch / self.steps_per_epoch
