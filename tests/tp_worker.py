@@ -139,6 +139,7 @@ def main(workdir: str) -> None:
     except Exception:
         report["error"] = traceback.format_exc()
     Path(workdir, f"report_{rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # both ranks done before the group is torn down (gloo once aborted at exit)
     dist.destroy_process_group()
 
 

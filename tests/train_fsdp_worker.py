@@ -85,6 +85,7 @@ def main(data_path: str, out: str) -> None:
     trainer.accelerator.wait_for_everyone()
     import torch.distributed as dist
 
+    dist.barrier()  # both ranks done before the group is torn down (gloo once aborted at exit)
     dist.destroy_process_group()
 
 
