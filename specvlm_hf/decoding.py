@@ -503,8 +503,9 @@ def tree_tokens_for_batch(config, batch: int) -> int | None:
 
 def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, prompt_features, decoding, model_kwargs):
     """The batched round after the target's prefill (on the fast path `fast`, a `FastPath`, whose draft caches are
-    sized by the longest row's compressed prompt; else an eager one over `target_cache`): each row's draft
-    prefilled on its own pairs (its own images and compressed length), its root loaded at its own position."""
+    sized by the longest row's compressed prompt; else an eager one over `target_cache`): the draft prefilled on every
+    row's own pairs (its own images and compressed length) in one forward, each row's root loaded at its own
+    position."""
     batch = input_ids.shape[0]
     masks, positions = zip(*(prefix_positions(input_ids, model_kwargs, row) for row in range(batch)))
     blocks = []
@@ -530,19 +531,19 @@ def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, pr
         room = _draft_room(draft.config, decoding.max_length, input_ids.shape[1])
         round = fast.round_for(max(block.length for block in blocks) + room)
         round.load(torch.stack(masks))
+    start = input_ids.shape[1]
+    round.start_rows(
+        blocks,
+        [int(decoding.rows[row][0, start]) for row in range(batch)],
+        [int(positions[row][-1]) + 1 for row in range(batch)],
+        [int(adapter.position_offset(model_kwargs, row)) for row in range(batch)],
+    )
     stats = decoding.stats
     stats.draft_visual_tokens = stats.target_visual_tokens = 0
-    for row, block in enumerate(blocks):
-        state, runner = round.rows[row]
-        root_hidden, root_log_probs, info = runner.prefill(block)
-        stats.visual_branch = info["branch"]
-        stats.draft_visual_tokens += info["draft_visual_tokens"]
-        stats.target_visual_tokens += info["target_visual_tokens"]
-        root_position = int(positions[row][-1]) + 1
-        token = int(decoding.rows[row][0, input_ids.shape[1]])
-        round.start_row(
-            row, token, root_position, adapter.position_offset(model_kwargs, row), root_hidden, root_log_probs
-        )
+    for block in blocks:
+        stats.visual_branch = block.info["branch"]
+        stats.draft_visual_tokens += block.info["draft_visual_tokens"]
+        stats.target_visual_tokens += block.info["target_visual_tokens"]
     keep = decoding.rows_to_keep()  # rows that stopped on their first token
     if keep is not None:
         round, held = round.select(keep)

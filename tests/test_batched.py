@@ -401,9 +401,9 @@ def _three_rows(llava, path):
 
 
 def shared_positions(self):
-    tree, states = self.tree, [state for state, _ in self.rows]
+    tree, state = self.tree, self.state
     visible = self.target_window.visible(tree.ancestor_mask)
-    positions = tree.depths + (states[0].root_position + states[0].position_offset)  # row 0's for all
+    positions = tree.depths + (state.root_position[0] + state.position_offset[0])  # row 0's for all
     hidden = self.adapter.verify(
         tree.tokens, tree.depths, visible, positions, self.target_window.length, self.target_window.cache
     )
