@@ -478,11 +478,12 @@ def _cache_key(model_kwargs: dict) -> str:
 # Tree size against batch size. A verify forward stays bound by reading the target's weights up to roughly this many
 # tokens in all (7B on an H100 / H200: ~150-300); past it, each row's tree costs compute. So a batch of B rows
 # drafts trees of `min(tree_total_tokens, BATCH_VERIFY_TOKENS // B)` nodes, and when that falls below
-# `MIN_TREE_TOKENS` speculation no longer pays and the batch is decoded by `generate`'s own loop. The draft also
-# runs one row at a time, so each row adds a draft pass per tree level to the round: measured on one H200
-# (results/README.md), batches of more than `MAX_SPECULATIVE_BATCH` rows were slower than plain batched `generate`
-# on every path (the mini VLM at sigma ~5, the LLaVA-1.5-7B shape projected at the paper's sigma), so they are
-# decoded by `generate`'s own loop too. A draft's config may override all three (`draft.config.batch_verify_tokens`,
+# `MIN_TREE_TOKENS` speculation no longer pays and the batch is decoded by `generate`'s own loop. Measured on one
+# H200 (results/README.md) when the draft still ran one row at a time (each row adding a draft pass per tree level to
+# the round), batches of more than `MAX_SPECULATIVE_BATCH` rows were slower than plain batched `generate` on every
+# path (the mini VLM at sigma ~5, the LLaVA-1.5-7B shape projected at the paper's sigma), so they are decoded by
+# `generate`'s own loop too. The draft now runs one forward per tree level for all rows; the limit stands until it
+# is measured again on a GPU. A draft's config may override all three (`draft.config.batch_verify_tokens`,
 # `min_tree_tokens`, `max_speculative_batch`).
 BATCH_VERIFY_TOKENS = 256
 MIN_TREE_TOKENS = 8

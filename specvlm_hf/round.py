@@ -331,21 +331,19 @@ class SpeculativeRound:
 
     # ------------------------------------------------------------------------------------------- the round
     def _draft(self) -> tuple[torch.Tensor, ...]:
-        return self._draft_row(self.state, self.runner)
-
-    def _draft_row(self, state: RoundState, runner: DraftRunner) -> tuple[torch.Tensor, ...]:
-        """One row's tree from its state, drafted on its runner's cache (then rewound)."""
+        """The row's tree from its state, drafted on the runner's cache (then rewound)."""
+        state = self.state
         tree = build_dynamic_tree(
             state.root_token,
             state.root_log_probs,
             state.root_hidden,
-            runner.tree_step_fn(state.root_position),
+            self.runner.tree_step_fn(state.root_position),
             top_k=self.top_k,
             depth=self.depth,
             total_tokens=self.total_tokens,
             vocab_map=self.draft.draft_vocab,
         )
-        runner.rewind()  # drop the tree entries drafted this round
+        self.runner.rewind()  # drop the tree entries drafted this round
         return tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestor_mask, tree.paths
 
     def _verify(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,11 +357,12 @@ class SpeculativeRound:
 
     def _commit(self) -> None:
         self.target_window.keep(self.state.path, self.state.count)
-        self._catch_up(self.state, self.runner, self.tree.tokens, self.features)
+        self._catch_up()
 
-    def _catch_up(self, state: RoundState, runner: DraftRunner, tree_tokens, features) -> None:
-        """One row's draft catch-up on its accepted path (`state.path`, `.count`, `.next_token`), from the tree's
-        `(T,)` tokens and the target's `(T, d)` features; loads the row's next root."""
+    def _catch_up(self) -> None:
+        """The draft's catch-up on the accepted path (`state.path`, `.count`, `.next_token`), from the tree's `(T,)`
+        tokens and the target's `(T, d)` features; loads the next root."""
+        state, tree_tokens, features, runner = self.state, self.tree.tokens, self.features, self.runner
         count, width = state.count, self.path_width
         # draft catch-up on pairs (x_{t+1}, f_t) of the root and the accepted nodes: x is the next node's token,
         # and after the last accepted node the target's next token; rows from `count` on are padding
@@ -374,7 +373,7 @@ class SpeculativeRound:
         hidden, log_probs = runner.append(
             self.draft.embed(tokens)[None], features[None], state.root_position + rows, count=count
         )
-        last = (count - 1).clamp(min=0).reshape(1)  # a masked batch row keeps nothing (count 0)
+        last = (count - 1).clamp(min=0).reshape(1)
         state.root_hidden.copy_(hidden.index_select(0, last)[0])
         state.root_log_probs.copy_(log_probs.index_select(0, last)[0])
         state.root_position.add_(count)
@@ -693,9 +692,10 @@ def release_fast_path(draft) -> None:
         draft.__dict__.pop(name, None)
 
 
-# the batched round traces one draft pass per row, so its compiled graph (and the compile time) grows with the batch:
-# on the LLaVA-1.5-7B shape (one H200) 4 rows compiled in under a minute, 8 rows not within 400 s. Larger batches run
-# the fast path's CUDA graphs over eager kernels.
+# measured when the batched round traced one draft pass per row (its compiled graph, and the compile time, grew with
+# the batch): on the LLaVA-1.5-7B shape (one H200) 4 rows compiled in under a minute, 8 rows not within 400 s. Larger
+# batches run the fast path's CUDA graphs over eager kernels. The draft now runs one forward per tree level for all
+# rows, so the graph no longer grows with the batch; this limit stands until it is measured again on a GPU.
 COMPILE_MAX_BATCH = 4
 
 

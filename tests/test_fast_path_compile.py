@@ -129,8 +129,8 @@ def test_measure_costs_times_each_width_and_restores_the_tree():
 
 
 def test_large_batches_run_graphs_over_eager_kernels():
-    """The batched round traces one draft pass per row: above `COMPILE_MAX_BATCH` rows the fast path keeps its CUDA
-    graphs, uncompiled (the compile time grows with the batch); `disable_compile` turns it off at any size."""
+    """Above `COMPILE_MAX_BATCH` rows the fast path keeps its CUDA graphs, uncompiled (as measured when the round
+    traced one draft pass per row); `disable_compile` turns it off at any size."""
     from types import SimpleNamespace
 
     from specvlm_hf.round import COMPILE_MAX_BATCH, fast_path_options
