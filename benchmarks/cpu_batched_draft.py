@@ -6,7 +6,7 @@ at B = 1, 2, 4, 8 rows, on the eager and the static (fast) path, the trees fixed
 `max_new_tokens` (no EOS). The outputs are checked against plain batched `generate`. Run it against two checkouts
 to compare them (the package is imported from `PYTHONPATH`):
 
-    PYTHONPATH=/path/to/checkout python benchmarks/cpu_batched_draft.py [--repeats 3] [--threads 2]
+    PYTHONPATH=/path/to/checkout python benchmarks/cpu_batched_draft.py [--repeats 3] [--threads 1]
 
 A tiny random model on a CPU measures launch and bookkeeping overheads, not a GPU's: it shows how a round's cost
 grows with B, not what an H200 does.
@@ -51,7 +51,7 @@ def batch_of(target, rows: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)  # as tests/conftest.py: no OpenMP spin-waits
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
