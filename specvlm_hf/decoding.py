@@ -478,11 +478,12 @@ def _cache_key(model_kwargs: dict) -> str:
 # Tree size against batch size. A verify forward stays bound by reading the target's weights up to roughly this many
 # tokens in all (7B on an H100 / H200: ~150-300); past it, each row's tree costs compute. So a batch of B rows
 # drafts trees of `min(tree_total_tokens, BATCH_VERIFY_TOKENS // B)` nodes, and when that falls below
-# `MIN_TREE_TOKENS` speculation no longer pays and the batch is decoded by `generate`'s own loop. The draft also
-# runs one row at a time, so each row adds a draft pass per tree level to the round: measured on one H200
-# (results/README.md), batches of more than `MAX_SPECULATIVE_BATCH` rows were slower than plain batched `generate`
-# on every path (the mini VLM at sigma ~5, the LLaVA-1.5-7B shape projected at the paper's sigma), so they are
-# decoded by `generate`'s own loop too. A draft's config may override all three (`draft.config.batch_verify_tokens`,
+# `MIN_TREE_TOKENS` speculation no longer pays and the batch is decoded by `generate`'s own loop. Measured on one
+# H200 (results/README.md) when the draft still ran one row at a time (each row adding a draft pass per tree level to
+# the round), batches of more than `MAX_SPECULATIVE_BATCH` rows were slower than plain batched `generate` on every
+# path (the mini VLM at sigma ~5, the LLaVA-1.5-7B shape projected at the paper's sigma), so they are decoded by
+# `generate`'s own loop too. The draft now runs one forward per tree level for all rows; the limit stands until it
+# is measured again on a GPU. A draft's config may override all three (`draft.config.batch_verify_tokens`,
 # `min_tree_tokens`, `max_speculative_batch`).
 BATCH_VERIFY_TOKENS = 256
 MIN_TREE_TOKENS = 8
@@ -503,8 +504,9 @@ def tree_tokens_for_batch(config, batch: int) -> int | None:
 
 def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, prompt_features, decoding, model_kwargs):
     """The batched round after the target's prefill (on the fast path `fast`, a `FastPath`, whose draft caches are
-    sized by the longest row's compressed prompt; else an eager one over `target_cache`): each row's draft
-    prefilled on its own pairs (its own images and compressed length), its root loaded at its own position."""
+    sized by the longest row's compressed prompt; else an eager one over `target_cache`): the draft prefilled on every
+    row's own pairs (its own images and compressed length) in one forward, each row's root loaded at its own
+    position."""
     batch = input_ids.shape[0]
     masks, positions = zip(*(prefix_positions(input_ids, model_kwargs, row) for row in range(batch)))
     blocks = []
@@ -530,19 +532,19 @@ def _start_rows(adapter, draft, fast, target_cache, input_ids, prompt_embeds, pr
         room = _draft_room(draft.config, decoding.max_length, input_ids.shape[1])
         round = fast.round_for(max(block.length for block in blocks) + room)
         round.load(torch.stack(masks))
+    start = input_ids.shape[1]
+    round.start_rows(
+        blocks,
+        [int(decoding.rows[row][0, start]) for row in range(batch)],
+        [int(positions[row][-1]) + 1 for row in range(batch)],
+        [int(adapter.position_offset(model_kwargs, row)) for row in range(batch)],
+    )
     stats = decoding.stats
     stats.draft_visual_tokens = stats.target_visual_tokens = 0
-    for row, block in enumerate(blocks):
-        state, runner = round.rows[row]
-        root_hidden, root_log_probs, info = runner.prefill(block)
-        stats.visual_branch = info["branch"]
-        stats.draft_visual_tokens += info["draft_visual_tokens"]
-        stats.target_visual_tokens += info["target_visual_tokens"]
-        root_position = int(positions[row][-1]) + 1
-        token = int(decoding.rows[row][0, input_ids.shape[1]])
-        round.start_row(
-            row, token, root_position, adapter.position_offset(model_kwargs, row), root_hidden, root_log_probs
-        )
+    for block in blocks:
+        stats.visual_branch = block.info["branch"]
+        stats.draft_visual_tokens += block.info["draft_visual_tokens"]
+        stats.target_visual_tokens += block.info["target_visual_tokens"]
     keep = decoding.rows_to_keep()  # rows that stopped on their first token
     if keep is not None:
         round, held = round.select(keep)

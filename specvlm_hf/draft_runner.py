@@ -16,7 +16,7 @@ import torch
 
 from .adapters import call_image_inputs
 from .compressor import question_features
-from .kv_cache import FixedWindow, GrowingWindow
+from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow
 from .tree import additive_mask
 
 
@@ -112,39 +112,50 @@ def compress_pairs(draft, prompt: PromptPairs) -> DraftPrefill:
 
 
 class DraftRunner:
-    """Runs a draft over its cache window.
+    """Runs a draft over its cache window: one row (a `GrowingWindow` or a `FixedWindow`) or a batch of rows in one
+    cache (a `RowsWindow` or a `FixedRowsWindow`: every call runs one draft forward over all rows).
 
     Args:
         draft: a bound `SpecVLMDraftModel`.
-        window: the draft cache's window (a `GrowingWindow` over a `DynamicCache`, or a `FixedWindow`).
+        window: the draft cache's window.
     """
 
-    def __init__(self, draft, window: GrowingWindow | FixedWindow):
+    def __init__(self, draft, window: GrowingWindow | FixedWindow | RowsWindow | FixedRowsWindow):
         self.draft = draft
         self.window = window
         self.device = draft.fc.weight.device  # may differ from the target's when the target is split over GPUs
         self.dtype = draft.fc.weight.dtype
 
+    @property
+    def rows(self) -> bool:
+        """Whether the window holds a batch of rows (calls take and give a leading batch dimension)."""
+        return isinstance(self.window, (RowsWindow, FixedRowsWindow))
+
     def _forward(self, fused, block_mask, positions):
         """The draft's layers over `(q, d)` fused inputs written after the cached entries; `block_mask` `(q, m)`
         says which of the block's entries (this block's, after earlier blocks of this round) each row sees.
-        Returns `(q, d)` predicted features."""
+        Returns `(q, d)` predicted features. Rows: `(B, q, d)`, `(B, q, m)` and `(B, q)` positions give `(B, q, d)`
+        (the block written at the window's shared offset)."""
         visible = self.window.visible(block_mask.to(self.device))
-        return self.draft.decode(
-            fused[None],
-            attention_mask=additive_mask(visible, self.dtype)[None, None],
-            position_ids=positions.to(self.device)[None],
+        if not self.rows:
+            fused, visible, positions = fused[None], visible[None], positions[None]
+        hidden = self.draft.decode(
+            fused,
+            attention_mask=additive_mask(visible, self.dtype)[:, None],
+            position_ids=positions.to(self.device),
             past_key_values=self.window.cache,
             use_cache=True,
-        )[0]
+        )
+        return hidden if self.rows else hidden[0]
 
     def log_probs(self, hidden):
         return torch.log_softmax(self.draft.lm_head(hidden).float(), dim=-1)
 
     def step(self, token_embeds, features, block_mask, positions):
         """One draft forward over a block of pairs: `(1, q, d)` token embeddings and features -> `(q, d)`
-        predicted features and `(q, V)` float32 log-probabilities."""
-        hidden = self._forward(self.draft.fuse(token_embeds, features)[0], block_mask, positions)
+        predicted features and `(q, V)` float32 log-probabilities (rows: `(B, q, d)` -> `(B, q, d)`, `(B, q, V)`)."""
+        fused = self.draft.fuse(token_embeds, features)
+        hidden = self._forward(fused if self.rows else fused[0], block_mask, positions)
         return hidden, self.log_probs(hidden)
 
     def append(self, token_embeds, features, positions, count=None, real=None):
@@ -156,13 +167,20 @@ class DraftRunner:
             count: how many of the `q` rows to keep (an int or a device scalar; default all): rows past it are
                 padding of a fixed-width block, hidden from the kept rows by causality and dropped after.
             real: `(q,)` bool, False for left padding (default all real).
+        Rows (a rows window): `(B, q, d)` pairs, `(B, q)` positions and `(B,)` counts (required; a count of 0
+        keeps nothing), all real; each row keeps its first `count[b]` entries at its own length.
         Returns:
-            `(q, d)` predicted features and `(q, V)` log-probabilities of every row.
+            `(q, d)` predicted features and `(q, V)` log-probabilities of every row (rows: `(B, q, ...)`).
         """
         q = token_embeds.shape[1]
+        causal = torch.ones(q, q, dtype=torch.bool, device=self.device).tril()
+        if self.rows:
+            batch = token_embeds.shape[0]
+            hidden, log_probs = self.step(token_embeds, features, causal.expand(batch, q, q), positions)
+            self.window.keep(torch.arange(q, device=self.device).expand(batch, q), count)
+            return hidden, log_probs
         real = torch.ones(q, dtype=torch.bool, device=self.device) if real is None else real.to(self.device)
-        causal = torch.ones(q, q, dtype=torch.bool, device=self.device).tril() & real[None, :]
-        hidden, log_probs = self.step(token_embeds, features, causal, positions)
+        hidden, log_probs = self.step(token_embeds, features, causal & real[None, :], positions)
         self.window.extend(real, q if count is None else count)
         return hidden, log_probs
 
@@ -176,13 +194,35 @@ class DraftRunner:
         self.window.extend(block.real, q)
         return last, self.log_probs(last), block.info
 
+    def prefill_rows(self, blocks: list[DraftPrefill]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the draft over `B` rows' prefill blocks (`compress_pairs`, of different lengths) in one forward on a
+        rows window: the blocks left-padded into one `(B, L)` block, the padding not real (hidden from every real
+        entry; each padding entry sees itself only, so that no attention row is empty). Returns each row's last
+        pair's predicted feature `(B, d)` and log-probabilities `(B, V)`."""
+        width = max(block.length for block in blocks)
+        fused = blocks[0].fused.new_zeros(len(blocks), width, blocks[0].fused.shape[-1])
+        positions = torch.zeros(len(blocks), width, dtype=torch.long, device=self.device)
+        real = torch.zeros(len(blocks), width, dtype=torch.bool, device=self.device)
+        for row, block in enumerate(blocks):
+            fused[row, width - block.length :] = block.fused
+            positions[row, width - block.length :] = block.positions.to(self.device)
+            real[row, width - block.length :] = block.real.to(self.device)
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        eye = torch.eye(width, dtype=torch.bool, device=self.device)
+        last = self._forward(fused, (causal[None] & real[:, None, :]) | eye[None], positions)[:, -1]
+        self.window.extend(real)
+        return last, self.log_probs(last)
+
     def tree_step_fn(self, root_position):
         """The `draft_step` callable of `build_dynamic_tree` for a round whose root sits at `root_position` (an
         int or a device scalar): the nodes of tree level `level` read pairs at position `root_position - 1 +
-        level`."""
+        level`. Rows: of `build_dynamic_trees`, with `(B,)` root positions."""
 
         def step(tokens, parent_hidden, level, ancestor_mask):
-            positions = torch.as_tensor(root_position + (level - 1), device=self.device).expand(tokens.shape[0])
+            positions = torch.as_tensor(root_position + (level - 1), device=self.device)
+            positions = positions.unsqueeze(-1).expand(tokens.shape)
+            if self.rows:  # `(B, n)` tokens, `(B,)` root positions: one forward over every row's frontier
+                return self.step(self.draft.embed(tokens), parent_hidden, ancestor_mask, positions)
             return self.step(self.draft.embed(tokens)[None], parent_hidden[None], ancestor_mask, positions)
 
         return step

@@ -295,6 +295,14 @@ class RowsWindow:
         self.lengths = new
         crop_kv(self.cache, width)
 
+    def extend(self, block_real: torch.Tensor) -> None:
+        """Keeps the `(B, q)` block just written at the shared offset for every row (a left-padded prefill block,
+        `block_real` marking each row's real entries): every row's length becomes the offset plus `q` (the slots
+        between a row's old length and the offset are not real for it, so they stay hidden)."""
+        self.real = torch.cat([self.real, block_real.to(self.real.device).bool()], dim=1)
+        self.lengths = torch.full_like(self.lengths, self.length)
+        crop_kv(self.cache, self.length)
+
     def select(self, rows: torch.Tensor) -> None:
         """Keeps only the cache rows `rows` (`(B',)` indices), e.g. dropping finished rows."""
         for layer in cache_layers(self.cache):
@@ -328,6 +336,20 @@ class FixedRowsWindow:
         self.real[:, : real.shape[1]] = real.to(self.real.device)
         self.lengths.fill_(real.shape[1])
         self.length.fill_(real.shape[1])
+
+    @property
+    def width(self) -> int:
+        """Slots of the cache (per row)."""
+        return self.real.shape[1]
+
+    def extend(self, block_real: torch.Tensor) -> None:
+        """As `RowsWindow.extend`, in place on the static buffers (no host sync)."""
+        slots = self.length + torch.arange(block_real.shape[1], device=self.real.device)
+        self.real.index_copy_(1, slots, block_real.to(self.real.device).bool())
+        self.length.add_(block_real.shape[1])
+        self.lengths.copy_(self.length.expand_as(self.lengths))
+        for layer in cache_layers(self.cache):
+            set_static_write_position(layer, self.length)
 
     def take(self, source: "FixedRowsWindow", rows: torch.Tensor) -> None:
         """Copies the rows `rows` (`(B',)` indices) of another window of the same width into this one of `B'` rows:

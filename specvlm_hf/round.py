@@ -39,7 +39,7 @@ from .hf_internals import (
 )
 from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow
 from .target import unwrap_target
-from .tree import DraftTree, build_dynamic_tree, stack_trees
+from .tree import DraftTree, build_dynamic_tree, build_dynamic_trees
 
 # options of the `torch.compile` calls of the fast path (tests swap in a CPU backend to check tracing). The cache
 # width is marked dynamic (`SpeculativeRound.mark_width_dynamic`): one compile serves every length bucket.
@@ -159,18 +159,27 @@ class RoundState:
         for name in self.__dataclass_fields__:
             getattr(self, name).copy_(getattr(other, name))
 
+    def index_select(self, rows: torch.Tensor) -> "RoundState":
+        """A batch state's rows `rows` (`(B',)` indices), in new buffers."""
+        return RoundState(
+            *(getattr(self, name).index_select(0, rows.to(self.count.device)) for name in self.__dataclass_fields__)
+        )
+
     @classmethod
-    def allocate(cls, hidden: int, vocab: int, path_width: int, dtype, device) -> "RoundState":
+    def allocate(cls, hidden: int, vocab: int, path_width: int, dtype, device, batch=None) -> "RoundState":
+        """One row's buffers (shapes above), or with `batch`, `B` rows' (a leading batch dimension on each; the root
+        token `(B,)`)."""
         long = dict(dtype=torch.long, device=device)
+        rows = () if batch is None else (batch,)
         return cls(
-            root_token=torch.zeros(1, **long),
-            root_position=torch.zeros((), **long),
-            position_offset=torch.zeros((), **long),
-            root_hidden=torch.zeros(hidden, dtype=dtype, device=device),
-            root_log_probs=torch.zeros(vocab, dtype=torch.float32, device=device),
-            path=torch.zeros(path_width, **long),
-            count=torch.ones((), **long),
-            next_token=torch.zeros((), **long),
+            root_token=torch.zeros(batch or 1, **long),
+            root_position=torch.zeros(rows, **long),
+            position_offset=torch.zeros(rows, **long),
+            root_hidden=torch.zeros(*rows, hidden, dtype=dtype, device=device),
+            root_log_probs=torch.zeros(*rows, vocab, dtype=torch.float32, device=device),
+            path=torch.zeros(*rows, path_width, **long),
+            count=torch.ones(rows, **long),
+            next_token=torch.zeros(rows, **long),
         )
 
 
@@ -253,8 +262,8 @@ class SpeculativeRound:
 
     @property
     def draft_length(self) -> int:
-        """Slots of the draft's static cache (of each row's): sized by the draft's compressed prompt."""
-        return self.runner.window.real.shape[0]
+        """Slots of the draft's static cache (per row): sized by the draft's compressed prompt."""
+        return self.runner.window.real.shape[-1]
 
     # ------------------------------------------------------------------------------------------- calling
     def start(
@@ -299,7 +308,7 @@ class SpeculativeRound:
 
     @property
     def runners(self) -> list[DraftRunner]:
-        """The draft runner of each row (one here)."""
+        """The draft runner (one, for one row or a batch of rows: a list for code that reads its window)."""
         return [self.runner]
 
     def draft_tree(self) -> DraftTree:
@@ -322,21 +331,19 @@ class SpeculativeRound:
 
     # ------------------------------------------------------------------------------------------- the round
     def _draft(self) -> tuple[torch.Tensor, ...]:
-        return self._draft_row(self.state, self.runner)
-
-    def _draft_row(self, state: RoundState, runner: DraftRunner) -> tuple[torch.Tensor, ...]:
-        """One row's tree from its state, drafted on its runner's cache (then rewound)."""
+        """The row's tree from its state, drafted on the runner's cache (then rewound)."""
+        state = self.state
         tree = build_dynamic_tree(
             state.root_token,
             state.root_log_probs,
             state.root_hidden,
-            runner.tree_step_fn(state.root_position),
+            self.runner.tree_step_fn(state.root_position),
             top_k=self.top_k,
             depth=self.depth,
             total_tokens=self.total_tokens,
             vocab_map=self.draft.draft_vocab,
         )
-        runner.rewind()  # drop the tree entries drafted this round
+        self.runner.rewind()  # drop the tree entries drafted this round
         return tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestor_mask, tree.paths
 
     def _verify(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,11 +357,12 @@ class SpeculativeRound:
 
     def _commit(self) -> None:
         self.target_window.keep(self.state.path, self.state.count)
-        self._catch_up(self.state, self.runner, self.tree.tokens, self.features)
+        self._catch_up()
 
-    def _catch_up(self, state: RoundState, runner: DraftRunner, tree_tokens, features) -> None:
-        """One row's draft catch-up on its accepted path (`state.path`, `.count`, `.next_token`), from the tree's
-        `(T,)` tokens and the target's `(T, d)` features; loads the row's next root."""
+    def _catch_up(self) -> None:
+        """The draft's catch-up on the accepted path (`state.path`, `.count`, `.next_token`), from the tree's `(T,)`
+        tokens and the target's `(T, d)` features; loads the next root."""
+        state, tree_tokens, features, runner = self.state, self.tree.tokens, self.features, self.runner
         count, width = state.count, self.path_width
         # draft catch-up on pairs (x_{t+1}, f_t) of the root and the accepted nodes: x is the next node's token,
         # and after the last accepted node the target's next token; rows from `count` on are padding
@@ -365,7 +373,7 @@ class SpeculativeRound:
         hidden, log_probs = runner.append(
             self.draft.embed(tokens)[None], features[None], state.root_position + rows, count=count
         )
-        last = (count - 1).clamp(min=0).reshape(1)  # a masked batch row keeps nothing (count 0)
+        last = (count - 1).clamp(min=0).reshape(1)
         state.root_hidden.copy_(hidden.index_select(0, last)[0])
         state.root_log_probs.copy_(log_probs.index_select(0, last)[0])
         state.root_position.add_(count)
@@ -373,19 +381,24 @@ class SpeculativeRound:
 
 
 class RowsRound(SpeculativeRound):
-    """The round over a batch of `B` rows (left-padded prompts), each with its own length, positions and draft.
+    """The round over a batch of `B` rows (left-padded prompts), each with its own length, positions and tree.
 
     The target verifies all rows' trees in one forward (each row's tree at one shared offset, a `(B, 1, T, S)` mask,
-    per-row positions), then keeps each row's accepted path at that row's own length. Each row drafts on its own
-    draft cache with the same `_draft_row` / `_catch_up` steps as a single row. Two backends, as for one row:
+    per-row positions), then keeps each row's accepted path at that row's own length. The draft works the same way
+    on one cache of `B` rows (a rows window of the target's kind, each row with its own real slots and length): one
+    draft forward for all rows' prefill blocks (left-padded), one per tree level (`build_dynamic_trees`: every row's
+    frontier, at its own positions), one for the catch-up (each row keeping its own accepted count), so a round runs
+    as many draft forwards for `B` rows as for one. Two backends, as for one row:
 
-    - eager (`RowsRound.eager`): a `RowsWindow` over `generate`'s dynamic cache; finished rows are dropped;
-    - fast (built by `FastPath.round_for`): a `FixedRowsWindow` over a static cache of `B` rows and one static draft
-      cache per row; every shape is fixed (the round can be captured as CUDA graphs), finished rows stay in the
-      batch, masked out (`active`: they keep nothing), until at most half of the rows are live: then the live rows
-      move to the round of the next smaller batch shape (`select`), which has its own graphs.
+    - eager (`RowsRound.eager`): `RowsWindow`s over `generate`'s dynamic cache and a dynamic draft cache; finished
+      rows are dropped;
+    - fast (built by `FastPath.round_for`): `FixedRowsWindow`s over a static target cache of `B` rows and a static
+      draft cache of `B` rows; every shape is fixed (the round can be captured as CUDA graphs), finished rows stay in
+      the batch, masked out (`active`: they keep nothing), until at most half of the rows are live: then the live
+      rows move to the round of the next smaller batch shape (`select`), which has its own graphs.
 
     Each row's tree has `tree_for_batch(B)` nodes (a function of the batch size: trees grow as rows leave).
+    `state` is a `RoundState` of `B` rows.
     """
 
     def __init__(
@@ -393,31 +406,31 @@ class RowsRound(SpeculativeRound):
         adapter,
         draft,
         target_window,
-        draft_windows: list,
+        draft_window,
         graphs: bool = False,
         compile: bool = False,
         tree_for_batch=None,
     ):
-        self.rows: list[tuple[RoundState, DraftRunner]] = []
-        super().__init__(adapter, draft, target_window, draft_windows[0], graphs, compile)
+        super().__init__(adapter, draft, target_window, draft_window, graphs, compile)
         config, device, dtype = draft.config, draft.fc.weight.device, draft.fc.weight.dtype
         vocab = config.draft_vocab_size or config.text_config.vocab_size
-        for window in draft_windows:
-            state = RoundState.allocate(config.text_config.hidden_size, vocab, self.path_width, dtype, device)
-            self.rows.append((state, DraftRunner(draft, window)))
-        self.active = torch.ones(len(draft_windows), dtype=torch.long, device=device)
+        batch = draft_window.real.shape[0]
+        self.state = RoundState.allocate(config.text_config.hidden_size, vocab, self.path_width, dtype, device, batch)
+        self.active = torch.ones(batch, dtype=torch.long, device=device)
         self.tree_for_batch = tree_for_batch or (lambda batch: config.tree_total_tokens)
-        self.total_tokens = self.tree_for_batch(len(draft_windows))
+        self.total_tokens = self.tree_for_batch(batch)
 
     @classmethod
     def eager(cls, adapter, draft, target_cache, prompt_real: torch.Tensor, tree_for_batch=None) -> "RowsRound":
-        """Over `generate`'s dynamic target cache (holding the `(B, n)` prompts, `prompt_real` their real tokens);
-        `tree_for_batch(B)`: nodes per row's tree for a batch of `B` rows (default: the draft's tree size)."""
-        windows = [
-            GrowingWindow(DynamicCache(config=draft.config.text_config), prompt_real[0, :0])
-            for _ in range(prompt_real.shape[0])
-        ]
-        return cls(adapter, draft, RowsWindow(target_cache, prompt_real), windows, tree_for_batch=tree_for_batch)
+        """Over `generate`'s dynamic target cache (holding the `(B, n)` prompts, `prompt_real` their real tokens) and
+        a fresh dynamic draft cache; `tree_for_batch(B)`: nodes per row's tree for a batch of `B` rows (default: the
+        draft's tree size)."""
+        draft_window = RowsWindow(DynamicCache(config=draft.config.text_config), prompt_real[:, :0])
+        return cls(adapter, draft, RowsWindow(target_cache, prompt_real), draft_window, tree_for_batch=tree_for_batch)
+
+    @property
+    def batch(self) -> int:
+        return self.state.count.shape[0]
 
     def load(self, prompt_real: torch.Tensor) -> None:
         """Starts a call after the target's prefill: `(B, n)` the prompts' real tokens."""
@@ -428,18 +441,22 @@ class RowsRound(SpeculativeRound):
     def is_static(self) -> bool:
         return isinstance(self.target_window, FixedRowsWindow)
 
-    @property
-    def runners(self) -> list[DraftRunner]:
-        return [runner for _, runner in self.rows]
-
-    def start_row(self, row: int, root_token: int, root_position: int, position_offset: int, root_hidden, log_probs):
-        """Loads row `row`'s state after its draft prefill (see `SpeculativeRound.start`)."""
-        state = self.rows[row][0]
-        state.root_token.fill_(root_token)
-        state.root_position.fill_(root_position)
-        state.position_offset.fill_(position_offset)
+    def start_rows(
+        self, blocks: list, root_tokens: list[int], root_positions: list[int], position_offsets: list[int]
+    ) -> None:
+        """Prefills the draft on every row's block (`compress_pairs`, one draft forward for all rows) and loads the
+        rows' states: their first generated tokens, those tokens' sequence positions and the target's position
+        offsets (see `SpeculativeRound.start`)."""
+        root_hidden, root_log_probs = self.runner.prefill_rows(blocks)
+        state = self.state
+        for name, values in (
+            ("root_token", root_tokens),
+            ("root_position", root_positions),
+            ("position_offset", position_offsets),
+        ):
+            getattr(state, name).copy_(torch.tensor(values, dtype=torch.long))
         state.root_hidden.copy_(root_hidden)
-        state.root_log_probs.copy_(log_probs)
+        state.root_log_probs.copy_(root_log_probs)
 
     def select(self, rows: list[int]) -> tuple["RowsRound", list[int]]:
         """Keeps only the rows `rows` (indices into the current rows, in order) drafting and keeping tokens.
@@ -454,11 +471,14 @@ class RowsRound(SpeculativeRound):
             rows it carries).
         """
         if not self.is_static:
-            self.target_window.select(torch.tensor(rows, dtype=torch.long))
-            self.rows = [self.rows[row] for row in rows]
+            index = torch.tensor(rows, dtype=torch.long)
+            self.target_window.select(index)
+            self.runner.window.select(index)
+            self.state = self.state.index_select(index)
+            self.active = self.active.index_select(0, index.to(self.active.device))
             self.total_tokens = self.tree_for_batch(len(rows))
             return self, rows
-        batch = len(self.rows)
+        batch = self.batch
         if 2 * len(rows) > batch:
             self.active.copy_(torch.isin(torch.arange(batch), torch.tensor(rows)).long())
             return self, list(range(batch))
@@ -470,8 +490,8 @@ class RowsRound(SpeculativeRound):
 
     def _moved(self, held: list[int]) -> "RowsRound":
         """The fast round of batch `len(held)` (same target and draft cache widths) holding this round's rows `held`:
-        their target cache rows, lengths and real slots, draft caches and round states copied into its own
-        buffers, which its graphs read."""
+        their target and draft cache rows, lengths and real slots, and round states copied into its own buffers,
+        which its graphs read."""
         fast = FastPath.for_call(
             self.adapter,
             self.draft,
@@ -484,38 +504,64 @@ class RowsRound(SpeculativeRound):
         other = fast.round_for(self.draft_length)
         index = torch.tensor(held, dtype=torch.long, device=self.active.device)
         other.target_window.take(self.target_window, index)
-        for (state, runner), row in zip(other.rows, held):
-            source_state, source_runner = self.rows[row]
-            state.copy_(source_state)
-            runner.window.take(source_runner.window)
+        other.runner.window.take(self.runner.window, index)
+        other.state.copy_(self.state.index_select(index))
         return other
 
     def commit(self, path: torch.Tensor, count: torch.Tensor, next_token: torch.Tensor) -> None:
-        """Keeps each row's accepted path (`(B, P)`, counts and next tokens `(B,)`) and catches its draft up."""
+        """Keeps each row's accepted path (`(B, P)`, counts and next tokens `(B,)`) and catches the draft up."""
         if self.is_static:  # finished rows stay in the batch and keep nothing
             count = count * self.active.to(count.device)
-        for row, (state, _) in enumerate(self.rows):
-            state.path.copy_(path[row])
-            state.count.copy_(count[row])
-            state.next_token.copy_(next_token[row])
+        state = self.state
+        state.path.copy_(path)
+        state.count.copy_(count)
+        state.next_token.copy_(next_token)
         self.commit_call()
 
     def _commit(self) -> None:
-        states = [state for state, _ in self.rows]
-        self.target_window.keep(torch.stack([s.path for s in states]), torch.stack([s.count for s in states]))
-        for row, (state, runner) in enumerate(self.rows):
-            self._catch_up(state, runner, self.tree.tokens[row], self.features[row])
+        state = self.state
+        self.target_window.keep(state.path, state.count)
+        self._catch_up_rows()
+
+    def _catch_up_rows(self) -> None:
+        """`_catch_up` for every row in one draft forward: a `(B, path_width)` block of each row's root and accepted
+        nodes, at each row's positions; each row keeps its own count (a masked row, count 0, nothing)."""
+        state, count, width = self.state, self.state.count, self.path_width
+        rows = torch.arange(width, device=count.device)
+        path = state.path.to(self.tree.tokens.device)
+        tokens = torch.cat([self.tree.tokens.gather(1, path[:, 1:]), state.next_token[:, None]], dim=1)
+        tokens = torch.where(rows[None, :] == (count - 1)[:, None], state.next_token[:, None], tokens)
+        features = self.features
+        index = path.to(features.device)[:, :, None].expand(-1, -1, features.shape[-1])
+        hidden, log_probs = self.runner.append(
+            self.draft.embed(tokens), features.gather(1, index), state.root_position[:, None] + rows, count=count
+        )
+        last = (count - 1).clamp(min=0)  # a masked batch row keeps nothing (count 0)
+        state.root_hidden.copy_(hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0])
+        state.root_log_probs.copy_(log_probs.gather(1, last[:, None, None].expand(-1, 1, log_probs.shape[-1]))[:, 0])
+        state.root_position.add_(count)
+        state.root_token.copy_(state.next_token)
 
     def _draft(self) -> tuple[torch.Tensor, ...]:
-        trees = [DraftTree(*self._draft_row(state, runner)) for state, runner in self.rows]
-        tree = stack_trees(trees)
+        state = self.state
+        tree = build_dynamic_trees(
+            state.root_token,
+            state.root_log_probs,
+            state.root_hidden,
+            self.runner.tree_step_fn(state.root_position),
+            top_k=self.top_k,
+            depth=self.depth,
+            total_tokens=self.total_tokens,
+            vocab_map=self.draft.draft_vocab,
+        )
+        self.runner.rewind()  # drop the tree entries drafted this round
         return tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestor_mask, tree.paths
 
     def _verify(self) -> tuple[torch.Tensor, torch.Tensor]:
-        tree, states = self.tree, [state for state, _ in self.rows]
-        visible = self.target_window.visible(tree.ancestor_mask)
-        roots = torch.stack([state.root_position + state.position_offset for state in states])
+        tree, state = self.tree, self.state
+        roots = state.root_position + state.position_offset
         positions = tree.depths + roots.to(tree.depths.device)[:, None]
+        visible = self.target_window.visible(tree.ancestor_mask)
         # each row's own length: the sequence slot its tree's root follows (sliding windows count from it)
         hidden = self.adapter.verify(
             tree.tokens, tree.depths, visible, positions, self.target_window.lengths, self.target_window.cache
@@ -549,7 +595,7 @@ class FastPath:
 
     Use: `fast = FastPath.for_call(...)`; the target's prefill writes to `fast.target_cache`; then
     `round = fast.round_for(draft_needed)`, the draft prefill on `round`'s draft cache(s), `round.start` (one row)
-    or `round.load` + `round.start_row` (rows).
+    or `round.load` + `round.start_rows` (rows).
 
     Args:
         adapter, draft: the target's `TargetAdapter` and the bound draft.
@@ -612,20 +658,18 @@ class FastPath:
         current = self.rounds.get(width)
         if current is None:
             device, text_config = self.draft.fc.weight.device, self.draft.config.text_config
-            windows = [
-                FixedWindow(StaticCache(config=text_config, max_cache_len=width), width, device)
-                for _ in range(self.batch or 1)
-            ]
+            cache = StaticCache(config=text_config, max_cache_len=width)
             if self.batch is None:
+                window = FixedWindow(cache, width, device)
                 current = SpeculativeRound(
-                    self.adapter, self.draft, self.target_window, windows[0], self.graphs, self.compile
+                    self.adapter, self.draft, self.target_window, window, self.graphs, self.compile
                 )
-            else:
+            else:  # one draft cache of `batch` rows
                 current = RowsRound(
                     self.adapter,
                     self.draft,
                     self.target_window,
-                    windows,
+                    FixedRowsWindow(cache, self.batch, width, device),
                     self.graphs,
                     self.compile,
                     self.tree_for_batch,
@@ -637,9 +681,8 @@ class FastPath:
             current.active.fill_(1)
             current.tree_for_batch = self.tree_for_batch
             self.draft._specvlm_static_rows_round = current
-        for runner in current.runners:
-            runner.window.cache.reset()
-            runner.window.load(runner.window.real[:0])
+        current.runner.window.cache.reset()
+        current.runner.window.load(current.runner.window.real[..., :0])
         return current
 
 
@@ -649,9 +692,10 @@ def release_fast_path(draft) -> None:
         draft.__dict__.pop(name, None)
 
 
-# the batched round traces one draft pass per row, so its compiled graph (and the compile time) grows with the batch:
-# on the LLaVA-1.5-7B shape (one H200) 4 rows compiled in under a minute, 8 rows not within 400 s. Larger batches run
-# the fast path's CUDA graphs over eager kernels.
+# measured when the batched round traced one draft pass per row (its compiled graph, and the compile time, grew with
+# the batch): on the LLaVA-1.5-7B shape (one H200) 4 rows compiled in under a minute, 8 rows not within 400 s. Larger
+# batches run the fast path's CUDA graphs over eager kernels. The draft now runs one forward per tree level for all
+# rows, so the graph no longer grows with the batch; this limit stands until it is measured again on a GPU.
 COMPILE_MAX_BATCH = 4
 
 

@@ -401,9 +401,9 @@ def _three_rows(llava, path):
 
 
 def shared_positions(self):
-    tree, states = self.tree, [state for state, _ in self.rows]
+    tree, state = self.tree, self.state
     visible = self.target_window.visible(tree.ancestor_mask)
-    positions = tree.depths + (states[0].root_position + states[0].position_offset)  # row 0's for all
+    positions = tree.depths + (state.root_position[0] + state.position_offset[0])  # row 0's for all
     hidden = self.adapter.verify(
         tree.tokens, tree.depths, visible, positions, self.target_window.length, self.target_window.cache
     )
@@ -610,3 +610,36 @@ def test_batched_greedy_on_llava_next_with_a_compressing_draft(path):
     kwargs = dict(do_sample=False, max_new_tokens=12, **PATHS[path])
     _, stats = greedy_case(target, draft, rows, [0, 5, 2], kwargs, steps=[None, 3, 0])
     assert stats.draft_visual_tokens < stats.target_visual_tokens
+
+
+# ------------------------------------------------------------------------------------------ draft forwards per round
+@pytest.mark.parametrize("path", list(PATHS))
+def test_draft_forwards_per_round_do_not_grow_with_the_batch(llava, path):
+    """The draft runs one forward for every row's prefill, one per tree level and one for the catch-up, whatever the
+    batch size: a call of 4 rows (stopping at different rounds) runs `1 + rounds * (depth + 1)` draft forwards, as a
+    call of one row does (a draft drafting each row on its own ran that many per row)."""
+    generator = torch.Generator().manual_seed(6)
+    rows = [llava_row(llava, generator, index % 3, 3 + index) for index in range(4)]
+    draft = make_draft(llava)
+    calls = []
+    decode = draft.decode
+
+    def counting(fused, *args, **kwargs):
+        calls.append(fused.shape[0])  # the rows of the forward
+        return decode(fused, *args, **kwargs)
+
+    draft.decode = counting
+    kwargs = dict(do_sample=False, max_new_tokens=12, **PATHS[path])
+    forwards = {}
+    for size in (1, 4):
+        batch = left_pad(rows[:size], [0, 5, 0, 2][:size])
+        if size > 1:  # rows stop at different rounds (the first on its first token)
+            kwargs["eos_token_id"] = ragged_eos(llava, batch, kwargs, [0, 4, 7, None])
+        calls.clear()
+        spec = llava.generate(**batch, **kwargs, assistant_model=draft)
+        assert spec.tolist() == llava.generate(**batch, **kwargs).tolist()
+        assert draft.stats.rounds > 2
+        assert len(calls) == 1 + draft.stats.rounds * (draft.config.tree_depth + 1), (size, len(calls))
+        forwards[size] = (len(calls) - 1) / draft.stats.rounds
+    assert forwards[1] == forwards[4] == draft.config.tree_depth + 1
+    assert max(calls) > 1, "the batch's rows share each forward"

@@ -129,8 +129,8 @@ def test_measure_costs_times_each_width_and_restores_the_tree():
 
 
 def test_large_batches_run_graphs_over_eager_kernels():
-    """The batched round traces one draft pass per row: above `COMPILE_MAX_BATCH` rows the fast path keeps its CUDA
-    graphs, uncompiled (the compile time grows with the batch); `disable_compile` turns it off at any size."""
+    """Above `COMPILE_MAX_BATCH` rows the fast path keeps its CUDA graphs, uncompiled (as measured when the round
+    traced one draft pass per row); `disable_compile` turns it off at any size."""
     from types import SimpleNamespace
 
     from specvlm_hf.round import COMPILE_MAX_BATCH, fast_path_options
@@ -143,3 +143,31 @@ def test_large_batches_run_graphs_over_eager_kernels():
     assert fast_path_options(target, draft, cuda, config, COMPILE_MAX_BATCH + 1) == (True, False)
     assert fast_path_options(target, draft, cuda, SimpleNamespace(disable_compile=True)) == (True, False)
     assert fast_path_options(target, draft, torch.device("cpu"), config) == (False, False)
+
+
+def test_the_batched_round_compiles_to_graphs_that_do_not_grow_with_the_batch(counted_compile):
+    """The batched round's three functions each trace whole (one graph each, no graph breaks) and, the draft running
+    one forward per tree level for every row, to as many operations for 4 rows as for 2 (the first three graphs:
+    the call's batch; rows that finish first move to a smaller batch, compiled after)."""
+    import torch._dynamo
+
+    from test_batched import left_pad
+
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    draft.config.max_speculative_batch = 4
+    generator = torch.Generator().manual_seed(3)
+    rows = [random_inputs(target, generator, text_tokens=3 + 2 * row, image=row % 2 == 0) for row in range(4)]
+    kwargs = {"do_sample": False, "max_new_tokens": 8, "min_new_tokens": 8, "eos_token_id": None}
+    ops = {}
+    for size in (2, 4):
+        torch._dynamo.reset()
+        counted_compile.clear()
+        batch = left_pad(rows[:size], [0, 3, 1, 0][:size])
+        fast = target.generate(**batch, **kwargs, assistant_model=draft, cache_implementation="static")
+        assert fast.tolist() == target.generate(**batch, **kwargs).tolist()
+        assert draft.stats.rows_per_round[0] == size and draft.stats.rounds > 2
+        moves = len(set(draft.stats.rows_per_round)) - 1  # smaller batches the rows moved to: 3 graphs each
+        assert counted_compile.frame_count == 3 * (1 + moves), (counted_compile.frame_count, moves)
+        ops[size] = [sum("call" in node.op for node in graph.graph.nodes) for graph in counted_compile.graphs[:3]]
+    assert ops[2] == ops[4], ops
