@@ -36,7 +36,7 @@ def make_draft(target, noise=0.003, **overrides):
     draft = oracle_draft(target, noise=noise, **overrides)
     for key, value in TREE.items():
         setattr(draft.config, key, value)
-    draft.config.max_speculative_batch = 16  # speculate on every batch tested here (the default stops above 4 rows)
+    draft.config.max_speculative_batch = 16  # speculate on every batch tested here (the default stops above 8 rows)
     return draft
 
 
@@ -579,9 +579,9 @@ def test_trees_shrink_with_the_batch_and_speculation_stops_where_it_would_not_pa
 
     draft = make_draft(llava)
     draft.config.tree_total_tokens = 60
-    del draft.config.max_speculative_batch  # the default: batches above 4 rows run generate's own loop
-    sizes = {batch: tree_tokens_for_batch(draft.config, batch) for batch in (1, 2, 4, 5, 8, 16)}
-    assert sizes == {1: 60, 2: 60, 4: 60, 5: None, 8: None, 16: None}
+    del draft.config.max_speculative_batch  # the default: batches above 8 rows run generate's own loop
+    sizes = {batch: tree_tokens_for_batch(draft.config, batch) for batch in (1, 2, 4, 8, 9, 16)}
+    assert sizes == {1: 60, 2: 60, 4: 60, 8: 32, 9: None, 16: None}
     draft.config.max_speculative_batch = 64
     sizes = {batch: tree_tokens_for_batch(draft.config, batch) for batch in (1, 2, 4, 8, 16, 32, 64)}
     assert sizes == {1: 60, 2: 60, 4: 60, 8: 32, 16: 16, 32: 8, 64: None}
