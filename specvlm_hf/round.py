@@ -193,6 +193,8 @@ class SpeculativeRound:
         graphs / compile: capture the round functions as CUDA graphs / compile them first (static windows only).
     """
 
+    build_tree = staticmethod(build_dynamic_tree)  # one row's tree; `RowsRound`: every row's at once
+
     def __init__(self, adapter, draft, target_window, draft_window, graphs: bool = False, compile: bool = False):
         config = draft.config
         self.adapter = adapter
@@ -331,9 +333,9 @@ class SpeculativeRound:
 
     # ------------------------------------------------------------------------------------------- the round
     def _draft(self) -> tuple[torch.Tensor, ...]:
-        """The row's tree from its state, drafted on the runner's cache (then rewound)."""
+        """The tree (each row's, for rows) from the round's state, drafted on the runner's cache (then rewound)."""
         state = self.state
-        tree = build_dynamic_tree(
+        tree = self.build_tree(
             state.root_token,
             state.root_log_probs,
             state.root_hidden,
@@ -400,6 +402,8 @@ class RowsRound(SpeculativeRound):
     Each row's tree has `tree_for_batch(B)` nodes (a function of the batch size: trees grow as rows leave).
     `state` is a `RoundState` of `B` rows.
     """
+
+    build_tree = staticmethod(build_dynamic_trees)
 
     def __init__(
         self,
@@ -541,21 +545,6 @@ class RowsRound(SpeculativeRound):
         state.root_log_probs.copy_(log_probs.gather(1, last[:, None, None].expand(-1, 1, log_probs.shape[-1]))[:, 0])
         state.root_position.add_(count)
         state.root_token.copy_(state.next_token)
-
-    def _draft(self) -> tuple[torch.Tensor, ...]:
-        state = self.state
-        tree = build_dynamic_trees(
-            state.root_token,
-            state.root_log_probs,
-            state.root_hidden,
-            self.runner.tree_step_fn(state.root_position),
-            top_k=self.top_k,
-            depth=self.depth,
-            total_tokens=self.total_tokens,
-            vocab_map=self.draft.draft_vocab,
-        )
-        self.runner.rewind()  # drop the tree entries drafted this round
-        return tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestor_mask, tree.paths
 
     def _verify(self) -> tuple[torch.Tensor, torch.Tensor]:
         tree, state = self.tree, self.state
