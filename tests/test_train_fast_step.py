@@ -181,12 +181,13 @@ def test_the_prefetcher_hands_out_the_loaders_batches_in_order_and_raises_its_er
         next(fetched)
 
 
-def test_a_dropped_prefetcher_leaves_no_thread_behind():
-    def endless():
-        while True:
-            yield {"x": torch.zeros(1)}
+def endless_batches():
+    while True:
+        yield {"x": torch.zeros(1)}
 
-    fetched = Prefetcher(endless(), depth=1)
+
+def test_a_dropped_prefetcher_leaves_no_thread_behind():
+    fetched = Prefetcher(endless_batches(), depth=1)
     next(fetched)
     del fetched
     for _ in range(50):
@@ -198,12 +199,7 @@ def test_a_dropped_prefetcher_leaves_no_thread_behind():
 
 def test_closing_a_prefetcher_waits_for_its_thread():
     """`close` (the trainer calls it at the end of each epoch's loop) returns once the loading thread has stopped."""
-
-    def endless():
-        while True:
-            yield {"x": torch.zeros(1)}
-
-    fetched = Prefetcher(endless(), depth=1)
+    fetched = Prefetcher(endless_batches(), depth=1)
     next(fetched)
     fetched.close()
     assert not fetched._thread.is_alive()
