@@ -179,6 +179,12 @@ def main():
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    parser.add_argument(
+        "--stack-compiled-layers",
+        action="store_true",
+        help="compiled rounds move the target's layers into one tensor (round.STACK_COMPILED_LAYERS, the layout "
+        "before 2026-12-04): for comparing round cost and a new process's start",
+    )
     parser.add_argument("--budget", type=float, default=420, help="seconds after which optional sections skip")
     parser.add_argument(
         "--only",
@@ -188,6 +194,10 @@ def main():
     )
     args = parser.parse_args()
     args.new_tokens = args.new_tokens or (8 if TINY else 48)
+    if args.stack_compiled_layers:
+        from specvlm_hf import round as round_module
+
+        round_module.STACK_COMPILED_LAYERS = True
     if args.child:
         print("CHILD " + json.dumps(child(args)), flush=True)
         return
@@ -200,6 +210,7 @@ def main():
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "shape": "LLaVA-1.5-7B (random weights, bf16, sdpa, batch 1)" if not TINY else "tiny LLaVA (smoke)",
         "new_tokens": args.new_tokens,
+        "stack_compiled_layers": args.stack_compiled_layers,
     }
 
     only = set(filter(None, args.only.split(",")))
@@ -230,6 +241,13 @@ def main():
     section(
         "fast", lambda: sweep(target, prompts, args.new_tokens, assistant_model=draft, cache_implementation="static")
     )
+    if "fast" in results:  # where the first process's compile went (tracing, guards, AOT, code generation)
+        try:
+            from torch._dynamo.utils import compile_times
+
+            results["fast"]["compile_times"] = compile_times(repr="str", aggregate=True)
+        except Exception as error:  # a private helper: report, do not fail the run
+            results["fast"]["compile_times"] = repr(error)
     if "tokens" in results.get("plain_static", {}) and "tokens" in results.get("fast", {}):
         results["bf16_first_difference_per_length"] = [
             first_difference(a, b) for a, b in zip(results["plain_static"]["tokens"], results["fast"]["tokens"])
@@ -281,6 +299,7 @@ def main():
         command = [sys.executable, os.path.abspath(__file__), "--child", "--cache-dir", cache_dir]
         command += ["--new-tokens", str(args.new_tokens), "--lengths", ",".join(map(str, lengths))]
         command += ["--smoke"] if TINY else []
+        command += ["--stack-compiled-layers"] if args.stack_compiled_layers else []
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ))
         lines = [line for line in done.stdout.splitlines() if line.startswith("CHILD ")]
