@@ -117,7 +117,11 @@ def set_tree(target, draft, tree, device, generation_kwargs: dict, inference_mod
     if tree == "auto":
         ids = ordinary_tokens(target, torch.Generator().manual_seed(1), 200, device)
         with torch.inference_mode(inference_mode):
-            result = auto_tree(target, draft, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+            # widths are timed as CUDA graphs over eager kernels: compiling each candidate width would cost a
+            # compile apiece (minutes on a 7B target); only the chosen shape is compiled, by the warm-up calls
+            result = auto_tree(
+                target, draft, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, disable_compile=True
+            )
         result["shape"] = list(result["shape"])
         return result
     if tree is not None:
