@@ -454,6 +454,7 @@ class CompressionResult:
     branch: str
     gate_probs: torch.Tensor | None = None  # (B,) soft gate probabilities (select / weighted)
     expected_fraction: torch.Tensor | None = None  # expected kept fraction of visual tokens under the gate
+    log_prob: torch.Tensor | None = None  # training, select: log-probability of the drawn branch (differentiable)
 
 
 class VisualCompressor(nn.Module):
@@ -518,17 +519,22 @@ class VisualCompressor(nn.Module):
         if self.mode == "weighted":
             mixed = sum(p.to(tokens.dtype) * branch(tokens, layout) for p, branch in zip(probs, self.branches))
             return CompressionResult(mixed, f"weighted@{self.branches[0].ratio:g}", probs, expected)
+        log_prob = None
         if self.training:  # Gumbel-softmax, straight-through: run the sampled branch, keep the gate's gradient
             soft = F.gumbel_softmax(logits.float(), tau=self.temperature, hard=False)
             choice = int(soft.argmax())
             weight = 1.0 + soft[choice] - soft[choice].detach()
+            # the straight-through scale alone sends the gate almost no gradient from the loss (the draft's
+            # decoder layer RMS-normalises the scaled tokens, and `text` has none): the training objective adds
+            # a score-function term on this log-probability (`DistillationObjective`)
+            log_prob = F.log_softmax(logits.float(), -1)[choice]
         else:
             choice = int(logits.argmax())
             weight = None
         out = self.branches[choice](tokens, layout)
         if weight is not None:
             out = out * weight.to(out.dtype)
-        return CompressionResult(out, self.specs[choice], probs, expected)
+        return CompressionResult(out, self.specs[choice], probs, expected, log_prob)
 
     def segment_counts(self, result: CompressionResult, layout: VisualLayout) -> list[int] | None:
         """Output tokens of `result` that come from each segment of `layout` (see `Branch.segment_counts`)."""

@@ -302,7 +302,8 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
             question: `(d,)` pooled target features of the prompt's text (the gate's input).
         Returns:
             `(fused (m, d), positions (m,), real (m,), info)` with `info` = dict(branch, draft_visual_tokens,
-            target_visual_tokens, expected_fraction).
+            target_visual_tokens, expected_fraction, log_prob: the drawn branches' summed log-probability, in
+            training).
         """
         spans = image_spans(visual)
         info = {
@@ -310,12 +311,13 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
             "draft_visual_tokens": int(visual.sum()),
             "target_visual_tokens": int(visual.sum()),
             "expected_fraction": None,
+            "log_prob": None,
         }
         if self.compressor is None or not spans:
             return fused, positions, real, info
         if len(layouts) != len(spans):
             raise ValueError(f"{len(spans)} image spans in the prompt but {len(layouts)} layouts")
-        pieces, piece_positions, piece_real, branches, expected = [], [], [], [], []
+        pieces, piece_positions, piece_real, branches, expected, log_probs = [], [], [], [], [], []
         cursor = 0
         for unit in visual_units(layouts):  # an image, a video, or a video's frame spans (Qwen3-VL) together
             unit_spans = [spans[index] for index in unit]
@@ -334,6 +336,8 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
             branches.append(result.branch)
             if result.expected_fraction is not None:
                 expected.append(result.expected_fraction)
+            if result.log_prob is not None:
+                log_probs.append(result.log_prob)
         pieces.append(fused[cursor:])
         piece_positions.append(positions[cursor:])
         piece_real.append(real[cursor:])
@@ -341,6 +345,7 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
         info["branch"] = branches[0] if len(set(branches)) == 1 else ",".join(branches)
         info["draft_visual_tokens"] = int(out.shape[0] - (fused.shape[0] - int(visual.sum())))
         info["expected_fraction"] = torch.stack(expected).mean() if expected else None
+        info["log_prob"] = torch.stack(log_probs).sum() if log_probs else None
         return out, torch.cat(piece_positions), torch.cat(piece_real), info
 
     def save_pretrained(self, save_directory, *args, **kwargs):

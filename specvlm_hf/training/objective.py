@@ -84,6 +84,8 @@ class DraftSequences:
         answer_rows: `(B, S)` bool, rows of answer pairs (t >= first answer token index).
         loss_rows: `(N, 2)` (b, row) of the rows with a loss; loss_pairs: `(N, 2)` (b, t) of their pairs.
         expected_fraction: per compressed example, the gate's expected kept fraction (differentiable).
+        choices: `(b, log_prob)` per example whose compressor drew its branches (training, `select`): the
+            drawn branches' log-probability (differentiable), for the gate's score-function term.
     """
 
     fused: torch.Tensor
@@ -94,6 +96,7 @@ class DraftSequences:
     loss_rows: torch.Tensor
     loss_pairs: torch.Tensor
     expected_fraction: list = field(default_factory=list)
+    choices: list = field(default_factory=list)
 
 
 def _noise(features: torch.Tensor, amount: float, kind: str) -> torch.Tensor:
@@ -143,6 +146,7 @@ def draft_sequences(
     image_sizes = batch.get("image_sizes")
     first_image = 0
     rows, row_embeds, row_positions, row_answer, loss_rows, loss_pairs, expected = [], [], [], [], [], [], []
+    choices = []
     for b in range(input_ids.shape[0]):
         n_pairs = int(lengths[b]) - 1
         n_prompt = int(prompt_pairs[b])
@@ -166,6 +170,8 @@ def draft_sequences(
             )
             if info["expected_fraction"] is not None:
                 expected.append(info["expected_fraction"])
+            if info.get("log_prob") is not None:
+                choices.append((b, info["log_prob"]))
             last_visual = int(visual.nonzero().max())
         else:
             compressed, compressed_positions, last_visual = fused[b, :n_prompt], positions[b, :n_prompt], -1
@@ -198,6 +204,7 @@ def draft_sequences(
         loss_rows=torch.cat(loss_rows),
         loss_pairs=torch.cat(loss_pairs),
         expected_fraction=expected,
+        choices=choices,
     )
 
 
@@ -250,6 +257,7 @@ class DistillationObjective(nn.Module):
         self.unroll_steps, self.unroll_detach = unroll_steps, unroll_detach
         self.loss_chunk_rows = loss_chunk_rows
         self.cost_weight = float((draft.config.compressor or {}).get("cost_weight", 0.0) or 0.0)
+        self.gate_baseline: float | None = None  # running mean of the examples' loss (`gate_score_term`)
 
     def forward(self, batch: dict, teacher: TeacherOutputs, unroll_steps: int | None = None) -> ObjectiveOutput:
         draft = self.draft
@@ -276,6 +284,8 @@ class DistillationObjective(nn.Module):
             else:
                 keep = seq.answer_rows[b_row, r_row]
                 rows, targets = predicted[b_row[keep], r_row[keep]], target_features[keep]
+            if step == 1 and seq.choices and rows.shape[0]:
+                total = total + steps * self.gate_score_term(seq, b_row, rows, targets)
             if rows.shape[0]:
                 logit_loss, agree = soft_cross_entropy(rows, targets, head, self.loss_chunk_rows)
                 feature_loss = F.smooth_l1_loss(rows.float(), targets.float())
@@ -306,6 +316,34 @@ class DistillationObjective(nn.Module):
         out.loss = total
         out.logit_loss, out.feature_loss = logit_sum / steps, feature_sum / steps
         return out
+
+    def gate_score_term(self, seq: DraftSequences, b_row: torch.Tensor, rows: torch.Tensor, targets) -> torch.Tensor:
+        """The gate's score-function (REINFORCE) term: `mean_b (loss_b - baseline_b) * log p_b(drawn branches)`,
+        whose gradient is an unbiased estimate of the gate's share of the objective's gradient. `loss_b` is example
+        b's mean feature loss (smooth L1 of its rows, no gradient); the baseline is the mean over the batch's other
+        drawing examples (a running mean when there is one). The straight-through scale alone gives the gate almost
+        no gradient from the loss: the draft's decoder layer RMS-normalises the scaled tokens, and `text` has none
+        (`tests/test_gate_learning.py`)."""
+        per_row = F.smooth_l1_loss(rows.detach().float(), targets.detach().float(), reduction="none").mean(-1)
+        batch = seq.fused.shape[0]
+        sums = per_row.new_zeros(batch).index_add_(0, b_row, per_row)
+        counts = per_row.new_zeros(batch).index_add_(0, b_row, torch.ones_like(per_row))
+        drawn = [(b, log_prob) for b, log_prob in seq.choices if counts[b] > 0]
+        if not drawn:
+            return rows.new_zeros((), dtype=torch.float32)
+        index = torch.tensor([b for b, _ in drawn], device=sums.device)
+        loss = sums[index] / counts[index]
+        n = loss.shape[0]
+        if n > 1:
+            baseline = (loss.sum() - loss) / (n - 1)
+        else:
+            baseline = torch.full_like(loss, self.gate_baseline if self.gate_baseline is not None else float(loss))
+        self.gate_baseline = (
+            float(loss.mean()) if self.gate_baseline is None else 0.9 * self.gate_baseline + 0.1 * float(loss.mean())
+        )
+        log_probs = torch.stack([log_prob for _, log_prob in drawn])
+        score = ((loss - baseline) * log_probs).mean()
+        return score - score.detach()  # a gradient only: the reported loss keeps its value
 
 
 class _RowsOf:
