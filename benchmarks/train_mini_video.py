@@ -65,6 +65,11 @@ def parse_args(argv=None):
     parser.add_argument("--images", type=int, default=6000, help="training images (seed 0)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--target-minutes", type=float, default=2.5)
+    parser.add_argument(
+        "--skip-target",
+        action="store_true",
+        help="keep the shipped mini-qwen as it is (train the drafts only; --install then leaves the target alone)",
+    )
     parser.add_argument("--target-lr", type=float, default=3e-4)
     parser.add_argument("--draft-minutes", type=float, default=1.3, help="per draft")
     parser.add_argument("--draft-lr", type=float, default=1e-3)
@@ -392,15 +397,19 @@ def main(argv=None):
     timings["data_s"] = time.perf_counter() - started
     log(f"data: {len(clips)} clips ({clips[0]['input_ids'].numel()} tokens each), {len(images)} images")
 
-    target_summary = train_target(target, processor, clips, images, args, device)
-    timings["target_done_s"] = time.perf_counter() - started
     target_dir = work / "weights_qwen"
-    shutil.copytree(SHIPPED_TARGET, target_dir, ignore=shutil.ignore_patterns("*.safetensors*"))
-    target.to(torch.bfloat16).save_pretrained(target_dir, max_shard_size="14MB")
-    target.to(torch.float32)
-    (target_dir / "video_training.json").write_text(
-        json.dumps({"args": vars(args), "summary": target_summary}, indent=1) + "\n"
-    )
+    if args.skip_target:
+        target_summary = {"skipped": "the shipped mini-qwen, unchanged"}
+        target_dir.mkdir()
+    else:
+        target_summary = train_target(target, processor, clips, images, args, device)
+        shutil.copytree(SHIPPED_TARGET, target_dir, ignore=shutil.ignore_patterns("*.safetensors*"))
+        target.to(torch.bfloat16).save_pretrained(target_dir, max_shard_size="14MB")
+        target.to(torch.float32)
+        (target_dir / "video_training.json").write_text(
+            json.dumps({"args": vars(args), "summary": target_summary}, indent=1) + "\n"
+        )
+    timings["target_done_s"] = time.perf_counter() - started
     for param in target.parameters():
         param.requires_grad_(False)
 
@@ -453,12 +462,13 @@ def install(run: Path) -> None:
         with tarfile.open(run / "small_files.tar") as tar:
             tar.extractall(scratch, filter="data")
         scratch = Path(scratch)
-        for old in SHIPPED_TARGET.glob("model*.safetensors*"):
-            old.unlink()
-        for path in (scratch / "weights_qwen").iterdir():
-            shutil.copy(path, SHIPPED_TARGET / path.name)
-        for shard in run.glob("model*.safetensors"):
-            shutil.copy(shard, SHIPPED_TARGET / shard.name)
+        if list(run.glob("model*.safetensors")):  # a run with --skip-target brings no target back
+            for old in SHIPPED_TARGET.glob("model*.safetensors*"):
+                old.unlink()
+            for path in (scratch / "weights_qwen").iterdir():
+                shutil.copy(path, SHIPPED_TARGET / path.name)
+            for shard in run.glob("model*.safetensors"):
+                shutil.copy(shard, SHIPPED_TARGET / shard.name)
         for name in ("eaglevlm", "specvlm"):
             folder = DRAFTS / f"qwen_{name}"
             folder.mkdir(exist_ok=True)
