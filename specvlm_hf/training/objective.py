@@ -257,7 +257,7 @@ class DistillationObjective(nn.Module):
         self.unroll_steps, self.unroll_detach = unroll_steps, unroll_detach
         self.loss_chunk_rows = loss_chunk_rows
         self.cost_weight = float((draft.config.compressor or {}).get("cost_weight", 0.0) or 0.0)
-        self.gate_baseline: float | None = None  # running mean of the examples' loss (`gate_score_term`)
+        self.gate_baseline: torch.Tensor | None = None  # running mean of the examples' loss (`gate_score_term`)
 
     def forward(self, batch: dict, teacher: TeacherOutputs, unroll_steps: int | None = None) -> ObjectiveOutput:
         draft = self.draft
@@ -328,21 +328,17 @@ class DistillationObjective(nn.Module):
         batch = seq.fused.shape[0]
         sums = per_row.new_zeros(batch).index_add_(0, b_row, per_row)
         counts = per_row.new_zeros(batch).index_add_(0, b_row, torch.ones_like(per_row))
-        drawn = [(b, log_prob) for b, log_prob in seq.choices if counts[b] > 0]
-        if not drawn:
-            return rows.new_zeros((), dtype=torch.float32)
-        index = torch.tensor([b for b, _ in drawn], device=sums.device)
-        loss = sums[index] / counts[index]
-        n = loss.shape[0]
-        if n > 1:
-            baseline = (loss.sum() - loss) / (n - 1)
-        else:
-            baseline = torch.full_like(loss, self.gate_baseline if self.gate_baseline is not None else float(loss))
-        self.gate_baseline = (
-            float(loss.mean()) if self.gate_baseline is None else 0.9 * self.gate_baseline + 0.1 * float(loss.mean())
-        )
-        log_probs = torch.stack([log_prob for _, log_prob in drawn])
-        score = ((loss - baseline) * log_probs).mean()
+        index = torch.tensor([b for b, _ in seq.choices], device=sums.device)
+        present = (counts[index] > 0).float()  # examples with loss rows (on the device: no host sync)
+        loss = sums[index] / counts[index].clamp(min=1)
+        n = present.sum()
+        mean = (loss * present).sum() / n.clamp(min=1)
+        running = mean if self.gate_baseline is None else self.gate_baseline.to(mean.device)
+        others = ((loss * present).sum() - loss) / (n - 1).clamp(min=1)  # the other examples' mean
+        baseline = torch.where(n > 1, others, running)
+        self.gate_baseline = torch.where(n > 0, 0.9 * running + 0.1 * mean, running).detach()
+        log_probs = torch.stack([log_prob for _, log_prob in seq.choices])
+        score = ((loss - baseline) * log_probs * present).sum() / n.clamp(min=1)
         return score - score.detach()  # a gradient only: the reported loss keeps its value
 
 
