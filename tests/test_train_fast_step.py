@@ -84,7 +84,8 @@ def plain_step(trainer, micro_batches):
         feature_loss = F.smooth_l1_loss(rows.float(), target_features.float())
         loss = objective.lambda_logit * logit_loss + objective.lambda_feat * feature_loss
         if seq.choices:  # the gate's score-function term (a gradient only)
-            loss = loss + objective.gate_score_term(seq, b_row, rows, target_features)
+            per_row = F.smooth_l1_loss(rows.float(), target_features.float(), reduction="none").mean(-1)
+            loss = loss + objective.gate_score_term(seq, b_row, per_row.detach())
         if seq.expected_fraction and objective.cost_weight:
             loss = loss + objective.cost_weight * torch.stack(seq.expected_fraction).mean()
         (loss / len(micro_batches)).backward()

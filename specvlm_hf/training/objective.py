@@ -284,11 +284,12 @@ class DistillationObjective(nn.Module):
             else:
                 keep = seq.answer_rows[b_row, r_row]
                 rows, targets = predicted[b_row[keep], r_row[keep]], target_features[keep]
-            if step == 1 and seq.choices and rows.shape[0]:
-                total = total + steps * self.gate_score_term(seq, b_row, rows, targets)
             if rows.shape[0]:
                 logit_loss, agree = soft_cross_entropy(rows, targets, head, self.loss_chunk_rows)
-                feature_loss = F.smooth_l1_loss(rows.float(), targets.float())
+                feature_rows = F.smooth_l1_loss(rows.float(), targets.float(), reduction="none").mean(-1)
+                feature_loss = feature_rows.mean()
+                if step == 1 and seq.choices:
+                    total = total + steps * self.gate_score_term(seq, b_row, feature_rows.detach())
                 total = total + self.lambda_logit * logit_loss + self.lambda_feat * feature_loss
                 agree = agree.float() / rows.shape[0]
                 logit_sum = logit_sum + logit_loss.detach()
@@ -317,14 +318,13 @@ class DistillationObjective(nn.Module):
         out.logit_loss, out.feature_loss = logit_sum / steps, feature_sum / steps
         return out
 
-    def gate_score_term(self, seq: DraftSequences, b_row: torch.Tensor, rows: torch.Tensor, targets) -> torch.Tensor:
+    def gate_score_term(self, seq: DraftSequences, b_row: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor:
         """The gate's score-function (REINFORCE) term: `mean_b (loss_b - baseline_b) * log p_b(drawn branches)`,
         whose gradient is an unbiased estimate of the gate's share of the objective's gradient. `loss_b` is example
-        b's mean feature loss (smooth L1 of its rows, no gradient); the baseline is the mean over the batch's other
-        drawing examples (a running mean when there is one). The straight-through scale alone gives the gate almost
-        no gradient from the loss: the draft's decoder layer RMS-normalises the scaled tokens, and `text` has none
-        (`tests/test_gate_learning.py`)."""
-        per_row = F.smooth_l1_loss(rows.detach().float(), targets.detach().float(), reduction="none").mean(-1)
+        b's mean feature loss (`per_row`: each loss row's smooth L1, no gradient; `b_row`: the row's example); the
+        baseline is the mean over the batch's other drawing examples (a running mean when there is one). The
+        straight-through scale alone gives the gate almost no gradient from the loss: the draft's decoder layer
+        RMS-normalises the scaled tokens, and `text` has none (`tests/test_gate_learning.py`)."""
         batch = seq.fused.shape[0]
         sums = per_row.new_zeros(batch).index_add_(0, b_row, per_row)
         counts = per_row.new_zeros(batch).index_add_(0, b_row, torch.ones_like(per_row))
