@@ -201,6 +201,11 @@ class SpeculativeRound:
 
     build_tree = staticmethod(build_dynamic_tree)  # one row's tree; `RowsRound`: every row's at once
 
+    @staticmethod
+    def rows_of(draft_window) -> int | None:
+        """Rows of the round's state: None for one row (`RowsRound`: the draft window's batch)."""
+        return None
+
     def __init__(self, adapter, draft, target_window, draft_window, graphs: bool = False, compile: bool = False):
         config = draft.config
         self.adapter = adapter
@@ -212,7 +217,12 @@ class SpeculativeRound:
         device = draft.fc.weight.device
         vocab = config.draft_vocab_size or config.text_config.vocab_size  # columns of the draft's log-probs
         self.state = RoundState.allocate(
-            config.text_config.hidden_size, vocab, self.path_width, draft.fc.weight.dtype, device
+            config.text_config.hidden_size,
+            vocab,
+            self.path_width,
+            draft.fc.weight.dtype,
+            device,
+            self.rows_of(draft_window),
         )
         self.graphs, self.compiled = graphs, compile
         self.marked_dynamic = False
@@ -412,6 +422,10 @@ class RowsRound(SpeculativeRound):
 
     build_tree = staticmethod(build_dynamic_trees)
 
+    @staticmethod
+    def rows_of(draft_window) -> int:
+        return draft_window.real.shape[0]
+
     def __init__(
         self,
         adapter,
@@ -423,12 +437,9 @@ class RowsRound(SpeculativeRound):
         tree_for_batch=None,
     ):
         super().__init__(adapter, draft, target_window, draft_window, graphs, compile)
-        config, device, dtype = draft.config, draft.fc.weight.device, draft.fc.weight.dtype
-        vocab = config.draft_vocab_size or config.text_config.vocab_size
-        batch = draft_window.real.shape[0]
-        self.state = RoundState.allocate(config.text_config.hidden_size, vocab, self.path_width, dtype, device, batch)
-        self.active = torch.ones(batch, dtype=torch.long, device=device)
-        self.tree_for_batch = tree_for_batch or (lambda batch: config.tree_total_tokens)
+        batch = self.batch
+        self.active = torch.ones(batch, dtype=torch.long, device=draft.fc.weight.device)
+        self.tree_for_batch = tree_for_batch or (lambda batch: draft.config.tree_total_tokens)
         self.total_tokens = self.tree_for_batch(batch)
 
     @classmethod
