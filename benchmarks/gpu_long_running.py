@@ -9,9 +9,11 @@ LLaVA-1.5-7B shape (random bf16 weights, sdpa, batch 1, default tree), issue 13.
 2. the fast-path round against one compiled static-cache token at the same prompt, and against the weights-read
    floor (bytes a round reads / the device-to-device copy bandwidth measured here), and a profiler table of
    fast-path rounds (`profile_fast_round.txt` next to the JSON);
-3. a second process with the first one's on-disk compile caches (inductor FX graph cache in a fresh folder made
-   by the first process, `torch.compiler` artifacts saved by it): its first fast-path call's seconds, then
-   `specvlm_hf.warmup` over every bucket;
+3. a second process with the first one's on-disk compile caches (`startup.use_cache_dir` in a fresh folder, set
+   before the first process's first call: the round functions compiled ahead of time and saved (`precompile`), the
+   inductor FX graph cache, `torch.compiler` artifacts): its first fast-path call's seconds, then
+   `specvlm_hf.warmup` over every bucket (`--no-precompile`: without the saved round functions, as before
+   2026-12-04 evening);
 4. greedy equality of the fast path with plain `generate` in fp32 at every length, on a small LLaVA shape
    (the tiny one of `gpu_check_tree.py`, on the GPU).
 
@@ -55,6 +57,7 @@ from gpu_fast_path import (  # noqa: E402
     weight_bytes,
 )
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
+from specvlm_hf import precompile  # noqa: E402
 from specvlm_hf.startup import save_compile_cache, tree_room, use_cache_dir  # noqa: E402
 
 IMAGE_TOKENS = 576
@@ -135,6 +138,8 @@ def child(args) -> dict:
     sync()
     result["build_seconds"] = time.perf_counter() - start
     artifacts = use_cache_dir(args.cache_dir)
+    if args.no_precompile:
+        precompile.use_store(None)
     begin = time.perf_counter()
     from specvlm_hf.startup import load_compile_cache
 
@@ -159,6 +164,9 @@ def child(args) -> dict:
         result["first_call_compile_times"] = compile_times(repr="str", aggregate=True)
     except Exception as error:  # a private helper: report, do not fail the run
         result["first_call_compile_times"] = repr(error)
+    store = precompile.active_store()
+    if store is not None:
+        result["round_functions"] = {"loaded": store.loaded, "compiled": store.compiled}
     result["second_bucket_first_call_seconds"], _ = timed_call(
         target, prompts[1], args.new_tokens, assistant_model=draft, cache_implementation="static"
     )
@@ -184,6 +192,11 @@ def main():
         action="store_true",
         help="compiled rounds move the target's layers into one tensor (round.STACK_COMPILED_LAYERS, the layout "
         "before 2026-12-04): for comparing round cost and a new process's start",
+    )
+    parser.add_argument(
+        "--no-precompile",
+        action="store_true",
+        help="no store of round functions compiled ahead of time (`precompile`): each process traces them",
     )
     parser.add_argument("--budget", type=float, default=420, help="seconds after which optional sections skip")
     parser.add_argument(
@@ -211,7 +224,13 @@ def main():
         "shape": "LLaVA-1.5-7B (random weights, bf16, sdpa, batch 1)" if not TINY else "tiny LLaVA (smoke)",
         "new_tokens": args.new_tokens,
         "stack_compiled_layers": args.stack_compiled_layers,
+        "precompile": not args.no_precompile,
     }
+    # the on-disk caches the second process starts from, in use from the first call on
+    cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR") + "_specvlm"
+    use_cache_dir(cache_dir)
+    if args.no_precompile:
+        precompile.use_store(None)
 
     only = set(filter(None, args.only.split(",")))
 
@@ -286,7 +305,9 @@ def main():
     )
 
     # 3. a second process on the disk caches
-    cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR") + "_specvlm"
+    store = precompile.active_store()
+    if store is not None:
+        results["round_functions"] = {"loaded": store.loaded, "compiled": store.compiled}
     saved = False
     try:
         artifacts = use_cache_dir(cache_dir)
@@ -300,6 +321,7 @@ def main():
         command += ["--new-tokens", str(args.new_tokens), "--lengths", ",".join(map(str, lengths))]
         command += ["--smoke"] if TINY else []
         command += ["--stack-compiled-layers"] if args.stack_compiled_layers else []
+        command += ["--no-precompile"] if args.no_precompile else []
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ))
         lines = [line for line in done.stdout.splitlines() if line.startswith("CHILD ")]

@@ -298,3 +298,65 @@ def compile_backend(name_or_fn):
     import torch._dynamo
 
     return torch._dynamo.lookup_backend(name_or_fn) if isinstance(name_or_fn, str) else name_or_fn
+
+
+def clear_dynamic_marks(tensor: torch.Tensor) -> None:
+    """Undoes `mark_dynamic_dim` (the attributes `torch._dynamo.maybe_mark_dynamic` sets). A function compiled ahead
+    of time guards on the marks being absent (its guards are rebuilt from their serialised form, which has none), so
+    tensors are marked only while it is traced."""
+    for name in ("_dynamo_weak_dynamic_indices", "_has_dynamo_dim_marking"):
+        if hasattr(tensor, name):
+            delattr(tensor, name)
+
+
+# torch.compile ahead of time (`torch.compile(fn).aot_compile`, `torch.compiler.load_compiled_function`: torch
+# calls them experimental) and the guard and source checks around them (torch._dynamo)
+def serializable_guards(entries) -> list[bool]:
+    """A `guard_filter_fn` keeping the guards torch can write to disk: tensor (shape, stride, dtype, device) and
+    constant guards on the function's arguments. Identity guards (on globals, modules, functions, `None`) are
+    dropped: the caller's key (`precompile.round_key`) stands for them."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsupported = set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+    return [
+        not (entry.is_global or entry.guard_type in unsupported or unsupported & set(entry.derived_guard_types))
+        for entry in entries
+    ]
+
+
+def compile_ahead(function, args: tuple, backend):
+    """`function` compiled whole for `args` (`torch.compile(fullgraph=True).aot_compile`), without running it: an
+    object that can be saved (`save_ahead`), called as `function(*args)` (checking its guards), and checked
+    (`.guard_check(*args)`)."""
+    compiled = torch.compile(
+        function, fullgraph=True, backend=backend, options={"guard_filter_fn": serializable_guards}
+    )
+    return compiled.aot_compile((args, {}))
+
+
+def save_ahead(compiled, path: str) -> None:
+    """Writes a `compile_ahead` result to `path` (atomically)."""
+    compiled.save_compiled_function(path)
+
+
+def load_ahead(path: str):
+    """Reads a function `save_ahead` wrote (raises if torch or Python differ from the writer's)."""
+    with open(path, "rb") as handle:
+        return torch.compiler.load_compiled_function(handle)
+
+
+def ahead_sources_unchanged(compiled) -> bool:
+    """Whether the source of every function traced into `compiled` (ours, transformers', torch's) is as it was when
+    it was compiled: a function compiled by another version of any of them is stale."""
+    import importlib
+
+    from torch._dynamo.package import _hash_sourcelines
+
+    for source in compiled.source_info().inlined_sources:
+        try:
+            module = importlib.import_module(source.module)
+            if _hash_sourcelines(module, source.firstlineno, source.lastlineno) != source.checksum:
+                return False
+        except (ImportError, OSError):
+            return False
+    return True

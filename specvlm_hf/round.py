@@ -31,6 +31,7 @@ from transformers import DynamicCache, StaticCache
 
 from .draft_runner import DraftRunner
 from .hf_internals import (
+    clear_dynamic_marks,
     compile_backend,
     dynamo_error_types,
     layer_tensors,
@@ -38,6 +39,7 @@ from .hf_internals import (
     recompile_limit,
 )
 from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow
+from .precompile import PrecompileFailed, active_store
 from .target import unwrap_target
 from .tree import DraftTree, build_dynamic_tree, build_dynamic_trees
 
@@ -98,24 +100,46 @@ class GraphedCall:
     The result of a replay lives in the graph's own memory and is overwritten by the next replay.
     """
 
-    def __init__(self, fn, graphs: bool = False, compile: bool = False):
+    def __init__(self, fn, graphs: bool = False, compile: bool = False, store=None):
         self.eager_fn = fn
         self.fn = fn
-        if compile:
-            options = dict(COMPILE_OPTIONS)
-            name = getattr(fn, "__name__", "round function")
-            backend = CountingBackend.get(name, options.pop("backend", "inductor"))
-            self.fn = torch.compile(fn, backend=backend, **options)
+        if compile and store is not None:
+            self.fn = store.callable_for(fn, COMPILE_OPTIONS.get("backend", "inductor"))
+        elif compile:
+            self.fn = self.compiled_in_process(fn)
         self.enabled = graphs
         self.calls = 0
         self.graph = None
         self.output = None
+
+    @staticmethod
+    def compiled_in_process(fn):
+        options = dict(COMPILE_OPTIONS)
+        name = getattr(fn, "__name__", "round function")
+        backend = CountingBackend.get(name, options.pop("backend", "inductor"))
+        return torch.compile(fn, backend=backend, **options)
+
+    def __getstate__(self) -> dict:
+        """Nothing: a round compiled ahead of time has its objects written with its guards, and a call's compiled
+        code and CUDA graph are of this process only."""
+        return {}
 
     def _run(self):
         if self.fn is self.eager_fn:
             return self.fn()
         try:
             return self.fn()
+        except PrecompileFailed as error:  # raised before the function ran
+            if not error.repeated:
+                warnings.warn(
+                    f"the SpecVLM fast path's `{self.eager_fn.__name__}` cannot be compiled ahead of time ({error}); "
+                    "compiling it in this process instead (a new process will trace it again).",
+                    stacklevel=3,
+                )
+            # unmarked (the round's other functions may be compiled ahead of time, which guard on no marks): torch
+            # makes the widths dynamic at the second width it meets
+            self.fn = self.compiled_in_process(self.eager_fn)
+            return self._run()
         except dynamo_error_types() as error:  # raised while compiling, before any state changed
             warnings.warn(
                 f"torch.compile failed on the SpecVLM fast path ({type(error).__name__}: {error}); "
@@ -225,11 +249,15 @@ class SpeculativeRound:
             self.rows_of(draft_window),
         )
         self.graphs, self.compiled = graphs, compile
+        # compiled ahead of time, kept on disk (`precompile`), when a store is set; else compiled in this process
+        # (the round keeps no reference to the store: its objects are written with the guards of what it compiles)
+        store = active_store() if compile else None
+        self.compiled_ahead = store is not None
         self.marked_dynamic = False
         # each round function is compiled whole (kernels fused across the tree bookkeeping, masks and layers)
-        self.draft_call = GraphedCall(self._draft, graphs, compile)
-        self.verify_call = GraphedCall(self._verify, graphs, compile)
-        self.commit_call = GraphedCall(self._commit, graphs, compile)
+        self.draft_call = GraphedCall(self._draft, graphs, compile, store)
+        self.verify_call = GraphedCall(self._verify, graphs, compile, store)
+        self.commit_call = GraphedCall(self._commit, graphs, compile, store)
         self.tree: DraftTree | None = None
         self.logits = self.features = None
 
@@ -299,8 +327,8 @@ class SpeculativeRound:
             self.target_window.load(prompt_real)
             if STACK_COMPILED_LAYERS or not self.compiled:
                 self.target_window.stack_layers()  # once per target cache, after its first prefill initialised it
-            if self.compiled and not self.marked_dynamic:
-                self.mark_width_dynamic()
+            if self.compiled and not self.compiled_ahead and not self.marked_dynamic:
+                self.mark_width_dynamic()  # with a store, marked only while a function is traced
         state = self.state
         state.root_token.fill_(root_token)
         state.root_position.fill_(root_position)
@@ -314,16 +342,27 @@ class SpeculativeRound:
         graph capture only. The draft's cache width (its compressed prompt's) is a dimension of its own. Sliding-window
         layers (narrower than the caches) keep their fixed width."""
         self.marked_dynamic = True
+        for tensor, dim in self.width_dimensions():
+            mark_dynamic_dim(tensor, dim)
+
+    def clear_width_dynamic(self) -> None:
+        """Undoes `mark_width_dynamic` (after a function was compiled ahead of time: see `precompile`)."""
+        self.marked_dynamic = False
+        for tensor, _ in self.width_dimensions():
+            clear_dynamic_marks(tensor)
+
+    def width_dimensions(self):
+        """`(tensor, dim)` of every buffer dimension as wide as its cache (see `mark_width_dynamic`)."""
         for window in (self.target_window, *(runner.window for runner in self.runners)):
             width = window.real.shape[-1]
-            mark_dynamic_dim(window.real, window.real.dim() - 1)
+            yield window.real, window.real.dim() - 1
             for layer in getattr(window.cache, "layers", ()):
                 for tensor in layer_tensors(layer):
                     if tensor is not None and tensor.dim() == 4 and tensor.shape[2] == width:
-                        mark_dynamic_dim(tensor, 2)
+                        yield tensor, 2
         stacked = getattr(self.target_window, "stacked", None)
         if stacked is not None:
-            mark_dynamic_dim(stacked, 4)
+            yield stacked, 4
 
     @property
     def runners(self) -> list[DraftRunner]:

@@ -9,9 +9,11 @@ The fast path (`generate(..., cache_implementation="static")`) sizes its static 
 `round.LENGTH_BUCKET` slots; its three round functions are compiled once for every bucket (the cache width is a
 dynamic dimension), so a bucket first met costs only buffers and CUDA-graph capture. `warmup` runs one short call
 per bucket up to `max_length` (a progress bar shows them), so that the compile and every bucket's first-call costs
-are paid before the first request. With `cache_dir`, torch's compile caches live there: the inductor FX graph
-cache (`TORCHINDUCTOR_CACHE_DIR`, unless already set) and a file of `torch.compiler.save_cache_artifacts`, loaded
-back by `warmup` in a new process, so a restarted server skips code generation.
+are paid before the first request. With `cache_dir`, the compiled round functions are kept there (`precompile`:
+compiled ahead of time, loaded by a new process without tracing them again; `rounds/`), with torch's own compile
+caches: the inductor FX graph cache (`TORCHINDUCTOR_CACHE_DIR`, unless already set) and a file of
+`torch.compiler.save_cache_artifacts`, loaded back by `warmup` in a new process. A restarted server is ready in
+seconds.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class WarmupReport:
         total_seconds: all of it, loading and saving the disk cache included.
         loaded_from_disk: whether compiled artifacts were loaded from `cache_dir`.
         saved_to: the artifacts file written, if any.
+        round_functions: with `cache_dir`, how many compiled round functions were loaded from it and how many
+            compiled (`{"loaded": n, "compiled": n}`).
         tree: the tree shape prepared (and, for `tree="auto"`, what was measured).
     """
 
@@ -44,6 +48,7 @@ class WarmupReport:
     total_seconds: float = 0.0
     loaded_from_disk: bool = False
     saved_to: str | None = None
+    round_functions: dict | None = None
     tree: dict | None = None
 
 
@@ -67,10 +72,14 @@ def tree_room(draft) -> int:
 
 
 def use_cache_dir(cache_dir: str) -> str:
-    """Points torch's inductor caches at `cache_dir` (unless `TORCHINDUCTOR_CACHE_DIR` is set) and returns the path
-    of the artifacts file kept there."""
+    """Keeps the fast path's compiled round functions in `cache_dir/rounds` (`precompile.use_store`), points
+    torch's inductor caches at `cache_dir` (unless `TORCHINDUCTOR_CACHE_DIR` is set) and returns the path of the
+    artifacts file kept there."""
+    from .precompile import use_store
+
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
     os.makedirs(cache_dir, exist_ok=True)
+    use_store(os.path.join(cache_dir, "rounds"))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir, "inductor"))
     return os.path.join(cache_dir, ARTIFACTS_FILE)
 
@@ -150,8 +159,9 @@ def warmup(
         draft: the SpecVLM draft (tree mode), bound or not.
         max_length: the longest prompt plus new tokens the server will run.
         min_length: the shortest (buckets below it are skipped).
-        cache_dir: a folder for torch's compile caches, reused by later processes (None: torch's defaults, in
-            this process only for the artifacts).
+        cache_dir: a folder for the compiled round functions and torch's compile caches, reused by later
+            processes (None: compiled in this process, with torch's default caches). From then on, every fast path
+            of this process keeps its compiled round functions there.
         progress: show a tqdm progress bar over the buckets.
         generation_kwargs: extra `generate` arguments of the server's calls (e.g. `disable_compile=True`).
         inference_mode: whether the server calls `generate` under `torch.inference_mode()` (buffers made in one
@@ -211,5 +221,10 @@ def warmup(
             bar.close()
     if artifacts is not None and save_compile_cache(artifacts):
         report.saved_to = artifacts
+    if artifacts is not None:
+        from .precompile import active_store
+
+        store = active_store()
+        report.round_functions = {"loaded": store.loaded, "compiled": store.compiled}
     report.total_seconds = time.perf_counter() - start
     return report

@@ -20,3 +20,13 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("SPECVLM_NO_SKIPS") == "1" and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped in CI (SPECVLM_NO_SKIPS=1): {report.longrepr}"
+
+
+@pytest.fixture(autouse=True)
+def no_compile_store_left_behind(monkeypatch):
+    """`warmup(cache_dir=...)` and `precompile.use_store` set a process-wide store of compiled round functions (and
+    `SPECVLM_COMPILE_CACHE` would): each test starts without one and leaves none behind."""
+    from specvlm_hf import precompile
+
+    monkeypatch.delenv(precompile.ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.setattr(precompile, "_store", None)

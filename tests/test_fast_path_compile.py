@@ -77,6 +77,8 @@ def test_warmup_prepares_every_bucket_then_the_first_call_compiles_nothing(
     assert "specvlm warmup" in progress and "4/4" in progress, progress
     assert report.saved_to is None or (tmp_path / "specvlm_compile_artifacts.bin").exists()
     assert counted_compile.frame_count == 3
+    # cache_dir keeps the round functions, compiled ahead of time (tests/test_precompile.py: a new process loads them)
+    assert report.round_functions == {"loaded": 0, "compiled": 3} and len(list((tmp_path / "rounds").iterdir())) == 3
     generator = torch.Generator().manual_seed(2)
     for text_tokens, new_tokens in [(30, 10), (3, 8)]:  # the real calls: other buckets, nothing compiled
         inputs = random_inputs(target, generator, text_tokens=text_tokens)

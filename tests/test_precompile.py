@@ -1,0 +1,232 @@
+"""Round functions compiled ahead of time and kept on disk (`precompile`, issue 13): a new process loads them instead
+of tracing them, and a file that no longer fits is compiled again, never run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import warnings
+from contextlib import contextmanager
+
+import pytest
+import torch
+from test_lossless_greedy import build_draft, build_target
+from tiny_models import random_inputs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# builds the same target and draft as `run_calls` in a fresh interpreter, runs the calls and prints what it saw
+CHILD = """
+import json, sys, torch
+torch.set_num_threads(1)  # as conftest sets it: torch's thread count is among a compiled function's guards
+sys.path.insert(0, {here!r})
+import test_precompile
+print("RESULT " + json.dumps(test_precompile.run_calls({store!r})))
+"""
+
+
+def fast_path_settings():
+    """The fast path compiled on the CPU (AOT autograd, no code generation, no CUDA graphs), 16-slot buckets."""
+    from specvlm_hf import decoding, round as round_module
+
+    round_module.COMPILE_OPTIONS = {"backend": "aot_eager"}
+    round_module.LENGTH_BUCKET = 16
+    decoding.fast_path_options = lambda *args: (False, True)
+
+
+def run_calls(store_dir: str, calls=((3, 10), (30, 12), (60, 6))) -> dict:
+    """Fast-path calls at several length buckets with a store in `store_dir`: whether each equals plain
+    `generate`, the buckets, and what the store compiled and loaded."""
+    from specvlm_hf import precompile
+
+    fast_path_settings()
+    store = precompile.use_store(store_dir)
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
+    generator = torch.Generator().manual_seed(21)
+    equal, buckets = [], []
+    with torch.inference_mode():  # as a server runs
+        for case, (text_tokens, new_tokens) in enumerate(calls):
+            inputs = random_inputs(target, generator, text_tokens=text_tokens, image=case == 0)
+            kwargs = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+            fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+            equal.append(fast.tolist() == target.generate(**inputs, **kwargs).tolist())
+            buckets.append(draft._specvlm_static_round.length)
+    return {
+        "equal": equal,
+        "buckets": buckets,
+        "compiled": store.compiled,
+        "loaded": store.loaded,
+        "files": sorted(os.listdir(store_dir)),
+    }
+
+
+@pytest.fixture
+def compiled_on_cpu(monkeypatch):
+    import torch._dynamo
+
+    from specvlm_hf import decoding, round as round_module
+
+    for module, name in (
+        (round_module, "COMPILE_OPTIONS"),
+        (round_module, "LENGTH_BUCKET"),
+        (decoding, "fast_path_options"),
+    ):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_a_new_process_loads_the_rounds_instead_of_tracing_them(compiled_on_cpu, tmp_path):
+    store = str(tmp_path / "rounds")
+    first = run_calls(store)
+    assert all(first["equal"]) and len(set(first["buckets"])) == 3, first
+    assert (first["compiled"], first["loaded"]) == (3, 0), first  # one compile per function for every bucket
+    assert [name.split("-")[0] for name in first["files"]] == ["commit", "draft", "verify"], first
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD.format(here=HERE, store=store)], capture_output=True, text=True, timeout=600
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stdout[-2000:] + done.stderr[-4000:]
+    second = json.loads(lines[-1][len("RESULT ") :])
+    assert all(second["equal"]) and second["buckets"] == first["buckets"], second
+    assert (second["compiled"], second["loaded"]) == (0, 3), second  # nothing traced
+    assert second["files"] == first["files"]
+
+
+def test_a_damaged_or_stale_file_is_compiled_again(compiled_on_cpu, tmp_path, monkeypatch):
+    from specvlm_hf import precompile
+
+    store = str(tmp_path / "rounds")
+    files = run_calls(store, calls=((3, 8),))["files"]
+    with open(os.path.join(store, files[1]), "wb") as handle:  # the draft function's file
+        handle.write(b"not a compiled function")
+    with pytest.warns(UserWarning, match="could not load .*draft"):
+        again = run_calls(store, calls=((3, 8),))
+    assert again["equal"] == [True] and (again["compiled"], again["loaded"]) == (1, 2), again
+    assert again["files"] == files  # replaced in place
+    monkeypatch.setattr(precompile, "ahead_sources_unchanged", lambda compiled: False)  # e.g. transformers upgraded
+    stale = run_calls(store, calls=((3, 8),))
+    assert stale["equal"] == [True] and (stale["compiled"], stale["loaded"]) == (3, 0), stale
+
+
+def test_rounds_of_one_key_that_guards_tell_apart_each_get_a_function(compiled_on_cpu, tmp_path, monkeypatch):
+    """Should two rounds share a key and still differ in what the compiled code assumes (here: two tree shapes under
+    a key made blind to them), the guards tell them apart: each gets its own function and file, and both stay
+    exact."""
+    from specvlm_hf import precompile
+
+    monkeypatch.setattr(precompile, "round_key", lambda owner, function, backend: "one-key")
+    store = precompile.use_store(str(tmp_path / "rounds"))
+    fast_path_settings()
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    inputs = random_inputs(target, torch.Generator().manual_seed(4), text_tokens=5)
+    kwargs = {"do_sample": False, "max_new_tokens": 8, "min_new_tokens": 8}
+    with torch.inference_mode():
+        reference = target.generate(**inputs, **kwargs).tolist()
+        for shape in ((3, 3, 10), (2, 4, 8), (3, 3, 10)):
+            draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = shape
+            fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+            assert fast.tolist() == reference, shape
+    assert store.compiled == 6, store.compiled  # 3 functions x 2 shapes; the third call reused the first's
+    assert sorted(name.rsplit("-", 1)[1] for name in os.listdir(store.directory)) == ["0.pt2"] * 3 + ["1.pt2"] * 3
+
+
+def test_a_round_that_cannot_be_written_is_compiled_in_process(compiled_on_cpu, tmp_path, monkeypatch):
+    """Should torch refuse to compile a round ahead of time (the error it raises when a guard cannot be written),
+    the fast path says so (once) and compiles that function in this process, as without a store."""
+    import torch._dynamo.exc
+
+    from specvlm_hf import precompile
+
+    def refuse(function, args, backend):
+        if function.__name__ == "_verify":
+            raise torch._dynamo.exc.PackageError("ID_MATCH guard cannot be serialized.")
+        return compile_ahead(function, args, backend)
+
+    compile_ahead = precompile.compile_ahead
+    monkeypatch.setattr(precompile, "compile_ahead", refuse)
+    store = precompile.use_store(str(tmp_path / "rounds"))
+    fast_path_settings()
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
+    kwargs = {"do_sample": False, "max_new_tokens": 8, "min_new_tokens": 8}
+    generator = torch.Generator().manual_seed(8)
+    with torch.inference_mode():
+        for call, text_tokens in enumerate((5, 40)):  # the second call: another bucket
+            inputs = random_inputs(target, generator, text_tokens=text_tokens, image=call == 0)
+            with (
+                pytest.warns(UserWarning, match="`_verify` cannot be compiled ahead of time") if call == 0 else once()
+            ):
+                fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+            assert fast.tolist() == target.generate(**inputs, **kwargs).tolist()
+    assert (
+        store.failed
+        and store.compiled == 2
+        and sorted(name.split("-")[0] for name in os.listdir(store.directory))
+        == [
+            "commit",
+            "draft",
+        ]
+    )
+
+
+@contextmanager
+def once():
+    """Fails on a second "cannot be compiled ahead of time" warning (the store remembers what failed)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cannot be compiled ahead of time")
+        yield
+
+
+def test_round_keys_name_what_shapes_the_code_and_not_where_a_model_came_from(compiled_on_cpu):
+    from specvlm_hf import decoding, precompile
+    from specvlm_hf.round import SpeculativeRound
+
+    decoding.fast_path_options = lambda *args: (False, False)
+
+    def key_of(target, draft):
+        inputs = random_inputs(target, torch.Generator().manual_seed(1), text_tokens=4)
+        with torch.inference_mode():
+            target.generate(**inputs, max_new_tokens=3, assistant_model=draft, cache_implementation="static")
+            return precompile.round_key(draft._specvlm_static_round, SpeculativeRound._draft, "inductor")
+
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    key = key_of(target, draft)
+    other = build_target("llava-gqa", seed=3)  # other weights, another path: the same code
+    other.config._name_or_path = "/somewhere/else"
+    assert key_of(other, build_draft(other, "noisy", "tree")) == key
+    draft.config.tree_top_k += 1
+    assert key_of(target, draft) != key
+    draft.config.tree_top_k -= 1
+    assert key_of(target.to(torch.float64), build_draft(target, "noisy", "tree").to(torch.float64)) != key
+    assert key_of(build_target("llava"), build_draft(build_target("llava"), "noisy", "tree")) != key
+
+
+def test_the_source_check_sees_a_changed_function(compiled_on_cpu):
+    from specvlm_hf import hf_internals
+
+    compiled = hf_internals.compile_ahead(_traced, (torch.ones(3),), "eager")
+    assert compiled(torch.ones(3)).tolist() == [3.0, 3.0, 3.0]
+    assert hf_internals.ahead_sources_unchanged(compiled)
+    sources = compiled.source_info().inlined_sources
+    mine = next(s for s in sources if s.module == __name__)
+    sources.discard(mine)
+    sources.add(dataclasses.replace(mine, checksum="0" * len(mine.checksum)))  # as if `_traced` had been edited
+    assert not hf_internals.ahead_sources_unchanged(compiled)
+
+
+def _helper(x):
+    return x + 1
+
+
+def _traced(x):
+    return _helper(x) * 1.5
