@@ -328,10 +328,14 @@ def compile_ahead(function, args: tuple, backend):
     """`function` compiled whole for `args` (`torch.compile(fullgraph=True).aot_compile`), without running it: an
     object that can be saved (`save_ahead`), called as `function(*args)` (checking its guards), and checked
     (`.guard_check(*args)`)."""
-    compiled = torch.compile(
-        function, fullgraph=True, backend=backend, options={"guard_filter_fn": serializable_guards}
-    )
-    return compiled.aot_compile((args, {}))
+    import torch._dynamo
+
+    # torch 2.11 offers `aot_compile` only with this flag (on by default from 2.13)
+    with torch._dynamo.config.patch(enable_aot_compile=True):
+        compiled = torch.compile(
+            function, fullgraph=True, backend=backend, options={"guard_filter_fn": serializable_guards}
+        )
+        return compiled.aot_compile((args, {}))
 
 
 def save_ahead(compiled, path: str) -> None:
