@@ -330,12 +330,20 @@ def compile_ahead(function, args: tuple, backend):
     (`.guard_check(*args)`)."""
     import torch._dynamo
 
-    # torch 2.11 offers `aot_compile` only with this flag (on by default from 2.13)
-    with torch._dynamo.config.patch(enable_aot_compile=True):
+    # torch 2.11 offers `aot_compile` only with this flag (on by default from 2.13). Python floats are compiled in as
+    # constants (guarded by value): left symbolic, dynamo asks to trace again (`TensorifyScalarRestartAnalysis`, met
+    # on an H200 with an fp32 target), which it does by itself for `torch.compile` but not ahead of time; other
+    # restarts are retried here as dynamo retries them.
+    with torch._dynamo.config.patch(enable_aot_compile=True, specialize_float=True):
         compiled = torch.compile(
             function, fullgraph=True, backend=backend, options={"guard_filter_fn": serializable_guards}
         )
-        return compiled.aot_compile((args, {}))
+        for attempt in range(3):
+            try:
+                return compiled.aot_compile((args, {}))
+            except torch._dynamo.exc.RestartAnalysis:
+                if attempt == 2:
+                    raise
 
 
 def save_ahead(compiled, path: str) -> None:
