@@ -23,6 +23,7 @@ device. The two backends differ only in their cache windows and in how the funct
 
 from __future__ import annotations
 
+import gc
 import warnings
 from dataclasses import dataclass
 
@@ -155,8 +156,18 @@ class GraphedCall:
             return self._run()
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.output = self.fn()
+            # no cyclic garbage collection while capturing: freeing an unreachable round (rounds refer to themselves
+            # through their functions) destroys its CUDA graphs, which CUDA forbids during a capture and which
+            # invalidates it (met on an H200, "operation not permitted when stream is capturing (function reset)").
+            # `torch.cuda.graph` collects before it starts.
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(graph):
+                    self.output = self.fn()
+            finally:
+                if collecting:
+                    gc.enable()
             self.graph = graph
         self.graph.replay()
         return self.output
