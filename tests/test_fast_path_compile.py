@@ -233,3 +233,44 @@ def test_compiled_rounds_keep_the_target_layers_apart(monkeypatch, stacked):
     two, ten = (_symbolic_guards(monkeypatch, layers) for layers in (2, 10))
     per_layer = (ten - two) / 8
     assert (per_layer > 3) == stacked, (two, ten)
+
+
+def test_graph_capture_runs_without_cyclic_garbage_collection(monkeypatch):
+    """Rounds refer to themselves through their functions, so an old round is freed by Python's cyclic collector;
+    freeing its CUDA graphs during another capture invalidates that capture (seen on an H200). `GraphedCall` captures
+    with the collector off, and turns it back on after (also when the function raises)."""
+    import contextlib
+    import gc
+
+    from specvlm_hf.round import GraphedCall
+
+    seen = []
+
+    @contextlib.contextmanager
+    def fake_capture(graph):
+        yield
+
+    class FakeGraph:
+        def replay(self):
+            seen.append(("replay", gc.isenabled()))
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+
+    def fn():
+        seen.append(("run", gc.isenabled()))
+        return 1
+
+    call = GraphedCall(fn, graphs=True)
+    assert gc.isenabled()
+    assert [call(), call(), call()] == [1, 1, 1]
+    assert seen == [("run", True), ("run", False), ("replay", True), ("replay", True)], seen
+
+    def fails():
+        raise ValueError("boom")
+
+    failing = GraphedCall(fails, graphs=True)
+    failing.calls = 1  # the next call captures
+    with pytest.raises(ValueError, match="boom"):
+        failing()
+    assert gc.isenabled()
