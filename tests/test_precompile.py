@@ -242,3 +242,37 @@ def test_compiling_ahead_does_not_need_torch_flag_set(compiled_on_cpu, monkeypat
     monkeypatch.setattr(torch._dynamo.config, "enable_aot_compile", False)
     compiled = hf_internals.compile_ahead(_traced, (torch.ones(2),), "eager")
     assert compiled(torch.ones(2)).tolist() == [3.0, 3.0] and not torch._dynamo.config.enable_aot_compile
+
+
+def test_batched_rounds_are_compiled_ahead_per_batch_shape_and_loaded(compiled_on_cpu, tmp_path):
+    """The batched round (`RowsRound`) goes through the store too: one function set per batch shape (rows that
+    finish move to a smaller one), exact against plain `generate`; a fresh store on the same folder (as a new process
+    has) loads every one of them and compiles none."""
+    import torch._dynamo
+
+    from specvlm_hf import precompile
+    from test_batched import left_pad
+
+    fast_path_settings()
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
+    draft.config.max_speculative_batch = 4
+    generator = torch.Generator().manual_seed(3)
+    rows = [random_inputs(target, generator, text_tokens=3 + 2 * row, image=row % 2 == 0) for row in range(3)]
+    batch = left_pad(rows, [0, 2, 1])
+    kwargs = {"do_sample": False, "max_new_tokens": 8, "min_new_tokens": 8, "eos_token_id": None}
+    counts = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        for name in ("_specvlm_fast_path", "_specvlm_fast_rows"):  # the rounds a call keeps on the draft
+            draft.__dict__.pop(name, None)
+        store = precompile.use_store(str(tmp_path / "rounds"))
+        with torch.inference_mode():
+            fast = target.generate(**batch, **kwargs, assistant_model=draft, cache_implementation="static")
+            assert fast.tolist() == target.generate(**batch, **kwargs).tolist()
+        assert draft.stats.rows_per_round[0] == 3 and draft.stats.rounds > 2
+        counts.append((store.compiled, store.loaded))
+    shapes = len(set(draft.stats.rows_per_round))  # batch shapes the rows ran in
+    assert counts == [(3 * shapes, 0), (0, 3 * shapes)], (counts, shapes)
+    assert len(os.listdir(tmp_path / "rounds")) == 3 * shapes
