@@ -17,6 +17,10 @@ A stored function is used only when it still fits:
 
 Otherwise it is compiled again and saved anew. When a round cannot be compiled ahead of time at all (its guards or
 objects cannot be written), the fast path warns and compiles it in-process as without a store.
+
+The folder may be deleted at any time (the next process compiles again); files of keys no longer met (after an
+upgrade) are not removed by themselves. Its files are pickles, as torch's own compile caches are: keep it where
+only the server's user can write.
 """
 
 from __future__ import annotations
