@@ -98,6 +98,9 @@ class GraphedCall:
         graphs: capture and replay (CUDA); otherwise every call runs `fn`.
         compile: run `torch.compile(fn)` instead; if compilation fails (a compiler error is raised before the
             function runs), warn and go on with `fn`.
+        store: with `compile`, a `precompile.PrecompiledRounds`: `fn` (a bound round function) is compiled ahead of
+            time and kept on disk instead, or loaded from there; if torch cannot compile it ahead of time, warn and
+            compile it in this process.
     The result of a replay lives in the graph's own memory and is overwritten by the next replay.
     """
 
