@@ -158,10 +158,14 @@ def active_store() -> PrecompiledRounds | None:
 
 def round_key(owner, function, backend) -> str:
     """What a compiled round function depends on beyond what its guards check (see the module docstring)."""
+    import importlib.metadata
+
     import transformers
 
-    from . import __version__
-
+    try:  # (remote code, `custom_generate/`, runs from a folder of these modules without the package installed)
+        ours = importlib.metadata.version("specvlm-hf")
+    except importlib.metadata.PackageNotFoundError:
+        ours = "not installed"
     draft = owner.draft
     target_parameter = next(owner.adapter.model.parameters())
     description = {
@@ -177,7 +181,7 @@ def round_key(owner, function, backend) -> str:
         "tree": [owner.top_k, owner.depth, owner.total_tokens],
         "inference_mode": torch.is_inference_mode_enabled(),
         "backend": backend if isinstance(backend, str) else type(backend).__qualname__,
-        "versions": [torch.__version__, transformers.__version__, platform.python_version(), __version__],
+        "versions": [torch.__version__, transformers.__version__, platform.python_version(), ours],
     }
     text = json.dumps(description, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]

@@ -1,0 +1,1 @@
+../../../../precompile.py
