@@ -176,7 +176,14 @@ def round_key(owner, function, backend) -> str:
         "draft": config_description(draft.config),
         "dtypes": [str(target_parameter.dtype), str(draft.fc.weight.dtype)],
         "device": str(draft.fc.weight.device),
+        # what the guards, which drop identity checks, would not see: which attention kernels the configurations
+        # name (not in `to_dict`), and which optional tensors are absent
+        "attention": [
+            getattr(config, "_attn_implementation", None)
+            for config in (owner.adapter.model.config, owner.adapter.model.config.get_text_config(), draft.config)
+        ],
         "head_rows": draft._head_rows is not None,
+        "stacked_layers": getattr(owner.target_window, "stacked", None) is not None,
         "rows": owner.rows_of(owner.runner.window),
         "tree": [owner.top_k, owner.depth, owner.total_tokens],
         "inference_mode": torch.is_inference_mode_enabled(),

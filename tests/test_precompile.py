@@ -209,6 +209,9 @@ def test_round_keys_name_what_shapes_the_code_and_not_where_a_model_came_from(co
     draft.config.tree_top_k -= 1
     assert key_of(target.to(torch.float64), build_draft(target, "noisy", "tree").to(torch.float64)) != key
     assert key_of(build_target("llava"), build_draft(build_target("llava"), "noisy", "tree")) != key
+    eager = build_target("llava-gqa")
+    eager.set_attn_implementation("eager")  # the same configuration values, other attention kernels
+    assert key_of(eager, build_draft(eager, "noisy", "tree")) != key
 
 
 def test_the_source_check_sees_a_changed_function(compiled_on_cpu):
