@@ -39,6 +39,7 @@ ENVIRONMENT_VARIABLE = "SPECVLM_COMPILE_CACHE"
 FORMAT = 1  # bump when what a stored round function means changes
 
 _store: PrecompiledRounds | None = None
+_chosen = False  # whether `use_store` was called (then the environment variable is not read)
 
 
 class PrecompileFailed(RuntimeError):
@@ -142,16 +143,18 @@ class PrecompiledRounds:
 
 
 def use_store(directory: str | None) -> PrecompiledRounds | None:
-    """Keeps the fast path's compiled round functions in `directory` from now on (None: stop). Returns the store."""
-    global _store
-    _store = None if directory is None else PrecompiledRounds(directory)
+    """Keeps the fast path's compiled round functions in `directory` from now on (None: no store, whatever
+    `$SPECVLM_COMPILE_CACHE` says). Returns the store."""
+    global _store, _chosen
+    _store, _chosen = (None if directory is None else PrecompiledRounds(directory)), True
     return _store
 
 
 def active_store() -> PrecompiledRounds | None:
-    """The store set by `use_store`, else one in `$SPECVLM_COMPILE_CACHE` if set, else None."""
+    """The store set by `use_store`, else (if `use_store` was never called) one in `$SPECVLM_COMPILE_CACHE` if set,
+    else None."""
     global _store
-    if _store is None and os.environ.get(ENVIRONMENT_VARIABLE):
+    if not _chosen and _store is None and os.environ.get(ENVIRONMENT_VARIABLE):
         _store = PrecompiledRounds(os.environ[ENVIRONMENT_VARIABLE])
     return _store
 

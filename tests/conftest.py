@@ -30,3 +30,4 @@ def no_compile_store_left_behind(monkeypatch):
 
     monkeypatch.delenv(precompile.ENVIRONMENT_VARIABLE, raising=False)
     monkeypatch.setattr(precompile, "_store", None)
+    monkeypatch.setattr(precompile, "_chosen", False)

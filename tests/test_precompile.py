@@ -279,3 +279,14 @@ def test_batched_rounds_are_compiled_ahead_per_batch_shape_and_loaded(compiled_o
     shapes = len(set(draft.stats.rows_per_round))  # batch shapes the rows ran in
     assert counts == [(3 * shapes, 0), (0, 3 * shapes)], (counts, shapes)
     assert len(os.listdir(tmp_path / "rounds")) == 3 * shapes
+
+
+def test_the_environment_variable_sets_a_store_unless_one_was_chosen(monkeypatch, tmp_path):
+    from specvlm_hf import precompile
+
+    monkeypatch.setenv(precompile.ENVIRONMENT_VARIABLE, str(tmp_path / "from-env"))
+    store = precompile.active_store()
+    assert store is not None and store.directory == str(tmp_path / "from-env") and (tmp_path / "from-env").is_dir()
+    assert precompile.active_store() is store
+    assert precompile.use_store(None) is None and precompile.active_store() is None  # an explicit "no store"
+    assert precompile.use_store(str(tmp_path / "chosen")).directory == str(tmp_path / "chosen")
