@@ -235,16 +235,19 @@ def _traced(x):
     return _helper(x) * 1.5
 
 
-def test_compiling_ahead_does_not_need_torch_flag_set(compiled_on_cpu, monkeypatch):
+def test_compiling_ahead_does_not_need_torch_flag_set(compiled_on_cpu):
     """torch 2.11 (the GPU machines') offers `aot_compile` only under `torch._dynamo.config.enable_aot_compile`, off
     by default there: `compile_ahead` sets it for its own call."""
     import torch._dynamo
 
     from specvlm_hf import hf_internals
 
-    monkeypatch.setattr(torch._dynamo.config, "enable_aot_compile", False)
-    compiled = hf_internals.compile_ahead(_traced, (torch.ones(2),), "eager")
-    assert compiled(torch.ones(2)).tolist() == [3.0, 3.0] and not torch._dynamo.config.enable_aot_compile
+    before = torch._dynamo.config.enable_aot_compile
+    # (torch's own patch: monkeypatch's undo of a config entry leaves `torch._dynamo.config` without it)
+    with torch._dynamo.config.patch(enable_aot_compile=False):
+        compiled = hf_internals.compile_ahead(_traced, (torch.ones(2),), "eager")
+        assert compiled(torch.ones(2)).tolist() == [3.0, 3.0] and not torch._dynamo.config.enable_aot_compile
+    assert torch._dynamo.config.enable_aot_compile == before
 
 
 def test_batched_rounds_are_compiled_ahead_per_batch_shape_and_loaded(compiled_on_cpu, tmp_path):
