@@ -10,8 +10,8 @@ key, every length bucket included (the cache widths are dynamic dimensions while
 
 A stored function is used only when it still fits:
 
-- its key: the round's kind, the target's and the draft's configurations, dtypes, device, tree shape, batch rows,
-  inference mode, and the versions of torch, transformers, Python and specvlm-hf;
+- its key: the round's kind, the target's and the draft's configurations and attention implementations, dtypes,
+  device, tree shape, batch rows, inference mode, and the versions of torch, transformers, Python and specvlm-hf;
 - the source of every function traced into it (ours, transformers', torch's) is unchanged;
 - its guards (tensor shapes, strides, dtypes and devices, constants) pass on the round it is called with.
 
