@@ -28,6 +28,7 @@ COMMANDS = {
     "demo": "specvlm_hf.commands.demo",
     "train": "specvlm_hf.commands.train",
     "distill-data": "specvlm_hf.commands.distill_data",
+    "compile-cache": "specvlm_hf.commands.compile_cache",
 }
 DEBUG_ENV = "SPECVLM_DEBUG"
 

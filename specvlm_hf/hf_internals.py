@@ -324,6 +324,40 @@ def serializable_guards(entries) -> list[bool]:
     ]
 
 
+# the name given to the class of kernels' function wrapper `<module>.<function>` (see `name_kernel_func_types`)
+KERNEL_FUNC_TYPE_NAME = "_SpecVLMKernelFunc_{}"
+
+
+def name_kernel_func_types() -> list[type]:
+    """Gives the classes `kernels` defines inside a function a name torch can write into a compiled function's guards.
+
+    transformers >= 5.2x requires `kernels`, whose `use_kernel_forward_from_hub` turns model functions (LLaMA's
+    `apply_rotary_pos_emb`) into instances of a class `Func` defined inside `_create_func_module`, one class per
+    function, and every attention module holds a private instance of it. A type torch cannot find by its qualified
+    name cannot be guarded in a saved function, so no round could be compiled ahead of time. Each such class is named
+    after its function (`KERNEL_FUNC_TYPE_NAME`) and set as an attribute of the function's module, where pickle finds
+    it; its instances pickle through kernels' own `__reduce__`. Idempotent, and the names are the same in every
+    process (the loader runs it too). Returns the classes named by this call."""
+    import sys
+
+    named = []
+    for module_name, module in list(sys.modules.items()):
+        if not module_name.startswith("transformers.models.") or module is None:
+            continue
+        for attribute, value in list(vars(module).items()):
+            cls = type(value)
+            # kernels marks the classes it makes with the kernel's layer name
+            if not isinstance(value, torch.nn.Module) or getattr(cls, "kernel_layer_name", None) is None:
+                continue
+            if "<locals>" not in cls.__qualname__ or cls.__module__ != module_name:
+                continue
+            name = KERNEL_FUNC_TYPE_NAME.format(attribute)
+            cls.__qualname__ = cls.__name__ = name
+            setattr(module, name, cls)
+            named.append(cls)
+    return named
+
+
 def compile_ahead(function, args: tuple, backend):
     """`function` compiled whole for `args` (`torch.compile(fullgraph=True).aot_compile`), without running it: an
     object that can be saved (`save_ahead`), called as `function(*args)` (checking its guards), and checked
@@ -334,6 +368,7 @@ def compile_ahead(function, args: tuple, backend):
     # constants (guarded by value): left symbolic, dynamo asks to trace again (`TensorifyScalarRestartAnalysis`, met
     # on an H200 with an fp32 target), which it does by itself for `torch.compile` but not ahead of time; other
     # restarts are retried here as dynamo retries them.
+    name_kernel_func_types()
     with torch._dynamo.config.patch(enable_aot_compile=True, specialize_float=True):
         compiled = torch.compile(
             function, fullgraph=True, backend=backend, options={"guard_filter_fn": serializable_guards}
@@ -353,6 +388,7 @@ def save_ahead(compiled, path: str) -> None:
 
 def load_ahead(path: str):
     """Reads a function `save_ahead` wrote (raises if torch or Python differ from the writer's)."""
+    name_kernel_func_types()
     with open(path, "rb") as handle:
         return torch.compiler.load_compiled_function(handle)
 

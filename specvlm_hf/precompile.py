@@ -18,18 +18,25 @@ A stored function is used only when it still fits:
 Otherwise it is compiled again and saved anew. When a round cannot be compiled ahead of time at all (its guards or
 objects cannot be written), the fast path warns and compiles it in-process as without a store.
 
-The folder may be deleted at any time (the next process compiles again); files of keys no longer met (after an
-upgrade) are not removed by themselves. Its files are pickles, as torch's own compile caches are: keep it where
-only the server's user can write.
+Each compiled function is a file `<function>-<key>-<n>.pt2`, with a description of what it was compiled for next to
+it (`.json`: the key's values, when it was saved; its modification time is when a process last loaded it).
+`stored_rounds` lists them and `prune` removes the files this installation can no longer use (written by other
+versions of torch, transformers, Python or specvlm-hf) and, if asked, those unused for some days; `specvlm
+compile-cache` does both from the command line. The folder may also be deleted at any time (the next process
+compiles again). Its files are pickles, as torch's own compile caches are: keep it where only the server's user
+can write.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import platform
+import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -87,16 +94,12 @@ class PrecompiledRounds:
         key = round_key(owner, function, backend)
         name = f"{function.__name__.strip('_')}-{key}"
         if name not in self.functions:  # first use in this process: what earlier processes saved
-            self.functions[name] = []
-            index = 0
-            while os.path.exists(path := os.path.join(self.directory, f"{name}-{index}.pt2")):
-                compiled = self._load(path)
-                self.functions[name].append(compiled)
-                self.loaded += compiled is not None
-                index += 1
+            self.functions[name] = [[path, self._load(path)] for path in self._files(name)]
+            self.loaded += sum(compiled is not None for _, compiled in self.functions[name])
         candidates = self.functions[name]
-        for compiled in candidates:
+        for path, compiled in candidates:
             if compiled is not None and compiled.guard_check(owner):
+                touch(description_path(path))  # when it was last used (`prune`'s `unused_days`)
                 return compiled
         if name in self.failed:
             raise PrecompileFailed(self.failed[name], repeated=True)
@@ -105,16 +108,25 @@ class PrecompiledRounds:
         except PrecompileFailed as error:
             self.failed[name] = str(error)
             raise
-        # a file that could not be used (stale, damaged) is replaced; otherwise a new one is added
-        index = next((i for i, c in enumerate(candidates) if c is None), len(candidates))
-        candidates[index : index + 1] = [compiled]
         self.compiled += 1
-        path = os.path.join(self.directory, f"{name}-{index}.pt2")
+        # a file that could not be used (stale, damaged) is replaced; otherwise a new one is added
+        entry = next((entry for entry in candidates if entry[1] is None), None)
+        if entry is None:
+            entry = [os.path.join(self.directory, f"{name}-{file_index(candidates) + 1}.pt2"), None]
+            candidates.append(entry)
+        entry[1] = compiled
         try:
-            save_ahead(compiled, path)
+            save_ahead(compiled, entry[0])
+            write_description(entry[0], round_description(owner, function, backend))
         except Exception as error:  # the function works in this process; only the next one compiles again
-            warnings.warn(f"SpecVLM: could not save the compiled round function to {path} ({error}).", stacklevel=4)
+            message = f"SpecVLM: could not save the compiled round function to {entry[0]} ({error})."
+            warnings.warn(message, stacklevel=4)
         return compiled
+
+    def _files(self, name: str) -> list[str]:
+        """The files of `name` (function and key) in the folder, by their number."""
+        paths = glob.glob(os.path.join(glob.escape(self.directory), f"{name}-*.pt2"))
+        return sorted((path for path in paths if file_number(path) is not None), key=file_number)
 
     @staticmethod
     def _load(path: str):
@@ -160,18 +172,16 @@ def active_store() -> PrecompiledRounds | None:
 
 
 def round_key(owner, function, backend) -> str:
-    """What a compiled round function depends on beyond what its guards check (see the module docstring)."""
-    import importlib.metadata
+    """What a compiled round function depends on beyond what its guards check (see the module docstring), hashed."""
+    text = json.dumps(round_description(owner, function, backend), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
-    import transformers
 
-    try:  # (remote code, `custom_generate/`, runs from a folder of these modules without the package installed)
-        ours = importlib.metadata.version("specvlm-hf")
-    except importlib.metadata.PackageNotFoundError:
-        ours = "not installed"
+def round_description(owner, function, backend) -> dict:
+    """The values `round_key` hashes (also written next to each file, for `stored_rounds` and `prune`)."""
     draft = owner.draft
     target_parameter = next(owner.adapter.model.parameters())
-    description = {
+    return {
         "format": FORMAT,
         "function": f"{type(owner).__qualname__}.{function.__name__}",
         "adapter": type(owner.adapter).__qualname__,
@@ -191,10 +201,21 @@ def round_key(owner, function, backend) -> str:
         "tree": [owner.top_k, owner.depth, owner.total_tokens],
         "inference_mode": torch.is_inference_mode_enabled(),
         "backend": backend if isinstance(backend, str) else type(backend).__qualname__,
-        "versions": [torch.__version__, transformers.__version__, platform.python_version(), ours],
+        "versions": current_versions(),
     }
-    text = json.dumps(description, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def current_versions() -> list[str]:
+    """torch, transformers, Python and specvlm-hf versions: a compiled function is of these only."""
+    import importlib.metadata
+
+    import transformers
+
+    try:  # (remote code, `custom_generate/`, runs from a folder of these modules without the package installed)
+        ours = importlib.metadata.version("specvlm-hf")
+    except importlib.metadata.PackageNotFoundError:
+        ours = "not installed"
+    return [torch.__version__, transformers.__version__, platform.python_version(), ours]
 
 
 def config_description(config) -> dict:
@@ -211,3 +232,129 @@ def config_description(config) -> dict:
         return value
 
     return clean(values)
+
+
+# ------------------------------------------------------------------------------------------- the folder's files
+def file_number(path: str) -> int | None:
+    """`n` of a file `<function>-<key>-<n>.pt2` (None for another name)."""
+    number = os.path.basename(path)[: -len(".pt2")].rsplit("-", 1)[-1]
+    return int(number) if number.isdigit() else None
+
+
+def file_index(entries) -> int:
+    """The highest file number among `[path, compiled]` entries (-1 for none)."""
+    return max((file_number(path) for path, _ in entries), default=-1)
+
+
+def description_path(path: str) -> str:
+    return path[: -len(".pt2")] + ".json"
+
+
+def write_description(path: str, description: dict) -> None:
+    """Writes what the function in `path` was compiled for next to it (atomically)."""
+    record = {"saved": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "description": description}
+    target = description_path(path)
+    with open(target + ".tmp", "w") as handle:
+        json.dump(record, handle, sort_keys=True, default=str)
+    os.replace(target + ".tmp", target)
+
+
+def touch(path: str) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only folder, or no description: only `prune`'s notion of use is affected
+        pass
+
+
+@dataclass
+class StoredRound:
+    """One file of a store (see `stored_rounds`).
+
+    Attributes:
+        path: the compiled function's file; function: which round function (e.g. `SpeculativeRound._draft`).
+        model: the target's `model_type` and dtype, the device and the tree shape, in words.
+        size_bytes: the file's size; saved: when it was written; last_used: when a process last loaded it (UTC).
+        usable: whether this installation can use it; reason: why not.
+    """
+
+    path: str
+    function: str
+    model: str
+    size_bytes: int
+    saved: str
+    last_used: float
+    usable: bool
+    reason: str = ""
+
+
+def stored_rounds(directory: str) -> list[StoredRound]:
+    """The compiled round functions kept in `directory`, with whether this installation (its versions of torch,
+    transformers, Python and specvlm-hf) can use each."""
+    directory = os.path.abspath(os.path.expanduser(directory))
+    versions, rounds = current_versions(), []
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.pt2"))):
+        record = read_description(description_path(path))
+        description = (record or {}).get("description", {})
+        usable, reason = True, ""
+        if not description:
+            usable, reason = False, "no description next to it (written by an older specvlm-hf)"
+        elif description.get("format") != FORMAT:
+            usable, reason = False, f"file format {description.get('format')}, this specvlm-hf reads {FORMAT}"
+        elif description.get("versions") != versions:
+            written = ", ".join(f"{n} {v}" for n, v in zip(VERSION_NAMES, description.get("versions") or ()))
+            usable, reason = False, f"written by {written}"
+        target = description.get("target", {})
+        tree = description.get("tree") or ["?"] * 3
+        model = (
+            f"{target.get('model_type', '?')} {(description.get('dtypes') or ['?'])[0].replace('torch.', '')} on "
+            f"{description.get('device', '?')}, tree {tuple(tree)}"
+        )
+        used_file = description_path(path) if record is not None else path
+        rounds.append(
+            StoredRound(
+                path=path,
+                function=description.get("function", os.path.basename(path).split("-")[0]),
+                model=model,
+                size_bytes=os.path.getsize(path),
+                saved=(record or {}).get("saved", "?"),
+                last_used=os.path.getmtime(used_file),
+                usable=usable,
+                reason=reason,
+            )
+        )
+    return rounds
+
+
+VERSION_NAMES = ("torch", "transformers", "Python", "specvlm-hf")
+
+
+def read_description(path: str) -> dict | None:
+    try:
+        with open(path) as handle:
+            record = json.load(handle)
+        return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def prune(directory: str, unused_days: float | None = None, dry_run: bool = False) -> list[StoredRound]:
+    """Removes from `directory` the compiled round functions this installation cannot use (see `stored_rounds`) and,
+    with `unused_days`, those no process has loaded for that many days, with their descriptions; also descriptions
+    left without their file. Returns what was (with `dry_run`: would be) removed."""
+    now, removed = time.time(), []
+    for stored in stored_rounds(directory):
+        if stored.usable and unused_days is not None and now - stored.last_used > unused_days * 86400:
+            stored.reason = f"not used for {(now - stored.last_used) / 86400:.1f} days"
+        elif stored.usable:
+            continue
+        removed.append(stored)
+        if not dry_run:
+            for path in (stored.path, description_path(stored.path)):
+                if os.path.exists(path):
+                    os.remove(path)
+    if not dry_run:
+        directory = os.path.abspath(os.path.expanduser(directory))
+        for path in glob.glob(os.path.join(glob.escape(directory), "*.json")):
+            if not os.path.exists(path[: -len(".json")] + ".pt2"):
+                os.remove(path)
+    return removed

@@ -84,6 +84,49 @@ def use_cache_dir(cache_dir: str) -> str:
     return os.path.join(cache_dir, ARTIFACTS_FILE)
 
 
+@dataclass
+class CompileCache:
+    """A compile cache folder this process uses (`open_compile_cache`): its compiled round functions and torch's
+    compile caches.
+
+    Attributes:
+        folder: the folder; artifacts: its file of torch's compiled artifacts; loaded_from_disk: whether that
+            file was read when the folder was opened.
+    """
+
+    folder: str
+    artifacts: str
+    loaded_from_disk: bool
+
+    def save(self) -> bool:
+        """Writes this process's compiled artifacts into the folder (the round functions are saved as they are
+        compiled); False when there were none."""
+        return save_compile_cache(self.artifacts)
+
+    @property
+    def round_functions(self) -> dict:
+        """How many compiled round functions this process loaded from the folder and how many it compiled."""
+        from .precompile import active_store
+
+        store = active_store()
+        return {"loaded": store.loaded, "compiled": store.compiled} if store is not None else {}
+
+    def summary(self) -> str:
+        functions = self.round_functions
+        return (
+            f"compile cache {self.folder}: {functions.get('loaded', 0)} round functions loaded, "
+            f"{functions.get('compiled', 0)} compiled; torch's artifacts "
+            f"{'loaded' if self.loaded_from_disk else 'not found (first use)'}"
+        )
+
+
+def open_compile_cache(cache_dir: str) -> CompileCache:
+    """Uses `cache_dir` for this process's fast-path compilation from now on (`use_cache_dir`) and loads torch's
+    artifacts an earlier process saved there. Call `.save()` once the calls that compile have run."""
+    artifacts = use_cache_dir(cache_dir)
+    return CompileCache(os.path.dirname(artifacts), artifacts, load_compile_cache(artifacts))
+
+
 def load_compile_cache(path: str) -> bool:
     """Loads compiled artifacts saved by an earlier process (`torch.compiler.load_cache_artifacts`); False when
     there are none or torch cannot read them (then code is compiled again, and saved anew)."""
@@ -178,9 +221,9 @@ def warmup(
 
     start = time.perf_counter()
     report = WarmupReport()
-    artifacts = use_cache_dir(cache_dir) if cache_dir is not None else None
-    if artifacts is not None:
-        report.loaded_from_disk = load_compile_cache(artifacts)
+    cache = open_compile_cache(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        report.loaded_from_disk = cache.loaded_from_disk
     enable(target)
     device = next(target.parameters()).device
     report.tree = set_tree(target, draft, tree, device, generation_kwargs or {}, inference_mode)
@@ -219,12 +262,8 @@ def warmup(
     finally:
         if bar is not None:
             bar.close()
-    if artifacts is not None and save_compile_cache(artifacts):
-        report.saved_to = artifacts
-    if artifacts is not None:
-        from .precompile import active_store
-
-        store = active_store()
-        report.round_functions = {"loaded": store.loaded, "compiled": store.compiled}
+    if cache is not None:
+        report.saved_to = cache.artifacts if cache.save() else None
+        report.round_functions = cache.round_functions
     report.total_seconds = time.perf_counter() - start
     return report

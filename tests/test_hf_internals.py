@@ -241,6 +241,36 @@ def test_torch_compile_helpers():
     assert callable(hf_internals.compile_backend("eager"))
 
 
+def test_kernels_function_wrappers_get_a_name_pickle_finds():
+    """transformers >= 5.2x wraps LLaMA's `apply_rotary_pos_emb` with `kernels` in an instance of a class defined
+    inside a function, which torch cannot write into a compiled function's guards (`precompile`): it is named in its
+    module so that the class and a model's private instance of it pickle. Without `kernels` there is nothing to name:
+    no model function is such an instance."""
+    import importlib.util
+    import pickle
+
+    import transformers.models.llama.modeling_llama as llama
+
+    wrapper = llama.apply_rotary_pos_emb
+    hf_internals.name_kernel_func_types()
+    assert hf_internals.name_kernel_func_types() == []  # idempotent
+    if importlib.util.find_spec("kernels") is None:
+        assert not isinstance(wrapper, torch.nn.Module)
+        return
+    cls = type(wrapper)
+    assert cls.__qualname__ == cls.__name__ == "_SpecVLMKernelFunc_apply_rotary_pos_emb"
+    assert getattr(llama, cls.__name__) is cls and pickle.loads(pickle.dumps(cls)) is cls
+    from tiny_models import tiny_llava
+
+    attention = tiny_llava().model.language_model.layers[0].self_attn
+    (private,) = attention._kernel_funcs.values()  # what a round's guards see
+    copy = pickle.loads(pickle.dumps(private))
+    assert type(copy) is cls and copy is not private
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    cos, sin = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    assert all(torch.equal(a, b) for a, b in zip(copy(q, k, cos, sin), wrapper(q, k, cos, sin)))
+
+
 def test_pad_token_is_the_one_generate_prepared():
     from tiny_models import tiny_llava
 

@@ -4,7 +4,6 @@ of tracing them, and a file that no longer fits is compiled again, never run."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,17 +17,6 @@ from test_lossless_greedy import build_draft, build_target
 from tiny_models import random_inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-# transformers >= 5.2x requires `kernels`, which wraps functions of the models (LLaMA's rotary embedding) in modules of
-# a class defined inside a function; torch cannot write a guard on such a type, so there every round falls back to
-# in-process compilation (with its warning, still exact). Not solved yet: the tests of loading are strict xfails
-# there, so that they fail loudly once it works.
-LOCAL_KERNEL_MODULES = importlib.util.find_spec("kernels") is not None
-needs_ahead = pytest.mark.xfail(
-    LOCAL_KERNEL_MODULES,
-    reason="kernels' locally defined Func modules cannot be written with a compiled function's guards",
-    strict=True,
-)
 
 # builds the same target and draft as `run_calls` in a fresh interpreter, runs the calls and prints what it saw
 CHILD = """
@@ -73,8 +61,13 @@ def run_calls(store_dir: str, calls=((3, 10), (30, 12), (60, 6))) -> dict:
         "buckets": buckets,
         "compiled": store.compiled,
         "loaded": store.loaded,
-        "files": sorted(os.listdir(store_dir)),
+        "files": compiled_files(store_dir),
     }
+
+
+def compiled_files(store_dir) -> list[str]:
+    """The compiled functions' files in a store folder (each has its description, `.json`, next to it)."""
+    return sorted(name for name in os.listdir(store_dir) if name.endswith(".pt2"))
 
 
 @pytest.fixture
@@ -94,7 +87,6 @@ def compiled_on_cpu(monkeypatch):
     torch._dynamo.reset()
 
 
-@needs_ahead
 def test_a_new_process_loads_the_rounds_instead_of_tracing_them(compiled_on_cpu, tmp_path):
     store = str(tmp_path / "rounds")
     first = run_calls(store)
@@ -110,9 +102,19 @@ def test_a_new_process_loads_the_rounds_instead_of_tracing_them(compiled_on_cpu,
     assert all(second["equal"]) and second["buckets"] == first["buckets"], second
     assert (second["compiled"], second["loaded"]) == (0, 3), second  # nothing traced
     assert second["files"] == first["files"]
+    described = precompile_module().stored_rounds(store)
+    assert [(r.function, r.usable) for r in described] == [
+        (f"SpeculativeRound.{name}", True) for name in ("_commit", "_draft", "_verify")
+    ], described
+    assert all(r.model.startswith("llava float32 on cpu, tree (3, 3, 10)") for r in described), described
 
 
-@needs_ahead
+def precompile_module():
+    from specvlm_hf import precompile
+
+    return precompile
+
+
 def test_a_damaged_or_stale_file_is_compiled_again(compiled_on_cpu, tmp_path, monkeypatch):
     from specvlm_hf import precompile
 
@@ -129,7 +131,6 @@ def test_a_damaged_or_stale_file_is_compiled_again(compiled_on_cpu, tmp_path, mo
     assert stale["equal"] == [True] and (stale["compiled"], stale["loaded"]) == (3, 0), stale
 
 
-@needs_ahead
 def test_rounds_of_one_key_that_guards_tell_apart_each_get_a_function(compiled_on_cpu, tmp_path, monkeypatch):
     """Should two rounds share a key and still differ in what the compiled code assumes (here: two tree shapes under
     a key made blind to them), the guards tell them apart: each gets its own function and file, and both stay
@@ -150,10 +151,9 @@ def test_rounds_of_one_key_that_guards_tell_apart_each_get_a_function(compiled_o
             fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
             assert fast.tolist() == reference, shape
     assert store.compiled == 6, store.compiled  # 3 functions x 2 shapes; the third call reused the first's
-    assert sorted(name.rsplit("-", 1)[1] for name in os.listdir(store.directory)) == ["0.pt2"] * 3 + ["1.pt2"] * 3
+    assert sorted(name.rsplit("-", 1)[1] for name in compiled_files(store.directory)) == ["0.pt2"] * 3 + ["1.pt2"] * 3
 
 
-@needs_ahead
 def test_a_round_that_cannot_be_written_is_compiled_in_process(compiled_on_cpu, tmp_path, monkeypatch):
     """Should torch refuse to compile a round ahead of time (the error it raises when a guard cannot be written),
     the fast path says so (once) and compiles that function in this process, as without a store."""
@@ -186,7 +186,7 @@ def test_a_round_that_cannot_be_written_is_compiled_in_process(compiled_on_cpu, 
     assert (
         store.failed
         and store.compiled == 2
-        and sorted(name.split("-")[0] for name in os.listdir(store.directory))
+        and sorted(name.split("-")[0] for name in compiled_files(store.directory))
         == [
             "commit",
             "draft",
@@ -266,7 +266,6 @@ def test_compiling_ahead_does_not_need_torch_flag_set(compiled_on_cpu):
     assert torch._dynamo.config.enable_aot_compile == before
 
 
-@needs_ahead
 def test_batched_rounds_are_compiled_ahead_per_batch_shape_and_loaded(compiled_on_cpu, tmp_path):
     """The batched round (`RowsRound`) goes through the store too: one function set per batch shape (rows that
     finish move to a smaller one), exact against plain `generate`; a fresh store on the same folder (as a new process
@@ -298,7 +297,7 @@ def test_batched_rounds_are_compiled_ahead_per_batch_shape_and_loaded(compiled_o
         counts.append((store.compiled, store.loaded))
     shapes = len(set(draft.stats.rows_per_round))  # batch shapes the rows ran in
     assert counts == [(3 * shapes, 0), (0, 3 * shapes)], (counts, shapes)
-    assert len(os.listdir(tmp_path / "rounds")) == 3 * shapes
+    assert len(compiled_files(tmp_path / "rounds")) == 3 * shapes
 
 
 def test_the_environment_variable_sets_a_store_unless_one_was_chosen(monkeypatch, tmp_path):
@@ -310,3 +309,133 @@ def test_the_environment_variable_sets_a_store_unless_one_was_chosen(monkeypatch
     assert precompile.active_store() is store
     assert precompile.use_store(None) is None and precompile.active_store() is None  # an explicit "no store"
     assert precompile.use_store(str(tmp_path / "chosen")).directory == str(tmp_path / "chosen")
+
+
+# ------------------------------------------------------------------------------------------- listing and pruning
+def fake_store(folder, current_days_old=(0.0, 40.0)) -> None:
+    """A store folder of stand-in files: two usable (used 0 and 40 days ago), one written by another torch, one without
+    its description, and a description left without its file."""
+    import time
+
+    from specvlm_hf import precompile
+
+    folder.mkdir(parents=True)
+    current = precompile.current_versions()
+
+    def write(name, versions, days=0.0, describe=True):
+        path = folder / f"{name}.pt2"
+        path.write_bytes(b"x" * 1000)
+        if describe:
+            description = {
+                "format": precompile.FORMAT,
+                "function": "SpeculativeRound._draft",
+                "target": {"model_type": "llava"},
+                "dtypes": ["torch.bfloat16", "torch.bfloat16"],
+                "device": "cuda:0",
+                "tree": [10, 7, 60],
+                "versions": versions,
+            }
+            precompile.write_description(str(path), description)
+            when = time.time() - days * 86400
+            os.utime(precompile.description_path(str(path)), (when, when))
+
+    write("draft-aaa-0", current, current_days_old[0])
+    write("draft-aaa-1", current, current_days_old[1])
+    write("verify-bbb-0", ["2.9.0", *current[1:]])
+    write("commit-ccc-0", current, describe=False)
+    (folder / "verify-ddd-0.json").write_text("{}")
+
+
+def test_the_store_lists_its_files_and_prunes_what_this_install_cannot_use(tmp_path):
+    from specvlm_hf import precompile
+
+    folder = tmp_path / "rounds"
+    fake_store(folder)
+    listed = {os.path.basename(r.path): r for r in precompile.stored_rounds(str(folder))}
+    assert {name: r.usable for name, r in listed.items()} == {
+        "commit-ccc-0.pt2": False,
+        "draft-aaa-0.pt2": True,
+        "draft-aaa-1.pt2": True,
+        "verify-bbb-0.pt2": False,
+    }
+    assert listed["verify-bbb-0.pt2"].reason.startswith("written by torch 2.9.0, transformers ")
+    assert "no description" in listed["commit-ccc-0.pt2"].reason
+    assert listed["draft-aaa-0.pt2"].model == "llava bfloat16 on cuda:0, tree (10, 7, 60)"
+    assert listed["draft-aaa-0.pt2"].size_bytes == 1000
+
+    everything = sorted(os.listdir(folder))
+    would = precompile.prune(str(folder), dry_run=True)
+    assert sorted(os.path.basename(r.path) for r in would) == ["commit-ccc-0.pt2", "verify-bbb-0.pt2"]
+    assert sorted(os.listdir(folder)) == everything  # a dry run removes nothing
+    assert [os.path.basename(r.path) for r in precompile.prune(str(folder))] == [r.path.split("/")[-1] for r in would]
+    assert sorted(os.listdir(folder)) == ["draft-aaa-0.json", "draft-aaa-0.pt2", "draft-aaa-1.json", "draft-aaa-1.pt2"]
+    (old,) = precompile.prune(str(folder), unused_days=30)
+    assert os.path.basename(old.path) == "draft-aaa-1.pt2" and old.reason == "not used for 40.0 days"
+    assert sorted(os.listdir(folder)) == ["draft-aaa-0.json", "draft-aaa-0.pt2"]
+
+
+def test_the_store_finds_its_files_by_number_whatever_was_removed(tmp_path):
+    """After pruning a key's first file its later ones are still found (they are listed, not counted up from 0)."""
+    from specvlm_hf import precompile
+
+    store = precompile.PrecompiledRounds(str(tmp_path))
+    for number in (10, 2):
+        (tmp_path / f"draft-abc-{number}.pt2").write_bytes(b"")
+    (tmp_path / "draft-abcd-1.pt2").write_bytes(b"")  # another key that starts the same way
+    (tmp_path / "draft-abc-x.pt2").write_bytes(b"")
+    assert [os.path.basename(p) for p in store._files("draft-abc")] == ["draft-abc-2.pt2", "draft-abc-10.pt2"]
+    assert precompile.file_index([[p, None] for p in store._files("draft-abc")]) == 10
+
+
+def test_compile_cache_command_lists_and_prunes(tmp_path, capsys, monkeypatch):
+    from specvlm_hf import precompile
+    from specvlm_hf.cli import main
+
+    fake_store(tmp_path / "cache" / "rounds")
+    cache = str(tmp_path / "cache")
+    assert main(["compile-cache", cache]) == 0
+    out = capsys.readouterr().out
+    assert f"{cache}/rounds: 4 compiled round functions, 0.0 MB" in out
+    assert "verify-bbb-0.pt2  SpeculativeRound._draft  llava bfloat16 on cuda:0, tree (10, 7, 60)" in out
+    assert "not usable: written by torch 2.9.0" in out and out.count("  usable") == 2
+    assert main(["compile-cache", cache, "--prune", "--dry-run"]) == 0
+    assert "would remove 2 compiled round functions" in capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "cache" / "rounds")) == 8
+    monkeypatch.setenv(precompile.ENVIRONMENT_VARIABLE, cache)  # the folder from the environment
+    assert main(["compile-cache", "--prune", "--unused-days", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 3 compiled round functions" in out and "draft-aaa-1.pt2  SpeculativeRound._draft: not used" in out
+    assert sorted(os.listdir(tmp_path / "cache" / "rounds")) == ["draft-aaa-0.json", "draft-aaa-0.pt2"]
+
+    monkeypatch.delenv(precompile.ENVIRONMENT_VARIABLE)
+    for argv, message in (
+        (["compile-cache"], "no folder given; pass the compile cache folder, or set $SPECVLM_COMPILE_CACHE."),
+        (["compile-cache", cache, "--dry-run"], "--unused-days and --dry-run go with --prune; add --prune."),
+        (["compile-cache", str(tmp_path / "nowhere")], f"{tmp_path}/nowhere: no such folder"),
+        (["generate", "--compile-cache", cache], "--compile-cache keeps the fast path's compiled code: add --fast"),
+    ):
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
+def test_generate_command_keeps_compiled_rounds_for_a_later_run(compiled_on_cpu, tmp_path, capsys, monkeypatch):
+    """`specvlm generate --fast --compile-cache DIR`: the first run compiles the round functions ahead of time into
+    DIR, a second run (a new store on the folder, as a new process has) loads them and compiles none; both exact."""
+    import torch._dynamo
+
+    from specvlm_hf.cli import main
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # `use_cache_dir` sets it otherwise
+    fast_path_settings()
+    cache = str(tmp_path / "cache")
+    argv = ["generate", "--max-new-tokens", "12", "--device", "cpu", "--fast", "--mode", "tree", "--compile-cache"]
+    summaries = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        assert main([*argv, cache]) == 0
+        out = capsys.readouterr().out
+        assert "identical to plain" in out, out
+        summaries.append(out.strip().splitlines()[-1])
+    assert summaries[0].startswith(f"[compile cache {cache}: 0 round functions loaded, 3 compiled"), summaries
+    assert summaries[1].startswith(f"[compile cache {cache}: 3 round functions loaded, 0 compiled"), summaries
+    assert len(compiled_files(os.path.join(cache, "rounds"))) == 3

@@ -62,6 +62,9 @@ def register(subparsers):
         default="bench.json",
         help="JSON report path (a PNG chart is written next to it); checked for writing before the run.",
     )
+    from .generate import add_compile_cache_argument
+
+    add_compile_cache_argument(parser)
     parser.set_defaults(func=_run)
 
 
@@ -98,6 +101,9 @@ def _run(args):
         check_model_folder(args.target, "--target")
     png = os.path.splitext(args.out)[0] + ".png"
     _check_out(args.out)
+    from .generate import close_compile_cache, open_compile_cache
+
+    compile_cache = open_compile_cache(args.compile_cache)
     if device == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     target, processor = _load_target(args.target, device, dtype)
@@ -123,9 +129,12 @@ def _run(args):
         batch_size=args.batch_size,
     )
     report["target"] = args.target
+    if compile_cache is not None:
+        report["compile_cache"] = {"folder": compile_cache.folder, "round_functions": compile_cache.round_functions}
     print(format_table(report))
     save_report(report, args.out, png)
     print(f"wrote {args.out} and {png}")
+    close_compile_cache(compile_cache)
     different = [r["method"] for r in report["methods"] if r["matches_plain"] is False]
     if different and report["dtype"] == "float32":
         print(f"{', '.join(different)}: {exactness_note('float32', identical=False)}")

@@ -5,6 +5,7 @@
     specvlm generate --draft eaglevlm --mode chain          # another shipped draft, chain decoding
     specvlm generate --draft none                           # plain greedy decoding only
     specvlm generate --fast --mode tree                     # static caches: the fast path (CUDA graphs on a GPU)
+    specvlm generate --fast --compile-cache ~/.cache/specvlm/compile   # a later run loads the compiled code
     specvlm generate --do-sample --temperature 0.7 --top-p 0.9 --seed 1    # speculative sampling
 
 With the built-in mini VLM, speculative decoding uses its shipped default draft (`specvlm_hf.mini.drafts`).
@@ -83,7 +84,38 @@ def register(subparsers):
         help="Static KV caches for both runs: plain decoding with transformers' compiled static cache against the "
         "SpecVLM fast path (CUDA graphs on a GPU). The untimed warm-up call compiles (tens of seconds on a GPU).",
     )
+    add_compile_cache_argument(parser)
     parser.set_defaults(func=_run)
+
+
+def add_compile_cache_argument(parser) -> None:
+    """`--compile-cache DIR` (`specvlm generate` and `specvlm bench`)."""
+    parser.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR",
+        help="With static caches on a GPU: keep the fast path's compiled round functions and torch's compile caches "
+        "in DIR, so that a later run loads them instead of compiling (seconds instead of minutes on a 7B target); "
+        "see `specvlm compile-cache` to list or prune it. Also: $SPECVLM_COMPILE_CACHE.",
+    )
+
+
+def open_compile_cache(folder: str | None):
+    """The `--compile-cache` folder opened for this process (`startup.open_compile_cache`), or None."""
+    if folder is None:
+        return None
+    from ..errors import check_writable_folder
+    from ..startup import open_compile_cache as open_cache
+
+    check_writable_folder(folder, "--compile-cache")
+    return open_cache(folder)
+
+
+def close_compile_cache(compile_cache) -> None:
+    """Saves torch's artifacts into the `--compile-cache` folder and says what was loaded and compiled."""
+    if compile_cache is not None:
+        compile_cache.save()
+        print(f"[{compile_cache.summary()}]")
 
 
 def build_inputs(processor, image, prompt: str):
@@ -197,12 +229,15 @@ def _run(args):
         raise UserError("--image and --no-image contradict each other; pass one of them.")
     if args.video and (args.image or args.no_image):
         raise UserError("--video replaces the image: pass --video alone, without --image or --no-image.")
+    if args.compile_cache and not args.fast:
+        raise UserError("--compile-cache keeps the fast path's compiled code: add --fast (static caches).")
     image = None if args.no_image else load_image(args.image or EXAMPLE_IMAGE)
     if args.video:
         from ..video import read_video
 
         image = read_video(args.video)
     dtype = getattr(torch, args.dtype)
+    compile_cache = open_compile_cache(args.compile_cache)
 
     from transformers import AutoModelForImageTextToText
 
@@ -238,6 +273,7 @@ def _run(args):
             f"on {device} ({args.dtype}{', sampled' if args.do_sample else ''}); warm-up call (compilation, graph "
             f"capture) {warmup_seconds:.2f} s, not counted]"
         )
+        close_compile_cache(compile_cache)
         return 0
     import specvlm_hf
 
@@ -271,6 +307,7 @@ def _run(args):
         f"{warmup_seconds:.2f} s, SpecVLM {spec_warmup_seconds:.2f} s; decoding: plain {stats['seconds']:.2f} s, "
         f"SpecVLM {spec_stats['seconds']:.2f} s]"
     )
+    close_compile_cache(compile_cache)
     return 0
 
 
