@@ -5,7 +5,9 @@ LLaVA-1.5-7B shape (random bf16 weights, sdpa, batch 1, default tree), issue 13.
 1. calls of `--new-tokens` new tokens at 9 prompt lengths, each in its own 256-slot bucket of the fast path (the
    first call, then 8 new buckets), then each length again (a seen bucket), for plain `generate` with
    `cache_implementation="static"` (transformers' compiled decode step) and for the SpecVLM fast path: each
-   call's seconds, and each new bucket's extra seconds (first call at a length minus the repeat);
+   call's seconds, each new bucket's extra seconds (first call at a length minus the repeat), and the GPU memory
+   held after them (the fast path keeps every bucket's graphs since 2026-12-04 night, their target caches sharing
+   the longest bucket's memory: `kept_buckets`, `shared_cache_GB`);
 2. the fast-path round against one compiled static-cache token at the same prompt, and against the weights-read
    floor (bytes a round reads / the device-to-device copy bandwidth measured here), and a profiler table of
    fast-path rounds (`profile_fast_round.txt` next to the JSON);
@@ -97,16 +99,29 @@ def timed_call(target, inputs, new_tokens, **kwargs) -> tuple[float, list[int]]:
 
 
 def sweep(target, prompts, new_tokens, **kwargs) -> dict:
-    """Each prompt once (first call, then new buckets), then each again (seen buckets)."""
+    """Each prompt once (first call, then new buckets), then each again (seen buckets: every call at another bucket
+    than the one before it), and the GPU memory the method holds after them (the fast path keeps every bucket's
+    graphs, their target caches in one memory)."""
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     first = [timed_call(target, p, new_tokens, **kwargs) for p in prompts]
     again = [timed_call(target, p, new_tokens, **kwargs) for p in prompts]
-    return {
+    result = {
         "first_call_seconds": first[0][0],
         "new_bucket_seconds": [t for t, _ in first[1:]],
         "seen_bucket_seconds": [t for t, _ in again],
         "new_bucket_extra_seconds": [a[0] - b[0] for a, b in zip(first[1:], again[1:])],
         "tokens": [tokens for _, tokens in again],
     }
+    if DEVICE == "cuda":
+        result["memory_allocated_GB"] = torch.cuda.memory_allocated() / 1e9
+        result["max_memory_allocated_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    draft = kwargs.get("assistant_model")
+    kept = getattr(draft, "_specvlm_fast_paths", None)
+    if kept is not None:
+        result["kept_buckets"] = sorted(kept.paths)
+        result["shared_cache_GB"] = sum(b.numel() * b.element_size() for b in kept.shared.buffers) / 1e9
+    return result
 
 
 def copy_bandwidth() -> float:
@@ -125,9 +140,15 @@ def copy_bandwidth() -> float:
     return 2 * source.numel() * 20 / (time.perf_counter() - start)
 
 
+DRAFT_VOCAB = None  # `--draft-vocab`
+
+
 def build(dtype=None):
+    """The target and a random draft (with `--draft-vocab N`, scoring the first N token ids only: a reduced draft
+    vocabulary's cost; a trained one picks its ids with `draft_vocab.choose_draft_vocab`)."""
     target = specvlm_hf.enable(llava_7b_shaped(DEVICE, dtype or DTYPE))
-    return target, SpecVLMDraftModel.from_target(target)
+    overrides = {"draft_vocab_size": DRAFT_VOCAB} if DRAFT_VOCAB else {}
+    return target, SpecVLMDraftModel.from_target(target, **overrides)
 
 
 def child(args) -> dict:
@@ -198,6 +219,12 @@ def main():
         action="store_true",
         help="no store of round functions compiled ahead of time (`precompile`): each process traces them",
     )
+    parser.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=None,
+        help="a draft scoring this many token ids (reduced draft vocabulary): its round cost against the full one's",
+    )
     parser.add_argument("--budget", type=float, default=420, help="seconds after which optional sections skip")
     parser.add_argument(
         "--only",
@@ -207,6 +234,8 @@ def main():
     )
     args = parser.parse_args()
     args.new_tokens = args.new_tokens or (8 if TINY else 48)
+    global DRAFT_VOCAB
+    DRAFT_VOCAB = args.draft_vocab
     if args.stack_compiled_layers:
         from specvlm_hf import round as round_module
 
@@ -224,6 +253,7 @@ def main():
         "shape": "LLaVA-1.5-7B (random weights, bf16, sdpa, batch 1)" if not TINY else "tiny LLaVA (smoke)",
         "new_tokens": args.new_tokens,
         "stack_compiled_layers": args.stack_compiled_layers,
+        "draft_vocab": args.draft_vocab,
         "precompile": not args.no_precompile,
     }
     # the on-disk caches the second process starts from, in use from the first call on
@@ -279,7 +309,9 @@ def main():
         bandwidth = copy_bandwidth()
         target_bytes = weight_bytes(target.model.language_model) + weight_bytes(target.lm_head)
         depth = draft.config.tree_depth
-        round_bytes = target_bytes + (depth + 1) * (weight_bytes(draft) + weight_bytes(target.lm_head))
+        rows = draft._head_rows  # a reduced draft vocabulary reads only its rows of the head
+        head_bytes = weight_bytes(target.lm_head) if rows is None else rows.numel() * rows.element_size()
+        round_bytes = target_bytes + (depth + 1) * (weight_bytes(draft) + head_bytes)
         round_ms = fast["median_ms_per_round"]
         return {
             "static_ms_per_token": static_ms,
@@ -321,6 +353,7 @@ def main():
         command += ["--new-tokens", str(args.new_tokens), "--lengths", ",".join(map(str, lengths))]
         command += ["--smoke"] if TINY else []
         command += ["--stack-compiled-layers"] if args.stack_compiled_layers else []
+        command += ["--draft-vocab", str(args.draft_vocab)] if args.draft_vocab else []
         command += ["--no-precompile"] if args.no_precompile else []
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ))

@@ -95,6 +95,14 @@ def static_write_position(layer) -> torch.Tensor:
     return layer.cumulative_length
 
 
+def mark_static_address(tensor: torch.Tensor) -> None:
+    """Tags a static cache buffer as having a fixed address for `torch.compile`, as a static layer's own
+    initialisation tags the buffers it allocates."""
+    import torch._dynamo
+
+    torch._dynamo.mark_static_address(tensor)
+
+
 def initialize_static_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Allocates a static layer's buffers for `(batch, heads, *, head_dim)` entries shaped, typed and placed as
     `keys` / `values` (as its first `update` would; the buffers are zero, the write position unchanged)."""

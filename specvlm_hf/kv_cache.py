@@ -20,6 +20,9 @@ Two kinds, one interface:
 - `GrowingWindow`: a `DynamicCache` (eager loop, CPU, targets split over devices); lengths are host ints.
 - `FixedWindow`: a `StaticCache` (the fast path); the length is a device scalar and masks are as wide as the
   cache, so every shape is fixed and a round can be captured as a CUDA graph.
+
+The fast path keeps one target cache per length bucket; their layers live in one `SharedBuffers` (views), so a
+process that has met many buckets holds the memory of its largest one only.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .hf_internals import (
     is_initialized,
     is_static_layer,
     layer_tensors,
+    mark_static_address,
     set_layer_tensors,
     set_static_write_position,
     static_write_position,
@@ -181,27 +185,99 @@ class GrowingWindow:
         crop_kv(self.cache, self.length)
 
 
-class FixedWindow:
-    """A `StaticCache` of `W` slots whose length is a device scalar; masks span all `W` slots."""
+class SharedBuffers:
+    """Memory the fast path's static target caches of every length bucket share: only one call runs at a time and
+    each call's prefill writes its cache afresh, so buckets need not keep caches of their own (each keeps its CUDA
+    graphs, which read the caches' fixed addresses).
 
-    def __init__(self, cache, width: int, device: torch.device):
+    One flat buffer per tensor of a cache (each layer's keys and values; or one stacked tensor), as large as the
+    largest such tensor so far. A cache's tensors become views of the buffers' first elements: contiguous, each in
+    a buffer of its own (compiled rounds must not see layers that alias: see `round.STACK_COMPILED_LAYERS`).
+    A cache a buffer cannot hold (longer, or of another layout) makes new buffers: `generation` goes up, and caches
+    placed before must not be used again (`FixedWindow.placed_in`).
+
+    Attributes:
+        buffers: the flat buffers; length: the longest cache (slots) placed in the current generation.
+    """
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []
+        self.generation = 0
+        self.length = 0
+
+    def fits(self, tensors: list[torch.Tensor]) -> bool:
+        return len(tensors) == len(self.buffers) and all(
+            buffer.dtype == tensor.dtype and buffer.device == tensor.device and buffer.numel() >= tensor.numel()
+            for buffer, tensor in zip(self.buffers, tensors)
+        )
+
+    def views(self, tensors: list[torch.Tensor], length: int) -> list[torch.Tensor]:
+        """Views of the shared memory shaped, typed and placed as `tensors` (of a cache of `length` slots), holding
+        their values."""
+        if not self.fits(tensors):
+            self.buffers = []  # (the old buffers live on only in the caches placed in them)
+            self.buffers = [torch.empty(t.numel(), dtype=t.dtype, device=t.device) for t in tensors]
+            self.generation += 1
+            self.length = 0
+        self.length = max(self.length, length)
+        views = [buffer[: t.numel()].view(t.shape) for buffer, t in zip(self.buffers, tensors)]
+        for view, tensor in zip(views, tensors):
+            view.copy_(tensor)
+        return views
+
+
+class FixedWindow:
+    """A `StaticCache` of `W` slots whose length is a device scalar; masks span all `W` slots.
+
+    Args:
+        cache, width, device: the cache, its slots, the device of the window's bookkeeping.
+        shared: a `SharedBuffers` the cache's layers move into (`place`), or None to keep their own memory.
+    """
+
+    def __init__(self, cache, width: int, device: torch.device, shared: SharedBuffers | None = None):
         self.cache = cache
         self.real = torch.zeros(width, dtype=torch.bool, device=device)
         self.length = torch.zeros((), dtype=torch.long, device=device)
-        self.stacked: torch.Tensor | None = None  # `stack_layers`
+        self.stacked: torch.Tensor | None = None  # `place(stack=True)`
+        self.shared = shared
+        self.placed_in: int | None = None  # the `shared` generation its layers were placed in
 
     @property
     def width(self) -> int:
         """Slots of the cache."""
         return self.real.shape[0]
 
-    def stack_layers(self) -> torch.Tensor | None:
-        """Moves the cache's layers into one tensor (`stack_static_layers`) once, after a first prefill initialised
-        them, so that `keep` compacts with one gather; every round over this window then reads the same addresses
-        (stacking again would move the layers under graphs captured before)."""
-        if self.stacked is None:
+    @property
+    def stale(self) -> bool:
+        """Whether its layers are views of shared buffers that have since been replaced (it must not be used)."""
+        return self.placed_in is not None and self.placed_in != self.shared.generation
+
+    def place(self, stack: bool) -> None:
+        """Once, after a first prefill initialised the cache's layers: with `stack`, moves them into one tensor
+        (`stack_static_layers`) so that `keep` compacts with one gather; with `shared`, into the shared buffers.
+        Every round over this window then reads the same addresses (moving the layers again would move them under
+        graphs captured before)."""
+        if self.placed_in is not None or (self.shared is None and (self.stacked is not None or not stack)):
+            return
+        layers = cache_layers(self.cache)
+        if not layers or not all(is_static_layer(layer) and is_initialized(layer) for layer in layers):
+            return
+        if stack:
             self.stacked = stack_static_layers(self.cache)
-        return self.stacked
+        if self.shared is None:
+            return
+        if self.stacked is not None:
+            (self.stacked,) = self.shared.views([self.stacked], self.width)
+            for index, layer in enumerate(layers):
+                set_layer_tensors(layer, self.stacked[index, 0], self.stacked[index, 1])
+        else:
+            tensors = [tensor for layer in layers for tensor in layer_tensors(layer)]
+            views = self.shared.views(tensors, self.width)
+            for index, layer in enumerate(layers):
+                set_layer_tensors(layer, views[2 * index], views[2 * index + 1])
+                for view in views[2 * index : 2 * index + 2]:
+                    mark_static_address(view)  # as transformers marks the tensors it allocates
+        self.placed_in = self.shared.generation
 
     def load(self, real: torch.Tensor) -> None:
         """Starts a call: the cache holds `real.numel()` entries (the prompt), `real` marking the real ones."""

@@ -39,7 +39,7 @@ from .hf_internals import (
     mark_dynamic_dim,
     recompile_limit,
 )
-from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow
+from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow, SharedBuffers
 from .precompile import PrecompileFailed, active_store
 from .target import unwrap_target
 from .tree import DraftTree, build_dynamic_tree, build_dynamic_trees
@@ -49,7 +49,7 @@ from .tree import DraftTree, build_dynamic_tree, build_dynamic_trees
 COMPILE_OPTIONS = {"backend": "inductor"}
 # static cache lengths are rounded up to a multiple of this, so that nearby budgets share one set of graphs
 LENGTH_BUCKET = 256
-# whether compiled round functions also move the target cache's layers into one tensor (`FixedWindow.stack_layers`:
+# whether compiled round functions also move the target cache's layers into one tensor (`FixedWindow.place`:
 # one gather compacts every layer). Off: layers that are views of one tensor whose width is dynamic make dynamo
 # prove, with symbolic guards, that no two of them overlap (about layers^2 / 2 guards), and a new process spent
 # most of its first call (40-54 s on the LLaVA-1.5-7B shape; 39 s against 13 s on a 32-layer CPU miniature)
@@ -339,8 +339,8 @@ class SpeculativeRound:
         """
         if self.is_static:
             self.target_window.load(prompt_real)
-            if STACK_COMPILED_LAYERS or not self.compiled:
-                self.target_window.stack_layers()  # once per target cache, after its first prefill initialised it
+            # once per target cache, after its first prefill initialised it
+            self.target_window.place(stack=STACK_COMPILED_LAYERS or not self.compiled)
             if self.compiled and not self.compiled_ahead and not self.marked_dynamic:
                 self.mark_width_dynamic()  # with a store, marked only while a function is traced
         state = self.state
@@ -640,11 +640,33 @@ def bucketed(length: int) -> int:
     return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
+# length buckets whose fast paths (graphs, draft caches) a draft keeps for one row, the least recently used dropped
+# first (`warmup` keeps as many as it prepares); their target caches share one memory (`kv_cache.SharedBuffers`), so
+# each costs its graphs' memory and its draft cache only
+KEPT_LENGTHS = 32
+
+
+@dataclass
+class KeptFastPaths:
+    """The one-row fast paths a draft keeps (`draft._specvlm_fast_paths`): for one target and set of options
+    (`family`: `SpeculativeRound.static_key` without the length), one per length bucket, most recently used last,
+    their target caches in `shared`."""
+
+    family: tuple
+    paths: dict
+    shared: SharedBuffers
+    limit: int = 0  # kept: at least `KEPT_LENGTHS`, at least this (`warmup` sets it to the buckets it prepares)
+
+
 class FastPath:
     """The fast path's buffers for one target, length bucket and set of options, kept on the draft and reused by
-    later calls whose key matches (`SpeculativeRound.static_key`). For rows, one is kept per (batch, tree) shape
-    (`draft._specvlm_fast_rows`: the key, then a dict by shape), so that a batch whose rows move to a smaller
-    captured batch (`RowsRound.select`) and later calls of the same shapes reuse their buffers and graphs.
+    later calls whose key matches (`SpeculativeRound.static_key`). For one row, one is kept per length bucket (up to
+    `KEPT_LENGTHS`, `KeptFastPaths`), so a server's calls at lengths seen before replay their graphs without
+    capturing again; their target caches share one memory (`SharedBuffers`, as large as the longest bucket met: a
+    longer one replaces it, and the buckets kept before it are dropped and built again when met). For rows, one is
+    kept per (batch, tree) shape of one length (`draft._specvlm_fast_rows`: the key, then a dict by shape), so that a
+    batch whose rows move to a smaller captured batch (`RowsRound.select`) and later calls of the same shapes reuse
+    their buffers and graphs.
 
     It holds the target's static cache and one round per draft cache width. The draft's static cache is sized by
     what the draft holds: its prefill block (the text pairs plus the compressor's visual tokens, not the target's
@@ -665,13 +687,15 @@ class FastPath:
         tree_for_batch: for rows, tree nodes per row as a function of the batch size.
     """
 
-    def __init__(self, adapter, draft, length: int, graphs: bool, compile: bool, batch=None, tree_for_batch=None):
+    def __init__(
+        self, adapter, draft, length: int, graphs: bool, compile: bool, batch=None, tree_for_batch=None, shared=None
+    ):
         self.adapter, self.draft, self.length = adapter, draft, length
         self.graphs, self.compile, self.batch, self.tree_for_batch = graphs, compile, batch, tree_for_batch
         device = draft.fc.weight.device
         cache = adapter.static_cache(length)
         if batch is None:
-            self.target_window = FixedWindow(cache, length, device)
+            self.target_window = FixedWindow(cache, length, device, shared)
         else:
             self.target_window = FixedRowsWindow(cache, batch, length, device)
         self.rounds: dict[int, SpeculativeRound] = {}  # by draft cache width
@@ -688,10 +712,7 @@ class FastPath:
         length = bucketed(needed_length)
         key = SpeculativeRound.static_key(adapter, draft, length, graphs, compile)
         if batch is None:
-            current = getattr(draft, "_specvlm_fast_path", None)
-            if current is None or current.key != key:
-                current = draft._specvlm_fast_path = cls(adapter, draft, length, graphs, compile)
-                current.key = key
+            current = draft._specvlm_fast_path = cls.kept_for(adapter, draft, length, key, graphs, compile)
         else:
             tree_for_batch = tree_for_batch or (lambda rows: draft.config.tree_total_tokens)
             kept = getattr(draft, "_specvlm_fast_rows", None)
@@ -704,6 +725,31 @@ class FastPath:
                 current.key = (*key, *shape)
             current.tree_for_batch = tree_for_batch
         current.target_window.cache.reset()
+        return current
+
+    @classmethod
+    def kept_for(cls, adapter, draft, length: int, key: tuple, graphs: bool, compile: bool) -> "FastPath":
+        """The one-row fast path of `key` the draft keeps, else a new one it keeps from now on (see the class
+        docstring)."""
+        family = key[:2] + key[3:]
+        kept = getattr(draft, "_specvlm_fast_paths", None)
+        if kept is None or kept.family != family:  # another target, options, tree or weights: all are dropped
+            release_fast_path(draft)
+            kept = draft._specvlm_fast_paths = KeptFastPaths(family, {}, SharedBuffers())
+        current = kept.paths.pop(length, None)
+        if current is not None and current.target_window.stale:
+            current = None
+        if current is None:
+            if length > kept.shared.length:  # it will replace the shared memory: free what lives in it first
+                kept.paths.clear()
+                for name in ("_specvlm_fast_path", "_specvlm_static_round"):
+                    draft.__dict__.pop(name, None)
+                gc.collect()  # rounds refer to themselves (through their functions): only the collector frees them
+            current = cls(adapter, draft, length, graphs, compile, shared=kept.shared)
+            current.key = key
+        kept.paths[length] = current  # most recently used last
+        while len(kept.paths) > max(KEPT_LENGTHS, kept.limit):
+            kept.paths.pop(next(iter(kept.paths)))
         return current
 
     @property
@@ -748,7 +794,8 @@ class FastPath:
 
 def release_fast_path(draft) -> None:
     """Drops the fast-path buffers and graphs kept on `draft` (the next fast-path call builds new ones)."""
-    for name in ("_specvlm_fast_path", "_specvlm_fast_rows", "_specvlm_static_round", "_specvlm_static_rows_round"):
+    names = ("_specvlm_fast_path", "_specvlm_fast_paths", "_specvlm_fast_rows")
+    for name in (*names, "_specvlm_static_round", "_specvlm_static_rows_round"):
         draft.__dict__.pop(name, None)
 
 

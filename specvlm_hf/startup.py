@@ -33,7 +33,7 @@ class WarmupReport:
     """What `warmup` did.
 
     Attributes:
-        buckets: the static cache lengths prepared, in order.
+        buckets: the static cache lengths prepared, in order (longest first).
         seconds: wall time of each bucket's call (the first includes compilation).
         total_seconds: all of it, loading and saving the disk cache included.
         loaded_from_disk: whether compiled artifacts were loaded from `cache_dir`.
@@ -227,7 +227,9 @@ def warmup(
     enable(target)
     device = next(target.parameters()).device
     report.tree = set_tree(target, draft, tree, device, generation_kwargs or {}, inference_mode)
-    buckets = bucket_lengths(draft, max_length, min_length)
+    # longest first: it sizes the memory every bucket's target cache shares, so no later bucket replaces it (and
+    # drops the buckets prepared before it); every bucket prepared stays kept
+    buckets = bucket_lengths(draft, max_length, min_length)[::-1]
     extra, new_tokens = tree_room(draft), WARMUP_NEW_TOKENS
     bar = None
     if progress:
@@ -255,6 +257,8 @@ def warmup(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             report.buckets.append(draft._specvlm_static_round.length)
+            kept = draft._specvlm_fast_paths
+            kept.limit = max(kept.limit, len(buckets))
             report.seconds.append(time.perf_counter() - begin)
             if bar is not None:
                 bar.update(1)

@@ -71,7 +71,10 @@ def test_warmup_prepares_every_bucket_then_the_first_call_compiles_nothing(
         target, draft, max_length=60, cache_dir=str(tmp_path), inference_mode=False, tree=(3, 3, 10)
     )
     assert report.tree == {"shape": [3, 3, 10]} and draft.config.tree_total_tokens == 10
-    assert report.buckets == bucket_lengths(draft, 60) == [32, 48, 64, 80], report  # + 14 slots of tree room
+    # + 14 slots of tree room; longest first, so that every bucket stays kept (their target caches share its memory)
+    assert report.buckets == bucket_lengths(draft, 60)[::-1] == [80, 64, 48, 32], report
+    kept = draft._specvlm_fast_paths.paths
+    assert sorted(kept) == [32, 48, 64, 80] and not any(path.target_window.stale for path in kept.values())
     assert len(report.seconds) == 4 and report.total_seconds >= sum(report.seconds)
     progress = capsys.readouterr().err
     assert "specvlm warmup" in progress and "4/4" in progress, progress
@@ -86,6 +89,7 @@ def test_warmup_prepares_every_bucket_then_the_first_call_compiles_nothing(
         kwargs = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
         fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
         assert fast.tolist() == target.generate(**inputs, **kwargs).tolist()
+        assert draft._specvlm_fast_path is kept[draft._specvlm_fast_path.length]  # prepared by warmup, not rebuilt
     assert counted_compile.frame_count == 3  # the calls at other buckets compiled nothing
 
 

@@ -1,0 +1,125 @@
+"""The fast path keeps every length bucket it met (issue 13): a call at a length seen before replays its graphs
+instead of building buffers and capturing again, and the buckets' target caches share one memory, as large as the
+longest bucket's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_lossless_greedy import build_draft, build_target
+from tiny_models import random_inputs
+
+
+@pytest.fixture
+def small_buckets(monkeypatch):
+    from specvlm_hf import round as round_module
+
+    monkeypatch.setattr(round_module, "LENGTH_BUCKET", 16)
+    return round_module
+
+
+def layer_storages(path) -> list[int]:
+    from specvlm_hf.hf_internals import layer_tensors
+    from specvlm_hf.kv_cache import cache_layers
+
+    return [t.untyped_storage().data_ptr() for layer in cache_layers(path.target_cache) for t in layer_tensors(layer)]
+
+
+def call(target, draft, text_tokens: int, seed: int, image: bool = False) -> None:
+    inputs = random_inputs(target, torch.Generator().manual_seed(seed), text_tokens=text_tokens, image=image)
+    kwargs = {"do_sample": False, "max_new_tokens": 6, "min_new_tokens": 6}
+    fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+    assert fast.tolist() == target.generate(**inputs, **kwargs).tolist()
+    return draft._specvlm_fast_path
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked-layers", "layer-buffers"])
+def test_buckets_seen_before_are_reused_and_share_the_longest_ones_memory(small_buckets, stacked, monkeypatch):
+    """Uncompiled rounds stack the target's layers into one tensor, compiled ones keep a buffer per layer
+    (`STACK_COMPILED_LAYERS`): both layouts are shared. A longer bucket replaces the shared memory, so the buckets kept
+    before it are dropped; after that, every bucket met is kept and reused (its rounds too), exact at every call."""
+    from specvlm_hf.kv_cache import FixedWindow
+
+    if not stacked:  # the layout of compiled rounds, without compiling
+        place = FixedWindow.place
+        monkeypatch.setattr(FixedWindow, "place", lambda self, stack: place(self, stack=False))
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
+    short = call(target, draft, 4, seed=1)
+    long = call(target, draft, 60, seed=2)
+    assert long.length > short.length
+    kept = draft._specvlm_fast_paths
+    assert list(kept.paths) == [long.length], "the longer bucket replaced the memory the shorter one lived in"
+    short_again = call(target, draft, 5, seed=3)
+    assert short_again is not short and short_again.length == short.length
+    assert list(kept.paths) == [long.length, short.length]
+    rounds = {path: dict(path.rounds) for path in (long, short_again)}
+    for seed, tokens in enumerate((61, 3, 62, 6), start=4):  # lengths seen before: nothing is built again
+        path = call(target, draft, tokens, seed=seed)
+        assert path in rounds and path is kept.paths[path.length] and path.rounds == rounds[path]
+    shared = kept.shared
+    assert layer_storages(long) == layer_storages(short_again)
+    assert set(layer_storages(long)) == {buffer.data_ptr() for buffer in shared.buffers}
+    assert len(shared.buffers) == (1 if stacked else 2 * target.config.text_config.num_hidden_layers)
+    assert (long.target_window.stacked is not None) == stacked
+    assert not long.target_window.stale and not short_again.target_window.stale
+
+
+def test_the_least_recently_used_bucket_is_dropped_past_the_limit(small_buckets, monkeypatch):
+    monkeypatch.setattr(small_buckets, "KEPT_LENGTHS", 2)
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
+    lengths = [call(target, draft, tokens, seed=tokens).length for tokens in (60, 30, 60, 3)]
+    assert len(set(lengths)) == 3
+    assert list(draft._specvlm_fast_paths.paths) == [lengths[0], lengths[3]]  # the middle one was least recent
+
+
+def test_another_setting_drops_every_kept_bucket(small_buckets):
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
+    call(target, draft, 60, seed=1)
+    call(target, draft, 3, seed=2)
+    assert len(draft._specvlm_fast_paths.paths) == 2
+    draft.config.tree_total_tokens = 8  # another tree: other shapes, other graphs
+    path = call(target, draft, 3, seed=2)
+    assert list(draft._specvlm_fast_paths.paths) == [path.length]
+
+
+def test_shared_buffers_grow_and_say_when_earlier_views_are_stale():
+    from specvlm_hf.kv_cache import SharedBuffers
+
+    shared = SharedBuffers()
+    small = [torch.arange(6.0).view(1, 2, 3), torch.ones(1, 3)]
+    views = shared.views(small, length=3)
+    assert [v.tolist() for v in views] == [t.tolist() for t in small] and shared.generation == 1
+    assert views[0].untyped_storage().data_ptr() != views[1].untyped_storage().data_ptr()  # no aliasing
+    again = shared.views([torch.zeros(1, 2, 2), torch.zeros(1, 1)], length=2)  # fits: same memory, no new generation
+    assert shared.generation == 1 and again[0].data_ptr() == views[0].data_ptr() and shared.length == 3
+    assert views[0].flatten()[:4].tolist() == [0.0] * 4  # (the smaller cache wrote over the start of the memory)
+    larger = shared.views([torch.ones(1, 2, 5), torch.ones(1, 5)], length=5)
+    assert shared.generation == 2 and shared.length == 5 and larger[0].shape == (1, 2, 5)
+    other_dtype = shared.views([torch.ones(1, 2, 5, dtype=torch.float64), torch.ones(1, 5)], length=5)
+    assert shared.generation == 3 and other_dtype[0].dtype == torch.float64
+
+
+def test_compiled_rounds_replay_kept_buckets_over_the_shared_memory(small_buckets, monkeypatch):
+    """Compiled round functions (AOT autograd on the CPU) over target caches that are views of the shared buffers:
+    calls alternating between kept buckets stay exact and reuse their rounds."""
+    import torch._dynamo
+
+    from specvlm_hf import decoding
+
+    monkeypatch.setattr(small_buckets, "COMPILE_OPTIONS", {"backend": "aot_eager"})
+    monkeypatch.setattr(decoding, "fast_path_options", lambda *args: (False, True))
+    torch._dynamo.reset()
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
+    paths = [call(target, draft, tokens, seed=seed) for seed, tokens in enumerate((60, 3, 61, 4, 62))]
+    assert [p.length for p in paths[:2]] == [p.length for p in paths[2:4]] and paths[0] is paths[2] is paths[4]
+    assert paths[1] is paths[3] and paths[0].target_window.stacked is None  # compiled: a buffer per layer
+    assert all(round.compiled for path in paths for round in path.rounds.values())
+    torch._dynamo.reset()
