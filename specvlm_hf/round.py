@@ -740,7 +740,7 @@ class FastPath:
         if current is not None and current.target_window.stale:
             current = None
         if current is None:
-            if length > kept.shared.length:  # it will replace the shared memory: free what lives in it first
+            if length > kept.shared.length and kept.paths:  # it will replace the shared memory: free what lives in it
                 kept.paths.clear()
                 for name in ("_specvlm_fast_path", "_specvlm_static_round"):
                     draft.__dict__.pop(name, None)
