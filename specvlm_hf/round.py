@@ -742,6 +742,7 @@ class FastPath:
         if current is None:
             if length > kept.shared.length and kept.paths:  # it will replace the shared memory: free what lives in it
                 kept.paths.clear()
+                kept.shared.buffers = []  # (replaced when this call's cache is placed)
                 for name in ("_specvlm_fast_path", "_specvlm_static_round"):
                     draft.__dict__.pop(name, None)
                 gc.collect()  # rounds refer to themselves (through their functions): only the collector frees them
