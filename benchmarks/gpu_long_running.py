@@ -119,8 +119,8 @@ def sweep(target, prompts, new_tokens, **kwargs) -> dict:
     draft = kwargs.get("assistant_model")
     kept = getattr(draft, "_specvlm_fast_paths", None)
     if kept is not None:
-        result["kept_buckets"] = sorted(kept.paths)
-        result["shared_cache_GB"] = sum(b.numel() * b.element_size() for b in kept.shared.buffers) / 1e9
+        result["kept_buckets"] = sorted(kept.by_length())
+        result["shared_cache_GB"] = sum(b.numel() * b.element_size() for b in kept.shared[None].buffers) / 1e9
     return result
 
 

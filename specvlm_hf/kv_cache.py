@@ -226,6 +226,24 @@ class SharedBuffers:
         return views
 
 
+def share_layers(layers, shared: SharedBuffers, width: int) -> None:
+    """Moves initialised static cache layers (of a cache of `width` slots) into `shared`, a buffer per tensor."""
+    tensors = [tensor for layer in layers for tensor in layer_tensors(layer)]
+    views = shared.views(tensors, width)
+    for index, layer in enumerate(layers):
+        set_layer_tensors(layer, views[2 * index], views[2 * index + 1])
+        for view in views[2 * index : 2 * index + 2]:
+            mark_static_address(view)  # as transformers marks the tensors it allocates
+
+
+def placeable(cache) -> list | None:
+    """The layers of a static cache once all are initialised (by a first prefill or copy), else None."""
+    layers = cache_layers(cache)
+    if layers and all(is_static_layer(layer) and is_initialized(layer) for layer in layers):
+        return layers
+    return None
+
+
 class FixedWindow:
     """A `StaticCache` of `W` slots whose length is a device scalar; masks span all `W` slots.
 
@@ -259,8 +277,8 @@ class FixedWindow:
         graphs captured before)."""
         if self.placed_in is not None or (self.shared is None and (self.stacked is not None or not stack)):
             return
-        layers = cache_layers(self.cache)
-        if not layers or not all(is_static_layer(layer) and is_initialized(layer) for layer in layers):
+        layers = placeable(self.cache)
+        if layers is None:
             return
         if stack:
             self.stacked = stack_static_layers(self.cache)
@@ -271,12 +289,7 @@ class FixedWindow:
             for index, layer in enumerate(layers):
                 set_layer_tensors(layer, self.stacked[index, 0], self.stacked[index, 1])
         else:
-            tensors = [tensor for layer in layers for tensor in layer_tensors(layer)]
-            views = self.shared.views(tensors, self.width)
-            for index, layer in enumerate(layers):
-                set_layer_tensors(layer, views[2 * index], views[2 * index + 1])
-                for view in views[2 * index : 2 * index + 2]:
-                    mark_static_address(view)  # as transformers marks the tensors it allocates
+            share_layers(layers, self.shared, self.width)
         self.placed_in = self.shared.generation
 
     def load(self, real: torch.Tensor) -> None:
@@ -400,11 +413,24 @@ class FixedRowsWindow:
     the shared tree offset `()` (the longest row's length, where the static layers write) live on the device, masks
     span all `W` slots, so every shape is fixed and no step reads a device value on the host."""
 
-    def __init__(self, cache, batch: int, width: int, device: torch.device):
+    def __init__(self, cache, batch: int, width: int, device: torch.device, shared: SharedBuffers | None = None):
         self.cache = cache
         self.real = torch.zeros(batch, width, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = torch.zeros((), dtype=torch.long, device=device)
+        self.shared = shared  # as `FixedWindow`'s (a buffer per layer tensor: rows windows never stack)
+        self.placed_in: int | None = None
+
+    stale = FixedWindow.stale
+
+    def place(self) -> None:
+        """Once its layers are initialised (a prefill, or rows moved in), moves them into `shared` (if any)."""
+        if self.shared is None or self.placed_in is not None:
+            return
+        layers = placeable(self.cache)
+        if layers is not None:
+            share_layers(layers, self.shared, self.width)
+            self.placed_in = self.shared.generation
 
     def load(self, real: torch.Tensor) -> None:
         """Starts a call: the cache holds the `(B, n)` prompts, `real` marking their real tokens."""
@@ -412,6 +438,7 @@ class FixedRowsWindow:
         self.real[:, : real.shape[1]] = real.to(self.real.device)
         self.lengths.fill_(real.shape[1])
         self.length.fill_(real.shape[1])
+        self.place()
 
     @property
     def width(self) -> int:
@@ -437,6 +464,7 @@ class FixedRowsWindow:
         self.length.copy_(self.lengths.max())
         for layer in cache_layers(self.cache):
             set_static_write_position(layer, self.length)
+        self.place()
 
     def visible(self, block_mask):
         """`(B, q, W)` bool from `(B, q, m)` block masks (the block written at the shared offset)."""

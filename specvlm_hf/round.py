@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import gc
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -640,33 +640,46 @@ def bucketed(length: int) -> int:
     return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
-# length buckets whose fast paths (graphs, draft caches) a draft keeps for one row, the least recently used dropped
-# first (`warmup` keeps as many as it prepares); their target caches share one memory (`kv_cache.SharedBuffers`), so
-# each costs its graphs' memory and its draft cache only
+# length buckets whose fast paths (graphs, draft caches) a draft keeps, the least recently used dropped first
+# (`warmup` keeps as many as it prepares); their target caches share one memory (`kv_cache.SharedBuffers`, one per
+# batch shape), so each costs its graphs' memory and its draft cache only
 KEPT_LENGTHS = 32
+KEPT_ONE_ROW = ("_specvlm_fast_paths", "_specvlm_static_round")  # where a draft keeps them (and its last round)
 
 
 @dataclass
 class KeptFastPaths:
-    """The one-row fast paths a draft keeps (`draft._specvlm_fast_paths`): for one target and set of options
-    (`family`: `SpeculativeRound.static_key` without the length), one per length bucket, most recently used last,
-    their target caches in `shared`."""
+    """The fast paths a draft keeps for one target and set of options (`family`: `SpeculativeRound.static_key`
+    without the length): one per length bucket and, for rows, per (batch, tree) shape (`paths`, by `(length,
+    shape)`, most recently used last; the shape None for one row). The target caches of one shape share one memory
+    (`shared`, by shape): calls at different lengths never run at once, while the shapes of one batched call do (its
+    rows move from one to the next)."""
 
     family: tuple
-    paths: dict
-    shared: SharedBuffers
-    limit: int = 0  # kept: at least `KEPT_LENGTHS`, at least this (`warmup` sets it to the buckets it prepares)
+    paths: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)
+    limit: int = 0  # lengths kept: at least `KEPT_LENGTHS`, at least this (`warmup` sets the buckets it prepares)
+
+    def by_length(self, shape=None) -> dict:
+        """The kept fast paths of one shape (None: one row), by length."""
+        return {length: path for (length, of), path in self.paths.items() if of == shape}
+
+    def evict(self) -> None:
+        """Drops the least recently used lengths (all their shapes) past the limit."""
+        while len({length for length, _ in self.paths}) > max(KEPT_LENGTHS, self.limit):
+            oldest = next(iter(self.paths))[0]
+            for entry in [entry for entry in self.paths if entry[0] == oldest]:
+                del self.paths[entry]
 
 
 class FastPath:
     """The fast path's buffers for one target, length bucket and set of options, kept on the draft and reused by
-    later calls whose key matches (`SpeculativeRound.static_key`). For one row, one is kept per length bucket (up to
-    `KEPT_LENGTHS`, `KeptFastPaths`), so a server's calls at lengths seen before replay their graphs without
-    capturing again; their target caches share one memory (`SharedBuffers`, as large as the longest bucket met: a
-    longer one replaces it, and the buckets kept before it are dropped and built again when met). For rows, one is
-    kept per (batch, tree) shape of one length (`draft._specvlm_fast_rows`: the key, then a dict by shape), so that a
-    batch whose rows move to a smaller captured batch (`RowsRound.select`) and later calls of the same shapes reuse
-    their buffers and graphs.
+    later calls whose key matches (`SpeculativeRound.static_key`): one per length bucket (up to `KEPT_LENGTHS`
+    lengths, `KeptFastPaths` in `draft._specvlm_fast_paths`), and for rows one per length and (batch, tree) shape
+    (`draft._specvlm_fast_rows`), so that a server's calls at lengths seen before, and batches whose rows move to a
+    smaller captured batch (`RowsRound.select`), replay their graphs without capturing again. The target caches of
+    one shape share one memory (`SharedBuffers`, as large as the longest bucket met: a longer one replaces it, and
+    the buckets of that shape kept before it are dropped and built again when met).
 
     It holds the target's static cache and one round per draft cache width. The draft's static cache is sized by
     what the draft holds: its prefill block (the text pairs plus the compressor's visual tokens, not the target's
@@ -697,7 +710,7 @@ class FastPath:
         if batch is None:
             self.target_window = FixedWindow(cache, length, device, shared)
         else:
-            self.target_window = FixedRowsWindow(cache, batch, length, device)
+            self.target_window = FixedRowsWindow(cache, batch, length, device, shared)
         self.rounds: dict[int, SpeculativeRound] = {}  # by draft cache width
         self.key = None
 
@@ -711,46 +724,49 @@ class FastPath:
         its target cache reset."""
         length = bucketed(needed_length)
         key = SpeculativeRound.static_key(adapter, draft, length, graphs, compile)
-        if batch is None:
-            current = draft._specvlm_fast_path = cls.kept_for(adapter, draft, length, key, graphs, compile)
-        else:
+        if batch is not None:
             tree_for_batch = tree_for_batch or (lambda rows: draft.config.tree_total_tokens)
-            kept = getattr(draft, "_specvlm_fast_rows", None)
-            if kept is None or kept[0] != key:  # another length, options or weights: every shape is dropped
-                kept = draft._specvlm_fast_rows = (key, {})
-            shape = (batch, tree_for_batch(batch))
-            current = kept[1].get(shape)
-            if current is None:
-                current = kept[1][shape] = cls(adapter, draft, length, graphs, compile, batch, tree_for_batch)
-                current.key = (*key, *shape)
+        current = cls.kept_for(adapter, draft, length, key, graphs, compile, batch, tree_for_batch)
+        if batch is None:
+            draft._specvlm_fast_path = current
+        else:
             current.tree_for_batch = tree_for_batch
         current.target_window.cache.reset()
         return current
 
     @classmethod
-    def kept_for(cls, adapter, draft, length: int, key: tuple, graphs: bool, compile: bool) -> "FastPath":
-        """The one-row fast path of `key` the draft keeps, else a new one it keeps from now on (see the class
-        docstring)."""
+    def kept_for(
+        cls, adapter, draft, length: int, key: tuple, graphs: bool, compile: bool, batch=None, tree_for_batch=None
+    ) -> "FastPath":
+        """The fast path of `key` (and, for rows, of the batch's shape) the draft keeps, else a new one it keeps from
+        now on (see the class docstring)."""
+        rows = batch is not None
+        attribute, last_round = ("_specvlm_fast_rows", "_specvlm_static_rows_round") if rows else KEPT_ONE_ROW
+        shape = (batch, tree_for_batch(batch)) if rows else None
         family = key[:2] + key[3:]
-        kept = getattr(draft, "_specvlm_fast_paths", None)
+        kept = getattr(draft, attribute, None)
         if kept is None or kept.family != family:  # another target, options, tree or weights: all are dropped
-            release_fast_path(draft)
-            kept = draft._specvlm_fast_paths = KeptFastPaths(family, {}, SharedBuffers())
-        current = kept.paths.pop(length, None)
+            for name in (attribute, last_round, *(() if rows else ("_specvlm_fast_path",))):
+                draft.__dict__.pop(name, None)
+            kept = KeptFastPaths(family)
+            setattr(draft, attribute, kept)
+        shared = kept.shared.setdefault(shape, SharedBuffers())
+        current = kept.paths.pop((length, shape), None)
         if current is not None and current.target_window.stale:
             current = None
         if current is None:
-            if length > kept.shared.length and kept.paths:  # it will replace the shared memory: free what lives in it
-                kept.paths.clear()
-                kept.shared.buffers = []  # (replaced when this call's cache is placed)
-                for name in ("_specvlm_fast_path", "_specvlm_static_round"):
+            others = [entry for entry in kept.paths if entry[1] == shape]
+            if length > shared.length and others:  # it will replace the shared memory: free what lives in it
+                for entry in others:
+                    del kept.paths[entry]
+                shared.buffers = []  # (replaced when this call's cache is placed)
+                for name in (last_round, *(() if rows else ("_specvlm_fast_path",))):
                     draft.__dict__.pop(name, None)
                 gc.collect()  # rounds refer to themselves (through their functions): only the collector frees them
-            current = cls(adapter, draft, length, graphs, compile, shared=kept.shared)
-            current.key = key
-        kept.paths[length] = current  # most recently used last
-        while len(kept.paths) > max(KEPT_LENGTHS, kept.limit):
-            kept.paths.pop(next(iter(kept.paths)))
+            current = cls(adapter, draft, length, graphs, compile, batch, tree_for_batch, shared=shared)
+            current.key = (*key, *shape) if rows else key
+        kept.paths[(length, shape)] = current  # most recently used last
+        kept.evict()
         return current
 
     @property

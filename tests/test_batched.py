@@ -370,11 +370,12 @@ def test_the_fast_path_moves_live_rows_to_a_smaller_batch_with_the_same_output(l
     _, stats = greedy_case(llava, draft, rows, extra, kwargs, steps, alone=False)
     sizes = stats.rows_per_round
     assert sizes == sorted(sizes, reverse=True) and {8, 4, 2, 1} <= set(sizes), sizes
-    shapes = draft._specvlm_fast_rows[1]
+    shapes = {shape: fast for (_, shape), fast in draft._specvlm_fast_rows.paths.items()}
     assert set(shapes) == {(8, 8), (4, 16), (2, 16), (1, 16)}, "one fast path (buffers, graphs) per (batch, tree)"
     assert all(len(fast.rounds) == 1 for fast in shapes.values()), "moved rows keep the draft cache width"
     before = {key: (fast, *fast.rounds.values()) for key, fast in shapes.items()}
     greedy_case(llava, draft, rows, extra, kwargs, steps, alone=False)
+    shapes = {shape: fast for (_, shape), fast in draft._specvlm_fast_rows.paths.items()}
     after = {key: (fast, *fast.rounds.values()) for key, fast in shapes.items()}
     assert all(a is b for key in before for a, b in zip(before[key], after[key])), "a second call reuses them"
 

@@ -50,15 +50,15 @@ def test_buckets_seen_before_are_reused_and_share_the_longest_ones_memory(small_
     long = call(target, draft, 60, seed=2)
     assert long.length > short.length
     kept = draft._specvlm_fast_paths
-    assert list(kept.paths) == [long.length], "the longer bucket replaced the memory the shorter one lived in"
+    assert list(kept.by_length()) == [long.length], "the longer bucket replaced the memory the shorter one lived in"
     short_again = call(target, draft, 5, seed=3)
     assert short_again is not short and short_again.length == short.length
-    assert list(kept.paths) == [long.length, short.length]
+    assert list(kept.by_length()) == [long.length, short.length]
     rounds = {path: dict(path.rounds) for path in (long, short_again)}
     for seed, tokens in enumerate((61, 3, 62, 6), start=4):  # lengths seen before: nothing is built again
         path = call(target, draft, tokens, seed=seed)
-        assert path in rounds and path is kept.paths[path.length] and path.rounds == rounds[path]
-    shared = kept.shared
+        assert path in rounds and path is kept.by_length()[path.length] and path.rounds == rounds[path]
+    shared = kept.shared[None]
     assert layer_storages(long) == layer_storages(short_again)
     assert set(layer_storages(long)) == {buffer.data_ptr() for buffer in shared.buffers}
     assert len(shared.buffers) == (1 if stacked else 2 * target.config.text_config.num_hidden_layers)
@@ -73,7 +73,7 @@ def test_the_least_recently_used_bucket_is_dropped_past_the_limit(small_buckets,
     draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
     lengths = [call(target, draft, tokens, seed=tokens).length for tokens in (60, 30, 60, 3)]
     assert len(set(lengths)) == 3
-    assert list(draft._specvlm_fast_paths.paths) == [lengths[0], lengths[3]]  # the middle one was least recent
+    assert list(draft._specvlm_fast_paths.by_length()) == [lengths[0], lengths[3]]  # the middle one: least recent
 
 
 def test_another_setting_drops_every_kept_bucket(small_buckets):
@@ -82,10 +82,10 @@ def test_another_setting_drops_every_kept_bucket(small_buckets):
     draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
     call(target, draft, 60, seed=1)
     call(target, draft, 3, seed=2)
-    assert len(draft._specvlm_fast_paths.paths) == 2
+    assert len(draft._specvlm_fast_paths.by_length()) == 2
     draft.config.tree_total_tokens = 8  # another tree: other shapes, other graphs
     path = call(target, draft, 3, seed=2)
-    assert list(draft._specvlm_fast_paths.paths) == [path.length]
+    assert list(draft._specvlm_fast_paths.by_length()) == [path.length]
 
 
 def test_shared_buffers_grow_and_say_when_earlier_views_are_stale():
@@ -123,3 +123,42 @@ def test_compiled_rounds_replay_kept_buckets_over_the_shared_memory(small_bucket
     assert paths[1] is paths[3] and paths[0].target_window.stacked is None  # compiled: a buffer per layer
     assert all(round.compiled for path in paths for round in path.rounds.values())
     torch._dynamo.reset()
+
+
+def test_batched_calls_keep_every_length_and_each_batch_shape_shares_its_memory(small_buckets):
+    """Batched fast path: one fast path per (length, batch shape) is kept; the caches of one shape at every length
+    share one memory, while the shapes of one call (rows move between them) each have their own; alternating
+    between lengths reuses them, exact against plain batched `generate`."""
+    from test_batched import left_pad, ragged_eos
+
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
+    draft.config.max_speculative_batch = 4
+
+    def batch_call(text_tokens: int, seed: int) -> dict:
+        generator = torch.Generator().manual_seed(seed)
+        rows = [random_inputs(target, generator, text_tokens=text_tokens + row) for row in range(3)]
+        batch = left_pad(rows, [0, 2, 1])
+        kwargs = {"do_sample": False, "max_new_tokens": 8}
+        kwargs["eos_token_id"] = ragged_eos(target, batch, kwargs, [1, 2, None])  # rows stop: the live ones move
+        fast = target.generate(**batch, **kwargs, assistant_model=draft, cache_implementation="static")
+        assert fast.tolist() == target.generate(**batch, **kwargs).tolist()
+        assert len(set(draft.stats.rows_per_round)) > 1, draft.stats.rows_per_round
+        return dict(draft._specvlm_fast_rows.paths)
+
+    long = batch_call(50, seed=1)
+    short = batch_call(3, seed=2)
+    assert {length for length, _ in long} != {length for length, _ in short}
+    kept = draft._specvlm_fast_rows
+    assert set(kept.paths) == set(long) | set(short)  # the shorter length fit in the longer one's memory
+    again = [batch_call(52, seed=3), batch_call(4, seed=4)]
+    assert all(kept.paths[entry] is path for entry, path in {**long, **short}.items())  # nothing built again
+    assert again[-1] == kept.paths
+    for shape, shared in kept.shared.items():
+        paths = [path for (_, of), path in kept.paths.items() if of == shape]
+        storages = [set(layer_storages(path)) for path in paths]
+        assert all(s == {b.data_ptr() for b in shared.buffers} for s in storages), shape
+    first, *rest = kept.shared.values()
+    assert rest, kept.shared  # more than one shape
+    assert all({b.data_ptr() for b in first.buffers}.isdisjoint(b.data_ptr() for b in other.buffers) for other in rest)

@@ -73,7 +73,7 @@ def test_warmup_prepares_every_bucket_then_the_first_call_compiles_nothing(
     assert report.tree == {"shape": [3, 3, 10]} and draft.config.tree_total_tokens == 10
     # + 14 slots of tree room; longest first, so that every bucket stays kept (their target caches share its memory)
     assert report.buckets == bucket_lengths(draft, 60)[::-1] == [80, 64, 48, 32], report
-    kept = draft._specvlm_fast_paths.paths
+    kept = draft._specvlm_fast_paths.by_length()
     assert sorted(kept) == [32, 48, 64, 80] and not any(path.target_window.stale for path in kept.values())
     assert len(report.seconds) == 4 and report.total_seconds >= sum(report.seconds)
     progress = capsys.readouterr().err
@@ -90,6 +90,7 @@ def test_warmup_prepares_every_bucket_then_the_first_call_compiles_nothing(
         fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
         assert fast.tolist() == target.generate(**inputs, **kwargs).tolist()
         assert draft._specvlm_fast_path is kept[draft._specvlm_fast_path.length]  # prepared by warmup, not rebuilt
+    assert draft._specvlm_fast_paths.by_length() == kept
     assert counted_compile.frame_count == 3  # the calls at other buckets compiled nothing
 
 
