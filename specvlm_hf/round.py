@@ -644,7 +644,9 @@ def bucketed(length: int) -> int:
 # (`warmup` keeps as many as it prepares); their target caches share one memory (`kv_cache.SharedBuffers`, one per
 # batch shape), so each costs its graphs' memory and its draft cache only
 KEPT_LENGTHS = 32
-KEPT_ONE_ROW = ("_specvlm_fast_paths", "_specvlm_static_round")  # where a draft keeps them (and its last round)
+# where a draft keeps them, then its other references to one of them (the last call's fast path and round)
+KEPT_ONE_ROW = ("_specvlm_fast_paths", "_specvlm_fast_path", "_specvlm_static_round")
+KEPT_ROWS = ("_specvlm_fast_rows", "_specvlm_static_rows_round")
 
 
 @dataclass
@@ -741,12 +743,12 @@ class FastPath:
         """The fast path of `key` (and, for rows, of the batch's shape) the draft keeps, else a new one it keeps from
         now on (see the class docstring)."""
         rows = batch is not None
-        attribute, last_round = ("_specvlm_fast_rows", "_specvlm_static_rows_round") if rows else KEPT_ONE_ROW
+        attribute, *held = KEPT_ROWS if rows else KEPT_ONE_ROW
         shape = (batch, tree_for_batch(batch)) if rows else None
         family = key[:2] + key[3:]
         kept = getattr(draft, attribute, None)
         if kept is None or kept.family != family:  # another target, options, tree or weights: all are dropped
-            for name in (attribute, last_round, *(() if rows else ("_specvlm_fast_path",))):
+            for name in (attribute, *held):
                 draft.__dict__.pop(name, None)
             kept = KeptFastPaths(family)
             setattr(draft, attribute, kept)
@@ -760,7 +762,7 @@ class FastPath:
                 for entry in others:
                     del kept.paths[entry]
                 shared.buffers = []  # (replaced when this call's cache is placed)
-                for name in (last_round, *(() if rows else ("_specvlm_fast_path",))):
+                for name in held:
                     draft.__dict__.pop(name, None)
                 gc.collect()  # rounds refer to themselves (through their functions): only the collector frees them
             current = cls(adapter, draft, length, graphs, compile, batch, tree_for_batch, shared=shared)
