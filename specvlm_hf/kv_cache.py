@@ -90,9 +90,14 @@ def stack_static_layers(cache) -> torch.Tensor | None:
     if any(t.shape != first.shape or t.dtype != first.dtype or t.device != first.device for kv in tensors for t in kv):
         return None
     stacked = torch.stack([torch.stack(kv) for kv in tensors])
+    point_at_stacked(layers, stacked)
+    return stacked
+
+
+def point_at_stacked(layers, stacked: torch.Tensor) -> None:
+    """Makes each layer's keys and values the views of a `(layers, 2, ...)` tensor holding them."""
     for index, layer in enumerate(layers):
         set_layer_tensors(layer, stacked[index, 0], stacked[index, 1])
-    return stacked
 
 
 def compact_static_kv(
@@ -286,8 +291,7 @@ class FixedWindow:
             return
         if self.stacked is not None:
             (self.stacked,) = self.shared.views([self.stacked], self.width)
-            for index, layer in enumerate(layers):
-                set_layer_tensors(layer, self.stacked[index, 0], self.stacked[index, 1])
+            point_at_stacked(layers, self.stacked)
         else:
             share_layers(layers, self.shared, self.width)
         self.placed_in = self.shared.generation
