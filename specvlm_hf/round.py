@@ -813,8 +813,7 @@ class FastPath:
 
 def release_fast_path(draft) -> None:
     """Drops the fast-path buffers and graphs kept on `draft` (the next fast-path call builds new ones)."""
-    names = ("_specvlm_fast_path", "_specvlm_fast_paths", "_specvlm_fast_rows")
-    for name in (*names, "_specvlm_static_round", "_specvlm_static_rows_round"):
+    for name in (*KEPT_ONE_ROW, *KEPT_ROWS):
         draft.__dict__.pop(name, None)
 
 
