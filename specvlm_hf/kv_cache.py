@@ -21,8 +21,8 @@ Two kinds, one interface:
 - `FixedWindow`: a `StaticCache` (the fast path); the length is a device scalar and masks are as wide as the
   cache, so every shape is fixed and a round can be captured as a CUDA graph.
 
-The fast path keeps one target cache per length bucket; their layers live in one `SharedBuffers` (views), so a
-process that has met many buckets holds the memory of its largest one only.
+The fast path keeps one target cache per length bucket (and batch shape); the layers of one shape's caches live in
+one `SharedBuffers` (views), so a process that has met many buckets holds the memory of the largest one per shape.
 """
 
 from __future__ import annotations
