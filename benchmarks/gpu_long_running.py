@@ -228,9 +228,9 @@ def main():
     parser.add_argument(
         "--max-autotune",
         action="store_true",
-        help="inductor autotunes its GEMMs (`torch._inductor.config.max_autotune`) for every compile of the run, plain "
-        "`generate`'s static-cache step included: whether tuned kernels for the round's skinny GEMMs (60 tree rows, "
-        "10 draft rows) cut the round more than the token",
+        help="inductor autotunes its GEMMs (`torch._inductor.config.max_autotune`) for every compile of the run, "
+        "plain `generate`'s static-cache step included: whether tuned kernels for the round's skinny GEMMs "
+        "(60 tree rows, 10 draft rows) cut the round more than the token",
     )
     parser.add_argument("--budget", type=float, default=420, help="seconds after which optional sections skip")
     parser.add_argument(

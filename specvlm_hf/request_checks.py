@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import StaticCache
 
 from .target import unwrap_target
 
@@ -69,3 +70,16 @@ def check_attention_backend(target, draft) -> None:
                 "backend cannot take. Load it with attn_implementation='sdpa' (or 'eager'), or use chain mode: "
                 "`draft.config.decoding_mode = 'chain'`."
             )
+
+
+def check_chain_cache(generation_config, past_key_values=None) -> None:
+    """Chain mode runs transformers' assisted-generation loop, which crops its cache after every round and so takes
+    no static cache: refuses one with the way out (the tree's fast path is the static-cache one)."""
+    static = generation_config.cache_implementation in ("static", "hybrid", "sliding_window", "offloaded_static")
+    if static or isinstance(past_key_values, StaticCache):
+        raise ValueError(
+            'SpecVLM chain mode cannot run on a static cache (`cache_implementation="static"` or a `StaticCache`): '
+            "it runs transformers' assisted-generation loop, which crops its cache after each round. For the "
+            "static-cache fast path use tree mode (`draft.config.decoding_mode = 'tree'`); for chain mode drop the "
+            "static cache."
+        )

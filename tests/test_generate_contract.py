@@ -218,6 +218,18 @@ def test_batch_size_above_one_names_the_limit(setup, mode):
         target.generate(**batch, max_new_tokens=5, assistant_model=draft_for(target, mode), **path_kwargs(mode))
 
 
+def test_chain_mode_on_a_static_cache_names_the_fast_path():
+    """Chain mode is transformers' assisted loop (a cache it crops): a static cache is refused with the way out."""
+    from transformers import StaticCache
+
+    target = specvlm_hf.enable(tiny_llava(scale=32.0))
+    inputs = random_inputs(target, torch.Generator().manual_seed(11), text_tokens=5)
+    cache = StaticCache(config=target.config, max_cache_len=64)
+    for kwargs in ({"cache_implementation": "static"}, {"past_key_values": cache}):
+        with pytest.raises(ValueError, match="chain mode cannot run on a static cache.*use tree mode"):
+            target.generate(**inputs, max_new_tokens=5, assistant_model=draft_for(target, "chain"), **kwargs)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_missing_image_is_refused(setup, mode):
     target, inputs = setup

@@ -61,11 +61,15 @@ def test_generate_command_describes_the_example_image(capsys):
 
 
 def test_generate_command_fast_path(capsys):
+    """`--fast` alone runs the tree's fast path, also on the CPU (whose default mode is chain); `--mode chain` with
+    it is refused before anything loads."""
     from specvlm_hf.cli import main
 
-    assert main(["generate", "--max-new-tokens", "24", "--device", "cpu", "--fast", "--mode", "tree"]) == 0
+    assert main(["generate", "--max-new-tokens", "24", "--device", "cpu", "--fast", "--mode", "chain"]) == 2
+    assert "--fast is the tree's fast path" in capsys.readouterr().err
+    assert main(["generate", "--max-new-tokens", "24", "--device", "cpu", "--fast"]) == 0
     out = capsys.readouterr().out
-    assert "fast path" in out and "identical to plain" in out and "(static cache)" in out
+    assert "(tree, fast path)" in out and "identical to plain" in out and "(static cache)" in out
     assert "[warm-up calls, not counted above" in out and "SpecVLM" in out.split("warm-up calls")[1]
 
 

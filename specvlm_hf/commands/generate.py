@@ -4,7 +4,7 @@
     specvlm generate --image photo.png --prompt "How many circles are there?"
     specvlm generate --draft eaglevlm --mode chain          # another shipped draft, chain decoding
     specvlm generate --draft none                           # plain greedy decoding only
-    specvlm generate --fast --mode tree                     # static caches: the fast path (CUDA graphs on a GPU)
+    specvlm generate --fast                                 # static caches: the tree fast path (CUDA graphs on GPUs)
     specvlm generate --fast --compile-cache ~/.cache/specvlm/compile   # a later run loads the compiled code
     specvlm generate --do-sample --temperature 0.7 --top-p 0.9 --seed 1    # speculative sampling
 
@@ -75,14 +75,15 @@ def register(subparsers):
         "--mode",
         default=None,
         choices=["tree", "chain"],
-        help="Decoding mode (default: tree on a GPU, chain on the CPU, where scoring a 60-token tree costs more than "
-        "it saves; the same rule as `specvlm demo` and `specvlm bench`).",
+        help="Decoding mode (default: tree on a GPU or with --fast, chain on the CPU, where scoring a 60-token tree "
+        "costs more than it saves; the same rule as `specvlm demo` and `specvlm bench`).",
     )
     parser.add_argument(
         "--fast",
         action="store_true",
         help="Static KV caches for both runs: plain decoding with transformers' compiled static cache against the "
-        "SpecVLM fast path (CUDA graphs on a GPU). The untimed warm-up call compiles (tens of seconds on a GPU).",
+        "SpecVLM fast path (tree mode; CUDA graphs on a GPU). The untimed warm-up call compiles (tens of seconds on "
+        "a GPU).",
     )
     add_compile_cache_argument(parser)
     parser.set_defaults(func=_run)
@@ -231,6 +232,11 @@ def _run(args):
         raise UserError("--video replaces the image: pass --video alone, without --image or --no-image.")
     if args.compile_cache and not args.fast:
         raise UserError("--compile-cache keeps the fast path's compiled code: add --fast (static caches).")
+    if args.fast and args.mode == "chain":
+        raise UserError(
+            "--fast is the tree's fast path (static caches); chain mode runs transformers' assisted loop, which takes "
+            "no static cache: drop --mode chain, or drop --fast."
+        )
     image = None if args.no_image else load_image(args.image or EXAMPLE_IMAGE)
     if args.video:
         from ..video import read_video
@@ -256,7 +262,7 @@ def _run(args):
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     draft = _load_draft(args.draft, draft_folder, model, builtin)
     if draft is not None:
-        draft.config.decoding_mode = args.mode or default_decoding_mode(device)
+        draft.config.decoding_mode = args.mode or ("tree" if args.fast else default_decoding_mode(device))
 
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
     # One untimed warm-up call, so that the reported speed is that of decoding, not of first-call set-up (with
