@@ -7,7 +7,8 @@ LLaVA-1.5-7B shape (random bf16 weights, sdpa, batch 1, default tree), issue 13.
    `cache_implementation="static"` (transformers' compiled decode step) and for the SpecVLM fast path: each
    call's seconds, each new bucket's extra seconds (first call at a length minus the repeat), and the GPU memory
    held after them (the fast path keeps every bucket's graphs since 2026-12-04 night, their target caches sharing
-   the longest bucket's memory: `kept_buckets`, `shared_cache_GB`);
+   the longest bucket's memory, and since 2026-12-05 their draft caches sharing another: `kept_buckets`,
+   `shared_cache_GB`, `draft_shared_cache_GB`);
 2. the fast-path round against one compiled static-cache token at the same prompt, and against the weights-read
    floor (bytes a round reads / the device-to-device copy bandwidth measured here), and a profiler table of
    fast-path rounds (`profile_fast_round.txt` next to the JSON);
@@ -120,7 +121,8 @@ def sweep(target, prompts, new_tokens, **kwargs) -> dict:
     kept = getattr(draft, "_specvlm_fast_paths", None)
     if kept is not None:
         result["kept_buckets"] = sorted(kept.by_length())
-        result["shared_cache_GB"] = sum(b.numel() * b.element_size() for b in kept.shared[None].buffers) / 1e9
+        for name, memories in (("shared_cache_GB", kept.shared), ("draft_shared_cache_GB", kept.draft_shared)):
+            result[name] = sum(b.numel() * b.element_size() for b in memories[None].buffers) / 1e9
     return result
 
 

@@ -191,24 +191,27 @@ class GrowingWindow:
 
 
 class SharedBuffers:
-    """Memory the fast path's static target caches of every length bucket share: only one call runs at a time and
-    each call's prefill writes its cache afresh, so buckets need not keep caches of their own (each keeps its CUDA
-    graphs, which read the caches' fixed addresses).
+    """Memory the fast path's static caches of every length bucket share (the target's in one, the draft's in
+    another): only one call runs at a time and each call's prefill writes its caches afresh, so buckets need not
+    keep caches of their own (each keeps its CUDA graphs, which read the caches' fixed addresses).
 
     One flat buffer per tensor of a cache (each layer's keys and values; or one stacked tensor), as large as the
-    largest such tensor so far. A cache's tensors become views of the buffers' first elements: contiguous, each in
-    a buffer of its own (compiled rounds must not see layers that alias: see `round.STACK_COMPILED_LAYERS`).
-    A cache a buffer cannot hold (longer, or of another layout) makes new buffers: `generation` goes up, and caches
-    placed before must not be used again (`FixedWindow.placed_in`).
+    largest such tensor so far, or as a cache of `reserve` slots. A cache's tensors become views of the buffers'
+    first elements: contiguous, each in a buffer of its own (compiled rounds must not see layers that alias: see
+    `round.STACK_COMPILED_LAYERS`). A cache a buffer cannot hold (longer, or of another layout) makes new buffers:
+    `generation` goes up, and caches placed before must not be used again (`FixedWindow.stale`).
 
     Attributes:
         buffers: the flat buffers; length: the longest cache (slots) placed in the current generation.
+        reserve: new buffers hold caches of at least this many slots (the draft's memory is sized for the longest
+            target bucket, which no draft cache of its calls outgrows).
     """
 
-    def __init__(self):
+    def __init__(self, reserve: int = 0):
         self.buffers: list[torch.Tensor] = []
         self.generation = 0
         self.length = 0
+        self.reserve = reserve
 
     def fits(self, tensors: list[torch.Tensor]) -> bool:
         return len(tensors) == len(self.buffers) and all(
@@ -221,7 +224,11 @@ class SharedBuffers:
         their values."""
         if not self.fits(tensors):
             self.buffers = []  # (the old buffers live on only in the caches placed in them)
-            self.buffers = [torch.empty(t.numel(), dtype=t.dtype, device=t.device) for t in tensors]
+            slots = max(length, self.reserve)
+            # room for `slots` along the slot dimension (-2) of tensors as wide as the cache (sliding-window layers
+            # are narrower, and keep their size)
+            sizes = [t.numel() // length * slots if t.shape[-2] == length else t.numel() for t in tensors]
+            self.buffers = [torch.empty(size, dtype=t.dtype, device=t.device) for size, t in zip(sizes, tensors)]
             self.generation += 1
             self.length = 0
         self.length = max(self.length, length)

@@ -341,6 +341,7 @@ class SpeculativeRound:
             self.target_window.load(prompt_real)
             # once per target cache, after its first prefill initialised it
             self.target_window.place(stack=STACK_COMPILED_LAYERS or not self.compiled)
+            self.runner.window.place(stack=False)  # the draft's cache, after its prefill
             if self.compiled and not self.compiled_ahead and not self.marked_dynamic:
                 self.mark_width_dynamic()  # with a store, marked only while a function is traced
         state = self.state
@@ -523,6 +524,8 @@ class RowsRound(SpeculativeRound):
         rows' states: their first generated tokens, those tokens' sequence positions and the target's position
         offsets (see `SpeculativeRound.start`)."""
         root_hidden, root_log_probs = self.runner.prefill_rows(blocks)
+        if self.is_static:
+            self.runner.window.place()  # the draft's cache, after its prefill
         state = self.state
         for name, values in (
             ("root_token", root_tokens),
@@ -654,12 +657,13 @@ class KeptFastPaths:
     """The fast paths a draft keeps for one target and set of options (`family`: `SpeculativeRound.static_key`
     without the length): one per length bucket and, for rows, per (batch, tree) shape (`paths`, by `(length,
     shape)`, most recently used last; the shape None for one row). The target caches of one shape share one memory
-    (`shared`, by shape): calls at different lengths never run at once, while the shapes of one batched call do (its
-    rows move from one to the next)."""
+    (`shared`, by shape), and so do the draft caches of its rounds (`draft_shared`): calls at different lengths never
+    run at once, while the shapes of one batched call do (its rows move from one to the next)."""
 
     family: tuple
     paths: dict = field(default_factory=dict)
     shared: dict = field(default_factory=dict)
+    draft_shared: dict = field(default_factory=dict)
     limit: int = 0  # lengths kept: at least `KEPT_LENGTHS`, at least this (`warmup` sets the buckets it prepares)
 
     def by_length(self, shape=None) -> dict:
@@ -681,7 +685,8 @@ class FastPath:
     (`draft._specvlm_fast_rows`), so that a server's calls at lengths seen before, and batches whose rows move to a
     smaller captured batch (`RowsRound.select`), replay their graphs without capturing again. The target caches of
     one shape share one memory (`SharedBuffers`, as large as the longest bucket met: a longer one replaces it, and
-    the buckets of that shape kept before it are dropped and built again when met).
+    the buckets of that shape kept before it are dropped and built again when met); the draft caches of their rounds
+    share another, sized for the longest bucket too.
 
     It holds the target's static cache and one round per draft cache width. The draft's static cache is sized by
     what the draft holds: its prefill block (the text pairs plus the compressor's visual tokens, not the target's
@@ -703,10 +708,22 @@ class FastPath:
     """
 
     def __init__(
-        self, adapter, draft, length: int, graphs: bool, compile: bool, batch=None, tree_for_batch=None, shared=None
+        self,
+        adapter,
+        draft,
+        length: int,
+        graphs: bool,
+        compile: bool,
+        batch=None,
+        tree_for_batch=None,
+        shared=None,
+        draft_shared=None,
     ):
         self.adapter, self.draft, self.length = adapter, draft, length
         self.graphs, self.compile, self.batch, self.tree_for_batch = graphs, compile, batch, tree_for_batch
+        self.draft_shared = draft_shared
+        if draft_shared is not None:  # no draft cache of a call outgrows its target cache
+            draft_shared.reserve = max(draft_shared.reserve, length)
         device = draft.fc.weight.device
         cache = adapter.static_cache(length)
         if batch is None:
@@ -753,6 +770,7 @@ class FastPath:
             kept = KeptFastPaths(family)
             setattr(draft, attribute, kept)
         shared = kept.shared.setdefault(shape, SharedBuffers())
+        draft_shared = kept.draft_shared.setdefault(shape, SharedBuffers())
         current = kept.paths.pop((length, shape), None)
         if current is not None and current.target_window.stale:
             current = None
@@ -761,11 +779,11 @@ class FastPath:
             if length > shared.length and others:  # it will replace the shared memory: free what lives in it
                 for entry in others:
                     del kept.paths[entry]
-                shared.buffers = []  # (replaced when this call's cache is placed)
+                shared.buffers = draft_shared.buffers = []  # (replaced when this call's caches are placed)
                 for name in held:
                     draft.__dict__.pop(name, None)
                 gc.collect()  # rounds refer to themselves (through their functions): only the collector frees them
-            current = cls(adapter, draft, length, graphs, compile, batch, tree_for_batch, shared=shared)
+            current = cls(adapter, draft, length, graphs, compile, batch, tree_for_batch, shared, draft_shared)
             current.key = (*key, *shape) if rows else key
         kept.paths[(length, shape)] = current  # most recently used last
         kept.evict()
@@ -781,11 +799,13 @@ class FastPath:
         its draft caches reset; it is also kept as `draft._specvlm_static_round` (`_specvlm_static_rows_round`)."""
         width = bucketed(draft_needed)
         current = self.rounds.get(width)
+        if current is not None and current.runner.window.stale:  # the draft's shared memory was replaced
+            current = None
         if current is None:
             device, text_config = self.draft.fc.weight.device, self.draft.config.text_config
             cache = StaticCache(config=text_config, max_cache_len=width)
             if self.batch is None:
-                window = FixedWindow(cache, width, device)
+                window = FixedWindow(cache, width, device, self.draft_shared)
                 current = SpeculativeRound(
                     self.adapter, self.draft, self.target_window, window, self.graphs, self.compile
                 )
@@ -794,7 +814,7 @@ class FastPath:
                     self.adapter,
                     self.draft,
                     self.target_window,
-                    FixedRowsWindow(cache, self.batch, width, device),
+                    FixedRowsWindow(cache, self.batch, width, device, self.draft_shared),
                     self.graphs,
                     self.compile,
                     self.tree_for_batch,

@@ -214,8 +214,9 @@ def warmup(
             and picks the shape with the most expected accepted tokens per millisecond (`tree_auto.auto_tree`),
             set on `draft.config` (the choice is in the report).
     Returns:
-        a `WarmupReport`. The draft keeps the last bucket's buffers; a call at another bucket builds its buffers
-        and captures its graphs (no compile) on its first call.
+        a `WarmupReport`. The draft keeps every bucket prepared (its graphs; the buckets' caches share the longest
+        one's memory), so a server's calls replay them; a call at a bucket not prepared builds its buffers and
+        captures its graphs (no compile) on its first call.
     """
     from . import enable
 

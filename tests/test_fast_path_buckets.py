@@ -25,6 +25,20 @@ def layer_storages(path) -> list[int]:
     return [t.untyped_storage().data_ptr() for layer in cache_layers(path.target_cache) for t in layer_tensors(layer)]
 
 
+def draft_storages(path) -> set[int]:
+    """The storages of the draft caches of every round of a fast path."""
+    from specvlm_hf.hf_internals import layer_tensors
+    from specvlm_hf.kv_cache import cache_layers
+
+    caches = [round.runner.window.cache for round in path.rounds.values()]
+    return {
+        t.untyped_storage().data_ptr()
+        for cache in caches
+        for layer in cache_layers(cache)
+        for t in layer_tensors(layer)
+    }
+
+
 def call(target, draft, text_tokens: int, seed: int, image: bool = False) -> None:
     inputs = random_inputs(target, torch.Generator().manual_seed(seed), text_tokens=text_tokens, image=image)
     kwargs = {"do_sample": False, "max_new_tokens": 6, "min_new_tokens": 6}
@@ -64,6 +78,19 @@ def test_buckets_seen_before_are_reused_and_share_the_longest_ones_memory(small_
     assert len(shared.buffers) == (1 if stacked else 2 * target.config.text_config.num_hidden_layers)
     assert (long.target_window.stacked is not None) == stacked
     assert not long.target_window.stale and not short_again.target_window.stale
+    # the draft caches of every kept round share one memory too, sized for the longest bucket
+    draft_shared = kept.draft_shared[None]
+    assert draft_storages(long) == draft_storages(short_again) == {b.data_ptr() for b in draft_shared.buffers}
+    assert draft_shared.reserve == long.length and len(draft_shared.buffers) == 2 * draft.config.num_draft_layers
+    # were the draft's memory replaced under kept rounds (not met in calls: it is sized for the longest bucket), they
+    # would be built again, not replayed over the old addresses
+    before = dict(long.rounds)
+    draft_shared.views([torch.zeros(1, 1, 2, 1)], length=2)
+    assert all(round.runner.window.stale for round in before.values())
+    assert call(target, draft, 61, seed=9) is long
+    used = draft._specvlm_static_round
+    assert used.draft_length in before and used is not before[used.draft_length]
+    assert not any(round.runner.window.stale for round in long.rounds.values())
 
 
 def test_the_least_recently_used_bucket_is_dropped_past_the_limit(small_buckets, monkeypatch):
@@ -103,6 +130,14 @@ def test_shared_buffers_grow_and_say_when_earlier_views_are_stale():
     assert shared.generation == 2 and shared.length == 5 and larger[0].shape == (1, 2, 5)
     other_dtype = shared.views([torch.ones(1, 2, 5, dtype=torch.float64), torch.ones(1, 5)], length=5)
     assert shared.generation == 3 and other_dtype[0].dtype == torch.float64
+
+    # `reserve`: new buffers hold caches of that many slots (the slot dimension is -2); a sliding-window layer's
+    # tensor, narrower than the cache, keeps its size
+    reserved = SharedBuffers(reserve=8)
+    reserved.views([torch.ones(1, 2, 4, 3), torch.ones(1, 2, 2, 3)], length=4)
+    assert [b.numel() for b in reserved.buffers] == [2 * 8 * 3, 2 * 2 * 3]
+    wider = reserved.views([torch.ones(1, 2, 8, 3), torch.ones(1, 2, 2, 3)], length=8)
+    assert reserved.generation == 1 and wider[0].shape == (1, 2, 8, 3)
 
 
 def test_compiled_rounds_replay_kept_buckets_over_the_shared_memory(small_buckets, monkeypatch):
@@ -159,6 +194,10 @@ def test_batched_calls_keep_every_length_and_each_batch_shape_shares_its_memory(
         paths = [path for (_, of), path in kept.paths.items() if of == shape]
         storages = [set(layer_storages(path)) for path in paths]
         assert all(s == {b.data_ptr() for b in shared.buffers} for s in storages), shape
+        drafts = {b.data_ptr() for b in kept.draft_shared[shape].buffers}
+        assert all(draft_storages(path) == drafts for path in paths), shape
     first, *rest = kept.shared.values()
     assert rest, kept.shared  # more than one shape
     assert all({b.data_ptr() for b in first.buffers}.isdisjoint(b.data_ptr() for b in other.buffers) for other in rest)
+    draft_memories = [{b.data_ptr() for b in shared.buffers} for shared in kept.draft_shared.values()]
+    assert all(a.isdisjoint(b) for i, a in enumerate(draft_memories) for b in draft_memories[i + 1 :])
