@@ -779,7 +779,7 @@ class FastPath:
             if length > shared.length and others:  # it will replace the shared memory: free what lives in it
                 for entry in others:
                     del kept.paths[entry]
-                shared.buffers = draft_shared.buffers = []  # (replaced when this call's caches are placed)
+                shared.buffers, draft_shared.buffers = [], []  # (replaced when this call's caches are placed)
                 for name in held:
                     draft.__dict__.pop(name, None)
                 gc.collect()  # rounds refer to themselves (through their functions): only the collector frees them
