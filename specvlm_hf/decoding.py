@@ -29,7 +29,14 @@ from transformers.generation import (
 
 from .adapters import adapter_for, call_image_inputs
 from .draft_runner import compress_pairs, prompt_pairs
-from .hf_internals import host_stop_rule, length_rule_active, pad_token_of, plain_decoding, prefill
+from .hf_internals import (
+    generation_cache_key,
+    host_stop_rule,
+    length_rule_active,
+    pad_token_of,
+    plain_decoding,
+    prefill,
+)
 from .request_checks import check_attention_backend, prefix_positions, validate_request
 from .round import FastPath, RowsRound, SpeculativeRound, fast_path_options, tree_room
 from .stats import PhaseClock, SpecVLMStats, warn_if_low_acceptance
@@ -469,9 +476,9 @@ def run_rounds(decoding: Decoding, round: SpeculativeRound, clock: PhaseClock) -
 
 
 def _cache_key(model_kwargs: dict) -> str:
-    for key in ("cache", "past_key_values"):  # `cache` from transformers 5.24
-        if model_kwargs.get(key) is not None:
-            return key
+    key = generation_cache_key(model_kwargs)
+    if key is not None:
+        return key
     raise RuntimeError("SpecVLM tree decoding needs the generation cache; do not pass use_cache=False")
 
 

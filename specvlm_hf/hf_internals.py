@@ -109,6 +109,15 @@ def initialize_static_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> 
     layer.lazy_initialization(keys, values)
 
 
+# the keywords `generate`'s model kwargs hold the cache under: `cache` from transformers 5.24, else `past_key_values`
+GENERATION_CACHE_KEYS = ("cache", "past_key_values")
+
+
+def generation_cache_key(model_kwargs: dict) -> str | None:
+    """The keyword `generate`'s model kwargs hold a cache under (None: no cache passed or made)."""
+    return next((key for key in GENERATION_CACHE_KEYS if model_kwargs.get(key) is not None), None)
+
+
 def cache_argument_name(forward) -> str:
     """The keyword a model's forward takes its cache under: `cache` from transformers 5.24, else
     `past_key_values`."""

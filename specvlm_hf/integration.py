@@ -16,7 +16,7 @@ from torch import nn
 from .adapters import adapter_for, keeping_image_inputs
 from .chain import SpecVLMChainCandidateGenerator
 from .decoding import tree_assisted_decoding
-from .hf_internals import ASSISTED_DECODING, CANDIDATE_GENERATOR, VALIDATE_GENERATION_MODE
+from .hf_internals import ASSISTED_DECODING, CANDIDATE_GENERATOR, VALIDATE_GENERATION_MODE, generation_cache_key
 from .request_checks import check_chain_cache, validate_request
 from .target import FeatureTap, check_draft_fits, unwrap_target
 
@@ -92,7 +92,7 @@ def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, gen
             self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs
         )
     validate_request(self, input_ids, generation_config, kwargs.get("synced_gpus", False))
-    check_chain_cache(generation_config, kwargs.get("past_key_values"))
+    check_chain_cache(generation_config, kwargs.get(generation_cache_key(kwargs) or "past_key_values"))
     draft.bind_target(self)
     with FeatureTap(self) as tap:
         call = _ChainCall(adapter_for(self, tree=False), tap, stopping_criteria)
