@@ -62,7 +62,7 @@ def register(subparsers):
         default="bench.json",
         help="JSON report path (a PNG chart is written next to it); checked for writing before the run.",
     )
-    from .generate import add_compile_cache_argument
+    from .common import add_compile_cache_argument
 
     add_compile_cache_argument(parser)
     parser.set_defaults(func=_run)
@@ -101,7 +101,7 @@ def _run(args):
         check_model_folder(args.target, "--target")
     png = os.path.splitext(args.out)[0] + ".png"
     _check_out(args.out)
-    from .generate import close_compile_cache, open_compile_cache
+    from .common import close_compile_cache, open_compile_cache
 
     compile_cache = open_compile_cache(args.compile_cache)
     if device == "cpu":

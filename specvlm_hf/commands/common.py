@@ -1,5 +1,5 @@
 """What the commands share: the device and decoding-mode rule, checks made before anything is loaded or
-decoded, and the sentence that says how exact an output is.
+decoded, the sentence that says how exact an output is, and the `--compile-cache` folder.
 
 Every check raises `specvlm_hf.errors.UserError` with one line naming the problem and the fix; `specvlm`
 prints that line (`--debug` shows the traceback).
@@ -11,7 +11,7 @@ import argparse
 import re
 from pathlib import Path
 
-from ..errors import UserError, read_json
+from ..errors import UserError, check_writable_folder, read_json
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -209,3 +209,33 @@ def exactness_note(dtype: str, identical: bool) -> str:
         "a batch of 1 token and a tree of many tokens differently, so outputs can part at near-ties; float32 is "
         "exact token for token (--dtype float32)"
     )
+
+
+# ------------------------------------------------------------------------------------ compile cache
+def add_compile_cache_argument(parser) -> None:
+    """`--compile-cache DIR` (`specvlm generate` and `specvlm bench`)."""
+    parser.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR",
+        help="With static caches on a GPU: keep the fast path's compiled round functions and torch's compile caches "
+        "in DIR, so that a later run loads them instead of compiling (seconds instead of minutes on a 7B target); "
+        "see `specvlm compile-cache` to list or prune it. Also: $SPECVLM_COMPILE_CACHE.",
+    )
+
+
+def open_compile_cache(folder: str | None):
+    """The `--compile-cache` folder opened for this process (`startup.open_compile_cache`), or None."""
+    if folder is None:
+        return None
+    from ..startup import open_compile_cache as open_cache
+
+    check_writable_folder(folder, "--compile-cache")
+    return open_cache(folder)
+
+
+def close_compile_cache(compile_cache) -> None:
+    """Saves torch's artifacts into the `--compile-cache` folder and says what was loaded and compiled."""
+    if compile_cache is not None:
+        compile_cache.save()
+        print(f"[{compile_cache.summary()}]")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .common import add_compile_cache_argument, close_compile_cache, open_compile_cache
+
 DEFAULT_PROMPT = "Describe this image."
 
 
@@ -87,36 +89,6 @@ def register(subparsers):
     )
     add_compile_cache_argument(parser)
     parser.set_defaults(func=_run)
-
-
-def add_compile_cache_argument(parser) -> None:
-    """`--compile-cache DIR` (`specvlm generate` and `specvlm bench`)."""
-    parser.add_argument(
-        "--compile-cache",
-        default=None,
-        metavar="DIR",
-        help="With static caches on a GPU: keep the fast path's compiled round functions and torch's compile caches "
-        "in DIR, so that a later run loads them instead of compiling (seconds instead of minutes on a 7B target); "
-        "see `specvlm compile-cache` to list or prune it. Also: $SPECVLM_COMPILE_CACHE.",
-    )
-
-
-def open_compile_cache(folder: str | None):
-    """The `--compile-cache` folder opened for this process (`startup.open_compile_cache`), or None."""
-    if folder is None:
-        return None
-    from ..errors import check_writable_folder
-    from ..startup import open_compile_cache as open_cache
-
-    check_writable_folder(folder, "--compile-cache")
-    return open_cache(folder)
-
-
-def close_compile_cache(compile_cache) -> None:
-    """Saves torch's artifacts into the `--compile-cache` folder and says what was loaded and compiled."""
-    if compile_cache is not None:
-        compile_cache.save()
-        print(f"[{compile_cache.summary()}]")
 
 
 def build_inputs(processor, image, prompt: str):
