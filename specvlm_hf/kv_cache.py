@@ -432,16 +432,12 @@ class FixedRowsWindow:
         self.shared = shared  # as `FixedWindow`'s (a buffer per layer tensor: rows windows never stack)
         self.placed_in: int | None = None
 
+    stacked = None
     stale = FixedWindow.stale
 
     def place(self) -> None:
         """Once its layers are initialised (a prefill, or rows moved in), moves them into `shared` (if any)."""
-        if self.shared is None or self.placed_in is not None:
-            return
-        layers = placeable(self.cache)
-        if layers is not None:
-            share_layers(layers, self.shared, self.width)
-            self.placed_in = self.shared.generation
+        FixedWindow.place(self, stack=False)
 
     def load(self, real: torch.Tensor) -> None:
         """Starts a call: the cache holds the `(B, n)` prompts, `real` marking their real tokens."""

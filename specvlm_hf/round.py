@@ -645,7 +645,7 @@ def bucketed(length: int) -> int:
 
 # length buckets whose fast paths (graphs, draft caches) a draft keeps, the least recently used dropped first
 # (`warmup` keeps as many as it prepares); their target caches share one memory (`kv_cache.SharedBuffers`, one per
-# batch shape), so each costs its graphs' memory and its draft cache only
+# batch shape), their draft caches another, so each costs its graphs' memory only
 KEPT_LENGTHS = 32
 # where a draft keeps them, then its other references to one of them (the last call's fast path and round)
 KEPT_ONE_ROW = ("_specvlm_fast_paths", "_specvlm_fast_path", "_specvlm_static_round")
@@ -722,8 +722,6 @@ class FastPath:
         self.adapter, self.draft, self.length = adapter, draft, length
         self.graphs, self.compile, self.batch, self.tree_for_batch = graphs, compile, batch, tree_for_batch
         self.draft_shared = draft_shared
-        if draft_shared is not None:  # no draft cache of a call outgrows its target cache
-            draft_shared.reserve = max(draft_shared.reserve, length)
         device = draft.fc.weight.device
         cache = adapter.static_cache(length)
         if batch is None:
@@ -771,6 +769,7 @@ class FastPath:
             setattr(draft, attribute, kept)
         shared = kept.shared.setdefault(shape, SharedBuffers())
         draft_shared = kept.draft_shared.setdefault(shape, SharedBuffers())
+        draft_shared.reserve = max(draft_shared.reserve, length)  # no draft cache of a call outgrows its target's
         current = kept.paths.pop((length, shape), None)
         if current is not None and current.target_window.stale:
             current = None
