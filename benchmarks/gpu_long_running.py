@@ -250,9 +250,9 @@ def main():
 
         round_module.STACK_COMPILED_LAYERS = True
     if args.max_autotune:
-        import torch._inductor.config
+        from torch._inductor import config as inductor_config
 
-        torch._inductor.config.max_autotune = True
+        inductor_config.max_autotune = True
     if args.child:
         print("CHILD " + json.dumps(child(args)), flush=True)
         return
