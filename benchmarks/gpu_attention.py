@@ -1,0 +1,208 @@
+"""The tree verify's attention alone, kernel against kernel (issue 13: a round cheaper than a compiled token).
+
+One layer's attention of a verify forward on the LLaVA-1.5-7B shape: `Q` tree queries (60, the default tree) over a
+static cache of `W` slots (the length bucket) of which the first `length` hold the prefix and the next `Q` the tree
+(its ancestor mask), 32 heads of 128, bf16. Each variant runs inside one CUDA graph (as in the fast path), timed
+over many replays; its output is checked against an fp32 reference. Variants:
+
+- `sdpa_default`: `scaled_dot_product_attention` with an additive mask and torch's own choice (cuDNN on Hopper),
+  what the fast path runs today; `sdpa_efficient`: the memory-efficient kernel;
+- `sdpa_math_compiled`: sdpa's math form compiled by inductor (two GEMMs, a fused masked softmax);
+- `split_kv_compiled_N`: the cache cut in `N` chunks, each chunk's partial softmax and output from batched GEMMs
+  (heads x chunks of them: more thread blocks than the fused kernels' one per head), merged by their maxima;
+- `flex_compiled`: `flex_attention` with a block mask built inside the graph from the slot visibility (its
+  decoding kernel splits the cache across thread blocks and skips blocks no query sees);
+- `token_sdpa_default`: one query (a plain decode token's attention), for scale.
+
+The floor is the K and V bytes of the `length + Q` slots in use read once at the measured copy bandwidth.
+
+    python benchmarks/gpu_attention.py --out $OUT/attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+HEADS, HEAD_DIM, QUERIES = 32, 128, 60
+
+
+def tree_visibility(queries: int, width: int, length: int, device) -> torch.Tensor:
+    """`(Q, W)` bool: the prefix's `length` slots, and within the tree block each node's ancestors and itself (a
+    random tree: each node's parent drawn among the nodes before it)."""
+    ancestors = torch.eye(queries, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(0)
+    for node in range(1, queries):
+        parent = int(torch.randint(0, node, (1,), generator=generator))
+        ancestors[node] |= ancestors[parent]
+    visible = torch.zeros(queries, width, dtype=torch.bool)
+    visible[:, :length] = True
+    visible[:, length : length + queries] = ancestors
+    return visible.to(device)
+
+
+def reference(q, k, v, visible):
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def sdpa(q, k, v, additive):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=additive)
+
+
+def math_attention(q, k, v, additive):
+    scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1]) + additive.float()
+    return (scores.softmax(-1).to(q.dtype) @ v)
+
+
+def split_kv(chunks: int):
+    def attend(q, k, v, additive):
+        batch, heads, queries, dim = q.shape
+        width = k.shape[2]
+        part = width // chunks
+        kc = k.view(batch, heads, chunks, part, dim)
+        vc = v.view(batch, heads, chunks, part, dim)
+        mask = additive.float().view(additive.shape[0], additive.shape[1], queries, chunks, part).transpose(2, 3)
+        scores = torch.einsum("bhqd,bhcwd->bhcqw", q, kc).float() / math.sqrt(dim) + mask
+        peak = scores.amax(-1, keepdim=True).clamp_min(-1e30)  # a chunk no query sees: exp(-inf - -1e30) = 0
+        weights = torch.exp(scores - peak)
+        total = weights.sum(-1, keepdim=True)
+        partial = torch.einsum("bhcqw,bhcwd->bhcqd", weights.to(q.dtype), vc).float()
+        overall = peak.amax(2, keepdim=True)
+        scale = torch.exp(peak - overall)
+        return ((partial * scale).sum(2) / (total * scale).sum(2)).to(q.dtype)
+
+    return attend
+
+
+def flex(block: int):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def attend(q, k, v, visible):
+        def mask_mod(b, h, q_index, kv_index):
+            return visible[q_index, kv_index]
+
+        block_mask = create_block_mask(
+            mask_mod, None, None, q.shape[2], k.shape[2], device=q.device, BLOCK_SIZE=block
+        )
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+    return attend
+
+
+def timed(fn, args, device, replays: int) -> float:
+    """Microseconds per call: in a CUDA graph on the GPU (replayed), directly on the CPU."""
+    for _ in range(3):
+        fn(*args)
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(replays):
+            fn(*args)
+        return 1e6 * (time.perf_counter() - start) / replays
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*args)
+    for _ in range(10):
+        graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1000 * begin.elapsed_time(end) / replays
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a device-to-device copy of 1 GB (the floor's bandwidth)."""
+    if device.type != "cuda":
+        return 3.0e12
+    source = torch.empty(2**30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    return 2 * 20 * source.numel() / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU miniature: small widths, few repeats")
+    parser.add_argument("--widths", default="")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    heads = 4 if args.smoke else HEADS
+    widths = [int(w) for w in args.widths.split(",") if w] or ([256, 512] if args.smoke else [1024, 2048, 4096])
+    replays = 3 if args.smoke else 200
+    bandwidth = copy_bandwidth(device)
+    variants = {
+        "sdpa_default": (sdpa, "additive", False),
+        "sdpa_math_compiled": (math_attention, "additive", True),
+        "split_kv_compiled_4": (split_kv(4), "additive", True),
+        "split_kv_compiled_8": (split_kv(8), "additive", True),
+        "split_kv_compiled_16": (split_kv(16), "additive", True),
+        "flex_compiled_128": (flex(128), "visible", True),
+    }
+    if device.type == "cuda":
+        variants["sdpa_efficient"] = (sdpa, "additive", "efficient")
+    results = {
+        "machine": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "shape": f"{heads} heads x {HEAD_DIM}, {QUERIES} tree queries, bf16",
+        "copy_bandwidth_TBps": bandwidth / 1e12,
+        "rows": [],
+    }
+    torch.manual_seed(0)
+    for width in widths:
+        length = width - QUERIES - 64
+        q = torch.randn(1, heads, QUERIES, HEAD_DIM, dtype=torch.bfloat16, device=device)
+        k = torch.randn(1, heads, width, HEAD_DIM, dtype=torch.bfloat16, device=device)
+        v = torch.randn(1, heads, width, HEAD_DIM, dtype=torch.bfloat16, device=device)
+        k[:, :, length + QUERIES :] = 1e4  # stale slots: garbage that must stay masked
+        visible = tree_visibility(QUERIES, width, length, device)
+        additive = torch.zeros(1, 1, QUERIES, width, dtype=torch.bfloat16, device=device)
+        additive.masked_fill_(~visible, torch.finfo(torch.bfloat16).min)
+        expected = reference(q, k, v, visible)
+        floor_us = 1e6 * 2 * heads * (length + QUERIES) * HEAD_DIM * 2 / bandwidth
+        row = {"width": width, "length": length, "floor_us": floor_us, "us": {}, "max_error": {}}
+        for name, (fn, mask_kind, mode) in variants.items():
+            mask = additive if mask_kind == "additive" else visible
+            try:
+                call = torch.compile(fn, dynamic=False) if mode is True else fn
+                if mode == "efficient":
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                    def call(*a, _fn=fn):
+                        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                            return _fn(*a)
+
+                output = call(q, k, v, mask)
+                row["max_error"][name] = (output.float() - expected.float()).abs().max().item()
+                row["us"][name] = timed(call, (q, k, v, mask), device, replays)
+            except Exception as error:  # keep the other variants
+                row["us"][name] = repr(error)[:300]
+        token_q = q[:, :, :1]
+        token_mask = additive[:, :, :1]
+        row["us"]["token_sdpa_default"] = timed(sdpa, (token_q, k, v, token_mask), device, replays)
+        print(json.dumps(row), flush=True)
+        results["rows"].append(row)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
