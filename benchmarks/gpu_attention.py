@@ -8,10 +8,13 @@ over many replays; its output is checked against an fp32 reference. Variants:
 - `sdpa_default`: `scaled_dot_product_attention` with an additive mask and torch's own choice (cuDNN on Hopper),
   what the fast path runs today; `sdpa_efficient`: the memory-efficient kernel;
 - `sdpa_math_compiled`: sdpa's math form compiled by inductor (two GEMMs, a fused masked softmax);
-- `split_kv_compiled_N`: the cache cut in `N` chunks, each chunk's partial softmax and output from batched GEMMs
-  (heads x chunks of them: more thread blocks than the fused kernels' one per head), merged by their maxima;
-- `flex_compiled`: `flex_attention` with a block mask built inside the graph from the slot visibility (its
-  decoding kernel splits the cache across thread blocks and skips blocks no query sees);
+- `split_kv_compiled_N`: the product's `verify_attention.split_kv_attention` (`VERIFY_ATTENTION=SPLIT_KV`) with
+  chunks of `N` slots: each chunk's partial softmax and output from batched GEMMs (heads x chunks of them: more
+  thread blocks than the fused kernels' one per head), merged by their maxima;
+- `transformers_flex_compiled`: transformers' `flex_attention` forward with the additive mask
+  (`VERIFY_ATTENTION="flex_attention"`; torch's flex decoding kernel splits the cache across thread blocks);
+- `flex_block_mask_compiled_128`: `flex_attention` with a block mask built inside the graph from the slot
+  visibility, which also skips the blocks no query sees (the unused end of the bucket);
 - `token_sdpa_default`: one query (a plain decode token's attention), for scale.
 
 The floor is the K and V bytes of the `length + Q` slots in use read once at the measured copy bandwidth.
@@ -24,12 +27,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
 HEADS, HEAD_DIM, QUERIES = 32, 128, 60
+
+
+class Layer(torch.nn.Module):
+    """What transformers' attention functions read of the attention layer calling them."""
+
+    num_key_value_groups = 1
+    is_causal = True
+
+
+LAYER = Layer().eval()
 
 
 def tree_visibility(queries: int, width: int, length: int, device) -> torch.Tensor:
@@ -58,27 +75,28 @@ def sdpa(q, k, v, additive):
 
 def math_attention(q, k, v, additive):
     scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1]) + additive.float()
-    return (scores.softmax(-1).to(q.dtype) @ v)
+    return scores.softmax(-1).to(q.dtype) @ v
 
 
-def split_kv(chunks: int):
+def split_kv(chunk: int):
+    """The product's kernel (`verify_attention.split_kv_attention`) in chunks of `chunk` slots."""
+    from specvlm_hf import verify_attention
+
+    layer = Layer()
+
     def attend(q, k, v, additive):
-        batch, heads, queries, dim = q.shape
-        width = k.shape[2]
-        part = width // chunks
-        kc = k.view(batch, heads, chunks, part, dim)
-        vc = v.view(batch, heads, chunks, part, dim)
-        mask = additive.float().view(additive.shape[0], additive.shape[1], queries, chunks, part).transpose(2, 3)
-        scores = torch.einsum("bhqd,bhcwd->bhcqw", q, kc).float() / math.sqrt(dim) + mask
-        peak = scores.amax(-1, keepdim=True).clamp_min(-1e30)  # a chunk no query sees: exp(-inf - -1e30) = 0
-        weights = torch.exp(scores - peak)
-        total = weights.sum(-1, keepdim=True)
-        partial = torch.einsum("bhcqw,bhcwd->bhcqd", weights.to(q.dtype), vc).float()
-        overall = peak.amax(2, keepdim=True)
-        scale = torch.exp(peak - overall)
-        return ((partial * scale).sum(2) / (total * scale).sum(2)).to(q.dtype)
+        verify_attention.CHUNK = chunk  # read when traced
+        return verify_attention.split_kv_attention(layer, q, k, v, additive)[0].transpose(1, 2)
 
     return attend
+
+
+def transformers_flex(q, k, v, additive):
+    """transformers' `flex_attention` forward with the verify's additive mask (`VERIFY_ATTENTION="flex_attention"`):
+    no block is skipped, the mask is added to every score."""
+    from transformers.integrations.flex_attention import flex_attention_forward
+
+    return flex_attention_forward(LAYER, q, k, v, additive)[0].transpose(1, 2)
 
 
 def flex(block: int):
@@ -88,9 +106,7 @@ def flex(block: int):
         def mask_mod(b, h, q_index, kv_index):
             return visible[q_index, kv_index]
 
-        block_mask = create_block_mask(
-            mask_mod, None, None, q.shape[2], k.shape[2], device=q.device, BLOCK_SIZE=block
-        )
+        block_mask = create_block_mask(mask_mod, None, None, q.shape[2], k.shape[2], device=q.device, BLOCK_SIZE=block)
         return flex_attention(q, k, v, block_mask=block_mask)
 
     return attend
@@ -150,13 +166,16 @@ def main():
     variants = {
         "sdpa_default": (sdpa, "additive", False),
         "sdpa_math_compiled": (math_attention, "additive", True),
-        "split_kv_compiled_4": (split_kv(4), "additive", True),
-        "split_kv_compiled_8": (split_kv(8), "additive", True),
-        "split_kv_compiled_16": (split_kv(16), "additive", True),
-        "flex_compiled_128": (flex(128), "visible", True),
+        "split_kv_compiled_128": (split_kv(128), "additive", True),
+        "split_kv_compiled_256": (split_kv(256), "additive", True),
+        "split_kv_compiled_512": (split_kv(512), "additive", True),
+        "transformers_flex_compiled": (transformers_flex, "additive", True),
+        "flex_block_mask_compiled_128": (flex(128), "visible", True),
     }
     if device.type == "cuda":
         variants["sdpa_efficient"] = (sdpa, "additive", "efficient")
+    else:  # inductor's CPU flex kernel with a bf16 additive mask crashes the process (torch 2.13, seen here)
+        del variants["transformers_flex_compiled"]
     results = {
         "machine": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
         "torch": torch.__version__,

@@ -234,6 +234,12 @@ def main():
         "plain `generate`'s static-cache step included: whether tuned kernels for the round's skinny GEMMs "
         "(60 tree rows, 10 draft rows) cut the round more than the token",
     )
+    parser.add_argument(
+        "--verify-attention",
+        default=None,
+        help="the fast path's verify attention (`round.VERIFY_ATTENTION`): specvlm_split_kv, flex_attention, or any "
+        "name registered with transformers' AttentionInterface; default: the target's own (sdpa)",
+    )
     parser.add_argument("--budget", type=float, default=420, help="seconds after which optional sections skip")
     parser.add_argument(
         "--only",
@@ -249,6 +255,10 @@ def main():
         from specvlm_hf import round as round_module
 
         round_module.STACK_COMPILED_LAYERS = True
+    if args.verify_attention:
+        from specvlm_hf import round as round_module
+
+        round_module.VERIFY_ATTENTION = args.verify_attention
     if args.max_autotune:
         from torch._inductor import config as inductor_config
 
@@ -268,6 +278,7 @@ def main():
         "stack_compiled_layers": args.stack_compiled_layers,
         "draft_vocab": args.draft_vocab,
         "max_autotune": args.max_autotune,
+        "verify_attention": args.verify_attention,
         "precompile": not args.no_precompile,
     }
     # the on-disk caches the second process starts from, in use from the first call on
@@ -369,6 +380,7 @@ def main():
         command += ["--stack-compiled-layers"] if args.stack_compiled_layers else []
         command += ["--draft-vocab", str(args.draft_vocab)] if args.draft_vocab else []
         command += ["--max-autotune"] if args.max_autotune else []
+        command += ["--verify-attention", args.verify_attention] if args.verify_attention else []
         command += ["--no-precompile"] if args.no_precompile else []
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ))

@@ -9,6 +9,7 @@ changes it. The rest of the package calls these functions and never touches the 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 from transformers import GenerationMixin
@@ -240,6 +241,31 @@ def hub_client_factory():
     from huggingface_hub.utils import _http
 
     return getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or _http.default_client_factory
+
+
+# --------------------------------------------------------------------------------------------------------------
+# which attention function a model's layers call: `config._attn_implementation` (a property over
+# `_attn_implementation_internal`), looked up in transformers' `AttentionInterface` at every forward
+def attention_implementations() -> set[str]:
+    """The names transformers' attention layers accept as `config._attn_implementation` ("eager" included)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return set(ALL_ATTENTION_FUNCTIONS.valid_keys()) | {"eager"}
+
+
+@contextmanager
+def use_attention_implementation(config, name: str | None):
+    """While in the context, the layers built from `config` (one text config) run attention `name`; None: no change.
+    Sets the private attribute, not the property, whose setter would also change the sub-configs."""
+    if name is None:
+        yield
+        return
+    before = config._attn_implementation_internal
+    config._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = before
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -195,6 +195,7 @@ def round_description(owner, function, backend) -> dict:
             getattr(config, "_attn_implementation", None)
             for config in (owner.adapter.model.config, owner.adapter.model.config.get_text_config(), draft.config)
         ],
+        "verify_attention": getattr(owner, "verify_attention", None),
         "head_rows": draft._head_rows is not None,
         "stacked_layers": getattr(owner.target_window, "stacked", None) is not None,
         "rows": owner.rows_of(owner.runner.window),

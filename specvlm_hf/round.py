@@ -38,11 +38,13 @@ from .hf_internals import (
     layer_tensors,
     mark_dynamic_dim,
     recompile_limit,
+    use_attention_implementation,
 )
 from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow, SharedBuffers
 from .precompile import PrecompileFailed, active_store
 from .target import unwrap_target
 from .tree import DraftTree, build_dynamic_tree, build_dynamic_trees
+from .verify_attention import check_name
 
 # options of the `torch.compile` calls of the fast path (tests swap in a CPU backend to check tracing). The cache
 # width is marked dynamic (`SpeculativeRound.mark_width_dynamic`): one compile serves every length bucket.
@@ -55,6 +57,10 @@ LENGTH_BUCKET = 256
 # most of its first call (40-54 s on the LLaVA-1.5-7B shape; 39 s against 13 s on a 32-layer CPU miniature)
 # building and checking those guards. Uncompiled graphs (eager kernels) stack, since they never trace.
 STACK_COMPILED_LAYERS = False
+# the attention implementation of the fast path's verify forwards (a name registered with transformers'
+# `AttentionInterface`, e.g. `verify_attention.SPLIT_KV` or "flex_attention"); None: the target's own. See
+# `verify_attention` for why the tree's queries may want another kernel than the target's other forwards.
+VERIFY_ATTENTION: str | None = None
 
 
 class CountingBackend:
@@ -263,6 +269,8 @@ class SpeculativeRound:
             self.rows_of(draft_window),
         )
         self.graphs, self.compiled = graphs, compile
+        self.verify_attention = VERIFY_ATTENTION if self.is_static else None
+        check_name(self.verify_attention)
         # compiled ahead of time, kept on disk (`precompile`), when a store is set; else compiled in this process
         # (the round keeps no reference to the store: its objects are written with the guards of what it compiles)
         store = active_store() if compile else None
@@ -308,6 +316,7 @@ class SpeculativeRound:
             config.tree_top_k,
             config.tree_depth,
             config.tree_total_tokens,
+            VERIFY_ATTENTION,
             weights,
         )
 
@@ -390,8 +399,10 @@ class SpeculativeRound:
 
     def verify(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(T, V)` float32 target logits at every node and `(T, d)` final hidden states (on the fast path, graph
-        memory: read or copy them before the next round)."""
-        self.logits, self.features = self.verify_call()
+        memory: read or copy them before the next round). The fast path's forward runs attention `VERIFY_ATTENTION`
+        (set around the call: a compiled round traces it, and guards on it)."""
+        with use_attention_implementation(self.adapter.text_model.config, self.verify_attention):
+            self.logits, self.features = self.verify_call()
         return self.logits, self.features
 
     def commit(self, path: torch.Tensor, count: torch.Tensor, next_token: torch.Tensor) -> None:

@@ -282,3 +282,39 @@ def test_pad_token_is_the_one_generate_prepared():
     config.pad_token_id = 0
     model._prepare_special_tokens(config, True, device="cpu")
     assert hf_internals.pad_token_of(config) == 0
+
+
+def test_a_text_configs_attention_implementation_picks_the_layers_function():
+    """`ALL_ATTENTION_FUNCTIONS.valid_keys()` lists the registered names, and the layers built from a config read
+    `config._attn_implementation` (over `_attn_implementation_internal`) at every forward: swapping the private
+    attribute for a while routes their attention, and nothing else, to another function."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    names = hf_internals.attention_implementations()
+    assert {"sdpa", "eager", "flex_attention"} <= names
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return sdpa_attention_forward(*args, **kwargs)
+
+    AttentionInterface.register("specvlm_test_spy", spy)
+    assert "specvlm_test_spy" in hf_internals.attention_implementations()
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = LlamaModel(config).eval()
+    tokens = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        expected = model(tokens).last_hidden_state
+        with hf_internals.use_attention_implementation(model.config, "specvlm_test_spy"):
+            assert model.config._attn_implementation == "specvlm_test_spy"
+            routed = model(tokens).last_hidden_state
+        assert len(calls) == 2 and model.config._attn_implementation == "sdpa"
+        model(tokens)
+        with hf_internals.use_attention_implementation(model.config, None):
+            model(tokens)
+    assert len(calls) == 2
+    torch.testing.assert_close(routed, expected)

@@ -1,0 +1,1 @@
+../../../../verify_attention.py

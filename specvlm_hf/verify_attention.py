@@ -1,0 +1,89 @@
+"""Which attention kernel the fast path's verify forward runs: the target's own, or one chosen for tree queries.
+
+A verify forward asks attention of its `T` tree nodes (60 by default) over the target's whole static cache. The
+fused kernels sdpa picks for a masked call (cuDNN on Hopper) give each head one thread block over all `T` queries,
+so on an H200 a 7B shape's 32 heads keep 32 of 132 SMs busy while a round's attention reads the cache: the
+profile put it at 1.07 ms a round, about 7x its bytes' read time (issue 13). The kernels here spread the cache over
+more thread blocks instead:
+
+- `SPLIT_KV` (`"specvlm_split_kv"`, registered with transformers' `AttentionInterface` on import): the cache in
+  chunks of `CHUNK` slots, each chunk's scores, softmax and output from batched GEMMs (heads x chunks of them),
+  the chunks merged by their maxima (the flash-decoding merge);
+- `"flex_attention"`: transformers' own `flex_attention` forward with the same additive mask, whose compiled form
+  for fewer than 128 queries is torch's flex *decoding* kernel (which splits the cache across thread blocks).
+
+Any other name registered with transformers' `AttentionInterface` can be chosen too. Set `round.VERIFY_ATTENTION`
+(None: the target's own attention, as every other forward). Every choice computes the same attention; they differ
+in rounding (fp32: ~1e-6), as sdpa's kernels differ from each other. `benchmarks/gpu_attention.py` times them
+against each other on the 7B shape, `gpu_long_running.py --verify-attention NAME` a whole round.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+
+from .hf_internals import attention_implementations
+
+SPLIT_KV = "specvlm_split_kv"
+# cache slots per chunk of `split_kv_attention`: fast-path widths (multiples of `round.LENGTH_BUCKET`) divide by it
+CHUNK = 256
+
+
+def split_kv_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
+):
+    """A transformers attention function (`AttentionInterface`): `query` `(B, H, q, d)`, `key` / `value`
+    `(B, Hkv, W, d)` (grouped heads share a key head), `attention_mask` an additive `(B or 1, 1, q, W)` mask.
+    Returns `((B, q, H, d), None)`. When `W` is not a multiple of `CHUNK`, one chunk covers the whole cache."""
+    if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(
+            f"{SPLIT_KV} computes plain softmax attention without dropout, softcapping or sinks, which this layer "
+            f"({type(module).__name__}) uses; set `specvlm_hf.round.VERIFY_ATTENTION = None`."
+        )
+    if attention_mask is None or attention_mask.dim() != 4:
+        raise ValueError(f"{SPLIT_KV} needs the verify forward's 4-D attention mask")
+    if attention_mask.dtype == torch.bool:  # True: attend
+        attention_mask = torch.zeros((), dtype=torch.float32, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(torch.float32).min
+        )
+    batch, heads, queries, dim = query.shape
+    key_heads, width = key.shape[1], key.shape[2]
+    group = heads // key_heads
+    chunks = width // CHUNK if width % CHUNK == 0 else 1
+    size = width // chunks
+    scale = dim**-0.5 if scaling is None else scaling
+    rows = query.reshape(batch, key_heads, group * queries, dim)  # a key head's query heads, one after the other
+    keys = key.reshape(batch, key_heads, chunks, size, dim)
+    values = value.reshape(batch, key_heads, chunks, size, dim)
+    # (B, Hkv, chunks, group * q, size) scores in float32, the mask's (q, W) laid out as (chunks, 1, q, size)
+    scores = torch.einsum("bhrd,bhcsd->bhcrs", rows, keys).float() * scale
+    mask = attention_mask.float().reshape(attention_mask.shape[0], 1, queries, chunks, size).permute(0, 1, 3, 2, 4)
+    scores = (scores.reshape(batch, key_heads, chunks, group, queries, size) + mask[:, :, :, None]).reshape(
+        scores.shape
+    )
+    # each chunk's softmax numerator and denominator against its own maximum; a chunk no query sees (every score
+    # near the mask's minimum) gets weight exp(its max - the overall max) = 0 when merged
+    peak = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - peak)
+    total = weights.sum(-1, keepdim=True)
+    partial = torch.einsum("bhcrs,bhcsd->bhcrd", weights.to(value.dtype), values).float()
+    factor = torch.exp(peak - peak.amax(2, keepdim=True))
+    output = (partial * factor).sum(2) / (total * factor).sum(2)
+    output = output.to(query.dtype).reshape(batch, heads, queries, dim)
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SPLIT_KV, split_kv_attention)
+
+
+def check_name(name: str | None) -> None:
+    """Refuses a `VERIFY_ATTENTION` that no attention function is registered under."""
+    if name is None:
+        return
+    known = attention_implementations()
+    if name not in known:
+        raise ValueError(
+            f"VERIFY_ATTENTION={name!r} is not an attention implementation registered with transformers' "
+            f"AttentionInterface; use None (the target's own), {SPLIT_KV!r}, or one of {sorted(known)}."
+        )

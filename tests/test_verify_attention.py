@@ -1,0 +1,123 @@
+"""The fast path's verify forward can run another attention kernel than the target's own (`round.VERIFY_ATTENTION`,
+issue 13): the split-KV kernel computes sdpa's attention, and with it the fast path still equals plain `generate`
+(tokens and logits) on GQA, M-RoPE and sliding-window families; only the verify forward uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import specvlm_hf
+from family_checks import assert_greedy_matches_plain, assert_logits_match_plain
+from specvlm_hf import verify_attention
+from specvlm_hf.verify_attention import SPLIT_KV, split_kv_attention
+from tiny_families import FAMILIES, family_inputs
+from tiny_models import random_inputs
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, groups: int):
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+def random_case(generator, batch, heads, key_heads, queries, width, dim=8):
+    query = torch.randn(batch, heads, queries, dim, generator=generator)
+    key = torch.randn(batch, key_heads, width, dim, generator=generator)
+    value = torch.randn(batch, key_heads, width, dim, generator=generator)
+    visible = torch.rand(batch, 1, queries, width, generator=generator) < 0.3
+    visible[..., : width // 3] = False  # whole chunks that no query sees
+    visible[..., -1] = True  # every query sees something
+    additive = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    return query, key, value, visible, additive
+
+
+@pytest.mark.parametrize("key_heads", [4, 2, 1], ids=["mha", "gqa2", "mqa"])
+@pytest.mark.parametrize("width", [64, 48, 20], ids=["4-chunks", "3-chunks", "one-chunk"])
+def test_split_kv_attention_equals_sdpa(monkeypatch, key_heads, width):
+    monkeypatch.setattr(verify_attention, "CHUNK", 16)
+    generator = torch.Generator().manual_seed(width + key_heads)
+    for batch, queries in ((1, 7), (3, 1), (2, 12)):
+        query, key, value, visible, additive = random_case(generator, batch, 4, key_heads, queries, width)
+        layer = Layer(4 // key_heads)
+        for mask in (additive, visible, additive[:1]):  # additive, boolean, one mask for every row
+            reference, _ = sdpa_attention_forward(layer, query, key, value, mask, scaling=0.3)
+            output, weights = split_kv_attention(layer, query, key, value, mask, scaling=0.3)
+            assert weights is None and output.shape == (batch, queries, 4, 8)
+            torch.testing.assert_close(output, reference, atol=2e-6, rtol=1e-5)
+
+
+def test_split_kv_attention_refuses_what_it_does_not_compute():
+    query, key, value, _, additive = random_case(torch.Generator().manual_seed(0), 1, 2, 2, 3, 16)
+    with pytest.raises(ValueError, match="softcapping.*VERIFY_ATTENTION = None"):
+        split_kv_attention(Layer(1), query, key, value, additive, softcap=30.0)
+    with pytest.raises(ValueError, match="4-D attention mask"):
+        split_kv_attention(Layer(1), query, key, value, None)
+
+
+@pytest.fixture
+def split_kv(monkeypatch):
+    """The fast path's verify forwards on the split-KV kernel in chunks of 16 slots (several per 16-slot bucket's
+    cache), counting its calls and the query lengths it saw."""
+    from specvlm_hf import round as round_module
+
+    seen = []
+
+    def counted(module, query, *args, **kwargs):
+        seen.append(query.shape[2])
+        return split_kv_attention(module, query, *args, **kwargs)
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("specvlm_test_split_kv", counted)
+    monkeypatch.setattr(round_module, "VERIFY_ATTENTION", "specvlm_test_split_kv")
+    monkeypatch.setattr(round_module, "LENGTH_BUCKET", 16)
+    monkeypatch.setattr(verify_attention, "CHUNK", 16)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_fast_path_on_the_split_kv_kernel_equals_plain_generate(split_kv, family):
+    """Tokens over many cases, and every logit; M-RoPE positions (Qwen2.5-VL) and a sliding-window layer's own
+    mask (Gemma 3) go through the kernel too. Only the tree's verify forwards run it (not the prefill, not plain
+    `generate`), and the target's configuration is as before after each call."""
+    target = specvlm_hf.enable(FAMILIES[family](seed=0))
+    cases = [("oracle", 1), ("noisy", 2), ("fresh", 1), ("oracle", 0), ("noisy", 1)]
+    generator = torch.Generator().manual_seed(3)
+    assert_greedy_matches_plain(target, family_inputs, cases, "static", generator, base_tokens=18, step=3)
+    assert split_kv and all(q > 1 for q in split_kv), split_kv  # tree queries only
+    assert target.config.get_text_config()._attn_implementation == "sdpa"
+    inputs = family_inputs(target, torch.Generator().manual_seed(5), images=1)
+    assert_logits_match_plain(target, inputs, cache_implementation="static")
+
+
+def test_split_kv_kernel_on_a_gqa_llava_and_only_in_the_fast_path(split_kv):
+    from test_lossless_greedy import build_draft, build_target
+
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    generator = torch.Generator().manual_seed(8)
+    for case in range(4):
+        inputs = random_inputs(target, generator, text_tokens=3 + 5 * case, image=case % 2 == 0)
+        kwargs = {"do_sample": False, "max_new_tokens": 14, "min_new_tokens": 14}
+        fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+        assert fast.tolist() == target.generate(**inputs, **kwargs).tolist()
+    calls = len(split_kv)
+    assert calls >= draft.stats.rounds * target.config.text_config.num_hidden_layers
+    target.generate(**inputs, **kwargs, assistant_model=draft)  # the eager tree loop keeps the target's attention
+    assert len(split_kv) == calls
+
+
+def test_an_unregistered_verify_attention_is_refused_with_the_choices(monkeypatch):
+    from specvlm_hf import round as round_module
+    from test_lossless_greedy import build_draft, build_target
+
+    monkeypatch.setattr(round_module, "VERIFY_ATTENTION", "split-kv")
+    target = build_target("llava")
+    draft = build_draft(target, "noisy", "tree")
+    inputs = random_inputs(target, torch.Generator().manual_seed(0), text_tokens=4)
+    with pytest.raises(ValueError, match=r"VERIFY_ATTENTION='split-kv'.*None.*specvlm_split_kv.*flex_attention"):
+        target.generate(**inputs, max_new_tokens=4, assistant_model=draft, cache_implementation="static")
+    assert SPLIT_KV == "specvlm_split_kv"
