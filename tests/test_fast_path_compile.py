@@ -25,7 +25,15 @@ def counted_compile(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_round_functions_compile_once_for_every_length_bucket(counted_compile):
+@pytest.mark.parametrize("verify_attention", [None, "specvlm_split_kv"], ids=["sdpa", "split-kv"])
+def test_round_functions_compile_once_for_every_length_bucket(counted_compile, verify_attention, monkeypatch):
+    """Also with the split-KV verify kernel, whose chunk count follows the (dynamic) cache width: one compile, no
+    graph break."""
+    from specvlm_hf import round as round_module, verify_attention as kernels
+
+    monkeypatch.setattr(round_module, "VERIFY_ATTENTION", verify_attention)
+    monkeypatch.setattr(kernels, "CHUNK", 16)  # 2 to 5 chunks in these buckets
+    torch._dynamo.utils.counters.clear()
     target = build_target("llava-gqa")
     draft = build_draft(target, "noisy", "tree")
     generator = torch.Generator().manual_seed(13)
@@ -40,6 +48,11 @@ def test_round_functions_compile_once_for_every_length_bucket(counted_compile):
             first = counted_compile.frame_count
     assert len(lengths) >= 3, lengths  # several buckets really ran
     assert first == 3 and counted_compile.frame_count == 3, (first, counted_compile.frame_count)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    # the verify graph (the second one traced) runs the chosen kernel: sdpa, or the split-KV kernel's GEMMs
+    verify_code = counted_compile.graphs[1].code
+    assert ("scaled_dot_product_attention" in verify_code) == (verify_attention is None), verify_code[:2000]
+    assert ("einsum" in verify_code) == (verify_attention is not None)
 
 
 def test_recompiles_past_torch_limit_warn():
