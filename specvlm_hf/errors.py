@@ -25,6 +25,24 @@ class EnvironmentProblem(UserError):
     exit_status = 1
 
 
+def write_atomic(path, data: str | bytes) -> None:
+    """Writes `data` to `path` through a temporary file of its own in the same folder, then renamed over `path`: a
+    reader (another process, or this one after a crash) finds the old file or the new one, never part of one, and
+    two writers never share a temporary file."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb" if isinstance(data, bytes) else "w") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
 def read_json(path, what: str = "") -> object:
     """The parsed JSON of `path`; a malformed file raises `UserError` naming the file, line and column."""
     path = Path(path)

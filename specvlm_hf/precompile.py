@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import write_atomic
 from .hf_internals import ahead_sources_unchanged, compile_ahead, load_ahead, save_ahead
 
 ENVIRONMENT_VARIABLE = "SPECVLM_COMPILE_CACHE"
@@ -254,10 +255,7 @@ def description_path(path: str) -> str:
 def write_description(path: str, description: dict) -> None:
     """Writes what the function in `path` was compiled for next to it (atomically)."""
     record = {"saved": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "description": description}
-    target = description_path(path)
-    with open(target + ".tmp", "w") as handle:
-        json.dump(record, handle, sort_keys=True, default=str)
-    os.replace(target + ".tmp", target)
+    write_atomic(description_path(path), json.dumps(record, sort_keys=True, default=str))
 
 
 def touch(path: str) -> None:

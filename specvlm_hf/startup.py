@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import write_atomic
+
 ARTIFACTS_FILE = "specvlm_compile_artifacts.bin"
 WARMUP_NEW_TOKENS = 4  # new tokens of each warm-up call: a few rounds, so that graphs are captured and replayed
 
@@ -147,9 +149,7 @@ def save_compile_cache(path: str) -> bool:
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         return False
-    with open(path + ".tmp", "wb") as handle:
-        handle.write(saved[0])
-    os.replace(path + ".tmp", path)
+    write_atomic(path, saved[0])
     return True
 
 

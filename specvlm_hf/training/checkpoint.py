@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError, check_writable_folder, read_json
+from ..errors import UserError, check_writable_folder, read_json, write_atomic
 
 LATEST = "latest"
 CONFIG_FILE = "training_config.json"
@@ -32,7 +32,7 @@ RUN_OUTPUTS = (
     LATEST,
     "draft",
     "metrics.json",
-    ".metrics.json.tmp",
+    ".metrics.json.*.tmp",
     "scaling_curve.png",
 )
 
@@ -100,15 +100,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     output_dir, step: int, draft, state: dict, rng_states: list[dict], keep: int = 2, run: dict | None = None
 ) -> Path:
@@ -130,7 +121,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_text_atomic(output_dir / LATEST, final.name + "\n")
+    write_atomic(output_dir / LATEST, final.name + "\n")
     checkpoints = sorted(list_checkpoints(output_dir), key=lambda p: int(p.name.split("-")[1]))
     for old in checkpoints[: max(len(checkpoints) - keep, 0)]:
         if old != final:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, write_atomic
 from ..modeling_specvlm_draft import SpecVLMDraftModel
 from ..target import unwrap_target
 from .checkpoint import (
@@ -409,9 +408,7 @@ class DistillTrainer:
         if not self.accelerator.is_main_process:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_dir / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(self.metrics, indent=1, default=str) + "\n")
-        os.replace(tmp, self.output_dir / "metrics.json")
+        write_atomic(self.output_dir / "metrics.json", json.dumps(self.metrics, indent=1, default=str) + "\n")
 
     # ------------------------------------------------------------------------------------------- training
     def train_step(self, micro_batches: list[dict]) -> dict:
