@@ -13,7 +13,7 @@ from family_checks import assert_greedy_matches_plain, assert_logits_match_plain
 from specvlm_hf import verify_attention
 from specvlm_hf.verify_attention import SPLIT_KV, split_kv_attention
 from tiny_families import FAMILIES, family_inputs
-from tiny_models import random_inputs
+from tiny_models import random_inputs, tiny_llava
 
 
 class Layer(torch.nn.Module):
@@ -121,3 +121,17 @@ def test_an_unregistered_verify_attention_is_refused_with_the_choices(monkeypatc
     with pytest.raises(ValueError, match=r"VERIFY_ATTENTION='split-kv'.*None.*specvlm_split_kv.*flex_attention"):
         target.generate(**inputs, max_new_tokens=4, assistant_model=draft, cache_implementation="static")
     assert SPLIT_KV == "specvlm_split_kv"
+
+
+def test_batched_fast_path_on_the_split_kv_kernel_equals_plain_batched_generate(split_kv):
+    """Batched rows (each with its own masks, `(B, 1, q, W)`; left padding; rows leaving the batch) too."""
+    from test_batched import CASES, greedy_case, llava_row, make_draft
+
+    llava = specvlm_hf.enable(tiny_llava(scale=32.0))
+    images, extra, steps = CASES[5]
+    generator = torch.Generator().manual_seed(5)
+    rows = [llava_row(llava, generator, count, 2 + 3 * index) for index, count in enumerate(images)]
+    draft = make_draft(llava, noise=0.003)
+    kwargs = dict(do_sample=False, max_new_tokens=18, cache_implementation="static")
+    greedy_case(llava, draft, rows, extra, kwargs, steps, alone=False)
+    assert split_kv and max(split_kv) > 1
