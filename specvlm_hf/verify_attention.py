@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
+from .errors import UserError
 from .hf_internals import attention_implementations
 
 SPLIT_KV = "specvlm_split_kv"
@@ -83,7 +84,7 @@ def check_name(name: str | None) -> None:
         return
     known = attention_implementations()
     if name not in known:
-        raise ValueError(
+        raise UserError(
             f"VERIFY_ATTENTION={name!r} is not an attention implementation registered with transformers' "
             f"AttentionInterface; use None (the target's own), {SPLIT_KV!r}, or one of {sorted(known)}."
         )
