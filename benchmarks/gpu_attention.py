@@ -34,7 +34,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+from gpu_check_tree import copy_bandwidth  # noqa: E402
 
 HEADS, HEAD_DIM, QUERIES = 32, 128, 60
 
@@ -82,11 +85,9 @@ def split_kv(chunk: int):
     """The product's kernel (`verify_attention.split_kv_attention`) in chunks of `chunk` slots."""
     from specvlm_hf import verify_attention
 
-    layer = Layer()
-
     def attend(q, k, v, additive):
         verify_attention.CHUNK = chunk  # read when traced
-        return verify_attention.split_kv_attention(layer, q, k, v, additive)[0].transpose(1, 2)
+        return verify_attention.split_kv_attention(LAYER, q, k, v, additive)[0].transpose(1, 2)
 
     return attend
 
@@ -136,22 +137,6 @@ def timed(fn, args, device, replays: int) -> float:
     return 1000 * begin.elapsed_time(end) / replays
 
 
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a device-to-device copy of 1 GB (the floor's bandwidth)."""
-    if device.type != "cuda":
-        return 3.0e12
-    source = torch.empty(2**30, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    for _ in range(3):
-        target.copy_(source)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(20):
-        target.copy_(source)
-    torch.cuda.synchronize()
-    return 2 * 20 * source.numel() / (time.perf_counter() - start)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU miniature: small widths, few repeats")
@@ -162,7 +147,7 @@ def main():
     heads = 4 if args.smoke else HEADS
     widths = [int(w) for w in args.widths.split(",") if w] or ([256, 512] if args.smoke else [1024, 2048, 4096])
     replays = 3 if args.smoke else 200
-    bandwidth = copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device.type)
     variants = {
         "sdpa_default": (sdpa, "additive", False),
         "sdpa_math_compiled": (math_attention, "additive", True),

@@ -87,6 +87,23 @@ def sync():
         torch.cuda.synchronize()
 
 
+def copy_bandwidth(device: str) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second): the rate weight-read floors divide by;
+    3 TB/s stands in on the CPU (smoke runs)."""
+    if device != "cuda":
+        return 3.0e12
+    source = torch.empty(2**29, dtype=torch.uint8, device=device)  # 512 MiB
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    return 2 * source.numel() * 20 / (time.perf_counter() - start)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=128)

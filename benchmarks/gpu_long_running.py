@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import gpu_check_tree  # noqa: E402
 import specvlm_hf  # noqa: E402
-from gpu_check_tree import TINY, first_difference, llava_7b_shaped  # noqa: E402
+from gpu_check_tree import TINY, copy_bandwidth, first_difference, llava_7b_shaped  # noqa: E402
 from gpu_fast_path import (  # noqa: E402
     DEVICE,
     DTYPE,
@@ -124,22 +124,6 @@ def sweep(target, prompts, new_tokens, **kwargs) -> dict:
         for name, memories in (("shared_cache_GB", kept.shared), ("draft_shared_cache_GB", kept.draft_shared)):
             result[name] = sum(b.numel() * b.element_size() for b in memories[None].buffers) / 1e9
     return result
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second)."""
-    if DEVICE != "cuda":
-        return 3.0e12
-    source = torch.empty(2**29, dtype=torch.uint8, device=DEVICE)  # 512 MiB
-    target = torch.empty_like(source)
-    for _ in range(3):
-        target.copy_(source)
-    sync()
-    start = time.perf_counter()
-    for _ in range(20):
-        target.copy_(source)
-    sync()
-    return 2 * source.numel() * 20 / (time.perf_counter() - start)
 
 
 DRAFT_VOCAB = None  # `--draft-vocab`
@@ -331,7 +315,7 @@ def main():
     def round_cost():
         static_ms = plain_ms_per_token(target, prompts[0], 2 * args.new_tokens, cache_implementation="static")
         fast = tree_round(target, draft, prompts[0], 2 * args.new_tokens, cache_implementation="static")
-        bandwidth = copy_bandwidth()
+        bandwidth = copy_bandwidth(DEVICE)
         target_bytes = weight_bytes(target.model.language_model) + weight_bytes(target.lm_head)
         depth = draft.config.tree_depth
         rows = draft._head_rows  # a reduced draft vocabulary reads only its rows of the head
