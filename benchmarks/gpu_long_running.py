@@ -224,12 +224,19 @@ def main():
         help="the fast path's verify attention (`round.VERIFY_ATTENTION`): specvlm_split_kv, flex_attention, or any "
         "name registered with transformers' AttentionInterface; default: the target's own (sdpa)",
     )
+    parser.add_argument(
+        "--compare-verify-attention",
+        default="",
+        help="comma-separated verify attention kernels whose whole fast-path round `round_cost` also times, in the "
+        "same process, at the first and the longest prompt, against the default kernel's round there (each "
+        "compiles its own round functions)",
+    )
     parser.add_argument("--budget", type=float, default=420, help="seconds after which optional sections skip")
     parser.add_argument(
         "--only",
         default="",
         help="comma-separated sections to run (plain_static, fast, round_cost, profile, second_process, "
-        "fp32_equality; second_process needs fast before it); default: all",
+        "fp32_equality, kernel_rounds; second_process needs fast before it); default: all",
     )
     args = parser.parse_args()
     args.new_tokens = args.new_tokens or (8 if TINY else 48)
@@ -337,6 +344,60 @@ def main():
         }
 
     section("round_cost", round_cost)
+
+    # 2b. the same round on other verify attention kernels, at the first and the longest prompt
+    def kernel_rounds():
+        from specvlm_hf import round as round_module
+
+        chosen = round_module.VERIFY_ATTENTION
+        names = [chosen] + [n for n in args.compare_verify_attention.split(",") if n]
+        at = {"first": prompts[0], "longest": prompts[max(range(len(lengths)), key=lengths.__getitem__)]}
+        rows = []
+        static = {
+            key: plain_ms_per_token(target, inputs, 2 * args.new_tokens, cache_implementation="static")
+            for key, inputs in at.items()
+        }
+        reference = {}
+        try:
+            for name in names:
+                round_module.VERIFY_ATTENTION = name
+                for key, inputs in at.items():
+                    if time.perf_counter() - begin > args.budget:
+                        rows.append({"verify_attention": name, "prompt": key, "skipped": "over the time budget"})
+                        continue
+                    start = time.perf_counter()
+                    try:
+                        tree_round(target, draft, inputs, 2 * args.new_tokens, cache_implementation="static")
+                    except Exception as error:  # one kernel failing keeps the others' rows
+                        traceback.print_exc()
+                        rows.append({"verify_attention": name, "prompt": key, "error": repr(error)[:600]})
+                        break
+                    first_seconds = time.perf_counter() - start  # compile (a new kernel) and capture
+                    fast = tree_round(target, draft, inputs, 2 * args.new_tokens, cache_implementation="static")
+                    reference.setdefault(key, fast["tokens"])
+                    rows.append(
+                        {
+                            "verify_attention": name or "target's own",
+                            "prompt": key,
+                            "prompt_length": inputs["input_ids"].shape[1],
+                            "first_call_seconds": first_seconds,
+                            "median_ms_per_round": fast["median_ms_per_round"],
+                            "verify_ms_per_round": fast["verify_ms_per_round"],
+                            "draft_ms_per_round": fast["draft_ms_per_round"],
+                            "static_ms_per_token": static[key],
+                            "round_over_static_token": fast["median_ms_per_round"] / static[key],
+                            "bf16_first_difference_from_first_kernel": first_difference(
+                                reference[key], fast["tokens"]
+                            ),
+                        }
+                    )
+                    print("kernel_rounds", json.dumps(rows[-1]), flush=True)
+        finally:
+            round_module.VERIFY_ATTENTION = chosen
+        return {"rows": rows}
+
+    if args.compare_verify_attention:
+        section("kernel_rounds", kernel_rounds)
     os.makedirs(args.out, exist_ok=True)
     section(
         "profile",
