@@ -15,6 +15,8 @@ over many replays; its output is checked against an fp32 reference. Variants:
   (`VERIFY_ATTENTION="flex_attention"`; torch's flex decoding kernel splits the cache across thread blocks);
 - `flex_block_mask_compiled_128`: `flex_attention` with a block mask built inside the graph from the slot
   visibility, which also skips the blocks no query sees (the unused end of the bucket);
+- `*_dynamic`: the same compiled with dynamic shapes, as the fast path compiles its rounds (the cache width varies
+  by bucket, one compile serves all): inductor's kernels for a reduction of unknown length;
 - `token_sdpa_default`: one query (a plain decode token's attention), for scale.
 
 The floor is the K and V bytes of the `length + Q` slots in use read once at the measured copy bandwidth.
@@ -156,6 +158,9 @@ def main():
         "split_kv_compiled_512": (split_kv(512), "additive", True),
         "transformers_flex_compiled": (transformers_flex, "additive", True),
         "flex_block_mask_compiled_128": (flex(128), "visible", True),
+        # compiled as the fast path compiles its rounds: the cache width dynamic (one compile for every bucket)
+        "sdpa_math_compiled_dynamic": (math_attention, "additive", "dynamic"),
+        "split_kv_compiled_256_dynamic": (split_kv(256), "additive", "dynamic"),
     }
     if device.type == "cuda":
         variants["sdpa_efficient"] = (sdpa, "additive", "efficient")
@@ -185,7 +190,8 @@ def main():
         for name, (fn, mask_kind, mode) in variants.items():
             mask = additive if mask_kind == "additive" else visible
             try:
-                call = torch.compile(fn, dynamic=False) if mode is True else fn
+                torch._dynamo.reset()  # each variant and width compiles afresh (not against the recompile limit)
+                call = torch.compile(fn, dynamic=mode == "dynamic") if mode in (True, "dynamic") else fn
                 if mode == "efficient":
                     from torch.nn.attention import SDPBackend, sdpa_kernel
 
