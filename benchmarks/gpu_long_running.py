@@ -11,7 +11,8 @@ LLaVA-1.5-7B shape (random bf16 weights, sdpa, batch 1, default tree), issue 13.
    `shared_cache_GB`, `draft_shared_cache_GB`);
 2. the fast-path round against one compiled static-cache token at the same prompt, and against the weights-read
    floor (bytes a round reads / the device-to-device copy bandwidth measured here), and a profiler table of
-   fast-path rounds (`profile_fast_round.txt` next to the JSON);
+   fast-path rounds (`profile_fast_round.txt` next to the JSON); with `--compare-verify-attention A,B`, the
+   `kernel_rounds` section: the round on each verify attention kernel at the first and the longest prompt;
 3. a second process with the first one's on-disk compile caches (`startup.use_cache_dir` in a fresh folder, set
    before the first process's first call: the round functions compiled ahead of time and saved (`precompile`), the
    inductor FX graph cache, `torch.compiler` artifacts): its first fast-path call's seconds, then
@@ -227,9 +228,9 @@ def main():
     parser.add_argument(
         "--compare-verify-attention",
         default="",
-        help="comma-separated verify attention kernels whose whole fast-path round `round_cost` also times, in the "
-        "same process, at the first and the longest prompt, against the default kernel's round there (each "
-        "compiles its own round functions)",
+        help="comma-separated verify attention kernels (`round.VERIFY_ATTENTION`) whose whole fast-path round the "
+        "`kernel_rounds` section times in this process, at the first and the longest prompt, beside the chosen "
+        "kernel's round and a compiled static-cache token there (each kernel compiles its own round functions)",
     )
     parser.add_argument("--budget", type=float, default=420, help="seconds after which optional sections skip")
     parser.add_argument(
