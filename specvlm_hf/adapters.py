@@ -148,6 +148,9 @@ class TargetAdapter:
     def name(self) -> str:
         return type(self.model).__name__
 
+    def check_static_cache(self) -> None:
+        """Raises `UnsupportedTargetError` if this target has no static-cache fast path (most families have one)."""
+
     # ---------------------------------------------------------------------------------------------- verify
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`(T, V)` float32 logits of the VLM's forward from the text model's final hidden states `(T, d)`."""
@@ -477,6 +480,15 @@ class PaliGemmaAdapter(HybridAttentionAdapter):
 
     def position_offset(self, model_kwargs=None, row: int = 0) -> int:
         return 1
+
+    def check_static_cache(self) -> None:
+        if self.hybrid:
+            raise UnsupportedTargetError(
+                f"{self.name} with a Gemma 2 text model (PaliGemma 2) has no static-cache fast path: transformers' "
+                "PaliGemma forward cannot take the per-layer-type attention masks `generate` builds for a static "
+                "cache (its own `generate(cache_implementation='static')` fails the same way). Drop "
+                "`cache_implementation='static'`: tree decoding on dynamic caches is exact for PaliGemma 2."
+            )
 
     def visual_layouts(self, is_image, model_kwargs):
         per_image = getattr(self.text_config, "num_image_tokens", None) or getattr(self.config, "image_seq_length", 0)

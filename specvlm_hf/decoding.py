@@ -602,6 +602,7 @@ def tree_assisted_decoding(
     cache_key = _cache_key(model_kwargs)
     fast = None
     if generation_config.cache_implementation == "static":  # the fast path: static caches, CUDA graphs
+        adapter.check_static_cache()
         graphs, compile = fast_path_options(model, draft, input_ids.device, generation_config, batch)
         # the target's cache: the whole sequence and one tree; the draft's is sized after its prefill (compressed)
         needed = generation_config.max_length + tree_room(config)

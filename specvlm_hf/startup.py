@@ -219,6 +219,7 @@ def warmup(
         captures its graphs (no compile) on its first call.
     """
     from . import enable
+    from .adapters import adapter_for
 
     start = time.perf_counter()
     report = WarmupReport()
@@ -226,6 +227,7 @@ def warmup(
     if cache is not None:
         report.loaded_from_disk = cache.loaded_from_disk
     enable(target)
+    adapter_for(target).check_static_cache()  # before any compile: a target without a fast path says so at once
     device = next(target.parameters()).device
     report.tree = set_tree(target, draft, tree, device, generation_kwargs or {}, inference_mode)
     # longest first: it sizes the memory every bucket's target cache shares, so no later bucket replaces it (and

@@ -34,6 +34,28 @@ def test_logits_match_plain_generate(family):
     assert_logits_match_plain(target, inputs)
 
 
+def test_paligemma2_refuses_the_static_cache_path_with_the_fix():
+    """PaliGemma 2 has no fast path because transformers' own static-cache `generate` fails on it: a static-cache
+    request (and `warmup`) raises our error naming the fix, not transformers' AttributeError from inside the prefill.
+    Should a transformers release mend its own static `generate` on PaliGemma 2, the first assertion fails: then
+    verify the fast path on it and drop the refusal."""
+    target = specvlm_hf.enable(FAMILIES["paligemma2"](seed=0))
+    inputs = family_inputs(target, torch.Generator().manual_seed(3), images=1)
+    kwargs = dict(do_sample=False, max_new_tokens=4, cache_implementation="static")
+    with pytest.raises(AttributeError):
+        target.generate(**inputs, **kwargs)  # transformers' own, no draft
+    draft = make_draft(target, "oracle", "static")
+    with pytest.raises(UnsupportedTargetError, match="no static-cache fast path.*Drop `cache_implementation="):
+        target.generate(**inputs, **kwargs, assistant_model=draft)
+    with pytest.raises(UnsupportedTargetError, match="PaliGemma 2"):
+        specvlm_hf.warmup(target, draft, max_length=64, progress=False)
+    dynamic = {key: value for key, value in kwargs.items() if key != "cache_implementation"}
+    assert target.generate(**inputs, **dynamic, assistant_model=draft).tolist() == (
+        target.generate(**inputs, **dynamic).tolist()
+    )
+    adapter_for(FAMILIES["paligemma"](seed=0)).check_static_cache()  # PaliGemma 1 keeps its fast path
+
+
 def test_position_offset_is_a_device_buffer_reused_across_images():
     """The fast path keeps the M-RoPE offset in its state, so one set of buffers serves images of other sizes."""
     target = specvlm_hf.enable(FAMILIES["qwen2_vl"](seed=3))
