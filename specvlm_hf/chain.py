@@ -70,6 +70,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.stats = draft.stats = SpecVLMStats(mode="chain", prompt_tokens=self.prompt_length)
         self.clock = PhaseClock(input_ids.device)
         self.verified_once = False
+        self.input_length: int | None = None  # of the sequence `get_candidates` last drafted from
         self.agreement = RankAgreement.for_target(adapter.model, "chain")  # on a tensor-parallel target
 
     def _agree(self, input_ids: torch.Tensor, candidates: torch.Tensor) -> None:
@@ -126,6 +127,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs):
         """Returns `(1, n + c)` ids with `c` drafted tokens appended, and their draft scores when sampling."""
         self.clock.lap("verify" if self.verified_once else "setup")  # transformers' bookkeeping since the last round
+        self.input_length = input_ids.shape[1]  # a candidate sequence this long has no candidates
         if self.prompt_embeds is None:
             if self.tap.inputs_embeds is None:
                 self._agree(input_ids, input_ids)

@@ -47,6 +47,39 @@ def plain_decoding(model, input_ids, logits_processor, stopping_criteria, genera
     )
 
 
+class CandidateStopCheck:
+    """The stopping criteria handed to transformers' assisted-decoding loop in chain mode.
+
+    Before verifying a round, the loop asks whether the candidate sequence is already done
+    (`stopping_criteria(candidate_input_ids, None)`) and, if so, keeps one token fewer. When no token was drafted
+    (the first round, which is the prefill), the candidate sequence is the prompt itself: a prompt ending in an
+    end-of-sequence token then made transformers 5.17-5.25 keep nothing and stop, where plain `generate` always adds
+    a token. With no candidates this answers "not done"; every other call goes to the criteria unchanged.
+
+    Args:
+        criteria: the loop's `StoppingCriteriaList`.
+        input_length: returns the length of the sequence the candidate generator last drafted from (None before
+            its first call).
+    """
+
+    def __init__(self, criteria, input_length):
+        self.criteria, self.input_length = criteria, input_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if scores is None and input_ids.shape[-1] == self.input_length():
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self.criteria(input_ids, scores, **kwargs)
+
+    def __getattr__(self, name):  # `max_length` and anything else the loop reads from the list
+        return getattr(self.criteria, name)
+
+    def __iter__(self):
+        return iter(self.criteria)
+
+    def __len__(self) -> int:
+        return len(self.criteria)
+
+
 def pad_token_of(generation_config) -> int | None:
     """The token `generate` pads finished rows with (`pad_token_id`, else the first EOS), as it prepared it."""
     pad = getattr(generation_config, "_pad_token_tensor", None)

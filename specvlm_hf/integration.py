@@ -16,7 +16,13 @@ from torch import nn
 from .adapters import adapter_for, keeping_image_inputs
 from .chain import SpecVLMChainCandidateGenerator
 from .decoding import tree_assisted_decoding
-from .hf_internals import ASSISTED_DECODING, CANDIDATE_GENERATOR, VALIDATE_GENERATION_MODE, generation_cache_key
+from .hf_internals import (
+    ASSISTED_DECODING,
+    CANDIDATE_GENERATOR,
+    VALIDATE_GENERATION_MODE,
+    CandidateStopCheck,
+    generation_cache_key,
+)
 from .request_checks import check_chain_cache, validate_request
 from .target import FeatureTap, check_draft_fits, unwrap_target
 
@@ -98,7 +104,10 @@ def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, gen
         call = _ChainCall(adapter_for(self, tree=False), tap, stopping_criteria)
         token = _CHAIN_CALL.set(call)
         try:
-            result = base(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
+            loop_criteria = CandidateStopCheck(
+                stopping_criteria, lambda: call.generator and call.generator.input_length
+            )
+            result = base(input_ids, logits_processor, loop_criteria, generation_config, **kwargs)
         finally:
             _CHAIN_CALL.reset(token)
     if call.generator is not None:
