@@ -1,12 +1,13 @@
 """Random exactness campaign: greedy SpecVLM decoding against plain `generate`, tokens and raw logits, over random
 combinations of what the fixed tests try one at a time (fp32, CPU).
 
-Each case draws a target family (every verified one, three seeds each), a decoding mode (tree, the static-cache
-fast path, chain), a draft (oracle, noisy oracle, fresh; sometimes a compressing one, a reduced vocabulary or two
+Each case draws a target family (every verified one, three seeds each), a decoding mode (tree, the static-cache fast
+path, chain), a draft (oracle, noisy oracle, fresh; sometimes a compressing one, a reduced vocabulary or two
 layers), a tree shape, a prompt (0-2 images, 1-12 text tokens; sometimes a left-padded batch of 2-3 rows), a token
-budget, logits processors (min_new_tokens, repetition_penalty, no_repeat_ngram_size), extra end-of-sequence tokens,
-and on the fast path sometimes the split-KV verify kernel. Plain `generate` is the reference: the same tokens, and
-the same raw logits while a row decodes (rows that have ended hold padding logits by design).
+budget, logits processors (min_new_tokens, repetition_penalty, no_repeat_ngram_size, suppressed and bad words,
+sequence bias, length penalty, forced EOS), extra end-of-sequence tokens, and on the fast path sometimes the
+split-KV verify kernel. Plain `generate` is the reference: the same tokens, and the same raw logits and processed
+scores while a row decodes (rows that have ended hold padding logits by design).
 
     python tests/exactness_campaign.py --seconds 600 --seed 7     # prints failures; exit status 1 if any
 
@@ -88,6 +89,16 @@ def draw_case(rng: random.Random) -> Case:
         kwargs["no_repeat_ngram_size"] = rng.choice([2, 3])
     if rng.random() < 0.3:
         kwargs["extra_eos"] = rng.sample(range(3, 60), 2)  # ragged stops (turned into eos_token_id later)
+    a, b, c = rng.sample(range(3, 60), 3)
+    for name, value in (
+        ("suppress_tokens", [a, b]),
+        ("bad_words_ids", [[a], [b, c]]),
+        ("sequence_bias", [[[a], 2.0], [[b, c], -3.0]]),
+        ("exponential_decay_length_penalty", (rng.randint(1, 6), 1.3)),
+        ("forced_eos_token_id", 2),
+    ):
+        if rng.random() < 0.08:
+            kwargs[name] = value
     kind = rng.choice(["oracle", "noisy", "fresh"])
     overrides: dict = {}
     if rng.random() < 0.25:
@@ -152,7 +163,9 @@ def run_case(case: Case, targets: dict) -> str | None:
     eos = target.generation_config.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     eos += kwargs.pop("extra_eos", [])
-    kwargs.update(do_sample=False, eos_token_id=eos, return_dict_in_generate=True, output_logits=True)
+    kwargs.update(
+        do_sample=False, eos_token_id=eos, return_dict_in_generate=True, output_logits=True, output_scores=True
+    )
     fast = {"cache_implementation": "static"} if case.mode == "static" else {}
     reference = target.generate(**inputs, **kwargs)
     if case.split_kv:
@@ -169,12 +182,24 @@ def run_case(case: Case, targets: dict) -> str | None:
     for row in reference.sequences[:, start:].tolist():
         hits = [step for step, token in enumerate(row) if token in eos]
         ends.append(hits[0] if hits else len(row))
-    for step, (mine, theirs) in enumerate(zip(speculative.logits, reference.logits)):
-        live = [row for row, end in enumerate(ends) if step <= end]
-        if live:
-            worst = float((mine[live] - theirs[live]).abs().max())
+    for what, mine_steps, their_steps in (
+        ("logits", speculative.logits, reference.logits),
+        ("scores", speculative.scores, reference.scores),
+    ):
+        for step, (mine, theirs) in enumerate(zip(mine_steps, their_steps)):
+            live = [row for row, end in enumerate(ends) if step <= end]
+            if not live:
+                continue
+            mine, theirs = mine[live], theirs[live]
+            finite = torch.isfinite(theirs)
+            odd_mine, odd_theirs = mine[~finite], theirs[~finite]  # -inf, and NaN where processors combine them
+            if not torch.equal(finite, torch.isfinite(mine)) or not torch.allclose(
+                odd_mine, odd_theirs, equal_nan=True
+            ):
+                return f"{what}: other tokens masked at step {step}"
+            worst = float((mine[finite] - theirs[finite]).abs().max()) if finite.any() else 0.0
             if not worst <= LOGIT_TOLERANCE:
-                return f"logits differ by {worst:.3g} at step {step}"
+                return f"{what} differ by {worst:.3g} at step {step}"
     return None
 
 
