@@ -1,13 +1,13 @@
 """Random exactness campaign: greedy SpecVLM decoding against plain `generate`, tokens and raw logits, over random
 combinations of what the fixed tests try one at a time (fp32, CPU).
 
-Each case draws a target family (every verified one, three seeds each), a decoding mode (tree, the static-cache fast
-path, chain), a draft (oracle, noisy oracle, fresh; sometimes a compressing one, a reduced vocabulary or two
-layers), a tree shape, a prompt (0-2 images, 1-12 text tokens; sometimes a left-padded batch of 2-3 rows), a token
-budget, logits processors (min_new_tokens, repetition_penalty, no_repeat_ngram_size, suppressed and bad words,
-sequence bias, length penalty, forced EOS), extra end-of-sequence tokens, and on the fast path sometimes the
-split-KV verify kernel. Plain `generate` is the reference: the same tokens, and the same raw logits and processed
-scores while a row decodes (rows that have ended hold padding logits by design).
+Each case draws a target family (every verified one, three seeds each; videos on the video families), a decoding
+mode (tree, the static-cache fast path, chain), a draft (oracle, noisy oracle, fresh; sometimes a compressing one, a
+reduced vocabulary or two layers), a tree shape, a prompt (0-2 images, 1-12 text tokens; sometimes a left-padded
+batch of 2-3 rows), a token budget, logits processors (min_new_tokens, repetition_penalty, no_repeat_ngram_size,
+suppressed and bad words, sequence bias, length penalty, forced EOS), extra end-of-sequence tokens, and on the fast
+path sometimes the split-KV verify kernel. Plain `generate` is the reference: the same tokens, and the same raw
+logits and processed scores while a row decodes (rows that have ended hold padding logits by design).
 
     python tests/exactness_campaign.py --seconds 600 --seed 7     # prints failures; exit status 1 if any
 
@@ -35,12 +35,19 @@ from test_batched import left_pad  # noqa: E402
 from tiny_families import FAMILIES, family_inputs  # noqa: E402
 from tiny_families_more import FAMILIES_MORE, family_inputs_more  # noqa: E402
 from tiny_models import random_inputs, tiny_llava, tiny_llava_next  # noqa: E402
+from tiny_video import VIDEO_FAMILIES, video_inputs  # noqa: E402
 
 LOGIT_TOLERANCE = 1e-4
 
 
 def _llava_inputs(model, generator, images: int = 1, text_tokens: int = 6) -> dict:
     return random_inputs(model, generator, text_tokens=text_tokens, image=images > 0)
+
+
+def _video_inputs(model, generator, images: int = 1, text_tokens: int = 6) -> dict:
+    """A video of 2 or 4 frames, after an image when `images` > 0."""
+    frames = 2 * int(torch.randint(1, 3, (1,), generator=generator))
+    return video_inputs(model, generator, frames=frames, image=images > 0, text_tokens=text_tokens)
 
 
 # name: (builder taking a seed, prompt maker taking (model, generator, images=, text_tokens=))
@@ -52,6 +59,10 @@ BUILDERS = {
     **{name: (lambda seed, build=build: build(seed=seed), family_inputs) for name, build in FAMILIES.items()},
     **{
         name: (lambda seed, build=build: build(seed=seed), family_inputs_more) for name, build in FAMILIES_MORE.items()
+    },
+    **{
+        f"video-{name}": (lambda seed, build=build: build(seed=seed), _video_inputs)
+        for name, build in VIDEO_FAMILIES.items()
     },
 }
 NO_STATIC = {"paligemma2"}  # refused with a clear error (transformers' own static `generate` fails on it)
@@ -102,7 +113,8 @@ def draw_case(rng: random.Random) -> Case:
     kind = rng.choice(["oracle", "noisy", "fresh"])
     overrides: dict = {}
     if rng.random() < 0.25:
-        overrides["compressor"] = {"mode": "fixed", "fixed": rng.choice(["pool@2", "pool@4"])}
+        branches = ["pool@2", "pool@4"] + (["tpool@2", "frames@2"] if family.startswith("video-") else [])
+        overrides["compressor"] = {"mode": "fixed", "fixed": rng.choice(branches)}
     if kind == "fresh" and rng.random() < 0.3:
         overrides["num_draft_layers"] = 2
     return Case(
@@ -148,6 +160,8 @@ def run_case(case: Case, targets: dict) -> str | None:
     else:
         try:
             inputs = left_pad(prompts, [rng.choice([0, 0, 3, 20]) for _ in prompts])
+            for key in {key for prompt in prompts for key in prompt} - set(inputs):  # video inputs, in row order
+                inputs[key] = torch.cat([prompt[key] for prompt in prompts if key in prompt])
         except RuntimeError:  # images of different sizes cannot share one pixel tensor: one row instead
             inputs = prompts[0]
     overrides = dict(case.draft_overrides)
