@@ -110,6 +110,10 @@ def draw_case(rng: random.Random) -> Case:
     ):
         if rng.random() < 0.08:
             kwargs[name] = value
+    if rng.random() < 0.2:  # the sampling path, with one-token distributions: its output is the greedy one
+        kwargs.update(do_sample=True, top_k=1, temperature=rng.choice([0.7, 1.0, 1.3]))
+        if "min_new_tokens" in kwargs:  # with the length penalty, EOS's -inf becomes NaN: plain sampling raises
+            kwargs.pop("exponential_decay_length_penalty", None)
     kind = rng.choice(["oracle", "noisy", "fresh"])
     overrides: dict = {}
     if rng.random() < 0.25:
@@ -173,13 +177,11 @@ def run_case(case: Case, targets: dict) -> str | None:
         draft.set_draft_vocab(sorted(rng.sample(range(vocab), overrides["draft_vocab_size"])))
     if case.mode != "chain":
         draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = case.tree
-    kwargs = dict(case.generate_kwargs)
+    kwargs = {"do_sample": False, **case.generate_kwargs}
     eos = target.generation_config.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     eos += kwargs.pop("extra_eos", [])
-    kwargs.update(
-        do_sample=False, eos_token_id=eos, return_dict_in_generate=True, output_logits=True, output_scores=True
-    )
+    kwargs.update(eos_token_id=eos, return_dict_in_generate=True, output_logits=True, output_scores=True)
     fast = {"cache_implementation": "static"} if case.mode == "static" else {}
     reference = target.generate(**inputs, **kwargs)
     if case.split_kv:
