@@ -14,7 +14,7 @@ import importlib.resources
 import os
 
 from .draft_location import CONFIG_SHA256, LOCATION
-from .integration import disable, enable, is_specvlm_draft
+from .integration import disable, enable, exclusive_use, is_specvlm_draft
 from .modeling_specvlm_draft import SpecVLMDraftModel
 
 _LOADED_DRAFTS: dict = {}
@@ -57,10 +57,11 @@ def generate(model, *args, **kwargs):
         draft = _load_draft(_draft_location(), model)
     elif not is_specvlm_draft(draft):
         raise TypeError("this custom_generate needs a SpecVLM draft as assistant_model")
-    was_enabled = hasattr(type(model), "_specvlm_base_class")
-    enable(model)
-    try:
-        return model.generate(*args, assistant_model=draft, **kwargs)
-    finally:
-        if not was_enabled:
-            disable(model)
+    with exclusive_use(model, draft, decoding=False):  # enabling and disabling too: another thread may call
+        was_enabled = hasattr(type(model), "_specvlm_base_class")
+        enable(model)
+        try:
+            return model.generate(*args, assistant_model=draft, **kwargs)
+        finally:
+            if not was_enabled:
+                disable(model)

@@ -9,6 +9,9 @@ through to transformers' own code. The overridden hooks are named in `hf_interna
 
 from __future__ import annotations
 
+import threading
+import weakref
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 from torch import nn
@@ -23,6 +26,7 @@ from .hf_internals import (
     CandidateStopCheck,
     generation_cache_key,
 )
+from .errors import UserError
 from .request_checks import check_chain_cache, validate_request
 from .target import FeatureTap, check_draft_fits, unwrap_target
 
@@ -60,6 +64,41 @@ def _uses_tree(draft) -> bool:
     return draft.config.decoding_mode == "tree"
 
 
+# one lock per target and per draft (weakly keyed: nothing is added to the models, which stay picklable)
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+_DECODING: ContextVar[frozenset] = ContextVar("specvlm_decoding_drafts", default=frozenset())
+
+
+def _lock_of(module: nn.Module) -> threading.RLock:
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.RLock()
+        return lock
+
+
+@contextmanager
+def exclusive_use(target: nn.Module, draft: nn.Module, decoding: bool = True):
+    """SpecVLM calls that share a target or a draft run one at a time: a draft holds a call's caches, graphs and
+    statistics, and a target carries the call's feature hooks, so two threads decoding on either at once would mix
+    their state (wrong tokens on the fast path). Other threads wait here; the same thread starting a second call
+    with a draft it is decoding with (from a streamer or a stopping criterion) is refused. `decoding=False` takes
+    the locks only (a wrapper whose own `generate` call decodes inside)."""
+    if decoding and id(draft) in _DECODING.get():
+        raise UserError(
+            "generate was called with a SpecVLM draft from inside a generate call that is decoding with it (a "
+            "streamer, stopping criterion or logits processor calling generate?). A draft holds one call's state; "
+            "finish the outer call first, or give the inner call its own draft."
+        )
+    with _lock_of(unwrap_target(target)), _lock_of(draft):
+        token = _DECODING.set(_DECODING.get() | {id(draft)} if decoding else _DECODING.get())
+        try:
+            yield
+        finally:
+            _DECODING.reset(token)
+
+
 class SpecVLMGenerationMixin:
     """Overrides of `GenerationMixin` methods, active only when the assistant is a SpecVLM draft."""
 
@@ -73,7 +112,7 @@ class SpecVLMGenerationMixin:
             adapter = adapter_for(self, tree=_uses_tree(draft))  # refuses an unverified family in tree mode
             if input_ids is not None and input_ids.dim() == 2:
                 adapter.check_images(input_ids, kwargs)
-            with keeping_image_inputs(kwargs):
+            with keeping_image_inputs(kwargs), exclusive_use(self, draft):
                 return super().generate(*args, **kwargs)
         return super().generate(*args, **kwargs)
 

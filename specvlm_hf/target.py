@@ -9,6 +9,8 @@ assisted-decoding loop both go through it.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -93,8 +95,11 @@ class FeatureTap:
         self.inputs_embeds: torch.Tensor | None = None
         self.last_hidden_state: torch.Tensor | None = None
         self._handles: list = []
+        self._thread = threading.get_ident()  # forwards that other threads run on the target are not this call's
 
     def _before(self, module, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -102,6 +107,8 @@ class FeatureTap:
         self.inputs_embeds = embeds
 
     def _after(self, module, args, kwargs, output):
+        if threading.get_ident() != self._thread:
+            return
         hidden = getattr(output, "last_hidden_state", None)
         self.last_hidden_state = hidden if hidden is not None else output[0]
 

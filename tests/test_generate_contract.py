@@ -180,6 +180,82 @@ def test_left_padded_attention_mask(setup, mode):
     assert spec[0, 3:].tolist() == unpadded[0].tolist(), "padding changes nothing but the prefix"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_threads_sharing_a_target_and_a_draft_each_get_their_own_output(setup, mode):
+    """A server's worker threads calling `generate` with one target and one draft: the calls run one at a time
+    (a draft holds one call's caches and graphs; before the lock the fast path returned other calls' tokens)."""
+    import threading
+
+    target, _ = setup
+    generator = torch.Generator().manual_seed(21)
+    prompts = [random_inputs(target, generator, text_tokens=3 + i) for i in range(4)]
+    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    expected = [target.generate(**prompt, **kwargs).tolist() for prompt in prompts]
+    draft, outputs, errors = draft_for(target, mode, noise=0.003), {}, []
+
+    def work(index):
+        for call in range(4):
+            try:
+                out = target.generate(**prompts[index], **kwargs, assistant_model=draft, **path_kwargs(mode))
+                outputs[index, call] = out.tolist()
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:2]
+    assert all(outputs[index, call] == expected[index] for index in range(4) for call in range(4))
+
+
+def test_plain_generate_in_another_thread_does_not_feed_the_drafts_features(setup):
+    """A call's feature hooks on the target record its own forwards only: plain `generate` on the same target in
+    another thread leaves the draft's inputs, hence every round's accepted count, as in a call alone."""
+    import threading
+
+    target, inputs = setup
+    other = random_inputs(target, torch.Generator().manual_seed(22), text_tokens=9)
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    draft = draft_for(target, "chain", noise=0.003)
+    target.generate(**inputs, **kwargs, assistant_model=draft)
+    alone = list(draft.stats.accepted_per_round)
+    stop = threading.Event()
+
+    def plain_calls():
+        while not stop.is_set():
+            target.generate(**other, max_new_tokens=4, do_sample=False)
+
+    thread = threading.Thread(target=plain_calls)
+    thread.start()
+    try:
+        for _ in range(3):
+            target.generate(**inputs, **kwargs, assistant_model=draft)
+            assert draft.stats.accepted_per_round == alone
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_generate_from_inside_a_call_with_its_own_draft_is_refused(setup):
+    target, inputs = setup
+    draft = draft_for(target, "tree")
+
+    class Reentering(BaseStreamer):
+        def put(self, value):
+            target.generate(**inputs, max_new_tokens=2, assistant_model=draft)
+
+        def end(self):
+            pass
+
+    from specvlm_hf.errors import UserError
+
+    with pytest.raises(UserError, match="from inside a generate call that is decoding with it"):
+        target.generate(**inputs, max_new_tokens=4, assistant_model=draft, streamer=Reentering())
+    assert target.generate(**inputs, max_new_tokens=4, assistant_model=draft).shape[1] > inputs["input_ids"].shape[1]
+
+
 def test_stats_describe_the_last_call(setup):
     target, inputs = setup
     draft = draft_for(target, "tree")
