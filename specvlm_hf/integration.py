@@ -27,7 +27,7 @@ from .hf_internals import (
     generation_cache_key,
 )
 from .errors import UserError
-from .request_checks import check_chain_cache, validate_request
+from .request_checks import check_chain_cache, check_empty_cache, validate_request
 from .target import FeatureTap, check_draft_fits, unwrap_target
 
 DRAFT_MODEL_TYPE = "specvlm_draft"
@@ -107,6 +107,7 @@ class SpecVLMGenerationMixin:
     def generate(self, *args, **kwargs):
         draft = kwargs.get("assistant_model")
         if is_specvlm_draft(draft):
+            check_empty_cache(kwargs.get("past_key_values"))  # before the image count, which such a cache covers
             # before transformers encodes the images (5.23+), so that a wrong image count is explained
             input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             adapter = adapter_for(self, tree=_uses_tree(draft))  # refuses an unverified family in tree mode
@@ -137,7 +138,9 @@ def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, gen
             self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs
         )
     validate_request(self, input_ids, generation_config, kwargs.get("synced_gpus", False))
-    check_chain_cache(generation_config, kwargs.get(generation_cache_key(kwargs) or "past_key_values"))
+    cache = kwargs.get(generation_cache_key(kwargs) or "past_key_values")
+    check_chain_cache(generation_config, cache)
+    check_empty_cache(cache)
     draft.bind_target(self)
     with FeatureTap(self) as tap:
         call = _ChainCall(adapter_for(self, tree=False), tap, stopping_criteria)

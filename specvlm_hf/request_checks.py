@@ -72,6 +72,19 @@ def check_attention_backend(target, draft) -> None:
             )
 
 
+def check_empty_cache(cache) -> None:
+    """SpecVLM decoding starts from the whole prompt: refuses a cache that already holds tokens (an earlier turn's
+    `past_key_values`), with the way out."""
+    filled = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    if filled:
+        raise ValueError(
+            f"SpecVLM decoding cannot continue from a filled cache (`past_key_values` holding {int(filled)} tokens, "
+            "e.g. an earlier turn's): the draft needs the target's features of the whole prompt, which a reused "
+            "cache skips, and transformers' assisted-generation loop (chain mode) is not exact from one. Pass the "
+            "whole conversation as `input_ids` (with its images) and no `past_key_values`."
+        )
+
+
 def check_chain_cache(generation_config, past_key_values=None) -> None:
     """Chain mode runs transformers' assisted-generation loop, which crops its cache after every round and so takes
     no static cache: refuses one with the way out (the tree's fast path is the static-cache one)."""
