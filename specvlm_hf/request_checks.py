@@ -33,8 +33,8 @@ def validate_request(
     """Checks a speculative `generate` call before any work, raising an error that names the problem and the fix.
 
     Covers: batch size (`batched`: the caller decodes batches, tree mode on dynamic caches), DeepSpeed/FSDP sync,
-    outputs a tree cannot give, and the total length against the model's positions (the images are checked
-    earlier, by the adapter's `check_images`, before transformers encodes them).
+    outputs a tree cannot give, classifier-free guidance, and the total length against the model's positions (the
+    images are checked earlier, by the adapter's `check_images`, before transformers encodes them).
     """
     batch = input_ids.shape[0]
     if batch != 1 and not batched:
@@ -48,6 +48,13 @@ def validate_request(
         raise ValueError(
             "SpecVLM speculative decoding cannot return attentions or hidden states (the target scores a tree, not "
             "a sequence). Drop `output_attentions` / `output_hidden_states`, or generate without `assistant_model`."
+        )
+    if generation_config.guidance_scale is not None and generation_config.guidance_scale != 1:
+        raise ValueError(
+            f"SpecVLM speculative decoding cannot run classifier-free guidance (guidance_scale="
+            f"{generation_config.guidance_scale}): its logits processor runs the model on its own prompt, one token "
+            "after another, which a verified tree or chain cannot feed. Drop `guidance_scale`, or generate without "
+            "`assistant_model`."
         )
     text = unwrap_target(target).config.get_text_config(decoder=True)
     max_positions = getattr(text, "max_position_embeddings", None)

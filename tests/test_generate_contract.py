@@ -281,6 +281,17 @@ def test_a_filled_cache_from_an_earlier_turn_is_refused_with_the_fix(setup, mode
     )
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_classifier_free_guidance_is_refused_with_the_fix(setup, mode):
+    """guidance_scale runs the model inside a logits processor, one token after another (before this check: a shape
+    error from inside transformers in every mode)."""
+    target, inputs = setup
+    kwargs = dict(do_sample=False, max_new_tokens=3, guidance_scale=1.5)
+    assert target.generate(**inputs, **kwargs).shape[1] == inputs["input_ids"].shape[1] + 3  # plain generate runs it
+    with pytest.raises(ValueError, match="classifier-free guidance.*Drop `guidance_scale`"):
+        target.generate(**inputs, **kwargs, assistant_model=draft_for(target, mode), **path_kwargs(mode))
+
+
 def test_stats_describe_the_last_call(setup):
     target, inputs = setup
     draft = draft_for(target, "tree")
