@@ -52,9 +52,10 @@ class CandidateStopCheck:
 
     Before verifying a round, the loop asks whether the candidate sequence is already done
     (`stopping_criteria(candidate_input_ids, None)`) and, if so, keeps one token fewer. When no token was drafted
-    (the first round, which is the prefill), the candidate sequence is the prompt itself: a prompt ending in an
-    end-of-sequence token then made transformers 5.17-5.25 keep nothing and stop, where plain `generate` always adds
-    a token. With no candidates this answers "not done"; every other call goes to the criteria unchanged.
+    (in transformers 5.17 the first round, which is the prefill), the candidate sequence is the prompt itself: a
+    prompt ending in an end-of-sequence token then made the loop keep nothing and stop, where plain `generate` always
+    adds a token. With no candidates this answers "not done"; every other call goes to the criteria unchanged.
+    (5.25 prefills before the loop and never asks about the bare prompt; the wrapper is then inert.)
 
     Args:
         criteria: the loop's `StoppingCriteriaList`.

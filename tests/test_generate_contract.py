@@ -60,7 +60,7 @@ def test_eos_token_lists_stop_generation_where_plain_generate_stops(setup, mode)
 def test_a_prompt_ending_in_an_eos_token_still_gets_new_tokens(setup, mode, do_sample):
     """Plain `generate` always adds a token after the prompt, whatever the prompt's last token. transformers' own
     assisted loop (which chain mode runs) asks whether its candidates are done before verifying them, and without
-    candidates that is the prompt: 5.17-5.25 then added nothing (`hf_internals.CandidateStopCheck` answers it)."""
+    candidates that is the prompt: 5.17 then added nothing (`hf_internals.CandidateStopCheck` answers it)."""
     target, inputs = setup
     eos = [inputs["input_ids"][0, -1].item(), target.generation_config.eos_token_id]
     for extra in ({}, {"min_new_tokens": 2}):

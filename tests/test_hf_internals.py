@@ -45,6 +45,32 @@ def test_prefill_runs_generates_own_prompt_forward():
     torch.testing.assert_close(captured["logits"], plain, atol=1e-5, rtol=1e-5)
 
 
+def test_the_assisted_loop_asks_whether_its_candidates_are_done_before_verifying_them():
+    """GenerationMixin._assisted_decoding calls `stopping_criteria(candidate_input_ids, None)` before each verify
+    forward. In 5.17 the first call holds the prompt itself (the first round is the prefill, with no candidates) and a
+    prompt ending in EOS then keeps no token, which `hf_internals.CandidateStopCheck` answers for chain mode; 5.25
+    prefills first and never asks about the bare prompt, and the wrapper is inert. Anything else fails here."""
+    from transformers.generation.stopping_criteria import StoppingCriteria
+
+    model = tiny_llava()
+    ids = torch.arange(5, 15)[None]
+    seen = []
+
+    class Recording(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            seen.append((input_ids.shape[1], scores is None))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    kwargs = dict(max_new_tokens=3, do_sample=False, prompt_lookup_num_tokens=2)
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), stopping_criteria=[Recording()], **kwargs)
+    assert seen and seen[0][1], f"no candidate check with scores=None: {seen}"
+    asks_about_the_prompt = seen[0][0] == ids.shape[1]
+    assert seen[0][0] in (ids.shape[1], ids.shape[1] + 1), seen
+    ends = [ids.shape[1] + 100, int(ids[0, -1])]  # the prompt's last token is an end-of-sequence token
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=ends, **kwargs)
+    assert (out.shape[1] == ids.shape[1]) == asks_about_the_prompt, (seen, out.shape)
+
+
 def test_mrope_deltas_are_left_on_the_model_by_generate():
     """Qwen-VL: `model.model.rope_deltas` after `generate` prepared a prompt with an image."""
     model = tiny_qwen2_vl()
