@@ -72,6 +72,8 @@ class CandidateStopCheck:
         return self.criteria(input_ids, scores, **kwargs)
 
     def __getattr__(self, name):  # `max_length` and anything else the loop reads from the list
+        if name == "criteria":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.criteria, name)
 
     def __iter__(self):
