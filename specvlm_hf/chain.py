@@ -116,11 +116,18 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.fed = n - 1
         return hidden, log_probs
 
-    def _choose(self, sequence: torch.Tensor, log_probs: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    def _choose(self, sequence: torch.Tensor, log_probs: torch.Tensor) -> tuple[int | None, torch.Tensor | None]:
+        """The next drafted token (None: none can be proposed) and, when sampling, the processed scores it was drawn
+        from, which transformers' speculative sampling reads as the draft's distribution."""
         log_probs = self.draft.full_vocab(log_probs)  # a reduced vocabulary's columns back to token ids
         if not self.do_sample:
             return int(log_probs.argmax()), None
         scores = self.logits_processor(sequence, log_probs[None].clone())[0]
+        # a processor adding to a column the draft scores -inf (outside a reduced vocabulary) can make it NaN, e.g. the
+        # length penalty on EOS: such a column is one the draft does not propose (exact: q is what is sampled from)
+        scores = scores.masked_fill(torch.isnan(scores), -float("inf"))
+        if not bool(torch.isfinite(scores).any()):
+            return None, None
         return int(torch.multinomial(torch.softmax(scores, dim=-1), 1)), scores
 
     @torch.no_grad()
@@ -145,6 +152,8 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         draft_scores = []
         for level in range(1, budget + 1):
             token, scores = self._choose(sequence, log_probs)
+            if token is None:
+                break
             extended = torch.cat([sequence, sequence.new_tensor([[token]])], dim=1)
             if bool(self.stopping_criteria(extended, None).any()):
                 break  # leave the stopping token to the target, so the loop ends right after it

@@ -76,6 +76,21 @@ def test_sampling_keeps_the_distribution_with_a_reduced_vocabulary():
     assert chi_square_p_value(plain, speculative) > P_THRESHOLD
 
 
+@pytest.mark.parametrize("mode", ["chain", "tree", "tree-static"])
+def test_a_processor_that_turns_an_unscored_column_into_nan_is_no_error(mode):
+    """The length penalty adds |score| to EOS, which a reduced draft vocabulary scores -inf: NaN in the draft's
+    processed scores (chain mode samples from them). Such a column is one the draft does not propose; with `top_k=1`
+    the sampled output is the greedy one (before: `multinomial` raised in chain mode)."""
+    target = specvlm_hf.enable(tiny_llava(scale=16.0))
+    inputs = random_inputs(target, torch.Generator().manual_seed(3), text_tokens=4)
+    draft = oracle_draft(target, noise=0.003, draft_vocab_size=24).set_draft_vocab(range(20, 44))  # EOS (2) left out
+    draft.config.decoding_mode = mode.split("-")[0]
+    kwargs = dict(max_new_tokens=10, do_sample=True, top_k=1, exponential_decay_length_penalty=(2, 1.3))
+    fast = {"cache_implementation": "static"} if mode.endswith("static") else {}
+    reference = target.generate(**inputs, **kwargs)
+    assert target.generate(**inputs, **kwargs, **fast, assistant_model=draft).tolist() == reference.tolist()
+
+
 def test_reduced_vocabulary_is_saved_and_bad_settings_are_named(tmp_path):
     target = specvlm_hf.enable(tiny_llava())
     draft = SpecVLMDraftModel.from_target(target, draft_vocab_size=10).set_draft_vocab(range(20, 30))
