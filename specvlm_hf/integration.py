@@ -110,6 +110,12 @@ class SpecVLMGenerationMixin:
             check_empty_cache(kwargs.get("past_key_values"))  # before the image count, which such a cache covers
             # before transformers encodes the images (5.23+), so that a wrong image count is explained
             input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            if input_ids is None and kwargs.get("inputs_embeds") is not None:
+                raise ValueError(
+                    "SpecVLM decoding needs the prompt's token ids (the draft reads each token with the target's "
+                    "features, and checks the image placeholders); this call gave `inputs_embeds` only. Pass "
+                    "`input_ids` (with `pixel_values` for images) instead, or generate without `assistant_model`."
+                )
             adapter = adapter_for(self, tree=_uses_tree(draft))  # refuses an unverified family in tree mode
             if input_ids is not None and input_ids.dim() == 2:
                 adapter.check_images(input_ids, kwargs)

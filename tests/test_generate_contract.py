@@ -292,6 +292,19 @@ def test_classifier_free_guidance_is_refused_with_the_fix(setup, mode):
         target.generate(**inputs, **kwargs, assistant_model=draft_for(target, mode), **path_kwargs(mode))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_inputs_embeds_without_ids_is_refused_with_the_fix(setup, mode):
+    """A prompt given as `inputs_embeds` only (before: a shape error from inside chain mode's loop on 5.17 and from
+    the draft's prefill on 5.25)."""
+    target, _ = setup
+    ids = random_inputs(target, torch.Generator().manual_seed(8), text_tokens=5, image=False)["input_ids"]
+    embeds = target.get_input_embeddings()(ids).detach()
+    kwargs = dict(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert target.generate(**kwargs).shape[1] == 6  # plain generate takes it
+    with pytest.raises(ValueError, match="needs the prompt's token ids.*Pass `input_ids`"):
+        target.generate(**kwargs, assistant_model=draft_for(target, mode), **path_kwargs(mode))
+
+
 def test_stats_describe_the_last_call(setup):
     target, inputs = setup
     draft = draft_for(target, "tree")
