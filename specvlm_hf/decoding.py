@@ -37,7 +37,7 @@ from .hf_internals import (
     plain_decoding,
     prefill,
 )
-from .request_checks import check_attention_backend, check_empty_cache, prefix_positions, validate_request
+from .request_checks import check_attention_backend, prefix_positions, validate_request
 from .round import FastPath, RowsRound, SpeculativeRound, fast_path_options, tree_room
 from .stats import PhaseClock, SpecVLMStats, warn_if_low_acceptance
 from .target import FeatureTap
@@ -600,7 +600,6 @@ def tree_assisted_decoding(
     clock = PhaseClock(input_ids.device)
     prompt_mask, prompt_positions = prefix_positions(input_ids, model_kwargs)
     cache_key = _cache_key(model_kwargs)
-    check_empty_cache(model_kwargs[cache_key])
     fast = None
     if generation_config.cache_implementation == "static":  # the fast path: static caches, CUDA graphs
         adapter.check_static_cache()

@@ -107,7 +107,8 @@ class SpecVLMGenerationMixin:
     def generate(self, *args, **kwargs):
         draft = kwargs.get("assistant_model")
         if is_specvlm_draft(draft):
-            check_empty_cache(kwargs.get("past_key_values"))  # before the image count, which such a cache covers
+            # before the image count, which such a cache covers (`cache=` from 5.24 on, `past_key_values=` before)
+            check_empty_cache(kwargs.get(generation_cache_key(kwargs) or "past_key_values"))
             # before transformers encodes the images (5.23+), so that a wrong image count is explained
             input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             if input_ids is None and kwargs.get("inputs_embeds") is not None:
@@ -144,9 +145,7 @@ def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, gen
             self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs
         )
     validate_request(self, input_ids, generation_config, kwargs.get("synced_gpus", False))
-    cache = kwargs.get(generation_cache_key(kwargs) or "past_key_values")
-    check_chain_cache(generation_config, cache)
-    check_empty_cache(cache)
+    check_chain_cache(generation_config, kwargs.get(generation_cache_key(kwargs) or "past_key_values"))
     draft.bind_target(self)
     with FeatureTap(self) as tap:
         call = _ChainCall(adapter_for(self, tree=False), tap, stopping_criteria)
