@@ -1,0 +1,274 @@
+"""The fast-path round under several variants at once: which change brings the round to a compiled token (issue 13).
+
+LLaVA-1.5-7B shape (random bf16, sdpa, batch 1, default tree). Each variant runs in its own process, so each compiles
+its own round functions; the processes compile at the same time (a cold 7B round compile takes 1.5-3 minutes, so one
+device call could not compile them one after another), then wait for each other, then take turns measuring under a
+file lock, so no measurement shares the GPU with another process's work. Each measures, at two prompts (601 and 2137
+tokens: buckets 768 and 2304), a compiled static-cache token of plain `generate` (transformers' own) and the
+fast-path round, each call run once before it is timed with the same shapes.
+
+Variants (`--variants`, comma-separated; default all):
+- `baseline`: the fast path as shipped;
+- `cse`: an inductor post-grad pass merging identical computations (`fused_projections.cse_graph`);
+- `fused`: q/k/v and gate/up weights laid out as one tensor each, one GEMM each after `cse`
+  (`fused_projections.fuse_projections`, target text model and draft);
+- `split_kv`: the verify forward's attention on `verify_attention.SPLIT_KV`;
+- `vocab8k`: a draft scoring 8192 token ids (a reduced draft vocabulary: an 8x smaller `lm_head` and top-k per level);
+- `combined`: fused + cse + split_kv + vocab8k;
+- `autotune`: inductor's `max_autotune` for every compile of the process (plain `generate`'s token included).
+
+Usage (about 8 minutes on an H200, which runs 6 variants at once; fewer at once on a smaller GPU):
+
+    python benchmarks/gpu_round_variants.py --out $OUT/variants
+
+`--smoke` runs the plumbing on the CPU (a tiny LLaVA, eager rounds: no compile, no CUDA graphs, no timing worth
+reading).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANTS = {
+    "baseline": {},
+    "cse": {"cse": True},
+    "fused": {"cse": True, "fuse": True},
+    "split_kv": {"verify_attention": "specvlm_split_kv"},
+    "vocab8k": {"draft_vocab": 8192},
+    "combined": {"cse": True, "fuse": True, "verify_attention": "specvlm_split_kv", "draft_vocab": 8192},
+    "autotune": {"max_autotune": True},
+}
+LENGTHS = (601, 2137)
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ["TINY"] = "1"  # read by the benchmark helpers at import
+    LENGTHS = (40, 700)
+GB_PER_VARIANT = 21  # a 7B target, its draft, both methods' caches at the longer prompt, compile workspace
+
+
+def child(name: str, sync_dir: str, new_tokens: int) -> dict:
+    """One variant: build, warm both methods at both prompts, wait for the others, measure under the lock."""
+    spec = VARIANTS[name]
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    sys.path.insert(0, HERE)
+    import torch
+
+    import gpu_long_running
+    from fused_projections import CSEPass, fuse_projections, install_cse_pass
+    from gpu_fast_path import plain_ms_per_token, tree_round
+    from specvlm_hf import round as round_module
+
+    if spec.get("max_autotune"):
+        from torch._inductor import config as inductor_config
+
+        inductor_config.max_autotune = True
+    if spec.get("cse"):
+        install_cse_pass()
+    if spec.get("verify_attention"):
+        round_module.VERIFY_ATTENTION = spec["verify_attention"]
+    gpu_long_running.DRAFT_VOCAB = spec.get("draft_vocab")
+    result = {"variant": name, "spec": spec}
+    start = time.perf_counter()
+    target, draft = gpu_long_running.build()
+    if spec.get("fuse"):
+        result["fused_groups"] = fuse_projections(target.model.language_model) + fuse_projections(draft)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    prompts = [gpu_long_running.make_inputs(n, torch.Generator().manual_seed(i)) for i, n in enumerate(LENGTHS)]
+
+    def measure() -> list[dict]:
+        rows = []
+        for length, inputs in zip(LENGTHS, prompts):
+            token = plain_ms_per_token(target, inputs, new_tokens, cache_implementation="static")
+            fast = tree_round(target, draft, inputs, new_tokens, cache_implementation="static")
+            rows.append(
+                {
+                    "prompt_length": length,
+                    "static_ms_per_token": token,
+                    "median_ms_per_round": fast["median_ms_per_round"],
+                    "draft_ms_per_round": fast["draft_ms_per_round"],
+                    "verify_ms_per_round": fast["verify_ms_per_round"],
+                    "round_over_static_token": fast["median_ms_per_round"] / token,
+                    "rounds": fast["rounds"],
+                    "tokens": fast["tokens"],
+                }
+            )
+        return rows
+
+    measure()  # compiles both methods, captures both buckets' graphs
+    result["warm_seconds"] = time.perf_counter() - start
+    result["cse_removed_nodes"] = CSEPass.removed
+    result["memory_allocated_GB"] = torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+    open(os.path.join(sync_dir, f"ready_{name}"), "w").close()
+    while not os.path.exists(os.path.join(sync_dir, "go")):
+        time.sleep(0.5)
+    with open(os.path.join(sync_dir, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            result["measured_at"] = time.strftime("%H:%M:%S")
+            result["rows"] = measure()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return result
+
+
+def gpu_memory_gb() -> float:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return float(out.stdout.split()[0]) / 1024
+    except Exception:
+        return 80.0
+
+
+def run_wave(names, args, sync_dir, deadline, results, out_path) -> None:
+    """Starts the wave's children, says `go` once all are warm (or dead, or at the compile deadline), collects."""
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(args.compile_threads), PYTHONUNBUFFERED="1")
+    children = {}
+    for name in names:
+        log = open(os.path.join(args.out, f"{name}.log"), "w")
+        command = [sys.executable, os.path.abspath(__file__), "--child", name, "--sync-dir", sync_dir]
+        command += ["--new-tokens", str(args.new_tokens)] + (["--smoke"] if SMOKE else [])
+        children[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+    compile_deadline = min(deadline, time.time() + args.compile_seconds)
+    while time.time() < compile_deadline:
+        waiting = [
+            n
+            for n, (p, _) in children.items()
+            if p.poll() is None and not os.path.exists(os.path.join(sync_dir, f"ready_{n}"))
+        ]
+        if not waiting:
+            break
+        time.sleep(1)
+    ready = [n for n in names if os.path.exists(os.path.join(sync_dir, f"ready_{n}"))]
+    print(f"go: {len(ready)} of {len(names)} warm ({', '.join(ready)}) at {time.strftime('%H:%M:%S')}", flush=True)
+    for name, (process, _) in children.items():
+        if name not in ready and process.poll() is None:
+            process.kill()  # still compiling: it would share the GPU with the measurements
+            results[name] = {"variant": name, "error": "not warm by the compile deadline"}
+    open(os.path.join(sync_dir, "go"), "w").close()
+    for name, (process, log) in children.items():
+        try:
+            process.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            results.setdefault(name, {"variant": name, "error": "over the run's deadline"})
+        log.close()
+        with open(os.path.join(args.out, f"{name}.log")) as handle:
+            lines = [line for line in handle.read().splitlines() if line.startswith("CHILD ")]
+        if lines:
+            results[name] = json.loads(lines[-1][len("CHILD ") :])
+        else:
+            results.setdefault(name, {"variant": name, "error": f"exit {process.returncode}: see {name}.log"})
+        write(results, out_path)
+    os.remove(os.path.join(sync_dir, "go"))
+
+
+def write(results: dict, path: str) -> None:
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=1)
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| variant | token 601 | round 601 (draft / verify) | round / token | token 2137 | round 2137 "
+        "| round / token |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    reference = results.get("variants", {}).get("baseline", {}).get("rows")
+    for name, result in results.get("variants", {}).items():
+        rows = result.get("rows")
+        if not rows:
+            lines.append(f"| {name} | {result.get('error', 'no rows')} | | | | | |")
+            continue
+        a, b = rows
+        cells = [
+            f"{a['static_ms_per_token']:.2f}",
+            f"{a['median_ms_per_round']:.2f} ({a['draft_ms_per_round']:.2f} / {a['verify_ms_per_round']:.2f})",
+            f"{a['round_over_static_token']:.2f}x",
+            f"{b['static_ms_per_token']:.2f}",
+            f"{b['median_ms_per_round']:.2f}",
+            f"{b['round_over_static_token']:.2f}x",
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if reference and name != "baseline":
+            result["bf16_first_difference_from_baseline"] = [
+                next((i for i, (x, y) in enumerate(zip(r["tokens"], s["tokens"])) if x != y), None)
+                for r, s in zip(reference, rows)
+            ]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "autotune"))
+    parser.add_argument("--out", default="results/round_variants")
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--parallel", type=int, default=None, help="variants at once (default: by GPU memory)")
+    parser.add_argument("--compile-seconds", type=float, default=330, help="a wave's time to warm up")
+    parser.add_argument("--deadline", type=float, default=560, help="seconds after which everything stops")
+    parser.add_argument("--compile-threads", type=int, default=4, help="inductor compile workers per variant")
+    parser.add_argument("--smoke", action="store_true", help="the plumbing on the CPU (see the module docstring)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sync-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        try:
+            print("CHILD " + json.dumps(child(args.child, args.sync_dir, args.new_tokens)), flush=True)
+        except Exception as error:
+            traceback.print_exc()
+            print("CHILD " + json.dumps({"variant": args.child, "error": repr(error)[:800]}), flush=True)
+        return
+    names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}: choose from {sorted(VARIANTS)}")
+    os.makedirs(args.out, exist_ok=True)
+    memory = 3 * GB_PER_VARIANT if SMOKE else gpu_memory_gb()
+    parallel = args.parallel or max(1, int(memory // GB_PER_VARIANT))
+    deadline = time.time() + args.deadline
+    import torch
+    import transformers
+
+    results = {
+        "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "shape": "LLaVA-1.5-7B (random weights, bf16, sdpa, batch 1, default tree)",
+        "new_tokens": args.new_tokens,
+        "parallel": parallel,
+        "variants": {},
+    }
+    out_path = os.path.join(args.out, "gpu_round_variants.json")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="specvlm_variants_"))
+    for start in range(0, len(names), parallel):
+        if time.time() > deadline - 120:
+            for name in names[start:]:
+                results["variants"][name] = {"variant": name, "error": "no time left for its wave"}
+            break
+        sync_dir = tempfile.mkdtemp(prefix="specvlm_sync_")
+        run_wave(names[start : start + parallel], args, sync_dir, deadline, results["variants"], out_path)
+    print(table(results), flush=True)
+    for result in results["variants"].values():
+        for row in result.get("rows") or []:
+            row.pop("tokens", None)
+    write(results, out_path)
+    print("SUMMARY", json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
