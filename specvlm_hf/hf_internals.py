@@ -379,6 +379,117 @@ def compile_backend(name_or_fn):
     return torch._dynamo.lookup_backend(name_or_fn) if isinstance(name_or_fn, str) else name_or_fn
 
 
+# a graph pass run on the round functions' graphs (torch.fx; inductor's `post_grad_custom_pre_pass` hook and its
+# `CustomGraphPass` base, `compile_fx(config_patches=)`; `torch._dynamo.backends.common.aot_autograd` for tests)
+def merge_repeated(graph: torch.fx.Graph) -> int:
+    """Common-subexpression elimination on a functional graph, in place: a node computing what an earlier node
+    computed (the same op on the same arguments) is replaced by it. Kept apart: ops with side effects (mutable
+    schemas), random ops, fresh buffers (`empty`), and values a later node writes in place. Returns how many nodes
+    were removed.
+
+    inductor merges repeated code inside one kernel, not across kernels or library calls: a round's graph repeats
+    per layer what depends only on the tree (each layer's mask preparation, position arithmetic), and every
+    projection sharing an input and a weight."""
+    seen: dict = {}
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.is_impure():
+            continue
+        target = node.target
+        name = str(target)
+        if torch.Tag.nondeterministic_seeded in getattr(target, "tags", ()) or any(
+            word in name for word in ("empty", "rand", "seed", "bernoulli", "multinomial", "exponential")
+        ):
+            continue
+        if any(user.is_impure() for user in node.users):
+            continue  # written in place later: two equal values are still two buffers
+        key = (target, _graph_key(node.args), _graph_key(node.kwargs))
+        earlier = seen.get(key)
+        if earlier is None:
+            seen[key] = node
+            continue
+        node.replace_all_uses_with(earlier)
+        graph.erase_node(node)
+        removed += 1
+    return removed
+
+
+def _graph_key(value):
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_graph_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _graph_key(v)) for k, v in value.items())))
+    if isinstance(value, torch.fx.Node):
+        return ("node", value)
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return (type(value).__name__, value)
+
+
+def _merge_repeated_pass():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class MergeRepeated(CustomGraphPass):
+        """`merge_repeated` as an inductor graph pass; its uuid (part of inductor's cache keys) is its source's hash,
+        so a changed pass never reuses code compiled with the old one."""
+
+        removed = 0
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            MergeRepeated.removed += merge_repeated(graph)
+
+        def uuid(self) -> str:
+            import hashlib
+
+            return hashlib.sha256(inspect.getsource(merge_repeated).encode()).hexdigest()
+
+    return MergeRepeated()
+
+
+_MERGE_PASS = None
+
+
+def merge_repeated_pass():
+    """The one `merge_repeated` inductor pass object (its `removed` counts nodes removed in this process)."""
+    global _MERGE_PASS
+    if _MERGE_PASS is None:
+        _MERGE_PASS = _merge_repeated_pass()
+    return _MERGE_PASS
+
+
+def inductor_options(merge: bool) -> dict:
+    """inductor config patches of a round function's compile: `merge_repeated` first among the post-grad passes."""
+    return {"post_grad_custom_pre_pass": merge_repeated_pass()} if merge else {}
+
+
+def inductor_backend(options: dict):
+    """A `torch.compile` backend: inductor with `options` patched into its config for this compile only."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(graph_module, example_inputs):
+        return compile_fx(graph_module, example_inputs, config_patches=dict(options))
+
+    return backend
+
+
+def aot_eager_merging_backend(removed: list | None = None):
+    """A `torch.compile` backend for tests: the functional graph `aot_eager` runs, after `merge_repeated` (what
+    inductor's pass sees, run eagerly: the pass's exactness checked without inductor's code generation). Appends
+    each graph's count of removed nodes to `removed`."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def merged(graph_module, example_inputs):
+        count = merge_repeated(graph_module.graph)
+        if removed is not None:
+            removed.append(count)
+        graph_module.recompile()
+        return graph_module
+
+    return aot_autograd(fw_compiler=merged)
+
+
 def clear_dynamic_marks(tensor: torch.Tensor) -> None:
     """Undoes `mark_dynamic_dim` (the attributes `torch._dynamo.maybe_mark_dynamic` sets). A function compiled ahead
     of time guards on the marks being absent (its guards are rebuilt from their serialised form, which has none), so
@@ -437,10 +548,10 @@ def name_kernel_func_types() -> list[type]:
     return named
 
 
-def compile_ahead(function, args: tuple, backend):
+def compile_ahead(function, args: tuple, backend, options: dict | None = None):
     """`function` compiled whole for `args` (`torch.compile(fullgraph=True).aot_compile`), without running it: an
     object that can be saved (`save_ahead`), called as `function(*args)` (checking its guards), and checked
-    (`.guard_check(*args)`)."""
+    (`.guard_check(*args)`). `options`: inductor config patches (`inductor_options`; the `"inductor"` backend only)."""
     import torch._dynamo
 
     # torch 2.11 offers `aot_compile` only with this flag (on by default from 2.13). Python floats are compiled in as
@@ -450,7 +561,10 @@ def compile_ahead(function, args: tuple, backend):
     name_kernel_func_types()
     with torch._dynamo.config.patch(enable_aot_compile=True, specialize_float=True):
         compiled = torch.compile(
-            function, fullgraph=True, backend=backend, options={"guard_filter_fn": serializable_guards}
+            function,
+            fullgraph=True,
+            backend=backend,
+            options={"guard_filter_fn": serializable_guards, **(options if backend == "inductor" else {})},
         )
         for attempt in range(3):
             try:

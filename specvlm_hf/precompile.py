@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import write_atomic
-from .hf_internals import ahead_sources_unchanged, compile_ahead, load_ahead, save_ahead
+from .hf_internals import ahead_sources_unchanged, compile_ahead, inductor_options, load_ahead, save_ahead
 
 ENVIRONMENT_VARIABLE = "SPECVLM_COMPILE_CACHE"
 FORMAT = 1  # bump when what a stored round function means changes
@@ -145,7 +145,8 @@ class PrecompiledRounds:
         """`function` compiled ahead of time for `owner`, its cache widths marked dynamic while it is traced."""
         owner.mark_width_dynamic()
         try:
-            compiled = compile_ahead(function, (owner,), backend)
+            options = inductor_options(getattr(owner, "merge_repeated", False))
+            compiled = compile_ahead(function, (owner,), backend, options)
         except Exception as error:
             raise PrecompileFailed(f"{type(error).__name__}: {error}") from error
         finally:
@@ -197,6 +198,7 @@ def round_description(owner, function, backend) -> dict:
             for config in (owner.adapter.model.config, owner.adapter.model.config.get_text_config(), draft.config)
         ],
         "verify_attention": getattr(owner, "verify_attention", None),
+        "merge_repeated": getattr(owner, "merge_repeated", False),
         "head_rows": draft._head_rows is not None,
         "stacked_layers": getattr(owner.target_window, "stacked", None) is not None,
         "rows": owner.rows_of(owner.runner.window),

@@ -344,3 +344,57 @@ def test_a_text_configs_attention_implementation_picks_the_layers_function():
             model(tokens)
     assert len(calls) == 2
     torch.testing.assert_close(routed, expected)
+
+
+def test_merge_repeated_merges_repeats_and_keeps_random_and_written_values_apart():
+    """`merge_repeated` (the round's inductor pass) on an aten graph: a repeated product becomes one; random draws,
+    and a value a later node writes in place, stay separate; the graph computes what the function computes."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, w):
+        first, second = x @ w, x @ w
+        draws = torch.rand(3) - torch.rand(3)
+        kept, written = torch.zeros(3), torch.zeros(3)
+        written.add_(1)
+        return first + second, draws, kept + written
+
+    x, w = torch.randn(4, 5), torch.randn(5, 6)
+    graph_module = make_fx(f)(x, w)
+
+    def count(name):
+        return sum(name in str(node.target) for node in graph_module.graph.nodes)
+
+    assert (count("mm"), count("rand"), count("zeros")) == (2, 2, 2)
+    assert hf_internals.merge_repeated(graph_module.graph) == 1
+    graph_module.recompile()
+    assert (count("mm"), count("rand"), count("zeros")) == (1, 2, 2)
+    torch.manual_seed(0)
+    expected = f(x, w)
+    torch.manual_seed(0)
+    got = graph_module(x, w)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert got[1].abs().sum() > 0 and got[2].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_merge_repeated_runs_as_an_inductor_pass():
+    """inductor's `post_grad_custom_pre_pass` hook, patched for one compile (`compile_fx(config_patches=)`), runs the
+    pass: the repeated product is computed once in the compiled code, with the same result."""
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    merge = hf_internals.merge_repeated_pass()
+    before = type(merge).removed
+
+    def f(x, w):
+        return (x @ w).sin() + (x @ w).cos()
+
+    x, w = torch.randn(8, 16), torch.randn(16, 16)
+    backend = hf_internals.inductor_backend(hf_internals.inductor_options(True))
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(f, backend=backend), x, w)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, f(x, w))
+    assert type(merge).removed > before or "".join(code).count("mm(") == 1  # merged now, or code cached merged
+    assert "".join(code).count("mm(") == 1
+    assert hf_internals.inductor_options(False) == {}

@@ -178,14 +178,19 @@ def test_fast_path_works_inside_and_outside_inference_mode():
     )
 
 
-def test_fast_path_round_functions_compile_whole_and_stay_exact(monkeypatch):
+@pytest.mark.parametrize("merged", [False, True], ids=["aot_eager", "aot_eager_merging_repeated"])
+def test_fast_path_round_functions_compile_whole_and_stay_exact(monkeypatch, merged):
     """On a GPU the three round functions are compiled whole before capture. Traced here on the CPU (AOT
-    autograd, no code generation): no graph breaks, and the outputs still equal plain `generate`."""
+    autograd, no code generation): no graph breaks, and the outputs still equal plain `generate`; also after
+    `merge_repeated`, the pass inductor runs first on the round's graphs, which must find repeats to merge."""
     import torch._dynamo
 
     from specvlm_hf import decoding, round as round_module
+    from specvlm_hf.hf_internals import aot_eager_merging_backend
 
-    monkeypatch.setattr(round_module, "COMPILE_OPTIONS", {"dynamic": False, "backend": "aot_eager"})
+    removed = []
+    backend = aot_eager_merging_backend(removed) if merged else "aot_eager"
+    monkeypatch.setattr(round_module, "COMPILE_OPTIONS", {"dynamic": False, "backend": backend})
     monkeypatch.setattr(decoding, "fast_path_options", lambda *args: (False, True))  # compile, no CUDA graphs
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -199,6 +204,8 @@ def test_fast_path_round_functions_compile_whole_and_stay_exact(monkeypatch):
         assert fast.tolist() == target.generate(**inputs, **kwargs).tolist()
     assert draft._specvlm_static_round.compiled and draft.stats.rounds > 1
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    if merged:  # every round function's graph (draft, verify, commit) repeats per layer what the tree fixes
+        assert len(removed) >= 3 and min(removed) > 0, removed
     torch._dynamo.reset()
 
 

@@ -161,10 +161,10 @@ def test_a_round_that_cannot_be_written_is_compiled_in_process(compiled_on_cpu, 
 
     from specvlm_hf import precompile
 
-    def refuse(function, args, backend):
+    def refuse(function, args, backend, options=None):
         if function.__name__ == "_verify":
             raise torch._dynamo.exc.PackageError("ID_MATCH guard cannot be serialized.")
-        return compile_ahead(function, args, backend)
+        return compile_ahead(function, args, backend, options)
 
     compile_ahead = precompile.compile_ahead
     monkeypatch.setattr(precompile, "compile_ahead", refuse)
