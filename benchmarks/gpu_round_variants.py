@@ -7,15 +7,16 @@ file lock, so no measurement shares the GPU with another process's work. Each me
 tokens: buckets 768 and 2304), a compiled static-cache token of plain `generate` (transformers' own) and the
 fast-path round, each call run once before it is timed with the same shapes.
 
-Variants (`--variants`, comma-separated; default all):
-- `baseline`: the fast path as shipped;
-- `cse`: an inductor post-grad pass merging identical computations (`fused_projections.cse_graph`);
-- `fused`: q/k/v and gate/up weights laid out as one tensor each, one GEMM each after `cse`
-  (`fused_projections.fuse_projections`, target text model and draft);
-- `split_kv`: the verify forward's attention on `verify_attention.SPLIT_KV`;
+Variants (`--variants`, comma-separated; default all but the last three):
+- `default`: the fast path as shipped (its compiles merge repeated computations: `round.MERGE_REPEATED`);
+- `no_merge`: without that pass (the fast path before 2026-12-05 afternoon);
 - `vocab8k`: a draft scoring 8192 token ids (a reduced draft vocabulary: an 8x smaller `lm_head` and top-k per level);
-- `combined`: fused + cse + split_kv + vocab8k;
-- `autotune`: inductor's `max_autotune` for every compile of the process (plain `generate`'s token included).
+- `fused`: q/k/v and gate/up weights laid out as one tensor each (`fused_projections.fuse_projections`, target text
+  model and draft), which the merging pass turns into one GEMM each;
+- `fused_vocab8k`: both;
+- `autotune`: inductor's `max_autotune` for every compile of the process (plain `generate`'s token included);
+- `split_kv`: the verify forward's attention on `verify_attention.SPLIT_KV`;
+- `combined`: fused + vocab8k + split_kv.
 
 Usage (about 8 minutes on an H200, which runs 6 variants at once; fewer at once on a smaller GPU):
 
@@ -39,13 +40,14 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {  # in the order they run (a GPU too small for all at once runs them in waves)
-    "baseline": {},
-    "combined": {"cse": True, "fuse": True, "verify_attention": "specvlm_split_kv", "draft_vocab": 8192},
-    "fused": {"cse": True, "fuse": True},
+    "default": {},
+    "no_merge": {"merge": False},
+    "fused_vocab8k": {"fuse": True, "draft_vocab": 8192},
     "vocab8k": {"draft_vocab": 8192},
-    "split_kv": {"verify_attention": "specvlm_split_kv"},
-    "cse": {"cse": True},
+    "fused": {"fuse": True},
     "autotune": {"max_autotune": True},
+    "split_kv": {"verify_attention": "specvlm_split_kv"},
+    "combined": {"fuse": True, "verify_attention": "specvlm_split_kv", "draft_vocab": 8192},
 }
 LENGTHS = (601, 2137)
 SMOKE = "--smoke" in sys.argv
@@ -55,24 +57,61 @@ if SMOKE:
 GB_PER_VARIANT = 18  # a 7B target (14 GB), its draft, both methods' caches at the longer prompt, compile workspace
 
 
+FP32_CHECK = "fp32_equality"
+
+
+def fp32_child(sync_dir: str, new_tokens: int) -> dict:
+    """Greedy fp32 equality of the fast path (compiled by inductor with the package's passes, CUDA graphs) with plain
+    `generate` at 5 prompt lengths, on the tiny LLaVA shape on the GPU; run while the variants compile."""
+    import torch
+
+    import gpu_check_tree
+    import gpu_long_running
+
+    gpu_check_tree.TINY = True
+    target, draft = gpu_long_running.build(torch.float32)
+    rows = []
+    for index, length in enumerate((40, 300, 601, 900, 1500)):
+        inputs = gpu_long_running.make_inputs(length, torch.Generator().manual_seed(100 + index))
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].float()
+        _, plain = gpu_long_running.timed_call(target, inputs, new_tokens)
+        _, fast = gpu_long_running.timed_call(
+            target, inputs, new_tokens, assistant_model=draft, cache_implementation="static"
+        )
+        rows.append({"prompt_length": length, "equal": plain == fast, "rounds": draft.stats.rounds})
+    open(os.path.join(sync_dir, f"ready_{FP32_CHECK}"), "w").close()
+    from specvlm_hf.hf_internals import merge_repeated_pass
+
+    return {
+        "variant": FP32_CHECK,
+        "shape": "tiny LLaVA (hidden 256, 2 layers), fp32, fast path compiled",
+        "merged_nodes": type(merge_repeated_pass()).removed,
+        "rows": rows,
+        "all_equal": all(row["equal"] for row in rows),
+    }
+
+
 def child(name: str, sync_dir: str, new_tokens: int) -> dict:
     """One variant: build, warm both methods at both prompts, wait for the others, measure under the lock."""
-    spec = VARIANTS[name]
     sys.path.insert(0, os.path.join(HERE, ".."))
     sys.path.insert(0, HERE)
+    if name == FP32_CHECK:
+        return fp32_child(sync_dir, new_tokens)
+    spec = VARIANTS[name]
     import torch
 
     import gpu_long_running
-    from fused_projections import CSEPass, fuse_projections, install_cse_pass
+    from fused_projections import fuse_projections
     from gpu_fast_path import plain_ms_per_token, tree_round
     from specvlm_hf import round as round_module
+    from specvlm_hf.hf_internals import merge_repeated_pass
 
     if spec.get("max_autotune"):
         from torch._inductor import config as inductor_config
 
         inductor_config.max_autotune = True
-    if spec.get("cse"):
-        install_cse_pass()
+    round_module.MERGE_REPEATED = spec.get("merge", True)
     if spec.get("verify_attention"):
         round_module.VERIFY_ATTENTION = spec["verify_attention"]
     gpu_long_running.DRAFT_VOCAB = spec.get("draft_vocab")
@@ -106,7 +145,7 @@ def child(name: str, sync_dir: str, new_tokens: int) -> dict:
 
     measure()  # compiles both methods, captures both buckets' graphs
     result["warm_seconds"] = time.perf_counter() - start
-    result["cse_removed_nodes"] = CSEPass.removed
+    result["merged_nodes"] = type(merge_repeated_pass()).removed
     result["memory_allocated_GB"] = torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
     open(os.path.join(sync_dir, f"ready_{name}"), "w").close()
     while not os.path.exists(os.path.join(sync_dir, "go")):
@@ -188,8 +227,10 @@ def table(results: dict) -> str:
         "| round / token |",
         "|---|---|---|---|---|---|---|",
     ]
-    reference = results.get("variants", {}).get("baseline", {}).get("rows")
+    reference = results.get("variants", {}).get("default", {}).get("rows")
     for name, result in results.get("variants", {}).items():
+        if name == FP32_CHECK:
+            continue
         rows = result.get("rows")
         if not rows:
             lines.append(f"| {name} | {result.get('error', 'no rows')} | | | | | |")
@@ -204,8 +245,8 @@ def table(results: dict) -> str:
             f"{b['round_over_static_token']:.2f}x",
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        if reference and name != "baseline":
-            result["bf16_first_difference_from_baseline"] = [
+        if reference and name != "default":
+            result["bf16_first_difference_from_default"] = [
                 next((i for i, (x, y) in enumerate(zip(r["tokens"], s["tokens"])) if x != y), None)
                 for r, s in zip(reference, rows)
             ]
@@ -214,13 +255,18 @@ def table(results: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "autotune"))
+    parser.add_argument("--variants", default=",".join(list(VARIANTS)[:-3]))
     parser.add_argument("--out", default="results/round_variants")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--parallel", type=int, default=None, help="variants at once (default: by GPU memory)")
     parser.add_argument("--compile-seconds", type=float, default=330, help="a wave's time to warm up")
     parser.add_argument("--deadline", type=float, default=560, help="seconds after which everything stops")
     parser.add_argument("--compile-threads", type=int, default=4, help="inductor compile workers per variant")
+    parser.add_argument(
+        "--fp32-check",
+        action="store_true",
+        help="also check greedy fp32 equality of the compiled fast path on a tiny LLaVA, beside the first wave",
+    )
     parser.add_argument("--smoke", action="store_true", help="the plumbing on the CPU (see the module docstring)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sync-dir", default=None, help=argparse.SUPPRESS)
@@ -233,7 +279,7 @@ def main():
             print("CHILD " + json.dumps({"variant": args.child, "error": repr(error)[:800]}), flush=True)
         return
     names = [n for n in args.variants.split(",") if n]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in VARIANTS and n != FP32_CHECK]
     if unknown:
         parser.error(f"unknown variants {unknown}: choose from {sorted(VARIANTS)}")
     os.makedirs(args.out, exist_ok=True)
@@ -261,8 +307,11 @@ def main():
                 results["variants"][name] = {"variant": name, "error": "no time left for its wave"}
             break
         sync_dir = tempfile.mkdtemp(prefix="specvlm_sync_")
-        run_wave(names[start : start + parallel], args, sync_dir, deadline, results["variants"], out_path)
+        wave = names[start : start + parallel] + ([FP32_CHECK] if args.fp32_check and start == 0 else [])
+        run_wave(wave, args, sync_dir, deadline, results["variants"], out_path)
     print(table(results), flush=True)
+    if FP32_CHECK in results["variants"]:
+        print(FP32_CHECK, json.dumps(results["variants"][FP32_CHECK]), flush=True)
     for result in results["variants"].values():
         for row in result.get("rows") or []:
             row.pop("tokens", None)
