@@ -57,6 +57,49 @@ def test_split_kv_attention_refuses_what_it_does_not_compute():
         split_kv_attention(Layer(1), query, key, value, None)
 
 
+def test_compiled_with_dynamic_widths_every_layers_width_is_one_symbol(monkeypatch):
+    """Compiled with each layer's cache width marked dynamic (as the fast path compiles its verify), the kernel ties
+    every layer's key, value and mask width to one symbol, as sdpa's shape checks do. Untied, the reshapes related
+    them only through floor divisions the shape solver cannot solve: every layer added dozens of guards over symbols
+    of its own, and a 32-layer verify did not compile within minutes (issue 13)."""
+    import torch._dynamo
+    from torch._guards import detect_fake_mode
+
+    monkeypatch.setattr(verify_attention, "CHUNK", 16)
+    layers, seen = 3, {}
+
+    def backend(graph_module, example_inputs):
+        fakes = [node.meta.get("example_value") for node in graph_module.graph.find_nodes(op="placeholder")]
+        fakes = [t for t in fakes if isinstance(t, torch.Tensor)]
+        shape_env = detect_fake_mode(fakes).shape_env
+        sizes = [size for t in fakes for size in t.shape]
+        seen["symbols"] = {shape_env.replace(size.node.expr) for size in sizes if isinstance(size, torch.SymInt)}
+        return graph_module.forward
+
+    def forward(query, mask, caches):  # one mask for every layer, as in a verify forward
+        out = 0
+        for key, value in caches:
+            out = out + split_kv_attention(Layer(1), query, key, value, mask)[0].sum()
+        return out
+
+    generator = torch.Generator().manual_seed(0)
+    query, _, _, _, mask = random_case(generator, 1, 2, 2, 5, 48)
+    torch._dynamo.mark_dynamic(mask, 3)
+    caches = []
+    for _ in range(layers):
+        _, key, value, _, _ = random_case(generator, 1, 2, 2, 5, 48)
+        torch._dynamo.mark_dynamic(key, 2)
+        torch._dynamo.mark_dynamic(value, 2)
+        caches.append((key, value))
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(forward, backend=backend, fullgraph=True)
+        torch.testing.assert_close(compiled(query, mask, caches), forward(query, mask, caches))
+    finally:
+        torch._dynamo.reset()
+    assert len(seen["symbols"]) == 1, seen["symbols"]
+
+
 @pytest.fixture
 def split_kv(monkeypatch):
     """The fast path's verify forwards on the split-KV kernel in chunks of 16 slots (several per 16-slot bucket's
