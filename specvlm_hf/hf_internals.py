@@ -364,6 +364,12 @@ def mark_dynamic_dim(tensor: torch.Tensor, dim: int) -> None:
     torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
+def check_same_size(size, other, message: str) -> None:
+    """Raises `RuntimeError(message)` unless two sizes are equal; under `torch.compile` it also tells the shape solver
+    that they are one size (`torch._check`), which shape arithmetic alone may not prove."""
+    torch._check(size == other, lambda: message)
+
+
 def recompile_limit() -> int:
     """How many times torch compiles one function (one code object) before running it uncompiled."""
     import torch._dynamo

@@ -24,7 +24,7 @@ import torch
 from transformers import AttentionInterface
 
 from .errors import UserError
-from .hf_internals import attention_implementations
+from .hf_internals import attention_implementations, check_same_size
 
 SPLIT_KV = "specvlm_split_kv"
 # cache slots per chunk of `split_kv_attention`: fast-path widths (multiples of `round.LENGTH_BUCKET`) divide by it
@@ -55,8 +55,8 @@ def split_kv_attention(
     # through nested floor divisions the shape solver cannot solve, so each layer added dozens of guards over
     # unrelated symbols, and tracing grew with the square of the layers (a 32-layer verify did not compile in 340 s
     # on an H100; on the CPU, 240 s against 78 s with these checks)
-    torch._check(value.shape[2] == width, lambda: f"{SPLIT_KV}: the value's width differs from the key's")
-    torch._check(attention_mask.shape[-1] == width, lambda: f"{SPLIT_KV}: the mask's width differs from the key's")
+    check_same_size(value.shape[2], width, f"{SPLIT_KV}: the value's width differs from the key's")
+    check_same_size(attention_mask.shape[-1], width, f"{SPLIT_KV}: the mask's width differs from the key's")
     group = heads // key_heads
     chunks = width // CHUNK if width % CHUNK == 0 else 1
     size = width // chunks

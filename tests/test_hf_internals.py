@@ -398,3 +398,9 @@ def test_merge_repeated_runs_as_an_inductor_pass():
     assert type(merge).removed > before or "".join(code).count("mm(") == 1  # merged now, or code cached merged
     assert "".join(code).count("mm(") == 1
     assert hf_internals.inductor_options(False) == {}
+
+
+def test_check_same_size_raises_with_the_message_and_passes_equal_sizes():
+    hf_internals.check_same_size(torch.zeros(3).shape[0], 3, "never raised")
+    with pytest.raises(RuntimeError, match="the widths differ"):
+        hf_internals.check_same_size(torch.zeros(3).shape[0], 4, "the widths differ")

@@ -55,6 +55,8 @@ def test_split_kv_attention_refuses_what_it_does_not_compute():
         split_kv_attention(Layer(1), query, key, value, additive, softcap=30.0)
     with pytest.raises(ValueError, match="4-D attention mask"):
         split_kv_attention(Layer(1), query, key, value, None)
+    with pytest.raises(RuntimeError, match="the mask's width differs from the key's"):
+        split_kv_attention(Layer(1), query, key, value, additive[..., :-1])
 
 
 def test_compiled_with_dynamic_widths_every_layers_width_is_one_symbol(monkeypatch):
