@@ -6,8 +6,9 @@ the copy bandwidth (the H200 profile: 11.8 us each). One GEMM over the three pro
 pass with more thread blocks. `fuse_projections(model)` lays each attention's q/k/v weights (and each MLP's gate/up
 weights) out as one tensor, the old parameters' values copied into it and their memory released, and replaces the
 projections with `SharedProjection`s that each compute the whole fused product and keep their own columns. In
-eager mode that computes the product three times; in a compiled function `cse_pass` (an inductor post-grad pass)
-merges the identical GEMMs into one, so the compiled round runs one GEMM and three views.
+eager mode (and in any compile without the pass) that computes the product three times; the fast path's compiles
+merge the identical GEMMs into one (`specvlm_hf.hf_internals.merge_repeated`, `round.MERGE_REPEATED`), so the
+compiled round runs one GEMM and three views.
 
 This changes the model in place (its parameters become views of one tensor each), so it is for benchmark processes
 only; the package's fast path does not do it.
@@ -55,74 +56,3 @@ def fuse_projections(model: nn.Module) -> int:
         fused += _fuse(module, ("q_proj", "k_proj", "v_proj"))
         fused += _fuse(module, ("gate_proj", "up_proj"))
     return fused
-
-
-def _key(value):
-    if isinstance(value, (list, tuple)):
-        return tuple(_key(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _key(v)) for k, v in value.items()))
-    if isinstance(value, torch.fx.Node):
-        return ("node", value)
-    try:
-        hash(value)
-    except TypeError:
-        return ("id", id(value))
-    return (type(value).__name__, value)
-
-
-def cse_graph(graph: torch.fx.Graph) -> int:
-    """Common-subexpression elimination on a functional graph, in place: a node computing what an earlier node
-    computed (same op, same arguments) is replaced by it. Ops with side effects (mutable schemas), random ops, fresh
-    buffers (`empty`) and values a later node writes in place are kept. Returns how many nodes were removed."""
-    seen: dict = {}
-    removed = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.is_impure():
-            continue
-        target = node.target
-        tags = getattr(target, "tags", ())
-        if torch.Tag.nondeterministic_seeded in tags or "empty" in str(target):
-            continue  # random values, or a fresh buffer whose identity matters
-        if any(user.is_impure() for user in node.users):
-            continue  # written in place by a later node: two equal values are still two buffers
-        key = (target, _key(node.args), _key(node.kwargs))
-        earlier = seen.get(key)
-        if earlier is None:
-            seen[key] = node
-            continue
-        node.replace_all_uses_with(earlier)
-        graph.erase_node(node)
-        removed += 1
-    return removed
-
-
-try:
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-
-    class CSEPass(CustomGraphPass):
-        removed = 0
-
-        def __call__(self, graph: torch.fx.Graph) -> None:
-            CSEPass.removed += cse_graph(graph)
-
-        def uuid(self):
-            import hashlib
-            import inspect
-
-            return hashlib.sha256(inspect.getsource(cse_graph).encode()).hexdigest()  # a changed pass recompiles
-
-except ImportError:  # older torch: a plain callable (inductor then skips its FX graph cache)
-
-    class CSEPass:  # type: ignore[no-redef]
-        removed = 0
-
-        def __call__(self, graph):
-            CSEPass.removed += cse_graph(graph)
-
-
-def install_cse_pass() -> None:
-    """Runs `cse_graph` first in inductor's post-grad passes of every later compile in this process."""
-    from torch._inductor import config
-
-    config.post_grad_custom_pre_pass = CSEPass()
