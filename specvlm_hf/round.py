@@ -66,7 +66,8 @@ VERIFY_ATTENTION: str | None = None
 # whether inductor compiles of the round functions first merge repeated computations (`hf_internals.merge_repeated`:
 # what a round's graph repeats per layer, computed once). On an H100, with the q/k/v and gate/up projections of each
 # layer made one GEMM each by the same pass (benchmarks/fused_projections.py), the 7B round fell from 11.05 to 10.27
-# ms (results/README.md, round variants).
+# ms (results/README.md, round variants). Set it before the process's first fast-path call: torch keeps what it
+# compiled for a round function's code, whatever this said then.
 MERGE_REPEATED = True
 
 
