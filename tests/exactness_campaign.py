@@ -6,10 +6,13 @@ mode (tree, the static-cache fast path, chain), a draft (oracle, noisy oracle, f
 reduced vocabulary or two layers), a tree shape, a prompt (0-2 images, 1-12 text tokens; sometimes a left-padded
 batch of 2-3 rows), a token budget, logits processors (min_new_tokens, repetition_penalty, no_repeat_ngram_size,
 suppressed and bad words, sequence bias, length penalty, forced EOS), extra end-of-sequence tokens, and on the fast
-path sometimes the split-KV verify kernel. Plain `generate` is the reference: the same tokens, and the same raw
-logits and processed scores while a row decodes (rows that have ended hold padding logits by design).
+path sometimes the split-KV verify kernel, and with `--compiled-share P` a share P of the fast-path cases compiled
+(`aot_eager` after `merge_repeated`, the graph pass inductor runs first on a GPU). Plain `generate` is the
+reference: the same tokens, and the same raw logits and processed scores while a row decodes (rows that have ended
+hold padding logits by design).
 
     python tests/exactness_campaign.py --seconds 600 --seed 7     # prints failures; exit status 1 if any
+    python tests/exactness_campaign.py --seconds 600 --compiled-share 1   # every fast-path case compiled (slower)
 
 `tests/test_exactness_campaign.py` runs a fixed-seed slice of it in the suite.
 """
@@ -82,9 +85,10 @@ class Case:
     draft_vocab: int | None = None
     split_kv: bool = False
     prompt_seed: int = 0
+    compiled: bool = False
 
 
-def draw_case(rng: random.Random) -> Case:
+def draw_case(rng: random.Random, compiled_share: float = 0.0) -> Case:
     family = rng.choice(sorted(BUILDERS))
     modes = ["tree", "chain"] + ([] if family in NO_STATIC else ["static"])
     mode = rng.choice(modes)
@@ -121,7 +125,7 @@ def draw_case(rng: random.Random) -> Case:
         overrides["compressor"] = {"mode": "fixed", "fixed": rng.choice(branches)}
     if kind == "fresh" and rng.random() < 0.3:
         overrides["num_draft_layers"] = 2
-    return Case(
+    case = Case(
         family=family,
         seed=rng.randrange(3),
         mode=mode,
@@ -135,6 +139,9 @@ def draw_case(rng: random.Random) -> Case:
         split_kv=mode == "static" and rng.random() < 0.3,
         prompt_seed=rng.randrange(10**6),
     )
+    if mode == "static" and compiled_share > 0:  # drawn last, and not at share 0: the same cases as without it
+        case.compiled = rng.random() < compiled_share
+    return case
 
 
 @contextmanager
@@ -148,6 +155,29 @@ def split_kv_verify():
         yield
     finally:
         round_module.VERIFY_ATTENTION, verify_attention.CHUNK = saved
+
+
+@contextmanager
+def compiled_fast_path(enabled: bool):
+    """The fast path's round functions compiled on the CPU as on a GPU, minus code generation: traced whole, the
+    functional graph run by `aot_eager` after `merge_repeated` (no CUDA graphs)."""
+    if not enabled:
+        yield
+        return
+    import torch._dynamo
+
+    from specvlm_hf import decoding, round as round_module
+    from specvlm_hf.hf_internals import aot_eager_merging_backend
+
+    saved = round_module.COMPILE_OPTIONS, decoding.fast_path_options
+    round_module.COMPILE_OPTIONS = {"dynamic": False, "backend": aot_eager_merging_backend()}
+    decoding.fast_path_options = lambda *args, **kwargs: (False, True)
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        round_module.COMPILE_OPTIONS, decoding.fast_path_options = saved
+        torch._dynamo.reset()
 
 
 class PlainGenerateFailed(Exception):
@@ -191,11 +221,12 @@ def run_case(case: Case, targets: dict) -> str | None:
         reference = target.generate(**inputs, **kwargs)
     except RuntimeError as error:  # e.g. two processors make a NaN that plain sampling itself cannot draw from
         raise PlainGenerateFailed(str(error)) from error
-    if case.split_kv:
-        with split_kv_verify():
+    with compiled_fast_path(case.compiled):
+        if case.split_kv:
+            with split_kv_verify():
+                speculative = target.generate(**inputs, **kwargs, **fast, assistant_model=draft)
+        else:
             speculative = target.generate(**inputs, **kwargs, **fast, assistant_model=draft)
-    else:
-        speculative = target.generate(**inputs, **kwargs, **fast, assistant_model=draft)
     if speculative.sequences.tolist() != reference.sequences.tolist():
         return f"tokens differ:\n  plain {reference.sequences.tolist()}\n  spec  {speculative.sequences.tolist()}"
     if len(speculative.logits) != len(reference.logits):
@@ -226,15 +257,17 @@ def run_case(case: Case, targets: dict) -> str | None:
     return None
 
 
-def campaign(seed: int, cases: int | None = None, seconds: float | None = None, log=print) -> list[tuple]:
+def campaign(
+    seed: int, cases: int | None = None, seconds: float | None = None, log=print, compiled_share: float = 0.0
+) -> list[tuple]:
     """Runs cases drawn from `seed` until `cases` ran or `seconds` passed; returns `(case, what differed)` failures
     (an exception counts, with its traceback)."""
     torch.set_num_threads(1)
     rng, targets, failures = random.Random(seed), {}, []
     deadline = None if seconds is None else time.monotonic() + seconds
-    done = skipped = 0
+    done = skipped = compiled = 0
     while (cases is None or done < cases) and (deadline is None or time.monotonic() < deadline):
-        case = draw_case(rng)
+        case = draw_case(rng, compiled_share)
         try:
             problem = run_case(case, targets)
         except PlainGenerateFailed:
@@ -243,12 +276,16 @@ def campaign(seed: int, cases: int | None = None, seconds: float | None = None, 
         except Exception:  # noqa: BLE001 - every exception is a finding here
             problem = traceback.format_exc(limit=6)
         done += 1
+        compiled += case.compiled
         if problem is not None:
             failures.append((case, problem))
             log(f"FAILED {case}\n{problem}")
         if done % 50 == 0:
             log(f"{done} cases, {len(failures)} failed")
-    log(f"{done} cases, {len(failures)} failed ({skipped} skipped: plain `generate` itself failed on them)")
+    log(
+        f"{done} cases ({compiled} compiled), {len(failures)} failed ({skipped} skipped: plain `generate` itself "
+        "failed on them)"
+    )
     return failures
 
 
@@ -259,9 +296,18 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=600)
     parser.add_argument("--cases", type=int, default=None)
+    parser.add_argument(
+        "--compiled-share", type=float, default=0.0, help="the share of fast-path cases compiled (see above)"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # the low-acceptance warning of fresh drafts, on every other case
-    failures = campaign(args.seed, cases=args.cases, seconds=args.seconds, log=lambda line: print(line, flush=True))
+    failures = campaign(
+        args.seed,
+        cases=args.cases,
+        seconds=args.seconds,
+        log=lambda line: print(line, flush=True),
+        compiled_share=args.compiled_share,
+    )
     return 1 if failures else 0
 
 
