@@ -64,9 +64,9 @@ STACK_COMPILED_LAYERS = False
 # `verify_attention` for why the tree's queries may want another kernel than the target's other forwards.
 VERIFY_ATTENTION: str | None = None
 # whether inductor compiles of the round functions first merge repeated computations (`hf_internals.merge_repeated`:
-# what a round's graph repeats per draft level and per layer, computed once). On an H100 the LLaVA-1.5-7B-shaped round
-# fell from 10.93 to 10.50 ms at 601 prompt tokens (results/README.md, round variants). Set it before the process's first fast-path call: torch keeps what it
-# compiled for a round function's code, whatever this said then.
+# what a round's graph repeats per draft level and per layer, computed once). On an H100 the LLaVA-1.5-7B-shaped
+# round fell from 10.93 to 10.50 ms at 601 prompt tokens (results/README.md, round variants). Set it before the
+# process's first fast-path call: torch keeps what it compiled for a round function's code, whatever this said then.
 MERGE_REPEATED = True
 
 
