@@ -138,6 +138,37 @@ def build(dtype=None):
     return target, SpecVLMDraftModel.from_target(target, **overrides)
 
 
+def fp32_equality_rows(lengths, new_tokens: int) -> dict:
+    """Greedy fp32 equality of the fast path with plain `generate` at each prompt length, on the tiny LLaVA shape
+    (hidden 256, 2 layers) on this device: the 7B in fp32 would compile again."""
+    tiny = gpu_check_tree.TINY
+    gpu_check_tree.TINY = True
+    try:
+        small, small_draft = build(torch.float32)
+    finally:
+        gpu_check_tree.TINY = tiny
+    rows = []
+    for index, n in enumerate(lengths):
+        inputs = make_inputs(n, torch.Generator().manual_seed(100 + index))
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].float()
+        _, plain = timed_call(small, inputs, new_tokens)
+        _, fast = timed_call(small, inputs, new_tokens, assistant_model=small_draft, cache_implementation="static")
+        rows.append(
+            {
+                "prompt_length": n,
+                "equal": plain == fast,
+                "first_difference": first_difference(plain, fast),
+                "rounds": small_draft.stats.rounds,
+            }
+        )
+    return {
+        "shape": "tiny LLaVA (hidden 256, 2 layers), fp32",
+        "rows": rows,
+        "all_equal": all(r["equal"] for r in rows),
+    }
+
+
 def child(args) -> dict:
     """The second process: the disk caches of the first, its first call, then `warmup` over every bucket."""
     result = {}
@@ -441,29 +472,7 @@ def main():
 
     # 4. greedy fp32 equality at every length, on a small LLaVA shape (the 7B in fp32 would compile again)
     def fp32_equality():
-        tiny = gpu_check_tree.TINY
-        gpu_check_tree.TINY = True
-        try:
-            small, small_draft = build(torch.float32)
-        finally:
-            gpu_check_tree.TINY = tiny
-        rows = []
-        for index, n in enumerate(lengths):
-            inputs = make_inputs(n, torch.Generator().manual_seed(100 + index))
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].float()
-            _, plain = timed_call(small, inputs, args.new_tokens)
-            _, fast = timed_call(
-                small, inputs, args.new_tokens, assistant_model=small_draft, cache_implementation="static"
-            )
-            rows.append(
-                {"prompt_length": n, "equal": plain == fast, "first_difference": first_difference(plain, fast)}
-            )
-        return {
-            "shape": "tiny LLaVA (hidden 256, 2 layers), fp32",
-            "rows": rows,
-            "all_equal": all(r["equal"] for r in rows),
-        }
+        return fp32_equality_rows(lengths, args.new_tokens)
 
     section("fp32_equality", fp32_equality)
 

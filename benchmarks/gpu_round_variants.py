@@ -63,33 +63,13 @@ FP32_CHECK = "fp32_equality"
 def fp32_child(sync_dir: str, new_tokens: int) -> dict:
     """Greedy fp32 equality of the fast path (compiled by inductor with the package's passes, CUDA graphs) with plain
     `generate` at 5 prompt lengths, on the tiny LLaVA shape on the GPU; run while the variants compile."""
-    import torch
-
-    import gpu_check_tree
     import gpu_long_running
 
-    gpu_check_tree.TINY = True
-    target, draft = gpu_long_running.build(torch.float32)
-    rows = []
-    for index, length in enumerate((40, 300, 601, 900, 1500)):
-        inputs = gpu_long_running.make_inputs(length, torch.Generator().manual_seed(100 + index))
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].float()
-        _, plain = gpu_long_running.timed_call(target, inputs, new_tokens)
-        _, fast = gpu_long_running.timed_call(
-            target, inputs, new_tokens, assistant_model=draft, cache_implementation="static"
-        )
-        rows.append({"prompt_length": length, "equal": plain == fast, "rounds": draft.stats.rounds})
+    result = gpu_long_running.fp32_equality_rows((40, 300, 601, 900, 1500), new_tokens)
     open(os.path.join(sync_dir, f"ready_{FP32_CHECK}"), "w").close()
     from specvlm_hf.hf_internals import merge_repeated_pass
 
-    return {
-        "variant": FP32_CHECK,
-        "shape": "tiny LLaVA (hidden 256, 2 layers), fp32, fast path compiled",
-        "merged_nodes": type(merge_repeated_pass()).removed,
-        "rows": rows,
-        "all_equal": all(row["equal"] for row in rows),
-    }
+    return {"variant": FP32_CHECK, **result, "merged_nodes": type(merge_repeated_pass()).removed}
 
 
 def child(name: str, sync_dir: str, new_tokens: int) -> dict:

@@ -8,6 +8,7 @@ changes it. The rest of the package calls these functions and never touches the 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager
 
@@ -434,7 +435,9 @@ def _graph_key(value):
     return (type(value).__name__, value)
 
 
-def _merge_repeated_pass():
+@functools.cache
+def merge_repeated_pass():
+    """The one `merge_repeated` inductor pass object of the process (its class's `removed` counts removed nodes)."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class MergeRepeated(CustomGraphPass):
@@ -452,17 +455,6 @@ def _merge_repeated_pass():
             return hashlib.sha256(inspect.getsource(merge_repeated).encode()).hexdigest()
 
     return MergeRepeated()
-
-
-_MERGE_PASS = None
-
-
-def merge_repeated_pass():
-    """The one `merge_repeated` inductor pass object (its `removed` counts nodes removed in this process)."""
-    global _MERGE_PASS
-    if _MERGE_PASS is None:
-        _MERGE_PASS = _merge_repeated_pass()
-    return _MERGE_PASS
 
 
 def inductor_options(merge: bool) -> dict:
