@@ -94,6 +94,31 @@ def split_kv(chunk: int):
     return attend
 
 
+def split_kv_on(kernel: str, chunk: int):
+    """The product's kernel with the chunks' attention on another fused kernel than `hf_internals.attention_with_lse`
+    picks (the memory-efficient one on CUDA): `"cudnn"`."""
+    from specvlm_hf import verify_attention
+
+    def cudnn_with_lse(query, key, value, bias, scale):
+        output, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, key, value, bias, True, 0.0, False, False, scale=scale
+        )[:2]
+        return output, lse.flatten(2)[..., : query.shape[-2]]
+
+    kernels = {"cudnn": cudnn_with_lse}
+    inner = split_kv(chunk)
+
+    def attend(q, k, v, additive):
+        saved = verify_attention.attention_with_lse
+        verify_attention.attention_with_lse = kernels[kernel]
+        try:
+            return inner(q, k, v, additive)
+        finally:
+            verify_attention.attention_with_lse = saved
+
+    return attend
+
+
 def transformers_flex(q, k, v, additive):
     """transformers' `flex_attention` forward with the verify's additive mask (`VERIFY_ATTENTION="flex_attention"`):
     no block is skipped, the mask is added to every score."""
@@ -144,6 +169,7 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="CPU miniature: small widths, few repeats")
     parser.add_argument("--widths", default="")
     parser.add_argument("--out", default="")
+    parser.add_argument("--variants", default="", help="comma-separated names (default: all)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     heads = 4 if args.smoke else HEADS
@@ -161,11 +187,21 @@ def main():
         # compiled as the fast path compiles its rounds: the cache width dynamic (one compile for every bucket)
         "sdpa_math_compiled_dynamic": (math_attention, "additive", "dynamic"),
         "split_kv_compiled_256_dynamic": (split_kv(256), "additive", "dynamic"),
+        "split_kv_compiled_128_dynamic": (split_kv(128), "additive", "dynamic"),
+        "split_kv_compiled_512_dynamic": (split_kv(512), "additive", "dynamic"),
+        "split_kv_eager_256": (split_kv(256), "additive", False),
     }
+    if device.type == "cuda":
+        variants["split_kv_cudnn_compiled_256_dynamic"] = (split_kv_on("cudnn", 256), "additive", "dynamic")
     if device.type == "cuda":
         variants["sdpa_efficient"] = (sdpa, "additive", "efficient")
     else:  # inductor's CPU flex kernel with a bf16 additive mask crashes the process (torch 2.13, seen here)
         del variants["transformers_flex_compiled"]
+    chosen = [name for name in args.variants.split(",") if name]
+    unknown = sorted(set(chosen) - set(variants))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose among {sorted(variants)}")
+    variants = {name: variants[name] for name in chosen} if chosen else variants
     results = {
         "machine": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
         "torch": torch.__version__,

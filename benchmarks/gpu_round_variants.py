@@ -60,24 +60,35 @@ GB_PER_VARIANT = 18  # a 7B target (14 GB), its draft, both methods' caches at t
 FP32_CHECK = "fp32_equality"
 
 
-def fp32_child(sync_dir: str, new_tokens: int) -> dict:
+def fp32_child(sync_dir: str, new_tokens: int, variant: str) -> dict:
     """Greedy fp32 equality of the fast path (compiled by inductor with the package's passes, CUDA graphs) with plain
-    `generate` at 5 prompt lengths, on the tiny LLaVA shape on the GPU; run while the variants compile."""
+    `generate` at 5 prompt lengths, on the tiny LLaVA shape on the GPU; run while the variants compile. `variant`'s
+    round settings apply (its merging pass and verify attention; the 7B-only knobs do not)."""
     import gpu_long_running
+    from specvlm_hf import round as round_module
+
+    spec = VARIANTS[variant]
+    round_module.MERGE_REPEATED = spec.get("merge", True)
+    round_module.VERIFY_ATTENTION = spec.get("verify_attention")
 
     result = gpu_long_running.fp32_equality_rows((40, 300, 601, 900, 1500), new_tokens)
     open(os.path.join(sync_dir, f"ready_{FP32_CHECK}"), "w").close()
     from specvlm_hf.hf_internals import merge_repeated_pass
 
-    return {"variant": FP32_CHECK, **result, "merged_nodes": type(merge_repeated_pass()).removed}
+    return {
+        "variant": FP32_CHECK,
+        "settings_of": variant,
+        **result,
+        "merged_nodes": type(merge_repeated_pass()).removed,
+    }
 
 
-def child(name: str, sync_dir: str, new_tokens: int) -> dict:
+def child(name: str, sync_dir: str, new_tokens: int, fp32_variant: str = "default") -> dict:
     """One variant: build, warm both methods at both prompts, wait for the others, measure under the lock."""
     sys.path.insert(0, os.path.join(HERE, ".."))
     sys.path.insert(0, HERE)
     if name == FP32_CHECK:
-        return fp32_child(sync_dir, new_tokens)
+        return fp32_child(sync_dir, new_tokens, fp32_variant)
     spec = VARIANTS[name]
     import torch
 
@@ -160,7 +171,8 @@ def run_wave(names, args, sync_dir, deadline, results, out_path) -> None:
     for name in names:
         log = open(os.path.join(args.out, f"{name}.log"), "w")
         command = [sys.executable, os.path.abspath(__file__), "--child", name, "--sync-dir", sync_dir]
-        command += ["--new-tokens", str(args.new_tokens)] + (["--smoke"] if SMOKE else [])
+        command += ["--new-tokens", str(args.new_tokens), "--fp32-variant", args.fp32_variant]
+        command += ["--smoke"] if SMOKE else []
         children[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log)
     compile_deadline = min(deadline, time.time() + args.compile_seconds)
     while time.time() < compile_deadline:
@@ -247,21 +259,24 @@ def main():
         action="store_true",
         help="also check greedy fp32 equality of the compiled fast path on a tiny LLaVA, beside the first wave",
     )
+    parser.add_argument("--fp32-variant", default="default", help="the variant whose round settings the check uses")
     parser.add_argument("--smoke", action="store_true", help="the plumbing on the CPU (see the module docstring)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sync-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         try:
-            print("CHILD " + json.dumps(child(args.child, args.sync_dir, args.new_tokens)), flush=True)
+            print(
+                "CHILD " + json.dumps(child(args.child, args.sync_dir, args.new_tokens, args.fp32_variant)), flush=True
+            )
         except Exception as error:
             traceback.print_exc()
             print("CHILD " + json.dumps({"variant": args.child, "error": repr(error)[:800]}), flush=True)
         return
     names = [n for n in args.variants.split(",") if n]
     unknown = [n for n in names if n not in VARIANTS and n != FP32_CHECK]
-    if unknown:
-        parser.error(f"unknown variants {unknown}: choose from {sorted(VARIANTS)}")
+    if unknown or args.fp32_variant not in VARIANTS:
+        parser.error(f"unknown variants {unknown or [args.fp32_variant]}: choose from {sorted(VARIANTS)}")
     os.makedirs(args.out, exist_ok=True)
     memory = 3 * GB_PER_VARIANT if SMOKE else gpu_memory_gb()
     parallel = args.parallel or max(1, int(memory // GB_PER_VARIANT))

@@ -386,6 +386,24 @@ def compile_backend(name_or_fn):
     return torch._dynamo.lookup_backend(name_or_fn) if isinstance(name_or_fn, str) else name_or_fn
 
 
+# fused attention kernels that also return their softmax's log-sum-exp (private aten ops: sdpa returns no
+# log-sum-exp, which merging attention over separate key chunks needs)
+def attention_with_lse(query, key, value, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention `(B, H, L, d)` of `query` `(B, H, L, d)` over `key` / `value` `(B, H, S, d)` with the
+    additive `bias` `(B, H, L, S)` (query's dtype; broadcast dimensions may have stride 0), and the log-sum-exp of
+    each row's biased scores, `(B, H, L)` float32. CUDA: the memory-efficient kernel; CPU: the flash kernel that
+    CPU sdpa runs."""
+    if query.device.type == "cuda":
+        output, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, bias, True, 0.0, False, scale=scale
+        )[:2]
+        return output, lse[..., : query.shape[-2]]  # the kernel pads its rows to a multiple of 32
+    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, False, attn_mask=bias, scale=scale
+    )
+    return output, lse
+
+
 # a graph pass run on the round functions' graphs (torch.fx; inductor's `post_grad_custom_pre_pass` hook and its
 # `CustomGraphPass` base, `compile_fx(config_patches=)`; `torch._dynamo.backends.common.aot_autograd` for tests)
 def merge_repeated(graph: torch.fx.Graph) -> int:

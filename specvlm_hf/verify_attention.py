@@ -24,7 +24,7 @@ import torch
 from transformers import AttentionInterface
 
 from .errors import UserError
-from .hf_internals import attention_implementations, check_same_size
+from .hf_internals import attention_implementations, attention_with_lse, check_same_size
 
 SPLIT_KV = "specvlm_split_kv"
 # cache slots per chunk of `split_kv_attention`: fast-path widths (multiples of `round.LENGTH_BUCKET`) divide by it
@@ -45,9 +45,11 @@ def split_kv_attention(
     if attention_mask is None or attention_mask.dim() != 4:
         raise ValueError(f"{SPLIT_KV} needs the verify forward's 4-D attention mask")
     if attention_mask.dtype == torch.bool:  # True: attend
-        attention_mask = torch.zeros((), dtype=torch.float32, device=query.device).masked_fill(
-            ~attention_mask, torch.finfo(torch.float32).min
+        attention_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min
         )
+    elif attention_mask.dtype != query.dtype:  # the kernels add a bias of the query's dtype; keep "hidden" finite
+        attention_mask = attention_mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
     batch, heads, queries, dim = query.shape
     key_heads, width = key.shape[1], key.shape[2]
     # key, value and mask share one width. Compiled with the cache width dynamic, each layer's cache and the mask carry
@@ -61,23 +63,25 @@ def split_kv_attention(
     chunks = width // CHUNK if width % CHUNK == 0 else 1
     size = width // chunks
     scale = dim**-0.5 if scaling is None else scaling
-    rows = query.reshape(batch, key_heads, group * queries, dim)  # a key head's query heads, one after the other
-    keys = key.reshape(batch, key_heads, chunks, size, dim)
-    values = value.reshape(batch, key_heads, chunks, size, dim)
-    # (B, Hkv, chunks, group * q, size) scores in float32, the mask's (q, W) laid out as (chunks, 1, q, size)
-    scores = torch.einsum("bhrd,bhcsd->bhcrs", rows, keys).float() * scale
-    mask = attention_mask.float().reshape(attention_mask.shape[0], 1, queries, chunks, size).permute(0, 1, 3, 2, 4)
-    scores = (scores.reshape(batch, key_heads, chunks, group, queries, size) + mask[:, :, :, None]).reshape(
-        scores.shape
+    # a key head's query heads one after the other as rows (grouped heads read their key head once), and each chunk
+    # of the cache a batch entry of its own: (B * chunks, Hkv, rows, d) queries over (B * chunks, Hkv, size, d)
+    # keys. For batch 1 all of it is views of the cache (no copy): the chunks are its slot ranges.
+    rows = group * queries
+    chunked = (batch * chunks, key_heads, rows, dim)
+    queries_by_chunk = query.reshape(batch, 1, key_heads, rows, dim).expand(batch, chunks, -1, -1, -1)
+    keys = (
+        key.reshape(batch, key_heads, chunks, size, dim).transpose(1, 2).reshape(batch * chunks, key_heads, size, dim)
     )
-    # each chunk's softmax numerator and denominator against its own maximum; a chunk no query sees (every score
-    # near the mask's minimum) gets weight exp(its max - the overall max) = 0 when merged
-    peak = scores.amax(-1, keepdim=True)
-    weights = torch.exp(scores - peak)
-    total = weights.sum(-1, keepdim=True)
-    partial = torch.einsum("bhcrs,bhcsd->bhcrd", weights.to(value.dtype), values).float()
-    factor = torch.exp(peak - peak.amax(2, keepdim=True))
-    output = (partial * factor).sum(2) / (total * factor).sum(2)
+    values = value.reshape(batch, key_heads, chunks, size, dim).transpose(1, 2)
+    values = values.reshape(batch * chunks, key_heads, size, dim)
+    mask = attention_mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(-1, 1, rows, chunks, size)
+    mask = mask.permute(0, 3, 1, 2, 4).expand(batch, chunks, key_heads, rows, size).reshape(*chunked[:3], size)
+    partial, lse = attention_with_lse(queries_by_chunk.reshape(chunked), keys, values, mask, scale)
+    # the chunks merged by their log-sum-exps (the flash-decoding merge); a chunk a row does not see (every score near
+    # the mask's minimum) gets weight exp(its lse - the largest) = 0
+    lse = lse.reshape(batch, chunks, key_heads, rows, 1)
+    weights = torch.exp(lse - lse.amax(1, keepdim=True))
+    output = (partial.reshape(batch, chunks, key_heads, rows, dim).float() * weights).sum(1) / weights.sum(1)
     output = output.to(query.dtype).reshape(batch, heads, queries, dim)
     return output.transpose(1, 2).contiguous(), None
 
