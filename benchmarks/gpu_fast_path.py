@@ -149,14 +149,16 @@ def profile_fast_path(target, draft, inputs, table_path, new_tokens, **fast_kwar
     averages = prof.key_averages()
     table = averages.table(sort_by="self_cpu_time_total", row_limit=40)
     if DEVICE == "cuda":
-        table += "\n\n" + averages.table(sort_by="self_cuda_time_total", row_limit=25)
+        table += "\n\n" + averages.table(sort_by="self_cuda_time_total", row_limit=150)
     if table_path:
         with open(table_path, "w") as handle:
             handle.write(table)
     gpu_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in averages)
     cpu_us = sum(e.self_cpu_time_total for e in averages)
     rounds = max(draft.stats.rounds, 1)
+    kernels = sum(e.count for e in averages if str(getattr(e, "device_type", "")).endswith("CUDA"))
     return {
+        "gpu_kernels_per_round": kernels / rounds,
         "rounds": rounds,
         "gpu_kernel_ms_per_round": gpu_us / 1000 / rounds,
         "cpu_self_ms_per_round": cpu_us / 1000 / rounds,

@@ -52,7 +52,7 @@ def test_round_functions_compile_once_for_every_length_bucket(counted_compile, v
     # the verify graph (the second one traced) runs the chosen kernel: sdpa, or the split-KV kernel's GEMMs
     verify_code = counted_compile.graphs[1].code
     assert ("scaled_dot_product_attention" in verify_code) == (verify_attention is None), verify_code[:2000]
-    assert ("einsum" in verify_code) == (verify_attention is not None)
+    assert ("_scaled_dot_product_flash_attention_for_cpu" in verify_code) == (verify_attention is not None)
 
 
 def test_recompiles_past_torch_limit_warn():
