@@ -1,0 +1,88 @@
+"""The fast path over many kept length buckets, call after call, checked against plain `generate` (issue 13).
+
+A 7B run (`gpu_long_running.py --only plain_static,fast,round_cost`, H100, 2026-12-05 17:40 UTC) met an illegal
+memory access in the first call after its `fast` section: 9 buckets met twice with 48 new tokens (all kept, their
+target caches sharing the longest one's memory), then the first prompt again with 96 new tokens. This script repeats
+that sequence of calls on the tiny LLaVA shape in fp32 (fast to compile), each call's greedy output compared with
+plain `generate`, once with the round functions compiled ahead of time into a store (`startup.use_cache_dir`, as
+that run did) and once compiled in process, each in a process of its own (a crash ends only its own mode).
+
+    python benchmarks/gpu_kept_buckets.py [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LENGTHS = (601, 89, 345, 857, 1113, 1369, 1625, 1881, 2137)
+
+
+def calls() -> list[tuple[int, int]]:
+    """(prompt length, new tokens) in the failing run's order."""
+    return [(n, 48) for n in LENGTHS] * 2 + [(LENGTHS[0], 96), (LENGTHS[-1], 96), (LENGTHS[1], 96)]
+
+
+def child(mode: str, smoke: bool) -> None:
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    sys.path.insert(0, HERE)
+    if smoke:
+        os.environ["TINY"] = "1"
+    import torch
+
+    import gpu_check_tree
+    from gpu_long_running import build, make_inputs, timed_call
+    from specvlm_hf import precompile
+    from specvlm_hf.startup import use_cache_dir
+
+    if mode == "precompiled":
+        use_cache_dir(tempfile.mkdtemp(prefix="specvlm_kept_"))
+    else:
+        precompile.use_store(None)
+    gpu_check_tree.TINY = True
+    target, draft = build(torch.float32)
+    for index, (length, new_tokens) in enumerate(calls()[: 4 if smoke else None]):
+        length = min(length, 300) if smoke else length
+        inputs = make_inputs(length, torch.Generator().manual_seed(index % len(LENGTHS)))
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].float()
+        _, plain = timed_call(target, inputs, new_tokens)
+        try:
+            _, fast = timed_call(target, inputs, new_tokens, assistant_model=draft, cache_implementation="static")
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        except Exception as error:
+            traceback.print_exc()
+            print("ROW " + json.dumps({"mode": mode, "call": index, "length": length, "error": repr(error)[:400]}))
+            return
+        kept = sorted(length for length, _ in getattr(draft, "_specvlm_fast_paths").paths)
+        row = {"mode": mode, "call": index, "length": length, "new_tokens": new_tokens, "equal": plain == fast}
+        print("ROW " + json.dumps({**row, "kept": kept}), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--modes", default="precompiled,in_process")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.smoke)
+        return
+    for mode in args.modes.split(","):
+        command = [sys.executable, os.path.abspath(__file__), "--child", mode] + (["--smoke"] if args.smoke else [])
+        done = subprocess.run(command, capture_output=True, text=True, timeout=190)
+        rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
+        print("\n".join(rows), flush=True)
+        if done.returncode or not rows or "error" in rows[-1]:
+            print(f"{mode}: exit {done.returncode}\n" + done.stderr[-2500:], flush=True)
+
+
+if __name__ == "__main__":
+    main()
