@@ -5,9 +5,13 @@ memory access in the first call after its `fast` section: 9 buckets met twice wi
 target caches sharing the longest one's memory), then the first prompt again with 96 new tokens. This script repeats
 that sequence of calls on the tiny LLaVA shape in fp32 (fast to compile), each call's greedy output compared with
 plain `generate`, once with the round functions compiled ahead of time into a store (`startup.use_cache_dir`, as
-that run did) and once compiled in process, each in a process of its own (a crash ends only its own mode).
+that run did) and once compiled in process, each in a process of its own (a crash ends only its own mode). A third
+mode, `precompiled_static_plain`, takes the plain references with a static cache, as that run did: transformers then
+compiles its decoding step (its own CUDA graphs), interleaved with the fast path's. The calls run in that run's order:
+the plain sweeps, then the fast sweeps, then plain and fast call by call. On the tiny shape (H200, 2026-12-05 18:00
+UTC) the first two modes gave 21/21 equal calls each, no crash; `--seven-b` repeats it on the 7B shape in bf16.
 
-    python benchmarks/gpu_kept_buckets.py [--smoke]
+    python benchmarks/gpu_kept_buckets.py [--smoke] [--seven-b] [--modes precompiled_static_plain]
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def calls() -> list[tuple[int, int]]:
     return [(n, 48) for n in LENGTHS] * 2 + [(LENGTHS[0], 96), (LENGTHS[-1], 96), (LENGTHS[1], 96)]
 
 
-def child(mode: str, smoke: bool) -> None:
+def child(mode: str, smoke: bool, seven_b: bool) -> None:
     sys.path.insert(0, os.path.join(HERE, ".."))
     sys.path.insert(0, HERE)
     if smoke:
@@ -38,21 +42,34 @@ def child(mode: str, smoke: bool) -> None:
 
     import gpu_check_tree
     from gpu_long_running import build, make_inputs, timed_call
+    from gpu_check_tree import first_difference
     from specvlm_hf import precompile
     from specvlm_hf.startup import use_cache_dir
 
-    if mode == "precompiled":
+    if mode.startswith("precompiled"):
         use_cache_dir(tempfile.mkdtemp(prefix="specvlm_kept_"))
     else:
         precompile.use_store(None)
-    gpu_check_tree.TINY = True
-    target, draft = build(torch.float32)
-    for index, (length, new_tokens) in enumerate(calls()[: 4 if smoke else None]):
-        length = min(length, 300) if smoke else length
-        inputs = make_inputs(length, torch.Generator().manual_seed(index % len(LENGTHS)))
-        if "pixel_values" in inputs:
+    plain_kwargs = {"cache_implementation": "static"} if mode.endswith("static_plain") else {}
+    gpu_check_tree.TINY = not seven_b
+    target, draft = build(None if seven_b else torch.float32)
+    sequence = calls()[: 4 if smoke else None]
+    sweeps = len(LENGTHS) * 2 if not smoke else 2
+
+    def prompt(index, length):
+        inputs = make_inputs(
+            min(length, 300) if smoke else length, torch.Generator().manual_seed(index % len(LENGTHS))
+        )
+        if not seven_b and "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].float()
-        _, plain = timed_call(target, inputs, new_tokens)
+        return inputs
+
+    # as the failing run: the plain sweeps, then the fast sweeps, then plain and fast call by call
+    plain = {i: timed_call(target, prompt(i, n), t, **plain_kwargs)[1] for i, (n, t) in enumerate(sequence[:sweeps])}
+    for index, (length, new_tokens) in enumerate(sequence):
+        inputs = prompt(index, length)
+        if index not in plain:
+            plain[index] = timed_call(target, inputs, new_tokens, **plain_kwargs)[1]
         try:
             _, fast = timed_call(target, inputs, new_tokens, assistant_model=draft, cache_implementation="static")
             if torch.cuda.is_available():
@@ -62,22 +79,28 @@ def child(mode: str, smoke: bool) -> None:
             print("ROW " + json.dumps({"mode": mode, "call": index, "length": length, "error": repr(error)[:400]}))
             return
         kept = sorted(length for length, _ in getattr(draft, "_specvlm_fast_paths").paths)
-        row = {"mode": mode, "call": index, "length": length, "new_tokens": new_tokens, "equal": plain == fast}
+        length = inputs["input_ids"].shape[1]
+        row = {"mode": mode, "call": index, "length": length, "new_tokens": new_tokens, "equal": plain[index] == fast}
+        row["first_difference"] = first_difference(plain[index], fast)
         print("ROW " + json.dumps({**row, "kept": kept}), flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--modes", default="precompiled,in_process")
+    parser.add_argument("--modes", default="precompiled,in_process,precompiled_static_plain")
+    parser.add_argument(
+        "--seven-b", action="store_true", help="the 7B shape in bf16 (outputs may differ by bf16 noise)"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.smoke)
+        child(args.child, args.smoke, args.seven_b)
         return
     for mode in args.modes.split(","):
-        command = [sys.executable, os.path.abspath(__file__), "--child", mode] + (["--smoke"] if args.smoke else [])
-        done = subprocess.run(command, capture_output=True, text=True, timeout=190)
+        command = [sys.executable, os.path.abspath(__file__), "--child", mode]
+        command += (["--smoke"] if args.smoke else []) + (["--seven-b"] if args.seven_b else [])
+        done = subprocess.run(command, capture_output=True, text=True, timeout=560 if args.seven_b else 190)
         rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
         print("\n".join(rows), flush=True)
         if done.returncode or not rows or "error" in rows[-1]:

@@ -2,23 +2,34 @@
 # The GPU measurements issue 13 still waits for, one stage per device call (each stays under the device's 10-minute
 # limit per command), in the order of what they decide. Run from the repository root on the GPU machine:
 #   bash benchmarks/gpu_plan_issue13.sh STAGE OUT_DIR
-# Stages:
-#   variants the split-KV verify attention's whole round now that it compiles (its width symbols tied, 2026-12-05),
-#            beside the shipped round, with a reduced draft vocabulary and one-GEMM projections (`combined`), and
-#            autotuned GEMMs, in parallel processes (gpu_round_variants.py, ~6-8 min on an H200)
-#   kernels  the verify attention kernels compiled with dynamic shapes, as the round compiles them (gpu_attention.py,
-#            ~2-3 min), then the split-KV kernel's whole round beside the default's (kernel_rounds, ~5 min)
-#   round    plain generate against the fast path over 9 length buckets, the round's cost, a second process
+# Stages, in the order to run them (the first is a correctness question, and decides whether the others' figures hold):
+#   crash    the call sequence that met a CUDA illegal memory access on the 7B shape (2026-12-05 17:40 UTC, after 9
+#            kept buckets) again on the 7B shape in bf16, with transformers' compiled static-cache decoding
+#            interleaved as in that run (gpu_kept_buckets.py, ~6 min), then the tiny shape in fp32 in that mode
+#   round    plain generate against the fast path over 9 length buckets, the round's cost, a kernel profile, a
+#            second process (the run that crashed; ~7 min)
+#   autotune the round with inductor's max-autotune GEMMs in a process of its own (~8-10 min of tuning)
+#   variants round variants in parallel processes (gpu_round_variants.py; measured 2026-12-05 evening: results/)
+#   kernels  the verify attention kernels alone (gpu_attention.py), then the split-KV kernel's whole round
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs, and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-stage=${1:?usage: gpu_plan_issue13.sh variants|kernels|round|knobs OUT_DIR}
-out=${2:?usage: gpu_plan_issue13.sh variants|kernels|round|knobs OUT_DIR}
+usage="usage: gpu_plan_issue13.sh crash|round|autotune|variants|kernels|knobs OUT_DIR"
+stage=${1:?$usage}
+out=${2:?$usage}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi") | tee "$out/machine.txt"
 long_running() { python benchmarks/gpu_long_running.py "$@"; }
 case "$stage" in
+  crash)
+    python benchmarks/gpu_kept_buckets.py --seven-b --modes precompiled_static_plain 2>&1 | tee "$out/crash_7b.log"
+    python benchmarks/gpu_kept_buckets.py --modes precompiled_static_plain 2>&1 | tee "$out/crash_tiny.log"
+    ;;
+  autotune)
+    long_running --only round_cost --max-autotune --budget 560 --out "$out/max_autotune" 2>&1 |
+      tee "$out/max_autotune.log"
+    ;;
   variants)
     python benchmarks/gpu_round_variants.py --variants default,split_kv,combined,autotune --fp32-check \
       --out "$out/variants" 2>&1 | grep -v "^SUMMARY" | tee "$out/variants.log"
@@ -29,7 +40,7 @@ case "$stage" in
       --out "$out/kernel_rounds" 2>&1 | tee "$out/kernel_rounds.log"
     ;;
   round)
-    long_running --only plain_static,fast,round_cost,second_process --budget 500 --out "$out/round" 2>&1 |
+    long_running --only plain_static,fast,round_cost,profile,second_process --budget 430 --out "$out/round" 2>&1 |
       tee "$out/round.log"
     ;;
   knobs)
@@ -40,7 +51,7 @@ case "$stage" in
     long_running --only fp32_equality --budget 120 --out "$out/fp32" 2>&1 | tee "$out/fp32.log"
     ;;
   *)
-    echo "unknown stage '$stage': use variants, kernels, round or knobs" >&2
+    echo "unknown stage '$stage': use crash, round, autotune, variants, kernels or knobs" >&2
     exit 2
     ;;
 esac
