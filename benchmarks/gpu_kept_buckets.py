@@ -33,7 +33,7 @@ def calls() -> list[tuple[int, int]]:
     return [(n, 48) for n in LENGTHS] * 2 + [(LENGTHS[0], 96), (LENGTHS[-1], 96), (LENGTHS[1], 96)]
 
 
-def child(mode: str, smoke: bool, seven_b: bool) -> None:
+def child(mode: str, smoke: bool, seven_b: bool, cudnn_sdpa: bool = True) -> None:
     sys.path.insert(0, os.path.join(HERE, ".."))
     sys.path.insert(0, HERE)
     if smoke:
@@ -46,6 +46,8 @@ def child(mode: str, smoke: bool, seven_b: bool) -> None:
     from specvlm_hf import precompile
     from specvlm_hf.startup import use_cache_dir
 
+    if not cudnn_sdpa:  # sdpa's cuDNN kernel (the verify's, on Hopper) out of the picture
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if mode.startswith("precompiled"):
         use_cache_dir(tempfile.mkdtemp(prefix="specvlm_kept_"))
     else:
@@ -92,14 +94,16 @@ def main():
     parser.add_argument(
         "--seven-b", action="store_true", help="the 7B shape in bf16 (outputs may differ by bf16 noise)"
     )
+    parser.add_argument("--no-cudnn-sdpa", action="store_true", help="sdpa without its cuDNN kernel")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.smoke, args.seven_b)
+        child(args.child, args.smoke, args.seven_b, not args.no_cudnn_sdpa)
         return
     for mode in args.modes.split(","):
         command = [sys.executable, os.path.abspath(__file__), "--child", mode]
         command += (["--smoke"] if args.smoke else []) + (["--seven-b"] if args.seven_b else [])
+        command += ["--no-cudnn-sdpa"] if args.no_cudnn_sdpa else []
         done = subprocess.run(command, capture_output=True, text=True, timeout=560 if args.seven_b else 190)
         rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
         print("\n".join(rows), flush=True)

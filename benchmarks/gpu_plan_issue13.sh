@@ -6,6 +6,8 @@
 #   crash    the call sequence that met a CUDA illegal memory access on the 7B shape (2026-12-05 17:40 UTC, after 9
 #            kept buckets) again on the 7B shape in bf16, with transformers' compiled static-cache decoding
 #            interleaved as in that run (gpu_kept_buckets.py, ~6 min), then the tiny shape in fp32 in that mode
+#   crash_nocudnn  the same on the 7B shape with sdpa's cuDNN kernel disabled (if `crash` crashed: pytorch#169849
+#            reports illegal memory accesses from cuDNN attention under CUDA graphs)
 #   round    plain generate against the fast path over 9 length buckets, the round's cost, a kernel profile, a
 #            second process (the run that crashed; ~7 min)
 #   autotune the round with inductor's max-autotune GEMMs in a process of its own (~8-10 min of tuning)
@@ -14,7 +16,7 @@
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs, and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|round|autotune|variants|kernels|knobs OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_nocudnn|round|autotune|variants|kernels|knobs OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -25,6 +27,10 @@ case "$stage" in
   crash)
     python benchmarks/gpu_kept_buckets.py --seven-b --modes precompiled_static_plain 2>&1 | tee "$out/crash_7b.log"
     python benchmarks/gpu_kept_buckets.py --modes precompiled_static_plain 2>&1 | tee "$out/crash_tiny.log"
+    ;;
+  crash_nocudnn)
+    python benchmarks/gpu_kept_buckets.py --seven-b --no-cudnn-sdpa --modes precompiled_static_plain 2>&1 |
+      tee "$out/crash_7b_nocudnn.log"
     ;;
   autotune)
     long_running --only round_cost --max-autotune --budget 560 --out "$out/max_autotune" 2>&1 |
@@ -51,7 +57,7 @@ case "$stage" in
     long_running --only fp32_equality --budget 120 --out "$out/fp32" 2>&1 | tee "$out/fp32.log"
     ;;
   *)
-    echo "unknown stage '$stage': use crash, round, autotune, variants, kernels or knobs" >&2
+    echo "unknown stage '$stage': use crash, crash_nocudnn, round, autotune, variants, kernels or knobs" >&2
     exit 2
     ;;
 esac
