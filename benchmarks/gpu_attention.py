@@ -9,8 +9,9 @@ over many replays; its output is checked against an fp32 reference. Variants:
   what the fast path runs today; `sdpa_efficient`: the memory-efficient kernel;
 - `sdpa_math_compiled`: sdpa's math form compiled by inductor (two GEMMs, a fused masked softmax);
 - `split_kv_compiled_N`: the product's `verify_attention.split_kv_attention` (`VERIFY_ATTENTION=SPLIT_KV`) with
-  chunks of `N` slots: each chunk's partial softmax and output from batched GEMMs (heads x chunks of them: more
-  thread blocks than the fused kernels' one per head), merged by their maxima;
+  chunks of `N` slots: each chunk a batch entry of one fused kernel that returns its log-sum-exp (more thread blocks
+  than the fused kernels' one per head), merged by log-sum-exp; `split_kv_eager_256` uncompiled;
+  `split_kv_cudnn_compiled_256_dynamic` with cuDNN's kernel for the chunks instead of the memory-efficient one;
 - `transformers_flex_compiled`: transformers' `flex_attention` forward with the additive mask
   (`VERIFY_ATTENTION="flex_attention"`; torch's flex decoding kernel splits the cache across thread blocks);
 - `flex_block_mask_compiled_128`: `flex_attention` with a block mask built inside the graph from the slot
@@ -21,7 +22,7 @@ over many replays; its output is checked against an fp32 reference. Variants:
 
 The floor is the K and V bytes of the `length + Q` slots in use read once at the measured copy bandwidth.
 
-    python benchmarks/gpu_attention.py --out $OUT/attention.json
+    python benchmarks/gpu_attention.py --out $OUT/attention.json [--widths 1024,2048] [--variants a,b]
 """
 
 from __future__ import annotations

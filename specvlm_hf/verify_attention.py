@@ -7,8 +7,10 @@ profile put it at 1.07 ms a round, about 7x its bytes' read time (issue 13). The
 more thread blocks instead:
 
 - `SPLIT_KV` (`"specvlm_split_kv"`, registered with transformers' `AttentionInterface` on import): the cache in
-  chunks of `CHUNK` slots, each chunk's scores, softmax and output from batched GEMMs (heads x chunks of them),
-  the chunks merged by their maxima (the flash-decoding merge);
+  chunks of `CHUNK` slots, each chunk a batch entry of one fused kernel call that also returns the log-sum-exp of
+  its scores (`hf_internals.attention_with_lse`; for batch 1 the chunks are views of the cache), the chunks merged
+  by their log-sum-exps (the flash-decoding merge). On an H100 (7B shape) it beat cuDNN alone by 20-37 % at 1024-2048
+  slots, but the compiled round around it was 0.3-1.2 ms slower (results/README.md), so it is not the default;
 - `"flex_attention"`: transformers' own `flex_attention` forward with the same additive mask, whose compiled form
   for fewer than 128 queries is torch's flex *decoding* kernel (which splits the cache across thread blocks).
 

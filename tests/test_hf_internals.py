@@ -404,3 +404,23 @@ def test_check_same_size_raises_with_the_message_and_passes_equal_sizes():
     hf_internals.check_same_size(torch.zeros(3).shape[0], 3, "never raised")
     with pytest.raises(RuntimeError, match="the widths differ"):
         hf_internals.check_same_size(torch.zeros(3).shape[0], 4, "the widths differ")
+
+
+def test_attention_with_lse_returns_sdpa_and_each_rows_log_sum_exp():
+    """The private fused kernel the split-KV verify uses returns sdpa's attention and the log-sum-exp of each row's
+    biased scores, also over strided views (chunks of a cache as batch entries, a bias broadcast over heads)."""
+    from specvlm_hf.hf_internals import attention_with_lse
+
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(1, 3, 5, 8, generator=generator).expand(2, -1, -1, -1)  # stride 0 over the batch
+    cache = torch.randn(1, 3, 2 * 16, 8, generator=generator)
+    key = cache.reshape(1, 3, 2, 16, 8).transpose(1, 2).reshape(2, 3, 16, 8)  # two chunks of the cache, as views
+    value = torch.randn(2, 3, 16, 8, generator=generator)
+    bias = torch.randn(2, 1, 5, 16, generator=generator).masked_fill(
+        torch.rand(2, 1, 5, 16, generator=generator) < 0.3, -1e9
+    )
+    output, lse = attention_with_lse(query, key, value, bias.expand(-1, 3, -1, -1), 0.25)
+    scores = query @ key.transpose(-1, -2) * 0.25 + bias
+    torch.testing.assert_close(output, torch.softmax(scores, -1) @ value, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
+    assert lse.shape == (2, 3, 5) and lse.dtype == torch.float32
