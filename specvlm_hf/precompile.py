@@ -145,7 +145,9 @@ class PrecompiledRounds:
         """`function` compiled ahead of time for `owner`, its cache widths marked dynamic while it is traced."""
         owner.mark_width_dynamic()
         try:
-            options = inductor_options(getattr(owner, "merge_repeated", False))
+            options = inductor_options(
+                getattr(owner, "merge_repeated", False), getattr(owner, "join_projections", False)
+            )
             compiled = compile_ahead(function, (owner,), backend, options)
         except Exception as error:
             raise PrecompileFailed(f"{type(error).__name__}: {error}") from error
@@ -199,6 +201,7 @@ def round_description(owner, function, backend) -> dict:
         ],
         "verify_attention": getattr(owner, "verify_attention", None),
         "merge_repeated": getattr(owner, "merge_repeated", False),
+        "join_projections": getattr(owner, "join_projections", False),
         "head_rows": draft._head_rows is not None,
         "stacked_layers": getattr(owner.target_window, "stacked", None) is not None,
         "rows": owner.rows_of(owner.runner.window),

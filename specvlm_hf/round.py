@@ -39,9 +39,11 @@ from .hf_internals import (
     inductor_options,
     layer_tensors,
     mark_dynamic_dim,
+    MergeRepeatedCounts,
     recompile_limit,
     use_attention_implementation,
 )
+from .joined_weights import join_projection_weights
 from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow, SharedBuffers
 from .precompile import PrecompileFailed, active_store
 from .target import unwrap_target
@@ -68,6 +70,13 @@ VERIFY_ATTENTION: str | None = None
 # round fell from 10.93 to 10.50 ms at 601 prompt tokens (results/README.md, round variants). Set it before the
 # process's first fast-path call: torch keeps what it compiled for a round function's code, whatever this said then.
 MERGE_REPEATED = True
+# whether the fast path lays out each layer's q/k/v and gate/up weights one after the other in one storage
+# (`joined_weights`, the target's and the draft's; the modules and their values stay as they are) and its inductor
+# compiles read each group as one matrix: one GEMM where there were three or two (`hf_internals.
+# join_adjacent_products`). Off by default until measured on a GPU in the round (one GEMM per group, laid out by
+# swapping modules instead, cut the 7B verify by 0.25-0.45 ms on an H100). Once a compile of the process has joined
+# products, the weights are laid out again before every fast-path call whatever this says (compiled code is kept).
+JOIN_PROJECTIONS = False
 
 
 class CountingBackend:
@@ -92,7 +101,7 @@ class CountingBackend:
         self.compiles += 1
         backend = self.backend
         if backend == "inductor":
-            backend = inductor_backend(inductor_options(MERGE_REPEATED))
+            backend = inductor_backend(inductor_options(MERGE_REPEATED, JOIN_PROJECTIONS))
         limit = recompile_limit()
         if self.compiles >= limit and not self.warned:
             self.warned = True
@@ -282,6 +291,7 @@ class SpeculativeRound:
         self.verify_attention = VERIFY_ATTENTION if self.is_static else None
         check_name(self.verify_attention)
         self.merge_repeated = MERGE_REPEATED  # read by `precompile` (inductor compiles ahead of time)
+        self.join_projections = JOIN_PROJECTIONS
         # compiled ahead of time, kept on disk (`precompile`), when a store is set; else compiled in this process
         # (the round keeps no reference to the store: its objects are written with the guards of what it compiles)
         store = active_store() if compile else None
@@ -329,6 +339,7 @@ class SpeculativeRound:
             config.tree_total_tokens,
             VERIFY_ATTENTION,
             MERGE_REPEATED,
+            JOIN_PROJECTIONS,
             weights,
         )
 
@@ -763,6 +774,9 @@ class FastPath:
         length, options, tree settings, weight addresses; for rows also the batch and tree size), else a new one;
         its target cache reset."""
         length = bucketed(needed_length)
+        if compile and (JOIN_PROJECTIONS or MergeRepeatedCounts.joined):  # before the key: it moves weights
+            join_projection_weights(adapter.text_model)
+            join_projection_weights(draft)
         key = SpeculativeRound.static_key(adapter, draft, length, graphs, compile)
         if batch is not None:
             tree_for_batch = tree_for_batch or (lambda rows: draft.config.tree_total_tokens)

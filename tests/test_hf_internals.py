@@ -383,8 +383,7 @@ def test_merge_repeated_runs_as_an_inductor_pass():
     import torch._dynamo
     from torch._inductor.utils import run_and_get_code
 
-    merge = hf_internals.merge_repeated_pass()
-    before = type(merge).removed
+    before = hf_internals.MergeRepeatedCounts.removed
 
     def f(x, w):
         return (x @ w).sin() + (x @ w).cos()
@@ -395,7 +394,9 @@ def test_merge_repeated_runs_as_an_inductor_pass():
     got, code = run_and_get_code(torch.compile(f, backend=backend), x, w)
     torch._dynamo.reset()
     torch.testing.assert_close(got, f(x, w))
-    assert type(merge).removed > before or "".join(code).count("mm(") == 1  # merged now, or code cached merged
+    assert (
+        hf_internals.MergeRepeatedCounts.removed > before or "".join(code).count("mm(") == 1
+    )  # merged now, or code cached merged
     assert "".join(code).count("mm(") == 1
     assert hf_internals.inductor_options(False) == {}
 
@@ -424,3 +425,52 @@ def test_attention_with_lse_returns_sdpa_and_each_rows_log_sum_exp():
     torch.testing.assert_close(output, torch.softmax(scores, -1) @ value, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
     assert lse.shape == (2, 3, 5) and lse.dtype == torch.float32
+
+
+def _projections(join: bool):
+    """`f(x)`: three products of one input (q/k/v-like: 16, 8 and 8 rows), their weights laid out in one storage
+    (`join`) or each in its own."""
+    generator = torch.Generator().manual_seed(3)
+    weights = [torch.randn(rows, 16, generator=generator) for rows in (16, 8, 8)]
+    if join:
+        storage, start = torch.cat(weights), 0
+        weights = []
+        for rows in (16, 8, 8):
+            weights.append(storage[start : start + rows])
+            start += rows
+    modules = torch.nn.ModuleList(torch.nn.Linear(16, w.shape[0], bias=False) for w in weights)
+    for module, weight in zip(modules, weights):
+        module.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    def f(x):
+        q, k, v = (module(x) for module in modules)
+        return (q.view(*x.shape[:-1], 2, 8) * k.view(*x.shape[:-1], 1, 8)).sum(-1) + v[..., :2]
+
+    return f
+
+
+def test_join_adjacent_products_joins_weights_that_follow_each_other():
+    """`join_adjacent_products` (with `merge_repeated`, the round's inductor pass): products of one input by weights
+    lying one after the other in one storage become one product, sliced, with the same result; weights in storages
+    of their own are left alone. Traced by AOT autograd and run eagerly, then compiled by inductor on the CPU, the
+    joined layout first: inductor's cache, whose key drops storage offsets, must not hand its code to the second."""
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    for join in (True, False):
+        f, x = _projections(join), torch.randn(2, 5, 16)
+        removed, joined = [], []
+        torch._dynamo.reset()
+        got = torch.compile(f, backend=hf_internals.aot_eager_merging_backend(removed, joined))(x)
+        torch.testing.assert_close(got, f(x))
+        assert joined == ([2] if join else [0])
+        backend = hf_internals.inductor_backend(hf_internals.inductor_options(True, join=True))
+        torch._dynamo.reset()
+        got, code = run_and_get_code(torch.compile(f, backend=backend), x)
+        torch._dynamo.reset()
+        torch.testing.assert_close(got, f(x))
+        assert "".join(code).count("mm(") == (1 if join else 3), join
+    assert hf_internals.merge_repeated_pass(True) is not hf_internals.merge_repeated_pass()
+    assert hf_internals.inductor_options(False, join=True)["post_grad_custom_pre_pass"] is (
+        hf_internals.merge_repeated_pass(True)
+    )

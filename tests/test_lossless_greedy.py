@@ -178,19 +178,23 @@ def test_fast_path_works_inside_and_outside_inference_mode():
     )
 
 
-@pytest.mark.parametrize("merged", [False, True], ids=["aot_eager", "aot_eager_merging_repeated"])
+@pytest.mark.parametrize(
+    "merged", [False, True, "join"], ids=["aot_eager", "aot_eager_merging_repeated", "aot_eager_joining_projections"]
+)
 def test_fast_path_round_functions_compile_whole_and_stay_exact(monkeypatch, merged):
     """On a GPU the three round functions are compiled whole before capture. Traced here on the CPU (AOT
     autograd, no code generation): no graph breaks, and the outputs still equal plain `generate`; also after
-    `merge_repeated`, the pass inductor runs first on the round's graphs, which must find repeats to merge."""
+    `merge_repeated`, the pass inductor runs first on the round's graphs, which must find repeats to merge; and with
+    `round.JOIN_PROJECTIONS`, the q/k/v and gate/up weights laid out in one storage each and their products joined."""
     import torch._dynamo
 
     from specvlm_hf import decoding, round as round_module
     from specvlm_hf.hf_internals import aot_eager_merging_backend
 
-    removed = []
-    backend = aot_eager_merging_backend(removed) if merged else "aot_eager"
+    removed, joined = [], []
+    backend = aot_eager_merging_backend(removed, joined if merged == "join" else None) if merged else "aot_eager"
     monkeypatch.setattr(round_module, "COMPILE_OPTIONS", {"dynamic": False, "backend": backend})
+    monkeypatch.setattr(round_module, "JOIN_PROJECTIONS", merged == "join")
     monkeypatch.setattr(decoding, "fast_path_options", lambda *args: (False, True))  # compile, no CUDA graphs
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -206,6 +210,9 @@ def test_fast_path_round_functions_compile_whole_and_stay_exact(monkeypatch, mer
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     if merged:  # every round function's graph (draft, verify, commit) repeats per layer what the tree fixes
         assert len(removed) >= 3 and min(removed) > 0, removed
+    if merged == "join":  # the draft's and the target's layers: q/k/v and gate/up, one product each
+        layers = len(target.model.language_model.layers)
+        assert sum(joined) >= 3 * layers + 3, joined
     torch._dynamo.reset()
 
 

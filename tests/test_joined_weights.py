@@ -1,0 +1,57 @@
+"""`joined_weights.join_projection_weights`: q/k/v and gate/up weights laid out one after the other in one storage,
+for the fast path's joined products (`round.JOIN_PROJECTIONS`), without changing the model: the same parameters,
+values, outputs and saved checkpoints."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from specvlm_hf.joined_weights import adjacent, join_projection_weights, projection_groups
+
+
+def tiny_llama():
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    config.vocab_size = 64
+    return LlamaForCausalLM(config).eval()
+
+
+def test_joined_layout_keeps_parameters_values_outputs_and_checkpoints(tmp_path):
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (1, 9))
+    before = {name: (parameter, parameter.detach().clone()) for name, parameter in model.named_parameters()}
+    expected = model(ids).logits
+    assert join_projection_weights(model) == 4  # 2 layers x (q/k/v, gate/up)
+    groups = projection_groups(model)
+    assert len(groups) == 4 and all(adjacent([member.weight for member in group]) for group in groups)
+    for name, parameter in model.named_parameters():  # the same Parameter objects, the same values
+        assert parameter is before[name][0] and torch.equal(parameter, before[name][1])
+    attention = model.model.layers[0].self_attn
+    assert attention.k_proj.weight.untyped_storage().data_ptr() == attention.q_proj.weight.untyped_storage().data_ptr()
+    torch.testing.assert_close(model(ids).logits, expected)
+    assert join_projection_weights(model) == 0  # already laid out
+    model.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path)
+    for name, parameter in reloaded.named_parameters():
+        assert torch.equal(parameter, before[name][1]), name
+    model.to(torch.float64)  # each weight in a storage of its own again: laid out anew
+    assert not adjacent([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+    assert join_projection_weights(model) == 4
+
+
+def test_only_plain_bias_free_projections_of_one_input_are_joined():
+    config = Qwen2Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2
+    )
+    config.vocab_size = 64
+    model = Qwen2ForCausalLM(config)  # q/k/v with biases: left alone; gate/up: joined
+    groups = projection_groups(model)
+    assert [len(group) for group in groups] == [2]
+    llama = tiny_llama()
+    llama.model.layers[0].mlp.up_proj.weight.data = llama.model.layers[0].mlp.up_proj.weight.data.double()
+    assert len(projection_groups(llama)) == 3  # dtypes differ in one group
+    with torch.inference_mode():  # laid out in plain tensors even so: the model trains afterwards
+        join_projection_weights(llama)
+    assert not llama.model.layers[1].mlp.gate_proj.weight.is_inference()
