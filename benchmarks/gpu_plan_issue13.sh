@@ -11,7 +11,9 @@
 #   round    plain generate against the fast path over 9 length buckets, the round's cost, a kernel profile, a
 #            second process (the run that crashed; ~7 min)
 #   autotune the round with inductor's max-autotune GEMMs in a process of its own (~8-10 min of tuning)
-#   variants round variants in parallel processes (gpu_round_variants.py; measured 2026-12-05 evening: results/)
+#   variants round variants in parallel processes (gpu_round_variants.py): the shipped round, joined projections
+#            (round.JOIN_PROJECTIONS, new 2026-12-05 evening, never run on a GPU), a reduced draft vocabulary, both;
+#            with the fp32 check on the joined round (~6-8 min)
 #   kernels  the verify attention kernels alone (gpu_attention.py), then the split-KV kernel's whole round
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs, and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
@@ -37,8 +39,8 @@ case "$stage" in
       tee "$out/max_autotune.log"
     ;;
   variants)
-    python benchmarks/gpu_round_variants.py --variants default,split_kv,combined,autotune --fp32-check \
-      --out "$out/variants" 2>&1 | grep -v "^SUMMARY" | tee "$out/variants.log"
+    python benchmarks/gpu_round_variants.py --variants default,joined,vocab8k,joined_vocab8k --fp32-check \
+      --fp32-variant joined --out "$out/variants" 2>&1 | grep -v "^SUMMARY" | tee "$out/variants.log"
     ;;
   kernels)
     python benchmarks/gpu_attention.py --out "$out/attention.json" 2>&1 | tee "$out/attention.log"

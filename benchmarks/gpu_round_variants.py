@@ -7,8 +7,10 @@ file lock, so no measurement shares the GPU with another process's work. Each me
 tokens: buckets 768 and 2304), a compiled static-cache token of plain `generate` (transformers' own) and the
 fast-path round, each call run once before it is timed with the same shapes.
 
-Variants (`--variants`, comma-separated; default all but the last three):
+Variants (`--variants`, comma-separated; default `default,joined,vocab8k,joined_vocab8k`):
 - `default`: the fast path as shipped (its compiles merge repeated computations: `round.MERGE_REPEATED`);
+- `joined`: `round.JOIN_PROJECTIONS`: q/k/v and gate/up weights laid out in one storage each (the modules stay), their
+  products joined into one GEMM by the round's inductor pass; `joined_vocab8k`: with an 8192-id draft vocabulary;
 - `no_merge`: without that pass (the fast path before 2026-12-05 afternoon);
 - `vocab8k`: a draft scoring 8192 token ids (a reduced draft vocabulary: an 8x smaller `lm_head` and top-k per level);
 - `fused`: q/k/v and gate/up weights laid out as one tensor each (`fused_projections.fuse_projections`, target text
@@ -41,6 +43,8 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {  # in the order they run (a GPU too small for all at once runs them in waves)
     "default": {},
+    "joined": {"join": True},
+    "joined_vocab8k": {"join": True, "draft_vocab": 8192},
     "no_merge": {"merge": False},
     "fused_vocab8k": {"fuse": True, "draft_vocab": 8192},
     "vocab8k": {"draft_vocab": 8192},
@@ -63,12 +67,13 @@ FP32_CHECK = "fp32_equality"
 def fp32_child(sync_dir: str, new_tokens: int, variant: str) -> dict:
     """Greedy fp32 equality of the fast path (compiled by inductor with the package's passes, CUDA graphs) with plain
     `generate` at 5 prompt lengths, on the tiny LLaVA shape on the GPU; run while the variants compile. `variant`'s
-    round settings apply (its merging pass and verify attention; the 7B-only knobs do not)."""
+    round settings apply (its merging pass, joined projections and verify attention; the 7B-only knobs do not)."""
     import gpu_long_running
     from specvlm_hf import round as round_module
 
     spec = VARIANTS[variant]
     round_module.MERGE_REPEATED = spec.get("merge", True)
+    round_module.JOIN_PROJECTIONS = spec.get("join", False)
     round_module.VERIFY_ATTENTION = spec.get("verify_attention")
 
     result = gpu_long_running.fp32_equality_rows((40, 300, 601, 900, 1500), new_tokens)
@@ -80,6 +85,7 @@ def fp32_child(sync_dir: str, new_tokens: int, variant: str) -> dict:
         "settings_of": variant,
         **result,
         "merged_nodes": MergeRepeatedCounts.removed,
+        "joined_products": MergeRepeatedCounts.joined,
     }
 
 
@@ -103,6 +109,7 @@ def child(name: str, sync_dir: str, new_tokens: int, fp32_variant: str = "defaul
 
         inductor_config.max_autotune = True
     round_module.MERGE_REPEATED = spec.get("merge", True)
+    round_module.JOIN_PROJECTIONS = spec.get("join", False)
     if spec.get("verify_attention"):
         round_module.VERIFY_ATTENTION = spec["verify_attention"]
     gpu_long_running.DRAFT_VOCAB = spec.get("draft_vocab")
@@ -137,6 +144,7 @@ def child(name: str, sync_dir: str, new_tokens: int, fp32_variant: str = "defaul
     measure()  # compiles both methods, captures both buckets' graphs
     result["warm_seconds"] = time.perf_counter() - start
     result["merged_nodes"] = MergeRepeatedCounts.removed
+    result["joined_products"] = MergeRepeatedCounts.joined
     result["memory_allocated_GB"] = torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
     open(os.path.join(sync_dir, f"ready_{name}"), "w").close()
     while not os.path.exists(os.path.join(sync_dir, "go")):
@@ -247,7 +255,7 @@ def table(results: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variants", default=",".join(list(VARIANTS)[:-3]))
+    parser.add_argument("--variants", default="default,joined,vocab8k,joined_vocab8k")
     parser.add_argument("--out", default="results/round_variants")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--parallel", type=int, default=None, help="variants at once (default: by GPU memory)")
