@@ -7,7 +7,8 @@ reduced vocabulary or two layers), a tree shape, a prompt (0-2 images, 1-12 text
 batch of 2-3 rows), a token budget, logits processors (min_new_tokens, repetition_penalty, no_repeat_ngram_size,
 suppressed and bad words, sequence bias, length penalty, forced EOS), extra end-of-sequence tokens, and on the fast
 path sometimes the split-KV verify kernel, and with `--compiled-share P` a share P of the fast-path cases compiled
-(`aot_eager` after `merge_repeated`, the graph pass inductor runs first on a GPU). Plain `generate` is the
+(`aot_eager` after `merge_repeated` and, with the weights laid out for it, `join_adjacent_products`: the graph pass
+inductor runs first on a GPU, with `round.JOIN_PROJECTIONS` on). Plain `generate` is the
 reference: the same tokens, and the same raw logits and processed scores while a row decodes (rows that have ended
 hold padding logits by design).
 
@@ -160,7 +161,8 @@ def split_kv_verify():
 @contextmanager
 def compiled_fast_path(enabled: bool):
     """The fast path's round functions compiled on the CPU as on a GPU, minus code generation: traced whole, the
-    functional graph run by `aot_eager` after `merge_repeated` (no CUDA graphs)."""
+    functional graph run by `aot_eager` after `merge_repeated` and `join_adjacent_products` (projection weights laid
+    out for joined products: `round.JOIN_PROJECTIONS`; no CUDA graphs)."""
     if not enabled:
         yield
         return
@@ -169,14 +171,15 @@ def compiled_fast_path(enabled: bool):
     from specvlm_hf import decoding, round as round_module
     from specvlm_hf.hf_internals import aot_eager_merging_backend
 
-    saved = round_module.COMPILE_OPTIONS, decoding.fast_path_options
-    round_module.COMPILE_OPTIONS = {"dynamic": False, "backend": aot_eager_merging_backend()}
+    saved = round_module.COMPILE_OPTIONS, decoding.fast_path_options, round_module.JOIN_PROJECTIONS
+    round_module.COMPILE_OPTIONS = {"dynamic": False, "backend": aot_eager_merging_backend(None, [])}
     decoding.fast_path_options = lambda *args, **kwargs: (False, True)
+    round_module.JOIN_PROJECTIONS = True
     torch._dynamo.reset()
     try:
         yield
     finally:
-        round_module.COMPILE_OPTIONS, decoding.fast_path_options = saved
+        round_module.COMPILE_OPTIONS, decoding.fast_path_options, round_module.JOIN_PROJECTIONS = saved
         torch._dynamo.reset()
 
 
