@@ -507,7 +507,7 @@ def _is_matrix_transpose(node: torch.fx.Node) -> bool:
 
 def _join_run(graph: torch.fx.Graph, run: list) -> bool:
     """One product for a run of (offset, mm node, weight node, weight value) whose weights follow each other; False
-    (the graph untouched) when a user's `view` could not take its slice."""
+    (the graph untouched) when a user's `view` could not take its slice, or without example values to check that."""
     aten = torch.ops.aten
     offset, _, first_node, first = run[0]
     sizes = [member[3].shape[0] for member in run]
@@ -520,32 +520,31 @@ def _join_run(graph: torch.fx.Graph, run: list) -> bool:
         ("product", aten.mm.default, (x, "transposed")),
         *((f"piece{i}", aten.slice.Tensor, ("product", 1, low, high)) for i, (low, high) in enumerate(bounds)),
     ]
-    values: dict = {}
     fake_mode = getattr(first, "fake_mode", None)
-    if fake_mode is not None and isinstance(x.meta.get("val"), torch.Tensor):
-        with fake_mode:  # the new nodes' example values, and whether every user's view takes its slice
-            known = {first_node: first, x: x.meta["val"]}
-            for name, op, args in steps:
-                values[name] = op(
-                    *(
-                        values[a] if isinstance(a, str) else known.get(a, a) if isinstance(a, torch.fx.Node) else a
-                        for a in args
-                    )
-                )
-            for i, member in enumerate(run):
-                for user in member[1].users:
-                    if user.target is aten.view.default:
-                        try:
-                            aten.view.default(values[f"piece{i}"], user.args[1])
-                        except RuntimeError:
-                            return False
+    if fake_mode is None or not isinstance(x.meta.get("val"), torch.Tensor):
+        return False  # no example values to check the slices against
+    known = {first_node: first, x: x.meta["val"]}
+    values: dict = {}
+
+    def value(arg):
+        return values[arg] if isinstance(arg, str) else known[arg] if isinstance(arg, torch.fx.Node) else arg
+
+    with fake_mode:  # the new nodes' example values, and whether every user's view takes its slice
+        for name, op, args in steps:
+            values[name] = op(*(value(arg) for arg in args))
+        for i, member in enumerate(run):
+            for user in member[1].users:
+                if user.target is aten.view.default:
+                    try:
+                        aten.view.default(values[f"piece{i}"], user.args[1])
+                    except RuntimeError:
+                        return False
     position = {node: index for index, node in enumerate(graph.nodes)}
     nodes: dict = {}
     with graph.inserting_before(min((member[1] for member in run), key=position.__getitem__)):
         for name, op, args in steps:
             nodes[name] = graph.call_function(op, tuple(nodes[a] if isinstance(a, str) else a for a in args))
-            if name in values:
-                nodes[name].meta["val"] = values[name]
+            nodes[name].meta["val"] = values[name]
     for i, member in enumerate(run):
         member[1].replace_all_uses_with(nodes[f"piece{i}"])
         graph.erase_node(member[1])
