@@ -27,7 +27,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 long_running() { python benchmarks/gpu_long_running.py "$@"; }
 case "$stage" in
   crash)
-    python benchmarks/gpu_kept_buckets.py --seven-b --modes precompiled_static_plain 2>&1 | tee "$out/crash_7b.log"
+    # launches synchronous: an illegal access surfaces at the call (graph replay or kernel) that made it
+    CUDA_LAUNCH_BLOCKING=1 python benchmarks/gpu_kept_buckets.py --seven-b --modes precompiled_static_plain 2>&1 |
+      tee "$out/crash_7b.log"
     python benchmarks/gpu_kept_buckets.py --modes precompiled_static_plain 2>&1 | tee "$out/crash_tiny.log"
     ;;
   crash_nocudnn)
