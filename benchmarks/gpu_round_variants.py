@@ -227,7 +227,6 @@ def table(results: dict) -> str:
         "| round / token |",
         "|---|---|---|---|---|---|---|",
     ]
-    reference = results.get("variants", {}).get("default", {}).get("rows")
     for name, result in results.get("variants", {}).items():
         if name == FP32_CHECK:
             continue
@@ -245,12 +244,19 @@ def table(results: dict) -> str:
             f"{b['round_over_static_token']:.2f}x",
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        if reference and name != "default":
+    return "\n".join(lines)
+
+
+def first_differences(results: dict) -> None:
+    """Records, per variant, the first token at which its bf16 output differs from the default's at each prompt."""
+    reference = results.get("variants", {}).get("default", {}).get("rows")
+    for name, result in results.get("variants", {}).items():
+        rows = result.get("rows")
+        if reference and rows and name not in ("default", FP32_CHECK):
             result["bf16_first_difference_from_default"] = [
                 next((i for i, (x, y) in enumerate(zip(r["tokens"], s["tokens"])) if x != y), None)
                 for r, s in zip(reference, rows)
             ]
-    return "\n".join(lines)
 
 
 def main():
@@ -312,6 +318,7 @@ def main():
         sync_dir = tempfile.mkdtemp(prefix="specvlm_sync_")
         wave = names[start : start + parallel] + ([FP32_CHECK] if args.fp32_check and start == 0 else [])
         run_wave(wave, args, sync_dir, deadline, results["variants"], out_path)
+    first_differences(results)
     print(table(results), flush=True)
     if FP32_CHECK in results["variants"]:
         print(FP32_CHECK, json.dumps(results["variants"][FP32_CHECK]), flush=True)
