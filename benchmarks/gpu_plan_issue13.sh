@@ -10,7 +10,8 @@
 #            reports illegal memory accesses from cuDNN attention under CUDA graphs)
 #   round    plain generate against the fast path over 9 length buckets, the round's cost, a kernel profile, a
 #            second process (the run that crashed; ~7 min)
-#   autotune the round with inductor's max-autotune GEMMs in a process of its own (~8-10 min of tuning)
+#   autotune the round with its GEMMs autotuned (round.AUTOTUNE_GEMMS: the round's compiles only), alone and with
+#            joined projections, beside the shipped round, and the fp32 check with autotuned GEMMs (~7-9 min)
 #   variants round variants in parallel processes (gpu_round_variants.py): the shipped round, joined projections
 #            (round.JOIN_PROJECTIONS, new 2026-12-05 evening, never run on a GPU), a reduced draft vocabulary, both;
 #            with the fp32 check on the joined round (~6-8 min)
@@ -37,8 +38,9 @@ case "$stage" in
       tee "$out/crash_7b_nocudnn.log"
     ;;
   autotune)
-    long_running --only round_cost --max-autotune --budget 560 --out "$out/max_autotune" 2>&1 |
-      tee "$out/max_autotune.log"
+    python benchmarks/gpu_round_variants.py --variants default,autotune_gemms,joined_autotune_gemms --fp32-check \
+      --fp32-variant autotune_gemms --compile-seconds 420 --out "$out/autotune" 2>&1 | grep -v "^SUMMARY" |
+      tee "$out/autotune.log"
     ;;
   variants)
     python benchmarks/gpu_round_variants.py --variants default,joined,vocab8k,joined_vocab8k --fp32-check \

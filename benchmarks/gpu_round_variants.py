@@ -11,6 +11,8 @@ Variants (`--variants`, comma-separated; default `default,joined,vocab8k,joined_
 - `default`: the fast path as shipped (its compiles merge repeated computations: `round.MERGE_REPEATED`);
 - `joined`: `round.JOIN_PROJECTIONS`: q/k/v and gate/up weights laid out in one storage each (the modules stay), their
   products joined into one GEMM by the round's inductor pass; `joined_vocab8k`: with an 8192-id draft vocabulary;
+- `autotune_gemms`: `round.AUTOTUNE_GEMMS`: the round's compiles (only they) time each GEMM against inductor's Triton
+  templates; `joined_autotune_gemms`: with joined projections;
 - `no_merge`: without that pass (the fast path before 2026-12-05 afternoon);
 - `vocab8k`: a draft scoring 8192 token ids (a reduced draft vocabulary: an 8x smaller `lm_head` and top-k per level);
 - `fused`: q/k/v and gate/up weights laid out as one tensor each (`fused_projections.fuse_projections`, target text
@@ -45,6 +47,8 @@ VARIANTS = {  # in the order they run (a GPU too small for all at once runs them
     "default": {},
     "joined": {"join": True},
     "joined_vocab8k": {"join": True, "draft_vocab": 8192},
+    "autotune_gemms": {"autotune_gemms": True},
+    "joined_autotune_gemms": {"join": True, "autotune_gemms": True},
     "no_merge": {"merge": False},
     "fused_vocab8k": {"fuse": True, "draft_vocab": 8192},
     "vocab8k": {"draft_vocab": 8192},
@@ -67,13 +71,15 @@ FP32_CHECK = "fp32_equality"
 def fp32_child(sync_dir: str, new_tokens: int, variant: str) -> dict:
     """Greedy fp32 equality of the fast path (compiled by inductor with the package's passes, CUDA graphs) with plain
     `generate` at 5 prompt lengths, on the tiny LLaVA shape on the GPU; run while the variants compile. `variant`'s
-    round settings apply (its merging pass, joined projections and verify attention; the 7B-only knobs do not)."""
+    round settings apply (its merging pass, joined projections, GEMM autotuning and verify attention; the 7B-only
+    knobs do not)."""
     import gpu_long_running
     from specvlm_hf import round as round_module
 
     spec = VARIANTS[variant]
     round_module.MERGE_REPEATED = spec.get("merge", True)
     round_module.JOIN_PROJECTIONS = spec.get("join", False)
+    round_module.AUTOTUNE_GEMMS = spec.get("autotune_gemms", False)
     round_module.VERIFY_ATTENTION = spec.get("verify_attention")
 
     result = gpu_long_running.fp32_equality_rows((40, 300, 601, 900, 1500), new_tokens)
@@ -110,6 +116,7 @@ def child(name: str, sync_dir: str, new_tokens: int, fp32_variant: str = "defaul
         inductor_config.max_autotune = True
     round_module.MERGE_REPEATED = spec.get("merge", True)
     round_module.JOIN_PROJECTIONS = spec.get("join", False)
+    round_module.AUTOTUNE_GEMMS = spec.get("autotune_gemms", False)
     if spec.get("verify_attention"):
         round_module.VERIFY_ATTENTION = spec["verify_attention"]
     gpu_long_running.DRAFT_VOCAB = spec.get("draft_vocab")

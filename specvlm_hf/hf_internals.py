@@ -585,10 +585,13 @@ class MergeRepeatedCounts:
     joined = 0
 
 
-def inductor_options(merge: bool, join: bool = False) -> dict:
+def inductor_options(merge: bool, join: bool = False, autotune_gemms: bool = False) -> dict:
     """inductor config patches of a round function's compile: `merge_repeated` (and with `join`,
-    `join_adjacent_products`) first among the post-grad passes."""
-    return {"post_grad_custom_pre_pass": merge_repeated_pass(join)} if merge or join else {}
+    `join_adjacent_products`) first among the post-grad passes; with `autotune_gemms`, each matrix product timed
+    against inductor's Triton templates and the fastest kept (`max_autotune_gemm`: GEMMs only, not the rest of
+    `max_autotune`)."""
+    options = {"post_grad_custom_pre_pass": merge_repeated_pass(join)} if merge or join else {}
+    return {**options, "max_autotune_gemm": True} if autotune_gemms else options
 
 
 def inductor_backend(options: dict):

@@ -146,7 +146,9 @@ class PrecompiledRounds:
         owner.mark_width_dynamic()
         try:
             options = inductor_options(
-                getattr(owner, "merge_repeated", False), getattr(owner, "join_projections", False)
+                getattr(owner, "merge_repeated", False),
+                getattr(owner, "join_projections", False),
+                getattr(owner, "autotune_gemms", False),
             )
             compiled = compile_ahead(function, (owner,), backend, options)
         except Exception as error:
@@ -202,6 +204,7 @@ def round_description(owner, function, backend) -> dict:
         "verify_attention": getattr(owner, "verify_attention", None),
         "merge_repeated": getattr(owner, "merge_repeated", False),
         "join_projections": getattr(owner, "join_projections", False),
+        "autotune_gemms": getattr(owner, "autotune_gemms", False),
         "head_rows": draft._head_rows is not None,
         "stacked_layers": getattr(owner.target_window, "stacked", None) is not None,
         "rows": owner.rows_of(owner.runner.window),

@@ -77,6 +77,11 @@ MERGE_REPEATED = True
 # swapping modules instead, cut the 7B verify by 0.25-0.45 ms on an H100). Once a compile of the process has joined
 # products, the weights are laid out again before every fast-path call whatever this says (compiled code is kept).
 JOIN_PROJECTIONS = False
+# whether inductor compiles of the round functions time each matrix product against its Triton templates and keep
+# the fastest (`max_autotune_gemm`, for the round's compiles only: plain `generate` keeps its own). The draft's
+# products of 10 rows are where cuBLAS looked slowest (an H100 autotuning log, under load: 43.5 against 74.5 us for
+# 10 x 4096 by 4096 x 11008); off by default until a round with it is measured (tuning adds to the first compile).
+AUTOTUNE_GEMMS = False
 
 
 class CountingBackend:
@@ -101,7 +106,7 @@ class CountingBackend:
         self.compiles += 1
         backend = self.backend
         if backend == "inductor":
-            backend = inductor_backend(inductor_options(MERGE_REPEATED, JOIN_PROJECTIONS))
+            backend = inductor_backend(inductor_options(MERGE_REPEATED, JOIN_PROJECTIONS, AUTOTUNE_GEMMS))
         limit = recompile_limit()
         if self.compiles >= limit and not self.warned:
             self.warned = True
@@ -292,6 +297,7 @@ class SpeculativeRound:
         check_name(self.verify_attention)
         self.merge_repeated = MERGE_REPEATED  # read by `precompile` (inductor compiles ahead of time)
         self.join_projections = JOIN_PROJECTIONS
+        self.autotune_gemms = AUTOTUNE_GEMMS
         # compiled ahead of time, kept on disk (`precompile`), when a store is set; else compiled in this process
         # (the round keeps no reference to the store: its objects are written with the guards of what it compiles)
         store = active_store() if compile else None
@@ -340,6 +346,7 @@ class SpeculativeRound:
             VERIFY_ATTENTION,
             MERGE_REPEATED,
             JOIN_PROJECTIONS,
+            AUTOTUNE_GEMMS,
             weights,
         )
 

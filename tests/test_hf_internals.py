@@ -474,3 +474,20 @@ def test_join_adjacent_products_joins_weights_that_follow_each_other():
     assert hf_internals.inductor_options(False, join=True)["post_grad_custom_pre_pass"] is (
         hf_internals.merge_repeated_pass(True)
     )
+
+
+def test_autotuned_gemms_are_an_inductor_option_it_knows():
+    """`inductor_options(autotune_gemms=True)` patches inductor's `max_autotune_gemm` for one compile: a config key
+    inductor knows (it refuses unknown ones), and the compiled product is still the product."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    options = hf_internals.inductor_options(False, autotune_gemms=True)
+    assert options == {"max_autotune_gemm": True} and hasattr(torch._inductor.config, "max_autotune_gemm")
+    assert "max_autotune_gemm" not in hf_internals.inductor_options(True)
+    x, w = torch.randn(10, 32), torch.randn(32, 48)
+    torch._dynamo.reset()
+    got = torch.compile(lambda a, b: a @ b, backend=hf_internals.inductor_backend(options))(x, w)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, x @ w)
+    assert not torch._inductor.config.max_autotune_gemm  # patched for that compile only
