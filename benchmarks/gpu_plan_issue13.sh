@@ -8,18 +8,16 @@
 #            interleaved as in that run (gpu_kept_buckets.py, ~6 min), then the tiny shape in fp32 in that mode
 #   crash_nocudnn  the same on the 7B shape with sdpa's cuDNN kernel disabled (if `crash` crashed: pytorch#169849
 #            reports illegal memory accesses from cuDNN attention under CUDA graphs)
+#   variants round variants in parallel processes (gpu_round_variants.py): the shipped round, joined projections
+#            (round.JOIN_PROJECTIONS), autotuned GEMMs (round.AUTOTUNE_GEMMS), both (all new 2026-12-05 evening, never
+#            run on a GPU); the fp32 check with both on (~8-9 min)
 #   round    plain generate against the fast path over 9 length buckets, the round's cost, a kernel profile, a
 #            second process (the run that crashed; ~7 min)
-#   autotune the round with its GEMMs autotuned (round.AUTOTUNE_GEMMS: the round's compiles only), alone and with
-#            joined projections, beside the shipped round, and the fp32 check with autotuned GEMMs (~7-9 min)
-#   variants round variants in parallel processes (gpu_round_variants.py): the shipped round, joined projections
-#            (round.JOIN_PROJECTIONS, new 2026-12-05 evening, never run on a GPU), a reduced draft vocabulary, both;
-#            with the fp32 check on the joined round (~6-8 min)
 #   kernels  the verify attention kernels alone (gpu_attention.py), then the split-KV kernel's whole round
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs, and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|crash_nocudnn|round|autotune|variants|kernels|knobs OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_nocudnn|variants|round|kernels|knobs OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -37,14 +35,10 @@ case "$stage" in
     python benchmarks/gpu_kept_buckets.py --seven-b --no-cudnn-sdpa --modes precompiled_static_plain 2>&1 |
       tee "$out/crash_7b_nocudnn.log"
     ;;
-  autotune)
-    python benchmarks/gpu_round_variants.py --variants default,autotune_gemms,joined_autotune_gemms --fp32-check \
-      --fp32-variant autotune_gemms --compile-seconds 420 --out "$out/autotune" 2>&1 | grep -v "^SUMMARY" |
-      tee "$out/autotune.log"
-    ;;
   variants)
-    python benchmarks/gpu_round_variants.py --variants default,joined,vocab8k,joined_vocab8k --fp32-check \
-      --fp32-variant joined --out "$out/variants" 2>&1 | grep -v "^SUMMARY" | tee "$out/variants.log"
+    python benchmarks/gpu_round_variants.py --variants default,joined,autotune_gemms,joined_autotune_gemms \
+      --fp32-check --fp32-variant joined_autotune_gemms --compile-seconds 420 --deadline 575 --out "$out/variants" \
+      2>&1 | grep -v "^SUMMARY" | tee "$out/variants.log"
     ;;
   kernels)
     python benchmarks/gpu_attention.py --out "$out/attention.json" 2>&1 | tee "$out/attention.log"
@@ -63,7 +57,7 @@ case "$stage" in
     long_running --only fp32_equality --budget 120 --out "$out/fp32" 2>&1 | tee "$out/fp32.log"
     ;;
   *)
-    echo "unknown stage '$stage': use crash, crash_nocudnn, round, autotune, variants, kernels or knobs" >&2
+    echo "unknown stage '$stage': use crash, crash_nocudnn, variants, round, kernels or knobs" >&2
     exit 2
     ;;
 esac
