@@ -12,6 +12,9 @@ over many replays; its output is checked against an fp32 reference. Variants:
   chunks of `N` slots: each chunk a batch entry of one fused kernel that returns its log-sum-exp (more thread blocks
   than the fused kernels' one per head), merged by log-sum-exp; `split_kv_eager_256` uncompiled;
   `split_kv_cudnn_compiled_256_dynamic` with cuDNN's kernel for the chunks instead of the memory-efficient one;
+- `triton_split_kv_N` (GPU): `tree_attention_triton.tree_attention`, one Triton launch for every (head, slice of `N`
+  slots) pair, the mask read in place and tiles no query sees skipped, then the slices merged (eager, and
+  `triton_split_kv_compiled_N_dynamic`: compiled, the merge fused);
 - `transformers_flex_compiled`: transformers' `flex_attention` forward with the additive mask
   (`VERIFY_ATTENTION="flex_attention"`; torch's flex decoding kernel splits the cache across thread blocks);
 - `flex_block_mask_compiled_128`: `flex_attention` with a block mask built inside the graph from the slot
@@ -28,6 +31,7 @@ The floor is the K and V bytes of the `length + Q` slots in use read once at the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -194,6 +198,12 @@ def main():
     }
     if device.type == "cuda":
         variants["split_kv_cudnn_compiled_256_dynamic"] = (split_kv_on("cudnn", 256), "additive", "dynamic")
+        from tree_attention_triton import tree_attention
+
+        for split in (128, 256):  # one Triton launch for every (head, slice), the merge: eager, and compiled (fused)
+            attend = functools.partial(tree_attention, split=split)
+            variants[f"triton_split_kv_{split}"] = (attend, "additive", False)
+            variants[f"triton_split_kv_compiled_{split}_dynamic"] = (attend, "additive", "dynamic")
     if device.type == "cuda":
         variants["sdpa_efficient"] = (sdpa, "additive", "efficient")
     else:  # inductor's CPU flex kernel with a bf16 additive mask crashes the process (torch 2.13, seen here)

@@ -13,7 +13,9 @@
 #            run on a GPU); the fp32 check with both on (~8-9 min)
 #   round    plain generate against the fast path over 9 length buckets, the round's cost, a kernel profile, a
 #            second process (the run that crashed; ~7 min)
-#   kernels  the verify attention kernels alone (gpu_attention.py), then the split-KV kernel's whole round
+#   kernels  the verify attention kernels alone (gpu_attention.py): cuDNN against the Triton split-KV kernel
+#            (benchmarks/tree_attention_triton.py, new 2026-12-05 evening, checked only in Triton's CPU interpreter;
+#            ~2 min: small enough to run after `crash` in the same call)
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs, and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
@@ -41,9 +43,9 @@ case "$stage" in
       2>&1 | grep -v "^SUMMARY" | tee "$out/variants.log"
     ;;
   kernels)
-    python benchmarks/gpu_attention.py --out "$out/attention.json" 2>&1 | tee "$out/attention.log"
-    long_running --only kernel_rounds --no-precompile --compare-verify-attention specvlm_split_kv --budget 330 \
-      --out "$out/kernel_rounds" 2>&1 | tee "$out/kernel_rounds.log"
+    python benchmarks/gpu_attention.py --widths 1024,2048 --out "$out/attention.json" --variants \
+      sdpa_default,split_kv_compiled_256_dynamic,triton_split_kv_128,triton_split_kv_256,triton_split_kv_compiled_128_dynamic,triton_split_kv_compiled_256_dynamic \
+      2>&1 | tee "$out/attention.log"
     ;;
   round)
     long_running --only plain_static,fast,round_cost,profile,second_process --budget 430 --out "$out/round" 2>&1 |
