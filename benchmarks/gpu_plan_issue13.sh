@@ -14,8 +14,9 @@
 #   round    plain generate against the fast path over 9 length buckets, the round's cost, a kernel profile, a
 #            second process (the run that crashed; ~7 min)
 #   kernels  the verify attention kernels alone (gpu_attention.py): cuDNN against the Triton split-KV kernel
-#            (benchmarks/tree_attention_triton.py, new 2026-12-05 evening, checked only in Triton's CPU interpreter;
-#            ~2 min: small enough to run after `crash` in the same call)
+#            (benchmarks/tree_attention_triton.py, new 2026-12-05 evening, checked only in Triton's CPU interpreter,
+#            there also in the fast path against plain generate; ~2 min), then its whole round beside the default's
+#            with the fp32 check on it (gpu_round_variants.py, ~6 min)
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs, and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
@@ -46,6 +47,9 @@ case "$stage" in
     python benchmarks/gpu_attention.py --widths 1024,2048 --out "$out/attention.json" --variants \
       sdpa_default,split_kv_compiled_256_dynamic,triton_split_kv_128,triton_split_kv_256,triton_split_kv_compiled_128_dynamic,triton_split_kv_compiled_256_dynamic \
       2>&1 | tee "$out/attention.log"
+    python benchmarks/gpu_round_variants.py --variants default,triton_attention --fp32-check \
+      --fp32-variant triton_attention --deadline 420 --out "$out/triton_round" 2>&1 | grep -v "^SUMMARY" |
+      tee "$out/triton_round.log"
     ;;
   round)
     long_running --only plain_static,fast,round_cost,profile,second_process --budget 430 --out "$out/round" 2>&1 |

@@ -20,6 +20,8 @@ Variants (`--variants`, comma-separated; default `default,joined,vocab8k,joined_
 - `fused_vocab8k`: both;
 - `autotune`: inductor's `max_autotune` for every compile of the process (plain `generate`'s token included);
 - `split_kv`: the verify forward's attention on `verify_attention.SPLIT_KV`;
+- `triton_attention` (GPU): the verify forward's attention on `tree_attention_triton` (a Triton split-KV kernel,
+  registered by this script: not in the package);
 - `combined`: fused + vocab8k + split_kv.
 
 Usage (about 8 minutes on an H200, which runs 6 variants at once; fewer at once on a smaller GPU):
@@ -48,6 +50,7 @@ VARIANTS = {  # in the order they run (a GPU too small for all at once runs them
     "joined": {"join": True},
     "joined_vocab8k": {"join": True, "draft_vocab": 8192},
     "autotune_gemms": {"autotune_gemms": True},
+    "triton_attention": {"verify_attention": "specvlm_tree_triton"},
     "joined_autotune_gemms": {"join": True, "autotune_gemms": True},
     "no_merge": {"merge": False},
     "fused_vocab8k": {"fuse": True, "draft_vocab": 8192},
@@ -68,6 +71,16 @@ GB_PER_VARIANT = 18  # a 7B target (14 GB), its draft, both methods' caches at t
 FP32_CHECK = "fp32_equality"
 
 
+def register_attention(name: str | None) -> str | None:
+    """`name`, after registering the benchmark's own verify attention when it is that one (the package registers its
+    own on import)."""
+    if name == "specvlm_tree_triton":
+        import tree_attention_triton
+
+        tree_attention_triton.register()
+    return name
+
+
 def fp32_child(sync_dir: str, new_tokens: int, variant: str) -> dict:
     """Greedy fp32 equality of the fast path (compiled by inductor with the package's passes, CUDA graphs) with plain
     `generate` at 5 prompt lengths, on the tiny LLaVA shape on the GPU; run while the variants compile. `variant`'s
@@ -80,7 +93,7 @@ def fp32_child(sync_dir: str, new_tokens: int, variant: str) -> dict:
     round_module.MERGE_REPEATED = spec.get("merge", True)
     round_module.JOIN_PROJECTIONS = spec.get("join", False)
     round_module.AUTOTUNE_GEMMS = spec.get("autotune_gemms", False)
-    round_module.VERIFY_ATTENTION = spec.get("verify_attention")
+    round_module.VERIFY_ATTENTION = register_attention(spec.get("verify_attention"))
 
     result = gpu_long_running.fp32_equality_rows((40, 300, 601, 900, 1500), new_tokens)
     open(os.path.join(sync_dir, f"ready_{FP32_CHECK}"), "w").close()
@@ -118,7 +131,7 @@ def child(name: str, sync_dir: str, new_tokens: int, fp32_variant: str = "defaul
     round_module.JOIN_PROJECTIONS = spec.get("join", False)
     round_module.AUTOTUNE_GEMMS = spec.get("autotune_gemms", False)
     if spec.get("verify_attention"):
-        round_module.VERIFY_ATTENTION = spec["verify_attention"]
+        round_module.VERIFY_ATTENTION = register_attention(spec["verify_attention"])
     gpu_long_running.DRAFT_VOCAB = spec.get("draft_vocab")
     result = {"variant": name, "spec": spec}
     start = time.perf_counter()

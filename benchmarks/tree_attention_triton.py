@@ -101,6 +101,30 @@ def tree_attention(query, key, value, mask, scale: float | None = None, split: i
     return output.reshape(batch, heads, queries, dim).to(query.dtype)
 
 
+NAME = "specvlm_tree_triton"
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """`tree_attention` as a transformers attention function (`AttentionInterface`, registered as `NAME` by
+    `register`), so that `round.VERIFY_ATTENTION = NAME` runs it in the fast path's verify forwards: returns
+    `((B, L, H, d), None)`."""
+    if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(f"{NAME} computes plain softmax attention (no dropout, softcapping or sinks)")
+    if attention_mask.dtype == torch.bool:
+        hidden = torch.finfo(query.dtype).min
+        attention_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~attention_mask, hidden)
+    output = tree_attention(query, key, value, attention_mask, scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Registers `attention_forward` with transformers' `AttentionInterface` under `NAME` (returned)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, attention_forward)
+    return NAME
+
+
 def check() -> int:
     """The kernel against sdpa on random cases (fp32; Triton's interpreter on the CPU): GQA, batches, whole
     slices no query sees, one mask for every row."""
