@@ -456,33 +456,30 @@ def _graph_key(value):
 def join_adjacent_products(graph: torch.fx.Graph) -> int:
     """Joins matrix products of one input by weights that lie next to each other in one storage into one product, in
     place: `x @ W1.T`, `x @ W2.T`, ... become column slices of `x @ W.T`, `W` the weights' rows read as one matrix
-    (`as_strided` over the first weight's storage, which holds the others right after it). Weights are recognised by
-    their example values (`node.meta["val"]`: fake tensors keep their real tensors' storages and offsets), so
-    nothing is joined unless the weights given to the compile lie so (`joined_weights.join_projection_weights` lays
-    out q/k/v and gate/up that way); code compiled after a join is only right for weights that still do. Products
-    whose slices a later `view` could not take are left alone. Returns how many products were removed.
+    (`as_strided` over the first weight's storage, which holds the others right after it); with biases (`addmm`),
+    when they lie so too, `b1`, `b2`, ... read as one vector. Weights are recognised by their example values
+    (`node.meta["val"]`: fake tensors keep their real tensors' storages and offsets), so nothing is joined unless the
+    weights given to the compile lie so (`joined_weights.join_projection_weights` lays out q/k/v and gate/up that
+    way); code compiled after a join is only right for weights that still do. Products whose slices a later `view`
+    could not take are left alone. Returns how many products were removed.
 
     One GEMM reads the weights once and launches once where a layer's q/k/v took three and its gate/up two: on an H100
     the 7B verify fell 0.25-0.45 ms (results/README.md, round variants, `fused`)."""
-    aten = torch.ops.aten
     groups: dict = {}
     for node in graph.nodes:
-        if node.op != "call_function" or node.target is not aten.mm.default:
+        product = _projection(node)
+        if product is None:
             continue
-        x, transposed = node.args
-        if not (isinstance(transposed, torch.fx.Node) and _is_matrix_transpose(transposed)):
-            continue
-        weight = transposed.args[0].meta.get("val") if isinstance(transposed.args[0], torch.fx.Node) else None
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.stride() != (weight.shape[1], 1):
-            continue
+        x, weight, bias = product
         key = (x, id(weight.untyped_storage()), weight.dtype, weight.device, weight.shape[1])
-        groups.setdefault(key, []).append((weight.storage_offset(), node, transposed.args[0], weight))
+        key += (id(bias.untyped_storage()),) if bias is not None else (None,)
+        groups.setdefault(key, []).append((node, product))
     removed = 0
     for members in groups.values():
-        members.sort(key=lambda member: member[0])
+        members.sort(key=lambda member: member[1][1].storage_offset())
         runs, run = [], [members[0]]
         for member in members[1:]:
-            if member[0] == run[-1][0] + run[-1][3].numel():
+            if _follows(run[-1][1], member[1]):
                 run.append(member)
             else:
                 runs.append(run)
@@ -496,6 +493,39 @@ def join_adjacent_products(graph: torch.fx.Graph) -> int:
     return removed
 
 
+def _projection(node: torch.fx.Node):
+    """`(x node, weight value, bias value or None)` when `node` is `x @ W.T` (`mm`) or `b + x @ W.T` (`addmm`, no
+    scaling) with a contiguous 2-D weight (and 1-D bias) that has an example value; else None."""
+    aten = torch.ops.aten
+    if node.op != "call_function" or node.kwargs:
+        return None
+    if node.target is aten.mm.default:
+        bias_node, (x, transposed) = None, node.args
+    elif node.target is aten.addmm.default and len(node.args) == 3:
+        bias_node, x, transposed = node.args
+    else:
+        return None
+    if not (isinstance(transposed, torch.fx.Node) and _is_matrix_transpose(transposed)):
+        return None
+    weight = transposed.args[0].meta.get("val") if isinstance(transposed.args[0], torch.fx.Node) else None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.stride() != (weight.shape[1], 1):
+        return None
+    if bias_node is None:
+        return x, weight, None
+    bias = bias_node.meta.get("val") if isinstance(bias_node, torch.fx.Node) else None
+    if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.stride() != (1,):
+        return None
+    return x, weight, bias
+
+
+def _follows(earlier: tuple, later: tuple) -> bool:
+    """Whether `later`'s weight (and bias) start where `earlier`'s end, in the same storage."""
+    (_, weight, bias), (_, next_weight, next_bias) = earlier, later
+    if next_weight.storage_offset() != weight.storage_offset() + weight.numel():
+        return False
+    return bias is None or next_bias.storage_offset() == bias.storage_offset() + bias.numel()
+
+
 def _is_matrix_transpose(node: torch.fx.Node) -> bool:
     aten = torch.ops.aten
     if node.op != "call_function":
@@ -506,24 +536,31 @@ def _is_matrix_transpose(node: torch.fx.Node) -> bool:
 
 
 def _join_run(graph: torch.fx.Graph, run: list) -> bool:
-    """One product for a run of (offset, mm node, weight node, weight value) whose weights follow each other; False
+    """One product for a run of `(node, _projection(node))` whose weights (and biases) follow each other; False
     (the graph untouched) when a user's `view` could not take its slice, or without example values to check that."""
     aten = torch.ops.aten
-    offset, _, first_node, first = run[0]
-    sizes = [member[3].shape[0] for member in run]
+    first_node, (x, first, first_bias) = run[0]
+    weight_node = first_node.args[-1].args[0]
+    sizes = [product[1].shape[0] for _, product in run]
     bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
     shape = [sum(sizes), first.shape[1]]
-    x = run[0][1].args[0]
-    steps = [  # (op, its arguments; a string names an earlier step's result), in order
-        ("weights", aten.as_strided.default, (first_node, shape, [shape[1], 1], offset)),
+    offset = first.storage_offset()
+    steps = [  # (name, op, its arguments; a string names an earlier step's result), in order
+        ("weights", aten.as_strided.default, (weight_node, shape, [shape[1], 1], offset)),
         ("transposed", aten.permute.default, ("weights", [1, 0])),
-        ("product", aten.mm.default, (x, "transposed")),
-        *((f"piece{i}", aten.slice.Tensor, ("product", 1, low, high)) for i, (low, high) in enumerate(bounds)),
     ]
+    known = {weight_node: first, x: x.meta.get("val")}
+    if first_bias is None:
+        steps.append(("product", aten.mm.default, (x, "transposed")))
+    else:
+        bias_node = first_node.args[0]
+        known[bias_node] = first_bias
+        steps.append(("bias", aten.as_strided.default, (bias_node, [shape[0]], [1], first_bias.storage_offset())))
+        steps.append(("product", aten.addmm.default, ("bias", x, "transposed")))
+    steps += [(f"piece{i}", aten.slice.Tensor, ("product", 1, low, high)) for i, (low, high) in enumerate(bounds)]
     fake_mode = getattr(first, "fake_mode", None)
-    if fake_mode is None or not isinstance(x.meta.get("val"), torch.Tensor):
+    if fake_mode is None or not isinstance(known[x], torch.Tensor):
         return False  # no example values to check the slices against
-    known = {first_node: first, x: x.meta["val"]}
     values: dict = {}
 
     def value(arg):
@@ -532,8 +569,8 @@ def _join_run(graph: torch.fx.Graph, run: list) -> bool:
     with fake_mode:  # the new nodes' example values, and whether every user's view takes its slice
         for name, op, args in steps:
             values[name] = op(*(value(arg) for arg in args))
-        for i, member in enumerate(run):
-            for user in member[1].users:
+        for i, (node, _) in enumerate(run):
+            for user in node.users:
                 if user.target is aten.view.default:
                     try:
                         aten.view.default(values[f"piece{i}"], user.args[1])
@@ -541,13 +578,13 @@ def _join_run(graph: torch.fx.Graph, run: list) -> bool:
                         return False
     position = {node: index for index, node in enumerate(graph.nodes)}
     nodes: dict = {}
-    with graph.inserting_before(min((member[1] for member in run), key=position.__getitem__)):
+    with graph.inserting_before(min((node for node, _ in run), key=position.__getitem__)):
         for name, op, args in steps:
             nodes[name] = graph.call_function(op, tuple(nodes[a] if isinstance(a, str) else a for a in args))
             nodes[name].meta["val"] = values[name]
-    for i, member in enumerate(run):
-        member[1].replace_all_uses_with(nodes[f"piece{i}"])
-        graph.erase_node(member[1])
+    for i, (node, _) in enumerate(run):
+        node.replace_all_uses_with(nodes[f"piece{i}"])
+        graph.erase_node(node)
     return True
 
 
@@ -571,7 +608,8 @@ def merge_repeated_pass(join: bool = False, layout: tuple = ()):
         def uuid(self) -> str:
             import hashlib
 
-            sources = [merge_repeated] + ([join_adjacent_products, _join_run, shared_storage_layout] if join else [])
+            joining = [join_adjacent_products, _projection, _follows, _join_run, shared_storage_layout]
+            sources = [merge_repeated] + (joining if join else [])
             text = "".join(inspect.getsource(f) for f in sources) + repr(layout)
             return hashlib.sha256(text.encode()).hexdigest()
 

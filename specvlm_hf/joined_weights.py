@@ -1,5 +1,5 @@
-"""Lays out the weights of projections that read one input (a layer's q/k/v, its gate/up) one after the other in one
-storage, so that the fast path's compiles can read them as one matrix: one GEMM instead of three or two
+"""Lays out the weights (and biases) of projections that read one input (a layer's q/k/v, its gate/up) one after the
+other in one storage, so that the fast path's compiles can read them as one matrix: one GEMM instead of three or two
 (`hf_internals.join_adjacent_products`, on when `round.JOIN_PROJECTIONS` is set).
 
 The modules stay what they are: each `nn.Linear` keeps its `Parameter` (the same object, so optimizers and hooks
@@ -19,27 +19,32 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def projection_groups(model: nn.Module) -> list[list[nn.Linear]]:
-    """The groups of `GROUPS` in `model` whose weights can share a storage: plain bias-free `nn.Linear`s of one input
-    width, dtype and device, floating-point, contiguous, not on the meta device, not offloaded (accelerate hooks) and
-    not sharded (DTensor)."""
+    """The groups of `GROUPS` in `model` whose weights (and biases) can share a storage: plain `nn.Linear`s of one
+    input width, dtype and device, all with a bias or none, floating-point, contiguous, not on the meta device, not
+    offloaded (accelerate hooks) and not sharded (DTensor)."""
     groups = []
     for module in model.modules():
         for names in GROUPS:
             members = [getattr(module, name, None) for name in names]
-            if all(_joinable(member) for member in members) and _compatible([m.weight for m in members]):
+            if not all(_joinable(member) for member in members):
+                continue
+            if _compatible([m.weight for m in members]) and len({m.bias is None for m in members}) == 1:
                 groups.append(members)
     return groups
 
 
 def _joinable(module) -> bool:
-    if type(module) is not nn.Linear or module.bias is not None or hasattr(module, "_hf_hook"):
+    if type(module) is not nn.Linear or hasattr(module, "_hf_hook"):
         return False
-    weight = module.weight
-    return (
-        type(weight.data) is torch.Tensor
-        and weight.is_floating_point()
-        and weight.device.type != "meta"
-        and weight.is_contiguous()
+    return all(
+        type(tensor.data) is torch.Tensor
+        and tensor.is_floating_point()
+        and tensor.device.type != "meta"
+        and tensor.is_contiguous()
+        and tensor.dtype == module.weight.dtype
+        and tensor.device == module.weight.device
+        for tensor in (module.weight, module.bias)
+        if tensor is not None
     )
 
 
@@ -60,18 +65,20 @@ def adjacent(weights: list[torch.Tensor]) -> bool:
 
 
 def join_projection_weights(model: nn.Module) -> int:
-    """Lays out each group of `projection_groups(model)` in one storage (a no-op for groups already so). Returns how
-    many groups were laid out anew."""
+    """Lays out each group of `projection_groups(model)` in one storage (its biases, if any, in another; a no-op for
+    groups already so). Returns how many groups were laid out anew."""
     laid_out = 0
     with torch.no_grad(), torch.inference_mode(False):  # plain tensors, usable outside inference mode
         for members in projection_groups(model):
-            weights = [member.weight for member in members]
-            if adjacent(weights):
+            parts = [[member.weight for member in members]]
+            parts += [[member.bias for member in members]] if members[0].bias is not None else []
+            if all(adjacent(tensors) for tensors in parts):
                 continue
-            joined = torch.cat([weight.data for weight in weights])
-            start = 0
-            for weight in weights:
-                weight.data = joined[start : start + weight.shape[0]]
-                start += weight.shape[0]
+            for tensors in parts:
+                joined = torch.cat([tensor.data for tensor in tensors])
+                start = 0
+                for tensor in tensors:
+                    tensor.data = joined[start : start + tensor.shape[0]]
+                    start += tensor.shape[0]
             laid_out += 1
     return laid_out

@@ -427,20 +427,24 @@ def test_attention_with_lse_returns_sdpa_and_each_rows_log_sum_exp():
     assert lse.shape == (2, 3, 5) and lse.dtype == torch.float32
 
 
-def _projections(join: bool):
-    """`f(x)`: three products of one input (q/k/v-like: 16, 8 and 8 rows), their weights laid out in one storage
-    (`join`) or each in its own."""
+def _projections(join: bool, bias: bool = False):
+    """`f(x)`: three products of one input (q/k/v-like: 16, 8 and 8 rows; with `bias`, biases too), their weights
+    (and biases) laid out in one storage (`join`) or each in its own."""
     generator = torch.Generator().manual_seed(3)
-    weights = [torch.randn(rows, 16, generator=generator) for rows in (16, 8, 8)]
-    if join:
-        storage, start = torch.cat(weights), 0
-        weights = []
-        for rows in (16, 8, 8):
-            weights.append(storage[start : start + rows])
-            start += rows
-    modules = torch.nn.ModuleList(torch.nn.Linear(16, w.shape[0], bias=False) for w in weights)
-    for module, weight in zip(modules, weights):
-        module.weight = torch.nn.Parameter(weight, requires_grad=False)
+    rows = (16, 8, 8)
+    modules = torch.nn.ModuleList(torch.nn.Linear(16, n, bias=bias) for n in rows)
+    for name in ("weight", "bias") if bias else ("weight",):
+        tensors = [
+            torch.randn(n, 16, generator=generator)[:, : 16 if name == "weight" else 1].squeeze(-1) for n in rows
+        ]
+        if join:
+            storage, start = torch.cat(tensors), 0
+            tensors = []
+            for n in rows:
+                tensors.append(storage[start : start + n])
+                start += n
+        for module, tensor in zip(modules, tensors):
+            setattr(module, name, torch.nn.Parameter(tensor, requires_grad=False))
 
     def f(x):
         q, k, v = (module(x) for module in modules)
@@ -451,14 +455,14 @@ def _projections(join: bool):
 
 def test_join_adjacent_products_joins_weights_that_follow_each_other():
     """`join_adjacent_products` (with `merge_repeated`, the round's inductor pass): products of one input by weights
-    lying one after the other in one storage become one product, sliced, with the same result; weights in storages
-    of their own are left alone. Traced by AOT autograd and run eagerly, then compiled by inductor on the CPU, the
-    joined layout first: inductor's cache, whose key drops storage offsets, must not hand its code to the second."""
+    (and biases) lying one after the other in one storage become one product, sliced, with the same result; weights
+    in storages of their own are left alone. Traced by AOT autograd and run eagerly, then compiled by inductor on the
+    CPU, the joined layouts first: inductor's cache, whose key drops storage offsets, must not hand their code on."""
     import torch._dynamo
     from torch._inductor.utils import run_and_get_code
 
-    for join in (True, False):
-        f, x = _projections(join), torch.randn(2, 5, 16)
+    for join, bias in ((True, False), (True, True), (False, False), (False, True)):
+        f, x = _projections(join, bias), torch.randn(2, 5, 16)
         removed, joined = [], []
         torch._dynamo.reset()
         got = torch.compile(f, backend=hf_internals.aot_eager_merging_backend(removed, joined))(x)
@@ -469,7 +473,7 @@ def test_join_adjacent_products_joins_weights_that_follow_each_other():
         got, code = run_and_get_code(torch.compile(f, backend=backend), x)
         torch._dynamo.reset()
         torch.testing.assert_close(got, f(x))
-        assert "".join(code).count("mm(") == (1 if join else 3), join
+        assert "".join(code).count("mm(") == (1 if join else 3), (join, bias)
     assert hf_internals.merge_repeated_pass(True) is not hf_internals.merge_repeated_pass()
     assert hf_internals.inductor_options(False, join=True)["post_grad_custom_pre_pass"] is (
         hf_internals.merge_repeated_pass(True)

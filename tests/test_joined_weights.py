@@ -41,17 +41,29 @@ def test_joined_layout_keeps_parameters_values_outputs_and_checkpoints(tmp_path)
     assert join_projection_weights(model) == 4
 
 
-def test_only_plain_bias_free_projections_of_one_input_are_joined():
+def test_biases_are_laid_out_beside_each_other_too(tmp_path):
     config = Qwen2Config(
         hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2
     )
     config.vocab_size = 64
-    model = Qwen2ForCausalLM(config)  # q/k/v with biases: left alone; gate/up: joined
-    groups = projection_groups(model)
-    assert [len(group) for group in groups] == [2]
+    model = Qwen2ForCausalLM(config).eval()  # q/k/v with biases, gate/up without
+    ids = torch.randint(0, 64, (1, 9))
+    expected, before = model(ids).logits, {k: v.clone() for k, v in model.state_dict().items()}
+    assert join_projection_weights(model) == 2
+    attention = model.model.layers[0].self_attn
+    assert adjacent([attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias])
+    torch.testing.assert_close(model(ids).logits, expected)
+    model.save_pretrained(tmp_path)
+    reloaded = Qwen2ForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(value, before[name]) for name, value in reloaded.state_dict().items())
+
+
+def test_only_plain_projections_of_one_input_and_one_kind_are_joined():
     llama = tiny_llama()
+    llama.model.layers[0].self_attn.k_proj.bias = torch.nn.Parameter(torch.zeros(16))  # biases on some members only
+    assert len(projection_groups(llama)) == 3
     llama.model.layers[0].mlp.up_proj.weight.data = llama.model.layers[0].mlp.up_proj.weight.data.double()
-    assert len(projection_groups(llama)) == 3  # dtypes differ in one group
+    assert len(projection_groups(llama)) == 2  # dtypes differ in one group too
     with torch.inference_mode():  # laid out in plain tensors even so: the model trains afterwards
         join_projection_weights(llama)
     assert not llama.model.layers[1].mlp.gate_proj.weight.is_inference()
