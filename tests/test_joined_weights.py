@@ -67,3 +67,41 @@ def test_only_plain_projections_of_one_input_and_one_kind_are_joined():
     with torch.inference_mode():  # laid out in plain tensors even so: the model trains afterwards
         join_projection_weights(llama)
     assert not llama.model.layers[1].mlp.gate_proj.weight.is_inference()
+
+
+def test_the_fast_path_with_joined_projections_equals_plain_generate_on_qwen2_5_vl(monkeypatch):
+    """Qwen2.5-VL (q/k/v with biases, M-RoPE) through the round functions compiled with the joining pass (AOT
+    autograd on the CPU): tokens and every logit as plain `generate`, and products with biases were joined."""
+    import torch._dynamo
+    from torch._dynamo.backends.common import aot_autograd
+
+    import specvlm_hf
+    from family_checks import assert_greedy_matches_plain, assert_logits_match_plain
+    from specvlm_hf import decoding, hf_internals, round as round_module
+    from tiny_families import FAMILIES, family_inputs
+
+    joined_with_bias = []
+
+    def joining(graph_module, example_inputs):  # the round's pass, then: how many joined products add a bias
+        hf_internals.merge_repeated(graph_module.graph)
+        hf_internals.join_adjacent_products(graph_module.graph)
+        addmm, as_strided = torch.ops.aten.addmm.default, torch.ops.aten.as_strided.default
+        nodes = graph_module.graph.find_nodes(op="call_function", target=addmm)
+        joined_with_bias.append(sum(node.args[0].target is as_strided for node in nodes))
+        graph_module.recompile()
+        return graph_module
+
+    options = {"dynamic": False, "backend": aot_autograd(fw_compiler=joining)}
+    monkeypatch.setattr(round_module, "COMPILE_OPTIONS", options)
+    monkeypatch.setattr(round_module, "JOIN_PROJECTIONS", True)
+    monkeypatch.setattr(decoding, "fast_path_options", lambda *args: (False, True))  # compile, no CUDA graphs
+    torch._dynamo.reset()
+    target = specvlm_hf.enable(FAMILIES["qwen2_5_vl"](seed=0))
+    generator = torch.Generator().manual_seed(3)
+    assert_greedy_matches_plain(target, family_inputs, [("oracle", 1), ("noisy", 0)], "static", generator, 12, 3)
+    inputs = family_inputs(target, torch.Generator().manual_seed(5))
+    assert_logits_match_plain(target, inputs, cache_implementation="static")
+    attention = target.model.language_model.layers[0].self_attn
+    assert attention.q_proj.bias is not None and adjacent([attention.q_proj.bias, attention.k_proj.bias])
+    assert max(joined_with_bias) >= len(target.model.language_model.layers), joined_with_bias  # the verify's q/k/v
+    torch._dynamo.reset()
