@@ -649,7 +649,8 @@ def shared_storage_layout(example_inputs) -> tuple:
     """Which inputs share a storage, and at which offsets: `((input index, first input of its storage, storage offset,
     storage bytes), ...)` for those that do. inductor's cache key drops storage offsets and sizes (unless it marks an
     input static, which it does on a GPU for parameters), while code from `join_adjacent_products` is right only for
-    weights laid out one after the other: the joining pass's uuid carries this layout."""
+    weights laid out one after the other: the joining pass's uuid carries this layout (of a compile's inputs; for a
+    compile ahead of time, whose inputs are not known before it, of the models' parameters)."""
     first: dict = {}
     layout = []
     for index, value in enumerate(example_inputs):

@@ -41,7 +41,15 @@ from dataclasses import dataclass
 import torch
 
 from .errors import write_atomic
-from .hf_internals import ahead_sources_unchanged, compile_ahead, inductor_options, load_ahead, save_ahead
+from .hf_internals import (
+    ahead_sources_unchanged,
+    compile_ahead,
+    inductor_options,
+    load_ahead,
+    merge_repeated_pass,
+    save_ahead,
+    shared_storage_layout,
+)
 
 ENVIRONMENT_VARIABLE = "SPECVLM_COMPILE_CACHE"
 FORMAT = 1  # bump when what a stored round function means changes
@@ -150,6 +158,9 @@ class PrecompiledRounds:
                 getattr(owner, "join_projections", False),
                 getattr(owner, "autotune_gemms", False),
             )
+            if getattr(owner, "join_projections", False):  # the weights' layout in the pass's cache key
+                weights = [*owner.adapter.model.parameters(), *owner.draft.parameters()]
+                options["post_grad_custom_pre_pass"] = merge_repeated_pass(True, shared_storage_layout(weights))
             compiled = compile_ahead(function, (owner,), backend, options)
         except Exception as error:
             raise PrecompileFailed(f"{type(error).__name__}: {error}") from error

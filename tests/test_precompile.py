@@ -439,3 +439,26 @@ def test_generate_command_keeps_compiled_rounds_for_a_later_run(compiled_on_cpu,
     assert summaries[0].startswith(f"[compile cache {cache}: 0 round functions loaded, 3 compiled"), summaries
     assert summaries[1].startswith(f"[compile cache {cache}: 3 round functions loaded, 0 compiled"), summaries
     assert len(compiled_files(os.path.join(cache, "rounds"))) == 3
+
+
+def test_rounds_compiled_ahead_with_joined_projections_key_their_pass_by_the_weights_layout(
+    compiled_on_cpu, tmp_path, monkeypatch
+):
+    """With `round.JOIN_PROJECTIONS`, a round compiled ahead of time gets the joining pass of the weights' layout (its
+    uuid, in inductor's cache key, carries it: the key drops storage offsets), and the calls stay exact."""
+    from specvlm_hf import precompile, round as round_module
+    from specvlm_hf.hf_internals import merge_repeated_pass
+
+    passes = []
+
+    def recording(function, args, backend, options=None):
+        passes.append((options or {}).get("post_grad_custom_pre_pass"))
+        return compile_ahead(function, args, backend, options)
+
+    compile_ahead = precompile.compile_ahead
+    monkeypatch.setattr(precompile, "compile_ahead", recording)
+    monkeypatch.setattr(round_module, "JOIN_PROJECTIONS", True)
+    result = run_calls(str(tmp_path / "rounds"), calls=((3, 10), (30, 12)))
+    assert all(result["equal"]) and len(passes) >= 3
+    layout_free = merge_repeated_pass(True)
+    assert all(p is not None and p is not layout_free and p.uuid() != layout_free.uuid() for p in passes), passes
