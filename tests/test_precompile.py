@@ -458,7 +458,7 @@ def test_rounds_compiled_ahead_with_joined_projections_key_their_pass_by_the_wei
     compile_ahead = precompile.compile_ahead
     monkeypatch.setattr(precompile, "compile_ahead", recording)
     monkeypatch.setattr(round_module, "JOIN_PROJECTIONS", True)
-    result = run_calls(str(tmp_path / "rounds"), calls=((3, 10), (30, 12)))
-    assert all(result["equal"]) and len(passes) >= 3
+    result = run_calls(str(tmp_path / "rounds"), calls=((3, 10),))
+    assert result["equal"] == [True] and len(passes) >= 3
     layout_free = merge_repeated_pass(True)
     assert all(p is not None and p is not layout_free and p.uuid() != layout_free.uuid() for p in passes), passes
