@@ -7,6 +7,7 @@ it). Here one launch computes every (head, slice of the cache) pair's partial so
 skipping the tiles no query sees (the unused end of a length bucket), and one fused merge follows. Not in the
 package: measured first (`gpu_attention.py`, variant `triton_split_kv`).
 
+    pip install -e ".[gpu-bench]"   # triton (torch's CUDA wheels already bring it)
     python benchmarks/tree_attention_triton.py   # checks the kernel against sdpa in Triton's CPU interpreter
 """
 
