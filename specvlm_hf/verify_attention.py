@@ -71,11 +71,15 @@ def split_kv_attention(
     rows = group * queries
     chunked = (batch * chunks, key_heads, rows, dim)
     queries_by_chunk = query.reshape(batch, 1, key_heads, rows, dim).expand(batch, chunks, -1, -1, -1)
-    keys = (
-        key.reshape(batch, key_heads, chunks, size, dim).transpose(1, 2).reshape(batch * chunks, key_heads, size, dim)
-    )
-    values = value.reshape(batch, key_heads, chunks, size, dim).transpose(1, 2)
-    values = values.reshape(batch * chunks, key_heads, size, dim)
+
+    def by_chunk(tensor):  # (B, Hkv, W, d) -> (B * chunks, Hkv, size, d), a view for batch 1
+        return (
+            tensor.reshape(batch, key_heads, chunks, size, dim)
+            .transpose(1, 2)
+            .reshape(chunked[0], key_heads, size, dim)
+        )
+
+    keys, values = by_chunk(key), by_chunk(value)
     mask = attention_mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(-1, 1, rows, chunks, size)
     mask = mask.permute(0, 3, 1, 2, 4).expand(batch, chunks, key_heads, rows, size).reshape(*chunked[:3], size)
     partial, lse = attention_with_lse(queries_by_chunk.reshape(chunked), keys, values, mask, scale)
