@@ -8,6 +8,7 @@ changes it. The rest of the package calls these functions and never touches the 
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 from contextlib import contextmanager
@@ -588,12 +589,16 @@ def _join_run(graph: torch.fx.Graph, run: list) -> bool:
     return True
 
 
-@functools.cache
 def merge_repeated_pass(join: bool = False, layout: tuple = ()):
     """The process's inductor pass object running `merge_repeated` (and, with `join`, then
     `join_adjacent_products`); their class counts the nodes removed (`removed`) and products joined (`joined`). One
     object per input `layout` (`shared_storage_layout`), part of its uuid: inductor's cache keeps code that joined
-    products apart from code for weights laid out otherwise."""
+    products apart from code for weights laid out otherwise. The same object however the arguments are spelled."""
+    return _merge_repeated_pass(bool(join), tuple(layout))
+
+
+@functools.cache
+def _merge_repeated_pass(join: bool, layout: tuple):
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class MergeRepeated(CustomGraphPass):
@@ -602,14 +607,14 @@ def merge_repeated_pass(join: bool = False, layout: tuple = ()):
 
         def __call__(self, graph: torch.fx.Graph) -> None:
             MergeRepeatedCounts.removed += merge_repeated(graph)
-            if join:
+            if join and layout:  # without the inputs' layout in the uuid, joined code could be reused for others
                 MergeRepeatedCounts.joined += join_adjacent_products(graph)
 
         def uuid(self) -> str:
             import hashlib
 
             joining = [join_adjacent_products, _projection, _follows, _join_run, shared_storage_layout]
-            sources = [merge_repeated] + (joining if join else [])
+            sources = [_merge_repeated_pass, merge_repeated] + (joining if join else [])
             text = "".join(inspect.getsource(f) for f in sources) + repr(layout)
             return hashlib.sha256(text.encode()).hexdigest()
 
@@ -623,12 +628,12 @@ class MergeRepeatedCounts:
     joined = 0
 
 
-def inductor_options(merge: bool, join: bool = False, autotune_gemms: bool = False) -> dict:
+def inductor_options(merge: bool, join: bool = False, autotune_gemms: bool = False, layout: tuple = ()) -> dict:
     """inductor config patches of a round function's compile: `merge_repeated` (and with `join`,
-    `join_adjacent_products`) first among the post-grad passes; with `autotune_gemms`, each matrix product timed
-    against inductor's Triton templates and the fastest kept (`max_autotune_gemm`: GEMMs only, not the rest of
-    `max_autotune`)."""
-    options = {"post_grad_custom_pre_pass": merge_repeated_pass(join)} if merge or join else {}
+    `join_adjacent_products`, its pass keyed by the weights' `layout`, `shared_storage_layout`) first among the
+    post-grad passes; with `autotune_gemms`, each matrix product timed against inductor's Triton templates and the
+    fastest kept (`max_autotune_gemm`: GEMMs only, not the rest of `max_autotune`)."""
+    options = {"post_grad_custom_pre_pass": merge_repeated_pass(join, layout if join else ())} if merge or join else {}
     return {**options, "max_autotune_gemm": True} if autotune_gemms else options
 
 
@@ -659,8 +664,8 @@ def shared_storage_layout(example_inputs) -> tuple:
         storage = value.untyped_storage()
         owner = first.setdefault((value.device, storage.data_ptr()), index)
         layout.append((index, owner, value.storage_offset(), storage.nbytes()))
-    shared = {owner for _, owner, _, _ in layout if sum(1 for entry in layout if entry[1] == owner) > 1}
-    return tuple(entry for entry in layout if entry[1] in shared)
+    members = collections.Counter(owner for _, owner, _, _ in layout)
+    return tuple(entry for entry in layout if members[entry[1]] > 1)
 
 
 def aot_eager_merging_backend(removed: list | None = None, joined: list | None = None):

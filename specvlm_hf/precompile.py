@@ -46,7 +46,6 @@ from .hf_internals import (
     compile_ahead,
     inductor_options,
     load_ahead,
-    merge_repeated_pass,
     save_ahead,
     shared_storage_layout,
 )
@@ -153,14 +152,15 @@ class PrecompiledRounds:
         """`function` compiled ahead of time for `owner`, its cache widths marked dynamic while it is traced."""
         owner.mark_width_dynamic()
         try:
+            join = getattr(owner, "join_projections", False)
+            # the joining pass keyed by the weights' layout (the compile's inputs are not known before it)
+            weights = [*owner.adapter.model.parameters(), *owner.draft.parameters()] if join else []
             options = inductor_options(
                 getattr(owner, "merge_repeated", False),
-                getattr(owner, "join_projections", False),
+                join,
                 getattr(owner, "autotune_gemms", False),
+                shared_storage_layout(weights),
             )
-            if getattr(owner, "join_projections", False):  # the weights' layout in the pass's cache key
-                weights = [*owner.adapter.model.parameters(), *owner.draft.parameters()]
-                options["post_grad_custom_pre_pass"] = merge_repeated_pass(True, shared_storage_layout(weights))
             compiled = compile_ahead(function, (owner,), backend, options)
         except Exception as error:
             raise PrecompileFailed(f"{type(error).__name__}: {error}") from error
