@@ -45,6 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 from gpu_check_tree import copy_bandwidth  # noqa: E402
+from specvlm_hf.bench import software_versions  # noqa: E402
 
 HEADS, HEAD_DIM, QUERIES = 32, 128, 60
 
@@ -214,9 +215,7 @@ def main():
         parser.error(f"unknown variants {unknown}; choose among {sorted(variants)}")
     variants = {name: variants[name] for name in chosen} if chosen else variants
     results = {
-        "machine": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        **software_versions(),
         "shape": f"{heads} heads x {HEAD_DIM}, {QUERIES} tree queries, bf16",
         "copy_bandwidth_TBps": bandwidth / 1e12,
         "rows": [],

@@ -31,9 +31,9 @@ if "--smoke" in sys.argv:
     os.environ["TINY"] = "1"  # gpu_check_tree's tiny 7B-shaped miniature
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 import specvlm_hf  # noqa: E402
+from specvlm_hf.bench import software_versions  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
 from specvlm_hf.bench import run_bench  # noqa: E402
 from specvlm_hf.decoding import tree_tokens_for_batch  # noqa: E402
@@ -234,10 +234,7 @@ def main():
     if args.trees:
         settings["trees"] = [int(t) for t in args.trees.split(",")]
     results = {
-        "machine": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (--smoke dry run)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        **software_versions(),
         "settings": settings,
         "mini_dtype": "float32" if args.smoke else args.mini_dtype,
         "tree_fast_path": "CUDA graphs over torch.compile kernels"

@@ -18,17 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
-import transformers
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import specvlm_hf  # noqa: E402
+from specvlm_hf.bench import software_versions  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
 
 TINY = os.environ.get("TINY") == "1"
@@ -186,10 +185,7 @@ def main():
     result = {
         "what": f"tree loop on a LLaVA-1.5-7B-shaped target, random {args.dtype} weights, fresh 1-layer draft, greedy",
         "dtype": args.dtype,
-        "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **software_versions(),
         "new_tokens": args.new_tokens,
         "tree": {
             "top_k": draft.config.tree_top_k,

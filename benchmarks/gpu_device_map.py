@@ -16,13 +16,13 @@ import sys
 import time
 
 import torch
-import transformers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import specvlm_hf  # noqa: E402
 from gpu_check_tree import TINY, first_difference, llava_7b_shaped, write_result  # noqa: E402
+from specvlm_hf.bench import software_versions  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
 
 
@@ -99,10 +99,8 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
     result = {
         "what": f"LLaVA-1.5-7B shape split over two GPUs with device_map, random {args.dtype} weights, greedy",
+        **software_versions(),
         "machine": " + ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d"),
         "identical_outputs": f"{sum(r['identical'] for r in rows)}/{len(rows)}",
         "rows": rows,
     }

@@ -26,13 +26,13 @@ import time
 import traceback
 
 import torch
-import transformers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import specvlm_hf  # noqa: E402
 from gpu_fast_path import DEVICE, DTYPE, TINY, plain_ms_per_token, tree_round, weight_bytes  # noqa: E402
+from specvlm_hf.bench import software_versions  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
 
 
@@ -167,10 +167,7 @@ def main():
     parser.add_argument("--out", default="results/gpu_families.json")
     args = parser.parse_args()
     results = {
-        "machine": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (TINY dry run)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **software_versions(),
         "what": "random bf16 weights, sdpa, batch 1, text prompt, default tree (10, 7, 60), fresh 1-layer draft",
     }
     for name in args.shapes.split(","):

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import specvlm_hf  # noqa: E402
 from gpu_check_tree import TINY, TokenClock, llava_7b_shaped  # noqa: E402
+from specvlm_hf.bench import software_versions  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
 from specvlm_hf.compressor import GridSegment, VisualLayout  # noqa: E402
 from specvlm_hf.round import release_fast_path  # noqa: E402
@@ -260,10 +261,7 @@ def main():
         pixel_values=torch.randn(1, 3, 336, 336, generator=generator).to(DEVICE, DTYPE),
     )
     results = {
-        "machine": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (TINY dry run)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        **software_versions(),
         "shape": "LLaVA-1.5-7B (random weights, bf16, sdpa, batch 1)",
         "new_tokens": args.new_tokens,
         "tree": {"top_k": 10, "depth": 7, "total_tokens": 60},

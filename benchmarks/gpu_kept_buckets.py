@@ -9,9 +9,11 @@ that run did) and once compiled in process, each in a process of its own (a cras
 mode, `precompiled_static_plain`, takes the plain references with a static cache, as that run did: transformers then
 compiles its decoding step (its own CUDA graphs), interleaved with the fast path's. The calls run in that run's order:
 the plain sweeps, then the fast sweeps, then plain and fast call by call. On the tiny shape (H200, 2026-12-05 18:00
-UTC) the first two modes gave 21/21 equal calls each, no crash; `--seven-b` repeats it on the 7B shape in bf16.
+UTC) the first two modes gave 21/21 equal calls each, no crash; `--seven-b` repeats it on the 7B shape in bf16, and
+`--tiny-dtype bfloat16` the tiny shape in bf16 (the failing run's dtype: sdpa's kernels and inductor's code differ
+from fp32's; outputs may then differ by bf16 noise, crashes are what it looks for).
 
-    python benchmarks/gpu_kept_buckets.py [--smoke] [--seven-b] [--modes precompiled_static_plain]
+    python benchmarks/gpu_kept_buckets.py [--smoke] [--seven-b | --tiny-dtype bfloat16] [--modes ...]
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def calls() -> list[tuple[int, int]]:
     return [(n, 48) for n in LENGTHS] * 2 + [(LENGTHS[0], 96), (LENGTHS[-1], 96), (LENGTHS[1], 96)]
 
 
-def child(mode: str, smoke: bool, seven_b: bool, cudnn_sdpa: bool = True) -> None:
+def child(mode: str, smoke: bool, seven_b: bool, cudnn_sdpa: bool = True, tiny_dtype: str = "float32") -> None:
     sys.path.insert(0, os.path.join(HERE, ".."))
     sys.path.insert(0, HERE)
     if smoke:
@@ -54,7 +56,8 @@ def child(mode: str, smoke: bool, seven_b: bool, cudnn_sdpa: bool = True) -> Non
         precompile.use_store(None)
     plain_kwargs = {"cache_implementation": "static"} if mode.endswith("static_plain") else {}
     gpu_check_tree.TINY = not seven_b
-    target, draft = build(None if seven_b else torch.float32)
+    dtype = getattr(torch, tiny_dtype)
+    target, draft = build(None if seven_b else dtype)
     sequence = calls()[: 4 if smoke else None]
     sweeps = len(LENGTHS) * 2 if not smoke else 2
 
@@ -63,7 +66,7 @@ def child(mode: str, smoke: bool, seven_b: bool, cudnn_sdpa: bool = True) -> Non
             min(length, 300) if smoke else length, torch.Generator().manual_seed(index % len(LENGTHS))
         )
         if not seven_b and "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].float()
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         return inputs
 
     # as the failing run: the plain sweeps, then the fast sweeps, then plain and fast call by call
@@ -95,15 +98,16 @@ def main():
         "--seven-b", action="store_true", help="the 7B shape in bf16 (outputs may differ by bf16 noise)"
     )
     parser.add_argument("--no-cudnn-sdpa", action="store_true", help="sdpa without its cuDNN kernel")
+    parser.add_argument("--tiny-dtype", default="float32", choices=("float32", "bfloat16"), help="the tiny shape's")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.smoke, args.seven_b, not args.no_cudnn_sdpa)
+        child(args.child, args.smoke, args.seven_b, not args.no_cudnn_sdpa, args.tiny_dtype)
         return
     for mode in args.modes.split(","):
         command = [sys.executable, os.path.abspath(__file__), "--child", mode]
         command += (["--smoke"] if args.smoke else []) + (["--seven-b"] if args.seven_b else [])
-        command += ["--no-cudnn-sdpa"] if args.no_cudnn_sdpa else []
+        command += (["--no-cudnn-sdpa"] if args.no_cudnn_sdpa else []) + ["--tiny-dtype", args.tiny_dtype]
         done = subprocess.run(command, capture_output=True, text=True, timeout=560 if args.seven_b else 190)
         rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
         print("\n".join(rows), flush=True)

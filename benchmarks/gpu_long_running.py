@@ -43,7 +43,6 @@ if "--child" not in sys.argv and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="specvlm_inductor_")  # a cold start, honestly
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -60,6 +59,7 @@ from gpu_fast_path import (  # noqa: E402
     tree_round,
     weight_bytes,
 )
+from specvlm_hf.bench import software_versions  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
 from specvlm_hf import precompile  # noqa: E402
 from specvlm_hf.startup import save_compile_cache, tree_room, use_cache_dir  # noqa: E402
@@ -292,10 +292,7 @@ def main():
 
     begin = time.perf_counter()
     results = {
-        "machine": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        **software_versions(),
         "shape": "LLaVA-1.5-7B (random weights, bf16, sdpa, batch 1)" if not TINY else "tiny LLaVA (smoke)",
         "new_tokens": args.new_tokens,
         "stack_compiled_layers": args.stack_compiled_layers,

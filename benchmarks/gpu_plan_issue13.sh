@@ -5,9 +5,11 @@
 # Stages, in the order to run them (the first is a correctness question, and decides whether the others' figures hold):
 #   crash    the call sequence that met a CUDA illegal memory access on the 7B shape (2026-12-05 17:40 UTC, after 9
 #            kept buckets) again on the 7B shape in bf16, with transformers' compiled static-cache decoding
-#            interleaved as in that run (gpu_kept_buckets.py, ~6 min), then the tiny shape in fp32 in that mode
-#   crash_nocudnn  the same on the 7B shape with sdpa's cuDNN kernel disabled (if `crash` crashed: pytorch#169849
-#            reports illegal memory accesses from cuDNN attention under CUDA graphs)
+#            interleaved as in that run (gpu_kept_buckets.py, ~6 min), then the tiny shape in bf16 in that mode (fp32
+#            ran clean; if bf16 crashes, it is small enough for compute-sanitizer)
+#   crash_nocudnn  the same on the 7B shape with sdpa's cuDNN kernel disabled (pytorch#169849 reports illegal memory
+#            accesses from cuDNN attention under CUDA graphs, but for cuDNN <= 9.15.0, and torch 2.11.0+cu130 pins
+#            9.19.0.56: a weak lead; results now record the cuDNN version)
 #   variants round variants in parallel processes (gpu_round_variants.py): the shipped round, joined projections
 #            (round.JOIN_PROJECTIONS), autotuned GEMMs (round.AUTOTUNE_GEMMS), both (all new 2026-12-05 evening, never
 #            run on a GPU); the fp32 check with both on (~8-9 min)
@@ -26,13 +28,16 @@ out=${2:?$usage}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi") | tee "$out/machine.txt"
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" |
+  tee -a "$out/machine.txt"
 long_running() { python benchmarks/gpu_long_running.py "$@"; }
 case "$stage" in
   crash)
     # launches synchronous: an illegal access surfaces at the call (graph replay or kernel) that made it
     CUDA_LAUNCH_BLOCKING=1 python benchmarks/gpu_kept_buckets.py --seven-b --modes precompiled_static_plain 2>&1 |
       tee "$out/crash_7b.log"
-    python benchmarks/gpu_kept_buckets.py --modes precompiled_static_plain 2>&1 | tee "$out/crash_tiny.log"
+    python benchmarks/gpu_kept_buckets.py --tiny-dtype bfloat16 --modes precompiled_static_plain 2>&1 |
+      tee "$out/crash_tiny_bf16.log"
     ;;
   crash_nocudnn)
     python benchmarks/gpu_kept_buckets.py --seven-b --no-cudnn-sdpa --modes precompiled_static_plain 2>&1 |

@@ -315,14 +315,11 @@ def main():
     memory = 3 * GB_PER_VARIANT if SMOKE else gpu_memory_gb()
     parallel = args.parallel or max(1, int(memory // GB_PER_VARIANT))
     deadline = time.time() + args.deadline
-    import torch
-    import transformers
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    from specvlm_hf.bench import software_versions
 
     results = {
-        "machine": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        **software_versions(),
         "shape": "LLaVA-1.5-7B (random weights, bf16, sdpa, batch 1, default tree)",
         "new_tokens": args.new_tokens,
         "parallel": parallel,

@@ -22,7 +22,6 @@ if "--smoke" in sys.argv:
     os.environ["TINY"] = "1"  # read by the helpers' module at import
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -31,6 +30,7 @@ import specvlm_hf  # noqa: E402
 from gpu_check_tree import llava_7b_shaped  # noqa: E402
 from gpu_fast_path import DEVICE, DTYPE  # noqa: E402
 from gpu_long_running import make_inputs  # noqa: E402
+from specvlm_hf.bench import software_versions  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
 from specvlm_hf.tree_auto import PAPER_TREE, choose_tree, expected_accepted, interpolate, measure_costs  # noqa: E402
 
@@ -64,10 +64,7 @@ def main():
         choices.append(row)
         print(json.dumps(row), flush=True)
     results = {
-        "machine": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        **software_versions(),
         "shape": "LLaVA-1.5-7B (random weights, bf16, sdpa, batch 1)" if not args.smoke else "tiny LLaVA (smoke)",
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
         "verify_ms_by_width": verify,

@@ -91,6 +91,28 @@ class MethodResult:
     speculation_off: bool = False  # a draft method whose batches all ran generate's own loop (the batch rule)
 
 
+def software_versions(device=None) -> dict:
+    """What a figure was measured on: the accelerator's name (or `cpu_label` off CUDA), torch, its CUDA and cuDNN
+    builds, transformers, and the UTC time. `device`: a device or its name (None: the first CUDA device if any)."""
+    import platform
+
+    import transformers
+
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.type == "cuda"
+    return {
+        "machine": torch.cuda.get_device_name(device)
+        if on_cuda
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if on_cuda else None,
+        # sdpa's cuDNN kernel under CUDA graphs depends on it (pytorch/pytorch#169849)
+        "cudnn": torch.backends.cudnn.version() if on_cuda and torch.backends.cudnn.is_available() else None,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -315,19 +337,12 @@ def run_bench(
             if "plain-static" in by_name:
                 static_ms = 1000 / by_name["plain-static"].tokens_per_second
                 result.projected["speedup_over_plain_static"] = projected_sigma * static_ms / result.round_ms
-    import platform
-
-    import transformers
-
     from .commands.common import default_decoding_mode
 
+    versions = software_versions(device)
     return {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        "device": versions.pop("machine"),
+        **versions,
         "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
