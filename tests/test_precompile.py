@@ -116,19 +116,26 @@ def precompile_module():
 
 
 def test_a_damaged_or_stale_file_is_compiled_again(compiled_on_cpu, tmp_path, monkeypatch):
+    """A file that cannot be read (damaged) and one whose traced sources changed (stale: e.g. transformers upgraded)
+    are each compiled again and replaced in place; the function whose file is sound is loaded."""
     from specvlm_hf import precompile
 
     store = str(tmp_path / "rounds")
     files = run_calls(store, calls=((3, 8),))["files"]
     with open(os.path.join(store, files[1]), "wb") as handle:  # the draft function's file
         handle.write(b"not a compiled function")
+    checked = []  # the first readable file found stale, the other sound
+
+    def first_is_stale(compiled):
+        checked.append(compiled)
+        return len(checked) > 1
+
+    monkeypatch.setattr(precompile, "ahead_sources_unchanged", first_is_stale)
     with pytest.warns(UserWarning, match="could not load .*draft"):
         again = run_calls(store, calls=((3, 8),))
-    assert again["equal"] == [True] and (again["compiled"], again["loaded"]) == (1, 2), again
+    assert len(checked) == 2, "the two readable files are checked"
+    assert again["equal"] == [True] and (again["compiled"], again["loaded"]) == (2, 1), again
     assert again["files"] == files  # replaced in place
-    monkeypatch.setattr(precompile, "ahead_sources_unchanged", lambda compiled: False)  # e.g. transformers upgraded
-    stale = run_calls(store, calls=((3, 8),))
-    assert stale["equal"] == [True] and (stale["compiled"], stale["loaded"]) == (3, 0), stale
 
 
 def test_rounds_of_one_key_that_guards_tell_apart_each_get_a_function(compiled_on_cpu, tmp_path, monkeypatch):
@@ -146,7 +153,7 @@ def test_rounds_of_one_key_that_guards_tell_apart_each_get_a_function(compiled_o
     kwargs = {"do_sample": False, "max_new_tokens": 8, "min_new_tokens": 8}
     with torch.inference_mode():
         reference = target.generate(**inputs, **kwargs).tolist()
-        for shape in ((3, 3, 10), (2, 4, 8), (3, 3, 10)):
+        for shape in ((3, 3, 10), (2, 2, 8), (3, 3, 10)):
             draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = shape
             fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
             assert fast.tolist() == reference, shape
