@@ -387,6 +387,36 @@ def compile_backend(name_or_fn):
     return torch._dynamo.lookup_backend(name_or_fn) if isinstance(name_or_fn, str) else name_or_fn
 
 
+# CUDA graph capture and cuBLAS's workspace (torch._C). torch keeps one cuBLAS workspace per (handle, stream) in a
+# process-wide map, allocated on first use; a graph that captures a GEMM embeds that workspace's address. Captures on
+# one stream (`torch.cuda.graph`'s default side stream) would all share the first capture's workspace, which lives in
+# that graph's memory pool, and anything that clears the map (torch.compile's CUDA graph trees before and after each
+# recording, e.g. transformers' static-cache `generate` on a GPU; newer torch also when any graph captured on that
+# stream is destroyed: pytorch/pytorch#193402) frees it under every other graph: their replays then write through a
+# dangling pointer (silent corruption, or an illegal memory access once the memory is unmapped).
+CLEAR_CUBLAS_WORKSPACES = "_cuda_clearCublasWorkspaces"
+
+
+@contextmanager
+def cublas_workspace_of_its_own():
+    """Around a CUDA graph capture: clears torch's cuBLAS workspaces before it, so that a GEMM in the capture
+    allocates a workspace in the graph's own memory pool (owned by the graph for its lifetime, as CUDA graph trees
+    do), and after it, so that no later capture or eager GEMM is handed that workspace. Costs one workspace
+    (torch's cuBLAS workspace size, up to 32 MiB) per captured graph."""
+    clear = getattr(torch._C, CLEAR_CUBLAS_WORKSPACES, None)
+    if clear is None:
+        raise RuntimeError(
+            f"torch {torch.__version__} has no torch._C.{CLEAR_CUBLAS_WORKSPACES}, which the SpecVLM fast path needs "
+            "to give each CUDA graph a cuBLAS workspace of its own (see specvlm_hf/hf_internals.py). Use a torch "
+            "this version of specvlm-hf supports, or pass disable_compile=True and no static cache."
+        )
+    clear()
+    try:
+        yield
+    finally:
+        clear()
+
+
 # fused attention kernels that also return their softmax's log-sum-exp (private aten ops: sdpa returns no
 # log-sum-exp, which merging attention over separate key chunks needs)
 def attention_with_lse(query, key, value, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,7 @@ from .draft_runner import DraftRunner
 from .hf_internals import (
     clear_dynamic_marks,
     compile_backend,
+    cublas_workspace_of_its_own,
     dynamo_error_types,
     inductor_backend,
     inductor_options,
@@ -193,10 +194,13 @@ class GraphedCall:
             # through their functions) destroys its CUDA graphs, which CUDA forbids during a capture and which
             # invalidates it (met on an H200, "operation not permitted when stream is capturing (function reset)").
             # `torch.cuda.graph` collects before it starts.
+            # a cuBLAS workspace of its own (see `hf_internals.cublas_workspace_of_its_own`): graphs sharing one lose
+            # it when something else clears torch's workspaces; the likely cause of the illegal memory access met on
+            # an H100 in the first fast-path call after transformers' compiled static-cache `generate` (README).
             collecting = gc.isenabled()
             gc.disable()
             try:
-                with torch.cuda.graph(graph):
+                with cublas_workspace_of_its_own(), torch.cuda.graph(graph):
                     self.output = self.fn()
             finally:
                 if collecting:

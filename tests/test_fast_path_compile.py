@@ -278,6 +278,7 @@ def test_graph_capture_runs_without_cyclic_garbage_collection(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None, raising=False)  # CPU builds lack it
 
     def fn():
         seen.append(("run", gc.isenabled()))
@@ -296,3 +297,44 @@ def test_graph_capture_runs_without_cyclic_garbage_collection(monkeypatch):
     with pytest.raises(ValueError, match="boom"):
         failing()
     assert gc.isenabled()
+
+
+def test_each_captured_graph_gets_a_cublas_workspace_of_its_own(monkeypatch):
+    """torch's cuBLAS workspaces are cleared right before each capture (a GEMM in it then allocates one in the graph's
+    own memory pool) and right after (no later capture or eager GEMM shares it), also when the capture fails: graphs
+    sharing a workspace lose it when anything else clears torch's workspaces (CUDA graph trees do, around each of
+    their recordings), and their replays then write through a dangling pointer."""
+    import contextlib
+
+    from specvlm_hf.round import GraphedCall
+
+    seen = []
+
+    @contextlib.contextmanager
+    def fake_capture(graph):
+        seen.append("capture begins")
+        yield
+        seen.append("capture ends")
+
+    class FakeGraph:
+        def replay(self):
+            seen.append("replay")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: seen.append("clear"), raising=False)
+    call = GraphedCall(lambda: seen.append("run"), graphs=True)
+    for _ in range(3):
+        call()
+    assert seen == ["run", "clear", "capture begins", "run", "capture ends", "clear", "replay", "replay"], seen
+
+    def fails():
+        raise ValueError("boom")
+
+    seen.clear()
+    failing = GraphedCall(fails, graphs=True)
+    failing.calls = 1  # the next call captures
+    with pytest.raises(ValueError, match="boom"):
+        failing()
+    assert seen == ["clear", "capture begins", "clear"], seen  # (a failed capture never reaches its end)
+

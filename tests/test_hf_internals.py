@@ -175,6 +175,25 @@ def test_dynamo_error_type_is_what_a_failing_compile_raises():
     assert issubclass(hf_internals.dynamo_error_types()[0], Exception)
 
 
+def test_cublas_workspaces_are_cleared_around_a_capture_and_a_missing_clear_is_named(monkeypatch):
+    """torch._C._cuda_clearCublasWorkspaces exists in every CUDA build of torch (CUDA graph trees call it); the fast
+    path clears the workspaces before and after each capture, also when the capture fails, and refuses to capture,
+    naming the symbol, on a torch without it."""
+    calls = []
+    if torch.backends.cuda.is_built():
+        assert callable(getattr(torch._C, hf_internals.CLEAR_CUBLAS_WORKSPACES))
+    monkeypatch.setattr(torch._C, hf_internals.CLEAR_CUBLAS_WORKSPACES, lambda: calls.append("clear"), raising=False)
+    with hf_internals.cublas_workspace_of_its_own():
+        calls.append("capture")
+    with pytest.raises(ValueError), hf_internals.cublas_workspace_of_its_own():
+        raise ValueError
+    assert calls == ["clear", "capture", "clear", "clear", "clear"]
+    monkeypatch.delattr(torch._C, hf_internals.CLEAR_CUBLAS_WORKSPACES)
+    with pytest.raises(RuntimeError, match="_cuda_clearCublasWorkspaces"), hf_internals.cublas_workspace_of_its_own():
+        calls.append("captured without a workspace of its own")
+    assert calls[-1] == "clear"
+
+
 @pytest.mark.parametrize("path", sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "hf_internals.py"))
 def test_no_other_module_touches_private_internals(path):
     """Private attributes of transformers or torch objects are reached only through `hf_internals`."""
