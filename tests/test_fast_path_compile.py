@@ -337,4 +337,3 @@ def test_each_captured_graph_gets_a_cublas_workspace_of_its_own(monkeypatch):
     with pytest.raises(ValueError, match="boom"):
         failing()
     assert seen == ["clear", "capture begins", "clear"], seen  # (a failed capture never reaches its end)
-
