@@ -402,7 +402,7 @@ def cublas_workspace_of_its_own():
     """Around a CUDA graph capture: clears torch's cuBLAS workspaces before it, so that a GEMM in the capture
     allocates a workspace in the graph's own memory pool (owned by the graph for its lifetime, as CUDA graph trees
     do), and after it, so that no later capture or eager GEMM is handed that workspace. Costs one workspace
-    (torch's cuBLAS workspace size, up to 32 MiB) per captured graph."""
+    (torch's cuBLAS workspace size: 32 MiB on Hopper) per captured graph."""
     clear = getattr(torch._C, CLEAR_CUBLAS_WORKSPACES, None)
     if clear is None:
         raise RuntimeError(
