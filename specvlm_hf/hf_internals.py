@@ -387,13 +387,13 @@ def compile_backend(name_or_fn):
     return torch._dynamo.lookup_backend(name_or_fn) if isinstance(name_or_fn, str) else name_or_fn
 
 
-# CUDA graph capture and cuBLAS's workspace (torch._C). torch keeps one cuBLAS workspace per (handle, stream) in a
-# process-wide map, allocated on first use; a graph that captures a GEMM embeds that workspace's address. Captures on
-# one stream (`torch.cuda.graph`'s default side stream) would all share the first capture's workspace, which lives in
-# that graph's memory pool, and anything that clears the map (torch.compile's CUDA graph trees before and after each
-# recording, e.g. transformers' static-cache `generate` on a GPU; newer torch also when any graph captured on that
-# stream is destroyed: pytorch/pytorch#193402) frees it under every other graph: their replays then write through a
-# dangling pointer (silent corruption, or an illegal memory access once the memory is unmapped).
+# CUDA graph capture and cuBLAS's workspace (torch._C). torch keeps one cuBLAS (and one cuBLASLt) workspace per
+# (handle, stream) in process-wide maps, allocated on first use; a graph that captures a GEMM embeds that workspace's
+# address. Captures on one stream (`torch.cuda.graph`'s default side stream) would all share the first capture's
+# workspace, which lives in that graph's memory pool, and anything that clears the maps (torch.compile's CUDA graph
+# trees before and after each recording, e.g. transformers' static-cache `generate` on a GPU; newer torch also when
+# any graph captured on that stream is destroyed: pytorch/pytorch#193402) frees it under every other graph: their
+# replays then write through a dangling pointer (silent corruption, or an illegal memory access once unmapped).
 CLEAR_CUBLAS_WORKSPACES = "_cuda_clearCublasWorkspaces"
 
 
@@ -401,14 +401,14 @@ CLEAR_CUBLAS_WORKSPACES = "_cuda_clearCublasWorkspaces"
 def cublas_workspace_of_its_own():
     """Around a CUDA graph capture: clears torch's cuBLAS workspaces before it, so that a GEMM in the capture
     allocates a workspace in the graph's own memory pool (owned by the graph for its lifetime, as CUDA graph trees
-    do), and after it, so that no later capture or eager GEMM is handed that workspace. Costs one workspace
-    (torch's cuBLAS workspace size: 32 MiB on Hopper) per captured graph."""
+    do), and after it, so that no later capture or eager GEMM is handed that workspace. torch keeps cuBLAS's and
+    cuBLASLt's workspaces apart: a captured graph costs one of each that its GEMMs use (cuBLAS's: 32 MiB on Hopper)."""
     clear = getattr(torch._C, CLEAR_CUBLAS_WORKSPACES, None)
     if clear is None:
         raise RuntimeError(
             f"torch {torch.__version__} has no torch._C.{CLEAR_CUBLAS_WORKSPACES}, which the SpecVLM fast path needs "
             "to give each CUDA graph a cuBLAS workspace of its own (see specvlm_hf/hf_internals.py). Use a torch "
-            "this version of specvlm-hf supports, or pass disable_compile=True and no static cache."
+            "this version of specvlm-hf supports, or decode without the fast path (no cache_implementation='static')."
         )
     clear()
     try:
