@@ -92,8 +92,8 @@ class MethodResult:
 
 
 def software_versions(device=None) -> dict:
-    """What a figure was measured on: the accelerator's name (or `cpu_label` off CUDA), torch, its CUDA and cuDNN
-    builds, transformers, and the UTC time. `device`: a device or its name (None: the first CUDA device if any)."""
+    """What a figure was measured on: the GPU's name (off CUDA: the CPU and torch's thread count), torch, its CUDA and
+    cuDNN versions, transformers, and the UTC time. `device`: a device or its name (None: the first GPU if any)."""
     import platform
 
     import transformers
