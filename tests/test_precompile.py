@@ -431,9 +431,18 @@ def test_generate_command_keeps_compiled_rounds_for_a_later_run(compiled_on_cpu,
     import torch._dynamo
 
     from specvlm_hf.cli import main
+    from specvlm_hf.commands import generate as generate_command
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # `use_cache_dir` sets it otherwise
     fast_path_settings()
+    load_draft = generate_command._load_draft
+
+    def with_a_small_tree(*args):  # the mini draft's 8-level tree takes twice as long to trace
+        draft = load_draft(*args)
+        draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
+        return draft
+
+    monkeypatch.setattr(generate_command, "_load_draft", with_a_small_tree)
     cache = str(tmp_path / "cache")
     argv = ["generate", "--max-new-tokens", "12", "--device", "cpu", "--fast", "--mode", "tree", "--compile-cache"]
     summaries = []
