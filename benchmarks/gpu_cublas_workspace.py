@@ -37,16 +37,22 @@ def child(case: str) -> dict:
 
     wrap = cublas_workspace_of_its_own if case == "own" else contextlib.nullcontext
     torch.manual_seed(0)
-    # the verify's shape: a few dozen rows against a 4096-wide weight (split-K GEMMs use the workspace)
+    # the verify's MLP shapes: 60 rows by 4096 x 11008, then by 11008 x 4096 (a long reduction: split-K kernels,
+    # which use the workspace)
     x = torch.randn(60, 4096, device="cuda", dtype=torch.bfloat16)
-    weights = [torch.randn(4096, 11008, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(2)]
-    expected = x @ weights[1]
-    x @ weights[0]  # eager warm-up (kernels loaded, the default stream's workspace made)
+
+    def weights():
+        up = torch.randn(4096, 11008, device="cuda", dtype=torch.bfloat16) / 64
+        return up, torch.randn(11008, 4096, device="cuda", dtype=torch.bfloat16) / 105
+
+    pairs = [weights(), weights()]
+    expected = (x @ pairs[1][0]) @ pairs[1][1]
+    (x @ pairs[0][0]) @ pairs[0][1]  # eager warm-up (kernels loaded, the default stream's workspace made)
     graphs, outputs = [], []
-    for weight in weights:
+    for up, down in pairs:
         graph = torch.cuda.CUDAGraph()
         with wrap(), torch.cuda.graph(graph):
-            outputs.append(x @ weight)
+            outputs.append((x @ up) @ down)
         graphs.append(graph)
     torch.cuda.synchronize()
     del graphs[0], outputs[0]  # the first graph (and, with `shared`, the workspace's pool) dropped
