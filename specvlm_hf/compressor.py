@@ -216,19 +216,26 @@ class PruneBranch(Branch):
         return tokens[chosen.sort().values]
 
 
-class PoolBranch(Branch):
-    def __init__(self, ratio: float):
-        super().__init__()
-        self.ratio, self.spec = ratio, f"pool@{ratio:g}"
+class WindowBranch(Branch):
+    """A branch that reduces each segment's grid by windows of `ratio` tokens (`window_for_ratio`): its outputs are
+    each segment's pooled grid in turn."""
+
+    ratio: float
 
     def num_tokens(self, layout):
         return pooled_count(layout, self.ratio)
 
-    def flops(self, layout, hidden):
-        return layout.num_tokens * hidden
-
     def segment_counts(self, layout):
         return [pooled_count(VisualLayout([segment]), self.ratio) for segment in layout.segments]
+
+
+class PoolBranch(WindowBranch):
+    def __init__(self, ratio: float):
+        super().__init__()
+        self.ratio, self.spec = ratio, f"pool@{ratio:g}"
+
+    def flops(self, layout, hidden):
+        return layout.num_tokens * hidden
 
     def forward(self, tokens, layout):
         out = []
@@ -240,7 +247,7 @@ class PoolBranch(Branch):
         return torch.cat(out)
 
 
-class ConvBranch(Branch):
+class ConvBranch(WindowBranch):
     """Depthwise 3x3 convolution with stride (kh, kw), then a pointwise linear map (depthwise-separable)."""
 
     def __init__(self, ratio: float, hidden: int):
@@ -253,15 +260,9 @@ class ConvBranch(Branch):
             self.pointwise.weight.copy_(torch.eye(hidden))
             self.pointwise.bias.zero_()
 
-    def num_tokens(self, layout):
-        return pooled_count(layout, self.ratio)
-
     def flops(self, layout, hidden):
         out = self.num_tokens(layout)
         return 2 * out * hidden * 9 + 2 * out * hidden * hidden
-
-    def segment_counts(self, layout):
-        return [pooled_count(VisualLayout([segment]), self.ratio) for segment in layout.segments]
 
     def forward(self, tokens, layout):
         out = []
