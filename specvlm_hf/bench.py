@@ -368,9 +368,11 @@ def format_table(report: dict) -> str:
         f"{'method':<22}{'tok/s':>9}{'x plain':>9}{'x static':>9}{'sigma':>7}{'round ms':>10}{'draft KV MB':>12}"
         f"{'warm-up s':>10}  equal  status"
     )
+    cuda = f" (CUDA {report['cuda']}, cuDNN {report['cudnn']})" if report.get("cuda") else ""
     lines = [
         f"device: {report['device']}  dtype: {report['dtype']}  cases: {report['cases']}  "
         f"max_new_tokens: {report['max_new_tokens']}",
+        f"torch {report.get('torch', '?')}{cuda}, transformers {report.get('transformers', '?')}, {report['date']}",
         header,
     ]
     for r in report["methods"]:

@@ -101,6 +101,7 @@ def test_the_table_marks_the_mode_generate_and_demo_use_on_this_device():
     # what the figures were measured on, as every benchmark records it
     assert report["device"].startswith("cpu (") and report["torch"] == torch.__version__
     assert report["cuda"] is None and report["cudnn"] is None and report["date"].endswith(" UTC")
+    assert f"torch {torch.__version__}, transformers " in table.splitlines()[1]
     assert "specvlm-chain *" in table and "specvlm-tree *" not in table
     assert (
         "* the decoding mode `specvlm generate` and `specvlm demo` use here (chain: chain on the CPU, tree on a GPU)"
