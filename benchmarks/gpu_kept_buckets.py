@@ -13,6 +13,10 @@ UTC) the first two modes gave 21/21 equal calls each, no crash; `--seven-b` repe
 `--tiny-dtype bfloat16` the tiny shape in bf16 (the failing run's dtype: sdpa's kernels and inductor's code differ
 from fp32's; outputs may then differ by bf16 noise, crashes are what it looks for).
 
+The likely cause, found later in torch's source: the graphs shared one cuBLAS workspace, which transformers' compiled
+decoding (CUDA graph trees) freed; `precompiled_static_plain` is the mode that interleaves it, and the fast path now
+gives each graph a workspace of its own (`hf_internals.cublas_workspace_of_its_own`; `gpu_cublas_workspace.py`).
+
     python benchmarks/gpu_kept_buckets.py [--smoke] [--seven-b | --tiny-dtype bfloat16] [--modes ...]
 """
 
