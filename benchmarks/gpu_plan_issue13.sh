@@ -6,9 +6,9 @@
 #   crash    first gpu_cublas_workspace.py (~1 min): whether graphs sharing torch's cuBLAS workspace break when CUDA
 #            graph trees clear it (the diagnosis behind hf_internals.cublas_workspace_of_its_own, made on the CPU
 #            2026-12-05 night); then the call sequence that met a CUDA illegal memory access on the 7B shape
-#            (2026-12-05 17:40 UTC, after 9 kept buckets) again in bf16, with transformers' compiled static-cache
-#            decoding interleaved as in that run (gpu_kept_buckets.py, ~6 min), then the tiny shape in bf16 in that
-#            mode (fp32 ran clean; if bf16 crashes, it is small enough for compute-sanitizer)
+#            (2026-12-05 17:40 UTC, after 9 kept buckets) again in bf16, now with the fix, with transformers'
+#            compiled static-cache decoding interleaved as in that run (gpu_kept_buckets.py, ~6-8 min)
+#   crash_tiny the same sequence on the tiny shape in bf16 (fp32 ran clean; small enough for compute-sanitizer)
 #   crash_nocudnn  the same on the 7B shape with sdpa's cuDNN kernel disabled (pytorch#169849 reports illegal memory
 #            accesses from cuDNN attention under CUDA graphs, but for cuDNN <= 9.15.0, and torch 2.11.0+cu130 pins
 #            9.19.0.56: a weak lead; results now record the cuDNN version)
@@ -24,7 +24,7 @@
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs, and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|crash_nocudnn|variants|round|kernels|knobs OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -36,9 +36,11 @@ long_running() { python benchmarks/gpu_long_running.py "$@"; }
 case "$stage" in
   crash)
     python benchmarks/gpu_cublas_workspace.py --out "$out/cublas_workspace.json" 2>&1 | tee "$out/cublas_workspace.log"
-    # launches synchronous: an illegal access surfaces at the call (graph replay or kernel) that made it
-    CUDA_LAUNCH_BLOCKING=1 python benchmarks/gpu_kept_buckets.py --seven-b --modes precompiled_static_plain 2>&1 |
-      tee "$out/crash_7b.log"
+    # with the fix; should it still crash, run it again with CUDA_LAUNCH_BLOCKING=1 (slower: the call that made the
+    # illegal access then raises it)
+    python benchmarks/gpu_kept_buckets.py --seven-b --modes precompiled_static_plain 2>&1 | tee "$out/crash_7b.log"
+    ;;
+  crash_tiny)
     python benchmarks/gpu_kept_buckets.py --tiny-dtype bfloat16 --modes precompiled_static_plain 2>&1 |
       tee "$out/crash_tiny_bf16.log"
     ;;
