@@ -34,6 +34,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LENGTHS = (601, 89, 345, 857, 1113, 1369, 1625, 1881, 2137)
 
 
+def as_text(output) -> str:
+    """A timed-out child's captured output (bytes, text or None) as text."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
 def calls() -> list[tuple[int, int]]:
     """(prompt length, new tokens) in the failing run's order."""
     return [(n, 48) for n in LENGTHS] * 2 + [(LENGTHS[0], 96), (LENGTHS[-1], 96), (LENGTHS[1], 96)]
@@ -103,6 +108,7 @@ def main():
     )
     parser.add_argument("--no-cudnn-sdpa", action="store_true", help="sdpa without its cuDNN kernel")
     parser.add_argument("--tiny-dtype", default="float32", choices=("float32", "bfloat16"), help="the tiny shape's")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds a mode may run (560 for 7B, else 190)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -112,11 +118,17 @@ def main():
         command = [sys.executable, os.path.abspath(__file__), "--child", mode]
         command += (["--smoke"] if args.smoke else []) + (["--seven-b"] if args.seven_b else [])
         command += (["--no-cudnn-sdpa"] if args.no_cudnn_sdpa else []) + ["--tiny-dtype", args.tiny_dtype]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=560 if args.seven_b else 190)
-        rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
+        timeout = args.timeout or (560 if args.seven_b else 190)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            stdout, stderr, status = done.stdout, done.stderr, f"exit {done.returncode}"
+        except subprocess.TimeoutExpired as expired:  # the calls made so far still count
+            stdout, stderr = (as_text(expired.output), as_text(expired.stderr))
+            status, done = f"stopped after {timeout} s", None
+        rows = [line[4:] for line in stdout.splitlines() if line.startswith("ROW ")]
         print("\n".join(rows), flush=True)
-        if done.returncode or not rows or "error" in rows[-1]:
-            print(f"{mode}: exit {done.returncode}\n" + done.stderr[-2500:], flush=True)
+        if done is None or done.returncode or not rows or "error" in rows[-1]:
+            print(f"{mode}: {status}\n" + stderr[-2500:], flush=True)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ case "$stage" in
     python benchmarks/gpu_cublas_workspace.py --out "$out/cublas_workspace.json" 2>&1 | tee "$out/cublas_workspace.log"
     # with the fix; should it still crash, run it again with CUDA_LAUNCH_BLOCKING=1 (slower: the call that made the
     # illegal access then raises it)
-    python benchmarks/gpu_kept_buckets.py --seven-b --modes precompiled_static_plain 2>&1 | tee "$out/crash_7b.log"
+    python benchmarks/gpu_kept_buckets.py --seven-b --modes precompiled_static_plain --timeout 480 2>&1 |
+      tee "$out/crash_7b.log"
     ;;
   crash_tiny)
     python benchmarks/gpu_kept_buckets.py --tiny-dtype bfloat16 --modes precompiled_static_plain 2>&1 |
