@@ -132,7 +132,8 @@ class GraphedCall:
         store: with `compile`, a `precompile.PrecompiledRounds`: `fn` (a bound round function) is compiled ahead of
             time and kept on disk instead, or loaded from there; if torch cannot compile it ahead of time, warn and
             compile it in this process.
-    The result of a replay lives in the graph's own memory and is overwritten by the next replay.
+    The result of a replay lives in the graph's own memory and is overwritten by the next replay. Each graph owns its
+    memory pool and, in it, its own cuBLAS workspace (`hf_internals.cublas_workspace_of_its_own`).
     """
 
     def __init__(self, fn, graphs: bool = False, compile: bool = False, store=None):
