@@ -16,6 +16,7 @@ from .integration import disable, enable, is_specvlm_draft
 from .modeling_specvlm_draft import SpecVLMDraftModel, SpecVLMDraftOutput
 from .stats import SpecVLMStats
 from .target import DraftTargetMismatchError
+from .round import release_fast_path
 from .startup import WarmupReport, warmup
 
 __version__ = "0.1.0"
@@ -33,5 +34,6 @@ __all__ = [
     "disable",
     "enable",
     "is_specvlm_draft",
+    "release_fast_path",
     "warmup",
 ]

@@ -880,7 +880,9 @@ class FastPath:
 
 
 def release_fast_path(draft) -> None:
-    """Drops the fast-path buffers and graphs kept on `draft` (the next fast-path call builds new ones)."""
+    """Drops the fast-path buffers and graphs kept on `draft`: every length bucket and batch shape, their caches,
+    CUDA graphs and cuBLAS workspaces (freed once nothing else refers to them; `torch.cuda.empty_cache()` then hands
+    the memory back). The next fast-path call builds what it needs again."""
     for name in (*KEPT_ONE_ROW, *KEPT_ROWS):
         draft.__dict__.pop(name, None)
 

@@ -201,3 +201,18 @@ def test_batched_calls_keep_every_length_and_each_batch_shape_shares_its_memory(
     assert all({b.data_ptr() for b in first.buffers}.isdisjoint(b.data_ptr() for b in other.buffers) for other in rest)
     draft_memories = [{b.data_ptr() for b in shared.buffers} for shared in kept.draft_shared.values()]
     assert all(a.isdisjoint(b) for i, a in enumerate(draft_memories) for b in draft_memories[i + 1 :])
+
+
+def test_release_fast_path_drops_every_kept_bucket_and_the_next_call_builds_again(small_buckets):
+    import specvlm_hf
+
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree")
+    first = call(target, draft, 3, 0, image=True)
+    call(target, draft, 3, 1)  # a shorter bucket (no image): both kept
+    assert len(draft._specvlm_fast_paths.by_length()) == 2
+    specvlm_hf.release_fast_path(draft)
+    kept = ("_specvlm_fast_paths", "_specvlm_fast_path", "_specvlm_static_round", "_specvlm_fast_rows")
+    assert not any(hasattr(draft, name) for name in kept)
+    again = call(target, draft, 3, 0, image=True)  # exact (checked in `call`), on new buffers
+    assert again is not first and list(draft._specvlm_fast_paths.by_length()) == [again.length]
