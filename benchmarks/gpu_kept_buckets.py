@@ -10,8 +10,8 @@ mode, `precompiled_static_plain`, takes the plain references with a static cache
 compiles its decoding step (its own CUDA graphs), interleaved with the fast path's. The calls run in that run's order:
 the plain sweeps, then the fast sweeps, then plain and fast call by call. On the tiny shape (H200, 2026-12-05 18:00
 UTC) the first two modes gave 21/21 equal calls each, no crash; `--seven-b` repeats it on the 7B shape in bf16, and
-`--tiny-dtype bfloat16` the tiny shape in bf16 (the failing run's dtype: sdpa's kernels and inductor's code differ
-from fp32's; outputs may then differ by bf16 noise, crashes are what it looks for).
+`--tiny-dtype bfloat16` the tiny shape in bf16 (the failing run's dtype, whose sdpa kernels and inductor code are not
+those of fp32; outputs may then differ by bf16 noise, crashes are what it looks for).
 
 The likely cause, found later in torch's source: the graphs shared one cuBLAS workspace, which transformers' compiled
 decoding (CUDA graph trees) freed; `precompiled_static_plain` is the mode that interleaves it, and the fast path now
@@ -123,7 +123,7 @@ def main():
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
             stdout, stderr, status = done.stdout, done.stderr, f"exit {done.returncode}"
         except subprocess.TimeoutExpired as expired:  # the calls made so far still count
-            stdout, stderr = (as_text(expired.output), as_text(expired.stderr))
+            stdout, stderr = as_text(expired.output), as_text(expired.stderr)
             status, done = f"stopped after {timeout} s", None
         rows = [line[4:] for line in stdout.splitlines() if line.startswith("ROW ")]
         print("\n".join(rows), flush=True)
