@@ -49,12 +49,14 @@ def child(case: str) -> dict:
     expected = (x @ pairs[1][0]) @ pairs[1][1]
     (x @ pairs[0][0]) @ pairs[0][1]  # eager warm-up (kernels loaded, the default stream's workspace made)
     graphs, outputs = [], []
+    before = torch.cuda.memory_allocated()
     for up, down in pairs:
         graph = torch.cuda.CUDAGraph()
         with wrap(), torch.cuda.graph(graph):
             outputs.append((x @ up) @ down)
         graphs.append(graph)
     torch.cuda.synchronize()
+    captured_mib = (torch.cuda.memory_allocated() - before) / 2**20  # with `own`: a workspace per graph
     del graphs[0], outputs[0]  # the first graph (and, with `shared`, the workspace's pool) dropped
     torch._C._cuda_clearCublasWorkspaces()  # as CUDA graph trees do around each recording
     torch.cuda.empty_cache()
@@ -68,6 +70,7 @@ def child(case: str) -> dict:
         "product_equal": bool(torch.equal(outputs[0], expected)),
         "product_max_error": float((outputs[0].float() - expected.float()).abs().max()),
         "filler_intact": bool((filler == 7.0).all()),
+        "two_captures_MiB": round(captured_mib, 1),
     }
 
 

@@ -96,6 +96,9 @@ def child(mode: str, smoke: bool, seven_b: bool, cudnn_sdpa: bool = True, tiny_d
         length = inputs["input_ids"].shape[1]
         row = {"mode": mode, "call": index, "length": length, "new_tokens": new_tokens, "equal": plain[index] == fast}
         row["first_difference"] = first_difference(plain[index], fast)
+        if torch.cuda.is_available():  # what the kept buckets hold (each captured graph owns a cuBLAS workspace)
+            row["allocated_GB"] = round(torch.cuda.memory_allocated() / 2**30, 3)
+            row["reserved_GB"] = round(torch.cuda.memory_reserved() / 2**30, 3)
         print("ROW " + json.dumps({**row, "kept": kept}), flush=True)
 
 
