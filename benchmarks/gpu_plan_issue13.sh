@@ -2,7 +2,11 @@
 # The GPU measurements issue 13 still waits for, one stage per device call (each stays under the device's 10-minute
 # limit per command), in the order of what they decide. Run from the repository root on the GPU machine:
 #   bash benchmarks/gpu_plan_issue13.sh STAGE OUT_DIR
-# Stages, in the order to run them (the first is a correctness question, and decides whether the others' figures hold):
+# Run on an H100 2026-12-06 00:39-00:47 UTC (results/README.md): crash and crash_tiny (no crash with the fix; the
+# diagnosis confirmed), and round without its profile. Still to run: variants, kernels, knobs (and the round's
+# profile); crash_nocudnn only if a crash comes back.
+# Stages, in the order they were planned (the first is a correctness question, and decides whether the others' figures
+# hold):
 #   crash    first gpu_cublas_workspace.py (~1 min): whether graphs sharing torch's cuBLAS workspace break when CUDA
 #            graph trees clear it (the diagnosis behind hf_internals.cublas_workspace_of_its_own, made on the CPU
 #            2026-12-05 night); then the call sequence that met a CUDA illegal memory access on the 7B shape
