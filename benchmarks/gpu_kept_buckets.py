@@ -11,7 +11,9 @@ compiles its decoding step (its own CUDA graphs), interleaved with the fast path
 the plain sweeps, then the fast sweeps, then plain and fast call by call. On the tiny shape (H200, 2026-12-05 18:00
 UTC) the first two modes gave 21/21 equal calls each, no crash; `--seven-b` repeats it on the 7B shape in bf16, and
 `--tiny-dtype bfloat16` the tiny shape in bf16 (the failing run's dtype, whose sdpa kernels and inductor code are not
-those of fp32; outputs may then differ by bf16 noise, crashes are what it looks for).
+those of fp32; outputs may then differ by bf16 noise, crashes are what it looks for). In that mode each row also
+compares plain `generate` with itself, dynamic against static cache (`plain_dynamic_vs_static_first_difference`):
+bf16 rounding alone, for a sense of how early random weights diverge.
 
 The likely cause, found later in torch's source: the graphs shared one cuBLAS workspace, which transformers' compiled
 decoding (CUDA graph trees) freed; `precompiled_static_plain` is the mode that interleaves it, and the fast path now
@@ -96,6 +98,10 @@ def child(mode: str, smoke: bool, seven_b: bool, cudnn_sdpa: bool = True, tiny_d
         length = inputs["input_ids"].shape[1]
         row = {"mode": mode, "call": index, "length": length, "new_tokens": new_tokens, "equal": plain[index] == fast}
         row["first_difference"] = first_difference(plain[index], fast)
+        if plain_kwargs:  # a control: plain `generate` against itself, dynamic against static cache (in bf16 the two
+            # round differently too; a fast path that differs no earlier than this is within plain decoding's noise)
+            dynamic = timed_call(target, inputs, new_tokens)[1]
+            row["plain_dynamic_vs_static_first_difference"] = first_difference(dynamic, plain[index])
         if torch.cuda.is_available():  # what the kept buckets hold (each captured graph owns a cuBLAS workspace)
             row["allocated_GB"] = round(torch.cuda.memory_allocated() / 2**30, 3)
             row["reserved_GB"] = round(torch.cuda.memory_reserved() / 2**30, 3)
