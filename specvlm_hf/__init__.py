@@ -14,10 +14,10 @@ from transformers import AutoConfig, AutoModel
 from .configuration_specvlm_draft import SpecVLMDraftConfig
 from .integration import disable, enable, is_specvlm_draft
 from .modeling_specvlm_draft import SpecVLMDraftModel, SpecVLMDraftOutput
-from .stats import SpecVLMStats
-from .target import DraftTargetMismatchError
 from .round import release_fast_path
 from .startup import WarmupReport, warmup
+from .stats import SpecVLMStats
+from .target import DraftTargetMismatchError
 
 __version__ = "0.1.0"
 
