@@ -54,8 +54,8 @@ case "$stage" in
       tee "$out/crash_7b_nocudnn.log"
     ;;
   variants)
-    python benchmarks/gpu_round_variants.py --variants default,joined,autotune_gemms,joined_autotune_gemms \
-      --fp32-check --fp32-variant joined_autotune_gemms --compile-seconds 420 --deadline 575 --out "$out/variants" \
+    python benchmarks/gpu_round_variants.py --variants default,joined_autotune_gemms,triton_attention,all_cuts \
+      --fp32-check --fp32-variant all_cuts --compile-seconds 420 --deadline 575 --out "$out/variants" \
       2>&1 | grep -v "^SUMMARY" | tee "$out/variants.log"
     ;;
   kernels)

@@ -22,7 +22,8 @@ Variants (`--variants`, comma-separated; default `default,joined,vocab8k,joined_
 - `split_kv`: the verify forward's attention on `verify_attention.SPLIT_KV`;
 - `triton_attention` (GPU): the verify forward's attention on `tree_attention_triton` (a Triton split-KV kernel,
   registered by this script: not in the package);
-- `combined`: fused + vocab8k + split_kv.
+- `combined`: fused + vocab8k + split_kv;
+- `all_cuts`: every cut not yet measured together: joined + autotuned GEMMs + the Triton verify attention + vocab8k.
 
 Usage (about 8 minutes on an H200, which runs 6 variants at once; fewer at once on a smaller GPU):
 
@@ -59,6 +60,7 @@ VARIANTS = {  # in the order they run (a GPU too small for all at once runs them
     "autotune": {"max_autotune": True},
     "split_kv": {"verify_attention": "specvlm_split_kv"},
     "combined": {"fuse": True, "verify_attention": "specvlm_split_kv", "draft_vocab": 8192},
+    "all_cuts": {"join": True, "autotune_gemms": True, "verify_attention": "specvlm_tree_triton", "draft_vocab": 8192},
 }
 LENGTHS = (601, 2137)
 SMOKE = "--smoke" in sys.argv
