@@ -82,6 +82,9 @@ JOIN_PROJECTIONS = False
 # the fastest (`max_autotune_gemm`, for the round's compiles only: plain `generate` keeps its own). The draft's
 # products of 10 rows are where cuBLAS looked slowest (an H100 autotuning log, under load: 43.5 against 74.5 us for
 # 10 x 4096 by 4096 x 11008); off by default until a round with it is measured (tuning adds to the first compile).
+# Not with JOIN_PROJECTIONS: inductor times a joined product on a copy of the first weight alone, which the joined
+# view reads past (an H100, 2026-12-06: "setStorage ... out of bounds", then an illegal memory access); the round
+# refuses the pair.
 AUTOTUNE_GEMMS = False
 
 
@@ -303,6 +306,12 @@ class SpeculativeRound:
         self.merge_repeated = MERGE_REPEATED  # read by `precompile` (inductor compiles ahead of time)
         self.join_projections = JOIN_PROJECTIONS
         self.autotune_gemms = AUTOTUNE_GEMMS
+        if compile and JOIN_PROJECTIONS and AUTOTUNE_GEMMS:
+            raise ValueError(
+                "specvlm_hf.round.JOIN_PROJECTIONS and AUTOTUNE_GEMMS cannot both be on: inductor times each joined "
+                "product on a copy of its first weight alone, which the joined view reads past (out of bounds on the "
+                "GPU). Turn one of them off."
+            )
         # compiled ahead of time, kept on disk (`precompile`), when a store is set; else compiled in this process
         # (the round keeps no reference to the store: its objects are written with the guards of what it compiles)
         store = active_store() if compile else None

@@ -105,3 +105,28 @@ def test_the_fast_path_with_joined_projections_equals_plain_generate_on_qwen2_5_
     assert attention.q_proj.bias is not None and adjacent([attention.q_proj.bias, attention.k_proj.bias])
     assert max(joined_with_bias) >= len(target.model.language_model.layers), joined_with_bias  # the verify's q/k/v
     torch._dynamo.reset()
+
+
+def test_joined_projections_with_autotuned_gemms_are_refused(monkeypatch):
+    """`round.JOIN_PROJECTIONS` with `round.AUTOTUNE_GEMMS`: inductor would time each joined product on a copy of its
+    first weight alone, which the joined view reads past (on an H100: a storage error, then an illegal memory access).
+    The fast path refuses the pair before anything compiles, naming both switches."""
+    import pytest
+
+    import specvlm_hf
+    from family_checks import make_draft
+    from specvlm_hf import decoding, round as round_module
+    from tiny_families import FAMILIES, family_inputs
+
+    monkeypatch.setattr(round_module, "JOIN_PROJECTIONS", True)
+    monkeypatch.setattr(round_module, "AUTOTUNE_GEMMS", True)
+    monkeypatch.setattr(decoding, "fast_path_options", lambda *args: (False, True))  # compile, no CUDA graphs
+    target = specvlm_hf.enable(FAMILIES["qwen2_5_vl"](seed=0))
+    inputs = family_inputs(target, torch.Generator().manual_seed(2))
+    draft = make_draft(target, "oracle", "static")
+    with pytest.raises(ValueError, match="JOIN_PROJECTIONS and AUTOTUNE_GEMMS cannot both be on"):
+        target.generate(**inputs, max_new_tokens=4, cache_implementation="static", assistant_model=draft)
+    monkeypatch.setattr(round_module, "AUTOTUNE_GEMMS", False)  # either one alone runs
+    monkeypatch.setattr(decoding, "fast_path_options", lambda *args: (False, False))
+    output = target.generate(**inputs, max_new_tokens=4, cache_implementation="static", assistant_model=draft)
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 4
