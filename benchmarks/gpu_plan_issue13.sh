@@ -3,8 +3,11 @@
 # limit per command), in the order of what they decide. Run from the repository root on the GPU machine:
 #   bash benchmarks/gpu_plan_issue13.sh STAGE OUT_DIR
 # Run on an H100 2026-12-06 00:39-00:47 UTC (results/README.md): crash and crash_tiny (no crash with the fix; the
-# diagnosis confirmed), and round without its profile. Still to run: variants, kernels, knobs (and the round's
-# profile); crash_nocudnn only if a crash comes back.
+# diagnosis confirmed), and round without its profile. On an H100 2026-12-06 03:10-03:25 UTC: a variants run whose
+# autotuning processes ran the GPU out of memory and met the joined + autotuned failure (the round now refuses that
+# pair), the Triton round beside the default, and the attention kernels alone without the compiled ones (the Triton
+# kernel lost both: results/README.md). Still to run: variants as below, knobs, the round's profile; crash_nocudnn
+# only if a crash comes back.
 # Stages, in the order they were planned (the first is a correctness question, and decides whether the others' figures
 # hold):
 #   crash    first gpu_cublas_workspace.py (~1 min): whether graphs sharing torch's cuBLAS workspace break when CUDA
@@ -16,16 +19,17 @@
 #   crash_nocudnn  the same on the 7B shape with sdpa's cuDNN kernel disabled (pytorch#169849 reports illegal memory
 #            accesses from cuDNN attention under CUDA graphs, but for cuDNN <= 9.15.0, and torch 2.11.0+cu130 pins
 #            9.19.0.56: a weak lead; results now record the cuDNN version)
-#   variants round variants in parallel processes (gpu_round_variants.py): the shipped round, joined projections
-#            (round.JOIN_PROJECTIONS), autotuned GEMMs (round.AUTOTUNE_GEMMS), both (all new 2026-12-05 evening, never
-#            run on a GPU); the fp32 check with both on (~8-9 min)
+#   variants round variants in parallel processes (gpu_round_variants.py, waves sized by GPU memory): the shipped
+#            round, joined projections (round.JOIN_PROJECTIONS, never measured alone on a GPU), joined with an
+#            8192-id draft vocabulary; the fp32 check with joined projections (~8 min)
 #   round    plain generate against the fast path over 9 length buckets, the round's cost, a kernel profile, a
 #            second process (the run that crashed; ~7 min)
 #   kernels  the verify attention kernels alone (gpu_attention.py): cuDNN against the Triton split-KV kernel
 #            (benchmarks/tree_attention_triton.py, new 2026-12-05 evening, checked only in Triton's CPU interpreter,
 #            there also in the fast path against plain generate; ~2 min), then its whole round beside the default's
 #            with the fp32 check on it (gpu_round_variants.py, ~6 min)
-#   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs, and fp32 equality on the GPU
+#   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs (round.AUTOTUNE_GEMMS beside the default,
+#            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
 usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs OUT_DIR"
@@ -54,8 +58,8 @@ case "$stage" in
       tee "$out/crash_7b_nocudnn.log"
     ;;
   variants)
-    python benchmarks/gpu_round_variants.py --variants default,joined_autotune_gemms,triton_attention,all_cuts \
-      --fp32-check --fp32-variant all_cuts --compile-seconds 420 --deadline 575 --out "$out/variants" \
+    python benchmarks/gpu_round_variants.py --variants default,joined,joined_vocab8k \
+      --fp32-check --fp32-variant joined --compile-seconds 420 --deadline 575 --out "$out/variants" \
       2>&1 | grep -v "^SUMMARY" | tee "$out/variants.log"
     ;;
   kernels)
@@ -73,8 +77,8 @@ case "$stage" in
   knobs)
     long_running --only round_cost --draft-vocab 8192 --budget 120 --out "$out/draft_vocab" 2>&1 |
       tee "$out/draft_vocab.log"
-    long_running --only round_cost --max-autotune --budget 200 --out "$out/max_autotune" 2>&1 |
-      tee "$out/max_autotune.log"
+    python benchmarks/gpu_round_variants.py --variants default,autotune_gemms --deadline 330 \
+      --out "$out/autotune_gemms" 2>&1 | grep -v "^SUMMARY" | tee "$out/autotune_gemms.log"
     long_running --only fp32_equality --budget 120 --out "$out/fp32" 2>&1 | tee "$out/fp32.log"
     ;;
   *)
