@@ -5,7 +5,9 @@ The tree's `L` queries (60 by default) of one head attend over a static cache of
 split-KV form built from torch's fused kernels lost in the round what it won alone (the views and the merge around
 it). Here one launch computes every (head, slice of the cache) pair's partial softmax with the mask read in place,
 skipping the tiles no query sees (the unused end of a length bucket), and one fused merge follows. Not in the
-package: measured first (`gpu_attention.py`, variant `triton_split_kv`).
+package: on an H100 (2026-12-06) it lost to cuDNN even launched alone (32.6-36.9 against 27.5 us at 1024 slots), and
+inside a round compiled by inductor it did not compile ("initial value for `best` is of type fp32, but the then block
+redefines it as fp64": the scale arrives as a 64-bit float there), so its round figures were eager kernels'.
 
     pip install -e ".[gpu-bench]"   # triton (torch's CUDA wheels already bring it)
     python benchmarks/tree_attention_triton.py   # checks the kernel against sdpa in Triton's CPU interpreter
