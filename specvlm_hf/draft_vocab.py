@@ -1,9 +1,10 @@
 """A reduced draft vocabulary: the target tokens a draft scores, chosen by how often the target produces them.
 
 Large vocabularies (Qwen 152k, Gemma 262k) make the draft's `lm_head` the largest read of a tree level. A draft
-built with `draft_vocab_size=N` scores only `N` token ids (`draft.draft_vocab`, saved with its weights); the
-target still scores the full vocabulary, so decoding stays lossless, greedy and sampling alike. Tokens outside
-the reduced vocabulary are never drafted (they cost acceptance, not exactness).
+built with `draft_vocab_size=N` scores only `N` token ids (`draft.draft_vocab`, saved with its weights), and
+`draft.restrict_vocab(ids)` makes a trained full-vocabulary draft do the same without retraining; the target still
+scores the full vocabulary, so decoding stays lossless, greedy and sampling alike. Tokens outside the reduced
+vocabulary are never drafted (they cost acceptance, not exactness).
 """
 
 from __future__ import annotations

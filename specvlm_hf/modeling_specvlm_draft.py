@@ -164,17 +164,54 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
         """Sets the reduced vocabulary: the `draft_vocab_size` target token ids the draft scores (e.g. from
         `specvlm_hf.draft_vocab.choose_draft_vocab`)."""
         if self.draft_vocab is None:
-            raise ValueError("this draft scores the full vocabulary; build it with `draft_vocab_size=N` first")
-        token_ids = torch.as_tensor(token_ids, dtype=torch.long)
-        if token_ids.shape != self.draft_vocab.shape or len(set(token_ids.tolist())) != token_ids.numel():
-            raise ValueError(f"need {self.draft_vocab.numel()} distinct token ids, got shape {tuple(token_ids.shape)}")
-        if int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.text_config.vocab_size:
-            raise ValueError(f"draft vocabulary ids must lie in 0..{self.config.text_config.vocab_size - 1}")
+            raise ValueError(
+                "this draft scores the full vocabulary; build it with `draft_vocab_size=N`, or call "
+                "`restrict_vocab(token_ids)` to make it score fewer ids"
+            )
+        token_ids = self._vocab_ids(token_ids, self.draft_vocab.numel())
         with torch.no_grad():
             self.draft_vocab.copy_(token_ids.to(self.draft_vocab.device))
         self._head_rows = None
         self._gather_head_rows()
         return self
+
+    def restrict_vocab(self, token_ids) -> "SpecVLMDraftModel":
+        """Makes the draft score only `token_ids` (any number of distinct target ids, e.g.
+        `choose_draft_vocab(count_tokens(answers, vocab), 8192, always=[eos])`), or the full vocabulary again with
+        None. Works on a trained full-vocabulary draft without retraining: the draft's logits come from the target's
+        `lm_head`, so the restricted draft ranks the kept ids as before and never drafts the others. Each tree level
+        then reads only their `lm_head` rows. Outputs stay exact (the target still scores every id); acceptance falls
+        only where the target's next token is outside the kept ids. The setting is saved with the draft
+        (`draft_vocab_size` and the `draft_vocab` buffer), and a fast path built before is rebuilt at the next call."""
+        if token_ids is None:
+            self._buffers.pop("draft_vocab", None)
+            self.draft_vocab = None
+            self.config.draft_vocab_size = None
+        else:
+            token_ids = self._vocab_ids(token_ids).to(self.fc.weight.device)
+            if "draft_vocab" not in self._buffers:
+                self.__dict__.pop("draft_vocab", None)
+                self.register_buffer("draft_vocab", token_ids, persistent=True)
+            else:
+                self.draft_vocab = token_ids
+            self.config.draft_vocab_size = token_ids.numel()
+        self._head_rows = self._head_rows_key = None
+        self._gather_head_rows()
+        return self
+
+    def _vocab_ids(self, token_ids, size: int | None = None) -> torch.Tensor:
+        """`token_ids` as a 1-D long tensor, checked: distinct target ids (`size` of them when given)."""
+        vocab = self.config.text_config.vocab_size
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long)
+        count = token_ids.numel()
+        if token_ids.dim() != 1 or count == 0 or (size is not None and count != size):
+            wanted = f"{size}" if size is not None else "a 1-D list of"
+            raise ValueError(f"need {wanted} distinct token ids, got shape {tuple(token_ids.shape)}")
+        if len(set(token_ids.tolist())) != count:
+            raise ValueError(f"need {count} distinct token ids, but some repeat; give each id once")
+        if int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab:
+            raise ValueError(f"draft vocabulary ids must lie in 0..{vocab - 1}")
+        return token_ids
 
     def _gather_head_rows(self) -> None:
         """Copies the target `lm_head`'s rows of the reduced vocabulary (read once per tree level instead of the

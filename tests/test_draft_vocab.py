@@ -103,3 +103,68 @@ def test_reduced_vocabulary_is_saved_and_bad_settings_are_named(tmp_path):
         SpecVLMDraftModel.from_target(target, draft_vocab_size=500)
     with pytest.raises(ValueError, match="10 distinct token ids"):
         draft.set_draft_vocab([1] * 10)
+
+
+def _fast_path_vocab(draft) -> int:
+    """Columns of the draft log-probs the fast path built for `draft` holds (its round state's)."""
+    (fast_round,) = draft._specvlm_fast_path.rounds.values()
+    return fast_round.state.root_log_probs.shape[-1]
+
+
+@pytest.mark.parametrize("mode", ["tree", "static", "chain"])
+def test_restricting_a_full_vocabulary_draft_equals_one_built_reduced(mode):
+    """`restrict_vocab` on a (trained) full-vocabulary draft gives the draft one built with `draft_vocab_size` and
+    the same ids: the same tokens and acceptance, greedy and sampled with one seed (so the chi-square test of drafts
+    built reduced covers it), and greedy output still equals plain `generate`. With None it scores every id again."""
+    target = specvlm_hf.enable(tiny_llava(scale=32.0))
+    inputs = random_inputs(target, torch.Generator().manual_seed(6), text_tokens=5)
+    reference = target.generate(**inputs, max_new_tokens=24, do_sample=False)
+    vocab = target.config.text_config.vocab_size
+    ids = choose_draft_vocab(count_tokens([reference[0, inputs["input_ids"].shape[1] :]], vocab), 24)
+    built = oracle_draft(target, draft_vocab_size=24).set_draft_vocab(ids)
+    restricted = oracle_draft(target)
+    kwargs = dict(max_new_tokens=24, **({"cache_implementation": "static"} if mode == "static" else {}))
+    for draft in (built, restricted):
+        draft.config.decoding_mode = "chain" if mode == "chain" else "tree"
+    full_output = target.generate(**inputs, **kwargs, do_sample=False, assistant_model=restricted)
+    assert restricted.restrict_vocab(ids) is restricted
+    assert restricted.config.draft_vocab_size == 24 and restricted.draft_vocab.tolist() == ids.tolist()
+    hidden = torch.randn(3, target.config.text_config.hidden_size)
+    torch.testing.assert_close(restricted.lm_head(hidden), target.lm_head(hidden)[:, ids])
+    outputs = {}
+    for name, draft in (("built", built), ("restricted", restricted)):
+        greedy = target.generate(**inputs, **kwargs, do_sample=False, assistant_model=draft)
+        sigma = draft.stats.sigma
+        torch.manual_seed(11)
+        sampled = target.generate(**inputs, **kwargs, do_sample=True, temperature=0.8, assistant_model=draft)
+        outputs[name] = (greedy.tolist(), sigma, sampled.tolist())
+    assert outputs["restricted"] == outputs["built"]
+    assert outputs["restricted"][0] == reference.tolist() == full_output.tolist()
+    assert outputs["restricted"][1] > 2, "the kept ids hold the continuation: the draft should still be accepted"
+    if mode == "static":  # the fast path built for the full vocabulary was rebuilt for the restricted one
+        assert _fast_path_vocab(restricted) == 24
+    restricted.restrict_vocab(None)
+    assert restricted.draft_vocab is None and restricted.config.draft_vocab_size is None
+    torch.testing.assert_close(restricted.lm_head(hidden), target.lm_head(hidden))
+    assert (
+        target.generate(**inputs, **kwargs, do_sample=False, assistant_model=restricted).tolist() == reference.tolist()
+    )
+    if mode == "static":
+        assert _fast_path_vocab(restricted) == vocab
+
+
+def test_a_restricted_draft_is_saved_with_its_vocabulary_and_bad_ids_are_named(tmp_path):
+    target = specvlm_hf.enable(tiny_llava())
+    draft = SpecVLMDraftModel.from_target(target).restrict_vocab([7, 3, 50])
+    draft.save_pretrained(tmp_path)
+    loaded = SpecVLMDraftModel.from_pretrained(tmp_path).bind_target(target)
+    assert loaded.config.draft_vocab_size == 3 and loaded.draft_vocab.tolist() == [7, 3, 50]
+    hidden = torch.randn(2, target.config.text_config.hidden_size)
+    torch.testing.assert_close(loaded.lm_head(hidden), target.lm_head(hidden)[:, [7, 3, 50]])
+    with pytest.raises(ValueError, match="distinct token ids, but some repeat"):
+        draft.restrict_vocab([4, 4, 5])
+    with pytest.raises(ValueError, match="must lie in 0..95"):
+        draft.restrict_vocab([1, 96])
+    with pytest.raises(ValueError, match="1-D list of distinct token ids"):
+        draft.restrict_vocab([])
+    assert draft.draft_vocab.tolist() == [7, 3, 50], "a refused setting leaves the draft as it was"
