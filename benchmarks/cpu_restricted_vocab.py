@@ -1,15 +1,16 @@
 """What a restricted draft vocabulary costs in acceptance, on the built-in mini VLM with its shipped trained drafts.
 
 `SpecVLMDraftModel.restrict_vocab(ids)` makes a trained full-vocabulary draft score only `ids`, without retraining:
-each tree level then reads only their rows of the target's `lm_head` (issue 13: the draft's `lm_head` and top-k are
-the largest parts of a draft level on a 32k vocabulary; on an H100 an 8192-id draft cut a 7B round by 0.5-0.7 ms).
+each tree level then reads only their rows of the target's `lm_head` (issue 13: with a 32k vocabulary the `lm_head` is
+the draft's largest GEMM, and its top-k reads every id; an 8192-id draft cut a 7B round's draft by 0.4-0.7 ms).
 The ids are the most frequent tokens of the target's greedy answers on calibration prompts (a data seed of their
-own), plus EOS. This script measures, on held-out prompts (the seed `specvlm bench` uses): how many of the target's
-answer tokens the kept ids cover, the draft's acceptance (sigma, tokens per target forward) in tree mode, and that
-every output still equals plain `generate`. The mini VLM's vocabulary has 4096 ids, so the sizes are fractions of
-it (a quarter of the vocabulary matches 8192 of LLaVA's 32064).
+own, as `specvlm bench --restrict-vocab N` chooses them), plus EOS. This script measures, on held-out prompts (the
+seed `specvlm bench` uses): how many of the target's answer tokens the kept ids cover, the draft's acceptance
+(sigma, tokens per target forward) in tree mode, and that every output still equals plain `generate`. The mini
+VLM's vocabulary has 4096 ids, so the sizes are fractions of it (a quarter of it matches 8192 of LLaVA's 32064).
 
-    python benchmarks/cpu_restricted_vocab.py --out results/cpu_restricted_vocab.json   # ~10 min on 2 CPU cores
+    python benchmarks/cpu_restricted_vocab.py --calibration 256 --prompts 64 --new-tokens 96 \
+        --sizes 4096,2048,1024,512,256,128 --out results/cpu_restricted_vocab.json   # ~6 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -27,22 +28,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import specvlm_hf  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
 from specvlm_hf.bench import software_versions  # noqa: E402
-from specvlm_hf.commands.bench import _mini_cases  # noqa: E402
-from specvlm_hf.commands.generate import build_inputs  # noqa: E402
+from specvlm_hf.commands.bench import CALIBRATION_SEED, _mini_cases  # noqa: E402
 from specvlm_hf.draft_vocab import choose_draft_vocab, count_tokens  # noqa: E402
 from specvlm_hf.mini import DRAFT_DIR, load  # noqa: E402
-from specvlm_hf.mini.data import make_example  # noqa: E402
-
-CALIBRATION_SEED = 31337  # neither the training data's seed nor the held-out one (424242)
-
-
-def calibration_cases(processor, count: int) -> list[dict]:
-    cases = []
-    for index in range(count):
-        record, image = make_example(seed=CALIBRATION_SEED, index=index)
-        prompt = record["conversations"][0]["value"].replace("<image>", "").strip()
-        cases.append(dict(build_inputs(processor, image, prompt)))
-    return cases
 
 
 def answers(target, cases: list[dict], new_tokens: int) -> list[torch.Tensor]:
@@ -73,7 +61,8 @@ def main(argv=None) -> None:
     eos = [eos] if isinstance(eos, int) else list(eos or [])
 
     start = time.perf_counter()
-    counts = count_tokens(answers(target, calibration_cases(processor, args.calibration), args.new_tokens), vocab)
+    calibration = _mini_cases(processor, args.calibration, "cpu", torch.float32, seed=CALIBRATION_SEED)
+    counts = count_tokens(answers(target, calibration, args.new_tokens), vocab)
     held_out = _mini_cases(processor, args.prompts, "cpu", torch.float32)
     references = [target.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False) for inputs in held_out]
     held_out_tokens = torch.cat([r[0, c["input_ids"].shape[1] :] for r, c in zip(references, held_out)])

@@ -219,3 +219,43 @@ def test_bench_says_when_the_batch_rule_turned_speculation_off():
     row = {r["method"]: r for r in report["methods"]}["eaglevlm-tree"]
     assert not row["speculation_off"] and row["rounds"] > 0 and row["matches_plain"] is True
     assert "speculation off" not in bench.format_table(report)
+
+
+def test_bench_restricts_the_drafts_vocabulary_and_refuses_more_ids_than_the_target_has(capsys, tmp_path):
+    """`--restrict-vocab N`: the shipped drafts score the N ids the mini VLM's answers on calibration prompts use
+    most (plus EOS); the report says so, outputs still equal plain decoding, and each draft holds N or N + 1 ids."""
+    from specvlm_hf.commands import bench as command
+
+    restricted = []
+    real = command._restrict_drafts
+
+    def spy(target, processor, drafts, *args):
+        result = real(target, processor, drafts, *args)
+        restricted.extend(draft.draft_vocab.numel() for draft in drafts.values())
+        return result
+
+    out = tmp_path / "bench.json"
+    argv = ["--num-prompts", 1, "--max-new-tokens", 8, "--methods", "plain,eaglevlm-tree", "--out", out]
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(command, "_restrict_drafts", spy)
+    try:
+        assert main(["bench", *map(str, argv), "--restrict-vocab", "256", "--calibration-prompts", "3"]) == 0
+    finally:
+        monkeypatch.undo()
+    report = json.loads(out.read_text())
+    assert report["restricted_vocab"] == {"ids": 256, "calibration_prompts": 3, "calibration_seed": 31337}
+    rows = {row["method"]: row for row in report["methods"]}
+    assert rows["eaglevlm-tree"]["status"] == "ok" and rows["eaglevlm-tree"]["matches_plain"] is True
+    assert restricted and all(size in (256, 257) for size in restricted), restricted
+    capsys.readouterr()
+    status, line = _cli(capsys, *argv, "--restrict-vocab", 5000)
+    assert status == 2 and "--restrict-vocab 5000: the target's vocabulary has only 4096 ids" in line
+
+
+def test_bench_restrict_vocab_without_a_draft_is_refused_before_loading(capsys, no_loading, tmp_path):
+    from tiny_models import tiny_llava
+
+    tiny_llava().save_pretrained(tmp_path / "vlm")
+    capsys.readouterr()
+    status, line = _cli(capsys, "--target", tmp_path / "vlm", "--restrict-vocab", 16)
+    assert status == 2 and "--restrict-vocab restricts drafts, and none is given: pass --draft NAME=PATH" in line

@@ -2,6 +2,7 @@
 
 specvlm bench                                   # the mini VLM and its shipped drafts, CPU or GPU
 specvlm bench --target llava-hf/llava-1.5-7b-hf --draft eaglevlm=path/to/draft --projected-sigma 3.67
+specvlm bench --restrict-vocab 1024             # the drafts restricted to the target's 1024 most used ids
 """
 
 from __future__ import annotations
@@ -50,6 +51,21 @@ def register(subparsers):
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: bfloat16 on GPU, float32 on CPU.",
+    )
+    parser.add_argument(
+        "--restrict-vocab",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="Make each draft score only the N token ids the target answers with most often on separate "
+        "calibration prompts (plus EOS), without retraining (`draft.restrict_vocab`): a cheaper draft, exact "
+        "outputs, acceptance lower where the target's next token is not among them.",
+    )
+    parser.add_argument(
+        "--calibration-prompts",
+        type=positive_int,
+        default=64,
+        help="Prompts (a data seed of their own) whose plain answers choose --restrict-vocab's ids (default 64).",
     )
     parser.add_argument(
         "--projected-sigma",
@@ -103,6 +119,10 @@ def _run(args):
     _check_out(args.out)
     from .common import close_compile_cache, open_compile_cache
 
+    if args.restrict_vocab is not None:
+        if not draft_paths and args.target not in BUILTIN_MODELS:
+            raise UserError("--restrict-vocab restricts drafts, and none is given: pass --draft NAME=PATH.")
+        _check_restrict_vocab(args.target, args.restrict_vocab)
     compile_cache = open_compile_cache(args.compile_cache)
     if device == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
@@ -113,6 +133,9 @@ def _run(args):
     }
     if not drafts and args.target in BUILTIN_MODELS:
         drafts = _mini_drafts(target, args.target)
+    restricted = None
+    if args.restrict_vocab is not None and drafts:
+        restricted = _restrict_drafts(target, processor, drafts, args, device, dtype)
     assistant = None
     if args.assistant_lm:
         from transformers import AutoModelForCausalLM
@@ -129,6 +152,8 @@ def _run(args):
         batch_size=args.batch_size,
     )
     report["target"] = args.target
+    if restricted is not None:
+        report["restricted_vocab"] = restricted
     if compile_cache is not None:
         report["compile_cache"] = {"folder": compile_cache.folder, "round_functions": compile_cache.round_functions}
     print(format_table(report))
@@ -206,9 +231,55 @@ def _mini_drafts(target, name: str = "mini") -> dict:
     return {name: load_draft(target, name) for name in DRAFT_NAMES}
 
 
-def _mini_cases(processor, count, device, dtype, model_config=None, max_new_tokens: int = 0) -> list[dict]:
-    """Held-out prompts from the mini VLM's data generator (a seed the training data never uses), each checked
-    against the model's positions before any decoding."""
+HELD_OUT_SEED = 424242  # the prompts measured: a seed the mini VLM's training data never uses
+CALIBRATION_SEED = 31337  # the prompts that choose --restrict-vocab's ids: neither training's nor the measured ones
+
+
+def _check_restrict_vocab(name: str, size: int) -> None:
+    """--restrict-vocab must not exceed the target's vocabulary (read from its config, before any weights load)."""
+    from transformers import AutoConfig
+
+    from specvlm_hf.mini import BUILTIN_MODELS, builtin_dirs
+
+    from ..errors import UserError
+
+    config = AutoConfig.from_pretrained(builtin_dirs(name)[0] if name in BUILTIN_MODELS else name)
+    vocab = config.get_text_config().vocab_size
+    if size > vocab:
+        raise UserError(
+            f"--restrict-vocab {size}: the target's vocabulary has only {vocab} ids; pass at most {vocab}."
+        )
+
+
+def _restrict_drafts(target, processor, drafts: dict, args, device, dtype) -> dict:
+    """Restricts every draft to the `args.restrict_vocab` ids the target's plain greedy answers use most on
+    `args.calibration_prompts` prompts of their own (EOS always kept); returns what the report records."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from specvlm_hf.draft_vocab import choose_draft_vocab, count_tokens
+
+    vocab = target.config.get_text_config().vocab_size
+    size = args.restrict_vocab
+    eos = target.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    cases = _mini_cases(processor, args.calibration_prompts, device, dtype, seed=CALIBRATION_SEED)
+    answers = []
+    with torch.inference_mode():
+        for inputs in tqdm(cases, desc=f"choosing {size} draft ids", unit="prompt"):
+            output = target.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            answers.append(output[0, inputs["input_ids"].shape[1] :].cpu())
+    ids = choose_draft_vocab(count_tokens(answers, vocab), size, always=eos)
+    for draft in drafts.values():
+        draft.restrict_vocab(ids)
+    return {"ids": size, "calibration_prompts": len(cases), "calibration_seed": CALIBRATION_SEED}
+
+
+def _mini_cases(
+    processor, count, device, dtype, model_config=None, max_new_tokens: int = 0, seed: int = HELD_OUT_SEED
+) -> list[dict]:
+    """Prompts from the mini VLM's data generator (by default held out: a seed the training data never uses), each
+    checked against the model's positions before any decoding."""
     from specvlm_hf.commands.generate import build_inputs
     from specvlm_hf.mini.data import make_example
 
@@ -216,7 +287,7 @@ def _mini_cases(processor, count, device, dtype, model_config=None, max_new_toke
 
     cases = []
     for index in range(count):
-        record, image = make_example(seed=424242, index=index)
+        record, image = make_example(seed=seed, index=index)
         prompt = record["conversations"][0]["value"].replace("<image>", "").strip()
         inputs = build_inputs(processor, image, prompt)
         if model_config is not None:
