@@ -726,11 +726,15 @@ class KeptFastPaths:
         return {length: path for (length, of), path in self.paths.items() if of == shape}
 
     def evict(self) -> None:
-        """Drops the least recently used lengths (all their shapes) past the limit."""
+        """Drops the least recently used lengths (all their shapes) past the limit, and frees them."""
+        dropped = False
         while len({length for length, _ in self.paths}) > max(KEPT_LENGTHS, self.limit):
             oldest = next(iter(self.paths))[0]
             for entry in [entry for entry in self.paths if entry[0] == oldest]:
                 del self.paths[entry]
+            dropped = True
+        if dropped:
+            gc.collect()  # their rounds refer to themselves (through their functions): only the collector frees them
 
 
 class FastPath:
@@ -821,10 +825,13 @@ class FastPath:
         family = key[:2] + key[3:]
         kept = getattr(draft, attribute, None)
         if kept is None or kept.family != family:  # another target, options, tree or weights: all are dropped
+            dropped = kept is not None
             for name in (attribute, *held):
                 draft.__dict__.pop(name, None)
             kept = KeptFastPaths(family)
             setattr(draft, attribute, kept)
+            if dropped:
+                gc.collect()  # their rounds refer to themselves: only the collector frees their graphs and caches
         shared = kept.shared.setdefault(shape, SharedBuffers())
         draft_shared = kept.draft_shared.setdefault(shape, SharedBuffers())
         draft_shared.reserve = max(draft_shared.reserve, length)  # no draft cache of a call outgrows its target's
@@ -890,10 +897,12 @@ class FastPath:
 
 def release_fast_path(draft) -> None:
     """Drops the fast-path buffers and graphs kept on `draft`: every length bucket and batch shape, their caches,
-    CUDA graphs and cuBLAS workspaces (freed once nothing else refers to them; `torch.cuda.empty_cache()` then hands
-    the memory back). The next fast-path call builds what it needs again."""
-    for name in (*KEPT_ONE_ROW, *KEPT_ROWS):
-        draft.__dict__.pop(name, None)
+    CUDA graphs and cuBLAS workspaces (freed here unless something else refers to them; `torch.cuda.empty_cache()`
+    then hands the memory back). The next fast-path call builds what it needs again."""
+    kept = [draft.__dict__.pop(name, None) for name in (*KEPT_ONE_ROW, *KEPT_ROWS)]
+    if any(value is not None for value in kept):
+        del kept
+        gc.collect()  # the rounds refer to themselves (through their functions): only the collector frees them
 
 
 # measured when the batched round traced one draft pass per row (its compiled graph, and the compile time, grew with

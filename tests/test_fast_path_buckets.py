@@ -98,20 +98,43 @@ def test_the_least_recently_used_bucket_is_dropped_past_the_limit(small_buckets,
     target = build_target("llava-gqa")
     draft = build_draft(target, "noisy", "tree")
     draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
-    lengths = [call(target, draft, tokens, seed=tokens).length for tokens in (60, 30, 60, 3)]
+    import gc
+    import weakref
+
+    paths = [call(target, draft, tokens, seed=tokens) for tokens in (60, 30, 60)]
+    middle = [weakref.ref(round) for round in paths[1].rounds.values()]
+    lengths = [path.length for path in paths]
+    del paths
+    gc.disable()  # dropped and freed by the call that goes past the limit (its rounds refer to themselves)
+    try:
+        lengths.append(call(target, draft, 3, seed=3).length)
+        assert len(middle) == 1 and middle[0]() is None, "the dropped bucket's round is still alive"
+    finally:
+        gc.enable()
     assert len(set(lengths)) == 3
     assert list(draft._specvlm_fast_paths.by_length()) == [lengths[0], lengths[3]]  # the middle one: least recent
 
 
 def test_another_setting_drops_every_kept_bucket(small_buckets):
+    """Another setting (here the tree; also a restricted vocabulary, moved weights, ...) drops every kept bucket,
+    and frees them at once: their rounds refer to themselves, so without a collection their graphs' memory would
+    stay until Python's collector happened to run."""
+    import gc
+    import weakref
+
     target = build_target("llava-gqa")
     draft = build_draft(target, "noisy", "tree")
     draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
-    call(target, draft, 60, seed=1)
-    call(target, draft, 3, seed=2)
+    old = [call(target, draft, 60, seed=1), call(target, draft, 3, seed=2)]
     assert len(draft._specvlm_fast_paths.by_length()) == 2
+    old = [weakref.ref(round) for path in old for round in path.rounds.values()]  # what holds graphs and caches
     draft.config.tree_total_tokens = 8  # another tree: other shapes, other graphs
-    path = call(target, draft, 3, seed=2)
+    gc.disable()
+    try:
+        path = call(target, draft, 3, seed=2)
+        assert len(old) == 2 and [ref() for ref in old] == [None, None], "the dropped rounds are still alive"
+    finally:
+        gc.enable()
     assert list(draft._specvlm_fast_paths.by_length()) == [path.length]
 
 
@@ -204,14 +227,24 @@ def test_batched_calls_keep_every_length_and_each_batch_shape_shares_its_memory(
 
 
 def test_release_fast_path_drops_every_kept_bucket_and_the_next_call_builds_again(small_buckets):
+    import gc
+    import weakref
+
     import specvlm_hf
 
     target = build_target("llava-gqa")
     draft = build_draft(target, "noisy", "tree")
-    first = call(target, draft, 3, 0, image=True)
-    call(target, draft, 3, 1)  # a shorter bucket (no image): both kept
-    assert len(draft._specvlm_fast_paths.by_length()) == 2
-    specvlm_hf.release_fast_path(draft)
+    paths = [call(target, draft, 3, 0, image=True), call(target, draft, 3, 1)]  # a shorter bucket (no image)
+    assert len(draft._specvlm_fast_paths.by_length()) == 2  # both kept
+    first = weakref.ref(paths[0])
+    rounds = [weakref.ref(round) for path in paths for round in path.rounds.values()]
+    del paths
+    gc.disable()  # freed by the release itself, not by a later collection (the rounds refer to themselves)
+    try:
+        specvlm_hf.release_fast_path(draft)
+        assert len(rounds) == 2 and [ref() for ref in rounds] == [None, None], "released rounds are still alive"
+    finally:
+        gc.enable()
     kept = (
         "_specvlm_fast_paths",
         "_specvlm_fast_path",
@@ -221,4 +254,4 @@ def test_release_fast_path_drops_every_kept_bucket_and_the_next_call_builds_agai
     )
     assert not any(hasattr(draft, name) for name in kept)
     again = call(target, draft, 3, 0, image=True)  # exact (checked in `call`), on new buffers
-    assert again is not first and list(draft._specvlm_fast_paths.by_length()) == [again.length]
+    assert first() is None and list(draft._specvlm_fast_paths.by_length()) == [again.length]
