@@ -27,19 +27,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import specvlm_hf  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
-from specvlm_hf.bench import software_versions  # noqa: E402
-from specvlm_hf.commands.bench import CALIBRATION_SEED, _mini_cases  # noqa: E402
-from specvlm_hf.draft_vocab import choose_draft_vocab, count_tokens  # noqa: E402
+from specvlm_hf.bench import eos_ids, software_versions  # noqa: E402
+from specvlm_hf.commands.bench import _mini_cases, calibration_counts  # noqa: E402
+from specvlm_hf.draft_vocab import choose_draft_vocab  # noqa: E402
 from specvlm_hf.mini import DRAFT_DIR, load  # noqa: E402
-
-
-def answers(target, cases: list[dict], new_tokens: int) -> list[torch.Tensor]:
-    """The target's greedy continuations (plain `generate`)."""
-    outputs = []
-    for inputs in cases:
-        output = target.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
-        outputs.append(output[0, inputs["input_ids"].shape[1] :])
-    return outputs
 
 
 def main(argv=None) -> None:
@@ -57,12 +48,10 @@ def main(argv=None) -> None:
     draft = SpecVLMDraftModel.from_pretrained(args.draft).bind_target(target).eval()
     draft.config.decoding_mode = "tree"
     vocab = target.config.get_text_config().vocab_size
-    eos = target.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eos = eos_ids(target)
 
     start = time.perf_counter()
-    calibration = _mini_cases(processor, args.calibration, "cpu", torch.float32, seed=CALIBRATION_SEED)
-    counts = count_tokens(answers(target, calibration, args.new_tokens), vocab)
+    counts = calibration_counts(target, processor, args.calibration, args.new_tokens, "cpu", torch.float32)
     held_out = _mini_cases(processor, args.prompts, "cpu", torch.float32)
     references = [target.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False) for inputs in held_out]
     held_out_tokens = torch.cat([r[0, c["input_ids"].shape[1] :] for r, c in zip(references, held_out)])

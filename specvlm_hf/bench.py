@@ -113,6 +113,12 @@ def software_versions(device=None) -> dict:
     }
 
 
+def eos_ids(model) -> list[int]:
+    """The end-of-sequence ids of `model`'s generation config (none, one or several) as a list."""
+    eos = model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -242,8 +248,7 @@ def run_bench(
         raise ValueError(f"unknown bench methods {sorted(unknown)}; choose from {list(METHODS)}")
     reference = {}
     results = []
-    eos = target.generation_config.eos_token_id
-    eos = set([eos] if isinstance(eos, int) else (eos or []))
+    eos = set(eos_ids(target))
     pad = target.generation_config.pad_token_id
     cases = batch_cases(cases, batch_size, pad if pad is not None else min(eos, default=0))
     for method in ["plain"] + [m for m in methods if m != "plain"]:

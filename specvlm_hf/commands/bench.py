@@ -251,28 +251,38 @@ def _check_restrict_vocab(name: str, size: int) -> None:
         )
 
 
-def _restrict_drafts(target, processor, drafts: dict, args, device, dtype) -> dict:
-    """Restricts every draft to the `args.restrict_vocab` ids the target's plain greedy answers use most on
-    `args.calibration_prompts` prompts of their own (EOS always kept); returns what the report records."""
+def calibration_counts(target, processor, count: int, new_tokens: int, device, dtype):
+    """`(vocab,)` counts of the token ids in the target's plain greedy answers (`new_tokens` each) on `count`
+    calibration prompts (`CALIBRATION_SEED`): what a restricted draft vocabulary is chosen from."""
     import torch
     from tqdm.auto import tqdm
 
-    from specvlm_hf.draft_vocab import choose_draft_vocab, count_tokens
+    from specvlm_hf.draft_vocab import count_tokens
 
-    vocab = target.config.get_text_config().vocab_size
-    size = args.restrict_vocab
-    eos = target.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    cases = _mini_cases(processor, args.calibration_prompts, device, dtype, seed=CALIBRATION_SEED)
     answers = []
     with torch.inference_mode():
-        for inputs in tqdm(cases, desc=f"choosing {size} draft ids", unit="prompt"):
-            output = target.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        cases = _mini_cases(processor, count, device, dtype, seed=CALIBRATION_SEED)
+        for inputs in tqdm(cases, desc="calibration answers", unit="prompt"):
+            output = target.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
             answers.append(output[0, inputs["input_ids"].shape[1] :].cpu())
-    ids = choose_draft_vocab(count_tokens(answers, vocab), size, always=eos)
+    return count_tokens(answers, target.config.get_text_config().vocab_size)
+
+
+def _restrict_drafts(target, processor, drafts: dict, args, device, dtype) -> dict:
+    """Restricts every draft to the `args.restrict_vocab` ids the target's plain greedy answers use most on
+    `args.calibration_prompts` prompts of their own (EOS always kept); returns what the report records."""
+    from specvlm_hf.bench import eos_ids
+    from specvlm_hf.draft_vocab import choose_draft_vocab
+
+    counts = calibration_counts(target, processor, args.calibration_prompts, args.max_new_tokens, device, dtype)
+    ids = choose_draft_vocab(counts, args.restrict_vocab, always=eos_ids(target))
     for draft in drafts.values():
         draft.restrict_vocab(ids)
-    return {"ids": size, "calibration_prompts": len(cases), "calibration_seed": CALIBRATION_SEED}
+    return {
+        "ids": args.restrict_vocab,
+        "calibration_prompts": args.calibration_prompts,
+        "calibration_seed": CALIBRATION_SEED,
+    }
 
 
 def _mini_cases(
