@@ -8,11 +8,16 @@ tokens: buckets 768 and 2304), a compiled static-cache token of plain `generate`
 fast-path round, each call run once before it is timed with the same shapes.
 
 Variants (`--variants`, comma-separated; default `default,joined,vocab8k,joined_vocab8k`):
-- `default`: the fast path as shipped (its compiles merge repeated computations: `round.MERGE_REPEATED`);
+- `default`: the fast path as shipped (its compiles merge repeated computations, `round.MERGE_REPEATED`, and join
+  the products of q/k/v and of gate/up, `round.JOIN_PROJECTIONS`, on since 2026-12-06); a variant sets only the
+  switches it names, the others keep their shipped values;
+- `separate`: without joined products (the shipped round before 2026-12-06);
+- `chunked_top_k`: the draft's top-k over the vocabulary in two passes over chunks (`tree.CHUNKED_TOP_K`);
 - `joined`: `round.JOIN_PROJECTIONS`: q/k/v and gate/up weights laid out in one storage each (the modules stay), their
   products joined into one GEMM by the round's inductor pass; `joined_vocab8k`: with an 8192-id draft vocabulary;
-- `autotune_gemms`: `round.AUTOTUNE_GEMMS`: the round's compiles (only they) time each GEMM against inductor's Triton
-  templates (not with joined projections: the round refuses the pair, see `round.AUTOTUNE_GEMMS`);
+- `autotune_gemms`: `round.AUTOTUNE_GEMMS`, without joined products: the round's compiles (only they) time each GEMM
+  against inductor's Triton templates (not with joined projections: the round refuses the pair, see
+  `round.AUTOTUNE_GEMMS`);
 - `no_merge`: without that pass (the fast path before 2026-12-05 afternoon);
 - `vocab8k`: a draft scoring 8192 token ids (a reduced draft vocabulary: an 8x smaller `lm_head` and top-k per level);
 - `fused`: q/k/v and gate/up weights laid out as one tensor each (`fused_projections.fuse_projections`, target text
@@ -48,17 +53,19 @@ import warnings
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {  # in the order they run (a GPU too small for all at once runs them in waves)
     "default": {},
+    "separate": {"join": False},
+    "chunked_top_k": {"chunked_top_k": True},
     "joined": {"join": True},
     "joined_vocab8k": {"join": True, "draft_vocab": 8192},
-    "autotune_gemms": {"autotune_gemms": True},
+    "autotune_gemms": {"join": False, "autotune_gemms": True},
     "triton_attention": {"verify_attention": "specvlm_tree_triton"},
-    "no_merge": {"merge": False},
-    "fused_vocab8k": {"fuse": True, "draft_vocab": 8192},
+    "no_merge": {"merge": False, "join": False},
+    "fused_vocab8k": {"fuse": True, "join": False, "draft_vocab": 8192},
     "vocab8k": {"draft_vocab": 8192},
-    "fused": {"fuse": True},
+    "fused": {"fuse": True, "join": False},
     "autotune": {"max_autotune": True},
     "split_kv": {"verify_attention": "specvlm_split_kv"},
-    "combined": {"fuse": True, "verify_attention": "specvlm_split_kv", "draft_vocab": 8192},
+    "combined": {"fuse": True, "join": False, "verify_attention": "specvlm_split_kv", "draft_vocab": 8192},
 }
 LENGTHS = (601, 2137)
 SMOKE = "--smoke" in sys.argv
@@ -105,19 +112,27 @@ def register_attention(name: str | None) -> str | None:
     return name
 
 
+def apply_round_settings(spec: dict) -> None:
+    """The package's switches as variant `spec` sets them; what it does not name keeps its shipped value."""
+    from specvlm_hf import round as round_module
+    from specvlm_hf import tree
+
+    round_module.MERGE_REPEATED = spec.get("merge", round_module.MERGE_REPEATED)
+    round_module.JOIN_PROJECTIONS = spec.get("join", round_module.JOIN_PROJECTIONS)
+    round_module.AUTOTUNE_GEMMS = spec.get("autotune_gemms", round_module.AUTOTUNE_GEMMS)
+    tree.CHUNKED_TOP_K = spec.get("chunked_top_k", tree.CHUNKED_TOP_K)
+    if spec.get("verify_attention"):
+        round_module.VERIFY_ATTENTION = register_attention(spec["verify_attention"])
+
+
 def fp32_child(sync_dir: str, new_tokens: int, variant: str) -> dict:
     """Greedy fp32 equality of the fast path (compiled by inductor with the package's passes, CUDA graphs) with plain
     `generate` at 5 prompt lengths, on the tiny LLaVA shape on the GPU; run while the variants compile. `variant`'s
     round settings apply (its merging pass, joined projections, GEMM autotuning and verify attention; the 7B-only
     knobs do not)."""
     import gpu_long_running
-    from specvlm_hf import round as round_module
 
-    spec = VARIANTS[variant]
-    round_module.MERGE_REPEATED = spec.get("merge", True)
-    round_module.JOIN_PROJECTIONS = spec.get("join", False)
-    round_module.AUTOTUNE_GEMMS = spec.get("autotune_gemms", False)
-    round_module.VERIFY_ATTENTION = register_attention(spec.get("verify_attention"))
+    apply_round_settings(VARIANTS[variant])
 
     result = gpu_long_running.fp32_equality_rows((40, 300, 601, 900, 1500), new_tokens)
     open(os.path.join(sync_dir, f"ready_{FP32_CHECK}"), "w").close()
@@ -144,18 +159,13 @@ def child(name: str, sync_dir: str, new_tokens: int, fp32_variant: str = "defaul
     import gpu_long_running
     from fused_projections import fuse_projections
     from gpu_fast_path import plain_ms_per_token, tree_round
-    from specvlm_hf import round as round_module
     from specvlm_hf.hf_internals import MergeRepeatedCounts
 
     if spec.get("max_autotune"):
         from torch._inductor import config as inductor_config
 
         inductor_config.max_autotune = True
-    round_module.MERGE_REPEATED = spec.get("merge", True)
-    round_module.JOIN_PROJECTIONS = spec.get("join", False)
-    round_module.AUTOTUNE_GEMMS = spec.get("autotune_gemms", False)
-    if spec.get("verify_attention"):
-        round_module.VERIFY_ATTENTION = register_attention(spec["verify_attention"])
+    apply_round_settings(spec)
     gpu_long_running.DRAFT_VOCAB = spec.get("draft_vocab")
     result = {"variant": name, "spec": spec}
     start = time.perf_counter()

@@ -662,8 +662,13 @@ def inductor_options(merge: bool, join: bool = False, autotune_gemms: bool = Fal
     """inductor config patches of a round function's compile: `merge_repeated` (and with `join`,
     `join_adjacent_products`, its pass keyed by the weights' `layout`, `shared_storage_layout`) first among the
     post-grad passes; with `autotune_gemms`, each matrix product timed against inductor's Triton templates and the
-    fastest kept (`max_autotune_gemm`: GEMMs only, not the rest of `max_autotune`)."""
+    fastest kept (`max_autotune_gemm`: GEMMs only, not the rest of `max_autotune`). With `join`, GEMM autotuning is
+    off in this compile even where the process turned it on (`torch._inductor.config.max_autotune`): inductor would
+    time a joined product on a copy of its first weight alone, which the joined view reads past (the round refuses
+    `autotune_gemms` with `join`)."""
     options = {"post_grad_custom_pre_pass": merge_repeated_pass(join, layout if join else ())} if merge or join else {}
+    if join:
+        return {**options, "max_autotune": False, "max_autotune_gemm": False}
     return {**options, "max_autotune_gemm": True} if autotune_gemms else options
 
 

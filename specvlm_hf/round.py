@@ -74,17 +74,19 @@ MERGE_REPEATED = True
 # whether the fast path lays out each layer's q/k/v and gate/up weights one after the other in one storage
 # (`joined_weights`, the target's and the draft's; the modules and their values stay as they are) and its inductor
 # compiles read each group as one matrix: one GEMM where there were three or two (`hf_internals.
-# join_adjacent_products`). Off by default until measured on a GPU in the round (one GEMM per group, laid out by
-# swapping modules instead, cut the 7B verify by 0.25-0.45 ms on an H100). Once a compile of the process has joined
-# products, the weights are laid out again before every fast-path call whatever this says (compiled code is kept).
-JOIN_PROJECTIONS = False
+# join_adjacent_products`). On an H100 (2026-12-06) it cut the LLaVA-1.5-7B-shaped round from 10.77 to 10.36 ms at
+# 601 prompt tokens and from 12.17 to 11.75 ms at 2137 (the verify's GEMMs), with greedy fp32 outputs equal to plain
+# `generate` on the GPU. Once a compile of the process has joined products, the weights are laid out again before
+# every fast-path call whatever this says (compiled code is kept). Its compiles never autotune GEMMs (see below).
+JOIN_PROJECTIONS = True
 # whether inductor compiles of the round functions time each matrix product against its Triton templates and keep
 # the fastest (`max_autotune_gemm`, for the round's compiles only: plain `generate` keeps its own). The draft's
 # products of 10 rows are where cuBLAS looked slowest (an H100 autotuning log, under load: 43.5 against 74.5 us for
-# 10 x 4096 by 4096 x 11008); off by default until a round with it is measured (tuning adds to the first compile).
+# 10 x 4096 by 4096 x 11008). Off: measured alone on an H100 (2026-12-06), the round fell 10.77 -> 10.55 ms at 601
+# prompt tokens and 12.17 -> 11.94 at 2137, within the noise between processes, for minutes more of first compile.
 # Not with JOIN_PROJECTIONS: inductor times a joined product on a copy of the first weight alone, which the joined
 # view reads past (an H100, 2026-12-06: "setStorage ... out of bounds", then an illegal memory access); the round
-# refuses the pair.
+# refuses the pair, and its joined compiles turn GEMM autotuning off even where the process turned it on.
 AUTOTUNE_GEMMS = False
 
 
@@ -310,7 +312,8 @@ class SpeculativeRound:
             raise ValueError(
                 "specvlm_hf.round.JOIN_PROJECTIONS and AUTOTUNE_GEMMS cannot both be on: inductor times each joined "
                 "product on a copy of its first weight alone, which the joined view reads past (out of bounds on the "
-                "GPU). Turn one of them off."
+                "GPU). Set specvlm_hf.round.JOIN_PROJECTIONS = False to autotune (joined products are on by "
+                "default), or leave AUTOTUNE_GEMMS off."
             )
         # compiled ahead of time, kept on disk (`precompile`), when a store is set; else compiled in this process
         # (the round keeps no reference to the store: its objects are written with the guards of what it compiles)

@@ -514,3 +514,33 @@ def test_autotuned_gemms_are_an_inductor_option_it_knows():
     torch._dynamo.reset()
     torch.testing.assert_close(got, x @ w)
     assert not torch._inductor.config.max_autotune_gemm  # patched for that compile only
+
+
+def test_joined_products_are_never_autotuned_even_when_the_process_asks():
+    """With joined products, the round's compiles turn GEMM autotuning off even under a process-wide
+    `torch._inductor.config.max_autotune` (a user's setting): inductor would time a joined product on a copy of its
+    first weight alone, which the joined view reads past. The config inductor sees while it compiles is checked."""
+    import torch._dynamo
+    import torch._inductor.config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    seen = []
+
+    class Recorder(CustomGraphPass):
+        def __call__(self, graph):
+            seen.append((torch._inductor.config.max_autotune, torch._inductor.config.max_autotune_gemm))
+
+        def uuid(self):
+            return None  # not cached: the pass runs on every compile
+
+    options = hf_internals.inductor_options(True, join=True)
+    assert options["max_autotune"] is False and options["max_autotune_gemm"] is False
+    x, w = torch.randn(10, 32), torch.randn(32, 48)
+    for join in (True, False):
+        patches = {**hf_internals.inductor_options(True, join=join), "post_grad_custom_pre_pass": Recorder()}
+        torch._dynamo.reset()
+        with torch._inductor.config.patch(max_autotune=True, max_autotune_gemm=True, fx_graph_cache=False):
+            got = torch.compile(lambda a, b: a @ b + 1, backend=hf_internals.inductor_backend(patches))(x, w)
+        torch._dynamo.reset()
+        torch.testing.assert_close(got, x @ w + 1)
+    assert seen == [(False, False), (True, True)]
