@@ -6,8 +6,9 @@
 # diagnosis confirmed), and round without its profile. On an H100 2026-12-06 03:10-03:25 UTC: a variants run whose
 # autotuning processes ran the GPU out of memory and met the joined + autotuned failure (the round now refuses that
 # pair), the Triton round beside the default, and the attention kernels alone without the compiled ones (the Triton
-# kernel lost both: results/README.md). Still to run: variants as below, knobs, the round's profile; crash_nocudnn
-# only if a crash comes back.
+# kernel lost both: results/README.md). On an H100 2026-12-06 05:30-06:05 UTC: variants and knobs as below (joined
+# products won and are now the default; autotuning within noise; knobs' fp32 step did not finish in the call) and the
+# round's cost and profile (results/README.md). Nothing is left to run; crash_nocudnn only if a crash comes back.
 # Stages, in the order they were planned (the first is a correctness question, and decides whether the others' figures
 # hold):
 #   crash    first gpu_cublas_workspace.py (~1 min): whether graphs sharing torch's cuBLAS workspace break when CUDA
@@ -20,8 +21,8 @@
 #            accesses from cuDNN attention under CUDA graphs, but for cuDNN <= 9.15.0, and torch 2.11.0+cu130 pins
 #            9.19.0.56: a weak lead; results now record the cuDNN version)
 #   variants round variants in parallel processes (gpu_round_variants.py, waves sized by GPU memory): the shipped
-#            round, joined projections (round.JOIN_PROJECTIONS, never measured alone on a GPU), joined with an
-#            8192-id draft vocabulary; the fp32 check with joined projections (~8 min)
+#            round (joined projections, round.JOIN_PROJECTIONS, since 2026-12-06), separate projections, joined with
+#            an 8192-id draft vocabulary; the fp32 check with the shipped settings (~5-8 min)
 #   round    plain generate against the fast path over 9 length buckets, the round's cost, a kernel profile, a
 #            second process (the run that crashed; ~7 min)
 #   kernels  the verify attention kernels alone (gpu_attention.py): cuDNN against the Triton split-KV kernel
@@ -58,8 +59,8 @@ case "$stage" in
       tee "$out/crash_7b_nocudnn.log"
     ;;
   variants)
-    python benchmarks/gpu_round_variants.py --variants default,joined,joined_vocab8k \
-      --fp32-check --fp32-variant joined --compile-seconds 420 --deadline 575 --out "$out/variants" \
+    python benchmarks/gpu_round_variants.py --variants default,separate,joined_vocab8k \
+      --fp32-check --fp32-variant default --compile-seconds 420 --deadline 575 --out "$out/variants" \
       2>&1 | grep -v "^SUMMARY" | tee "$out/variants.log"
     ;;
   kernels)

@@ -12,7 +12,6 @@ Variants (`--variants`, comma-separated; default `default,joined,vocab8k,joined_
   the products of q/k/v and of gate/up, `round.JOIN_PROJECTIONS`, on since 2026-12-06); a variant sets only the
   switches it names, the others keep their shipped values;
 - `separate`: without joined products (the shipped round before 2026-12-06);
-- `chunked_top_k`: the draft's top-k over the vocabulary in two passes over chunks (`tree.CHUNKED_TOP_K`);
 - `joined`: `round.JOIN_PROJECTIONS`: q/k/v and gate/up weights laid out in one storage each (the modules stay), their
   products joined into one GEMM by the round's inductor pass; `joined_vocab8k`: with an 8192-id draft vocabulary;
 - `autotune_gemms`: `round.AUTOTUNE_GEMMS`, without joined products: the round's compiles (only they) time each GEMM
@@ -54,7 +53,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {  # in the order they run (a GPU too small for all at once runs them in waves)
     "default": {},
     "separate": {"join": False},
-    "chunked_top_k": {"chunked_top_k": True},
     "joined": {"join": True},
     "joined_vocab8k": {"join": True, "draft_vocab": 8192},
     "autotune_gemms": {"join": False, "autotune_gemms": True},
@@ -115,12 +113,10 @@ def register_attention(name: str | None) -> str | None:
 def apply_round_settings(spec: dict) -> None:
     """The package's switches as variant `spec` sets them; what it does not name keeps its shipped value."""
     from specvlm_hf import round as round_module
-    from specvlm_hf import tree
 
     round_module.MERGE_REPEATED = spec.get("merge", round_module.MERGE_REPEATED)
     round_module.JOIN_PROJECTIONS = spec.get("join", round_module.JOIN_PROJECTIONS)
     round_module.AUTOTUNE_GEMMS = spec.get("autotune_gemms", round_module.AUTOTUNE_GEMMS)
-    tree.CHUNKED_TOP_K = spec.get("chunked_top_k", tree.CHUNKED_TOP_K)
     if spec.get("verify_attention"):
         round_module.VERIFY_ATTENTION = register_attention(spec["verify_attention"])
 

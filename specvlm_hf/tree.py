@@ -14,7 +14,6 @@ appear in descending draft score (verification visits them in that order).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -122,51 +121,6 @@ def tree_from_parents(
 DraftStep = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-# whether `top_k_of_rows` takes the top-k of a long last dimension (a vocabulary) in two passes over chunks, not one
-# `topk` over the whole row: on a GPU, torch's `topk` of a few rows of tens of thousands of entries runs a
-# multi-block radix select (about a dozen kernels a call, ~0.35 ms of an H100 7B round's eight draft levels); the
-# chunked form runs two single-block ones
-CHUNKED_TOP_K = False
-# rows shorter than this take one `topk` whatever `CHUNKED_TOP_K` says
-CHUNKED_TOP_K_MIN_LENGTH = 2048
-
-
-@functools.lru_cache(maxsize=None)
-def top_k_chunks(length: int, k: int) -> int | None:
-    """How many equal chunks `top_k` cuts a row of `length` entries into: the divisor `c` of `length` that makes the
-    longer of its two passes (`length / c` entries, then `c * k`) shortest; None when no divisor leaves each chunk
-    `k` entries and makes both passes at most a quarter of the row (a prime length, say), or the row is short."""
-    if length < CHUNKED_TOP_K_MIN_LENGTH:
-        return None
-    best = None
-    for chunks in range(2, length // max(k, 1) + 1):
-        if length % chunks:
-            continue
-        longest = max(length // chunks, chunks * k)
-        if best is None or longest < best[0]:
-            best = (longest, chunks)
-    return best[1] if best is not None and best[0] <= length // 4 else None
-
-
-def top_k_of_rows(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`values.topk(k, dim=-1)`: the `k` largest entries of each row, largest first, and their indices.
-
-    With `CHUNKED_TOP_K` and a long row, in two passes: each of the row's `top_k_chunks` equal chunks gives its `k`
-    largest, then the `k` largest of those are taken. The values are exactly those of one `topk` (the `k` largest of a
-    row are among the `k` largest of their chunks); where values tie, which of the tied indices comes first may
-    differ (torch's `topk` does not specify it either). Used for every top-k over a draft vocabulary, eager and fast
-    path alike.
-    """
-    chunks = top_k_chunks(values.shape[-1], k) if CHUNKED_TOP_K else None
-    if chunks is None:
-        return values.topk(k, dim=-1)
-    width = values.shape[-1] // chunks
-    chunk_values, chunk_indices = values.unflatten(-1, (chunks, width)).topk(k, dim=-1)  # (..., chunks, k)
-    chunk_indices = chunk_indices + torch.arange(0, values.shape[-1], width, device=values.device)[:, None]
-    best_values, best = chunk_values.flatten(-2).topk(k, dim=-1)
-    return best_values, chunk_indices.flatten(-2).gather(-1, best)
-
-
 @torch.no_grad()
 def build_dynamic_tree(
     root_token: int | torch.Tensor,
@@ -245,7 +199,7 @@ def build_dynamic_trees(
     k = min(top_k, vocab)
 
     # candidate buffers (creation order); parent index -1 means "the root"
-    first_scores, first_tokens = top_k_of_rows(root_log_probs.float(), k)  # (B, k)
+    first_scores, first_tokens = root_log_probs.float().topk(k, dim=-1)  # (B, k)
     if vocab_map is not None:
         first_tokens = vocab_map[first_tokens]
     cand_tokens = [first_tokens]
@@ -264,7 +218,7 @@ def build_dynamic_trees(
         eye = torch.eye(n, dtype=torch.bool, device=device).expand(batch, -1, -1)
         ancestor_mask = torch.cat([frontier_ancestors, eye], dim=2)
         hidden, log_probs = draft_step(frontier_tokens, frontier_hidden, level, ancestor_mask)
-        child_logp, child_tokens = top_k_of_rows(log_probs.float(), k)  # (B, n, k)
+        child_logp, child_tokens = log_probs.float().topk(k, dim=-1)  # (B, n, k)
         if vocab_map is not None:
             child_tokens = vocab_map[child_tokens]
         child_scores = frontier_scores[:, :, None] + child_logp  # (B, n, k)
