@@ -1,0 +1,119 @@
+"""What 8-bit floating-point draft weights would cost in acceptance, on the built-in mini VLM with its shipped draft.
+
+The draft's eight tree levels a round are matrix products of about 10 rows: they read weights, and a 7B-shaped round
+spends ~2.2 ms of its ~10 in them on an H100 (results/README.md), close to their weight-read floor. Weights in
+float8 (e4m3, one scale per output row) would halve those bytes. The target is untouched, so outputs stay exact
+whatever the draft's precision; what fp8 changes is which tokens the draft proposes. This script measures that on
+the CPU by rounding, not by fp8 kernels: each of the draft's `nn.Linear` weights and the `lm_head` rows it reads are
+rounded through float8 once, and (variant `w8a8`) each product's input too, per row, before every product, as an
+fp8 GEMM with row-wise scales would see them. Sigma (tokens per target forward) in tree mode on held-out prompts
+(the seed `specvlm bench` uses) and whether every output still equals plain `generate`. Whether fp8 products of 10
+rows are faster on a GPU is `benchmarks/gpu_fp8_draft.py`'s question.
+
+    python benchmarks/cpu_fp8_draft.py --prompts 64 --new-tokens 96 --out results/cpu_fp8_draft.json   # ~5 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import specvlm_hf  # noqa: E402
+from specvlm_hf import SpecVLMDraftModel  # noqa: E402
+from specvlm_hf.bench import software_versions  # noqa: E402
+from specvlm_hf.commands.bench import _mini_cases  # noqa: E402
+from specvlm_hf.mini import DRAFT_DIR, load  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+
+
+def through_fp8(values: torch.Tensor) -> torch.Tensor:
+    """`values` rounded through float8 e4m3 with one scale per row (last dimension), back in their dtype."""
+    scale = values.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (values / scale).to(FP8).to(values.dtype) * scale
+
+
+def round_draft(draft: SpecVLMDraftModel, activations: bool) -> int:
+    """Rounds the draft's own `nn.Linear` weights and the `lm_head` rows it reads through fp8 (the target's own
+    `lm_head` stays as it is: the draft gets a rounded copy); with `activations`, each product's input too. Returns
+    how many products were rounded."""
+    linears = [module for module in draft.modules() if type(module) is nn.Linear]
+    with torch.no_grad():
+        for module in linears:
+            module.weight.copy_(through_fp8(module.weight))
+            if activations:
+                module.register_forward_pre_hook(lambda module, args: (through_fp8(args[0]), *args[1:]))
+        head = draft._head_rows if draft._head_rows is not None else draft._target_modules[1].weight
+        rounded_head = through_fp8(head.detach().clone())
+
+    def lm_head(hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states.to(rounded_head.dtype)
+        return nn.functional.linear(through_fp8(hidden_states) if activations else hidden_states, rounded_head)
+
+    draft.lm_head = lm_head
+    return len(linears) + 1
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="fp32,w8,w8a8", help="fp32 (shipped), w8 (weights), w8a8 (and inputs)")
+    parser.add_argument("--prompts", type=int, default=24, help="held-out prompts measured")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--draft", default=str(DRAFT_DIR), help="a trained draft folder of the mini VLM")
+    parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    target, processor = load()
+    specvlm_hf.enable(target)
+    start = time.perf_counter()
+    held_out = _mini_cases(processor, args.prompts, "cpu", torch.float32)
+    references = [target.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False) for inputs in held_out]
+    print(f"references: {time.perf_counter() - start:.0f} s", flush=True)
+
+    rows = []
+    print("| draft | products rounded through fp8 | sigma | outputs equal plain |\n|---|---|---|---|")
+    for variant in args.variants.split(","):
+        if variant not in ("fp32", "w8", "w8a8"):
+            raise SystemExit(f"unknown variant {variant!r}: fp32, w8 or w8a8")
+        draft = SpecVLMDraftModel.from_pretrained(args.draft).bind_target(target).eval()
+        draft.config.decoding_mode = "tree"
+        rounded = 0 if variant == "fp32" else round_draft(draft, activations=variant == "w8a8")
+        accepted, equal = [], 0
+        for inputs, reference in zip(held_out, references):
+            output = target.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False, assistant_model=draft)
+            equal += output.tolist() == reference.tolist()
+            accepted += draft.stats.accepted_per_round
+        row = {
+            "draft": variant,
+            "products_rounded": rounded,
+            "sigma": sum(accepted) / len(accepted),
+            "rounds": len(accepted),
+            "outputs_equal_plain": f"{equal}/{len(held_out)}",
+        }
+        rows.append(row)
+        print(f"| {variant} | {rounded} | {row['sigma']:.3f} | {row['outputs_equal_plain']} |", flush=True)
+    report = {
+        **software_versions(),
+        "machine": "CPU (tree mode, eager, fp8 by rounding: acceptance only, no timing)",
+        "target": "built-in mini VLM (LLaVA, vocabulary 4096), fp32",
+        "draft": os.path.relpath(args.draft, os.path.join(os.path.dirname(__file__), "..")),
+        "held_out_prompts": args.prompts,
+        "new_tokens": args.new_tokens,
+        "rows": rows,
+    }
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(report, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
