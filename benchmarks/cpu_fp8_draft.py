@@ -6,7 +6,9 @@ float8 (e4m3, one scale per output row) would halve those bytes. The target is u
 whatever the draft's precision; what fp8 changes is which tokens the draft proposes. This script measures that on
 the CPU by rounding, not by fp8 kernels: each of the draft's `nn.Linear` weights and the `lm_head` rows it reads are
 rounded through float8 once, and (variant `w8a8`) each product's input too, per row, before every product, as an
-fp8 GEMM with row-wise scales would see them. Sigma (tokens per target forward) in tree mode on held-out prompts
+fp8 GEMM with row-wise scales would see them; variant `fp8` runs `fp8_draft.use_fp8_products` instead, the module
+swap `gpu_round_variants.py`'s `fp8_draft` variant times: real `torch._scaled_mm` products on the CPU, `fc` left as
+it is). Sigma (tokens per target forward) in tree mode on held-out prompts
 (the seed `specvlm bench` uses) and whether every output still equals plain `generate`. Whether fp8 products of 10
 rows are faster on a GPU is `benchmarks/gpu_fp8_draft.py`'s question.
 
@@ -31,6 +33,9 @@ from specvlm_hf import SpecVLMDraftModel  # noqa: E402
 from specvlm_hf.bench import software_versions  # noqa: E402
 from specvlm_hf.commands.bench import _mini_cases  # noqa: E402
 from specvlm_hf.mini import DRAFT_DIR, load  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fp8_draft import use_fp8_products  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -65,7 +70,7 @@ def round_draft(draft: SpecVLMDraftModel, activations: bool) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="fp32,w8,w8a8", help="fp32 (shipped), w8 (weights), w8a8 (and inputs)")
+    parser.add_argument("--variants", default="fp32,w8,w8a8,fp8", help="fp32, w8, w8a8, fp8 (the docstring)")
     parser.add_argument("--prompts", type=int, default=24, help="held-out prompts measured")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--draft", default=str(DRAFT_DIR), help="a trained draft folder of the mini VLM")
@@ -82,11 +87,14 @@ def main(argv=None) -> None:
     rows = []
     print("| draft | products rounded through fp8 | sigma | outputs equal plain |\n|---|---|---|---|")
     for variant in args.variants.split(","):
-        if variant not in ("fp32", "w8", "w8a8"):
-            raise SystemExit(f"unknown variant {variant!r}: fp32, w8 or w8a8")
+        if variant not in ("fp32", "w8", "w8a8", "fp8"):
+            raise SystemExit(f"unknown variant {variant!r}: fp32, w8, w8a8 or fp8")
         draft = SpecVLMDraftModel.from_pretrained(args.draft).bind_target(target).eval()
         draft.config.decoding_mode = "tree"
-        rounded = 0 if variant == "fp32" else round_draft(draft, activations=variant == "w8a8")
+        if variant == "fp8":
+            rounded = use_fp8_products(draft)
+        else:
+            rounded = 0 if variant == "fp32" else round_draft(draft, activations=variant == "w8a8")
         accepted, equal = [], 0
         for inputs, reference in zip(held_out, references):
             output = target.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False, assistant_model=draft)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fp8_draft import fp8_linear, quantize_rows  # noqa: E402
+
 ROWS = 10  # a tree level's frontier
 SHAPES = {  # product: (input width, output width), LLaVA-1.5-7B's draft layer, its fc and the target's lm_head
     "fc": (8192, 4096),
@@ -31,18 +34,6 @@ SHAPES = {  # product: (input width, output width), LLaVA-1.5-7B's draft layer, 
     "lm_head": (4096, 32064),
 }
 CALLS = 100
-
-
-def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 values and one float32 scale per row (`values ~= fp8 * scale`)."""
-    scale = values.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (values / scale).to(FP8), scale
-
-
-def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` from e4m3 weights (`(out, in)`, scales `(1, out)`), the input quantized per row here."""
-    x_fp8, x_scale = quantize_rows(x)
-    return torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=x.dtype)
 
 
 def per_call_us(fn) -> float:

@@ -8,7 +8,7 @@
 # pair), the Triton round beside the default, and the attention kernels alone without the compiled ones (the Triton
 # kernel lost both: results/README.md). On an H100 2026-12-06 05:30-06:05 UTC: variants and knobs as below (joined
 # products won and are now the default; autotuning within noise; knobs' fp32 step did not finish in the call) and the
-# round's cost and profile (results/README.md). Next: fp8 (new 2026-12-06, ~1 min); crash_nocudnn only if a crash
+# round's cost and profile (results/README.md). Next: fp8 (new 2026-12-06, ~7 min); crash_nocudnn only if a crash
 # comes back.
 # Stages, in the order they were planned (the first is a correctness question, and decides whether the others' figures
 # hold):
@@ -31,7 +31,9 @@
 #            there also in the fast path against plain generate; ~2 min), then its whole round beside the default's
 #            with the fp32 check on it (gpu_round_variants.py, ~6 min)
 #   fp8      whether e4m3 products of a draft level's 10 rows beat bf16 ones (gpu_fp8_draft.py: the 7B draft's
-#            products, eager and compiled, the input's quantization counted); cpu_fp8_draft.py has the acceptance side
+#            products, eager and compiled, the input's quantization counted), then the whole round with the draft on
+#            them (gpu_round_variants.py fp8_draft, fp8_draft_vocab8k; ~6 min); cpu_fp8_draft.py has the acceptance
+#            side
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs (round.AUTOTUNE_GEMMS beside the default,
 #            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
@@ -80,6 +82,8 @@ case "$stage" in
     ;;
   fp8)
     python benchmarks/gpu_fp8_draft.py --out "$out/fp8_draft.json" 2>&1 | tee "$out/fp8_draft.log"
+    python benchmarks/gpu_round_variants.py --variants default,fp8_draft,fp8_draft_vocab8k --compile-seconds 300 \
+      --deadline 480 --out "$out/fp8_round" 2>&1 | grep -v "^SUMMARY" | tee "$out/fp8_round.log"
     ;;
   knobs)
     long_running --only round_cost --draft-vocab 8192 --budget 120 --out "$out/draft_vocab" 2>&1 |

@@ -24,6 +24,9 @@ Variants (`--variants`, comma-separated; default `default,joined,vocab8k,joined_
 - `fused_vocab8k`: both;
 - `autotune`: inductor's `max_autotune` for every compile of the process (plain `generate`'s token included);
 - `split_kv`: the verify forward's attention on `verify_attention.SPLIT_KV`;
+- `fp8_draft`: the draft's layer projections and `lm_head` rows on e4m3 weights (`fp8_draft.use_fp8_products`,
+  benchmark only: `torch._scaled_mm`, the input quantized per call); `fp8_draft_vocab8k`: with an 8192-id vocabulary
+  (the fp32 check does not apply these two: it runs the package's settings);
 - `triton_attention` (GPU): the verify forward's attention on `tree_attention_triton` (a Triton split-KV kernel,
   registered by this script: not in the package);
 - `combined`: fused + vocab8k + split_kv.
@@ -56,6 +59,8 @@ VARIANTS = {  # in the order they run (a GPU too small for all at once runs them
     "joined": {"join": True},
     "joined_vocab8k": {"join": True, "draft_vocab": 8192},
     "autotune_gemms": {"join": False, "autotune_gemms": True},
+    "fp8_draft": {"fp8_draft": True},
+    "fp8_draft_vocab8k": {"fp8_draft": True, "draft_vocab": 8192},
     "triton_attention": {"verify_attention": "specvlm_tree_triton"},
     "no_merge": {"merge": False, "join": False},
     "fused_vocab8k": {"fuse": True, "join": False, "draft_vocab": 8192},
@@ -166,6 +171,10 @@ def child(name: str, sync_dir: str, new_tokens: int, fp32_variant: str = "defaul
     result = {"variant": name, "spec": spec}
     start = time.perf_counter()
     target, draft = gpu_long_running.build()
+    if spec.get("fp8_draft"):
+        from fp8_draft import use_fp8_products
+
+        result["fp8_products"] = use_fp8_products(draft)
     if spec.get("fuse"):
         result["fused_groups"] = fuse_projections(target.model.language_model) + fuse_projections(draft)
         if torch.cuda.is_available():
