@@ -18,7 +18,6 @@ rows are faster on a GPU is `benchmarks/gpu_fp8_draft.py`'s question.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,12 +29,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import specvlm_hf  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
-from specvlm_hf.bench import software_versions  # noqa: E402
 from specvlm_hf.commands.bench import _mini_cases  # noqa: E402
-from specvlm_hf.mini import DRAFT_DIR, load  # noqa: E402
+from specvlm_hf.mini import load  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fp8_draft import use_fp8_products  # noqa: E402
+from mini_acceptance import add_arguments, held_out_acceptance, write_report  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -71,10 +70,7 @@ def round_draft(draft: SpecVLMDraftModel, activations: bool) -> int:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="fp32,w8,w8a8,fp8", help="fp32, w8, w8a8, fp8 (the docstring)")
-    parser.add_argument("--prompts", type=int, default=24, help="held-out prompts measured")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--draft", default=str(DRAFT_DIR), help="a trained draft folder of the mini VLM")
-    parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     target, processor = load()
@@ -95,32 +91,12 @@ def main(argv=None) -> None:
             rounded = use_fp8_products(draft)
         else:
             rounded = 0 if variant == "fp32" else round_draft(draft, activations=variant == "w8a8")
-        accepted, equal = [], 0
-        for inputs, reference in zip(held_out, references):
-            output = target.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False, assistant_model=draft)
-            equal += output.tolist() == reference.tolist()
-            accepted += draft.stats.accepted_per_round
-        row = {
-            "draft": variant,
-            "products_rounded": rounded,
-            "sigma": sum(accepted) / len(accepted),
-            "rounds": len(accepted),
-            "outputs_equal_plain": f"{equal}/{len(held_out)}",
-        }
+        row = {"draft": variant, "products_rounded": rounded}
+        row.update(held_out_acceptance(target, draft, held_out, references, args.new_tokens))
         rows.append(row)
         print(f"| {variant} | {rounded} | {row['sigma']:.3f} | {row['outputs_equal_plain']} |", flush=True)
-    report = {
-        **software_versions(),
-        "machine": "CPU (tree mode, eager, fp8 by rounding: acceptance only, no timing)",
-        "target": "built-in mini VLM (LLaVA, vocabulary 4096), fp32",
-        "draft": os.path.relpath(args.draft, os.path.join(os.path.dirname(__file__), "..")),
-        "held_out_prompts": args.prompts,
-        "new_tokens": args.new_tokens,
-        "rows": rows,
-    }
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1)
+    machine = "CPU (tree mode, eager, fp8 by rounding or CPU fp8 products: acceptance only, no timing)"
+    write_report(args.out, machine, args.draft, rows, held_out_prompts=args.prompts, new_tokens=args.new_tokens)
 
 
 if __name__ == "__main__":

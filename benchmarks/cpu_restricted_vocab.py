@@ -16,7 +16,6 @@ VLM's vocabulary has 4096 ids, so the sizes are fractions of it (a quarter of it
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,20 +26,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import specvlm_hf  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel  # noqa: E402
-from specvlm_hf.bench import eos_ids, software_versions  # noqa: E402
+from specvlm_hf.bench import eos_ids  # noqa: E402
 from specvlm_hf.commands.bench import _mini_cases, calibration_counts  # noqa: E402
 from specvlm_hf.draft_vocab import choose_draft_vocab  # noqa: E402
-from specvlm_hf.mini import DRAFT_DIR, load  # noqa: E402
+from specvlm_hf.mini import load  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mini_acceptance import add_arguments, held_out_acceptance, write_report  # noqa: E402
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="4096,2048,1024,512,256", help="draft vocabulary sizes (4096: all)")
     parser.add_argument("--calibration", type=int, default=64, help="prompts whose answers choose the ids")
-    parser.add_argument("--prompts", type=int, default=24, help="held-out prompts measured")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--draft", default=str(DRAFT_DIR), help="a trained draft folder of the mini VLM")
-    parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     target, processor = load()
@@ -64,40 +63,28 @@ def main(argv=None) -> None:
         draft.restrict_vocab(None if size >= vocab else choose_draft_vocab(counts, size, always=eos))
         kept = set(range(vocab)) if draft.draft_vocab is None else set(draft.draft_vocab.tolist())
         covered = sum(int(t) in kept for t in held_out_tokens.tolist()) / held_out_tokens.numel()
-        accepted, equal = [], 0
-        for inputs, reference in zip(held_out, references):
-            output = target.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False, assistant_model=draft)
-            equal += output.tolist() == reference.tolist()
-            accepted += draft.stats.accepted_per_round
-        sigma = sum(accepted) / len(accepted)
         row = {
             "kept_ids": min(size, vocab),
             "share_of_vocabulary": min(size, vocab) / vocab,
             "held_out_tokens_covered": covered,
-            "sigma": sigma,
-            "rounds": len(accepted),
-            "outputs_equal_plain": f"{equal}/{len(held_out)}",
+            **held_out_acceptance(target, draft, held_out, references, args.new_tokens),
         }
         rows.append(row)
         print(
-            f"| {row['kept_ids']} | {row['share_of_vocabulary']:.3f} | {covered:.4f} | {sigma:.3f} "
+            f"| {row['kept_ids']} | {row['share_of_vocabulary']:.3f} | {covered:.4f} | {row['sigma']:.3f} "
             f"| {row['outputs_equal_plain']} |",
             flush=True,
         )
-    report = {
-        **software_versions(),
-        "machine": "CPU (tree mode, eager: acceptance only, no timing)",
-        "target": "built-in mini VLM (LLaVA, vocabulary 4096), fp32",
-        "draft": os.path.relpath(args.draft, os.path.join(os.path.dirname(__file__), "..")),
-        "calibration_prompts": args.calibration,
-        "held_out_prompts": args.prompts,
-        "new_tokens": args.new_tokens,
-        "held_out_answer_tokens": held_out_tokens.numel(),
-        "rows": rows,
-    }
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1)
+    write_report(
+        args.out,
+        "CPU (tree mode, eager: acceptance only, no timing)",
+        args.draft,
+        rows,
+        calibration_prompts=args.calibration,
+        held_out_prompts=args.prompts,
+        new_tokens=args.new_tokens,
+        held_out_answer_tokens=held_out_tokens.numel(),
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fp8_draft import fp8_linear, quantize_rows  # noqa: E402
+from graph_timing import per_call_us  # noqa: E402
 
 ROWS = 10  # a tree level's frontier
 SHAPES = {  # product: (input width, output width), LLaVA-1.5-7B's draft layer, its fc and the target's lm_head
@@ -33,30 +34,6 @@ SHAPES = {  # product: (input width, output width), LLaVA-1.5-7B's draft layer, 
     "down": (11008, 4096),
     "lm_head": (4096, 32064),
 }
-CALLS = 100
-
-
-def per_call_us(fn) -> float:
-    """Microseconds a call of `fn()`, from a CUDA graph of `CALLS` calls replayed 20 times."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1000 * start.elapsed_time(end) / (20 * CALLS)
 
 
 def main():

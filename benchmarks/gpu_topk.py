@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from graph_timing import per_call_us  # noqa: E402
+
 SHAPES = ((10, 32064), (1, 32064), (10, 152064), (1, 152064), (10, 8192))
-CALLS = 100
 
 
 def chunk_count(length: int, k: int) -> int | None:
@@ -47,29 +51,6 @@ def chunked_top_k(values: torch.Tensor, k: int = 10) -> tuple[torch.Tensor, torc
     return best_values, chunk_indices.flatten(-2).gather(-1, best)
 
 
-def per_call_us(fn, values: torch.Tensor) -> float:
-    """Microseconds a call of `fn(values)`, from a CUDA graph of `CALLS` calls replayed 20 times."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(values)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn(values)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1000 * start.elapsed_time(end) / (20 * CALLS)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
@@ -88,8 +69,8 @@ def main():
             "indices_equal": torch.equal(got[1], expected[1]),
         }
         if not args.check:
-            row["topk_us"] = per_call_us(lambda v: v.topk(10, dim=-1), values)
-            row["chunked_us"] = per_call_us(chunked_top_k, values)
+            row["topk_us"] = per_call_us(lambda: values.topk(10, dim=-1))
+            row["chunked_us"] = per_call_us(lambda: chunked_top_k(values))
         rows.append(row)
         print(json.dumps(row), flush=True)
     if not all(row["values_equal"] for row in rows):
