@@ -83,12 +83,13 @@ class PrecompiledRounds:
         self.compiled = self.loaded = 0
 
     def callable_for(self, method, backend) -> callable:
-        """A no-argument callable running the bound round function `method` (e.g. `round._draft`), compiled ahead
-        of time with `backend`: looked up, loaded or compiled on its first call, then called with its round."""
-        owner, function = method.__self__, method.__func__
+        """A callable running the bound round function `method` (e.g. `round._draft`) compiled ahead of time with
+        `backend`, called with the round (`call(round)`; it keeps no reference to it): looked up, loaded or compiled
+        on its first call."""
+        function = method.__func__
         resolved = []
 
-        def call():
+        def call(owner):
             if not resolved:
                 resolved.append(self.function_for(owner, function, backend))
             return resolved[0](owner)

@@ -24,7 +24,9 @@ device. The two backends differ only in their cache windows and in how the funct
 from __future__ import annotations
 
 import gc
+import inspect
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -129,8 +131,12 @@ class GraphedCall:
     """Runs a function of no arguments (it reads and writes fixed buffers) eagerly on its first call, which also
     warms up kernels and `torch.compile`; captures it as a CUDA graph on the second; replays the graph after.
 
+    A bound method (a round function) is held as its function and a weak reference to its object, and called with
+    the object: a round holds its `GraphedCall`s, so holding the method itself would make every round refer to itself,
+    and a dropped round (its CUDA graphs, caches and cuBLAS workspaces) would wait for Python's cyclic collector.
+
     Args:
-        fn: the function.
+        fn: the function, or a bound method.
         graphs: capture and replay (CUDA); otherwise every call runs `fn`.
         compile: run `torch.compile(fn)` instead; if compilation fails (a compiler error is raised before the
             function runs), warn and go on with `fn`.
@@ -142,12 +148,14 @@ class GraphedCall:
     """
 
     def __init__(self, fn, graphs: bool = False, compile: bool = False, store=None):
-        self.eager_fn = fn
-        self.fn = fn
+        # `fn(*self.arguments())`: a method's function takes its object, held weakly; a plain function nothing
+        self.owner = weakref.ref(fn.__self__) if inspect.ismethod(fn) else None
+        self.eager_fn = fn.__func__ if self.owner is not None else fn
+        self.fn = self.eager_fn
         if compile and store is not None:
             self.fn = store.callable_for(fn, COMPILE_OPTIONS.get("backend", "inductor"))
         elif compile:
-            self.fn = self.compiled_in_process(fn)
+            self.fn = self.compiled_in_process(self.eager_fn)
         self.enabled = graphs
         self.calls = 0
         self.graph = None
@@ -165,11 +173,15 @@ class GraphedCall:
         code and CUDA graph are of this process only."""
         return {}
 
+    def arguments(self) -> tuple:
+        """What the function is called with: its object (alive while its round runs it), or nothing."""
+        return () if self.owner is None else (self.owner(),)
+
     def _run(self):
         if self.fn is self.eager_fn:
-            return self.fn()
+            return self.fn(*self.arguments())
         try:
-            return self.fn()
+            return self.fn(*self.arguments())
         except PrecompileFailed as error:  # raised before the function ran
             if not error.repeated:
                 warnings.warn(
@@ -188,7 +200,7 @@ class GraphedCall:
                 stacklevel=3,
             )
             self.fn = self.eager_fn
-            return self.fn()
+            return self.fn(*self.arguments())
 
     def __call__(self):
         self.calls += 1
@@ -196,10 +208,11 @@ class GraphedCall:
             return self._run()
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
-            # no cyclic garbage collection while capturing: freeing an unreachable round (rounds refer to themselves
-            # through their functions) destroys its CUDA graphs, which CUDA forbids during a capture and which
-            # invalidates it (met on an H200, "operation not permitted when stream is capturing (function reset)").
-            # `torch.cuda.graph` collects before it starts.
+            # no cyclic garbage collection while capturing: freeing an unreachable round that something else keeps
+            # in a reference cycle destroys its CUDA graphs, which CUDA forbids during a capture and which
+            # invalidates it (met on an H200, "operation not permitted when stream is capturing (function reset)",
+            # when rounds still referred to themselves through their functions). `torch.cuda.graph` collects before
+            # it starts.
             # a cuBLAS workspace of its own (see `hf_internals.cublas_workspace_of_its_own`): graphs sharing one lose
             # it when something else clears torch's workspaces; the likely cause of the illegal memory access met on
             # an H100 in the first fast-path call after transformers' compiled static-cache `generate` (README).
@@ -207,7 +220,7 @@ class GraphedCall:
             gc.disable()
             try:
                 with cublas_workspace_of_its_own(), torch.cuda.graph(graph):
-                    self.output = self.fn()
+                    self.output = self.fn(*self.arguments())
             finally:
                 if collecting:
                     gc.enable()
@@ -730,14 +743,10 @@ class KeptFastPaths:
 
     def evict(self) -> None:
         """Drops the least recently used lengths (all their shapes) past the limit, and frees them."""
-        dropped = False
         while len({length for length, _ in self.paths}) > max(KEPT_LENGTHS, self.limit):
             oldest = next(iter(self.paths))[0]
             for entry in [entry for entry in self.paths if entry[0] == oldest]:
                 del self.paths[entry]
-            dropped = True
-        if dropped:
-            gc.collect()  # their rounds refer to themselves (through their functions): only the collector frees them
 
 
 class FastPath:
@@ -828,13 +837,10 @@ class FastPath:
         family = key[:2] + key[3:]
         kept = getattr(draft, attribute, None)
         if kept is None or kept.family != family:  # another target, options, tree or weights: all are dropped
-            dropped = kept is not None
             for name in (attribute, *held):
                 draft.__dict__.pop(name, None)
             kept = KeptFastPaths(family)
             setattr(draft, attribute, kept)
-            if dropped:
-                gc.collect()  # their rounds refer to themselves: only the collector frees their graphs and caches
         shared = kept.shared.setdefault(shape, SharedBuffers())
         draft_shared = kept.draft_shared.setdefault(shape, SharedBuffers())
         draft_shared.reserve = max(draft_shared.reserve, length)  # no draft cache of a call outgrows its target's
@@ -849,7 +855,6 @@ class FastPath:
                 shared.buffers, draft_shared.buffers = [], []  # (replaced when this call's caches are placed)
                 for name in held:
                     draft.__dict__.pop(name, None)
-                gc.collect()  # rounds refer to themselves (through their functions): only the collector frees them
             current = cls(adapter, draft, length, graphs, compile, batch, tree_for_batch, shared, draft_shared)
             current.key = (*key, *shape) if rows else key
         kept.paths[(length, shape)] = current  # most recently used last
@@ -902,10 +907,8 @@ def release_fast_path(draft) -> None:
     """Drops the fast-path buffers and graphs kept on `draft`: every length bucket and batch shape, their caches,
     CUDA graphs and cuBLAS workspaces (freed here unless something else refers to them; `torch.cuda.empty_cache()`
     then hands the memory back). The next fast-path call builds what it needs again."""
-    kept = [draft.__dict__.pop(name, None) for name in (*KEPT_ONE_ROW, *KEPT_ROWS)]
-    if any(value is not None for value in kept):
-        del kept
-        gc.collect()  # the rounds refer to themselves (through their functions): only the collector frees them
+    for name in (*KEPT_ONE_ROW, *KEPT_ROWS):
+        draft.__dict__.pop(name, None)
 
 
 # measured when the batched round traced one draft pass per row (its compiled graph, and the compile time, grew with

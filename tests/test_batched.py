@@ -448,12 +448,12 @@ def test_fault_injections_break_the_equality(llava, monkeypatch, path, fault):
     batch = left_pad(rows, [0, 6, 2])
     plain = llava.generate(**batch, **kwargs)
     monkeypatch.setattr(owner, name, replacement)
-    if name == "_verify":  # the round captured its bound method when built: rebuild it through the class
+    if name == "_verify":  # the round captured its function when built: take it from the class again
         original_init = owner.__init__
 
         def init(self, *args, **kwargs):
             original_init(self, *args, **kwargs)
-            self.verify_call.eager_fn = self.verify_call.fn = self._verify
+            self.verify_call.eager_fn = self.verify_call.fn = type(self)._verify  # called with the round
 
         monkeypatch.setattr(owner, "__init__", init)
     spec = llava.generate(**batch, **kwargs, assistant_model=make_draft(llava))

@@ -105,7 +105,7 @@ def test_the_least_recently_used_bucket_is_dropped_past_the_limit(small_buckets,
     middle = [weakref.ref(round) for round in paths[1].rounds.values()]
     lengths = [path.length for path in paths]
     del paths
-    gc.disable()  # dropped and freed by the call that goes past the limit (its rounds refer to themselves)
+    gc.disable()  # freed by the call that goes past the limit itself, not by a later collection
     try:
         lengths.append(call(target, draft, 3, seed=3).length)
         assert len(middle) == 1 and middle[0]() is None, "the dropped bucket's round is still alive"
@@ -117,8 +117,8 @@ def test_the_least_recently_used_bucket_is_dropped_past_the_limit(small_buckets,
 
 def test_another_setting_drops_every_kept_bucket(small_buckets):
     """Another setting (here the tree; also a restricted vocabulary, moved weights, ...) drops every kept bucket,
-    and frees them at once: their rounds refer to themselves, so without a collection their graphs' memory would
-    stay until Python's collector happened to run."""
+    and frees them at once, by reference counting alone (the collector is off): no round refers to itself, so their
+    graphs' memory does not wait for Python's collector."""
     import gc
     import weakref
 
@@ -239,7 +239,7 @@ def test_release_fast_path_drops_every_kept_bucket_and_the_next_call_builds_agai
     first = weakref.ref(paths[0])
     rounds = [weakref.ref(round) for path in paths for round in path.rounds.values()]
     del paths
-    gc.disable()  # freed by the release itself, not by a later collection (the rounds refer to themselves)
+    gc.disable()  # freed by the release itself, not by a later collection
     try:
         specvlm_hf.release_fast_path(draft)
         assert len(rounds) == 2 and [ref() for ref in rounds] == [None, None], "released rounds are still alive"
@@ -255,3 +255,40 @@ def test_release_fast_path_drops_every_kept_bucket_and_the_next_call_builds_agai
     assert not any(hasattr(draft, name) for name in kept)
     again = call(target, draft, 3, 0, image=True)  # exact (checked in `call`), on new buffers
     assert first() is None and list(draft._specvlm_fast_paths.by_length()) == [again.length]
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["compiled-in-process", "compiled-ahead"])
+def test_compiled_rounds_are_freed_without_the_cyclic_collector(small_buckets, monkeypatch, tmp_path, ahead):
+    """A round holds its functions (`GraphedCall`) and they hold it only weakly, also once compiled, in this process
+    (`torch.compile` of the round's function, called with the round) or ahead of time (`precompile`): a released
+    round is freed by reference counting, with Python's cyclic collector off."""
+    import gc
+    import weakref
+
+    import torch._dynamo
+
+    import specvlm_hf
+    from specvlm_hf import decoding, precompile
+
+    monkeypatch.setattr(small_buckets, "COMPILE_OPTIONS", {"backend": "aot_eager"})
+    monkeypatch.setattr(decoding, "fast_path_options", lambda *args: (False, True))
+    monkeypatch.setattr(precompile, "_store", precompile._store)  # restored after the test
+    monkeypatch.setattr(precompile, "_chosen", precompile._chosen)
+    precompile.use_store(str(tmp_path / "rounds") if ahead else None)
+    torch._dynamo.reset()
+    try:
+        target = build_target("llava-gqa")
+        draft = build_draft(target, "noisy", "tree")
+        draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
+        path = call(target, draft, 3, 0, image=True)
+        assert path.rounds and all(r.compiled and r.compiled_ahead == ahead for r in path.rounds.values())
+        rounds = [weakref.ref(round) for round in path.rounds.values()]
+        del path
+        gc.disable()
+        try:
+            specvlm_hf.release_fast_path(draft)
+            assert [ref() for ref in rounds] == [None] * len(rounds), "released compiled rounds are still alive"
+        finally:
+            gc.enable()
+    finally:
+        torch._dynamo.reset()

@@ -258,9 +258,10 @@ def test_compiled_rounds_keep_the_target_layers_apart(monkeypatch, stacked):
 
 
 def test_graph_capture_runs_without_cyclic_garbage_collection(monkeypatch):
-    """Rounds refer to themselves through their functions, so an old round is freed by Python's cyclic collector;
-    freeing its CUDA graphs during another capture invalidates that capture (seen on an H200). `GraphedCall` captures
-    with the collector off, and turns it back on after (also when the function raises)."""
+    """An old round kept in a reference cycle is freed by Python's cyclic collector (rounds no longer refer to
+    themselves, but a user's objects may hold one); freeing its CUDA graphs during another capture invalidates that
+    capture (seen on an H200). `GraphedCall` captures with the collector off, and turns it back on after (also when
+    the function raises)."""
     import contextlib
     import gc
 
