@@ -33,17 +33,14 @@ from specvlm_hf.commands.bench import _mini_cases  # noqa: E402
 from specvlm_hf.mini import load  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fp8_draft import use_fp8_products  # noqa: E402
+from fp8_draft import quantize_rows, use_fp8_products  # noqa: E402
 from mini_acceptance import add_arguments, held_out_acceptance, write_report  # noqa: E402
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
 
 
 def through_fp8(values: torch.Tensor) -> torch.Tensor:
     """`values` rounded through float8 e4m3 with one scale per row (last dimension), back in their dtype."""
-    scale = values.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    return (values / scale).to(FP8).to(values.dtype) * scale
+    rounded, scale = quantize_rows(values)
+    return (rounded.to(values.dtype) * scale).to(values.dtype)
 
 
 def round_draft(draft: SpecVLMDraftModel, activations: bool) -> int:

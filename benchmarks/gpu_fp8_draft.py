@@ -6,7 +6,9 @@ product of a LLaVA-1.5-7B draft level (joined q/k/v and gate/up, as the fast pat
 against `torch._scaled_mm` on e4m3 weights with one scale per output row, the input quantized per row in the same
 call (its amax, scale and cast counted), eager and compiled by inductor (which may fuse the quantization), each as
 100 calls captured in one CUDA graph (microseconds a call). It also checks the fp8 product against the bf16 one
-(relative error). `benchmarks/cpu_fp8_draft.py` measures what such a draft costs in acceptance.
+(relative error). The fp8 draft of `fp8_draft.py` runs q/k/v and gate/up as separate products (its `Fp8Linear`s
+are not joined), so its round may gain less than these joined shapes suggest. `benchmarks/cpu_fp8_draft.py`
+measures what such a draft costs in acceptance.
 
     python benchmarks/gpu_fp8_draft.py [--out FILE]      # ~1 min on an H100
     python benchmarks/gpu_fp8_draft.py --check           # the plumbing and errors only (CPU or GPU, no timing)

@@ -22,8 +22,8 @@
 #            accesses from cuDNN attention under CUDA graphs, but for cuDNN <= 9.15.0, and torch 2.11.0+cu130 pins
 #            9.19.0.56: a weak lead; results now record the cuDNN version)
 #   variants round variants in parallel processes (gpu_round_variants.py, waves sized by GPU memory): the shipped
-#            round (joined projections, round.JOIN_PROJECTIONS, since 2026-12-06), separate projections, joined with
-#            an 8192-id draft vocabulary; the fp32 check with the shipped settings (~5-8 min)
+#            round (joined projections, round.JOIN_PROJECTIONS, since 2026-12-06), separate projections, the shipped
+#            round with an 8192-id draft vocabulary; the fp32 check with the shipped settings (~5-8 min)
 #   round    plain generate against the fast path over 9 length buckets, the round's cost, a kernel profile, a
 #            second process (the run that crashed; ~7 min)
 #   kernels  the verify attention kernels alone (gpu_attention.py): cuDNN against the Triton split-KV kernel
@@ -64,7 +64,7 @@ case "$stage" in
       tee "$out/crash_7b_nocudnn.log"
     ;;
   variants)
-    python benchmarks/gpu_round_variants.py --variants default,separate,joined_vocab8k \
+    python benchmarks/gpu_round_variants.py --variants default,separate,vocab8k \
       --fp32-check --fp32-variant default --compile-seconds 420 --deadline 575 --out "$out/variants" \
       2>&1 | grep -v "^SUMMARY" | tee "$out/variants.log"
     ;;

@@ -7,13 +7,14 @@ file lock, so no measurement shares the GPU with another process's work. Each me
 tokens: buckets 768 and 2304), a compiled static-cache token of plain `generate` (transformers' own) and the
 fast-path round, each call run once before it is timed with the same shapes.
 
-Variants (`--variants`, comma-separated; default `default,joined,vocab8k,joined_vocab8k`):
+Variants (`--variants`, comma-separated; default `default,separate,vocab8k`):
 - `default`: the fast path as shipped (its compiles merge repeated computations, `round.MERGE_REPEATED`, and join
   the products of q/k/v and of gate/up, `round.JOIN_PROJECTIONS`, on since 2026-12-06); a variant sets only the
   switches it names, the others keep their shipped values;
-- `separate`: without joined products (the shipped round before 2026-12-06);
-- `joined`: `round.JOIN_PROJECTIONS`: q/k/v and gate/up weights laid out in one storage each (the modules stay), their
-  products joined into one GEMM by the round's inductor pass; `joined_vocab8k`: with an 8192-id draft vocabulary;
+- `separate`: without joined products (the shipped round before 2026-12-06; joined: `round.JOIN_PROJECTIONS`, q/k/v
+  and gate/up weights laid out in one storage each, the modules staying, and their products joined into one GEMM by
+  the round's inductor pass; the variants `joined` and `joined_vocab8k` of the 2026-12-06 results are today's
+  `default` and `vocab8k`);
 - `autotune_gemms`: `round.AUTOTUNE_GEMMS`, without joined products: the round's compiles (only they) time each GEMM
   against inductor's Triton templates (not with joined projections: the round refuses the pair, see
   `round.AUTOTUNE_GEMMS`);
@@ -56,8 +57,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {  # in the order they run (a GPU too small for all at once runs them in waves)
     "default": {},
     "separate": {"join": False},
-    "joined": {"join": True},
-    "joined_vocab8k": {"join": True, "draft_vocab": 8192},
     "autotune_gemms": {"join": False, "autotune_gemms": True},
     "fp8_draft": {"fp8_draft": True},
     "fp8_draft_vocab8k": {"fp8_draft": True, "draft_vocab": 8192},
@@ -322,7 +321,7 @@ def first_differences(results: dict) -> None:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variants", default="default,joined,vocab8k,joined_vocab8k")
+    parser.add_argument("--variants", default="default,separate,vocab8k")
     parser.add_argument("--out", default="results/round_variants")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--parallel", type=int, default=None, help="variants at once (default: by GPU memory)")
