@@ -8,11 +8,13 @@ Shapes (random bf16 weights, sdpa, batch 1; a small vision tower, since a text p
 
 For each: plain `generate` with `cache_implementation="static"` (transformers compiles the decode step with CUDA
 graphs), median ms per token; the SpecVLM fast path (default tree: top-k 10, depth 7, 60 tokens) with a fresh
-one-layer draft over the full vocabulary and with a reduced vocabulary of `--draft-vocab` tokens: median ms per
-round, split into draft and verify, and the round over the compiled token. A fresh draft accepts almost nothing,
+one-layer draft over the full vocabulary and with a reduced vocabulary of `--draft-vocab` tokens, each also on an
+e4m3 head (`draft.use_fp8_head`; `--labels` picks which of the four run): median ms per round, split into draft and
+verify, and the round over the compiled token. A fresh draft accepts almost nothing,
 so speed-ups are projections at `--sigma` (labelled as such).
 
     python benchmarks/gpu_families.py --out results/gpu_families_h200.json
+    python benchmarks/gpu_families.py --shapes qwen2.5-vl-7b --labels full_vocab,full_vocab_fp8_head --out ...
     TINY=1 python benchmarks/gpu_families.py --out /tmp/families.json    # CPU miniature (dry run)
 """
 
@@ -112,6 +114,12 @@ def gemma3_12b():
 
 
 SHAPES = {"qwen2.5-vl-7b": qwen2_5_vl_7b, "gemma-3-12b": gemma3_12b}
+LABELS = {  # draft settings: (reduced vocabulary, fp8 head)
+    "full_vocab": (False, False),
+    "full_vocab_fp8_head": (False, True),
+    "reduced_vocab": (True, False),
+    "reduced_vocab_fp8_head": (True, True),
+}
 
 
 def measure(name, args) -> dict:
@@ -130,16 +138,20 @@ def measure(name, args) -> dict:
         plain_ms_per_token(target, inputs, args.new_tokens, cache_implementation="static") for _ in range(2)
     ][-1]
     print(name, "static", result["static_ms_per_token"], flush=True)
-    for label, size in (("full_vocab", None), ("reduced_vocab", args.draft_vocab)):
+    for label in args.labels.split(","):
+        reduced, fp8_head = LABELS[label]
+        size = args.draft_vocab if reduced else None
         try:
             draft = SpecVLMDraftModel.from_target(target, draft_vocab_size=size)
             if size:
                 draft.set_draft_vocab(torch.arange(size))  # which ids does not change the cost
+            draft.use_fp8_head(fp8_head)
             runs = [
                 tree_round(target, draft, inputs, args.new_tokens, cache_implementation="static") for _ in range(3)
             ]
             row = {key: value for key, value in runs[-1].items() if key != "tokens"}
             row["draft_vocab_size"] = size or vocab
+            row["fp8_head"] = fp8_head
             row["draft_weights_GB"] = weight_bytes(draft) / 1e9
             row["round_over_static_token"] = row["median_ms_per_round"] / result["static_ms_per_token"]
             row[f"projected_speedup_over_static_at_sigma_{args.sigma}"] = (
@@ -163,9 +175,13 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=600)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--draft-vocab", type=int, default=32768)
+    parser.add_argument("--labels", default="full_vocab,reduced_vocab", help=f"draft settings among {list(LABELS)}")
     parser.add_argument("--sigma", type=float, default=3.67)
     parser.add_argument("--out", default="results/gpu_families.json")
     args = parser.parse_args()
+    unknown = [label for label in args.labels.split(",") if label not in LABELS]
+    if unknown:
+        parser.error(f"unknown --labels {unknown}: choose from {list(LABELS)}")
     results = {
         **software_versions(),
         "what": "random bf16 weights, sdpa, batch 1, text prompt, default tree (10, 7, 60), fresh 1-layer draft",

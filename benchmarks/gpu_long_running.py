@@ -128,14 +128,16 @@ def sweep(target, prompts, new_tokens, **kwargs) -> dict:
 
 
 DRAFT_VOCAB = None  # `--draft-vocab`
+FP8_HEAD = False  # the draft reads an e4m3 head (set by gpu_round_variants)
 
 
 def build(dtype=None):
     """The target and a random draft (with `--draft-vocab N`, scoring the first N token ids only: a reduced draft
-    vocabulary's cost; a trained one picks its ids with `draft_vocab.choose_draft_vocab`)."""
+    vocabulary's cost; a trained one picks its ids with `draft_vocab.choose_draft_vocab`); with `FP8_HEAD`, the draft
+    reads an e4m3 head (`draft.use_fp8_head`)."""
     target = specvlm_hf.enable(llava_7b_shaped(DEVICE, dtype or DTYPE))
     overrides = {"draft_vocab_size": DRAFT_VOCAB} if DRAFT_VOCAB else {}
-    return target, SpecVLMDraftModel.from_target(target, **overrides)
+    return target, SpecVLMDraftModel.from_target(target, **overrides).use_fp8_head(FP8_HEAD)
 
 
 def fp32_equality_rows(lengths, new_tokens: int) -> dict:

@@ -8,8 +8,9 @@
 # pair), the Triton round beside the default, and the attention kernels alone without the compiled ones (the Triton
 # kernel lost both: results/README.md). On an H100 2026-12-06 05:30-06:05 UTC: variants and knobs as below (joined
 # products won and are now the default; autotuning within noise; knobs' fp32 step did not finish in the call) and the
-# round's cost and profile (results/README.md). Next: fp8 (new 2026-12-06, ~7 min); crash_nocudnn only if a crash
-# comes back.
+# round's cost and profile (results/README.md). On an H100 2026-12-06 07:59-08:07 UTC: fp8 (fp8 pays only for the
+# wide products; the whole-draft swap cut the draft 0.56 ms, results/README.md). Next: fp8_head (new 2026-12-06,
+# ~10 min over two calls); crash_nocudnn only if a crash comes back.
 # Stages, in the order they were planned (the first is a correctness question, and decides whether the others' figures
 # hold):
 #   crash    first gpu_cublas_workspace.py (~1 min): whether graphs sharing torch's cuBLAS workspace break when CUDA
@@ -34,11 +35,15 @@
 #            products, eager and compiled, the input's quantization counted), then the whole round with the draft on
 #            them (gpu_round_variants.py fp8_draft, fp8_draft_vocab8k; ~6 min); cpu_fp8_draft.py has the acceptance
 #            side
+#   fp8_head the package's e4m3 draft head (`draft.use_fp8_head`) in the 7B round beside the default and the 8192-id
+#            vocabulary, the fp32 check on it (gpu_round_variants.py, ~6 min); then, as `fp8_head_qwen` in a call of
+#            its own, the Qwen2.5-VL-7B shape's round (152k vocabulary) with the head in bf16 and e4m3
+#            (gpu_families.py, ~6 min)
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs (round.AUTOTUNE_GEMMS beside the default,
 #            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8 OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -85,6 +90,15 @@ case "$stage" in
     python benchmarks/gpu_round_variants.py --variants default,fp8_draft,fp8_draft_vocab8k --compile-seconds 300 \
       --deadline 480 --out "$out/fp8_round" 2>&1 | grep -v "^SUMMARY" | tee "$out/fp8_round.log"
     ;;
+  fp8_head)
+    python benchmarks/gpu_round_variants.py --variants default,fp8_head,vocab8k,fp8_head_vocab8k --fp32-check \
+      --fp32-variant fp8_head --compile-seconds 360 --deadline 540 --out "$out/fp8_head" 2>&1 | grep -v "^SUMMARY" |
+      tee "$out/fp8_head.log"
+    ;;
+  fp8_head_qwen)
+    python benchmarks/gpu_families.py --shapes qwen2.5-vl-7b --labels full_vocab,full_vocab_fp8_head \
+      --out "$out/families_fp8_head.json" 2>&1 | tee "$out/families_fp8_head.log"
+    ;;
   knobs)
     long_running --only round_cost --draft-vocab 8192 --budget 120 --out "$out/draft_vocab" 2>&1 |
       tee "$out/draft_vocab.log"
@@ -93,7 +107,7 @@ case "$stage" in
     long_running --only fp32_equality --budget 120 --out "$out/fp32" 2>&1 | tee "$out/fp32.log"
     ;;
   *)
-    echo "unknown stage '$stage': use crash, crash_nocudnn, variants, round, kernels or knobs" >&2
+    echo "unknown stage '$stage': see the stages above" >&2
     exit 2
     ;;
 esac

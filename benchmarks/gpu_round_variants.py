@@ -28,6 +28,8 @@ Variants (`--variants`, comma-separated; default `default,separate,vocab8k`):
 - `fp8_draft`: the draft's layer projections and `lm_head` rows on e4m3 weights (`fp8_draft.use_fp8_products`,
   benchmark only: `torch._scaled_mm`, the input quantized per call); `fp8_draft_vocab8k`: with an 8192-id vocabulary
   (the fp32 check does not apply these two: it runs the package's settings);
+- `fp8_head`: the package's e4m3 draft head (`draft.use_fp8_head`: only the `lm_head` rows, every product joined as
+  shipped); `fp8_head_vocab8k`: with an 8192-id vocabulary (the fp32 check applies the fp8 head);
 - `triton_attention` (GPU): the verify forward's attention on `tree_attention_triton` (a Triton split-KV kernel,
   registered by this script: not in the package);
 - `combined`: fused + vocab8k + split_kv.
@@ -60,6 +62,8 @@ VARIANTS = {  # in the order they run (a GPU too small for all at once runs them
     "autotune_gemms": {"join": False, "autotune_gemms": True},
     "fp8_draft": {"fp8_draft": True},
     "fp8_draft_vocab8k": {"fp8_draft": True, "draft_vocab": 8192},
+    "fp8_head": {"fp8_head": True},
+    "fp8_head_vocab8k": {"fp8_head": True, "draft_vocab": 8192},
     "triton_attention": {"verify_attention": "specvlm_tree_triton"},
     "no_merge": {"merge": False, "join": False},
     "fused_vocab8k": {"fuse": True, "join": False, "draft_vocab": 8192},
@@ -121,6 +125,9 @@ def apply_round_settings(spec: dict) -> None:
     round_module.MERGE_REPEATED = spec.get("merge", round_module.MERGE_REPEATED)
     round_module.JOIN_PROJECTIONS = spec.get("join", round_module.JOIN_PROJECTIONS)
     round_module.AUTOTUNE_GEMMS = spec.get("autotune_gemms", round_module.AUTOTUNE_GEMMS)
+    import gpu_long_running
+
+    gpu_long_running.FP8_HEAD = spec.get("fp8_head", False)  # a draft setting, applied where drafts are built
     if spec.get("verify_attention"):
         round_module.VERIFY_ATTENTION = register_attention(spec["verify_attention"])
 
@@ -128,8 +135,8 @@ def apply_round_settings(spec: dict) -> None:
 def fp32_child(sync_dir: str, new_tokens: int, variant: str) -> dict:
     """Greedy fp32 equality of the fast path (compiled by inductor with the package's passes, CUDA graphs) with plain
     `generate` at 5 prompt lengths, on the tiny LLaVA shape on the GPU; run while the variants compile. `variant`'s
-    round settings apply (its merging pass, joined projections, GEMM autotuning and verify attention; the 7B-only
-    knobs do not)."""
+    round settings apply (its merging pass, joined projections, GEMM autotuning, verify attention and fp8 draft head;
+    the 7B-only knobs do not)."""
     import gpu_long_running
 
     apply_round_settings(VARIANTS[variant])

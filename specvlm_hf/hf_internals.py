@@ -435,6 +435,23 @@ def attention_with_lse(query, key, value, bias, scale: float) -> tuple[torch.Ten
     return output, lse
 
 
+# float8 products with one scale per row (`torch._scaled_mm`, private: its public successor
+# `torch.nn.functional.scaled_mm` is missing from the torch 2.11 the GPU machines run)
+def scaled_product_rows(
+    inputs_fp8: torch.Tensor,
+    inputs_scale: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`(inputs_fp8 * inputs_scale) @ (weight_fp8 * weight_scale.T).T` from e4m3 operands: `inputs_fp8` `(m, k)`
+    with float32 scales `(m, 1)`, `weight_fp8` `(n, k)` with float32 scales `(1, n)`; `k` and `n` multiples of 16.
+    CUDA needs compute capability 8.9 or newer and `out_dtype` bfloat16; the CPU computes any float dtype."""
+    return torch._scaled_mm(
+        inputs_fp8, weight_fp8.t(), scale_a=inputs_scale, scale_b=weight_scale, out_dtype=out_dtype
+    )
+
+
 # a graph pass run on the round functions' graphs (torch.fx; inductor's `post_grad_custom_pre_pass` hook and its
 # `CustomGraphPass` base, `compile_fx(config_patches=)`; `torch._dynamo.backends.common.aot_autograd` for tests)
 def merge_repeated(graph: torch.fx.Graph) -> int:

@@ -218,6 +218,7 @@ def round_description(owner, function, backend) -> dict:
         "join_projections": getattr(owner, "join_projections", False),
         "autotune_gemms": getattr(owner, "autotune_gemms", False),
         "head_rows": draft._head_rows is not None,
+        "fp8_head": draft._fp8_head is not None,
         "stacked_layers": getattr(owner.target_window, "stacked", None) is not None,
         "rows": owner.rows_of(owner.runner.window),
         "tree": [owner.top_k, owner.depth, owner.total_tokens],

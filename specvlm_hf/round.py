@@ -361,6 +361,7 @@ class SpeculativeRound:
             *draft.parameters(),
             *draft.buffers(),
             *([draft._head_rows] if draft._head_rows is not None else []),
+            *(draft._fp8_head[:2] if draft._fp8_head is not None else ()),
         )
         weights = hash(tuple(t.data_ptr() for t in tensors))
         return (

@@ -252,6 +252,33 @@ def test_bench_restricts_the_drafts_vocabulary_and_refuses_more_ids_than_the_tar
     assert status == 2 and "--restrict-vocab 5000: the target's vocabulary has only 4096 ids" in line
 
 
+def test_bench_runs_the_drafts_on_fp8_heads_with_outputs_still_exact(capsys, tmp_path):
+    """`--fp8-head`: every draft reads an e4m3 head (a spy counts them), the report says so, and outputs still
+    equal plain decoding."""
+    from specvlm_hf import SpecVLMDraftModel
+
+    turned_on = []
+    real = SpecVLMDraftModel.use_fp8_head
+
+    def spy(draft, enabled=True):
+        turned_on.append(enabled)
+        return real(draft, enabled)
+
+    out = tmp_path / "bench.json"
+    argv = ["--num-prompts", 1, "--max-new-tokens", 8, "--methods", "plain,eaglevlm-tree,specvlm-tree", "--out", out]
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(SpecVLMDraftModel, "use_fp8_head", spy)
+    try:
+        assert main(["bench", *map(str, argv), "--fp8-head"]) == 0
+    finally:
+        monkeypatch.undo()
+    report = json.loads(out.read_text())
+    assert report["fp8_head"] is True and turned_on and all(turned_on)
+    rows = {row["method"]: row for row in report["methods"]}
+    for method in ("eaglevlm-tree", "specvlm-tree"):
+        assert rows[method]["status"] == "ok" and rows[method]["matches_plain"] is True
+
+
 def test_bench_restrict_vocab_without_a_draft_is_refused_before_loading(capsys, no_loading, tmp_path):
     from tiny_models import tiny_llava
 

@@ -236,6 +236,15 @@ def test_one_rule_picks_chain_on_the_cpu_and_tree_on_a_gpu(capsys):
     assert "output identical to plain greedy decoding (float32: exact, token for token)" in out
 
 
+def test_generate_with_an_fp8_draft_head_stays_exact_and_says_so(capsys):
+    argv = ["generate", "--max-new-tokens", "12", "--device", "cpu", "--mode", "tree", "--fp8-head"]
+    status, out, _ = run(capsys, *argv)
+    assert status == 0 and "draft (tree, fp8 head) on cpu" in out
+    assert "output identical to plain greedy decoding (float32: exact, token for token)" in out
+    status, _, err = run(capsys, "generate", "--draft", "none", "--fp8-head")
+    assert status == 2 and "--fp8-head changes the draft's head, and --draft none runs no draft" in error_line(err)
+
+
 def test_a_different_output_is_explained_by_the_precision():
     assert "this is a bug; please report it" in exactness_note("float32", identical=False)
     note = exactness_note("bfloat16", identical=False)

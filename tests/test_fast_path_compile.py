@@ -56,6 +56,24 @@ def test_round_functions_compile_once_for_every_length_bucket(counted_compile, v
     assert ("_scaled_dot_product_flash_attention_for_cpu" in verify_code) == (verify_attention is not None)
 
 
+def test_an_fp8_draft_head_compiles_into_the_draft_graph_without_breaks(counted_compile):
+    """`draft.use_fp8_head()`: the draft's round function traces the row-scaled float8 product (no graph break),
+    once for every length, and the output stays plain `generate`'s."""
+    torch._dynamo.utils.counters.clear()
+    target = build_target("llava-gqa")
+    draft = build_draft(target, "noisy", "tree").use_fp8_head()
+    draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 3, 3, 10
+    generator = torch.Generator().manual_seed(5)
+    for text_tokens in (3, 30):
+        inputs = random_inputs(target, generator, text_tokens=text_tokens)
+        kwargs = {"do_sample": False, "max_new_tokens": 12, "min_new_tokens": 12}
+        fast = target.generate(**inputs, **kwargs, assistant_model=draft, cache_implementation="static")
+        assert fast.tolist() == target.generate(**inputs, **kwargs).tolist()
+    assert counted_compile.frame_count == 3
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert "_scaled_mm" in counted_compile.graphs[0].code  # the draft's round function
+
+
 def test_recompiles_past_torch_limit_warn():
     """torch stops compiling a function past its recompile limit (later shapes run uncompiled): the fast path's
     backend says so instead of slowing down silently."""

@@ -544,3 +544,18 @@ def test_joined_products_are_never_autotuned_even_when_the_process_asks():
         torch._dynamo.reset()
         torch.testing.assert_close(got, x @ w + 1)
     assert seen == [(False, False), (True, True)]
+
+
+def test_scaled_product_rows_multiplies_the_dequantized_float8_operands():
+    """`torch._scaled_mm` with one scale per row of each operand (the fp8 draft head's product)."""
+    from specvlm_hf.hf_internals import scaled_product_rows
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(5, 32, generator=generator).to(torch.float8_e4m3fn)
+    weight = torch.randn(48, 32, generator=generator).to(torch.float8_e4m3fn)
+    inputs_scale = torch.rand(5, 1, generator=generator) + 0.5
+    weight_scale = torch.rand(1, 48, generator=generator) + 0.5
+    product = scaled_product_rows(inputs, inputs_scale, weight, weight_scale, torch.float32)
+    expected = (inputs.float() * inputs_scale) @ (weight.float() * weight_scale.t()).t()
+    assert product.shape == (5, 48) and product.dtype == torch.float32
+    torch.testing.assert_close(product, expected, rtol=1e-5, atol=1e-5)

@@ -52,6 +52,7 @@ def test_save_and_load_round_trip(tmp_path):
         "modeling_specvlm_draft.py",
         "configuration_specvlm_draft.py",
         "compressor.py",
+        "errors.py",
         "hf_internals.py",
         "packaging.py",
         "stats.py",
