@@ -45,28 +45,39 @@ def _reduced_oracle(target, inputs, size: int):
     return draft.set_draft_vocab(choose_draft_vocab(counts, size))
 
 
+def greedy_cases(family: str, seed: int, cases: int = 3):
+    """A peaked tiny target of `family` ("llava" or "qwen2_5_vl") and `cases` random inputs for it (one or two
+    images each)."""
+    target = specvlm_hf.enable(tiny_llava(scale=32.0) if family == "llava" else tiny_qwen2_5_vl(seed=1))
+    generator = torch.Generator().manual_seed(seed)
+    for case in range(cases):
+        if family == "llava":
+            yield target, case, random_inputs(target, generator, text_tokens=4 + case)
+        else:
+            yield target, case, family_inputs(target, generator, images=1 + case % 2)
+
+
+def assert_greedy_equal(target, inputs, draft, mode: str) -> float:
+    """Greedy decoding with `draft` in `mode` ("tree", "static": the tree's fast path, "chain") equals plain
+    `generate`; returns the draft's sigma."""
+    draft.config.decoding_mode = "chain" if mode == "chain" else "tree"
+    kwargs = dict(
+        do_sample=False, max_new_tokens=24, **({"cache_implementation": "static"} if mode == "static" else {})
+    )
+    assert (
+        target.generate(**inputs, **kwargs, assistant_model=draft).tolist()
+        == target.generate(**inputs, **kwargs).tolist()
+    )
+    return draft.stats.sigma
+
+
 @pytest.mark.parametrize("mode", ["tree", "static", "chain"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_greedy_matches_plain_generate_with_a_reduced_vocabulary(family, mode):
-    target = specvlm_hf.enable(tiny_llava(scale=32.0) if family == "llava" else tiny_qwen2_5_vl(seed=1))
-    generator = torch.Generator().manual_seed(4)
-    accepted = []
-    for case in range(3):
-        inputs = (
-            random_inputs(target, generator, text_tokens=4 + case)
-            if family == "llava"
-            else family_inputs(target, generator, images=1 + case % 2)
-        )
-        draft = _reduced_oracle(target, inputs, size=24)
-        draft.config.decoding_mode = "chain" if mode == "chain" else "tree"
-        kwargs = dict(
-            do_sample=False, max_new_tokens=24, **({"cache_implementation": "static"} if mode == "static" else {})
-        )
-        assert (
-            target.generate(**inputs, **kwargs, assistant_model=draft).tolist()
-            == target.generate(**inputs, **kwargs).tolist()
-        )
-        accepted.append(draft.stats.sigma)
+    accepted = [
+        assert_greedy_equal(target, inputs, _reduced_oracle(target, inputs, size=24), mode)
+        for target, _, inputs in greedy_cases(family, seed=4)
+    ]
     assert max(accepted) > 2, "the reduced vocabulary holds the continuation: the oracle should be accepted"
 
 

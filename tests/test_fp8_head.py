@@ -11,8 +11,8 @@ import specvlm_hf
 from specvlm_hf import SpecVLMDraftModel
 from specvlm_hf.draft_vocab import choose_draft_vocab, count_tokens
 from specvlm_hf.errors import UserError
+from test_draft_vocab import assert_greedy_equal, greedy_cases
 from test_lossless_sampling import P_THRESHOLD, SETTINGS, chi_square_p_value, sample_first_tokens
-from tiny_families import family_inputs, tiny_qwen2_5_vl
 from tiny_models import oracle_draft, random_inputs, text_config, tiny_llava
 
 
@@ -57,28 +57,12 @@ def _plain_continuation_ids(target, inputs, size: int):
 @pytest.mark.parametrize("mode", ["tree", "static", "chain"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_greedy_matches_plain_generate_with_an_fp8_head(family, mode, vocab):
-    target = specvlm_hf.enable(tiny_llava(scale=32.0) if family == "llava" else tiny_qwen2_5_vl(seed=1))
-    generator = torch.Generator().manual_seed(8)
     accepted = []
-    for case in range(3):
-        inputs = (
-            random_inputs(target, generator, text_tokens=4 + case)
-            if family == "llava"
-            else family_inputs(target, generator, images=1 + case % 2)
-        )
+    for target, case, inputs in greedy_cases(family, seed=8):
         draft = oracle_draft(target, noise=0.002 * case)
         if vocab == "reduced":
             draft.restrict_vocab(_plain_continuation_ids(target, inputs, 20))
-        draft.use_fp8_head()
-        draft.config.decoding_mode = "chain" if mode == "chain" else "tree"
-        kwargs = dict(
-            do_sample=False, max_new_tokens=24, **({"cache_implementation": "static"} if mode == "static" else {})
-        )
-        assert (
-            target.generate(**inputs, **kwargs, assistant_model=draft).tolist()
-            == target.generate(**inputs, **kwargs).tolist()
-        )
-        accepted.append(draft.stats.sigma)
+        accepted.append(assert_greedy_equal(target, inputs, draft.use_fp8_head(), mode))
     assert max(accepted) > 2, "an oracle draft on an fp8 head should still be accepted"
 
 
