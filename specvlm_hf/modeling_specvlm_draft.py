@@ -245,17 +245,17 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
     def use_fp8_head(self, enabled: bool = True) -> "SpecVLMDraftModel":
         """Makes the draft read the `lm_head` rows it scores (the whole vocabulary, or `draft_vocab`) from an e4m3
         (float8) copy with one scale per row, its hidden states quantized the same way per call: half the bytes of
-        a bfloat16 head at every tree level, the draft's largest read (a round on an H200: -0.13 ms at LLaVA-7B's
-        32k ids, -0.44 ms or 4% at Qwen2.5-VL-7B's 152k; results/README.md). Outputs stay exact: the target still
-        scores every token with its own head; only the draft's guesses may change (on the mini VLM acceptance did
-        not move). The copy costs `rows x hidden` bytes of memory (the head itself stays, the target uses it).
+        a bfloat16 head at every tree level, the draft's largest read (a whole round: -0.13 ms at LLaVA-7B's 32k
+        ids and -4% at Qwen2.5-VL-7B's 152k on an H200, -10% at Gemma-3-12B's 262k on an H100; results/README.md).
+        Outputs stay exact: the target still scores every token with its own head; only the draft's guesses may
+        change (on the mini VLM acceptance did not move). The copy costs `rows x hidden` bytes of memory (the head
+        itself stays: the target uses it).
 
         Needs a hidden size that is a multiple of 16 and a device where torch's row-scaled float8 product runs: an
         NVIDIA GPU of compute capability 8.9 or newer (L4, L40S, H100, H200, ...); a bound draft checks that here
         and raises `UserError` otherwise. The CPU runs it (tests do), slower than the head's own product: a warning
-        says so. For decoding only (no gradients flow through it); not saved
-        with the draft; `use_fp8_head(False)` goes back to the head's own weights. A fast path built before is
-        rebuilt at the next call."""
+        says so. For decoding only (no gradients flow through it); not saved with the draft; `use_fp8_head(False)`
+        goes back to the head's own weights. A fast path built before is rebuilt at the next call."""
         if enabled and self.config.text_config.hidden_size % 16:
             raise UserError(
                 f"an fp8 draft head needs a hidden size that is a multiple of 16, and this draft's is "
