@@ -8,7 +8,8 @@ the CPU by rounding, not by fp8 kernels: each of the draft's `nn.Linear` weights
 rounded through float8 once, and (variant `w8a8`) each product's input too, per row, before every product, as an
 fp8 GEMM with row-wise scales would see them; variant `fp8` runs `fp8_draft.use_fp8_products` instead, the module
 swap `gpu_round_variants.py`'s `fp8_draft` variant times: real `torch._scaled_mm` products on the CPU, `fc` left as
-it is). Sigma (tokens per target forward) in tree mode on held-out prompts
+it is); variant `fp8_head` is the package's `draft.use_fp8_head()`, the `lm_head` rows alone as e4m3 with real
+`torch._scaled_mm` products). Sigma (tokens per target forward) in tree mode on held-out prompts
 (the seed `specvlm bench` uses) and whether every output still equals plain `generate`. Whether fp8 products of 10
 rows are faster on a GPU is `benchmarks/gpu_fp8_draft.py`'s question.
 
@@ -66,7 +67,9 @@ def round_draft(draft: SpecVLMDraftModel, activations: bool) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="fp32,w8,w8a8,fp8", help="fp32, w8, w8a8, fp8 (the docstring)")
+    parser.add_argument(
+        "--variants", default="fp32,w8,w8a8,fp8,fp8_head", help="fp32, w8, w8a8, fp8, fp8_head (the docstring)"
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -80,12 +83,15 @@ def main(argv=None) -> None:
     rows = []
     print("| draft | products rounded through fp8 | sigma | outputs equal plain |\n|---|---|---|---|")
     for variant in args.variants.split(","):
-        if variant not in ("fp32", "w8", "w8a8", "fp8"):
-            raise SystemExit(f"unknown variant {variant!r}: fp32, w8, w8a8 or fp8")
+        if variant not in ("fp32", "w8", "w8a8", "fp8", "fp8_head"):
+            raise SystemExit(f"unknown variant {variant!r}: fp32, w8, w8a8, fp8 or fp8_head")
         draft = SpecVLMDraftModel.from_pretrained(args.draft).bind_target(target).eval()
         draft.config.decoding_mode = "tree"
         if variant == "fp8":
             rounded = use_fp8_products(draft)
+        elif variant == "fp8_head":
+            rounded = 1
+            draft.use_fp8_head()
         else:
             rounded = 0 if variant == "fp32" else round_draft(draft, activations=variant == "w8a8")
         row = {"draft": variant, "products_rounded": rounded}

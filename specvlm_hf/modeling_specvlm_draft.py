@@ -198,9 +198,8 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
         weight = head.weight
         if self.fc.weight.device != weight.device or self.fc.weight.dtype != weight.dtype:
             self.to(device=weight.device, dtype=weight.dtype)
-        self._gather_head_rows()
-        if self._fp8_wanted:
-            self._check_fp8_head()
+        if self._gather_head_rows() and self._fp8_wanted:
+            self._check_fp8_head()  # once per copy of the rows (`generate` binds the draft at every call)
         return self
 
     def set_draft_vocab(self, token_ids) -> "SpecVLMDraftModel":
@@ -318,16 +317,17 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
             raise ValueError(f"draft vocabulary ids must lie in 0..{vocab - 1}")
         return token_ids
 
-    def _gather_head_rows(self) -> None:
+    def _gather_head_rows(self) -> bool:
         """Copies the target `lm_head`'s rows the draft reads at each tree level when it does not read the head
-        itself: those of a reduced vocabulary, and (`use_fp8_head`) the rows scored as e4m3 with their scales."""
+        itself: those of a reduced vocabulary, and (`use_fp8_head`) the rows scored as e4m3 with their scales.
+        Returns whether it made a new copy."""
         if self._target_modules is None or (self.draft_vocab is None and not self._fp8_wanted):
-            return
+            return False
         head = self._target_modules[1]
         vocab = None if self.draft_vocab is None else self.draft_vocab.data_ptr()
         key = (id(head), head.weight.data_ptr(), vocab, self.fc.weight.device, self._fp8_wanted)
         if (self._head_rows is not None or self._fp8_head is not None) and self._head_rows_key == key:
-            return  # the same rows: keep their address (captured fast-path graphs read it)
+            return False  # the same rows: keep their address (captured fast-path graphs read it)
         if getattr(head, "bias", None) is not None:
             raise UserError(
                 "a reduced draft vocabulary or an fp8 draft head needs an lm_head without bias; this target's has "
@@ -340,6 +340,7 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
         else:
             self._head_rows, self._fp8_head = rows.to(self.fc.weight.device), None
         self._head_rows_key = key
+        return True
 
     @property
     def is_bound(self) -> bool:

@@ -73,7 +73,10 @@ def test_sampling_keeps_the_distribution_with_an_fp8_head(mode):
     assert chi_square_p_value(plain, speculative) > P_THRESHOLD
 
 
-def test_the_fast_path_is_rebuilt_when_the_fp8_head_is_turned_on_and_off():
+def test_the_fast_path_is_rebuilt_when_the_fp8_head_is_turned_on_and_off(monkeypatch):
+    checks = []
+    check = SpecVLMDraftModel._check_fp8_head
+    monkeypatch.setattr(SpecVLMDraftModel, "_check_fp8_head", lambda draft: checks.append(1) or check(draft))
     target = specvlm_hf.enable(tiny_llava(scale=32.0))
     inputs = random_inputs(target, torch.Generator().manual_seed(2), text_tokens=5)
     kwargs = dict(do_sample=False, max_new_tokens=16, cache_implementation="static")
@@ -88,6 +91,7 @@ def test_the_fast_path_is_rebuilt_when_the_fp8_head_is_turned_on_and_off():
         assert (draft._fp8_head is not None) == fp8 and draft.fp8_head == fp8
     assert rounds[1] is not rounds[0] and rounds[3] is not rounds[1]
     assert rounds[2] is rounds[1], "turning it on again changes nothing: the fast path built for it stays"
+    assert len(checks) == 1, "the device is checked once per copy of the rows, not at every call"
 
 
 def test_the_fp8_head_is_not_saved(tmp_path):

@@ -230,6 +230,11 @@ def test_round_keys_name_what_shapes_the_code_and_not_where_a_model_came_from(co
     draft.config.tree_top_k += 1
     assert key_of(target, draft) != key
     draft.config.tree_top_k -= 1
+    with pytest.warns(UserWarning, match="fp8 draft head runs on the CPU"):
+        draft.use_fp8_head()  # the draft's code reads an e4m3 head: a function of its own
+    assert key_of(target, draft) != key
+    draft.use_fp8_head(False)
+    assert key_of(target, draft) == key
     assert key_of(target.to(torch.float64), build_draft(target, "noisy", "tree").to(torch.float64)) != key
     assert key_of(build_target("llava"), build_draft(build_target("llava"), "noisy", "tree")) != key
     eager = build_target("llava-gqa")
