@@ -134,3 +134,17 @@ def test_a_hidden_size_the_fp8_product_cannot_take_is_refused():
     with pytest.raises(UserError, match="multiple of 16, and this draft's is 72"):
         draft.use_fp8_head()
     assert not draft.fp8_head
+
+
+@pytest.mark.parametrize("path", ["eager", "static"])
+def test_batched_greedy_with_an_fp8_head_equals_plain_batched_generate(path):
+    """Rows of a batch (one draft forward over all rows, its head product over every row's frontier at once)."""
+    from test_batched import PATHS, greedy_case, llava_row, make_draft
+
+    target = specvlm_hf.enable(tiny_llava(scale=32.0))
+    generator = torch.Generator().manual_seed(5)
+    rows = [llava_row(target, generator, count, 3 + 2 * index) for index, count in enumerate((1, 0, 2))]
+    draft = make_draft(target, noise=0.0).use_fp8_head()
+    kwargs = dict(do_sample=False, max_new_tokens=16, **PATHS[path])
+    _, stats = greedy_case(target, draft, rows, [0, 11, 4], kwargs, steps=[None, 5, None])
+    assert draft._fp8_head is not None and max(stats.accepted_per_round) >= 2
