@@ -9,8 +9,9 @@
 # kernel lost both: results/README.md). On an H100 2026-12-06 05:30-06:05 UTC: variants and knobs as below (joined
 # products won and are now the default; autotuning within noise; knobs' fp32 step did not finish in the call) and the
 # round's cost and profile (results/README.md). On an H100 2026-12-06 07:59-08:07 UTC: fp8 (fp8 pays only for the
-# wide products; the whole-draft swap cut the draft 0.56 ms, results/README.md). Next: fp8_head (new 2026-12-06,
-# ~10 min over two calls); crash_nocudnn only if a crash comes back.
+# wide products; the whole-draft swap cut the draft 0.56 ms, results/README.md). On an H200 2026-12-06 08:24-08:35
+# UTC: fp8_head and fp8_head_qwen (results/README.md). Next: fp8_head_kernel (new 2026-12-06, ~1 min; checked only
+# in Triton's CPU interpreter); crash_nocudnn only if a crash comes back.
 # Stages, in the order they were planned (the first is a correctness question, and decides whether the others' figures
 # hold):
 #   crash    first gpu_cublas_workspace.py (~1 min): whether graphs sharing torch's cuBLAS workspace break when CUDA
@@ -39,11 +40,14 @@
 #            vocabulary, the fp32 check on it (gpu_round_variants.py, ~6 min); then, as `fp8_head_qwen` in a call of
 #            its own, the Qwen2.5-VL-7B shape's round (152k vocabulary) with the head in bf16 and e4m3
 #            (gpu_families.py, ~6 min)
+#   fp8_head_kernel  the fp8 head's product as one Triton kernel on bf16 hidden states (fp8_head_triton.py) against
+#            bf16 and the package's torch._scaled_mm, at the LLaVA-7B, Qwen2.5-VL-7B and Gemma-3-12B head shapes; if it
+#            wins by more than noise, the package's `fp8_logits` should use it (~1 min)
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs (round.AUTOTUNE_GEMMS beside the default,
 #            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -98,6 +102,9 @@ case "$stage" in
   fp8_head_qwen)
     python benchmarks/gpu_families.py --shapes qwen2.5-vl-7b --labels full_vocab,full_vocab_fp8_head \
       --out "$out/families_fp8_head.json" 2>&1 | tee "$out/families_fp8_head.log"
+    ;;
+  fp8_head_kernel)
+    python benchmarks/fp8_head_triton.py --out "$out/fp8_head_triton.json" 2>&1 | tee "$out/fp8_head_triton.log"
     ;;
   knobs)
     long_running --only round_cost --draft-vocab 8192 --budget 120 --out "$out/draft_vocab" 2>&1 |
