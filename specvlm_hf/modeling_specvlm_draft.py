@@ -264,7 +264,13 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
             return self  # unchanged: the rows keep their addresses (a fast path built on them stays)
         self._fp8_wanted = bool(enabled)
         self._drop_head_rows()
-        self._gather_head_rows()
+        try:
+            self._gather_head_rows()
+        except UserError:
+            self._fp8_wanted = not self._fp8_wanted  # refused: the draft stays as it was
+            self._drop_head_rows()
+            self._gather_head_rows()
+            raise
         if self._fp8_wanted and self.is_bound:
             self._check_fp8_head()
         return self

@@ -127,6 +127,17 @@ def test_a_device_without_the_fp8_product_is_refused_and_the_draft_left_on_its_h
     assert not unbound.fp8_head
 
 
+def test_a_head_with_a_bias_is_refused_and_the_draft_left_on_it():
+    target = specvlm_hf.enable(tiny_llava())
+    target.lm_head.bias = torch.nn.Parameter(torch.randn(target.config.text_config.vocab_size))
+    draft = SpecVLMDraftModel.from_target(target)
+    with pytest.raises(UserError, match="needs an lm_head without bias"):
+        draft.use_fp8_head()
+    assert not draft.fp8_head and draft._fp8_head is None
+    hidden = torch.randn(2, target.config.text_config.hidden_size)
+    torch.testing.assert_close(draft.lm_head(hidden), target.lm_head(hidden), rtol=0, atol=0)
+
+
 def test_a_hidden_size_the_fp8_product_cannot_take_is_refused():
     from specvlm_hf import SpecVLMDraftConfig
 
