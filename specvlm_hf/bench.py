@@ -378,8 +378,15 @@ def format_table(report: dict) -> str:
         f"device: {report['device']}  dtype: {report['dtype']}  cases: {report['cases']}  "
         f"max_new_tokens: {report['max_new_tokens']}",
         f"torch {report.get('torch', '?')}{cuda}, transformers {report.get('transformers', '?')}, {report['date']}",
-        header,
     ]
+    settings = []
+    if report.get("restricted_vocab"):
+        settings.append(f"{report['restricted_vocab']['ids']}-id vocabulary (--restrict-vocab)")
+    if report.get("fp8_head"):
+        settings.append("fp8 lm_head (--fp8-head)")
+    if settings:
+        lines.append("drafts: " + ", ".join(settings))
+    lines.append(header)
     for r in report["methods"]:
 
         def num(value, fmt):

@@ -244,6 +244,7 @@ def test_bench_restricts_the_drafts_vocabulary_and_refuses_more_ids_than_the_tar
         monkeypatch.undo()
     report = json.loads(out.read_text())
     assert report["restricted_vocab"] == {"ids": 256, "calibration_prompts": 3, "calibration_seed": 31337}
+    assert "drafts: 256-id vocabulary (--restrict-vocab)" in capsys.readouterr().out
     rows = {row["method"]: row for row in report["methods"]}
     assert rows["eaglevlm-tree"]["status"] == "ok" and rows["eaglevlm-tree"]["matches_plain"] is True
     assert restricted and all(size in (256, 257) for size in restricted), restricted
@@ -274,6 +275,7 @@ def test_bench_runs_the_drafts_on_fp8_heads_with_outputs_still_exact(capsys, tmp
         monkeypatch.undo()
     report = json.loads(out.read_text())
     assert report["fp8_head"] is True and turned_on and all(turned_on)
+    assert "drafts: fp8 lm_head (--fp8-head)" in capsys.readouterr().out
     rows = {row["method"]: row for row in report["methods"]}
     for method in ("eaglevlm-tree", "specvlm-tree"):
         assert rows[method]["status"] == "ok" and rows[method]["matches_plain"] is True
