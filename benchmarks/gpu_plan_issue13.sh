@@ -10,8 +10,8 @@
 # products won and are now the default; autotuning within noise; knobs' fp32 step did not finish in the call) and the
 # round's cost and profile (results/README.md). On an H100 2026-12-06 07:59-08:07 UTC: fp8 (fp8 pays only for the
 # wide products; the whole-draft swap cut the draft 0.56 ms, results/README.md). On an H200 2026-12-06 08:24-08:35
-# UTC: fp8_head and fp8_head_qwen (results/README.md). Next: fp8_head_kernel (new 2026-12-06, ~1 min; checked only
-# in Triton's CPU interpreter); crash_nocudnn only if a crash comes back.
+# UTC: fp8_head and fp8_head_qwen (results/README.md). Next: topk_ahead (new 2026-12-06 afternoon), fp8_head_kernel
+# (~1 min; checked only in Triton's CPU interpreter); crash_nocudnn only if a crash comes back.
 # Stages, in the order they were planned (the first is a correctness question, and decides whether the others' figures
 # hold):
 #   crash    first gpu_cublas_workspace.py (~1 min): whether graphs sharing torch's cuBLAS workspace break when CUDA
@@ -43,11 +43,15 @@
 #   fp8_head_kernel  the fp8 head's product as one Triton kernel on bf16 hidden states (fp8_head_triton.py) against
 #            bf16 and the package's torch._scaled_mm, at the LLaVA-7B, Qwen2.5-VL-7B and Gemma-3-12B head shapes; if it
 #            wins by more than noise, the package's `fp8_logits` should use it (~1 min)
+#   topk_ahead  the tree's top-k as the package's Triton op against torch's topk alone (gpu_topk.py, ~1 min), then
+#            the round with both of the 2026-12-06 afternoon changes (the op, `topk.FUSED`, and drafting the next tree
+#            before the host waits, `decoding.DRAFT_AHEAD`), without either and without both, with the fp32 check on
+#            the shipped settings (gpu_round_variants.py, ~7 min)
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs (round.AUTOTUNE_GEMMS beside the default,
 #            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk_ahead OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -102,6 +106,12 @@ case "$stage" in
   fp8_head_qwen)
     python benchmarks/gpu_families.py --shapes qwen2.5-vl-7b --labels full_vocab,full_vocab_fp8_head \
       --out "$out/families_fp8_head.json" 2>&1 | tee "$out/families_fp8_head.log"
+    ;;
+  topk_ahead)
+    python benchmarks/gpu_topk.py --out "$out/topk.json" 2>&1 | tee "$out/topk.log"
+    python benchmarks/gpu_round_variants.py --variants default,before_topk_ahead,no_fused_top_k,no_draft_ahead \
+      --fp32-check --fp32-variant default --compile-seconds 330 --deadline 500 --out "$out/topk_ahead" 2>&1 |
+      grep -v "^SUMMARY" | tee "$out/topk_ahead.log"
     ;;
   fp8_head_kernel)
     python benchmarks/fp8_head_triton.py --out "$out/fp8_head_triton.json" 2>&1 | tee "$out/fp8_head_triton.log"

@@ -6,8 +6,8 @@ A draft level takes the top-k of `(frontier, vocabulary)` log-probabilities: 10 
 the root; 152064 is Qwen2.5-VL's vocabulary, 8192 a reduced draft vocabulary. On a GPU torch's `topk` of such rows
 runs a multi-block radix select (about a dozen kernels a call); the two-pass form runs two single-block ones. On an
 H100 (2026-12-06, results/README.md) it saved 5 us a draft level at 10 x 32064, lost 25 us at 10 x 152064, and in the
-7B round (then `tree.CHUNKED_TOP_K`) gained nothing measurable, so the package keeps torch's `topk` and this form
-lives here only.
+7B round (then `tree.CHUNKED_TOP_K`) gained nothing measurable, so this form lives here only. Since 2026-12-06 the
+package's own op (`topk.top_k_rows`, two Triton kernels, `fused_op_us`) is timed beside them.
 
     python benchmarks/gpu_topk.py [--out FILE]
 """
@@ -24,7 +24,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from graph_timing import per_call_us  # noqa: E402
 
-SHAPES = ((10, 32064), (1, 32064), (10, 152064), (1, 152064), (10, 8192))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from specvlm_hf.topk import fused_top_k_usable, top_k_rows  # noqa: E402
+
+SHAPES = ((10, 32064), (1, 32064), (1, 100), (10, 152064), (1, 152064), (10, 8192), (10, 262208))
 
 
 def chunk_count(length: int, k: int) -> int | None:
@@ -62,19 +65,24 @@ def main():
     for shape in SHAPES:
         values = torch.randn(shape, device=device, generator=generator).log_softmax(-1)
         got, expected = chunked_top_k(values), values.topk(10, dim=-1)
+        fused = top_k_rows(values, 10, fused=True)
         row = {
             "shape": list(shape),
             "chunks": chunk_count(shape[-1], 10),
             "values_equal": torch.equal(got[0], expected[0]),
             "indices_equal": torch.equal(got[1], expected[1]),
+            "fused_op": fused_top_k_usable(values.device),
+            "fused_values_equal": torch.equal(fused[0], expected[0]),
+            "fused_indices_equal": torch.equal(fused[1], expected[1]),
         }
         if not args.check:
             row["topk_us"] = per_call_us(lambda: values.topk(10, dim=-1))
             row["chunked_us"] = per_call_us(lambda: chunked_top_k(values))
+            row["fused_op_us"] = per_call_us(lambda: top_k_rows(values, 10, fused=True))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if not all(row["values_equal"] for row in rows):
-        raise SystemExit("the two-pass top-k gave other values than torch's topk")
+    if not all(row["values_equal"] and row["fused_values_equal"] for row in rows):
+        raise SystemExit("the two-pass top-k or the fused op gave other values than torch's topk")
     machine = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     if args.out:
         with open(args.out, "w") as f:

@@ -50,6 +50,7 @@ from .joined_weights import join_projection_weights
 from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow, SharedBuffers
 from .precompile import PrecompileFailed, active_store
 from .target import unwrap_target
+from .topk import fused_top_k_usable
 from .tree import DraftTree, build_dynamic_tree, build_dynamic_trees
 from .verify_attention import check_name
 
@@ -321,6 +322,7 @@ class SpeculativeRound:
         self.merge_repeated = MERGE_REPEATED  # read by `precompile` (inductor compiles ahead of time)
         self.join_projections = JOIN_PROJECTIONS
         self.autotune_gemms = AUTOTUNE_GEMMS
+        self.fused_top_k = fused_top_k_usable(device)  # `topk.FUSED`, on CUDA
         if compile and JOIN_PROJECTIONS and AUTOTUNE_GEMMS:
             raise ValueError(
                 "specvlm_hf.round.JOIN_PROJECTIONS and AUTOTUNE_GEMMS cannot both be on: inductor times each joined "
@@ -378,6 +380,7 @@ class SpeculativeRound:
             MERGE_REPEATED,
             JOIN_PROJECTIONS,
             AUTOTUNE_GEMMS,
+            fused_top_k_usable(draft.fc.weight.device),
             weights,
         )
 
@@ -487,6 +490,7 @@ class SpeculativeRound:
             depth=self.depth,
             total_tokens=self.total_tokens,
             vocab_map=self.draft.draft_vocab,
+            fused_top_k=self.fused_top_k,
         )
         self.runner.rewind()  # drop the tree entries drafted this round
         return tree.tokens, tree.parents, tree.depths, tree.scores, tree.ancestor_mask, tree.paths

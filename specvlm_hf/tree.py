@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from .topk import top_k_rows
+
 
 @dataclass
 class DraftTree:
@@ -131,6 +133,7 @@ def build_dynamic_tree(
     depth: int = 7,
     total_tokens: int = 60,
     vocab_map: torch.Tensor | None = None,
+    fused_top_k: bool = False,
 ) -> DraftTree:
     """EAGLE-2 dynamic draft tree.
 
@@ -156,6 +159,7 @@ def build_dynamic_tree(
         top_k, depth, total_tokens: EAGLE-2 hyper-parameters (paper: 10, 7, 60).
         vocab_map: for a draft with a reduced vocabulary, `(N,)` the token id of each of its `N` log-probability
             columns (`draft.draft_vocab`); None when the columns are the token ids.
+        fused_top_k: take each level's top-k with `topk.top_k_rows`' custom op (CUDA; ties to the smaller index).
     Returns:
         A `DraftTree` with at most `total_tokens` nodes.
     """
@@ -166,7 +170,7 @@ def build_dynamic_tree(
 
     root = torch.as_tensor(root_token, dtype=torch.long, device=root_log_probs.device).reshape(1)
     trees = build_dynamic_trees(
-        root, root_log_probs[None], root_hidden[None], one_row, top_k, depth, total_tokens, vocab_map
+        root, root_log_probs[None], root_hidden[None], one_row, top_k, depth, total_tokens, vocab_map, fused_top_k
     )
     return trees.row(0)
 
@@ -181,6 +185,7 @@ def build_dynamic_trees(
     depth: int = 7,
     total_tokens: int = 60,
     vocab_map: torch.Tensor | None = None,
+    fused_top_k: bool = False,
 ) -> DraftTree:
     """`build_dynamic_tree` for `B` rows at once: each row's tree is built from its own root as one tree is, and
     every level runs the draft once over all rows' frontiers (`draft_step` on `(B, n)` tokens, `(B, n, d)` features
@@ -188,7 +193,7 @@ def build_dynamic_trees(
 
     Args:
         root_tokens: `(B,)` each row's root token; root_log_probs: `(B, V)`; root_hidden: `(B, d)`.
-        draft_step, top_k, depth, total_tokens, vocab_map: as for `build_dynamic_tree`.
+        draft_step, top_k, depth, total_tokens, vocab_map, fused_top_k: as for `build_dynamic_tree`.
     Returns:
         A batch of `B` trees (`stack_trees` layout: fields with a leading batch dimension).
     """
@@ -199,7 +204,7 @@ def build_dynamic_trees(
     k = min(top_k, vocab)
 
     # candidate buffers (creation order); parent index -1 means "the root"
-    first_scores, first_tokens = root_log_probs.float().topk(k, dim=-1)  # (B, k)
+    first_scores, first_tokens = top_k_rows(root_log_probs.float(), k, fused_top_k)  # (B, k)
     if vocab_map is not None:
         first_tokens = vocab_map[first_tokens]
     cand_tokens = [first_tokens]
@@ -218,7 +223,7 @@ def build_dynamic_trees(
         eye = torch.eye(n, dtype=torch.bool, device=device).expand(batch, -1, -1)
         ancestor_mask = torch.cat([frontier_ancestors, eye], dim=2)
         hidden, log_probs = draft_step(frontier_tokens, frontier_hidden, level, ancestor_mask)
-        child_logp, child_tokens = log_probs.float().topk(k, dim=-1)  # (B, n, k)
+        child_logp, child_tokens = top_k_rows(log_probs.float(), k, fused_top_k)  # (B, n, k)
         if vocab_map is not None:
             child_tokens = vocab_map[child_tokens]
         child_scores = frontier_scores[:, :, None] + child_logp  # (B, n, k)
@@ -228,7 +233,7 @@ def build_dynamic_trees(
         cand_scores.append(child_scores.flatten(1))
         cand_parents.append(child_parents.flatten(1))
 
-        best = child_scores.flatten(1).topk(min(k, n * k), dim=-1).indices  # next frontier, best first
+        best = top_k_rows(child_scores.flatten(1), min(k, n * k), fused_top_k)[1]  # next frontier, best first
         parent_row = best // k
         frontier_tokens = child_tokens.flatten(1).gather(1, best)
         frontier_scores = child_scores.flatten(1).gather(1, best)

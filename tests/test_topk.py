@@ -1,0 +1,144 @@
+"""`topk.top_k_rows`: the draft tree's top-k as one custom op of two Triton kernels (CUDA), checked here in Triton's
+CPU interpreter (a subprocess with `TRITON_INTERPRET=1`, which must be set before Triton is imported): the kernels
+against `torch.topk`, the op under `torch.compile`, and whole greedy decoding with the op in every tree level."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from specvlm_hf import topk
+from specvlm_hf.adapters import adapter_for
+from specvlm_hf.round import SpeculativeRound
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_interpreted(code: str) -> str:
+    """Runs `code` in a fresh interpreter with Triton's CPU interpreter on; returns its output (fails on error)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_kernels_equal_torch_topk_and_break_ties_to_the_smaller_index():
+    out = run_interpreted(
+        """
+        import torch
+        from specvlm_hf.topk import chunk_width, top_k_rows
+        generator = torch.Generator().manual_seed(0)
+        shapes = [(10, 32064, 10), (1, 32064, 10), (1, 100, 10), (3, 700, 5), (2, 10, 10), (4, 8192, 10),
+                  (2, 152064, 10), (5, 4097, 1)]
+        for rows, width, k in shapes:
+            chunks = -(-width // chunk_width(rows, width))
+            x = torch.randn(rows, width, generator=generator)
+            values, indices = top_k_rows(x, k, fused=True)
+            expected = x.topk(k, dim=-1)
+            assert values.dtype == torch.float32 and indices.dtype == torch.long
+            assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices), (rows, width)
+            print("shape", rows, width, k, chunks)
+        x = (torch.randperm(256, generator=generator) - 128).reshape(2, 128).to(torch.bfloat16)  # distinct, exact
+        values, indices = top_k_rows(x, 10, fused=True)
+        assert values.dtype == torch.bfloat16 and torch.equal(values, x.topk(10).values)
+        assert torch.equal(indices, x.topk(10).indices)
+        x = torch.zeros(3, 3000)
+        x[0, 5] = x[0, 2900] = 1.0  # ties, in two chunks
+        x[1] = float("-inf")
+        x[1, 2999] = 0.0  # one finite entry: the rest of the top 4 are -inf, smallest indices first
+        x[2, 7] = float("nan")
+        values, indices = top_k_rows(x, 4, fused=True)
+        assert indices[0].tolist() == [5, 2900, 0, 1], indices[0]
+        assert indices[1].tolist() == [2999, 0, 1, 2] and values[1, 1:].eq(float("-inf")).all(), indices[1]
+        assert indices[2, 0] == 7 and values[2, 0] == float("inf"), (indices[2], values[2])
+        batched = torch.randn(2, 3, 5000, generator=generator)
+        values, indices = top_k_rows(batched, 10, fused=True)
+        assert values.shape == (2, 3, 10) and torch.equal(indices, batched.topk(10, dim=-1).indices)
+        print("special cases")
+        """
+    )
+    assert out.count("shape ") == 8 and "special cases" in out
+    assert "shape 10 32064 10 16" in out, "a tree level's block runs as several chunks, merged by the second kernel"
+    assert "shape 1 100 10 1" in out, "a frontier's 100 candidates run as one chunk"
+
+
+def test_the_custom_op_compiles_whole_and_gives_the_same_values():
+    out = run_interpreted(
+        """
+        import torch
+        from specvlm_hf.topk import top_k_rows
+
+        def level(logits):
+            return top_k_rows(torch.log_softmax(logits.float(), dim=-1), 10, fused=True)
+
+        compiled = torch.compile(level, backend="aot_eager", fullgraph=True)
+        logits = torch.randn(10, 32064, generator=torch.Generator().manual_seed(1))
+        expected = torch.log_softmax(logits, dim=-1).topk(10, dim=-1)
+        for result in (level(logits), compiled(logits)):
+            assert torch.equal(result[0], expected.values) and torch.equal(result[1], expected.indices)
+        print("compiled ok")
+        """
+    )
+    assert "compiled ok" in out
+
+
+def test_greedy_decoding_with_the_op_in_every_tree_level_equals_plain_generate():
+    out = run_interpreted(
+        """
+        import torch
+        import specvlm_hf
+        from specvlm_hf import topk
+        from tiny_models import oracle_draft, random_inputs, tiny_llava, tiny_llava_next
+
+        calls = []
+        launch = topk.launch
+        topk.launch = lambda x, k, values, indices: calls.append(tuple(x.shape)) or launch(x, k, values, indices)
+        generator = torch.Generator().manual_seed(3)
+        rounds = 0
+        for factory in (tiny_llava, tiny_llava_next):
+            target = specvlm_hf.enable(factory(scale=32.0))
+            for case, noise in enumerate((0.0, 0.003) if factory is tiny_llava else (0.003,)):
+                draft = oracle_draft(target, noise=noise)
+                inputs = random_inputs(target, generator, text_tokens=3 + case)
+                kwargs = dict(do_sample=False, max_new_tokens=14)
+                plain = target.generate(**inputs, **kwargs).tolist()
+                for fast in ({}, {"cache_implementation": "static"})[case:]:
+                    assert target.generate(**inputs, **kwargs, **fast, assistant_model=draft).tolist() == plain
+                    rounds += draft.stats.rounds
+        print("rounds", rounds, "calls", len(calls), "shapes", sorted(set(calls)))
+        """
+    )
+    rounds = int(out.split("rounds ")[1].split()[0])
+    calls = int(out.split("calls ")[1].split()[0])
+    assert rounds > 10 and calls >= 9 * rounds, out  # per round: the root, 7 levels and 7 frontiers at least
+
+
+def test_on_the_cpu_without_the_interpreter_the_tree_takes_torch_topk():
+    assert not topk.fused_top_k_usable(torch.device("cpu")) or os.environ.get("TRITON_INTERPRET") == "1"
+    x = torch.randn(4, 300)
+    values, indices = topk.top_k_rows(x, 6, fused=True)
+    expected = x.topk(6, dim=-1)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+
+
+def test_the_choice_is_part_of_the_fast_paths_key(monkeypatch):
+    """A round built with the op and one without must not share compiled functions or graphs."""
+    from test_lossless_greedy import build_draft, build_target
+
+    target = build_target("llava")
+    draft = build_draft(target, "oracle", "tree")
+    adapter = adapter_for(target)
+    monkeypatch.setattr(topk, "_runs_kernels", lambda device: True)
+    monkeypatch.setattr(topk, "triton_available", lambda: True)
+    with_op = SpeculativeRound.static_key(adapter, draft, 256, graphs=True, compile=True)
+    monkeypatch.setattr(topk, "FUSED", False)
+    without = SpeculativeRound.static_key(adapter, draft, 256, graphs=True, compile=True)
+    assert with_op != without
