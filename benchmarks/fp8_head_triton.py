@@ -1,17 +1,17 @@
-"""An experiment for issue 13 (benchmarks only, not used by the package): the fp8 draft head's product as one Triton
-kernel reading e4m3 weights and the hidden states as they are (bf16), instead of `torch._scaled_mm`.
+"""The fp8 draft head's product: the package's Triton kernel (`kernels.fp8_head_product`) against torch's row-scaled
+float8 GEMM (`torch._scaled_mm`, the package's product before it and still its CPU one) and the bf16 head (issue 13).
 
-`draft.use_fp8_head()` quantizes the ~10 hidden-state rows of a tree level to e4m3 (a reduction and a cast, one or
-two kernels) and runs cuBLAS's row-scaled fp8 GEMM. In whole rounds that saved about half of what halving the head's
-bytes should (Qwen2.5-VL-7B on an H200: -0.44 ms against ~0.9; results/README.md): the 10-row fp8 GEMM runs well
-below the copy bandwidth. A product this skinny is a weight read: here each program reads `BLOCK_N` e4m3 rows of the
-head once, converts them in registers and multiplies them with every hidden-state row (padded to 16 for `tl.dot`),
-then applies the rows' scales; the hidden states stay bf16 (no quantization kernel, and closer to the bf16 head).
+`torch._scaled_mm` needs the ~10 hidden-state rows of a tree level quantized to e4m3 first (a reduction and a cast)
+and runs well below the copy bandwidth at 10 rows. The kernel reads `BLOCK_N` e4m3 rows of the head a program,
+converts them in registers and multiplies them with the hidden states as they are (bf16, padded to 16 rows for
+`tl.dot`), then applies the rows' scales.
 
     python benchmarks/fp8_head_triton.py                 # GPU: timings against bf16 and torch._scaled_mm
     python benchmarks/fp8_head_triton.py --check-only    # CPU: checks the kernel in Triton's interpreter
 
-Status (2026-12-06): checked in the interpreter only; not yet timed on a GPU (`--out` writes the figures).
+Measured on an H100 on 2026-12-06 (results/README.md): 52 against 73 us (`_scaled_mm`) and 98 (bf16) at LLaVA's
+head, 203 / 232 / 383 at Qwen2.5-VL's, 367 / 408 / 710 at Gemma 3's; 32 head rows a program was fastest at all three,
+and is the package's setting. The package uses the kernel since then (`kernels.FP8_HEAD_KERNEL`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernel runs on the CPU
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
+from specvlm_hf import kernels  # noqa: E402
+from specvlm_hf.kernels import fp8_head_product  # noqa: E402
 from specvlm_hf.modeling_specvlm_draft import fp8_logits, fp8_rows_padded  # noqa: E402
 
 SHAPES = {  # (rows of a tree level, hidden, vocabulary)
@@ -41,43 +40,16 @@ SHAPES = {  # (rows of a tree level, hidden, vocabulary)
 }
 
 
-@triton.jit
-def _fp8_head_kernel(
-    x_ptr, w_ptr, scale_ptr, out_ptr, rows, vocab, x_stride, w_stride, out_stride,
-    HIDDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32: tl.constexpr,
-):  # fmt: skip
-    block = tl.program_id(0)  # BLOCK_N rows of the head
-    m = tl.arange(0, BLOCK_M)
-    n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for start in range(0, HIDDEN, BLOCK_K):  # the hidden size is a constant of the model: one compile per model
-        k = start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m[:, None] * x_stride + k[None, :], mask=(m[:, None] < rows) & (k[None, :] < HIDDEN))
-        w = tl.load(w_ptr + n[:, None] * w_stride + k[None, :], mask=(n[:, None] < vocab) & (k[None, :] < HIDDEN))
-        if FP32:  # Triton's CPU interpreter multiplies bf16 operands of `tl.dot` as their raw bits
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
-        else:
-            acc += tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
-    scale = tl.load(scale_ptr + n, mask=n < vocab, other=0.0)
-    acc = acc * scale[None, :]
-    tl.store(out_ptr + m[:, None] * out_stride + n[None, :], acc, mask=(m[:, None] < rows) & (n[None, :] < vocab))
-
-
-def fp8_head_product(
-    hidden_states: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, count: int, block_n: int = 64
-) -> torch.Tensor:
-    """`hidden_states (m, d) @ (weight * scale.T).T` for `fp8_rows_padded`'s head (`weight (n, d)` e4m3, `scale
-    (1, n)`), the first `count` columns, float32; `m` at most 16."""
-    rows, hidden = hidden_states.shape
-    if rows > 16:
-        raise ValueError(f"the kernel takes at most 16 rows, got {rows}")
-    out = torch.empty(rows, count, dtype=torch.float32, device=hidden_states.device)
-    grid = (triton.cdiv(count, block_n),)
-    _fp8_head_kernel[grid](
-        hidden_states, weight, scale, out, rows, count,
-        hidden_states.stride(0), weight.stride(0), out.stride(0),
-        HIDDEN=hidden, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, FP32=os.environ.get("TRITON_INTERPRET") == "1",
-    )  # fmt: skip
+def fp8_head_kernel(hidden_states, weight, scale, count: int, block_n: int | None = None) -> torch.Tensor:
+    """The package's kernel (`kernels.fp8_head_product`), with `block_n` head rows a program when given."""
+    if block_n is None:
+        return fp8_head_product(hidden_states, weight, scale, count)
+    out = torch.empty(hidden_states.shape[0], count, dtype=torch.float32, device=hidden_states.device)
+    previous, kernels.FP8_HEAD_COLUMNS = kernels.FP8_HEAD_COLUMNS, block_n
+    try:
+        kernels.launch_fp8_head(hidden_states, weight, scale, count, out)
+    finally:
+        kernels.FP8_HEAD_COLUMNS = previous
     return out
 
 
@@ -89,8 +61,10 @@ def check(device: str) -> dict:
     weight, scale, count = fp8_rows_padded(head, device)
     hidden = hidden.to(device)
     exact = hidden.float() @ (weight.float() * scale.t())[:count].t()
-    ours = fp8_head_product(hidden.to(torch.bfloat16), weight, scale, count)
+    ours = fp8_head_kernel(hidden.to(torch.bfloat16), weight, scale, count)
+    kernels.FP8_HEAD_KERNEL = False
     package = fp8_logits(hidden.to(torch.bfloat16), weight, scale, count).float()
+    kernels.FP8_HEAD_KERNEL = True
     reference = hidden.float() @ head.to(device).t()
     relative = lambda values: ((values - reference).norm() / reference.norm()).item()  # noqa: E731
     result = {
@@ -114,9 +88,11 @@ def timing(name: str) -> dict:
     weight, scale, count = fp8_rows_padded(head, "cuda")
     row = {"shape": name, "rows_x_hidden_x_vocab": [rows, hidden, vocab], "head_MB_bf16": head.numel() * 2 / 1e6}
     row["bf16_us"] = per_call_us(lambda: torch.nn.functional.linear(states, head))
+    kernels.FP8_HEAD_KERNEL = False  # the package's product before the kernel: torch._scaled_mm
     row["scaled_mm_us"] = per_call_us(lambda: fp8_logits(states, weight, scale, count))
+    kernels.FP8_HEAD_KERNEL = True
     for block_n in (32, 64, 128):
-        row[f"triton_{block_n}_us"] = per_call_us(lambda: fp8_head_product(states, weight, scale, count, block_n))
+        row[f"triton_{block_n}_us"] = per_call_us(lambda: fp8_head_kernel(states, weight, scale, count, block_n))
     return row
 
 

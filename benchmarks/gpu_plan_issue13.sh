@@ -10,8 +10,8 @@
 # products won and are now the default; autotuning within noise; knobs' fp32 step did not finish in the call) and the
 # round's cost and profile (results/README.md). On an H100 2026-12-06 07:59-08:07 UTC: fp8 (fp8 pays only for the
 # wide products; the whole-draft swap cut the draft 0.56 ms, results/README.md). On an H200 2026-12-06 08:24-08:35
-# UTC: fp8_head and fp8_head_qwen (results/README.md). Next: topk_ahead (new 2026-12-06 afternoon), fp8_head_kernel
-# (~1 min; checked only in Triton's CPU interpreter); crash_nocudnn only if a crash comes back.
+# UTC: fp8_head and fp8_head_qwen (results/README.md). On an H100 2026-12-06 11:05-11:15 UTC: topk_ahead and
+# fp8_head_kernel (results/README.md). Next: ab; crash_nocudnn only if a crash comes back.
 # Stages, in the order they were planned (the first is a correctness question, and decides whether the others' figures
 # hold):
 #   crash    first gpu_cublas_workspace.py (~1 min): whether graphs sharing torch's cuBLAS workspace break when CUDA
@@ -47,11 +47,15 @@
 #            the round with both of the 2026-12-06 afternoon changes (the op, `topk.FUSED`, and drafting the next tree
 #            before the host waits, `decoding.DRAFT_AHEAD`), without either and without both, with the fp32 check on
 #            the shipped settings (gpu_round_variants.py, ~7 min)
+#   ab       the round settings in one process, in turns (gpu_round_ab.py: shipped, without drafting ahead, with
+#            torch's topk, both, the fp8 head on the package's Triton kernel and on torch._scaled_mm, the fp8 head with
+#            an 8192-id vocabulary; ~8 min), so that cuts of a few tenths of a millisecond are not lost in the noise
+#            between processes
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs (round.AUTOTUNE_GEMMS beside the default,
 #            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk_ahead OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk_ahead|ab OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -112,6 +116,10 @@ case "$stage" in
     python benchmarks/gpu_round_variants.py --variants default,before_topk_ahead,no_fused_top_k,no_draft_ahead \
       --fp32-check --fp32-variant default --compile-seconds 330 --deadline 500 --out "$out/topk_ahead" 2>&1 |
       grep -v "^SUMMARY" | tee "$out/topk_ahead.log"
+    ;;
+  ab)
+    TORCHINDUCTOR_COMPILE_THREADS=16 python benchmarks/gpu_round_ab.py --warm-seconds 420 --out "$out/ab.json" 2>&1 |
+      grep -v "UserWarning\|return func\|warnings.warn" | tee "$out/ab.log"
     ;;
   fp8_head_kernel)
     python benchmarks/fp8_head_triton.py --out "$out/fp8_head_triton.json" 2>&1 | tee "$out/fp8_head_triton.log"

@@ -7,7 +7,7 @@ the root; 152064 is Qwen2.5-VL's vocabulary, 8192 a reduced draft vocabulary. On
 runs a multi-block radix select (about a dozen kernels a call); the two-pass form runs two single-block ones. On an
 H100 (2026-12-06, results/README.md) it saved 5 us a draft level at 10 x 32064, lost 25 us at 10 x 152064, and in the
 7B round (then `tree.CHUNKED_TOP_K`) gained nothing measurable, so this form lives here only. Since 2026-12-06 the
-package's own op (`topk.top_k_rows`, two Triton kernels, `fused_op_us`) is timed beside them.
+package's own op (`kernels.top_k_rows`, two Triton kernels, `fused_op_us`) is timed beside them.
 
     python benchmarks/gpu_topk.py [--out FILE]
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from graph_timing import per_call_us  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from specvlm_hf.topk import fused_top_k_usable, top_k_rows  # noqa: E402
+from specvlm_hf.kernels import fused_top_k_usable, top_k_rows  # noqa: E402
 
 SHAPES = ((10, 32064), (1, 32064), (1, 100), (10, 152064), (1, 152064), (10, 8192), (10, 262208))
 

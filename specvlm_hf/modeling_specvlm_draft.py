@@ -27,6 +27,7 @@ from .compressor import VisualCompressor, image_spans, join_clip, span_counts, v
 from .configuration_specvlm_draft import SpecVLMDraftConfig
 from .errors import UserError
 from .hf_internals import cache_argument_name, scaled_product_rows, unsharded
+from .kernels import fp8_head_kernel_usable, fp8_head_product
 from .packaging import write_custom_generate
 from .stats import SpecVLMStats
 from .target import check_draft_fits, describe_target, target_text_config, unwrap_target
@@ -58,9 +59,16 @@ def fp8_rows_padded(rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Ten
 
 
 def fp8_logits(hidden_states: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, count: int) -> torch.Tensor:
-    """`hidden_states @ rows.T` for `fp8_rows_padded`'s rows, the hidden states quantized to e4m3 per row here;
-    `(..., count)` in the hidden states' dtype."""
+    """`hidden_states @ rows.T` for `fp8_rows_padded`'s rows, `(..., count)` in the hidden states' dtype: on a GPU
+    one kernel reading the e4m3 rows with the hidden states as they are (`kernels.fp8_head_product`); else torch's
+    row-scaled float8 product, the hidden states quantized to e4m3 per row here."""
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if fp8_head_kernel_usable(flat.device):
+        return (
+            fp8_head_product(flat, weight, scale, count)
+            .to(hidden_states.dtype)
+            .reshape(*hidden_states.shape[:-1], count)
+        )
     inputs, inputs_scale = fp8_rows(flat)
     out_dtype = torch.bfloat16 if flat.is_cuda else flat.dtype  # CUDA's row-scaled product gives bfloat16
     logits = scaled_product_rows(inputs, inputs_scale, weight, scale, out_dtype)
@@ -289,12 +297,12 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
                 self.lm_head(
                     torch.ones(1, self.config.text_config.hidden_size, device=weight.device, dtype=weight.dtype)
                 )
-        except (RuntimeError, NotImplementedError) as error:
+        except Exception as error:  # torch's float8 product raises RuntimeError, Triton's compiler its own errors
             self._fp8_wanted = False
             self._drop_head_rows()
             self._gather_head_rows()
             raise UserError(
-                f"this device cannot run the fp8 draft head: torch's row-scaled float8 product failed on "
+                f"this device cannot run the fp8 draft head: its float8 product failed on "
                 f"{weight.device} ({str(error).splitlines()[0][:200]}). It needs an NVIDIA GPU of compute capability "
                 f"8.9 or newer (L4, L40S, H100, ...) or the CPU; decode without `use_fp8_head` (the draft is back on "
                 f"its {weight.dtype} head)."

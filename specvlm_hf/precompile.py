@@ -217,7 +217,7 @@ def round_description(owner, function, backend) -> dict:
         "merge_repeated": getattr(owner, "merge_repeated", False),
         "join_projections": getattr(owner, "join_projections", False),
         "autotune_gemms": getattr(owner, "autotune_gemms", False),
-        "fused_top_k": getattr(owner, "fused_top_k", False),
+        "kernels": [getattr(owner, "fused_top_k", False), getattr(owner, "fp8_head_kernel", False)],
         "head_rows": draft._head_rows is not None,
         "fp8_head": draft._fp8_head is not None,
         "stacked_layers": getattr(owner.target_window, "stacked", None) is not None,

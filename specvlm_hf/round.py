@@ -50,7 +50,7 @@ from .joined_weights import join_projection_weights
 from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow, SharedBuffers
 from .precompile import PrecompileFailed, active_store
 from .target import unwrap_target
-from .topk import fused_top_k_usable
+from . import kernels
 from .tree import DraftTree, build_dynamic_tree, build_dynamic_trees
 from .verify_attention import check_name
 
@@ -322,7 +322,7 @@ class SpeculativeRound:
         self.merge_repeated = MERGE_REPEATED  # read by `precompile` (inductor compiles ahead of time)
         self.join_projections = JOIN_PROJECTIONS
         self.autotune_gemms = AUTOTUNE_GEMMS
-        self.fused_top_k = fused_top_k_usable(device)  # `topk.FUSED`, on CUDA
+        self.fused_top_k, self.fp8_head_kernel = kernels.choices(device)  # where the package's kernels run
         if compile and JOIN_PROJECTIONS and AUTOTUNE_GEMMS:
             raise ValueError(
                 "specvlm_hf.round.JOIN_PROJECTIONS and AUTOTUNE_GEMMS cannot both be on: inductor times each joined "
@@ -380,7 +380,7 @@ class SpeculativeRound:
             MERGE_REPEATED,
             JOIN_PROJECTIONS,
             AUTOTUNE_GEMMS,
-            fused_top_k_usable(draft.fc.weight.device),
+            kernels.choices(draft.fc.weight.device),
             weights,
         )
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .topk import top_k_rows
+from .kernels import top_k_rows
 
 
 @dataclass
@@ -159,7 +159,7 @@ def build_dynamic_tree(
         top_k, depth, total_tokens: EAGLE-2 hyper-parameters (paper: 10, 7, 60).
         vocab_map: for a draft with a reduced vocabulary, `(N,)` the token id of each of its `N` log-probability
             columns (`draft.draft_vocab`); None when the columns are the token ids.
-        fused_top_k: take each level's top-k with `topk.top_k_rows`' custom op (CUDA; ties to the smaller index).
+        fused_top_k: take each level's top-k with `kernels.top_k_rows`' custom op (CUDA; ties to the smaller index).
     Returns:
         A `DraftTree` with at most `total_tokens` nodes.
     """

@@ -1,6 +1,6 @@
-"""`topk.top_k_rows`: the draft tree's top-k as one custom op of two Triton kernels (CUDA), checked here in Triton's
-CPU interpreter (a subprocess with `TRITON_INTERPRET=1`, which must be set before Triton is imported): the kernels
-against `torch.topk`, the op under `torch.compile`, and whole greedy decoding with the op in every tree level."""
+"""The package's Triton kernels (`kernels.py`: the tree's top-k, the fp8 draft head's product), checked in Triton's CPU
+interpreter (a subprocess with `TRITON_INTERPRET=1`, which must be set before Triton is imported): each kernel against
+torch, the ops under `torch.compile`, and whole greedy decoding with the ops in every tree level."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from specvlm_hf import topk
+from specvlm_hf import kernels
 from specvlm_hf.adapters import adapter_for
 from specvlm_hf.round import SpeculativeRound
 
@@ -34,7 +34,7 @@ def test_the_kernels_equal_torch_topk_and_break_ties_to_the_smaller_index():
     out = run_interpreted(
         """
         import torch
-        from specvlm_hf.topk import chunk_width, top_k_rows
+        from specvlm_hf.kernels import chunk_width, top_k_rows
         generator = torch.Generator().manual_seed(0)
         shapes = [(10, 32064, 10), (1, 32064, 10), (1, 100, 10), (3, 700, 5), (2, 10, 10), (4, 8192, 10),
                   (2, 152064, 10), (5, 4097, 1)]
@@ -74,7 +74,7 @@ def test_the_custom_op_compiles_whole_and_gives_the_same_values():
     out = run_interpreted(
         """
         import torch
-        from specvlm_hf.topk import top_k_rows
+        from specvlm_hf.kernels import top_k_rows
 
         def level(logits):
             return top_k_rows(torch.log_softmax(logits.float(), dim=-1), 10, fused=True)
@@ -95,12 +95,12 @@ def test_greedy_decoding_with_the_op_in_every_tree_level_equals_plain_generate()
         """
         import torch
         import specvlm_hf
-        from specvlm_hf import topk
+        from specvlm_hf import kernels
         from tiny_models import oracle_draft, random_inputs, tiny_llava, tiny_llava_next
 
         calls = []
-        launch = topk.launch
-        topk.launch = lambda x, k, values, indices: calls.append(tuple(x.shape)) or launch(x, k, values, indices)
+        launch = kernels.launch_top_k
+        kernels.launch_top_k = lambda x, k, *out: calls.append(tuple(x.shape)) or launch(x, k, *out)
         generator = torch.Generator().manual_seed(3)
         rounds = 0
         for factory in (tiny_llava, tiny_llava_next):
@@ -122,23 +122,83 @@ def test_greedy_decoding_with_the_op_in_every_tree_level_equals_plain_generate()
 
 
 def test_on_the_cpu_without_the_interpreter_the_tree_takes_torch_topk():
-    assert not topk.fused_top_k_usable(torch.device("cpu")) or os.environ.get("TRITON_INTERPRET") == "1"
+    assert not kernels.fused_top_k_usable(torch.device("cpu")) or os.environ.get("TRITON_INTERPRET") == "1"
     x = torch.randn(4, 300)
-    values, indices = topk.top_k_rows(x, 6, fused=True)
+    values, indices = kernels.top_k_rows(x, 6, fused=True)
     expected = x.topk(6, dim=-1)
     assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
 
 
-def test_the_choice_is_part_of_the_fast_paths_key(monkeypatch):
-    """A round built with the op and one without must not share compiled functions or graphs."""
+def test_the_choices_are_part_of_the_fast_paths_key(monkeypatch):
+    """Rounds built with and without each op must not share compiled functions or graphs."""
     from test_lossless_greedy import build_draft, build_target
 
     target = build_target("llava")
     draft = build_draft(target, "oracle", "tree")
     adapter = adapter_for(target)
-    monkeypatch.setattr(topk, "_runs_kernels", lambda device: True)
-    monkeypatch.setattr(topk, "triton_available", lambda: True)
-    with_op = SpeculativeRound.static_key(adapter, draft, 256, graphs=True, compile=True)
-    monkeypatch.setattr(topk, "FUSED", False)
-    without = SpeculativeRound.static_key(adapter, draft, 256, graphs=True, compile=True)
-    assert with_op != without
+    monkeypatch.setattr(kernels, "_runs_kernels", lambda device: True)
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    keys = {SpeculativeRound.static_key(adapter, draft, 256, graphs=True, compile=True)}
+    monkeypatch.setattr(kernels, "FUSED", False)
+    keys.add(SpeculativeRound.static_key(adapter, draft, 256, graphs=True, compile=True))
+    monkeypatch.setattr(kernels, "FP8_HEAD_KERNEL", False)
+    keys.add(SpeculativeRound.static_key(adapter, draft, 256, graphs=True, compile=True))
+    assert len(keys) == 3
+
+
+def test_the_fp8_head_kernel_equals_the_dequantized_head_product():
+    out = run_interpreted(
+        """
+        import torch
+        from specvlm_hf.kernels import fp8_head_product
+        from specvlm_hf.modeling_specvlm_draft import fp8_rows_padded
+
+        generator = torch.Generator().manual_seed(0)
+        for rows, hidden, vocab in [(10, 256, 1000), (1, 384, 77), (17, 200, 300), (9, 4096, 640)]:
+            head = torch.randn(vocab, hidden, generator=generator) / 16
+            weight, scale, count = fp8_rows_padded(head, "cpu")
+            dequantized = (weight.float() * scale.t())[:count]
+            states = torch.randn(rows, hidden, generator=generator)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = states.to(dtype)
+                got = fp8_head_product(x, weight, scale, count)
+                assert got.shape == (rows, count) and got.dtype == torch.float32
+                torch.testing.assert_close(got, x.float() @ dequantized.t(), rtol=1e-4, atol=1e-4)
+            print("shape", rows, hidden, vocab)
+        product = lambda x: fp8_head_product(x, weight, scale, count)  # noqa: E731
+        compiled = torch.compile(product, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(states), states @ dequantized.t(), rtol=1e-4, atol=1e-4)
+        print("compiled ok")
+        """
+    )
+    assert out.count("shape ") == 4 and "compiled ok" in out
+
+
+def test_greedy_decoding_with_the_fp8_head_kernel_equals_plain_generate():
+    out = run_interpreted(
+        """
+        import torch
+        import specvlm_hf
+        from specvlm_hf import kernels
+        from tiny_models import oracle_draft, random_inputs, tiny_llava
+
+        calls = []
+        launch = kernels.launch_fp8_head
+        kernels.launch_fp8_head = lambda *args: calls.append(args[0].shape) or launch(*args)
+        target = specvlm_hf.enable(tiny_llava(scale=32.0))
+        generator = torch.Generator().manual_seed(6)
+        rounds = 0
+        for case, noise in enumerate((0.0, 0.003)):
+            draft = oracle_draft(target, noise=noise).use_fp8_head()
+            inputs = random_inputs(target, generator, text_tokens=3 + case)
+            kwargs = dict(do_sample=False, max_new_tokens=14)
+            plain = target.generate(**inputs, **kwargs).tolist()
+            fast = {"cache_implementation": "static"} if case else {}
+            assert target.generate(**inputs, **kwargs, **fast, assistant_model=draft).tolist() == plain
+            rounds += draft.stats.rounds
+        print("rounds", rounds, "calls", len(calls))
+        """
+    )
+    rounds = int(out.split("rounds ")[1].split()[0])
+    calls = int(out.split("calls ")[1].split()[0])
+    assert rounds >= 2 and calls >= 8 * rounds, out  # the head at every draft level and catch-up
