@@ -1,4 +1,4 @@
-"""The fp8 draft head's product: the package's Triton kernel (`kernels.fp8_head_product`) against torch's row-scaled
+"""The fp8 draft head's product: the package's Triton kernel (`kernels.fp8_product`) against torch's row-scaled
 float8 GEMM (`torch._scaled_mm`, the package's product before it and still its CPU one) and the bf16 head (issue 13).
 
 `torch._scaled_mm` needs the ~10 hidden-state rows of a tree level quantized to e4m3 first (a reduction and a cast)
@@ -11,7 +11,7 @@ converts them in registers and multiplies them with the hidden states as they ar
 
 Measured on an H100 on 2026-12-06 (results/README.md): 52 against 73 us (`_scaled_mm`) and 98 (bf16) at LLaVA's
 head, 203 / 232 / 383 at Qwen2.5-VL's, 367 / 408 / 710 at Gemma 3's; 32 head rows a program was fastest at all three,
-and is the package's setting. The package uses the kernel since then (`kernels.FP8_HEAD_KERNEL`).
+and is the package's setting. The package uses the kernel since then (`kernels.FP8_KERNEL`).
 """
 
 from __future__ import annotations
@@ -30,26 +30,30 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 from specvlm_hf import kernels  # noqa: E402
-from specvlm_hf.kernels import fp8_head_product  # noqa: E402
+from specvlm_hf.kernels import fp8_product  # noqa: E402
 from specvlm_hf.modeling_specvlm_draft import fp8_logits, fp8_rows_padded  # noqa: E402
 
-SHAPES = {  # (rows of a tree level, hidden, vocabulary)
+SHAPES = {  # (rows of a tree level, hidden, vocabulary; or, for the draft's own products, input and output width)
     "llava-7b": (10, 4096, 32064),
     "qwen2.5-vl-7b": (10, 3584, 152064),
     "gemma-3-12b": (10, 3840, 262208),
+    "llava-7b-fc": (10, 8192, 4096),  # the draft's own products (`use_fp8_weights`), LLaVA-1.5-7B's draft layer
+    "llava-7b-q": (10, 4096, 4096),  # (q, k, v and o alike)
+    "llava-7b-gate": (10, 4096, 11008),  # (gate and up alike)
+    "llava-7b-down": (10, 11008, 4096),
 }
 
 
 def fp8_head_kernel(hidden_states, weight, scale, count: int, block_n: int | None = None) -> torch.Tensor:
-    """The package's kernel (`kernels.fp8_head_product`), with `block_n` head rows a program when given."""
+    """The package's kernel (`kernels.fp8_product`), with `block_n` head rows a program when given."""
     if block_n is None:
-        return fp8_head_product(hidden_states, weight, scale, count)
+        return fp8_product(hidden_states, weight, scale, count)
     out = torch.empty(hidden_states.shape[0], count, dtype=torch.float32, device=hidden_states.device)
-    previous, kernels.FP8_HEAD_COLUMNS = kernels.FP8_HEAD_COLUMNS, block_n
+    previous, kernels.FP8_COLUMNS = kernels.FP8_COLUMNS, block_n
     try:
-        kernels.launch_fp8_head(hidden_states, weight, scale, count, out)
+        kernels.launch_fp8(hidden_states, weight, scale, count, out)
     finally:
-        kernels.FP8_HEAD_COLUMNS = previous
+        kernels.FP8_COLUMNS = previous
     return out
 
 
@@ -62,9 +66,9 @@ def check(device: str) -> dict:
     hidden = hidden.to(device)
     exact = hidden.float() @ (weight.float() * scale.t())[:count].t()
     ours = fp8_head_kernel(hidden.to(torch.bfloat16), weight, scale, count)
-    kernels.FP8_HEAD_KERNEL = False
+    kernels.FP8_KERNEL = False
     package = fp8_logits(hidden.to(torch.bfloat16), weight, scale, count).float()
-    kernels.FP8_HEAD_KERNEL = True
+    kernels.FP8_KERNEL = True
     reference = hidden.float() @ head.to(device).t()
     relative = lambda values: ((values - reference).norm() / reference.norm()).item()  # noqa: E731
     result = {
@@ -88,9 +92,9 @@ def timing(name: str) -> dict:
     weight, scale, count = fp8_rows_padded(head, "cuda")
     row = {"shape": name, "rows_x_hidden_x_vocab": [rows, hidden, vocab], "head_MB_bf16": head.numel() * 2 / 1e6}
     row["bf16_us"] = per_call_us(lambda: torch.nn.functional.linear(states, head))
-    kernels.FP8_HEAD_KERNEL = False  # the package's product before the kernel: torch._scaled_mm
+    kernels.FP8_KERNEL = False  # the package's product before the kernel: torch._scaled_mm
     row["scaled_mm_us"] = per_call_us(lambda: fp8_logits(states, weight, scale, count))
-    kernels.FP8_HEAD_KERNEL = True
+    kernels.FP8_KERNEL = True
     for block_n in (32, 64, 128):
         row[f"triton_{block_n}_us"] = per_call_us(lambda: fp8_head_kernel(states, weight, scale, count, block_n))
     return row

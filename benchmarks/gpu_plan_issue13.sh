@@ -10,8 +10,8 @@
 # products won and are now the default; autotuning within noise; knobs' fp32 step did not finish in the call) and the
 # round's cost and profile (results/README.md). On an H100 2026-12-06 07:59-08:07 UTC: fp8 (fp8 pays only for the
 # wide products; the whole-draft swap cut the draft 0.56 ms, results/README.md). On an H200 2026-12-06 08:24-08:35
-# UTC: fp8_head and fp8_head_qwen (results/README.md). On an H100 2026-12-06 11:05-11:15 UTC: topk_ahead and
-# fp8_head_kernel (results/README.md). Next: ab; crash_nocudnn only if a crash comes back.
+# UTC: fp8_head and fp8_head_qwen (results/README.md). On an H100 2026-12-06 11:05-11:50 UTC: topk (as topk_ahead),
+# fp8_head_kernel and ab (results/README.md). Next: crash_nocudnn only if a crash comes back.
 # Stages, in the order they were planned (the first is a correctness question, and decides whether the others' figures
 # hold):
 #   crash    first gpu_cublas_workspace.py (~1 min): whether graphs sharing torch's cuBLAS workspace break when CUDA
@@ -43,19 +43,22 @@
 #   fp8_head_kernel  the fp8 head's product as one Triton kernel on bf16 hidden states (fp8_head_triton.py) against
 #            bf16 and the package's torch._scaled_mm, at the LLaVA-7B, Qwen2.5-VL-7B and Gemma-3-12B head shapes; if it
 #            wins by more than noise, the package's `fp8_logits` should use it (~1 min)
-#   topk_ahead  the tree's top-k as the package's Triton op against torch's topk alone (gpu_topk.py, ~1 min), then
-#            the round with both of the 2026-12-06 afternoon changes (the op, `topk.FUSED`, and drafting the next tree
-#            before the host waits, `decoding.DRAFT_AHEAD`), without either and without both, with the fp32 check on
-#            the shipped settings (gpu_round_variants.py, ~7 min)
-#   ab       the round settings in one process, in turns (gpu_round_ab.py: shipped, without drafting ahead, with
-#            torch's topk, both, the fp8 head on the package's Triton kernel and on torch._scaled_mm, the fp8 head with
-#            an 8192-id vocabulary; ~8 min), so that cuts of a few tenths of a millisecond are not lost in the noise
-#            between processes
+#   topk     the tree's top-k as the package's Triton op against torch's topk alone (gpu_topk.py, ~1 min), then
+#            the round with the op (`kernels.FUSED`) and with torch's topk, with the fp32 check on the shipped settings
+#            (gpu_round_variants.py, ~6 min; run on 2026-12-06 as `topk_ahead`, with variants for a loop change since
+#            removed)
+#   ab       the round settings in one process, in turns (gpu_round_ab.py: shipped, with torch's topk, the fp8 head
+#            on the package's Triton kernel and on torch._scaled_mm, the fp8 head with an 8192-id vocabulary; ~7 min),
+#            so that cuts of a few tenths of a millisecond are not lost in the noise between processes
+#   fp8_weights  the draft's own products on fp8 copies of their weights (`draft.use_fp8_weights`, the package's
+#            Triton kernel): the products alone (fp8_head_triton.py at the 7B draft layer's shapes, ~1 min), the fp32
+#            check with the fp8 head and weights beside it, then the round in one process in turns (gpu_round_ab.py:
+#            shipped, fp8 head, fp8 head and weights, both with an 8192-id vocabulary; ~7 min)
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs (round.AUTOTUNE_GEMMS beside the default,
 #            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk_ahead|ab OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk|ab|fp8_weights OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -111,15 +114,29 @@ case "$stage" in
     python benchmarks/gpu_families.py --shapes qwen2.5-vl-7b --labels full_vocab,full_vocab_fp8_head \
       --out "$out/families_fp8_head.json" 2>&1 | tee "$out/families_fp8_head.log"
     ;;
-  topk_ahead)
+  topk)
     python benchmarks/gpu_topk.py --out "$out/topk.json" 2>&1 | tee "$out/topk.log"
-    python benchmarks/gpu_round_variants.py --variants default,before_topk_ahead,no_fused_top_k,no_draft_ahead \
-      --fp32-check --fp32-variant default --compile-seconds 330 --deadline 500 --out "$out/topk_ahead" 2>&1 |
-      grep -v "^SUMMARY" | tee "$out/topk_ahead.log"
+    python benchmarks/gpu_round_variants.py --variants default,torch_topk --fp32-check --fp32-variant default \
+      --compile-seconds 330 --deadline 500 --out "$out/topk" 2>&1 | grep -v "^SUMMARY" | tee "$out/topk.log"
     ;;
   ab)
     TORCHINDUCTOR_COMPILE_THREADS=16 python benchmarks/gpu_round_ab.py --warm-seconds 420 --out "$out/ab.json" 2>&1 |
       grep -v "UserWarning\|return func\|warnings.warn" | tee "$out/ab.log"
+    ;;
+  fp8_weights)
+    (cd benchmarks && python -c "
+import json, gpu_long_running as g
+g.FP8_HEAD = True
+build = g.build
+g.build = lambda dtype=None: (lambda t, d: (t, d.use_fp8_weights()))(*build(dtype))
+print('FP32CHECK', json.dumps(g.fp32_equality_rows((40, 300, 601, 900, 1500), 96)))
+" > "$out/fp32_fp8_weights.log" 2>&1) &
+    python benchmarks/fp8_head_triton.py --out "$out/fp8_products.json" 2>&1 | tee "$out/fp8_products.log"
+    TORCHINDUCTOR_COMPILE_THREADS=16 python benchmarks/gpu_round_ab.py --settings shipped,fp8_head,fp8_all,fp8_all_vocab8k \
+      --warm-seconds 360 --out "$out/ab_fp8_weights.json" 2>&1 |
+      grep -v "UserWarning\|return func\|warnings.warn" | tee "$out/ab_fp8_weights.log"
+    wait
+    grep FP32CHECK "$out/fp32_fp8_weights.log" || tail -5 "$out/fp32_fp8_weights.log"
     ;;
   fp8_head_kernel)
     python benchmarks/fp8_head_triton.py --out "$out/fp8_head_triton.json" 2>&1 | tee "$out/fp8_head_triton.log"

@@ -8,18 +8,20 @@ measures them in turns, `--turns` times each, a compiled static-cache token of p
 medians per setting. Settings (`--settings`, comma-separated, in this order):
 
 - `shipped`: the package's defaults;
-- `no_draft_ahead`: `decoding.DRAFT_AHEAD = ()` (the host waits for a round's acceptance before queueing the next
-  tree);
-- `torch_topk`: `kernels.FUSED = False` (tree levels take `torch.topk`);
-- `before`: both (the shipped round before 2026-12-06 afternoon);
+- `torch_topk`: `kernels.FUSED = False` (tree levels take `torch.topk`: the shipped round before 2026-12-06
+  afternoon);
 - `fp8_head`: a second draft on `use_fp8_head()` (the package's Triton head kernel);
-- `fp8_head_scaled_mm`: that draft with `kernels.FP8_HEAD_KERNEL = False` (torch's float8 GEMM, the quantized hidden
+- `fp8_head_scaled_mm`: that draft with `kernels.FP8_KERNEL = False` (torch's float8 GEMM, the quantized hidden
   states);
-- `fp8_head_vocab8k`: a third draft scoring 8192 ids, on the fp8 head.
+- `fp8_head_vocab8k`: a third draft scoring 8192 ids, on the fp8 head;
+- `fp8_all`: a draft on the fp8 head and fp8 copies of its own weights (`use_fp8_weights`); `fp8_all_vocab8k`: the
+  same scoring 8192 ids.
 
     python benchmarks/gpu_round_ab.py --out $OUT/ab.json
 
-Settings not warm by `--warm-seconds` are left out (the JSON says which).
+Settings not warm by `--warm-seconds` are left out (the JSON says which). The run of 2026-12-06 (H100,
+`results/gpu_round_ab_h100.json`) also had `no_draft_ahead` and `before`: a loop that queued the next tree before the
+host waited (`decoding.DRAFT_AHEAD`, since removed: it changed nothing measurable).
 """
 
 from __future__ import annotations
@@ -38,21 +40,33 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import gpu_long_running  # noqa: E402
 from gpu_fast_path import plain_ms_per_token, tree_round  # noqa: E402
-from specvlm_hf import SpecVLMDraftModel, decoding, kernels  # noqa: E402
+from specvlm_hf import SpecVLMDraftModel, kernels  # noqa: E402
 from specvlm_hf.bench import software_versions  # noqa: E402
 
-SETTINGS = ("shipped", "no_draft_ahead", "torch_topk", "before", "fp8_head", "fp8_head_scaled_mm", "fp8_head_vocab8k")
-SHIPPED = {"fused": kernels.FUSED, "fp8_kernel": kernels.FP8_HEAD_KERNEL, "ahead": decoding.DRAFT_AHEAD}
+SETTINGS = (
+    "shipped",
+    "torch_topk",
+    "fp8_head",
+    "fp8_head_scaled_mm",
+    "fp8_head_vocab8k",
+    "fp8_all",
+    "fp8_all_vocab8k",
+)
+DRAFT_OF = {  # setting -> (draft, its vocabulary size or None, fp8 weights)
+    "fp8_head": ("fp8", None, False),
+    "fp8_head_scaled_mm": ("fp8", None, False),
+    "fp8_head_vocab8k": ("fp8_vocab8k", 8192, False),
+    "fp8_all": ("fp8_all", None, True),
+    "fp8_all_vocab8k": ("fp8_all_vocab8k", 8192, True),
+}
+SHIPPED = {"fused": kernels.FUSED, "fp8_kernel": kernels.FP8_KERNEL}
 
 
 def apply(name: str, drafts: dict):
     """Sets the package's switches for setting `name`; returns the draft it decodes with."""
-    kernels.FUSED = SHIPPED["fused"] and name not in ("torch_topk", "before")
-    kernels.FP8_HEAD_KERNEL = SHIPPED["fp8_kernel"] and name != "fp8_head_scaled_mm"
-    decoding.DRAFT_AHEAD = () if name in ("no_draft_ahead", "before") else SHIPPED["ahead"]
-    if name.startswith("fp8_head"):
-        return drafts["fp8_vocab8k" if name == "fp8_head_vocab8k" else "fp8"]
-    return drafts["plain"]
+    kernels.FUSED = SHIPPED["fused"] and name != "torch_topk"
+    kernels.FP8_KERNEL = SHIPPED["fp8_kernel"] and name != "fp8_head_scaled_mm"
+    return drafts[DRAFT_OF[name][0]] if name in DRAFT_OF else drafts["plain"]
 
 
 def main() -> None:
@@ -71,10 +85,11 @@ def main() -> None:
     start = time.perf_counter()
     target, plain = gpu_long_running.build()
     drafts = {"plain": plain}
-    if any(n.startswith("fp8_head") and n != "fp8_head_vocab8k" for n in names):
-        drafts["fp8"] = SpecVLMDraftModel.from_target(target).use_fp8_head()
-    if "fp8_head_vocab8k" in names:
-        drafts["fp8_vocab8k"] = SpecVLMDraftModel.from_target(target, draft_vocab_size=8192).use_fp8_head()
+    for name in names:
+        if name in DRAFT_OF and DRAFT_OF[name][0] not in drafts:
+            key, vocab, weights = DRAFT_OF[name]
+            draft = SpecVLMDraftModel.from_target(target, **({"draft_vocab_size": vocab} if vocab else {}))
+            drafts[key] = draft.use_fp8_head().use_fp8_weights(weights)
     inputs = gpu_long_running.make_inputs(args.length, torch.Generator().manual_seed(0))
     result = {
         **software_versions(),

@@ -11,9 +11,8 @@ Variants (`--variants`, comma-separated; default `default,separate,vocab8k`):
 - `default`: the fast path as shipped (its compiles merge repeated computations, `round.MERGE_REPEATED`, and join
   the products of q/k/v and of gate/up, `round.JOIN_PROJECTIONS`, on since 2026-12-06); a variant sets only the
   switches it names, the others keep their shipped values;
-- `before_topk_ahead`: the shipped round before 2026-12-06 afternoon: torch's `topk` in the tree
-  (`topk.FUSED = False`) and no drafting ahead (`decoding.DRAFT_AHEAD = ()`); `no_fused_top_k`, `no_draft_ahead`:
-  each of the two off alone;
+- `torch_topk`: tree levels on torch's `topk` (`kernels.FUSED = False`: the shipped round before 2026-12-06
+  afternoon);
 - `separate`: without joined products (the shipped round before 2026-12-06; joined: `round.JOIN_PROJECTIONS`, q/k/v
   and gate/up weights laid out in one storage each, the modules staying, and their products joined into one GEMM by
   the round's inductor pass; the variants `joined` and `joined_vocab8k` of the 2026-12-06 results are today's
@@ -61,9 +60,7 @@ import warnings
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {  # in the order they run (a GPU too small for all at once runs them in waves)
     "default": {},
-    "before_topk_ahead": {"fused_top_k": False, "draft_ahead": False},
-    "no_fused_top_k": {"fused_top_k": False},
-    "no_draft_ahead": {"draft_ahead": False},
+    "torch_topk": {"fused_top_k": False},
     "separate": {"join": False},
     "autotune_gemms": {"join": False, "autotune_gemms": True},
     "fp8_draft": {"fp8_draft": True},
@@ -134,11 +131,9 @@ def apply_round_settings(spec: dict) -> None:
     import gpu_long_running
 
     gpu_long_running.FP8_HEAD = spec.get("fp8_head", False)  # a draft setting, applied where drafts are built
-    from specvlm_hf import decoding, topk
+    from specvlm_hf import kernels
 
-    topk.FUSED = spec.get("fused_top_k", topk.FUSED)
-    if not spec.get("draft_ahead", True):
-        decoding.DRAFT_AHEAD = ()
+    kernels.FUSED = spec.get("fused_top_k", kernels.FUSED)
     if spec.get("verify_attention"):
         round_module.VERIFY_ATTENTION = register_attention(spec["verify_attention"])
 

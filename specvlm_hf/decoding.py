@@ -45,10 +45,6 @@ from .tensor_parallel import RankAgreement
 from .tree import DraftTree
 from .verify import Acceptance, greedy_path, pack_acceptance, sampling_path, unpack_acceptance
 
-# device types on which `run_rounds` queues the next round's tree before waiting for the round's acceptance (the
-# host can run ahead of a GPU; on the CPU every call runs at once, so drafting ahead only adds a tree after the last
-# round)
-DRAFT_AHEAD = ("cuda",)
 # warpers that read only the scores, never the sequence: the whole tree is processed in one call
 _SEQUENCE_FREE_PROCESSORS = (
     TemperatureLogitsWarper,
@@ -461,30 +457,22 @@ class RowsDecoding(Decoding):
 
 def run_rounds(decoding: Decoding, round: SpeculativeRound, clock: PhaseClock) -> None:
     """Rounds until generation stops: tree, verify, acceptance on the device, one transfer to the host started
-    before the commit, and one wait, on that transfer, while the commit runs. On the devices of `DRAFT_AHEAD` the
-    next round's tree is queued before that wait (it needs only the commit, not the host's bookkeeping), so the
-    device drafts while the host records the round; a tree queued after the last round, or before a batch changed
-    its rows, is dropped (drafting rewinds the draft's cache and writes no other state)."""
+    before the commit, and one wait, on that transfer, while the commit runs."""
     pending = PendingAcceptance(decoding.input_ids.device)
-    ahead = decoding.input_ids.device.type in DRAFT_AHEAD
-    tree = None
     while not decoding.finished:
-        if tree is None:
-            tree = round.draft_tree()
-            clock.lap("draft")
+        tree = round.draft_tree()
+        clock.lap("draft")
         logits, _ = round.verify()
         scores, path = decoding.accept(tree, logits)
         pending.send(pack_acceptance(tree, *path))
         clock.lap("verify")
         round.commit(*path)
-        tree = round.draft_tree() if ahead else None
         clock.lap("draft")
         decoding.record(pending.receive(), scores, logits)
         keep = decoding.rows_to_keep()
         if keep is not None:  # a batch: rows that finished leave it (or are masked, or move to a smaller batch)
             round, held = round.select(keep)
             decoding.hold(held)
-            tree = None  # drafted for the rows before
 
 
 def _cache_key(model_kwargs: dict) -> str:

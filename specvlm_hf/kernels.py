@@ -9,8 +9,8 @@
   op 9-11 us (`benchmarks/gpu_topk.py`, results/README.md). Ties go to the smaller index (torch leaves their order
   unspecified; no tree changes an output, since every tree is verified exactly); NaN ranks first, as in torch, and
   is returned as `inf`.
-- `fp8_head_product(hidden, weight, scale, count)`: the fp8 draft head's logits (`draft.use_fp8_head`): the
-  op `specvlm::fp8_head_product`, one kernel that reads the head's e4m3 rows once, converts them in registers and
+- `fp8_product(hidden, weight, scale, count)`: the fp8 draft head's logits (`draft.use_fp8_head`): the
+  op `specvlm::fp8_product`, one kernel that reads the head's e4m3 rows once, converts them in registers and
   multiplies them with the hidden states as they are (bf16), then applies each row's scale. Against torch's
   row-scaled float8 GEMM, which needs the hidden states quantized first (a reduction and a cast), on an H100 at a
   tree level's 10 rows: 52 against 73 us at LLaVA's head, 203 against 232 at Qwen2.5-VL's, 367 against 408 at
@@ -31,9 +31,9 @@ import torch
 
 # whether tree levels take their top k with `specvlm::top_k_rows` where it runs (else `torch.topk`)
 FUSED = True
-# whether the fp8 draft head multiplies with `specvlm::fp8_head_product` where it runs (else `torch._scaled_mm` with
+# whether the fp8 draft head multiplies with `specvlm::fp8_product` where it runs (else `torch._scaled_mm` with
 # the hidden states quantized to e4m3 per row, `modeling_specvlm_draft.fp8_logits`)
-FP8_HEAD_KERNEL = True
+FP8_KERNEL = True
 
 
 def triton_available() -> bool:
@@ -51,14 +51,14 @@ def fused_top_k_usable(device: torch.device) -> bool:
     return FUSED and _runs_kernels(device) and triton_available()
 
 
-def fp8_head_kernel_usable(device: torch.device) -> bool:
-    """Whether the fp8 draft head runs `fp8_head_product` on `device` (else `torch._scaled_mm`)."""
-    return FP8_HEAD_KERNEL and _runs_kernels(device) and triton_available()
+def fp8_kernel_usable(device: torch.device) -> bool:
+    """Whether the fp8 draft head runs `fp8_product` on `device` (else `torch._scaled_mm`)."""
+    return FP8_KERNEL and _runs_kernels(device) and triton_available()
 
 
 def choices(device: torch.device) -> tuple[bool, bool]:
     """What a round built now on `device` runs (part of its fast path's key): the fused top-k, the fp8 head kernel."""
-    return fused_top_k_usable(device), fp8_head_kernel_usable(device)
+    return fused_top_k_usable(device), fp8_kernel_usable(device)
 
 
 # ------------------------------------------------------------------------------------------------------- top-k
@@ -98,24 +98,24 @@ def launch_top_k(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.T
 
 
 # ------------------------------------------------------------------------------------------------- fp8 head
-FP8_HEAD_ROWS = 16  # hidden-state rows a program multiplies (`tl.dot`'s smallest tile); more rows: more programs
-FP8_HEAD_COLUMNS = 32  # head rows a program reads (32, 64, 128 timed on an H100: 32 was fastest at every shape)
+FP8_ROWS = 16  # hidden-state rows a program multiplies (`tl.dot`'s smallest tile); more rows: more programs
+FP8_COLUMNS = 32  # head rows a program reads (32, 64, 128 timed on an H100: 32 was fastest at every shape)
 
 
-def fp8_head_product(hidden: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, count: int) -> torch.Tensor:
+def fp8_product(hidden: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, count: int) -> torch.Tensor:
     """`hidden (m, d) @ (weight * scale.T)[:count].T` in float32, for `weight (n, d)` e4m3 rows with float32 scales
     `(1, n)`, `n >= count` (`modeling_specvlm_draft.fp8_rows_padded`); the hidden states in their own dtype."""
     _ops()
-    return torch.ops.specvlm.fp8_head_product(hidden.contiguous(), weight, scale, count)
+    return torch.ops.specvlm.fp8_product(hidden.contiguous(), weight, scale, count)
 
 
-def launch_fp8_head(hidden, weight, scale, count: int, out: torch.Tensor) -> None:
+def launch_fp8(hidden, weight, scale, count: int, out: torch.Tensor) -> None:
     """The fp8 head kernel into `out` `(m, count)` float32: the custom op's body."""
     rows, width = hidden.shape
-    grid = (-(-count // FP8_HEAD_COLUMNS), -(-rows // FP8_HEAD_ROWS))
+    grid = (-(-count // FP8_COLUMNS), -(-rows // FP8_ROWS))
     _kernels().fp8_head[grid](
         hidden, weight, scale, out, rows, count, hidden.stride(0), weight.stride(0), out.stride(0),
-        HIDDEN=width, BLOCK_M=FP8_HEAD_ROWS, BLOCK_N=FP8_HEAD_COLUMNS, BLOCK_K=128,
+        HIDDEN=width, BLOCK_M=FP8_ROWS, BLOCK_N=FP8_COLUMNS, BLOCK_K=128,
         # the interpreter multiplies bf16 `tl.dot` operands as their raw bits; float32 hidden states stay float32
         FP32=os.environ.get("TRITON_INTERPRET") == "1" or hidden.dtype == torch.float32,
     )  # fmt: skip
@@ -201,7 +201,7 @@ def _kernels():
 
 
 def _ops():
-    """Registers `torch.ops.specvlm.top_k_rows` and `.fp8_head_product` on first use (None without Triton)."""
+    """Registers `torch.ops.specvlm.top_k_rows` and `.fp8_product` on first use (None without Triton)."""
     global _OPS
     if _OPS is not False:
         return _OPS
@@ -220,15 +220,13 @@ def _ops():
     def _(x, k):
         return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.long)
 
-    @torch.library.custom_op("specvlm::fp8_head_product", mutates_args=())
-    def fp8_head_product_op(
-        hidden: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, count: int
-    ) -> torch.Tensor:
+    @torch.library.custom_op("specvlm::fp8_product", mutates_args=())
+    def fp8_product_op(hidden: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, count: int) -> torch.Tensor:
         out = torch.empty(hidden.shape[0], count, dtype=torch.float32, device=hidden.device)
-        launch_fp8_head(hidden, weight, scale, count, out)
+        launch_fp8(hidden, weight, scale, count, out)
         return out
 
-    @fp8_head_product_op.register_fake
+    @fp8_product_op.register_fake
     def _(hidden, weight, scale, count):
         return hidden.new_empty(hidden.shape[0], count, dtype=torch.float32)
 

@@ -322,7 +322,7 @@ class SpeculativeRound:
         self.merge_repeated = MERGE_REPEATED  # read by `precompile` (inductor compiles ahead of time)
         self.join_projections = JOIN_PROJECTIONS
         self.autotune_gemms = AUTOTUNE_GEMMS
-        self.fused_top_k, self.fp8_head_kernel = kernels.choices(device)  # where the package's kernels run
+        self.fused_top_k, self.fp8_kernel = kernels.choices(device)  # where the package's kernels run
         if compile and JOIN_PROJECTIONS and AUTOTUNE_GEMMS:
             raise ValueError(
                 "specvlm_hf.round.JOIN_PROJECTIONS and AUTOTUNE_GEMMS cannot both be on: inductor times each joined "
@@ -364,6 +364,7 @@ class SpeculativeRound:
             *draft.buffers(),
             *([draft._head_rows] if draft._head_rows is not None else []),
             *(draft._fp8_head[:2] if draft._fp8_head is not None else ()),
+            *draft.fp8_weights,
         )
         weights = hash(tuple(t.data_ptr() for t in tensors))
         return (

@@ -485,13 +485,14 @@ def test_join_adjacent_products_joins_weights_that_follow_each_other():
         removed, joined = [], []
         torch._dynamo.reset()
         got = torch.compile(f, backend=hf_internals.aot_eager_merging_backend(removed, joined))(x)
-        torch.testing.assert_close(got, f(x))
+        # one joined product rounds its sums apart from three (BLAS blocks them by the output's width)
+        torch.testing.assert_close(got, f(x), rtol=1e-5, atol=1e-5)
         assert joined == ([2] if join else [0])
         backend = hf_internals.inductor_backend(hf_internals.inductor_options(True, join=True))
         torch._dynamo.reset()
         got, code = run_and_get_code(torch.compile(f, backend=backend), x)
         torch._dynamo.reset()
-        torch.testing.assert_close(got, f(x))
+        torch.testing.assert_close(got, f(x), rtol=1e-5, atol=1e-5)
         assert "".join(code).count("mm(") == (1 if join else 3), (join, bias)
     assert hf_internals.merge_repeated_pass(True) is not hf_internals.merge_repeated_pass()
     assert hf_internals.inductor_options(False, join=True)["post_grad_custom_pre_pass"] is (
