@@ -11,7 +11,8 @@ converts them in registers and multiplies them with the hidden states as they ar
 
 Measured on an H100 on 2026-12-06 (results/README.md): 52 against 73 us (`_scaled_mm`) and 98 (bf16) at LLaVA's
 head, 203 / 232 / 383 at Qwen2.5-VL's, 367 / 408 / 710 at Gemma 3's; 32 head rows a program was fastest at all three,
-and is the package's setting. The package uses the kernel since then (`kernels.FP8_KERNEL`).
+and is the package's setting. The package uses the kernel since then (`kernels.FP8_KERNEL`). The same kernel on the
+7B draft layer's own products (`llava-7b-fc`, `-q`, `-gate`, `-down`) did not pay (results/README.md).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ SHAPES = {  # (rows of a tree level, hidden, vocabulary; or, for the draft's own
     "llava-7b": (10, 4096, 32064),
     "qwen2.5-vl-7b": (10, 3584, 152064),
     "gemma-3-12b": (10, 3840, 262208),
-    "llava-7b-fc": (10, 8192, 4096),  # the draft's own products (`use_fp8_weights`), LLaVA-1.5-7B's draft layer
+    "llava-7b-fc": (10, 8192, 4096),  # the draft's own products, LLaVA-1.5-7B's draft layer (weights in fp8 too?)
     "llava-7b-q": (10, 4096, 4096),  # (q, k, v and o alike)
     "llava-7b-gate": (10, 4096, 11008),  # (gate and up alike)
     "llava-7b-down": (10, 11008, 4096),

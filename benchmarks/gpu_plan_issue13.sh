@@ -11,7 +11,9 @@
 # round's cost and profile (results/README.md). On an H100 2026-12-06 07:59-08:07 UTC: fp8 (fp8 pays only for the
 # wide products; the whole-draft swap cut the draft 0.56 ms, results/README.md). On an H200 2026-12-06 08:24-08:35
 # UTC: fp8_head and fp8_head_qwen (results/README.md). On an H100 2026-12-06 11:05-11:50 UTC: topk (as topk_ahead),
-# fp8_head_kernel and ab (results/README.md). Next: crash_nocudnn only if a crash comes back.
+# fp8_head_kernel and ab; then, 11:45 UTC, a stage for fp8 copies of the draft's own weights (a `use_fp8_weights` on
+# the head's kernel: it did not pay and was removed; results/README.md). Next: crash_nocudnn only if a crash comes
+# back.
 # Stages, in the order they were planned (the first is a correctness question, and decides whether the others' figures
 # hold):
 #   crash    first gpu_cublas_workspace.py (~1 min): whether graphs sharing torch's cuBLAS workspace break when CUDA
@@ -50,15 +52,11 @@
 #   ab       the round settings in one process, in turns (gpu_round_ab.py: shipped, with torch's topk, the fp8 head
 #            on the package's Triton kernel and on torch._scaled_mm, the fp8 head with an 8192-id vocabulary; ~7 min),
 #            so that cuts of a few tenths of a millisecond are not lost in the noise between processes
-#   fp8_weights  the draft's own products on fp8 copies of their weights (`draft.use_fp8_weights`, the package's
-#            Triton kernel): the products alone (fp8_head_triton.py at the 7B draft layer's shapes, ~1 min), the fp32
-#            check with the fp8 head and weights beside it, then the round in one process in turns (gpu_round_ab.py:
-#            shipped, fp8 head, fp8 head and weights, both with an 8192-id vocabulary; ~7 min)
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs (round.AUTOTUNE_GEMMS beside the default,
 #            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk|ab|fp8_weights OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk|ab OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -122,21 +120,6 @@ case "$stage" in
   ab)
     TORCHINDUCTOR_COMPILE_THREADS=16 python benchmarks/gpu_round_ab.py --warm-seconds 420 --out "$out/ab.json" 2>&1 |
       grep -v "UserWarning\|return func\|warnings.warn" | tee "$out/ab.log"
-    ;;
-  fp8_weights)
-    (cd benchmarks && python -c "
-import json, gpu_long_running as g
-g.FP8_HEAD = True
-build = g.build
-g.build = lambda dtype=None: (lambda t, d: (t, d.use_fp8_weights()))(*build(dtype))
-print('FP32CHECK', json.dumps(g.fp32_equality_rows((40, 300, 601, 900, 1500), 96)))
-" > "$out/fp32_fp8_weights.log" 2>&1) &
-    python benchmarks/fp8_head_triton.py --out "$out/fp8_products.json" 2>&1 | tee "$out/fp8_products.log"
-    TORCHINDUCTOR_COMPILE_THREADS=16 python benchmarks/gpu_round_ab.py --settings shipped,fp8_head,fp8_all,fp8_all_vocab8k \
-      --warm-seconds 360 --out "$out/ab_fp8_weights.json" 2>&1 |
-      grep -v "UserWarning\|return func\|warnings.warn" | tee "$out/ab_fp8_weights.log"
-    wait
-    grep FP32CHECK "$out/fp32_fp8_weights.log" || tail -5 "$out/fp32_fp8_weights.log"
     ;;
   fp8_head_kernel)
     python benchmarks/fp8_head_triton.py --out "$out/fp8_head_triton.json" 2>&1 | tee "$out/fp8_head_triton.log"

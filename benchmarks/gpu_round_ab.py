@@ -13,15 +13,15 @@ medians per setting. Settings (`--settings`, comma-separated, in this order):
 - `fp8_head`: a second draft on `use_fp8_head()` (the package's Triton head kernel);
 - `fp8_head_scaled_mm`: that draft with `kernels.FP8_KERNEL = False` (torch's float8 GEMM, the quantized hidden
   states);
-- `fp8_head_vocab8k`: a third draft scoring 8192 ids, on the fp8 head;
-- `fp8_all`: a draft on the fp8 head and fp8 copies of its own weights (`use_fp8_weights`); `fp8_all_vocab8k`: the
-  same scoring 8192 ids.
+- `fp8_head_vocab8k`: a third draft scoring 8192 ids, on the fp8 head.
 
     python benchmarks/gpu_round_ab.py --out $OUT/ab.json
 
 Settings not warm by `--warm-seconds` are left out (the JSON says which). The run of 2026-12-06 (H100,
 `results/gpu_round_ab_h100.json`) also had `no_draft_ahead` and `before`: a loop that queued the next tree before the
-host waited (`decoding.DRAFT_AHEAD`, since removed: it changed nothing measurable).
+host waited (`decoding.DRAFT_AHEAD`, since removed: it changed nothing measurable); a later run
+(`gpu_round_ab_fp8_weights_h100.json`) had `fp8_all` and `fp8_all_vocab8k`, a draft whose own products also read fp8
+copies of their weights (`use_fp8_weights`, since removed: it did not pay).
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def main() -> None:
     drafts = {"plain": plain}
     for name in names:
         if name in DRAFT_OF and DRAFT_OF[name][0] not in drafts:
-            key, vocab, weights = DRAFT_OF[name]
+            key, vocab = DRAFT_OF[name]
             draft = SpecVLMDraftModel.from_target(target, **({"draft_vocab_size": vocab} if vocab else {}))
-            drafts[key] = draft.use_fp8_head().use_fp8_weights(weights)
+            drafts[key] = draft.use_fp8_head()
     inputs = gpu_long_running.make_inputs(args.length, torch.Generator().manual_seed(0))
     result = {
         **software_versions(),

@@ -75,26 +75,6 @@ def fp8_logits(hidden_states: torch.Tensor, weight: torch.Tensor, scale: torch.T
     return logits.to(hidden_states.dtype).reshape(*hidden_states.shape[:-1], count)
 
 
-class Fp8Linear(nn.Linear):
-    """A draft's `nn.Linear` multiplying with an e4m3 copy of its weight (`SpecVLMDraftModel.use_fp8_weights`):
-    `_specvlm_fp8` holds the e4m3 rows, their scales and the output width (`fp8_rows_padded`). Its parameters are
-    the module's own, unchanged (saved, trained and moved as before); only `forward` differs. On a GPU the product
-    is one kernel of `kernels.fp8_product` (the inputs as they are); elsewhere the dequantized weight's product."""
-
-    _specvlm_fp8: tuple
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        weight, scale, count = self._specvlm_fp8
-        flat = inputs.reshape(-1, inputs.shape[-1])
-        if fp8_kernel_usable(flat.device):
-            out = fp8_product(flat, weight, scale, count)
-        else:
-            out = nn.functional.linear(flat.float(), (weight.float() * scale.t())[:count])
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(inputs.dtype).reshape(*inputs.shape[:-1], count)
-
-
 @dataclass
 class SpecVLMDraftOutput(ModelOutput):
     """Output of [`SpecVLMDraftModel.forward`].
@@ -182,7 +162,6 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
         self._head_rows: torch.Tensor | None = None  # the target lm_head's rows of `draft_vocab`
         self._fp8_head: tuple[torch.Tensor, torch.Tensor, int] | None = None  # e4m3 rows, scales, rows scored
         self._fp8_wanted = False  # `use_fp8_head`: a runtime setting, not saved
-        self._fp8_weights_device = None  # `use_fp8_weights`: where the e4m3 copies were made (None: off)
         self._head_rows_key = None
         self._no_split_modules = list(getattr(self.model, "_no_split_modules", None) or [])
         self._cache_argument = cache_argument_name(self.model.forward)
@@ -227,8 +206,6 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
             self.to(device=weight.device, dtype=weight.dtype)
         if self._gather_head_rows() and self._fp8_wanted:
             self._check_fp8_head()  # once per copy of the rows (`generate` binds the draft at every call)
-        if self._fp8_weights_device is not None and self._fp8_weights_device != weight.device:
-            self.use_fp8_weights(False).use_fp8_weights()  # the copies follow the weights to their new device
         return self
 
     def set_draft_vocab(self, token_ids) -> "SpecVLMDraftModel":
@@ -308,51 +285,6 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
     def fp8_head(self) -> bool:
         """Whether the draft reads an e4m3 copy of its `lm_head` rows (`use_fp8_head`)."""
         return self._fp8_wanted
-
-    def use_fp8_weights(self, enabled: bool = True) -> "SpecVLMDraftModel":
-        """Makes the draft's own products (`fc` and its layers' projections) read e4m3 (float8) copies of their
-        weights, one scale per output row, the inputs as they are: half the bytes the draft reads at every tree
-        level besides its head (`use_fp8_head` does the head). On a GPU each product is one Triton kernel
-        (`kernels.fp8_product`); elsewhere the dequantized weight's product (slower than the weight's own).
-        Outputs stay exact: the target verifies every drafted token. Acceptance may move a little (the mini VLM's
-        drafts: see README). For decoding only (no gradients flow through the copies); not saved with the draft;
-        `use_fp8_weights(False)` goes back to the weights themselves. The copies are made from the weights' values
-        now (call it again after changing them), and again when `bind_target` moves the draft. A GPU without
-        float8 support (compute capability below 8.9) raises `UserError`, the draft left on its weights. A fast
-        path built before is rebuilt at the next call."""
-        linears = [self.fc] + [m for m in self.model.modules() if isinstance(m, nn.Linear)]
-        if not enabled:
-            for module in linears:
-                if type(module) is Fp8Linear:
-                    module.__class__ = nn.Linear
-                    del module._specvlm_fp8
-            self._fp8_weights_device = None
-            return self
-        if self._fp8_weights_device is not None:
-            return self  # unchanged: the copies keep their addresses (a fast path built on them stays)
-        device = self.fc.weight.device
-        for module in linears:
-            if type(module) is nn.Linear:
-                module._specvlm_fp8 = fp8_rows_padded(module.weight.detach(), device)
-                module.__class__ = Fp8Linear
-        self._fp8_weights_device = device
-        try:
-            with torch.no_grad():
-                self.fc(torch.ones(1, self.fc.in_features, device=device, dtype=self.fc.weight.dtype))
-        except Exception as error:  # Triton's compiler refuses float8 below compute capability 8.9
-            self.use_fp8_weights(False)
-            raise UserError(
-                f"this device cannot run fp8 draft weights: the float8 product failed on {device} "
-                f"({str(error).splitlines()[0][:200]}). It needs an NVIDIA GPU of compute capability 8.9 or newer "
-                f"(L4, L40S, H100, ...) or the CPU; decode without `use_fp8_weights` (the draft is back on its "
-                f"weights)."
-            ) from error
-        return self
-
-    @property
-    def fp8_weights(self) -> tuple[torch.Tensor, ...]:
-        """The e4m3 copies and scales `use_fp8_weights` made (empty when off): the fast path keys on them."""
-        return tuple(t for m in self.modules() if type(m) is Fp8Linear for t in m._specvlm_fp8[:2])
 
     def _check_fp8_head(self) -> None:
         """Runs the fp8 head once; a device without torch's row-scaled float8 product raises `UserError`, with the

@@ -220,7 +220,6 @@ def round_description(owner, function, backend) -> dict:
         "kernels": [getattr(owner, "fused_top_k", False), getattr(owner, "fp8_kernel", False)],
         "head_rows": draft._head_rows is not None,
         "fp8_head": draft._fp8_head is not None,
-        "fp8_weights": bool(draft.fp8_weights),
         "stacked_layers": getattr(owner.target_window, "stacked", None) is not None,
         "rows": owner.rows_of(owner.runner.window),
         "tree": [owner.top_k, owner.depth, owner.total_tokens],

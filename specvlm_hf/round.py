@@ -364,7 +364,6 @@ class SpeculativeRound:
             *draft.buffers(),
             *([draft._head_rows] if draft._head_rows is not None else []),
             *(draft._fp8_head[:2] if draft._fp8_head is not None else ()),
-            *draft.fp8_weights,
         )
         weights = hash(tuple(t.data_ptr() for t in tensors))
         return (

@@ -174,7 +174,7 @@ def test_the_fp8_head_kernel_equals_the_dequantized_head_product():
     assert out.count("shape ") == 4 and "compiled ok" in out
 
 
-def test_greedy_decoding_with_the_fp8_kernel_in_every_draft_product_equals_plain_generate():
+def test_greedy_decoding_with_the_fp8_head_kernel_equals_plain_generate():
     out = run_interpreted(
         """
         import torch
@@ -189,7 +189,7 @@ def test_greedy_decoding_with_the_fp8_kernel_in_every_draft_product_equals_plain
         generator = torch.Generator().manual_seed(6)
         rounds = 0
         for case, noise in enumerate((0.0, 0.003)):
-            draft = oracle_draft(target, noise=noise).use_fp8_head().use_fp8_weights()
+            draft = oracle_draft(target, noise=noise).use_fp8_head()
             inputs = random_inputs(target, generator, text_tokens=3 + case)
             kwargs = dict(do_sample=False, max_new_tokens=14)
             plain = target.generate(**inputs, **kwargs).tolist()
@@ -201,5 +201,4 @@ def test_greedy_decoding_with_the_fp8_kernel_in_every_draft_product_equals_plain
     )
     rounds = int(out.split("rounds ")[1].split()[0])
     calls = int(out.split("calls ")[1].split()[0])
-    # 8 draft forwards a round (7 tree levels, the catch-up), each with its head, `fc` and 7 products a layer
-    assert rounds >= 2 and calls >= 8 * 9 * rounds, out
+    assert rounds >= 2 and calls >= 8 * rounds, out  # the head at every draft forward (7 tree levels, the catch-up)

@@ -86,22 +86,16 @@ def _batch_of(inputs: dict, size: int) -> dict:
 
 
 def sample_first_tokens(
-    settings: dict,
-    mode: str = "tree",
-    family: str = "llava",
-    draft_vocab=None,
-    fp8_head: bool = False,
-    fp8_weights: bool = False,
+    settings: dict, mode: str = "tree", family: str = "llava", draft_vocab=None, fp8_head: bool = False
 ):
     """(plain samples, speculative samples, mean accepted tokens per round) of the first 3 new tokens;
-    `draft_vocab`: token ids of a reduced draft vocabulary; `fp8_head` / `fp8_weights`: the draft reads an e4m3 head /
-    e4m3 copies of its own weights."""
+    `draft_vocab`: token ids of a reduced draft vocabulary; `fp8_head`: the draft reads an e4m3 head."""
     target, inputs = _target_and_inputs(family)
     specvlm_hf.enable(target)
     draft = oracle_draft(target, **({"draft_vocab_size": len(draft_vocab)} if draft_vocab is not None else {}))
     if draft_vocab is not None:
         draft.set_draft_vocab(draft_vocab)
-    draft.use_fp8_head(fp8_head).use_fp8_weights(fp8_weights)
+    draft.use_fp8_head(fp8_head)
     draft.config.decoding_mode = mode.split("-")[0]
     draft.config.tree_top_k, draft.config.tree_depth, draft.config.tree_total_tokens = 4, 3, 20
     start = inputs["input_ids"].shape[1]

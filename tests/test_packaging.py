@@ -54,6 +54,7 @@ def test_save_and_load_round_trip(tmp_path):
         "compressor.py",
         "errors.py",
         "hf_internals.py",
+        "kernels.py",
         "packaging.py",
         "stats.py",
         "target.py",
