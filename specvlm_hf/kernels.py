@@ -142,7 +142,7 @@ def _kernels():
         parts = tl.num_programs(1)
         offs = part * BLOCK + tl.arange(0, BLOCK)
         inside = offs < width
-        v = tl.load(x_ptr + row * row_stride + offs, mask=inside, other=float("-inf")).to(tl.float32)
+        v = tl.load(x_ptr + row.to(tl.int64) * row_stride + offs, mask=inside, other=float("-inf")).to(tl.float32)
         v = tl.where(v == v, v, float("inf"))  # NaN ranks first, as in torch.topk
         alive = inside  # (2147483647 below: an index past every row, a pick when none is left)
         out = (row * parts + part) * K
@@ -183,7 +183,8 @@ def _kernels():
         for start in range(0, HIDDEN, BLOCK_K):  # the hidden size is a constant of the model: one compile a model
             k = start + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + m[:, None] * x_stride + k[None, :], mask=(m[:, None] < rows) & (k[None, :] < HIDDEN))
-            w = tl.load(w_ptr + n[:, None] * w_stride + k[None, :], mask=(n[:, None] < count) & (k[None, :] < HIDDEN))
+            w_rows = n.to(tl.int64)[:, None] * w_stride  # (a 262k x 5376 head passes 2**31 bytes)
+            w = tl.load(w_ptr + w_rows + k[None, :], mask=(n[:, None] < count) & (k[None, :] < HIDDEN))
             if FP32:
                 acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, StaticCache
 
+from . import kernels
 from .draft_runner import DraftRunner
 from .hf_internals import (
     clear_dynamic_marks,
@@ -50,7 +51,6 @@ from .joined_weights import join_projection_weights
 from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow, SharedBuffers
 from .precompile import PrecompileFailed, active_store
 from .target import unwrap_target
-from . import kernels
 from .tree import DraftTree, build_dynamic_tree, build_dynamic_trees
 from .verify_attention import check_name
 
