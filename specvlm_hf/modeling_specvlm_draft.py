@@ -268,14 +268,10 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
             )
         if bool(enabled) == self._fp8_wanted:
             return self  # unchanged: the rows keep their addresses (a fast path built on them stays)
-        self._fp8_wanted = bool(enabled)
-        self._drop_head_rows()
         try:
-            self._gather_head_rows()
+            self._set_head_rows(fp8=bool(enabled))
         except UserError:
-            self._fp8_wanted = not self._fp8_wanted  # refused: the draft stays as it was
-            self._drop_head_rows()
-            self._gather_head_rows()
+            self._set_head_rows(fp8=not enabled)  # refused: the draft stays as it was
             raise
         if self._fp8_wanted and self.is_bound:
             self._check_fp8_head()
@@ -296,9 +292,7 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
                     torch.ones(1, self.config.text_config.hidden_size, device=weight.device, dtype=weight.dtype)
                 )
         except Exception as error:  # torch's float8 product raises RuntimeError, Triton's compiler its own errors
-            self._fp8_wanted = False
-            self._drop_head_rows()
-            self._gather_head_rows()
+            self._set_head_rows(fp8=False)
             raise UserError(
                 f"this device cannot run the fp8 draft head: its float8 product failed on "
                 f"{weight.device} ({str(error).splitlines()[0][:200]}). It needs an NVIDIA GPU of compute capability "
@@ -311,6 +305,12 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
                 "pays on GPUs of compute capability 8.9 or newer; outputs stay exact either way",
                 stacklevel=3,
             )
+
+    def _set_head_rows(self, fp8: bool) -> None:
+        """Copies the head rows again, as e4m3 or not (`use_fp8_head`, and its refusals going back)."""
+        self._fp8_wanted = fp8
+        self._drop_head_rows()
+        self._gather_head_rows()
 
     def _drop_head_rows(self) -> None:
         self._head_rows = self._fp8_head = self._head_rows_key = None
