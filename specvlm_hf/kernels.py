@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -193,11 +194,7 @@ def _kernels():
         acc = acc * scale[None, :]
         tl.store(out_ptr + m[:, None] * out_stride + n[None, :], acc, mask=(m[:, None] < rows) & (n[None, :] < count))
 
-    class Kernels:
-        pass
-
-    Kernels.chunk_top_k, Kernels.merge_top_k, Kernels.fp8_head = chunk_top_k, merge_top_k, fp8_head
-    _KERNELS = Kernels
+    _KERNELS = SimpleNamespace(chunk_top_k=chunk_top_k, merge_top_k=merge_top_k, fp8_head=fp8_head)
     return _KERNELS
 
 
