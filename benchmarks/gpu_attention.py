@@ -15,6 +15,10 @@ over many replays; its output is checked against an fp32 reference. Variants:
 - `triton_split_kv_N` (GPU): `tree_attention_triton.tree_attention`, one Triton launch for every (head, slice of `N`
   slots) pair, the mask read in place and tiles no query sees skipped, then the slices merged (eager, and
   `triton_split_kv_compiled_N_dynamic`: compiled, the merge fused);
+- `package_tree_rR_pP_M_wW` (GPU): the package's kernels (`kernels.tree_attention`, `verify_attention.TREE`):
+  programs of R queries of one head over slices of the cache, lengthened until there are at most P programs, tiles
+  no query sees skipped (M `b`: their arithmetic too, by a branch; `p`: only their reads), W warps a program, then
+  one merge kernel; `package_tree` is the shipped setting;
 - `transformers_flex_compiled`: transformers' `flex_attention` forward with the additive mask
   (`VERIFY_ATTENTION="flex_attention"`; torch's flex decoding kernel splits the cache across thread blocks);
 - `flex_block_mask_compiled_128`: `flex_attention` with a block mask built inside the graph from the slot
@@ -25,7 +29,9 @@ over many replays; its output is checked against an fp32 reference. Variants:
 
 The floor is the K and V bytes of the `length + Q` slots in use read once at the measured copy bandwidth.
 
-    python benchmarks/gpu_attention.py --out $OUT/attention.json [--widths 1024,2048] [--variants a,b]
+    python benchmarks/gpu_attention.py --out $OUT/attention.json [--widths 1024,2048] [--variants a,b] [--queries 10]
+
+`--queries 10` is a draft level's attention (10 frontier nodes) instead of the verify's 60 tree nodes.
 """
 
 from __future__ import annotations
@@ -146,6 +152,27 @@ def flex(block: int):
     return attend
 
 
+KNOBS = ("ATTENTION_ROWS", "ATTENTION_PROGRAMS", "ATTENTION_STEPS", "ATTENTION_BRANCH", "ATTENTION_WARPS")
+
+
+def package_tree(**knobs):
+    """The package's kernels with some of its knobs (`kernels.ATTENTION_*`, by lower-case name without the prefix)
+    set for the call; read when a call launches the kernels."""
+    from specvlm_hf import kernels
+
+    def attend(q, k, v, additive):
+        saved = {name: getattr(kernels, name) for name in KNOBS}
+        for name, value in knobs.items():
+            setattr(kernels, "ATTENTION_" + name.upper(), value)
+        try:
+            return kernels.tree_attention(q, k, v, additive, q.shape[-1] ** -0.5).transpose(1, 2)
+        finally:
+            for name, value in saved.items():
+                setattr(kernels, name, value)
+
+    return attend
+
+
 def timed(fn, args, device, replays: int) -> float:
     """Microseconds per call: in a CUDA graph on the GPU (replayed), directly on the CPU."""
     for _ in range(3):
@@ -176,6 +203,7 @@ def main():
     parser.add_argument("--widths", default="")
     parser.add_argument("--out", default="")
     parser.add_argument("--variants", default="", help="comma-separated names (default: all)")
+    parser.add_argument("--queries", type=int, default=QUERIES, help="tree queries (60: a verify; 10: a draft level)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     heads = 4 if args.smoke else HEADS
@@ -205,6 +233,15 @@ def main():
             attend = functools.partial(tree_attention, split=split)
             variants[f"triton_split_kv_{split}"] = (attend, "additive", False)
             variants[f"triton_split_kv_compiled_{split}_dynamic"] = (attend, "additive", "dynamic")
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        variants["package_tree"] = (package_tree(), "additive", False)
+        for rows in (16, 32, 64):
+            for programs in (128, 256, 512):
+                for branch in (True, False):
+                    for warps in (4, 8):
+                        name = f"package_tree_r{rows}_p{programs}_{'b' if branch else 'p'}_w{warps}"
+                        knobs = dict(rows=rows, programs=programs, branch=branch, warps=warps)
+                        variants[name] = (package_tree(**knobs), "additive", False)
     if device.type == "cuda":
         variants["sdpa_efficient"] = (sdpa, "additive", "efficient")
     else:  # inductor's CPU flex kernel with a bf16 additive mask crashes the process (torch 2.13, seen here)
@@ -216,22 +253,23 @@ def main():
     variants = {name: variants[name] for name in chosen} if chosen else variants
     results = {
         **software_versions(),
-        "shape": f"{heads} heads x {HEAD_DIM}, {QUERIES} tree queries, bf16",
+        "shape": f"{heads} heads x {HEAD_DIM}, {args.queries} tree queries, bf16",
         "copy_bandwidth_TBps": bandwidth / 1e12,
         "rows": [],
     }
     torch.manual_seed(0)
+    queries = args.queries
     for width in widths:
-        length = width - QUERIES - 64
-        q = torch.randn(1, heads, QUERIES, HEAD_DIM, dtype=torch.bfloat16, device=device)
+        length = width - queries - 64
+        q = torch.randn(1, heads, queries, HEAD_DIM, dtype=torch.bfloat16, device=device)
         k = torch.randn(1, heads, width, HEAD_DIM, dtype=torch.bfloat16, device=device)
         v = torch.randn(1, heads, width, HEAD_DIM, dtype=torch.bfloat16, device=device)
-        k[:, :, length + QUERIES :] = 1e4  # stale slots: garbage that must stay masked
-        visible = tree_visibility(QUERIES, width, length, device)
-        additive = torch.zeros(1, 1, QUERIES, width, dtype=torch.bfloat16, device=device)
+        k[:, :, length + queries :] = 1e4  # stale slots: garbage that must stay masked
+        visible = tree_visibility(queries, width, length, device)
+        additive = torch.zeros(1, 1, queries, width, dtype=torch.bfloat16, device=device)
         additive.masked_fill_(~visible, torch.finfo(torch.bfloat16).min)
         expected = reference(q, k, v, visible)
-        floor_us = 1e6 * 2 * heads * (length + QUERIES) * HEAD_DIM * 2 / bandwidth
+        floor_us = 1e6 * 2 * heads * (length + queries) * HEAD_DIM * 2 / bandwidth
         row = {"width": width, "length": length, "floor_us": floor_us, "us": {}, "max_error": {}}
         for name, (fn, mask_kind, mode) in variants.items():
             mask = additive if mask_kind == "additive" else visible

@@ -52,11 +52,17 @@
 #   ab       the round settings in one process, in turns (gpu_round_ab.py: shipped, with torch's topk, the fp8 head
 #            on the package's Triton kernel and on torch._scaled_mm, the fp8 head with an 8192-id vocabulary; ~7 min),
 #            so that cuts of a few tenths of a millisecond are not lost in the noise between processes
+#   attention  the package's tree attention kernels (`kernels.tree_attention`, `verify_attention.TREE`) alone against
+#            cuDNN's sdpa at a verify's 60 queries and a draft level's 10, over queries a program, programs a call,
+#            tile skipping and warps (gpu_attention.py, ~3 min)
+#   ab_attention  the round with them (the default since 2026-12-06 evening), without them, with them in the verify
+#            only, and with every cut (fp8 head, 8192 ids), in one process in turns, then the fp32 check (gpu_round_ab.py,
+#            ~7 min; run 14:25 UTC under the settings' earlier names, its fp32 check past the call's 10 minutes)
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs (round.AUTOTUNE_GEMMS beside the default,
 #            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk|ab OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk|ab|attention|ab_attention OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -120,6 +126,20 @@ case "$stage" in
   ab)
     TORCHINDUCTOR_COMPILE_THREADS=16 python benchmarks/gpu_round_ab.py --warm-seconds 420 --out "$out/ab.json" 2>&1 |
       grep -v "UserWarning\|return func\|warnings.warn" | tee "$out/ab.log"
+    ;;
+  attention)
+    kinds=sdpa_default,package_tree
+    for rows in 16 32 64; do for programs in 128 256 512; do for mode in b p; do for warps in 4 8; do
+      kinds=$kinds,package_tree_r${rows}_p${programs}_${mode}_w$warps
+    done; done; done; done
+    for queries in 60 10; do  # a verify's tree nodes; a draft level's frontier
+      python benchmarks/gpu_attention.py --queries $queries --widths 1024,2048 --variants $kinds \
+        --out "$out/attention_q$queries.json" 2>&1 | tee "$out/attention_q$queries.log"
+    done
+    ;;
+  ab_attention)
+    TORCHINDUCTOR_COMPILE_THREADS=16 python benchmarks/gpu_round_ab.py --warm-seconds 330 --out "$out/ab.json" \
+      --settings shipped,own_attention,verify_tree_attention,fp8_head_vocab8k --fp32-check shipped 2>&1 | grep -v "UserWarning\|return func\|warnings.warn" | tee "$out/ab.log"
     ;;
   fp8_head_kernel)
     python benchmarks/fp8_head_triton.py --out "$out/fp8_head_triton.json" 2>&1 | tee "$out/fp8_head_triton.log"

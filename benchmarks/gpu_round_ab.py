@@ -13,7 +13,18 @@ medians per setting. Settings (`--settings`, comma-separated, in this order):
 - `fp8_head`: a second draft on `use_fp8_head()` (the package's Triton head kernel);
 - `fp8_head_scaled_mm`: that draft with `kernels.FP8_KERNEL = False` (torch's float8 GEMM, the quantized hidden
   states);
-- `fp8_head_vocab8k`: a third draft scoring 8192 ids, on the fp8 head.
+- `fp8_head_vocab8k`: a third draft scoring 8192 ids, on the fp8 head;
+- `own_attention`: `kernels.ATTENTION = False` (the verify and draft forwards on the models' own attention, cuDNN's
+  sdpa: the shipped round before 2026-12-06 evening); `verify_tree_attention`: only the verify forwards on the
+  package's attention kernels.
+
+The run of 2026-12-06 14:25 UTC (`results/gpu_round_ab_attention_h100.json`) named the attention settings as they were
+before the kernels became the default: its `shipped` is today's `own_attention`, `tree_attention` today's
+`verify_tree_attention`, `tree_attention_draft` today's `shipped`, and `tree_attention_fp8_vocab8k` today's
+`fp8_head_vocab8k`.
+
+`--fp32-check SETTING` then checks greedy fp32 equality with plain `generate` under that setting's switches (the tiny
+LLaVA shape, 5 prompt lengths, compiled and graphed as the 7B round).
 
     python benchmarks/gpu_round_ab.py --out $OUT/ab.json
 
@@ -41,6 +52,8 @@ sys.path.insert(0, HERE)
 import gpu_long_running  # noqa: E402
 from gpu_fast_path import plain_ms_per_token, tree_round  # noqa: E402
 from specvlm_hf import SpecVLMDraftModel, kernels  # noqa: E402
+from specvlm_hf import round as round_module  # noqa: E402
+from specvlm_hf.verify_attention import TREE  # noqa: E402
 from specvlm_hf.bench import software_versions  # noqa: E402
 
 SETTINGS = (
@@ -49,23 +62,28 @@ SETTINGS = (
     "fp8_head",
     "fp8_head_scaled_mm",
     "fp8_head_vocab8k",
-    "fp8_all",
-    "fp8_all_vocab8k",
+    "own_attention",
+    "verify_tree_attention",
 )
-DRAFT_OF = {  # setting -> (draft, its vocabulary size or None, fp8 weights)
-    "fp8_head": ("fp8", None, False),
-    "fp8_head_scaled_mm": ("fp8", None, False),
-    "fp8_head_vocab8k": ("fp8_vocab8k", 8192, False),
-    "fp8_all": ("fp8_all", None, True),
-    "fp8_all_vocab8k": ("fp8_all_vocab8k", 8192, True),
+DRAFT_OF = {  # setting -> (its draft, on the fp8 head: its vocabulary size or None)
+    "fp8_head": ("fp8", None),
+    "fp8_head_scaled_mm": ("fp8", None),
+    "fp8_head_vocab8k": ("fp8_vocab8k", 8192),
 }
-SHIPPED = {"fused": kernels.FUSED, "fp8_kernel": kernels.FP8_KERNEL}
+SHIPPED = {
+    "fused": kernels.FUSED,
+    "fp8_kernel": kernels.FP8_KERNEL,
+    "attention": kernels.ATTENTION,
+    "verify_attention": round_module.VERIFY_ATTENTION,
+}
 
 
 def apply(name: str, drafts: dict):
     """Sets the package's switches for setting `name`; returns the draft it decodes with."""
     kernels.FUSED = SHIPPED["fused"] and name != "torch_topk"
     kernels.FP8_KERNEL = SHIPPED["fp8_kernel"] and name != "fp8_head_scaled_mm"
+    kernels.ATTENTION = SHIPPED["attention"] and name not in ("own_attention", "verify_tree_attention")
+    round_module.VERIFY_ATTENTION = TREE if name == "verify_tree_attention" else SHIPPED["verify_attention"]
     return drafts[DRAFT_OF[name][0]] if name in DRAFT_OF else drafts["plain"]
 
 
@@ -77,9 +95,10 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--warm-seconds", type=float, default=400)
     parser.add_argument("--out", default="results/gpu_round_ab.json")
+    parser.add_argument("--fp32-check", default="", help="a setting whose greedy fp32 equality to check at the end")
     args = parser.parse_args()
     names = [n for n in args.settings.split(",") if n]
-    unknown = sorted(set(names) - set(SETTINGS))
+    unknown = sorted(set(names + ([args.fp32_check] if args.fp32_check else [])) - set(SETTINGS))
     if unknown:
         parser.error(f"unknown settings {unknown}: choose from {SETTINGS}")
     start = time.perf_counter()
@@ -149,6 +168,13 @@ def main() -> None:
     for name, row in rows.items():
         print(f"| {name} | {row['round_ms']:.2f} | {row['token_ms']:.2f} | {row['round_ms'] / token:.2f}x |")
     print(f"token over all turns: {token:.2f} ms", flush=True)
+    if args.fp32_check:
+        apply(args.fp32_check, drafts)  # module switches: the tiny target's fast path reads them too
+        check = gpu_long_running.fp32_equality_rows((40, 300, 601, 900, 1500), args.new_tokens)
+        apply("shipped", drafts)
+        result["fp32_check"] = {"setting": args.fp32_check, **check}
+        write()
+        print(f"fp32 check ({args.fp32_check}): {sum(r['equal'] for r in check['rows'])}/{len(check['rows'])} equal")
 
 
 if __name__ == "__main__":

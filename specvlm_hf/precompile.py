@@ -214,10 +214,11 @@ def round_description(owner, function, backend) -> dict:
             for config in (owner.adapter.model.config, owner.adapter.model.config.get_text_config(), draft.config)
         ],
         "verify_attention": getattr(owner, "verify_attention", None),
+        "draft_attention": getattr(owner, "draft_attention", None),
         "merge_repeated": getattr(owner, "merge_repeated", False),
         "join_projections": getattr(owner, "join_projections", False),
         "autotune_gemms": getattr(owner, "autotune_gemms", False),
-        "kernels": [getattr(owner, "fused_top_k", False), getattr(owner, "fp8_kernel", False)],
+        "kernels": [getattr(owner, "fused_top_k", False), getattr(owner, "fp8_kernel", False)],  # (attention: above)
         "head_rows": draft._head_rows is not None,
         "fp8_head": draft._fp8_head is not None,
         "stacked_layers": getattr(owner.target_window, "stacked", None) is not None,

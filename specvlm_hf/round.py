@@ -52,7 +52,7 @@ from .kv_cache import FixedRowsWindow, FixedWindow, GrowingWindow, RowsWindow, S
 from .precompile import PrecompileFailed, active_store
 from .target import unwrap_target
 from .tree import DraftTree, build_dynamic_tree, build_dynamic_trees
-from .verify_attention import check_name
+from .verify_attention import TREE, check_name
 
 # options of the `torch.compile` calls of the fast path (tests swap in a CPU backend to check tracing). The cache
 # width is marked dynamic (`SpeculativeRound.mark_width_dynamic`): one compile serves every length bucket.
@@ -66,9 +66,13 @@ LENGTH_BUCKET = 256
 # building and checking those guards. Uncompiled graphs (eager kernels) stack, since they never trace.
 STACK_COMPILED_LAYERS = False
 # the attention implementation of the fast path's verify forwards (a name registered with transformers'
-# `AttentionInterface`, e.g. `verify_attention.SPLIT_KV` or "flex_attention"); None: the target's own. See
-# `verify_attention` for why the tree's queries may want another kernel than the target's other forwards.
+# `AttentionInterface`, e.g. `verify_attention.TREE`, `.SPLIT_KV` or "flex_attention"); None: the package's choice
+# (`verify_attention_for`: `TREE` where the package's kernels run, on sdpa models without softcapping; else the
+# target's own). See `verify_attention` for why the tree's queries want another kernel than the target's other
+# forwards.
 VERIFY_ATTENTION: str | None = None
+# the same for the fast path's draft forwards (tree levels and catch-up) over the draft's static cache
+DRAFT_ATTENTION: str | None = None
 # whether inductor compiles of the round functions first merge repeated computations (`hf_internals.merge_repeated`:
 # what a round's graph repeats per draft level and per layer, computed once). On an H100 the LLaVA-1.5-7B-shaped
 # round fell from 10.93 to 10.50 ms at 601 prompt tokens (results/README.md, round variants). Set it before the
@@ -91,6 +95,17 @@ JOIN_PROJECTIONS = True
 # view reads past (an H100, 2026-12-06: "setStorage ... out of bounds", then an illegal memory access); the round
 # refuses the pair, and its joined compiles turn GEMM autotuning off even where the process turned it on.
 AUTOTUNE_GEMMS = False
+
+
+def verify_attention_for(config, chosen: str | None, device) -> str | None:
+    """The attention a fast-path forward of the model of text `config` runs: `chosen` when set; else the package's
+    kernels (`verify_attention.TREE`) where they run (`kernels.attention_usable`) and compute what the model's own
+    attention does (sdpa, no logit softcapping); else None (the model's own)."""
+    if chosen is not None:
+        return chosen
+    own = getattr(config, "_attn_implementation", None)
+    plain = own == "sdpa" and getattr(config, "attn_logit_softcapping", None) is None
+    return TREE if plain and kernels.attention_usable(device) else None
 
 
 class CountingBackend:
@@ -317,12 +332,16 @@ class SpeculativeRound:
             self.rows_of(draft_window),
         )
         self.graphs, self.compiled = graphs, compile
-        self.verify_attention = VERIFY_ATTENTION if self.is_static else None
+        static = self.is_static
+        target_config, draft_config = adapter.text_model.config, draft.model.config
+        self.verify_attention = verify_attention_for(target_config, VERIFY_ATTENTION, device) if static else None
+        self.draft_attention = verify_attention_for(draft_config, DRAFT_ATTENTION, device) if static else None
         check_name(self.verify_attention)
+        check_name(self.draft_attention, "DRAFT_ATTENTION")
         self.merge_repeated = MERGE_REPEATED  # read by `precompile` (inductor compiles ahead of time)
         self.join_projections = JOIN_PROJECTIONS
         self.autotune_gemms = AUTOTUNE_GEMMS
-        self.fused_top_k, self.fp8_kernel = kernels.choices(device)  # where the package's kernels run
+        self.fused_top_k, self.fp8_kernel, _ = kernels.choices(device)  # where the package's kernels run
         if compile and JOIN_PROJECTIONS and AUTOTUNE_GEMMS:
             raise ValueError(
                 "specvlm_hf.round.JOIN_PROJECTIONS and AUTOTUNE_GEMMS cannot both be on: inductor times each joined "
@@ -377,6 +396,7 @@ class SpeculativeRound:
             config.tree_depth,
             config.tree_total_tokens,
             VERIFY_ATTENTION,
+            DRAFT_ATTENTION,
             MERGE_REPEATED,
             JOIN_PROJECTIONS,
             AUTOTUNE_GEMMS,
@@ -458,7 +478,8 @@ class SpeculativeRound:
         return [self.runner]
 
     def draft_tree(self) -> DraftTree:
-        self.tree = DraftTree(*self.draft_call())
+        with use_attention_implementation(self.draft.model.config, self.draft_attention):
+            self.tree = DraftTree(*self.draft_call())
         return self.tree
 
     def verify(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -475,7 +496,8 @@ class SpeculativeRound:
         state.path.copy_(path)
         state.count.copy_(count)
         state.next_token.copy_(next_token)
-        self.commit_call()
+        with use_attention_implementation(self.draft.model.config, self.draft_attention):
+            self.commit_call()
 
     # ------------------------------------------------------------------------------------------- the round
     def _draft(self) -> tuple[torch.Tensor, ...]:
@@ -670,7 +692,8 @@ class RowsRound(SpeculativeRound):
         state.path.copy_(path)
         state.count.copy_(count)
         state.next_token.copy_(next_token)
-        self.commit_call()
+        with use_attention_implementation(self.draft.model.config, self.draft_attention):
+            self.commit_call()
 
     def _commit(self) -> None:
         state = self.state

@@ -11,11 +11,18 @@ more thread blocks instead:
   its scores (`hf_internals.attention_with_lse`; for batch 1 the chunks are views of the cache), the chunks merged
   by their log-sum-exps (the flash-decoding merge). On an H100 (7B shape) it beat cuDNN alone by 20-37 % at 1024-2048
   slots, but the compiled round around it was 0.3-1.2 ms slower (results/README.md), so it is not the default;
+- `TREE` (`"specvlm_tree"`, registered on import): the package's Triton kernels (`kernels.tree_attention`): each
+  program a block of up to 32 queries of one head over one slice of the cache, tiles no query of the block sees not
+  read, and one merge kernel; two launches a layer, no copies around them (the op is opaque to the compiler). The
+  fast path's default for the verify and the draft wherever the kernels run (CUDA), on sdpa models without logit
+  softcapping (`round.verify_attention_for`); on an H100 it took a LLaVA-1.5-7B-shaped round from 10.30 to 9.79 ms
+  (results/README.md). Where the kernels do not run (a CPU without Triton's interpreter), the same through sdpa;
 - `"flex_attention"`: transformers' own `flex_attention` forward with the same additive mask, whose compiled form
   for fewer than 128 queries is torch's flex *decoding* kernel (which splits the cache across thread blocks).
 
 Any other name registered with transformers' `AttentionInterface` can be chosen too. Set `round.VERIFY_ATTENTION`
-(None: the target's own attention, as every other forward). Every choice computes the same attention; they differ
+and `round.DRAFT_ATTENTION` (None: `TREE` where it runs, else the model's own attention, as every other forward;
+`kernels.ATTENTION = False` keeps the models' own everywhere). Every choice computes the same attention; they differ
 in rounding (fp32: ~1e-6), as sdpa's kernels differ from each other. `benchmarks/gpu_attention.py` times them
 against each other on the 7B shape, `gpu_long_running.py --verify-attention NAME` a whole round.
 """
@@ -25,10 +32,12 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
+from . import kernels
 from .errors import UserError
 from .hf_internals import attention_implementations, attention_with_lse, check_same_size
 
 SPLIT_KV = "specvlm_split_kv"
+TREE = "specvlm_tree"
 # cache slots per chunk of `split_kv_attention`: fast-path widths (multiples of `round.LENGTH_BUCKET`) divide by it
 CHUNK = 256
 
@@ -95,13 +104,36 @@ def split_kv_attention(
 AttentionInterface.register(SPLIT_KV, split_kv_attention)
 
 
-def check_name(name: str | None) -> None:
-    """Refuses a `VERIFY_ATTENTION` that no attention function is registered under."""
+def tree_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                   **kwargs):  # fmt: skip
+    """A transformers attention function (`AttentionInterface`) over the package's kernels (`kernels.tree_attention`):
+    `query` `(B, H, q, d)`, `key` / `value` `(B, Hkv, W, d)`, `attention_mask` an additive `(B or 1, 1, q, W)` mask
+    (or a bool one, True: attend). Returns `((B, q, H, d), None)`."""
+    if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(
+            f"{TREE} computes plain softmax attention without dropout, softcapping or sinks, which this layer "
+            f"({type(module).__name__}) uses; set `specvlm_hf.round.VERIFY_ATTENTION = None`."
+        )
+    if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
+        raise ValueError(f"{TREE} needs the verify forward's 4-D attention mask, one for every head")
+    if attention_mask.dtype == torch.bool:  # True: attend
+        attention_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min
+        )
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return kernels.tree_attention(query, key, value, attention_mask, scale), None
+
+
+AttentionInterface.register(TREE, tree_attention)
+
+
+def check_name(name: str | None, switch: str = "VERIFY_ATTENTION") -> None:
+    """Refuses a `VERIFY_ATTENTION` (or `DRAFT_ATTENTION`) that no attention function is registered under."""
     if name is None:
         return
     known = attention_implementations()
     if name not in known:
         raise UserError(
-            f"VERIFY_ATTENTION={name!r} is not an attention implementation registered with transformers' "
-            f"AttentionInterface; use None (the target's own), {SPLIT_KV!r}, or one of {sorted(known)}."
+            f"{switch}={name!r} is not an attention implementation registered with transformers' "
+            f"AttentionInterface; use None (the target's own), {TREE!r}, {SPLIT_KV!r}, or one of {sorted(known)}."
         )

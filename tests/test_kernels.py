@@ -143,7 +143,9 @@ def test_the_choices_are_part_of_the_fast_paths_key(monkeypatch):
     keys.add(SpeculativeRound.static_key(adapter, draft, 256, graphs=True, compile=True))
     monkeypatch.setattr(kernels, "FP8_KERNEL", False)
     keys.add(SpeculativeRound.static_key(adapter, draft, 256, graphs=True, compile=True))
-    assert len(keys) == 3
+    monkeypatch.setattr(kernels, "ATTENTION", False)
+    keys.add(SpeculativeRound.static_key(adapter, draft, 256, graphs=True, compile=True))
+    assert len(keys) == 4
 
 
 def test_the_fp8_head_kernel_equals_the_dequantized_head_product():
@@ -202,3 +204,76 @@ def test_greedy_decoding_with_the_fp8_head_kernel_equals_plain_generate():
     rounds = int(out.split("rounds ")[1].split()[0])
     calls = int(out.split("calls ")[1].split()[0])
     assert rounds >= 2 and calls >= 8 * rounds, out  # the head at every draft forward (7 tree levels, the catch-up)
+
+
+def test_the_attention_kernels_equal_sdpa():
+    """`specvlm::tree_attention` against sdpa: GQA, batches with their own masks or one for every row, several query
+    blocks, slice counts that are not powers of two, tiles no query sees (their reads, and by the branch their
+    arithmetic, skipped), bf16, a query given as a transposed view, and a query that sees nothing (zeros)."""
+    out = run_interpreted(
+        """
+        import torch
+        from specvlm_hf import kernels
+        generator = torch.Generator().manual_seed(0)
+        cases = [  # batch, heads, key heads, queries, width, dtype
+            (1, 4, 4, 60, 1024, torch.float32), (2, 4, 2, 12, 320, torch.float32), (1, 2, 1, 1, 40, torch.float32),
+            (3, 4, 4, 20, 600, torch.float32), (1, 4, 4, 10, 512, torch.float32), (1, 2, 2, 7, 200, torch.bfloat16),
+        ]
+        for rows, branch in ((None, False), (16, True)):
+            kernels.ATTENTION_ROWS, kernels.ATTENTION_BRANCH = rows, branch
+            for batch, heads, key_heads, queries, width, dtype in cases:
+                query = torch.randn(batch, queries, heads, 16, generator=generator).transpose(1, 2).to(dtype)
+                key, value = (torch.randn(batch, key_heads, width, 16, generator=generator).to(dtype) for _ in "kv")
+                visible = torch.rand(batch, 1, queries, width, generator=generator) < 0.4
+                visible[..., width // 2 :] = False  # the unused end of a bucket: whole tiles no query sees
+                visible[..., : width // 4] = True
+                visible[0, 0, -1] = False  # this query sees nothing
+                mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(dtype).min).to(dtype)
+                for shared in (False, True):
+                    m = mask[:1] if shared else mask
+                    got = kernels.tree_attention(query, key, value, m, 0.25)
+                    inputs = (t.float() for t in (query, key, value, m))
+                    expected = kernels.reference_tree_attention(*inputs, 0.25)
+                    assert got.shape == (batch, queries, heads, 16) and got.dtype == dtype
+                    assert got[0, -1].eq(0).all()
+                    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+                    torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
+                    tiling = kernels.attention_tiling(batch * heads, queries, width)
+                    print("case", rows, batch, heads, key_heads, queries, width, tiling)
+        """
+    )
+    assert out.count("case ") == 24, out
+    assert "case None 1 4 4 60 1024 (32, 1)" in out, "60 queries run as two blocks of 32"
+    assert "case 16 1 4 4 60 1024 (16, 1)" in out, "or four of 16"
+
+
+def test_greedy_decoding_with_the_attention_kernels_equals_plain_generate():
+    """The fast path's verify and draft forwards on `specvlm::tree_attention` (the default where the kernels run):
+    tokens and every logit equal plain `generate`; the eager tree loop keeps the models' own attention."""
+    out = run_interpreted(
+        """
+        import torch
+        from family_checks import assert_logits_match_plain
+        from test_lossless_greedy import build_draft, build_target
+        from tiny_models import random_inputs
+        from specvlm_hf import kernels, round as round_module
+
+        round_module.LENGTH_BUCKET = 16  # caches of several slices
+        calls = []
+        launch = kernels.launch_tree_attention
+        kernels.launch_tree_attention = lambda q, *args: calls.append(q.shape[2]) or launch(q, *args)
+        target = build_target("llava-gqa")
+        inputs = random_inputs(target, torch.Generator().manual_seed(4), text_tokens=3, image=True)
+        assert_logits_match_plain(target, inputs, cache_implementation="static")  # tokens and every logit
+        print("static calls", len(calls), "queries", sorted(set(calls)))
+        before = len(calls)
+        kwargs = dict(do_sample=False, max_new_tokens=10)
+        draft = build_draft(target, "noisy", "tree")
+        plain = target.generate(**inputs, **kwargs).tolist()
+        assert target.generate(**inputs, **kwargs, assistant_model=draft).tolist() == plain
+        print("eager calls", len(calls) - before)
+        """
+    )
+    queries = out.split("queries ")[1].split("\n")[0]
+    assert "60" in queries and "10" in queries, out  # the verify's tree, a draft level's frontier
+    assert int(out.split("static calls ")[1].split()[0]) > 20 and "eager calls 0" in out, out

@@ -11,7 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import specvlm_hf
 from family_checks import assert_greedy_matches_plain, assert_logits_match_plain
 from specvlm_hf import verify_attention
-from specvlm_hf.verify_attention import SPLIT_KV, split_kv_attention
+from specvlm_hf.verify_attention import SPLIT_KV, TREE, split_kv_attention, tree_attention
 from tiny_families import FAMILIES, family_inputs
 from tiny_models import random_inputs, tiny_llava
 
@@ -180,3 +180,77 @@ def test_batched_fast_path_on_the_split_kv_kernel_equals_plain_batched_generate(
     kwargs = dict(do_sample=False, max_new_tokens=18, cache_implementation="static")
     greedy_case(llava, draft, rows, extra, kwargs, steps, alone=False)
     assert split_kv and max(split_kv) > 1
+
+
+def test_tree_attention_function_takes_transformers_arguments_and_refuses_what_it_does_not_compute():
+    """`verify_attention.tree_attention` (`TREE`): additive and boolean masks, the layer's scaling, `(B, q, H, d)`
+    out; the kernels' numerics are checked in Triton's interpreter (test_kernels.py)."""
+    generator = torch.Generator().manual_seed(1)
+    query, key, value, visible, additive = random_case(generator, 2, 4, 2, 7, 40)
+    reference, _ = sdpa_attention_forward(Layer(2), query, key, value, additive, scaling=0.3)
+    for mask in (additive, visible):
+        output, weights = tree_attention(Layer(2), query, key, value, mask, scaling=0.3)
+        assert weights is None and output.shape == (2, 7, 4, 8)
+        torch.testing.assert_close(output, reference, atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"softcapping.*VERIFY_ATTENTION = None"):
+        tree_attention(Layer(2), query, key, value, additive, softcap=30.0)
+    with pytest.raises(ValueError, match="4-D attention mask"):
+        tree_attention(Layer(2), query, key, value, None)
+
+
+def test_the_package_picks_its_attention_kernels_only_where_they_run_and_compute_the_models_attention(monkeypatch):
+    from transformers import Gemma2Config, LlamaConfig
+
+    from specvlm_hf import kernels
+    from specvlm_hf.round import verify_attention_for
+
+    cpu = torch.device("cpu")
+    sdpa = LlamaConfig(attn_implementation="sdpa")
+    monkeypatch.setattr(kernels, "_runs_kernels", lambda device: False)
+    assert verify_attention_for(sdpa, None, cpu) is None  # the kernels do not run here: the model's own
+    monkeypatch.setattr(kernels, "_runs_kernels", lambda device: True)
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    assert verify_attention_for(sdpa, None, cpu) == TREE
+    assert verify_attention_for(LlamaConfig(attn_implementation="eager"), None, cpu) is None
+    softcapped = Gemma2Config(attn_implementation="sdpa", attn_logit_softcapping=50.0)
+    assert verify_attention_for(softcapped, None, cpu) is None  # the kernels do not softcap
+    assert verify_attention_for(sdpa, SPLIT_KV, cpu) == SPLIT_KV  # a choice made is kept
+    monkeypatch.setattr(kernels, "ATTENTION", False)
+    assert verify_attention_for(sdpa, None, cpu) is None
+
+
+def test_fast_path_with_the_tree_attention_in_verify_and_draft_equals_plain_generate(monkeypatch):
+    """`VERIFY_ATTENTION` and `DRAFT_ATTENTION` set to `TREE` (here on its sdpa fallback): the tree's verify forwards
+    and the draft's tree levels and catch-up run it, with a sliding-window layer's own mask (Gemma 3); tokens and
+    logits equal plain `generate`."""
+    from specvlm_hf import kernels
+    from specvlm_hf import round as round_module
+
+    seen = []
+    fallback = kernels.tree_attention
+    monkeypatch.setattr(
+        kernels, "tree_attention", lambda query, *args: seen.append(query.shape[2]) or fallback(query, *args)
+    )
+    monkeypatch.setattr(round_module, "VERIFY_ATTENTION", TREE)
+    monkeypatch.setattr(round_module, "DRAFT_ATTENTION", TREE)
+    monkeypatch.setattr(round_module, "LENGTH_BUCKET", 16)
+    target = specvlm_hf.enable(FAMILIES["gemma3"](seed=0))
+    cases = [("oracle", 1), ("noisy", 2), ("fresh", 1)]
+    assert_greedy_matches_plain(target, family_inputs, cases, "static", torch.Generator().manual_seed(3), 18, 3)
+    levels = target.config.get_text_config().num_hidden_layers
+    assert seen.count(60) >= levels and 10 in seen, sorted(set(seen))  # the verify's tree; a draft level
+    assert_logits_match_plain(
+        target, family_inputs(target, torch.Generator().manual_seed(5)), cache_implementation="static"
+    )
+
+
+def test_an_unregistered_draft_attention_is_refused_by_name(monkeypatch):
+    from specvlm_hf import round as round_module
+    from test_lossless_greedy import build_draft, build_target
+
+    monkeypatch.setattr(round_module, "DRAFT_ATTENTION", "tree")
+    target = build_target("llava")
+    draft = build_draft(target, "noisy", "tree")
+    inputs = random_inputs(target, torch.Generator().manual_seed(0), text_tokens=4)
+    with pytest.raises(ValueError, match=r"DRAFT_ATTENTION='tree'.*None.*specvlm_tree"):
+        target.generate(**inputs, max_new_tokens=4, assistant_model=draft, cache_implementation="static")
