@@ -58,11 +58,13 @@
 #   ab_attention  the round with them (the default since 2026-12-06 evening), without them, with them in the verify
 #            only, and with every cut (fp8 head, 8192 ids), in one process in turns, then the fp32 check (gpu_round_ab.py,
 #            ~7 min; run 14:25 UTC under the settings' earlier names, its fp32 check past the call's 10 minutes)
+#   buckets_attention  the fast path's calls at 9 prompt lengths (8 new buckets) with the attention kernels, whose
+#            tilings compile a Triton kernel the first time a process meets them (gpu_long_running.py, ~4 min)
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs (round.AUTOTUNE_GEMMS beside the default,
 #            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk|ab|attention|ab_attention OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk|ab|attention|ab_attention|buckets_attention OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -140,6 +142,10 @@ case "$stage" in
   ab_attention)
     TORCHINDUCTOR_COMPILE_THREADS=16 python benchmarks/gpu_round_ab.py --warm-seconds 330 --out "$out/ab.json" \
       --settings shipped,own_attention,verify_tree_attention,fp8_head_vocab8k --fp32-check shipped 2>&1 | grep -v "UserWarning\|return func\|warnings.warn" | tee "$out/ab.log"
+    ;;
+  buckets_attention)
+    TORCHINDUCTOR_COMPILE_THREADS=16 long_running --only fast --budget 120 --out "$out/buckets" 2>&1 |
+      grep -v "pow_by_natural\|UserWarning\|return func\|warnings.warn" | tee "$out/buckets.log"
     ;;
   fp8_head_kernel)
     python benchmarks/fp8_head_triton.py --out "$out/fp8_head_triton.json" 2>&1 | tee "$out/fp8_head_triton.log"

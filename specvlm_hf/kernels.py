@@ -286,7 +286,8 @@ def _kernels():
         acc = acc * scale[None, :]
         tl.store(out_ptr + m[:, None] * out_stride + n[None, :], acc, mask=(m[:, None] < rows) & (n[None, :] < count))
 
-    @triton.jit
+    # (the cache's width and the query count vary between calls: not specialized on, so that they compile nothing new)
+    @triton.jit(do_not_specialize=["queries", "width"])
     def attention_slices(q_ptr, k_ptr, v_ptr, mask_ptr, partial_ptr, stats_ptr, heads, group, queries, width, scale,
                          q_sb, q_sh, q_sl, k_sb, k_sh, k_sw, v_sb, v_sh, v_sw, m_sb, m_sl,
                          DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
@@ -346,7 +347,7 @@ def _kernels():
         tl.store(stats_ptr + line, best)
         tl.store(stats_ptr + tl.num_programs(1) * tl.num_programs(2) * tl.num_programs(0) * BLOCK_M + line, total)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["queries", "slices", "stats_stride"])
     def merge_slices(partial_ptr, stats_ptr, out_ptr, heads, queries, slices, stats_stride, DIM: tl.constexpr,
                      SLICES: tl.constexpr, BLOCK_M: tl.constexpr, HIDDEN_AT: tl.constexpr):  # fmt: skip
         block, row = tl.program_id(0), tl.program_id(1)
