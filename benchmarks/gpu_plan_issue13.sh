@@ -58,8 +58,10 @@
 #   ab_attention  the round with them (the default since 2026-12-06 evening), without them, with them in the verify
 #            only, and with every cut (fp8 head, 8192 ids), in one process in turns, then the fp32 check (gpu_round_ab.py,
 #            ~7 min; run 14:25 UTC under the settings' earlier names, its fp32 check past the call's 10 minutes)
-#   buckets_attention  the fast path's calls at 9 prompt lengths (8 new buckets) with the attention kernels, whose
-#            tilings compile a Triton kernel the first time a process meets them (gpu_long_running.py, ~4 min)
+#   buckets_attention  what the attention kernels' Triton compiles cost a process at each new length bucket: the op
+#            alone at every bucket width from 256 to 4096 with an empty Triton cache (gpu_attention_compile.py, ~1 min),
+#            then the fast path's calls at 9 prompt lengths, 8 new buckets (gpu_long_running.py, ~4 min). Not yet run:
+#            the device could not be started again on 2026-12-06 afternoon
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs (round.AUTOTUNE_GEMMS beside the default,
 #            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
@@ -144,6 +146,7 @@ case "$stage" in
       --settings shipped,own_attention,verify_tree_attention,fp8_head_vocab8k --fp32-check shipped 2>&1 | grep -v "UserWarning\|return func\|warnings.warn" | tee "$out/ab.log"
     ;;
   buckets_attention)
+    python benchmarks/gpu_attention_compile.py --out "$out/attention_compile.json" 2>&1 | tee "$out/attention_compile.log"
     TORCHINDUCTOR_COMPILE_THREADS=16 long_running --only fast --budget 120 --out "$out/buckets" 2>&1 |
       grep -v "pow_by_natural\|UserWarning\|return func\|warnings.warn" | tee "$out/buckets.log"
     ;;
