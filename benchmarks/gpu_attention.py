@@ -12,9 +12,6 @@ over many replays; its output is checked against an fp32 reference. Variants:
   chunks of `N` slots: each chunk a batch entry of one fused kernel that returns its log-sum-exp (more thread blocks
   than the fused kernels' one per head), merged by log-sum-exp; `split_kv_eager_256` uncompiled;
   `split_kv_cudnn_compiled_256_dynamic` with cuDNN's kernel for the chunks instead of the memory-efficient one;
-- `triton_split_kv_N` (GPU): `tree_attention_triton.tree_attention`, one Triton launch for every (head, slice of `N`
-  slots) pair, the mask read in place and tiles no query sees skipped, then the slices merged (eager, and
-  `triton_split_kv_compiled_N_dynamic`: compiled, the merge fused);
 - `package_tree_rR_pP_M_wW` (GPU): the package's kernels (`kernels.tree_attention`, `verify_attention.TREE`):
   programs of R queries of one head over slices of the cache, lengthened until there are at most P programs, tiles
   no query sees skipped (M `b`: their arithmetic too, by a branch; `p`: only their reads), W warps a program, then
@@ -37,7 +34,6 @@ The floor is the K and V bytes of the `length + Q` slots in use read once at the
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -227,12 +223,6 @@ def main():
     }
     if device.type == "cuda":
         variants["split_kv_cudnn_compiled_256_dynamic"] = (split_kv_on("cudnn", 256), "additive", "dynamic")
-        from tree_attention_triton import tree_attention
-
-        for split in (128, 256):  # one Triton launch for every (head, slice), the merge: eager, and compiled (fused)
-            attend = functools.partial(tree_attention, split=split)
-            variants[f"triton_split_kv_{split}"] = (attend, "additive", False)
-            variants[f"triton_split_kv_compiled_{split}_dynamic"] = (attend, "additive", "dynamic")
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         variants["package_tree"] = (package_tree(), "additive", False)
         for rows in (16, 32, 64):

@@ -30,10 +30,6 @@
 #            round with an 8192-id draft vocabulary; the fp32 check with the shipped settings (~5-8 min)
 #   round    plain generate against the fast path over 9 length buckets, the round's cost, a kernel profile, a
 #            second process (the run that crashed; ~7 min)
-#   kernels  the verify attention kernels alone (gpu_attention.py): cuDNN against the Triton split-KV kernel
-#            (benchmarks/tree_attention_triton.py, new 2026-12-05 evening, checked only in Triton's CPU interpreter,
-#            there also in the fast path against plain generate; ~2 min), then its whole round beside the default's
-#            with the fp32 check on it (gpu_round_variants.py, ~6 min)
 #   fp8      whether e4m3 products of a draft level's 10 rows beat bf16 ones (gpu_fp8_draft.py: the 7B draft's
 #            products, eager and compiled, the input's quantization counted), then the whole round with the draft on
 #            them (gpu_round_variants.py fp8_draft, fp8_draft_vocab8k; ~6 min); cpu_fp8_draft.py has the acceptance
@@ -66,7 +62,7 @@
 #            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|kernels|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk|ab|attention|ab_attention|buckets_attention OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk|ab|attention|ab_attention|buckets_attention OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -95,14 +91,6 @@ case "$stage" in
     python benchmarks/gpu_round_variants.py --variants default,separate,vocab8k \
       --fp32-check --fp32-variant default --compile-seconds 420 --deadline 575 --out "$out/variants" \
       2>&1 | grep -v "^SUMMARY" | tee "$out/variants.log"
-    ;;
-  kernels)
-    python benchmarks/gpu_attention.py --widths 1024,2048 --out "$out/attention.json" --variants \
-      sdpa_default,split_kv_compiled_256_dynamic,triton_split_kv_128,triton_split_kv_256,triton_split_kv_compiled_128_dynamic,triton_split_kv_compiled_256_dynamic \
-      2>&1 | tee "$out/attention.log"
-    python benchmarks/gpu_round_variants.py --variants default,triton_attention --fp32-check \
-      --fp32-variant triton_attention --deadline 420 --out "$out/triton_round" 2>&1 | grep -v "^SUMMARY" |
-      tee "$out/triton_round.log"
     ;;
   round)
     long_running --only plain_static,fast,round_cost,profile,second_process --budget 430 --out "$out/round" 2>&1 |

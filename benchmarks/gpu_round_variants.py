@@ -32,8 +32,8 @@ Variants (`--variants`, comma-separated; default `default,separate,vocab8k`):
   (the fp32 check does not apply these two: it runs the package's settings);
 - `fp8_head`: the package's e4m3 draft head (`draft.use_fp8_head`: only the `lm_head` rows, every product joined as
   shipped); `fp8_head_vocab8k`: with an 8192-id vocabulary (the fp32 check applies the fp8 head);
-- `triton_attention` (GPU): the verify forward's attention on `tree_attention_triton` (a Triton split-KV kernel,
-  registered by this script: not in the package);
+- `own_attention`: the verify and draft forwards on the models' own attention (`kernels.ATTENTION = False`; the
+  package's attention kernels are the default where they run);
 - `combined`: fused + vocab8k + split_kv.
 
 Usage (about 8 minutes on an H200, which runs 6 variants at once; fewer at once on a smaller GPU):
@@ -67,7 +67,7 @@ VARIANTS = {  # in the order they run (a GPU too small for all at once runs them
     "fp8_draft_vocab8k": {"fp8_draft": True, "draft_vocab": 8192},
     "fp8_head": {"fp8_head": True},
     "fp8_head_vocab8k": {"fp8_head": True, "draft_vocab": 8192},
-    "triton_attention": {"verify_attention": "specvlm_tree_triton"},
+    "own_attention": {"attention": False},
     "no_merge": {"merge": False, "join": False},
     "fused_vocab8k": {"fuse": True, "join": False, "draft_vocab": 8192},
     "vocab8k": {"draft_vocab": 8192},
@@ -111,16 +111,6 @@ def waves(names: list[str], memory: float, parallel: int | None) -> list[list[st
 FP32_CHECK = "fp32_equality"
 
 
-def register_attention(name: str | None) -> str | None:
-    """`name`, after registering the benchmark's own verify attention when it is that one (the package registers its
-    own on import)."""
-    if name == "specvlm_tree_triton":
-        import tree_attention_triton
-
-        tree_attention_triton.register()
-    return name
-
-
 def apply_round_settings(spec: dict) -> None:
     """The package's switches as variant `spec` sets them; what it does not name keeps its shipped value."""
     from specvlm_hf import round as round_module
@@ -134,8 +124,9 @@ def apply_round_settings(spec: dict) -> None:
     from specvlm_hf import kernels
 
     kernels.FUSED = spec.get("fused_top_k", kernels.FUSED)
+    kernels.ATTENTION = spec.get("attention", kernels.ATTENTION)
     if spec.get("verify_attention"):
-        round_module.VERIFY_ATTENTION = register_attention(spec["verify_attention"])
+        round_module.VERIFY_ATTENTION = spec["verify_attention"]
 
 
 def fp32_child(sync_dir: str, new_tokens: int, variant: str) -> dict:

@@ -155,17 +155,20 @@ def test_split_kv_kernel_on_a_gqa_llava_and_only_in_the_fast_path(split_kv):
     assert len(split_kv) == calls
 
 
-def test_an_unregistered_verify_attention_is_refused_with_the_choices(monkeypatch):
+@pytest.mark.parametrize("switch", ["VERIFY_ATTENTION", "DRAFT_ATTENTION"])
+def test_an_unregistered_attention_is_refused_with_the_choices(monkeypatch, switch):
     from specvlm_hf import round as round_module
     from test_lossless_greedy import build_draft, build_target
 
-    monkeypatch.setattr(round_module, "VERIFY_ATTENTION", "split-kv")
+    monkeypatch.setattr(round_module, switch, "split-kv")
     target = build_target("llava")
     draft = build_draft(target, "noisy", "tree")
     inputs = random_inputs(target, torch.Generator().manual_seed(0), text_tokens=4)
-    with pytest.raises(ValueError, match=r"VERIFY_ATTENTION='split-kv'.*None.*specvlm_split_kv.*flex_attention"):
+    with pytest.raises(
+        ValueError, match=switch + r"='split-kv'.*None.*specvlm_tree.*specvlm_split_kv.*flex_attention"
+    ):
         target.generate(**inputs, max_new_tokens=4, assistant_model=draft, cache_implementation="static")
-    assert SPLIT_KV == "specvlm_split_kv"
+    assert SPLIT_KV == "specvlm_split_kv" and TREE == "specvlm_tree"
 
 
 def test_batched_fast_path_on_the_split_kv_kernel_equals_plain_batched_generate(split_kv):
@@ -242,15 +245,3 @@ def test_fast_path_with_the_tree_attention_in_verify_and_draft_equals_plain_gene
     assert_logits_match_plain(
         target, family_inputs(target, torch.Generator().manual_seed(5)), cache_implementation="static"
     )
-
-
-def test_an_unregistered_draft_attention_is_refused_by_name(monkeypatch):
-    from specvlm_hf import round as round_module
-    from test_lossless_greedy import build_draft, build_target
-
-    monkeypatch.setattr(round_module, "DRAFT_ATTENTION", "tree")
-    target = build_target("llava")
-    draft = build_draft(target, "noisy", "tree")
-    inputs = random_inputs(target, torch.Generator().manual_seed(0), text_tokens=4)
-    with pytest.raises(ValueError, match=r"DRAFT_ATTENTION='tree'.*None.*specvlm_tree"):
-        target.generate(**inputs, max_new_tokens=4, assistant_model=draft, cache_implementation="static")
