@@ -357,6 +357,16 @@ class NoVideoProcessor:
         raise ImportError("video inputs need torchvision (`pip install torchvision`), which is not installed")
 
 
+# torch: a tensor's version counter
+def version_of(tensor: torch.Tensor) -> int | None:
+    """How many times `tensor` was changed in place (`Tensor._version`: `copy_`, `mul_`, `load_state_dict`, ...; not
+    writes through `.data`): copies made from it are stale once it moves. None for a tensor made under
+    `torch.inference_mode`, which keeps no count."""
+    if tensor.is_inference():
+        return None
+    return tensor._version
+
+
 # torch.compile: dynamic dimensions and the recompile limit (torch._dynamo)
 def mark_dynamic_dim(tensor: torch.Tensor, dim: int) -> None:
     """Tells `torch.compile` that `tensor`'s size along `dim` varies between calls (one compiled graph serves every

@@ -26,7 +26,7 @@ from transformers.utils import ModelOutput
 from .compressor import VisualCompressor, image_spans, join_clip, span_counts, visual_units
 from .configuration_specvlm_draft import SpecVLMDraftConfig
 from .errors import UserError
-from .hf_internals import cache_argument_name, scaled_product_rows, unsharded
+from .hf_internals import cache_argument_name, scaled_product_rows, unsharded, version_of
 from .kernels import fp8_kernel_usable, fp8_product
 from .packaging import write_custom_generate
 from .stats import SpecVLMStats
@@ -336,8 +336,10 @@ class SpecVLMDraftModel(SpecVLMDraftPreTrainedModel, GenerationMixin):
         if self._target_modules is None or (self.draft_vocab is None and not self._fp8_wanted):
             return False
         head = self._target_modules[1]
-        vocab = None if self.draft_vocab is None else self.draft_vocab.data_ptr()
-        key = (id(head), head.weight.data_ptr(), vocab, self.fc.weight.device, self._fp8_wanted)
+        # (weights or ids changed in place, e.g. by `load_state_dict` into the target, make the copy stale)
+        vocab = None if self.draft_vocab is None else (self.draft_vocab.data_ptr(), version_of(self.draft_vocab))
+        weights = (head.weight.data_ptr(), version_of(head.weight))
+        key = (id(head), weights, vocab, self.fc.weight.device, self._fp8_wanted)
         if (self._head_rows is not None or self._fp8_head is not None) and self._head_rows_key == key:
             return False  # the same rows: keep their address (captured fast-path graphs read it)
         if getattr(head, "bias", None) is not None:

@@ -179,3 +179,24 @@ def test_a_restricted_draft_is_saved_with_its_vocabulary_and_bad_ids_are_named(t
     with pytest.raises(ValueError, match="1-D list of distinct token ids"):
         draft.restrict_vocab([])
     assert draft.draft_vocab.tolist() == [7, 3, 50], "a refused setting leaves the draft as it was"
+
+
+def test_a_restricted_draft_reads_the_targets_head_again_after_it_changes_in_place():
+    """The draft's copy of the kept `lm_head` rows follows weights loaded into the target in place (its next bind,
+    as at each `generate` call); an unchanged head keeps the copy (and its address, which fast-path graphs read)."""
+    target = specvlm_hf.enable(tiny_llava())
+    draft = SpecVLMDraftModel.from_target(target).restrict_vocab([7, 3, 50])
+    rows = draft._head_rows
+    draft.bind_target(target)
+    assert draft._head_rows is rows, "nothing changed: the same copy"
+    state = {
+        name: value * 2 if name.endswith("lm_head.weight") else value for name, value in target.state_dict().items()
+    }
+    target.load_state_dict(state)  # copies into the parameters in place: the same addresses
+    draft.bind_target(target)
+    hidden = torch.randn(2, target.config.text_config.hidden_size)
+    torch.testing.assert_close(draft.lm_head(hidden), target.lm_head(hidden)[:, [7, 3, 50]])
+    with torch.no_grad():
+        draft.draft_vocab.copy_(torch.tensor([1, 2, 3]))  # the ids themselves, in place
+    draft.bind_target(target)
+    torch.testing.assert_close(draft.lm_head(hidden), target.lm_head(hidden)[:, [1, 2, 3]])

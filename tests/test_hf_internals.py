@@ -560,3 +560,16 @@ def test_scaled_product_rows_multiplies_the_dequantized_float8_operands():
     expected = (inputs.float() * inputs_scale) @ (weight.float() * weight_scale.t()).t()
     assert product.shape == (5, 48) and product.dtype == torch.float32
     torch.testing.assert_close(product, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_version_of_counts_in_place_changes_but_not_writes_through_data():
+    weight = torch.nn.Linear(3, 3).weight
+    before = hf_internals.version_of(weight)
+    with torch.no_grad():
+        weight.mul_(2)
+    assert hf_internals.version_of(weight) == before + 1
+    weight.data.mul_(2)  # not counted (documented)
+    assert hf_internals.version_of(weight) == before + 1
+    with torch.inference_mode():
+        made_there = torch.ones(2)
+    assert hf_internals.version_of(made_there) is None
