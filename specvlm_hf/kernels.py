@@ -152,6 +152,11 @@ ATTENTION_WARPS = 4
 HIDDEN = -1.0e30
 
 
+def attention_fits(head_dim: int) -> bool:
+    """Whether the attention kernels take heads of `head_dim` (a power of two from 16 to 256: their tiles' width)."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
 def tree_attention(query, key, value, mask, scale: float) -> torch.Tensor:
     """Softmax attention `(B, q, H, d)` of `query` `(B, H, q, d)` over `key` / `value` `(B, Hkv, W, d)` (`H / Hkv`
     query heads share a key head), through an additive float `mask` `(B or 1, 1, q, W)`; scores scaled by `scale`.
@@ -159,6 +164,12 @@ def tree_attention(query, key, value, mask, scale: float) -> torch.Tensor:
     values). Where the kernels do not run, the same through sdpa."""
     if not (_runs_kernels(query.device) and _ops() is not None):
         return reference_tree_attention(query, key, value, mask, scale)
+    if not attention_fits(query.shape[-1]):
+        raise ValueError(
+            f"the package's attention kernels take heads of 16, 32, 64, 128 or 256, and this model's have "
+            f"{query.shape[-1]}: set `specvlm_hf.round.VERIFY_ATTENTION` and `DRAFT_ATTENTION` to None (the default "
+            f"picks the model's own attention for such heads)"
+        )
     return torch.ops.specvlm.tree_attention(query, key, value, mask, float(scale))
 
 

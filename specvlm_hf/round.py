@@ -99,13 +99,15 @@ AUTOTUNE_GEMMS = False
 
 def verify_attention_for(config, chosen: str | None, device) -> str | None:
     """The attention a fast-path forward of the model of text `config` runs: `chosen` when set; else the package's
-    kernels (`verify_attention.TREE`) where they run (`kernels.attention_usable`) and compute what the model's own
-    attention does (sdpa, no logit softcapping); else None (the model's own)."""
+    kernels (`verify_attention.TREE`) where they run (`kernels.attention_usable`), take the model's head size
+    (`kernels.attention_fits`) and compute what its own attention does (sdpa, no logit softcapping); else None (the
+    model's own)."""
     if chosen is not None:
         return chosen
     own = getattr(config, "_attn_implementation", None)
     plain = own == "sdpa" and getattr(config, "attn_logit_softcapping", None) is None
-    return TREE if plain and kernels.attention_usable(device) else None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return TREE if plain and kernels.attention_fits(head_dim) and kernels.attention_usable(device) else None
 
 
 class CountingBackend:

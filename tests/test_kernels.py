@@ -240,8 +240,14 @@ def test_the_attention_kernels_equal_sdpa():
                     torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
                     tiling = kernels.attention_tiling(batch * heads, queries, width)
                     print("case", rows, batch, heads, key_heads, queries, width, tiling)
+        odd = torch.zeros(1, 1, 2, 80)  # heads of 80: not a tile width
+        try:
+            kernels.tree_attention(odd, odd, odd, torch.zeros(1, 1, 2, 2), 1.0)
+        except ValueError as error:
+            print("refused", "16, 32, 64, 128 or 256" in str(error))
         """
     )
+    assert "refused True" in out, out
     assert out.count("case ") == 24, out
     assert "case None 1 4 4 60 1024 (32, 1)" in out, "60 queries run as two blocks of 32"
     assert "case 16 1 4 4 60 1024 (16, 1)" in out, "or four of 16"

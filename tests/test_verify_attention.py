@@ -218,6 +218,9 @@ def test_the_package_picks_its_attention_kernels_only_where_they_run_and_compute
     softcapped = Gemma2Config(attn_implementation="sdpa", attn_logit_softcapping=50.0)
     assert verify_attention_for(softcapped, None, cpu) is None  # the kernels do not softcap
     assert verify_attention_for(sdpa, SPLIT_KV, cpu) == SPLIT_KV  # a choice made is kept
+    odd_heads = LlamaConfig(attn_implementation="sdpa", hidden_size=960, num_attention_heads=12)  # heads of 80
+    assert verify_attention_for(odd_heads, None, cpu) is None  # the kernels' tiles take powers of two
+    assert verify_attention_for(LlamaConfig(attn_implementation="sdpa", head_dim=64), None, cpu) == TREE
     monkeypatch.setattr(kernels, "ATTENTION", False)
     assert verify_attention_for(sdpa, None, cpu) is None
 
