@@ -147,9 +147,15 @@ ATTENTION_PROGRAMS = 256  # slices of the cache lengthen (2x at a time) until a 
 ATTENTION_STEPS = None  # steps a program takes (its slice is this many times ATTENTION_SLOTS); None: by the above
 ATTENTION_BRANCH = False  # whether a tile no query sees skips its arithmetic too (else only its reads)
 ATTENTION_WARPS = 4
-# an additive mask entry at or below this hides its slot (transformers writes the dtype's minimum, -3.4e38); a tile
-# of the cache whose every entry its queries hide is not read. Each hidden slot weighs exactly 0, as in sdpa
+# an additive mask entry at or below this hides its slot (transformers writes the dtype's minimum: -3.4e38 in
+# bf16 / fp32); a tile of the cache whose every entry its queries hide is not read. Each hidden slot weighs exactly 0,
+# as in sdpa. In fp16, whose minimum is -65504, half the minimum (`hidden_below`)
 HIDDEN = -1.0e30
+
+
+def hidden_below(dtype: torch.dtype) -> float:
+    """The mask value at or below which a slot counts as hidden, for a mask of `dtype`."""
+    return max(HIDDEN, torch.finfo(dtype).min / 2) if dtype.is_floating_point else HIDDEN
 
 
 def attention_fits(head_dim: int) -> bool:
@@ -179,7 +185,7 @@ def reference_tree_attention(query, key, value, mask, scale: float) -> torch.Ten
     if group > 1:
         key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     output = torch.nn.functional.scaled_dot_product_attention(query, key, value, mask.to(query.dtype), scale=scale)
-    sees = (mask > HIDDEN).any(-1, keepdim=True)  # (B or 1, 1, q, 1)
+    sees = (mask > hidden_below(mask.dtype)).any(-1, keepdim=True)  # (B or 1, 1, q, 1)
     return torch.where(sees, output, 0.0).transpose(1, 2).contiguous()
 
 
@@ -214,14 +220,14 @@ def launch_tree_attention(query, key, value, mask, scale: float, out: torch.Tens
         query, key, value, mask, partial, stats, heads, heads // key_heads, queries, width, scale,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), mask_batch, mask.stride(2),
-        DIM=dim, BLOCK_M=block_rows, BLOCK_N=ATTENTION_SLOTS, STEPS=steps, HIDDEN_AT=HIDDEN,
+        DIM=dim, BLOCK_M=block_rows, BLOCK_N=ATTENTION_SLOTS, STEPS=steps, HIDDEN_AT=hidden_below(mask.dtype),
         BRANCH=ATTENTION_BRANCH, num_warps=ATTENTION_WARPS,
         # the interpreter multiplies bf16 `tl.dot` operands as their raw bits
         FP32=os.environ.get("TRITON_INTERPRET") == "1" or query.dtype == torch.float32,
     )  # fmt: skip
     kernels.merge_slices[(blocks, batch * heads)](
         partial, stats, out, heads, queries, slices, stats[1].numel(),
-        DIM=dim, SLICES=1 << (slices - 1).bit_length(), BLOCK_M=block_rows, HIDDEN_AT=HIDDEN,
+        DIM=dim, SLICES=1 << (slices - 1).bit_length(), BLOCK_M=block_rows, HIDDEN_AT=hidden_below(mask.dtype),
     )  # fmt: skip
 
 

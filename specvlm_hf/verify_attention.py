@@ -15,8 +15,9 @@ more thread blocks instead:
   program a block of up to 32 queries of one head over one slice of the cache, tiles no query of the block sees not
   read, and one merge kernel; two launches a layer, no copies around them (the op is opaque to the compiler). The
   fast path's default for the verify and the draft wherever the kernels run (CUDA), on sdpa models without logit
-  softcapping whose heads are a power of two from 16 to 256 (`round.verify_attention_for`); on an H100 it took a LLaVA-1.5-7B-shaped round from 10.30 to 9.79 ms
-  (results/README.md). Where the kernels do not run (a CPU without Triton's interpreter), the same through sdpa;
+  softcapping whose heads are a power of two from 16 to 256 (`round.verify_attention_for`); on an H100 it took a
+  LLaVA-1.5-7B-shaped round from 10.30 to 9.79 ms (results/README.md). Where the kernels do not run (a CPU without
+  Triton's interpreter), the same through sdpa;
 - `"flex_attention"`: transformers' own `flex_attention` forward with the same additive mask, whose compiled form
   for fewer than 128 queries is torch's flex *decoding* kernel (which splits the cache across thread blocks).
 

@@ -209,7 +209,7 @@ def test_greedy_decoding_with_the_fp8_head_kernel_equals_plain_generate():
 def test_the_attention_kernels_equal_sdpa():
     """`specvlm::tree_attention` against sdpa: GQA, batches with their own masks or one for every row, several query
     blocks, slice counts that are not powers of two, tiles no query sees (their reads, and by the branch their
-    arithmetic, skipped), bf16, a query given as a transposed view, and a query that sees nothing (zeros)."""
+    arithmetic, skipped), bf16 and fp16, a query given as a transposed view, and a query that sees nothing (zeros)."""
     out = run_interpreted(
         """
         import torch
@@ -218,6 +218,7 @@ def test_the_attention_kernels_equal_sdpa():
         cases = [  # batch, heads, key heads, queries, width, dtype
             (1, 4, 4, 60, 1024, torch.float32), (2, 4, 2, 12, 320, torch.float32), (1, 2, 1, 1, 40, torch.float32),
             (3, 4, 4, 20, 600, torch.float32), (1, 4, 4, 10, 512, torch.float32), (1, 2, 2, 7, 200, torch.bfloat16),
+            (1, 2, 2, 7, 200, torch.float16),  # whose mask minimum, -65504, still hides a slot
         ]
         for rows, branch in ((None, False), (16, True)):
             kernels.ATTENTION_ROWS, kernels.ATTENTION_BRANCH = rows, branch
@@ -232,8 +233,8 @@ def test_the_attention_kernels_equal_sdpa():
                 for shared in (False, True):
                     m = mask[:1] if shared else mask
                     got = kernels.tree_attention(query, key, value, m, 0.25)
-                    inputs = (t.float() for t in (query, key, value, m))
-                    expected = kernels.reference_tree_attention(*inputs, 0.25)
+                    inputs = (t.float() for t in (query, key, value))
+                    expected = kernels.reference_tree_attention(*inputs, m, 0.25)  # (the mask's dtype says what hides)
                     assert got.shape == (batch, queries, heads, 16) and got.dtype == dtype
                     assert got[0, -1].eq(0).all()
                     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -248,7 +249,7 @@ def test_the_attention_kernels_equal_sdpa():
         """
     )
     assert "refused True" in out, out
-    assert out.count("case ") == 24, out
+    assert out.count("case ") == 28, out
     assert "case None 1 4 4 60 1024 (32, 1)" in out, "60 queries run as two blocks of 32"
     assert "case 16 1 4 4 60 1024 (16, 1)" in out, "or four of 16"
 
