@@ -374,15 +374,18 @@ def _kernels():
         first = row * slices * padded + rows
         best = tl.full((BLOCK_M,), HIDDEN_AT, tl.float32)
         for piece in tl.static_range(SLICES):  # SLICES: `slices` rounded up to a power of two
-            best = tl.maximum(best, tl.load(stats_ptr + first + piece * padded, mask=piece < slices, other=HIDDEN_AT))
+            here = tl.full((BLOCK_M,), piece, tl.int32) < slices  # (a tensor: a scalar mask is not one to Triton)
+            best = tl.maximum(best, tl.load(stats_ptr + first + piece * padded, mask=here, other=HIDDEN_AT))
         total = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, DIM), tl.float32)
         for piece in tl.static_range(SLICES):
             line = first + piece * padded
-            here = piece < slices
+            here = tl.full((BLOCK_M,), piece, tl.int32) < slices
             weight = tl.exp(tl.load(stats_ptr + line, mask=here, other=HIDDEN_AT) - best)
             total += tl.load(stats_ptr + stats_stride + line, mask=here, other=0.0) * weight
-            part = tl.load(partial_ptr + line.to(tl.int64)[:, None] * DIM + dims[None, :], mask=here, other=0.0)
+            part = tl.load(
+                partial_ptr + line.to(tl.int64)[:, None] * DIM + dims[None, :], mask=here[:, None], other=0.0
+            )
             acc += part * weight[:, None]
         output = tl.where(total[:, None] > 0, acc / tl.where(total > 0, total, 1.0)[:, None], 0.0)
         batch, head = row // heads, row % heads

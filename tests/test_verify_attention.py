@@ -229,16 +229,21 @@ def test_fast_path_with_the_tree_attention_in_verify_and_draft_equals_plain_gene
     """`VERIFY_ATTENTION` and `DRAFT_ATTENTION` set to `TREE` (here on its sdpa fallback): the tree's verify forwards
     and the draft's tree levels and catch-up run it, with a sliding-window layer's own mask (Gemma 3); tokens and
     logits equal plain `generate`."""
-    from specvlm_hf import kernels
+    from transformers import AttentionInterface
+
     from specvlm_hf import round as round_module
 
     seen = []
-    fallback = kernels.tree_attention
-    monkeypatch.setattr(
-        kernels, "tree_attention", lambda query, *args: seen.append(query.shape[2]) or fallback(query, *args)
-    )
-    monkeypatch.setattr(round_module, "VERIFY_ATTENTION", TREE)
-    monkeypatch.setattr(round_module, "DRAFT_ATTENTION", TREE)
+
+    def counted(module, query, *args, **kwargs):
+        seen.append(query.shape[2])
+        return tree_attention(module, query, *args, **kwargs)
+
+    # under a name of its own: a package copy imported as remote code (`custom_generate`) registers its own
+    # functions under `TREE`, so an earlier test in this process may have replaced ours there
+    AttentionInterface.register("specvlm_test_tree", counted)
+    monkeypatch.setattr(round_module, "VERIFY_ATTENTION", "specvlm_test_tree")
+    monkeypatch.setattr(round_module, "DRAFT_ATTENTION", "specvlm_test_tree")
     monkeypatch.setattr(round_module, "LENGTH_BUCKET", 16)
     target = specvlm_hf.enable(FAMILIES["gemma3"](seed=0))
     cases = [("oracle", 1), ("noisy", 2), ("fresh", 1)]
