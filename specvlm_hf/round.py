@@ -67,7 +67,7 @@ LENGTH_BUCKET = 256
 STACK_COMPILED_LAYERS = False
 # the attention implementation of the fast path's verify forwards (a name registered with transformers'
 # `AttentionInterface`, e.g. `verify_attention.TREE`, `.SPLIT_KV` or "flex_attention"); None: the package's choice
-# (`verify_attention_for`: `TREE` where the package's kernels run, on sdpa models without softcapping; else the
+# (`verify_attention_for`: `TREE` where the package's kernels run and compute the model's own attention; else the
 # target's own). See `verify_attention` for why the tree's queries want another kernel than the target's other
 # forwards.
 VERIFY_ATTENTION: str | None = None
