@@ -102,25 +102,34 @@ def test_compiled_with_dynamic_widths_every_layers_width_is_one_symbol(monkeypat
     assert len(seen["symbols"]) == 1, seen["symbols"]
 
 
-@pytest.fixture
-def split_kv(monkeypatch):
-    """The fast path's verify forwards on the split-KV kernel in chunks of 16 slots (several per 16-slot bucket's
-    cache), counting its calls and the query lengths it saw."""
+def count_calls(monkeypatch, function, switches: tuple[str, ...]) -> list[int]:
+    """Makes the fast path's forwards of `switches` (`round.VERIFY_ATTENTION`, `DRAFT_ATTENTION`) run `function`,
+    registered under a test-only name (a package copy loaded as `custom_generate` registers the package's own names
+    again in this process), with 16-slot buckets; returns the query lengths of its calls, as they come."""
+    from transformers import AttentionInterface
+
     from specvlm_hf import round as round_module
 
     seen = []
 
     def counted(module, query, *args, **kwargs):
         seen.append(query.shape[2])
-        return split_kv_attention(module, query, *args, **kwargs)
+        return function(module, query, *args, **kwargs)
 
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("specvlm_test_split_kv", counted)
-    monkeypatch.setattr(round_module, "VERIFY_ATTENTION", "specvlm_test_split_kv")
+    name = f"specvlm_test_{function.__name__}"
+    AttentionInterface.register(name, counted)
+    for switch in switches:
+        monkeypatch.setattr(round_module, switch, name)
     monkeypatch.setattr(round_module, "LENGTH_BUCKET", 16)
-    monkeypatch.setattr(verify_attention, "CHUNK", 16)
     return seen
+
+
+@pytest.fixture
+def split_kv(monkeypatch):
+    """The fast path's verify forwards on the split-KV kernel in chunks of 16 slots (several per 16-slot bucket's
+    cache), counting its calls and the query lengths it saw."""
+    monkeypatch.setattr(verify_attention, "CHUNK", 16)
+    return count_calls(monkeypatch, split_kv_attention, ("VERIFY_ATTENTION",))
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
@@ -229,22 +238,7 @@ def test_fast_path_with_the_tree_attention_in_verify_and_draft_equals_plain_gene
     """`VERIFY_ATTENTION` and `DRAFT_ATTENTION` set to `TREE` (here on its sdpa fallback): the tree's verify forwards
     and the draft's tree levels and catch-up run it, with a sliding-window layer's own mask (Gemma 3); tokens and
     logits equal plain `generate`."""
-    from transformers import AttentionInterface
-
-    from specvlm_hf import round as round_module
-
-    seen = []
-
-    def counted(module, query, *args, **kwargs):
-        seen.append(query.shape[2])
-        return tree_attention(module, query, *args, **kwargs)
-
-    # under a name of its own: a package copy imported as remote code (`custom_generate`) registers its own
-    # functions under `TREE`, so an earlier test in this process may have replaced ours there
-    AttentionInterface.register("specvlm_test_tree", counted)
-    monkeypatch.setattr(round_module, "VERIFY_ATTENTION", "specvlm_test_tree")
-    monkeypatch.setattr(round_module, "DRAFT_ATTENTION", "specvlm_test_tree")
-    monkeypatch.setattr(round_module, "LENGTH_BUCKET", 16)
+    seen = count_calls(monkeypatch, tree_attention, ("VERIFY_ATTENTION", "DRAFT_ATTENTION"))
     target = specvlm_hf.enable(FAMILIES["gemma3"](seed=0))
     cases = [("oracle", 1), ("noisy", 2), ("fresh", 1)]
     assert_greedy_matches_plain(target, family_inputs, cases, "static", torch.Generator().manual_seed(3), 18, 3)
