@@ -43,24 +43,32 @@ TREE = "specvlm_tree"
 CHUNK = 256
 
 
+def additive_mask_of(name: str, module, query, attention_mask, dropout: float, kwargs: dict) -> torch.Tensor:
+    """What the package's attention functions share: they compute plain softmax attention (refused for a layer with
+    dropout, softcapping or sinks) through a `(B or 1, 1, q, W)` mask, returned additive (a bool mask, True: attend,
+    becomes 0 / the query dtype's minimum)."""
+    if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(
+            f"{name} computes plain softmax attention without dropout, softcapping or sinks, which this layer "
+            f"({type(module).__name__}) uses; set `specvlm_hf.round.VERIFY_ATTENTION = None`."
+        )
+    if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
+        raise ValueError(f"{name} needs the verify forward's 4-D attention mask, one for every head")
+    if attention_mask.dtype == torch.bool:
+        return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min
+        )
+    return attention_mask
+
+
 def split_kv_attention(
     module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
 ):
     """A transformers attention function (`AttentionInterface`): `query` `(B, H, q, d)`, `key` / `value`
     `(B, Hkv, W, d)` (grouped heads share a key head), `attention_mask` an additive `(B or 1, 1, q, W)` mask.
     Returns `((B, q, H, d), None)`. When `W` is not a multiple of `CHUNK`, one chunk covers the whole cache."""
-    if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise ValueError(
-            f"{SPLIT_KV} computes plain softmax attention without dropout, softcapping or sinks, which this layer "
-            f"({type(module).__name__}) uses; set `specvlm_hf.round.VERIFY_ATTENTION = None`."
-        )
-    if attention_mask is None or attention_mask.dim() != 4:
-        raise ValueError(f"{SPLIT_KV} needs the verify forward's 4-D attention mask")
-    if attention_mask.dtype == torch.bool:  # True: attend
-        attention_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
-            ~attention_mask, torch.finfo(query.dtype).min
-        )
-    elif attention_mask.dtype != query.dtype:  # the kernels add a bias of the query's dtype; keep "hidden" finite
+    attention_mask = additive_mask_of(SPLIT_KV, module, query, attention_mask, dropout, kwargs)
+    if attention_mask.dtype != query.dtype:  # the kernels add a bias of the query's dtype; keep "hidden" finite
         attention_mask = attention_mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
     batch, heads, queries, dim = query.shape
     key_heads, width = key.shape[1], key.shape[2]
@@ -110,17 +118,7 @@ def tree_attention(module, query, key, value, attention_mask, dropout: float = 0
     """A transformers attention function (`AttentionInterface`) over the package's kernels (`kernels.tree_attention`):
     `query` `(B, H, q, d)`, `key` / `value` `(B, Hkv, W, d)`, `attention_mask` an additive `(B or 1, 1, q, W)` mask
     (or a bool one, True: attend). Returns `((B, q, H, d), None)`."""
-    if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise ValueError(
-            f"{TREE} computes plain softmax attention without dropout, softcapping or sinks, which this layer "
-            f"({type(module).__name__}) uses; set `specvlm_hf.round.VERIFY_ATTENTION = None`."
-        )
-    if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
-        raise ValueError(f"{TREE} needs the verify forward's 4-D attention mask, one for every head")
-    if attention_mask.dtype == torch.bool:  # True: attend
-        attention_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
-            ~attention_mask, torch.finfo(query.dtype).min
-        )
+    attention_mask = additive_mask_of(TREE, module, query, attention_mask, dropout, kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     return kernels.tree_attention(query, key, value, attention_mask, scale), None
 
