@@ -216,18 +216,19 @@ def launch_tree_attention(query, key, value, mask, scale: float, out: torch.Tens
     partial = torch.empty(batch * heads, slices, rows, dim, dtype=torch.float32, device=query.device)
     stats = torch.empty(2, batch * heads, slices, rows, dtype=torch.float32, device=query.device)
     mask_batch = mask.stride(0) if mask.shape[0] > 1 else 0
+    hidden_at, totals = hidden_below(mask.dtype), stats[1].numel()  # (`totals`: where the sums of exponentials start)
     kernels.attention_slices[(blocks, batch * heads, slices)](
-        query, key, value, mask, partial, stats, heads, heads // key_heads, queries, width, scale,
+        query, key, value, mask, partial, stats, totals, heads, heads // key_heads, queries, width, scale,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), mask_batch, mask.stride(2),
-        DIM=dim, BLOCK_M=block_rows, BLOCK_N=ATTENTION_SLOTS, STEPS=steps, HIDDEN_AT=hidden_below(mask.dtype),
+        DIM=dim, BLOCK_M=block_rows, BLOCK_N=ATTENTION_SLOTS, STEPS=steps, HIDDEN_AT=hidden_at,
         BRANCH=ATTENTION_BRANCH, num_warps=ATTENTION_WARPS,
         # the interpreter multiplies bf16 `tl.dot` operands as their raw bits
         FP32=os.environ.get("TRITON_INTERPRET") == "1" or query.dtype == torch.float32,
     )  # fmt: skip
     kernels.merge_slices[(blocks, batch * heads)](
-        partial, stats, out, heads, queries, slices, stats[1].numel(),
-        DIM=dim, SLICES=1 << (slices - 1).bit_length(), BLOCK_M=block_rows, HIDDEN_AT=hidden_below(mask.dtype),
+        partial, stats, out, heads, queries, slices, totals,
+        DIM=dim, SLICES=1 << (slices - 1).bit_length(), BLOCK_M=block_rows, HIDDEN_AT=hidden_at,
     )  # fmt: skip
 
 
@@ -304,9 +305,9 @@ def _kernels():
         tl.store(out_ptr + m[:, None] * out_stride + n[None, :], acc, mask=(m[:, None] < rows) & (n[None, :] < count))
 
     # (the cache's width and the query count vary between calls: not specialized on, so that they compile nothing new)
-    @triton.jit(do_not_specialize=["queries", "width"])
-    def attention_slices(q_ptr, k_ptr, v_ptr, mask_ptr, partial_ptr, stats_ptr, heads, group, queries, width, scale,
-                         q_sb, q_sh, q_sl, k_sb, k_sh, k_sw, v_sb, v_sh, v_sw, m_sb, m_sl,
+    @triton.jit(do_not_specialize=["totals", "queries", "width"])
+    def attention_slices(q_ptr, k_ptr, v_ptr, mask_ptr, partial_ptr, stats_ptr, totals, heads, group, queries, width,
+                         scale, q_sb, q_sh, q_sl, k_sb, k_sh, k_sw, v_sb, v_sh, v_sw, m_sb, m_sl,
                          DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
                          HIDDEN_AT: tl.constexpr, BRANCH: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
         block, row, piece = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -362,10 +363,10 @@ def _kernels():
         line = (row * tl.num_programs(2) + piece) * (tl.num_programs(0) * BLOCK_M) + rows  # this slice's rows
         tl.store(partial_ptr + line.to(tl.int64)[:, None] * DIM + dims[None, :], acc)
         tl.store(stats_ptr + line, best)
-        tl.store(stats_ptr + tl.num_programs(1) * tl.num_programs(2) * tl.num_programs(0) * BLOCK_M + line, total)
+        tl.store(stats_ptr + totals + line, total)
 
-    @triton.jit(do_not_specialize=["queries", "slices", "stats_stride"])
-    def merge_slices(partial_ptr, stats_ptr, out_ptr, heads, queries, slices, stats_stride, DIM: tl.constexpr,
+    @triton.jit(do_not_specialize=["queries", "slices", "totals"])
+    def merge_slices(partial_ptr, stats_ptr, out_ptr, heads, queries, slices, totals, DIM: tl.constexpr,
                      SLICES: tl.constexpr, BLOCK_M: tl.constexpr, HIDDEN_AT: tl.constexpr):  # fmt: skip
         block, row = tl.program_id(0), tl.program_id(1)
         padded = tl.num_programs(0) * BLOCK_M
@@ -382,7 +383,7 @@ def _kernels():
             line = first + piece * padded
             here = tl.full((BLOCK_M,), piece, tl.int32) < slices
             weight = tl.exp(tl.load(stats_ptr + line, mask=here, other=HIDDEN_AT) - best)
-            total += tl.load(stats_ptr + stats_stride + line, mask=here, other=0.0) * weight
+            total += tl.load(stats_ptr + totals + line, mask=here, other=0.0) * weight
             part = tl.load(
                 partial_ptr + line.to(tl.int64)[:, None] * DIM + dims[None, :], mask=here[:, None], other=0.0
             )
