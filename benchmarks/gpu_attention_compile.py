@@ -1,14 +1,15 @@
 """What the package's attention kernels cost a process at each new length bucket (issue 13: a new bucket <= 2 s).
 
-`kernels.tree_attention` compiles a Triton kernel the first time a process meets a tiling (`kernels.
-attention_tiling`: queries a program, steps a slice; powers of two) or a power of two of slices for the merge; Triton
-keeps them on disk for the next process. This calls the op on the LLaVA-1.5-7B attention shape (32 heads of 128,
-bf16) at every bucket width from 256 to 4096 slots, for a verify's 60 queries and a draft level's 10, with an empty
-Triton cache, and prints each call's first-call seconds against a repeated call.
+`kernels.tree_attention` compiles its two Triton kernels the first time a process meets a query block size (16 or
+32 queries a program, `kernels.attention_tiling`; the cache's width, the steps and the slices are runtime arguments),
+and Triton keeps them on disk for the next process. This calls the op on the LLaVA-1.5-7B attention shape (32 heads
+of 128, bf16) at every bucket width from 256 to 4096 slots, for a verify's 60 queries and a draft level's 10, with an
+empty Triton cache, and prints each call's first-call seconds against a repeated call.
 
     python benchmarks/gpu_attention_compile.py --out $OUT/attention_compile.json
 
-Not yet run on a GPU: written on 2026-12-06 after that session's device time was spent (two machine starts failed).
+Written on 2026-12-06, when the kernels still compiled one variant per power-of-two tiling; first run after the
+tilings became runtime arguments (2026-12-06 night).
 `gpu_plan_issue13.sh buckets_attention` measures the same through whole fast-path calls.
 """
 

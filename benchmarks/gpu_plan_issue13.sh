@@ -135,6 +135,12 @@ case "$stage" in
     ;;
   buckets_attention)
     python benchmarks/gpu_attention_compile.py --out "$out/attention_compile.json" 2>&1 | tee "$out/attention_compile.log"
+    for queries in 60 10; do  # the kernels' loops over slices and steps have runtime bounds since 2026-12-06 night
+      rows=$([ $queries = 60 ] && echo 32 || echo 16)
+      python benchmarks/gpu_attention.py --queries $queries --widths 1024,1280,2048 \
+        --variants sdpa_default,package_tree,package_tree_r${rows}_p128_p_w4,package_tree_r${rows}_p512_p_w4 \
+        --out "$out/attention_q$queries.json" 2>&1 | tee "$out/attention_q$queries.log"
+    done
     TORCHINDUCTOR_COMPILE_THREADS=16 long_running --only fast --budget 120 --out "$out/buckets" 2>&1 |
       grep -v "pow_by_natural\|UserWarning\|return func\|warnings.warn" | tee "$out/buckets.log"
     ;;

@@ -190,21 +190,23 @@ def reference_tree_attention(query, key, value, mask, scale: float) -> torch.Ten
 
 
 def attention_tiling(heads: int, queries: int, width: int) -> tuple[int, int]:
-    """`(queries a program takes, steps of ATTENTION_SLOTS slots it reads)` for a call of `heads` (row, head) pairs.
-    Each is a compile-time constant of the kernel: powers of two, so that few compiles serve every length bucket."""
+    """`(queries a program takes, steps of ATTENTION_SLOTS slots it reads)` for a call of `heads` (row, head) pairs:
+    the cache splits into slices of `steps` tiles until a call has about ATTENTION_PROGRAMS programs (a slice reads at
+    most 16 tiles). Only the queries a program takes are a compile-time constant of the kernels (16 or 32), so that a
+    process compiles them once for every length bucket."""
     rows = ATTENTION_ROWS or min(32, max(16, 1 << (queries - 1).bit_length()))
     if ATTENTION_STEPS:
         return rows, ATTENTION_STEPS
-    blocks, tiles, steps = -(-queries // rows), -(-width // ATTENTION_SLOTS), 1
-    while steps < 16 and blocks * heads * -(-tiles // steps) > ATTENTION_PROGRAMS:
-        steps *= 2
-    return rows, steps
+    blocks, tiles = -(-queries // rows), -(-width // ATTENTION_SLOTS)
+    slices = min(tiles, max(1, ATTENTION_PROGRAMS // (blocks * heads)))
+    return rows, min(16, -(-tiles // slices))
 
 
 def launch_tree_attention(query, key, value, mask, scale: float, out: torch.Tensor) -> None:
     """The two attention kernels into `out` `(B, q, H, d)` (the query's dtype): the custom op's body. The first
-    kernel's programs are (query block, row and head, slice of the cache); the merge loops over a power of two of
-    slices (few compiles in all: one for each power of two the caches' widths need)."""
+    kernel's programs are (query block, row and head, slice of the cache); the merge's are (query block, row and
+    head), over every slice. The cache's width, the query count and the tiling are arguments, not constants: a new
+    length bucket compiles nothing."""
     kernels = _kernels()
     batch, heads, queries, dim = query.shape
     key_heads, width = key.shape[1], key.shape[2]
@@ -218,17 +220,17 @@ def launch_tree_attention(query, key, value, mask, scale: float, out: torch.Tens
     mask_batch = mask.stride(0) if mask.shape[0] > 1 else 0
     hidden_at, totals = hidden_below(mask.dtype), stats[1].numel()  # (`totals`: where the sums of exponentials start)
     kernels.attention_slices[(blocks, batch * heads, slices)](
-        query, key, value, mask, partial, stats, totals, heads, heads // key_heads, queries, width, scale,
+        query, key, value, mask, partial, stats, totals, heads, heads // key_heads, queries, width, steps, scale,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), mask_batch, mask.stride(2),
-        DIM=dim, BLOCK_M=block_rows, BLOCK_N=ATTENTION_SLOTS, STEPS=steps, HIDDEN_AT=hidden_at,
+        DIM=dim, BLOCK_M=block_rows, BLOCK_N=ATTENTION_SLOTS, HIDDEN_AT=hidden_at,
         BRANCH=ATTENTION_BRANCH, num_warps=ATTENTION_WARPS,
         # the interpreter multiplies bf16 `tl.dot` operands as their raw bits
         FP32=os.environ.get("TRITON_INTERPRET") == "1" or query.dtype == torch.float32,
     )  # fmt: skip
     kernels.merge_slices[(blocks, batch * heads)](
         partial, stats, out, heads, queries, slices, totals,
-        DIM=dim, SLICES=1 << (slices - 1).bit_length(), BLOCK_M=block_rows, HIDDEN_AT=hidden_at,
+        DIM=dim, BLOCK_M=block_rows, HIDDEN_AT=hidden_at,
     )  # fmt: skip
 
 
@@ -305,11 +307,11 @@ def _kernels():
         tl.store(out_ptr + m[:, None] * out_stride + n[None, :], acc, mask=(m[:, None] < rows) & (n[None, :] < count))
 
     # (the cache's width and the query count vary between calls: not specialized on, so that they compile nothing new)
-    @triton.jit(do_not_specialize=["totals", "queries", "width"])
+    @triton.jit(do_not_specialize=["totals", "queries", "width", "steps"])
     def attention_slices(q_ptr, k_ptr, v_ptr, mask_ptr, partial_ptr, stats_ptr, totals, heads, group, queries, width,
-                         scale, q_sb, q_sh, q_sl, k_sb, k_sh, k_sw, v_sb, v_sh, v_sw, m_sb, m_sl,
-                         DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
-                         HIDDEN_AT: tl.constexpr, BRANCH: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
+                         steps, scale, q_sb, q_sh, q_sl, k_sb, k_sh, k_sw, v_sb, v_sh, v_sw, m_sb, m_sl,
+                         DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HIDDEN_AT: tl.constexpr,
+                         BRANCH: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
         block, row, piece = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         batch, head = row // heads, row % heads
         key_head = head // group
@@ -326,8 +328,8 @@ def _kernels():
         best = tl.full((BLOCK_M,), HIDDEN_AT, tl.float32)  # a hidden slot's score stays below it: weight 0
         total = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, DIM), tl.float32)
-        for step in tl.static_range(STEPS):  # (the last slice may pass the cache: those tiles are skipped)
-            slots = (piece * STEPS + step) * BLOCK_N + tl.arange(0, BLOCK_N)
+        for step in range(steps):  # (the last slice may pass the cache: those tiles are skipped)
+            slots = (piece * steps + step) * BLOCK_N + tl.arange(0, BLOCK_N)
             inside = slots < width
             bias = tl.load(m_base + slots[None, :], mask=live[:, None] & inside[None, :], other=float("-inf"))
             bias = bias.to(tl.float32)
@@ -367,27 +369,22 @@ def _kernels():
 
     @triton.jit(do_not_specialize=["queries", "slices", "totals"])
     def merge_slices(partial_ptr, stats_ptr, out_ptr, heads, queries, slices, totals, DIM: tl.constexpr,
-                     SLICES: tl.constexpr, BLOCK_M: tl.constexpr, HIDDEN_AT: tl.constexpr):  # fmt: skip
+                     BLOCK_M: tl.constexpr, HIDDEN_AT: tl.constexpr):  # fmt: skip
         block, row = tl.program_id(0), tl.program_id(1)
         padded = tl.num_programs(0) * BLOCK_M
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, DIM)
         first = row * slices * padded + rows
         best = tl.full((BLOCK_M,), HIDDEN_AT, tl.float32)
-        for piece in tl.static_range(SLICES):  # SLICES: `slices` rounded up to a power of two
-            here = tl.full((BLOCK_M,), piece, tl.int32) < slices  # (a tensor: a scalar mask is not one to Triton)
-            best = tl.maximum(best, tl.load(stats_ptr + first + piece * padded, mask=here, other=HIDDEN_AT))
+        for piece in range(slices):
+            best = tl.maximum(best, tl.load(stats_ptr + first + piece * padded))
         total = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, DIM), tl.float32)
-        for piece in tl.static_range(SLICES):
+        for piece in range(slices):
             line = first + piece * padded
-            here = tl.full((BLOCK_M,), piece, tl.int32) < slices
-            weight = tl.exp(tl.load(stats_ptr + line, mask=here, other=HIDDEN_AT) - best)
-            total += tl.load(stats_ptr + totals + line, mask=here, other=0.0) * weight
-            part = tl.load(
-                partial_ptr + line.to(tl.int64)[:, None] * DIM + dims[None, :], mask=here[:, None], other=0.0
-            )
-            acc += part * weight[:, None]
+            weight = tl.exp(tl.load(stats_ptr + line) - best)
+            total += tl.load(stats_ptr + totals + line) * weight
+            acc += tl.load(partial_ptr + line.to(tl.int64)[:, None] * DIM + dims[None, :]) * weight[:, None]
         output = tl.where(total[:, None] > 0, acc / tl.where(total > 0, total, 1.0)[:, None], 0.0)
         batch, head = row // heads, row % heads
         out_rows = (batch.to(tl.int64) * queries + rows) * heads + head

@@ -210,8 +210,9 @@ def test_greedy_decoding_with_the_fp8_head_kernel_equals_plain_generate():
 
 def test_the_attention_kernels_equal_sdpa():
     """`specvlm::tree_attention` against sdpa: GQA, batches with their own masks or one for every row, several query
-    blocks, slice counts that are not powers of two, tiles no query sees (their reads, and by the branch their
-    arithmetic, skipped), bf16 and fp16, a query given as a transposed view, and a query that sees nothing (zeros)."""
+    blocks, slice and step counts that are not powers of two (a last slice that passes the cache), tiles no query
+    sees (their reads, and by the branch their arithmetic, skipped), bf16 and fp16, a query given as a transposed view,
+    and a query that sees nothing (zeros)."""
     out = run_interpreted(
         """
         import torch
@@ -222,8 +223,8 @@ def test_the_attention_kernels_equal_sdpa():
             (3, 4, 4, 20, 600, torch.float32), (1, 4, 4, 10, 512, torch.float32), (1, 2, 2, 7, 200, torch.bfloat16),
             (1, 2, 2, 7, 200, torch.float16),  # whose mask minimum, -65504, still hides a slot
         ]
-        for rows, branch in ((None, False), (16, True)):
-            kernels.ATTENTION_ROWS, kernels.ATTENTION_BRANCH = rows, branch
+        for rows, branch, programs in ((None, False, 256), (16, True, 12)):  # (few programs: slices of many steps)
+            kernels.ATTENTION_ROWS, kernels.ATTENTION_BRANCH, kernels.ATTENTION_PROGRAMS = rows, branch, programs
             for batch, heads, key_heads, queries, width, dtype in cases:
                 query = torch.randn(batch, queries, heads, 16, generator=generator).transpose(1, 2).to(dtype)
                 key, value = (torch.randn(batch, key_heads, width, 16, generator=generator).to(dtype) for _ in "kv")
@@ -253,7 +254,9 @@ def test_the_attention_kernels_equal_sdpa():
     assert "refused True" in out, out
     assert out.count("case ") == 28, out
     assert "case None 1 4 4 60 1024 (32, 1)" in out, "60 queries run as two blocks of 32"
-    assert "case 16 1 4 4 60 1024 (16, 1)" in out, "or four of 16"
+    assert "case 16 1 4 4 60 1024 (16, 16)" in out, "or four of 16, each over one slice of 16 steps"
+    assert "case 16 1 4 4 10 512 (16, 3)" in out, "three slices of three steps (the last one's third step outside)"
+    assert "case 16 3 4 4 20 600 (16, 10)" in out, "one slice of ten steps (the last one partly outside)"
 
 
 def test_greedy_decoding_with_the_attention_kernels_equals_plain_generate():
