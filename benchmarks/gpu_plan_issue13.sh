@@ -58,11 +58,13 @@
 #            alone at every bucket width from 256 to 4096 with an empty Triton cache (gpu_attention_compile.py, ~1 min),
 #            then the fast path's calls at 9 prompt lengths, 8 new buckets (gpu_long_running.py, ~4 min). Not yet run:
 #            the device could not be started again on 2026-12-06 afternoon
+#   check_attention  the fp32 check with the shipped settings (the attention kernels' loops with runtime bounds), then
+#            the round with and without the kernels in one process, in turns (gpu_round_ab.py, ~6 min in all)
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs (round.AUTOTUNE_GEMMS beside the default,
 #            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk|ab|attention|ab_attention|buckets_attention OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk|ab|attention|ab_attention|buckets_attention|check_attention OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -143,6 +145,12 @@ case "$stage" in
     done
     TORCHINDUCTOR_COMPILE_THREADS=16 long_running --only fast --budget 120 --out "$out/buckets" 2>&1 |
       grep -v "pow_by_natural\|UserWarning\|return func\|warnings.warn" | tee "$out/buckets.log"
+    ;;
+  check_attention)
+    long_running --only fp32_equality --budget 120 --out "$out/fp32" 2>&1 | tee "$out/fp32.log"
+    TORCHINDUCTOR_COMPILE_THREADS=16 timeout 450 python benchmarks/gpu_round_ab.py --warm-seconds 240 \
+      --out "$out/ab.json" --settings shipped,own_attention 2>&1 | grep -v "UserWarning\|return func\|warnings.warn" |
+      tee "$out/ab.log"
     ;;
   fp8_head_kernel)
     python benchmarks/fp8_head_triton.py --out "$out/fp8_head_triton.json" 2>&1 | tee "$out/fp8_head_triton.log"
