@@ -49,8 +49,12 @@ FP8_KERNEL = True
 ATTENTION = True
 
 
+# looked up once: a lookup inside a function torch traces would break its graph
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def _runs_kernels(device: torch.device) -> bool:
@@ -76,8 +80,12 @@ def attention_usable(device: torch.device) -> bool:
 
 def choices(device: torch.device) -> tuple[bool, bool, bool]:
     """What a round built now on `device` runs (part of its fast path's key): the fused top-k, the fp8 head kernel,
-    the tree attention."""
-    return fused_top_k_usable(device), fp8_kernel_usable(device), attention_usable(device)
+    the tree attention. Registers the custom ops it will call, now: registering them inside a function torch traces
+    (the round's, compiled on its first call) would break its graph, and compiling it ahead of time would fail."""
+    chosen = fused_top_k_usable(device), fp8_kernel_usable(device), attention_usable(device)
+    if any(chosen):
+        _ops()
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------------------- top-k

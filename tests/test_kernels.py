@@ -30,6 +30,30 @@ def run_interpreted(code: str) -> str:
     return done.stdout
 
 
+def test_a_round_registers_the_kernels_before_its_functions_are_compiled():
+    """A round asks `kernels.choices` what it runs when it is built, which registers the custom ops then: a first
+    registration inside a traced round function broke its graph (on an H100 the draft function could not be compiled
+    ahead of time, and the first new length bucket took 18 s). A whole-graph compile of a function on the ops, in a
+    fresh process, must not break."""
+    out = run_interpreted(
+        """
+        import torch
+        from specvlm_hf import kernels
+        assert kernels._OPS is False  # a fresh process: nothing registered yet
+        chosen = kernels.choices(torch.device("cpu"))  # what `SpeculativeRound.__init__` calls
+        def level(x, q, mask):
+            values, indices = kernels.top_k_rows(x, 3, fused=True)
+            return values, indices, kernels.tree_attention(q, q, q, mask, 0.25)
+        compiled = torch.compile(level, fullgraph=True, backend="eager")
+        x, q = torch.randn(2, 50), torch.randn(1, 2, 4, 16)
+        got, expected = compiled(x, q, torch.zeros(1, 1, 4, 4)), level(x, q, torch.zeros(1, 1, 4, 4))
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        print("chosen", chosen)
+        """
+    )
+    assert "chosen (True, True, True)" in out, out
+
+
 def test_the_kernels_equal_torch_topk_and_break_ties_to_the_smaller_index():
     out = run_interpreted(
         """
