@@ -22,13 +22,17 @@
   of an H100's 132 SMs: 27 us a layer at 1024 slots, 5x its bytes' read time). Here each program takes a block of
   up to 32 queries of one head over one slice of the cache, does not read the tiles its queries do not see (the
   unused end of a length bucket), and a second kernel merges the slices by their log-sum-exps into the `(B, q, H, d)`
-  layout the attention layers reshape. On an H100 at 1024 / 2048 slots (`benchmarks/gpu_attention.py`): a verify's
-  60 queries 17.0 / 31.5 us against cuDNN's 27.7 / 49.9, a draft level's 10 queries 12.6 / 17.8 against 26.3 / 47.0.
+  layout the attention layers reshape. The cache's width and the slicing are runtime arguments: a process compiles
+  the kernels once for each query block size (16, 32), never at a new length bucket. On an H100 at 1024 / 2048 slots
+  (`benchmarks/gpu_attention.py`): a verify's 60 queries 19.9 / 31.4 us against cuDNN's 27.5 / 51.2, a draft level's
+  10 queries 14.0 / 18.3 against 26.4 / 47.0 (loops unrolled per tiling, which compiled at every new power of two of
+  the width: 17.0 / 31.5 and 12.6 / 17.8).
 
 Each op is opaque to `torch.compile` (traced by a fake implementation) and CUDA graphs capture its kernels like any
 others. They run on CUDA with Triton installed (torch's CUDA wheels bring it); tests run them on the CPU in Triton's
 interpreter (`TRITON_INTERPRET=1`, set before Triton is imported). The switches below are read when a round is built,
-and a round's compiled functions are keyed on what they chose (`choices`).
+and a round's compiled functions are keyed on what they chose (`choices`, which also registers the ops: never for the
+first time inside a traced function, whose graph that would break).
 """
 
 from __future__ import annotations
