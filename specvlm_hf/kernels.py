@@ -318,7 +318,8 @@ def _kernels():
         acc = acc * scale[None, :]
         tl.store(out_ptr + m[:, None] * out_stride + n[None, :], acc, mask=(m[:, None] < rows) & (n[None, :] < count))
 
-    # (the cache's width and the query count vary between calls: not specialized on, so that they compile nothing new)
+    # (the cache's width, the query count and the slicing vary between calls: not specialized on (Triton would compile
+    # again for a value of 1), so that they compile nothing new)
     @triton.jit(do_not_specialize=["totals", "queries", "width", "steps"])
     def attention_slices(q_ptr, k_ptr, v_ptr, mask_ptr, partial_ptr, stats_ptr, totals, heads, group, queries, width,
                          steps, scale, q_sb, q_sh, q_sl, k_sb, k_sh, k_sw, v_sb, v_sh, v_sw, m_sb, m_sl,
