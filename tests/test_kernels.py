@@ -4,6 +4,7 @@ torch, the ops under `torch.compile`, and whole greedy decoding with the ops in 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,6 +53,24 @@ def test_a_round_registers_the_kernels_before_its_functions_are_compiled():
         """
     )
     assert "chosen (True, True, True)" in out, out
+
+
+def test_rounds_on_the_kernels_are_compiled_ahead_of_time_and_stay_exact(tmp_path):
+    """The fast path on the kernels (the tree's top-k, the attention) with a store of rounds compiled ahead of time,
+    in a fresh process: all three round functions compile whole (none falls back to compiling in process, as the
+    draft's did on an H100 while the ops' first registration sat inside its trace), at three length buckets, and
+    every call equals plain `generate`."""
+    out = run_interpreted(
+        f"""
+        import json, torch
+        torch.set_num_threads(1)
+        import test_precompile
+        print("RESULT " + json.dumps(test_precompile.run_calls({str(tmp_path / "rounds")!r})))
+        """
+    )
+    result = json.loads(out.split("RESULT ")[1].splitlines()[0])
+    assert all(result["equal"]) and len(set(result["buckets"])) == 3, result
+    assert (result["compiled"], result["loaded"]) == (3, 0), result
 
 
 def test_the_kernels_equal_torch_topk_and_break_ties_to_the_smaller_index():
