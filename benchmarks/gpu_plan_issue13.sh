@@ -12,8 +12,9 @@
 # wide products; the whole-draft swap cut the draft 0.56 ms, results/README.md). On an H200 2026-12-06 08:24-08:35
 # UTC: fp8_head and fp8_head_qwen (results/README.md). On an H100 2026-12-06 11:05-11:50 UTC: topk (as topk_ahead),
 # fp8_head_kernel and ab; then, 11:45 UTC, a stage for fp8 copies of the draft's own weights (a `use_fp8_weights` on
-# the head's kernel: it did not pay and was removed; results/README.md). Next: crash_nocudnn only if a crash comes
-# back.
+# the head's kernel: it did not pay and was removed; results/README.md). On an H100 2026-12-06 14:15-14:35 UTC:
+# attention and ab_attention; 18:05-18:20 UTC: buckets_attention and check_attention's parts. Next: buckets_fixed;
+# crash_nocudnn only if a crash comes back.
 # Stages, in the order they were planned (the first is a correctness question, and decides whether the others' figures
 # hold):
 #   crash    first gpu_cublas_workspace.py (~1 min): whether graphs sharing torch's cuBLAS workspace break when CUDA
@@ -56,15 +57,20 @@
 #            ~7 min; run 14:25 UTC under the settings' earlier names, its fp32 check past the call's 10 minutes)
 #   buckets_attention  what the attention kernels' Triton compiles cost a process at each new length bucket: the op
 #            alone at every bucket width from 256 to 4096 with an empty Triton cache (gpu_attention_compile.py, ~1 min),
-#            then the fast path's calls at 9 prompt lengths, 8 new buckets (gpu_long_running.py, ~4 min). Not yet run:
-#            the device could not be started again on 2026-12-06 afternoon
+#            the kernels alone at 1024, 1280, 2048 slots, then the fast path's calls at 9 prompt lengths, 8 new buckets
+#            (gpu_long_running.py, ~3 min). Run on an H100 2026-12-06 18:05 UTC (results/README.md): nothing compiled
+#            after the first width; the first new bucket 17.7 s from a graph break since fixed (37d47ac)
+#   buckets_fixed  the same sweep with that fix, and a second process on the disk cache (gpu_long_running.py --only
+#            fast,second_process, ~5 min): whether every new bucket costs <= 2 s and the second process's first call
+#            <= 15 s with the kernels. Not yet run: no machine could be started again on 2026-12-06 evening
 #   check_attention  the fp32 check with the shipped settings (the attention kernels' loops with runtime bounds), then
-#            the round with and without the kernels in one process, in turns (gpu_round_ab.py, ~6 min in all)
+#            the round with and without the kernels in one process, in turns (gpu_round_ab.py, ~6 min in all). Run
+#            as separate calls on an H100 2026-12-06 18:10 UTC (results/README.md)
 #   knobs    the round with a reduced draft vocabulary, with autotuned GEMMs (round.AUTOTUNE_GEMMS beside the default,
 #            one wave: an autotuning process holds ~24 GB), and fp32 equality on the GPU
 # Copy what lands in OUT_DIR to results/*_<machine>.json / .log and add the figures to results/README.md.
 set -euo pipefail
-usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk|ab|attention|ab_attention|buckets_attention|check_attention OUT_DIR"
+usage="usage: gpu_plan_issue13.sh crash|crash_tiny|crash_nocudnn|variants|round|knobs|fp8|fp8_head|fp8_head_qwen|fp8_head_kernel|topk|ab|attention|ab_attention|buckets_attention|buckets_fixed|check_attention OUT_DIR"
 stage=${1:?$usage}
 out=${2:?$usage}
 mkdir -p "$out"
@@ -144,6 +150,10 @@ case "$stage" in
         --out "$out/attention_q$queries.json" 2>&1 | tee "$out/attention_q$queries.log"
     done
     TORCHINDUCTOR_COMPILE_THREADS=16 long_running --only fast --budget 120 --out "$out/buckets" 2>&1 |
+      grep -v "pow_by_natural\|UserWarning\|return func\|warnings.warn" | tee "$out/buckets.log"
+    ;;
+  buckets_fixed)
+    TORCHINDUCTOR_COMPILE_THREADS=16 long_running --only fast,second_process --budget 400 --out "$out/buckets" 2>&1 |
       grep -v "pow_by_natural\|UserWarning\|return func\|warnings.warn" | tee "$out/buckets.log"
     ;;
   check_attention)
