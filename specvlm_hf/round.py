@@ -690,12 +690,7 @@ class RowsRound(SpeculativeRound):
         """Keeps each row's accepted path (`(B, P)`, counts and next tokens `(B,)`) and catches the draft up."""
         if self.is_static:  # finished rows stay in the batch and keep nothing
             count = count * self.active.to(count.device)
-        state = self.state
-        state.path.copy_(path)
-        state.count.copy_(count)
-        state.next_token.copy_(next_token)
-        with use_attention_implementation(self.draft.model.config, self.draft_attention):
-            self.commit_call()
+        super().commit(path, count, next_token)
 
     def _commit(self) -> None:
         state = self.state
