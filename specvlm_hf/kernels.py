@@ -29,10 +29,11 @@
   the width: 17.0 / 31.5 and 12.6 / 17.8).
 
 Each op is opaque to `torch.compile` (traced by a fake implementation) and CUDA graphs capture its kernels like any
-others. They run on CUDA with Triton installed (torch's CUDA wheels bring it); tests run them on the CPU in Triton's
-interpreter (`TRITON_INTERPRET=1`, set before Triton is imported). The switches below are read when a round is built,
-and a round's compiled functions are keyed on what they chose (`choices`, which also registers the ops: never for the
-first time inside a traced function, whose graph that would break).
+others. They run on NVIDIA GPUs of compute capability 8.0 or newer with Triton installed (torch's CUDA wheels bring
+it; a round elsewhere takes torch's top-k and the model's attention: `kernels_fit`); tests run them on the CPU in
+Triton's interpreter (`TRITON_INTERPRET=1`, set before Triton is imported). The switches below are read when a round
+is built, and a round's compiled functions are keyed on what they chose (`choices`, which also registers the ops:
+never for the first time inside a traced function, whose graph that would break).
 """
 
 from __future__ import annotations
@@ -67,9 +68,20 @@ def _runs_kernels(device: torch.device) -> bool:
     return kind == "cuda" or (kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def kernels_fit(device: torch.device) -> bool:
+    """Whether `device` is one the kernels are built for: an NVIDIA GPU of compute capability 8.0 or newer (their bf16
+    products need it; they were measured on Hopper), or the CPU's interpreter. On older GPUs and on ROCm (untried) a
+    round takes torch's top-k and the model's own attention instead of failing to compile. Asked when a round is
+    built, not inside a function torch traces."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def fused_top_k_usable(device: torch.device) -> bool:
-    """Whether `top_k_rows(..., fused=True)` runs the custom op on `device` (else it falls back to `torch.topk`)."""
-    return FUSED and _runs_kernels(device) and triton_available()
+    """Whether a round on `device` takes its tree levels' top k with the custom op (else `torch.topk`)."""
+    return FUSED and _runs_kernels(device) and triton_available() and kernels_fit(device)
 
 
 def fp8_kernel_usable(device: torch.device) -> bool:
@@ -79,7 +91,7 @@ def fp8_kernel_usable(device: torch.device) -> bool:
 
 def attention_usable(device: torch.device) -> bool:
     """Whether `tree_attention` runs the custom op on `device` and the fast path uses it (`ATTENTION`)."""
-    return ATTENTION and _runs_kernels(device) and triton_available()
+    return ATTENTION and _runs_kernels(device) and triton_available() and kernels_fit(device)
 
 
 def choices(device: torch.device) -> tuple[bool, bool, bool]:

@@ -34,6 +34,7 @@ from transformers import DynamicCache, StaticCache
 
 from . import kernels
 from .draft_runner import DraftRunner
+from .errors import UserError
 from .hf_internals import (
     clear_dynamic_marks,
     compile_backend,
@@ -101,7 +102,13 @@ def verify_attention_for(config, chosen: str | None, device) -> str | None:
     """The attention a fast-path forward of the model of text `config` runs: `chosen` when set; else the package's
     kernels (`verify_attention.TREE`) where they run (`kernels.attention_usable`), take the model's head size
     (`kernels.attention_fits`) and compute what its own attention does (sdpa, no logit softcapping); else None (the
-    model's own)."""
+    model's own). `TREE` chosen on a GPU the kernels are not built for (`kernels.kernels_fit`) is refused."""
+    if chosen == TREE and torch.device(device).type == "cuda" and not kernels.kernels_fit(device):
+        raise UserError(
+            f"the package's attention kernels ({TREE!r}) need an NVIDIA GPU of compute capability 8.0 or newer, and "
+            f"{device} is not one: set `specvlm_hf.round.VERIFY_ATTENTION` and `DRAFT_ATTENTION` to None (the "
+            "model's own attention there)."
+        )
     if chosen is not None:
         return chosen
     own = getattr(config, "_attn_implementation", None)

@@ -11,6 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import specvlm_hf
 from family_checks import assert_greedy_matches_plain, assert_logits_match_plain
 from specvlm_hf import verify_attention
+from specvlm_hf.errors import UserError
 from specvlm_hf.verify_attention import SPLIT_KV, TREE, split_kv_attention, tree_attention
 from tiny_families import FAMILIES, family_inputs
 from tiny_models import random_inputs, tiny_llava
@@ -232,6 +233,18 @@ def test_the_package_picks_its_attention_kernels_only_where_they_run_and_compute
     assert verify_attention_for(LlamaConfig(attn_implementation="sdpa", head_dim=64), None, cpu) == TREE
     monkeypatch.setattr(kernels, "ATTENTION", False)
     assert verify_attention_for(sdpa, None, cpu) is None
+    monkeypatch.setattr(kernels, "ATTENTION", True)
+    # on a GPU: an NVIDIA one of compute capability 8.0 or newer (older ones cannot run the kernels' bf16 products)
+    gpu = torch.device("cuda")
+    for capability, hip, expected in (((9, 0), None, TREE), ((8, 0), None, TREE), ((7, 5), None, None),
+                                      ((9, 0), "6.2", None)):  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, got=capability: got)
+        monkeypatch.setattr(torch.version, "hip", hip)
+        assert verify_attention_for(sdpa, None, gpu) == expected, (capability, hip)
+        assert kernels.choices(gpu)[0::2] == (expected is not None,) * 2  # the tree's top-k and the attention
+        if expected is None:  # and chosen by name there, refused with the fix
+            with pytest.raises(UserError, match="compute capability 8.0 or newer.*VERIFY_ATTENTION"):
+                verify_attention_for(sdpa, TREE, gpu)
 
 
 def test_fast_path_with_the_tree_attention_in_verify_and_draft_equals_plain_generate(monkeypatch):
