@@ -103,7 +103,7 @@ def verify_attention_for(config, chosen: str | None, device) -> str | None:
     kernels (`verify_attention.TREE`) where they run (`kernels.attention_usable`), take the model's head size
     (`kernels.attention_fits`) and compute what its own attention does (sdpa, no logit softcapping); else None (the
     model's own). `TREE` chosen on a GPU the kernels are not built for (`kernels.kernels_fit`) is refused."""
-    if chosen == TREE and torch.device(device).type == "cuda" and not kernels.kernels_fit(device):
+    if chosen == TREE and not kernels.kernels_fit(device):  # (off CUDA, where the interpreter may run them: fit)
         raise UserError(
             f"the package's attention kernels ({TREE!r}) need an NVIDIA GPU of compute capability 8.0 or newer, and "
             f"{device} is not one: set `specvlm_hf.round.VERIFY_ATTENTION` and `DRAFT_ATTENTION` to None (the "
